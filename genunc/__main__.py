@@ -1,0 +1,5 @@
+import sys
+
+from genunc.cli import main
+
+sys.exit(main())

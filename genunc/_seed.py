@@ -1,0 +1,22 @@
+"""One place that turns user seeds into torch generators, so every entry point seeds alike."""
+
+from __future__ import annotations
+
+import torch
+
+
+def as_generator(
+    seed: int | torch.Generator | None, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """Return a generator on `device`: an int seeds a fresh one, a generator passes through.
+
+    `None` draws a seed from torch's global RNG, so callers who seed torch globally still get
+    reproducible runs without threading a generator around.
+    """
+    if isinstance(seed, torch.Generator):
+        return seed
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return generator

@@ -1,0 +1,106 @@
+"""The adapter contract: everything genunc needs to know about one kind of denoiser.
+
+The posterior, the scores, filtering and export are written once against this contract; each
+modality (image, molecule, text) supplies one adapter.  An adapter answers four questions:
+
+1. how to call the denoiser (:meth:`DenoiserAdapter.denoise`);
+2. how to turn clean data into ``(noisy input, target)`` training pairs
+   (:meth:`DenoiserAdapter.training_pairs`), with the likelihood that links head output and target;
+3. which module is the head (:attr:`DenoiserAdapter.head_name`);
+4. what the model computes after the head (:meth:`DenoiserAdapter.post_head`), so that outputs
+   produced by re-applied head draws match what the full model would return.
+"""
+
+from __future__ import annotations
+
+import difflib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from genunc.errors import HeadNotFoundError
+
+Likelihood = Literal["regression", "classification"]
+
+
+@dataclass
+class TrainingPairs:
+    """One batch of denoising problems built from clean data.
+
+    Attributes:
+        inputs: keyword arguments for :meth:`DenoiserAdapter.denoise` (noisy sample, timestep,
+            conditioning, ...).
+        target: what the head should output, in head-output space: the true noise for
+            regression (same shape as the output), class indices for classification (the output
+            shape without its last axis).
+        mask: optional boolean mask over rows that count (real atoms of a padded point cloud,
+            masked tokens of a sequence, samples of a batch); its shape is the row index shape
+            (see :mod:`genunc.posterior.heads`).
+    """
+
+    inputs: dict[str, Any]
+    target: Tensor
+    mask: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class DenoiserAdapter(ABC):
+    """Base class for modality adapters; subclasses implement ``denoise`` and ``training_pairs``."""
+
+    #: Likelihood linking head outputs and targets (noise regression or token classification).
+    likelihood: ClassVar[Likelihood] = "regression"
+
+    def __init__(self, model: nn.Module, head_name: str) -> None:
+        self.model = model
+        self.head_name = head_name
+        self.head  # resolve now: a typo should fail at construction, not mid-fit
+
+    @property
+    def head(self) -> nn.Module:
+        """The head module, looked up by name (the error lists the candidates)."""
+        return resolve_module(self.model, self.head_name)
+
+    @abstractmethod
+    def denoise(self, **inputs: Any) -> Tensor:
+        """Run the full denoiser and return its prediction (noise, velocity, logits)."""
+
+    @abstractmethod
+    def training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
+        """Corrupt a batch of clean data at random timesteps and return the training pairs."""
+
+    def post_head(self, head_output: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+        """Map the head's output to the model's output; identity unless the model adds steps.
+
+        ``head_output`` may carry a leading draw axis ``(M, B, ...)``; implementations must
+        broadcast over it.
+        """
+        return head_output
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """Return ``model.get_submodule(name)`` with an error that lists what could have been meant."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        pass
+    candidates = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(False))]
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    tail = candidates[-12:]
+    raise HeadNotFoundError(
+        f"no module named '{name}' in {type(model).__name__}.{hint} "
+        f"Modules with parameters ({len(candidates)} in all, last {len(tail)} shown): "
+        f"{', '.join(tail)}"
+    )

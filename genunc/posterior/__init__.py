@@ -1,0 +1,31 @@
+"""Laplace posteriors over a denoiser's output head, and fast application of M weight draws."""
+
+from genunc.posterior.capture import HeadData, capture_head, collect_head_data
+from genunc.posterior.draws import HeadDraws
+from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
+from genunc.posterior.heads import (
+    Conv2dOps,
+    GenericOps,
+    HeadOps,
+    LinearOps,
+    head_ops_for,
+    register_head_ops,
+)
+from genunc.posterior.laplace_head import STRUCTURES, HeadPosterior
+
+__all__ = [
+    "STRUCTURES",
+    "Conv2dOps",
+    "GenericOps",
+    "HeadData",
+    "HeadDraws",
+    "HeadOps",
+    "HeadPosterior",
+    "LinearOps",
+    "capture_head",
+    "check_fingerprint",
+    "collect_head_data",
+    "head_fingerprint",
+    "head_ops_for",
+    "register_head_ops",
+]

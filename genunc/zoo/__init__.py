@@ -1,0 +1,1 @@
+"""Small denoisers: toy architectures for tests and smoke runs, and (later) trained references."""
