@@ -51,6 +51,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zoo_train(args: argparse.Namespace) -> int:
+    """Train a reference model and write it where genunc loads it from (or to --out)."""
+    import json
+
+    from genunc.zoo import digits
+
+    if args.model == "digits-classifier":
+        recipe = digits.ClassifierRecipe(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+        report = digits.train_classifier(recipe, args.out or digits.CLASSIFIER_DIR)
+    else:
+        overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v}
+        recipe = digits.DDPMRecipe(seed=args.seed, **overrides)
+        report = digits.train_ddpm(recipe, args.out or digits.DDPM_DIR, device=args.device)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genunc",
@@ -68,6 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--structure", choices=["diag", "kron", "full"], default="diag")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    zoo = sub.add_parser("zoo", help="reference models: train them", description="Reference models.")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    train = zoo_sub.add_parser(
+        "train",
+        help="train a reference model",
+        description="Train a shipped reference model with its recorded recipe.",
+        epilog="example: genunc zoo train digits-ddpm --steps 4000 --batch-size 48",
+    )
+    train.add_argument("model", choices=["digits-ddpm", "digits-classifier"])
+    train.add_argument("--out", help="output directory (default: the package's weights folder)")
+    train.add_argument("--steps", type=int, help="DDPM optimiser steps")
+    train.add_argument("--batch-size", type=int, help="DDPM batch size")
+    train.add_argument("--epochs", type=int, help="classifier epochs")
+    train.add_argument("--device", help="torch device (default: cuda if available)")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=_zoo_train)
     return parser
 
 

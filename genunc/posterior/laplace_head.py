@@ -406,6 +406,12 @@ class HeadPosterior:
             meta["fingerprint"], meta.get("info"),
         )
 
+    def check_matches(self, model: nn.Module | DenoiserAdapter, check_weights: bool = True) -> None:
+        """Raise :class:`FingerprintMismatchError` unless `model`'s head is the one fitted on."""
+        module = model.model if isinstance(model, DenoiserAdapter) else model
+        head = resolve_module(module, self.head_name)
+        check_fingerprint(self.fingerprint, head_fingerprint(self.head_name, head), check_weights)
+
     def __repr__(self) -> str:
         s = self.summary()
         return (

@@ -1,0 +1,169 @@
+"""Generation with posterior head draws, on any diffusers scheduler (``scheduler.step``).
+
+diffusers' DDPM/DDIM pipelines take no per-step callbacks, so genunc runs its own loop.  One loop
+serves both uncertainty signals:
+
+* **semantic** (Jazbec et al., UAI 2025): the MAP and M perturbed generations start from the
+  same ``x_T`` (and conditioning).  They run as one batch of ``(M+1)·B`` rows through the backbone;
+  a forward hook swaps the head's output for each row's own head draw, so the M heads cost one
+  grouped convolution, not M models.  With ``branch_at = k`` the perturbed trajectories share the
+  MAP's first ``k`` steps and only then fork (the prefix is computed once).
+* **variability** (noise-prediction variability): along the MAP trajectory, the M head draws are
+  applied to the MAP's own features at each chosen step; the variance of the predicted noise
+  across draws is averaged over pixels and steps.  This costs one head op per step on top of
+  plain generation.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from genunc.adapters.base import DenoiserAdapter
+from genunc.errors import GenuncError
+from genunc.posterior.draws import HeadDraws
+from genunc.posterior.laplace_head import HeadPosterior
+
+
+@dataclass
+class TrajectoryOutput:
+    """What one batched run returns."""
+
+    samples: Tensor  # (B, ...) from the MAP head
+    draw_samples: Tensor | None = None  # (M, B, ...) from the perturbed heads
+    variability_per_step: Tensor | None = None  # (S, B): mean predicted-noise variance per step
+    backbone_rows: int = 0  # rows pushed through the backbone (cost in units of one sample-step)
+    steps: list[int] = field(default_factory=list)
+
+
+def repeat_batch(value: Any, reps: int) -> Any:
+    """Repeat a batched conditioning value (tensor, or dict of them) along dim 0, draw-major."""
+    if isinstance(value, Tensor):
+        return value.repeat(reps, *([1] * (value.dim() - 1))) if value.dim() else value
+    if isinstance(value, Mapping):
+        return {k: repeat_batch(v, reps) for k, v in value.items()}
+    return value
+
+
+def _expand_scheduler_state(scheduler: Any, batch: int, reps: int) -> None:
+    """Multistep solvers keep past outputs; when the batch forks, those must fork with it."""
+    for name, value in vars(scheduler).items():
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            setattr(scheduler, name, repeat_batch(value, reps))
+        elif isinstance(value, list) and any(isinstance(v, Tensor) for v in value):
+            setattr(scheduler, name, [
+                repeat_batch(v, reps) if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch
+                else v for v in value
+            ])
+
+
+@torch.no_grad()
+def run_trajectory(
+    adapter: DenoiserAdapter,
+    scheduler: Any,
+    posterior: HeadPosterior | None,
+    x_T: Tensor,
+    cond: Mapping[str, Any] | None = None,
+    *,
+    num_inference_steps: int = 50,
+    trajectory_draws: HeadDraws | None = None,
+    branch_at: int = 0,
+    include_map: bool = True,
+    variability_draws: HeadDraws | None = None,
+    variability_steps: list[int] | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> TrajectoryOutput:
+    """Run the sampler from ``x_T``; optionally fork perturbed trajectories and score variability.
+
+    Args:
+        trajectory_draws: head draws that get a full trajectory of their own (semantic score).
+        branch_at: number of initial steps the perturbed trajectories share with the MAP.
+        include_map: run the MAP trajectory (False: only the perturbed ones, from step 0).
+        variability_draws: head draws applied to the MAP features at ``variability_steps``
+            (default: every step).
+    """
+    cond = {k: v for k, v in (cond or {}).items() if v is not None}
+    if (trajectory_draws is not None or variability_draws is not None) and posterior is None:
+        raise GenuncError("head draws need a posterior")
+    if variability_draws is not None and not include_map:
+        raise GenuncError("variability is measured along the MAP trajectory: include_map=True")
+    if not include_map and (trajectory_draws is None or branch_at):
+        raise GenuncError("without the MAP trajectory, perturbed trajectories start at step 0")
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(num_inference_steps, device=x_T.device)
+    timesteps = scheduler.timesteps
+    n_steps = len(timesteps)
+    if not 0 <= branch_at <= n_steps:
+        raise GenuncError(f"branch_at must lie in [0, {n_steps}], got {branch_at}")
+    vsteps = set(range(n_steps) if variability_steps is None else variability_steps)
+
+    batch = x_T.shape[0]
+    head = adapter.head
+    fork_heads = None
+    if trajectory_draws is not None:
+        fork_heads = posterior.map_draws().to(x_T.device).cat(trajectory_draws.to(x_T.device)) \
+            if include_map else trajectory_draws.to(x_T.device)
+    groups = 1  # trajectories currently in the batch (MAP first, then draws)
+    state: dict[str, Tensor | None] = {"phi": None}
+
+    def hook(module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        phi = args[0]
+        state["phi"] = phi[:batch]
+        if groups == 1 and include_map:
+            return None  # the model's own head is the MAP head
+        per_draw = phi.reshape(groups, batch, *phi.shape[1:])
+        out = posterior.apply(per_draw, fork_heads, per_draw=True)
+        return out.reshape(output.shape).to(output.dtype)
+
+    x = x_T * scheduler.init_noise_sigma
+    current_cond = cond
+    if not include_map:
+        groups = len(fork_heads)
+        x = repeat_batch(x, groups)
+        current_cond = repeat_batch(cond, groups)
+    variability: list[Tensor] = []
+    used_steps: list[int] = []
+    rows = 0
+    handle = head.register_forward_hook(hook)
+    try:
+        for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
+            if fork_heads is not None and include_map and groups == 1 and i == branch_at:
+                groups = len(fork_heads)
+                x = repeat_batch(x, groups)
+                current_cond = repeat_batch(cond, groups)
+                _expand_scheduler_state(scheduler, batch, groups)
+            model_in = scheduler.scale_model_input(x, t)
+            t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
+            out = adapter.denoise(x=model_in, t=t_batch, **current_cond)
+            rows += x.shape[0]
+            if variability_draws is not None and i in vsteps:
+                inputs = {"x": model_in[:batch], "t": t_batch[:batch]}
+                eps = adapter.post_head(posterior.apply(state["phi"], variability_draws), inputs)
+                variability.append(eps.double().var(0).flatten(1).mean(1))
+                used_steps.append(i)
+            x = scheduler.step(out, t, x, generator=generator).prev_sample
+    finally:
+        handle.remove()
+
+    if groups > 1 or not include_map:
+        grouped = x.reshape(groups, batch, *x.shape[1:])
+        samples = grouped[0] if include_map else None
+        draw_samples = grouped[1:] if include_map else grouped
+    elif fork_heads is not None:  # branch_at == n_steps: the draws never left the MAP path
+        samples, draw_samples = x, x.unsqueeze(0).repeat(len(fork_heads) - 1, *([1] * x.dim()))
+    else:
+        samples, draw_samples = x, None
+    return TrajectoryOutput(
+        samples=samples if samples is not None else draw_samples[0],
+        draw_samples=draw_samples,
+        variability_per_step=torch.stack(variability) if variability else None,
+        backbone_rows=rows,
+        steps=used_steps,
+    )

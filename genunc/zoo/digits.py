@@ -1,0 +1,224 @@
+"""Reference image models on scikit-learn's handwritten digits (8x8, upsampled to 16x16).
+
+Two models ship with genunc, small enough to train on a laptop CPU and to store in the package:
+
+* ``digits-ddpm``: a class-conditional diffusers ``UNet2DModel`` + ``DDPMScheduler``, saved with
+  ``save_pretrained`` and loaded with ``from_pretrained(local path)`` like any diffusers model;
+* ``digits-classifier``: a small CNN whose penultimate features are the default extractor for the
+  semantic (generative) uncertainty and for feature-space FID / precision / recall, and whose
+  class probabilities tell whether a conditional sample shows the digit it was asked for.
+
+Train them with ``genunc zoo train digits-ddpm`` / ``genunc zoo train digits-classifier``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DDPM_DIR = WEIGHTS_DIR / "digits_ddpm"
+CLASSIFIER_DIR = WEIGHTS_DIR / "digits_classifier"
+IMAGE_SIZE = 16
+N_CLASSES = 10
+
+
+# ---------------------------------------------------------------------------------------- data
+def load_digits_tensor(size: int = IMAGE_SIZE) -> tuple[Tensor, Tensor]:
+    """All 1,797 scikit-learn digits as ``(N, 1, size, size)`` in [-1, 1], with labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images.clamp(0, 1) * 2 - 1, torch.tensor(digits.target, dtype=torch.long)
+
+
+def split_digits(seed: int = 0, n_test: int = 297) -> dict[str, tuple[Tensor, Tensor]]:
+    """A fixed train/test split (seeded permutation): 1,500 train, 297 test."""
+    images, labels = load_digits_tensor()
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    test, train = perm[:n_test], perm[n_test:]
+    return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+
+
+def augment(images: Tensor, generator: torch.Generator, max_shift: int = 1) -> Tensor:
+    """Random integer translations by up to `max_shift` pixels (digits stay recognisable)."""
+    b = images.shape[0]
+    shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator)
+    padded = F.pad(images, [max_shift] * 4, value=-1.0)
+    size = images.shape[-1]
+    out = torch.empty_like(images)
+    for i, (dy, dx) in enumerate(shifts.tolist()):
+        y0, x0 = max_shift + dy, max_shift + dx
+        out[i] = padded[i, :, y0 : y0 + size, x0 : x0 + size]
+    return out
+
+
+# ---------------------------------------------------------------------------------------- classifier
+class DigitsClassifier(nn.Module):
+    """Small CNN for 16x16 digits; ``features(x)`` gives the penultimate 64-d representation."""
+
+    def __init__(self, width: int = 32, n_features: int = 64) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),  # 8x8
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),  # 4x4
+            nn.Flatten(), nn.Linear(2 * width * 16, n_features), nn.SiLU(),
+        )
+        self.head = nn.Linear(n_features, N_CLASSES)
+        self.config = {"width": width, "n_features": n_features}
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()},
+                  str(directory / "model.safetensors"))
+        (directory / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path = CLASSIFIER_DIR) -> "DigitsClassifier":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        model = cls(**json.loads((directory / "config.json").read_text()))
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return model.eval()
+
+
+@dataclass
+class ClassifierRecipe:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+
+
+def train_classifier(recipe: ClassifierRecipe, out_dir: str | Path = CLASSIFIER_DIR) -> dict:
+    """Train the feature/quality classifier; returns test accuracy and the recipe."""
+    torch.manual_seed(recipe.seed)
+    data = split_digits()
+    x, y = data["train"]
+    model = DigitsClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(recipe.seed)
+    for _ in tqdm(range(recipe.epochs), desc="classifier epochs"):
+        perm = torch.randperm(len(x), generator=g)
+        model.train()
+        for i in range(0, len(x), recipe.batch_size):
+            idx = perm[i : i + recipe.batch_size]
+            loss = F.cross_entropy(model(augment(x[idx], g)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        xt, yt = data["test"]
+        acc = float((model(xt).argmax(1) == yt).float().mean())
+    model.save_pretrained(out_dir)
+    report = {"test_accuracy": acc, "recipe": asdict(recipe)}
+    (Path(out_dir) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ---------------------------------------------------------------------------------------- DDPM
+@dataclass
+class DDPMRecipe:
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+    num_train_timesteps: int = 1000
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    label_dropout: float = 0.0
+
+
+def build_unet(recipe: DDPMRecipe):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=IMAGE_SIZE, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=tuple(recipe.block_out_channels), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        num_class_embeds=N_CLASSES,
+    )
+
+
+def build_scheduler(recipe: DDPMRecipe):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=recipe.num_train_timesteps,
+                         beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+
+
+def train_ddpm(recipe: DDPMRecipe, out_dir: str | Path = DDPM_DIR, device: str | None = None) -> dict:
+    """Train the class-conditional digits DDPM (EMA weights are saved)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(recipe.seed)
+    x, y = split_digits()["train"]
+    unet = build_unet(recipe).to(device)
+    ema = build_unet(recipe).to(device)
+    ema.load_state_dict(unet.state_dict())
+    scheduler = build_scheduler(recipe)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.0)
+    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps,
+                                                   pct_start=0.05)
+    g = torch.Generator().manual_seed(recipe.seed)
+    start, losses = time.time(), []
+    bar = tqdm(range(recipe.steps), desc="digits DDPM")
+    for step in bar:
+        idx = torch.randint(0, len(x), (recipe.batch_size,), generator=g)
+        x0 = augment(x[idx], g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, recipe.num_train_timesteps, (x0.shape[0],), generator=g).to(device)
+        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, class_labels=y[idx].to(device)).sample,
+                          noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        losses.append(float(loss))
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+    ema.to("cpu").save_pretrained(out_dir)
+    scheduler.save_pretrained(out_dir)
+    report = {"final_loss_100": float(np.mean(losses[-100:])), "seconds": time.time() - start,
+              "device": device, "recipe": asdict(recipe)}
+    (Path(out_dir) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def load_ddpm(directory: str | Path = DDPM_DIR):
+    """The shipped (or a retrained) digits DDPM: ``(UNet2DModel, DDPMScheduler)``."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(
+            f"no digits DDPM in {directory}; train one with `genunc zoo train digits-ddpm`"
+        )
+    unet = UNet2DModel.from_pretrained(directory, low_cpu_mem_usage=False).eval()
+    return unet, DDPMScheduler.from_pretrained(directory)

@@ -1,0 +1,161 @@
+"""The diffusers image pipeline: fit, save/reload, score, and check scores against direct loops."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from torch.func import functional_call
+
+from genunc.errors import FingerprintMismatchError, GenuncError
+from genunc.features import flatten_pixels
+from genunc.pipelines import ImageUncertaintyPipeline
+from genunc.pipelines.image import POSTERIOR_DIR
+from genunc.posterior import HeadPosterior
+from genunc.scores import gaussian_entropy
+
+STEPS = 6
+
+
+def tiny_unet(seed=0, classes=3):
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=classes,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny class-conditional DDPM saved with save_pretrained, with its posterior beside it."""
+    path = tmp_path_factory.mktemp("tiny_ddpm")
+    unet, scheduler = tiny_unet(), DDPMScheduler(num_train_timesteps=100)
+    unet.save_pretrained(path)
+    scheduler.save_pretrained(path)
+    pipe = ImageUncertaintyPipeline(unet, scheduler, feature_extractor=flatten_pixels)
+    g = torch.Generator().manual_seed(0)
+    pipe.fit_posterior((torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 3, (32,), generator=g)),
+                       progress=False)
+    pipe.posterior.save(path / POSTERIOR_DIR)
+    return path
+
+
+@pytest.fixture
+def pipe(saved):
+    return ImageUncertaintyPipeline.from_pretrained(saved, feature_extractor=flatten_pixels)
+
+
+def test_reload_from_directory_gets_the_posterior(saved, pipe):
+    assert pipe.posterior is not None and pipe.posterior.head_name == "conv_out"
+    assert isinstance(pipe.sampling_scheduler, DDIMScheduler)
+
+
+def test_scores_have_the_right_shape_and_are_seed_deterministic(pipe):
+    kwargs = dict(num_draws=3, num_inference_steps=STEPS, chunk_size=4, progress=False,
+                  scores=("semantic", "variability", "pixel_variance", "random"))
+    a, b = pipe(10, seed=5, **kwargs), pipe(10, seed=5, **kwargs)
+    c = pipe(10, seed=6, **kwargs)
+    assert a.images.shape == (10, 1, 8, 8)
+    assert a.class_labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    for name in kwargs["scores"]:
+        assert a.scores[name].shape == (10,) and np.isfinite(a.scores[name]).all()
+        np.testing.assert_array_equal(a.scores[name], b.scores[name])
+        assert not np.allclose(a.scores[name], c.scores[name])
+    torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+
+
+def test_semantic_score_is_the_entropy_of_the_generations_features(pipe):
+    out = pipe(6, num_draws=4, num_inference_steps=STEPS, scores=("semantic",), progress=False,
+               keep_draw_images=True)
+    feats = torch.cat([out.images[None], out.draw_images]).flatten(2).double().numpy()
+    var = feats.var(axis=0, ddof=1) + 1e-3
+    expected = 0.5 * np.log(2 * np.pi * np.e * var).sum(axis=1)
+    np.testing.assert_allclose(out.scores["semantic"], expected, rtol=1e-10)
+
+
+def test_gaussian_entropy_is_exact_on_known_features():
+    feats = np.array([[[0.0, 1.0]], [[2.0, 1.0]], [[4.0, 1.0]]])  # var = (4, 0) per dim
+    expected = 0.5 * (np.log(2 * np.pi * np.e * (4 + 0.1)) + np.log(2 * np.pi * np.e * 0.1))
+    np.testing.assert_allclose(gaussian_entropy(feats, floor=0.1), [expected])
+    big = 1e4 + np.array([[[1e-4]], [[-1e-4]]])  # cancellation-prone: two-pass stays exact
+    np.testing.assert_allclose(gaussian_entropy(big, floor=0.0, ddof=0),
+                               0.5 * np.log(2 * np.pi * np.e * 1e-8), rtol=1e-6)
+
+
+def _swap(unet, draws, m):
+    return {f"conv_out.{k}": v[m] for k, v in draws.params.items()}
+
+
+def _reference_generation(pipe, x_T, labels, params=None, variability_draws=None):
+    """Slow reference: one full model per head draw, scheduler stepped by hand."""
+    scheduler = copy.deepcopy(pipe.sampling_scheduler)
+    scheduler.set_timesteps(STEPS)
+    x, per_step = x_T.clone(), []
+    for t in scheduler.timesteps:
+        tt = t.expand(x.shape[0])
+        with torch.no_grad():
+            call = (lambda p: functional_call(pipe.unet, p, (x, tt), {"class_labels": labels}).sample)
+            eps = call(params or {})
+            if variability_draws is not None:
+                stack = torch.stack([call(_swap(pipe.unet, variability_draws, m))
+                                     for m in range(len(variability_draws))])
+                per_step.append(stack.double().var(0).flatten(1).mean(1))
+        x = scheduler.step(eps, t, x).prev_sample
+    return x, (torch.stack(per_step).mean(0) if per_step else None)
+
+
+def test_batched_draws_equal_a_loop_of_full_models(pipe):
+    out = pipe(4, num_draws=3, num_inference_steps=STEPS, scores=("semantic", "variability"),
+               progress=False, keep_draw_images=True, seed=2)
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    draws = pipe.posterior.sample(3, seed=2)
+    images, variability = _reference_generation(pipe, x_T, out.class_labels,
+                                                variability_draws=draws)
+    torch.testing.assert_close(out.images, images, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out.scores["variability"], variability.numpy(), rtol=1e-4)
+    for m in range(3):
+        perturbed, _ = _reference_generation(pipe, x_T, out.class_labels, _swap(pipe.unet, draws, m))
+        torch.testing.assert_close(out.draw_images[m], perturbed, rtol=1e-4, atol=1e-4)
+
+
+def test_branching_shares_the_prefix(pipe):
+    full = pipe(4, num_draws=2, num_inference_steps=STEPS, scores=("semantic",), progress=False,
+                keep_draw_images=True)
+    late = pipe(4, num_draws=2, num_inference_steps=STEPS, scores=("semantic",), progress=False,
+                keep_draw_images=True, branch_at=STEPS)
+    never = late.draw_images - late.images[None]
+    assert never.abs().max() == 0  # branching after the last step: the draws never diverge
+    assert late.backbone_rows < full.backbone_rows
+    mid = pipe(4, num_draws=2, num_inference_steps=STEPS, scores=("semantic",), progress=False,
+               branch_at=STEPS // 2)
+    assert (mid.scores["semantic"] < full.scores["semantic"]).mean() > 0.5
+    assert mid.backbone_rows == 4 * (STEPS // 2) + 3 * 4 * (STEPS - STEPS // 2)
+
+
+def test_bad_requests_fail_clearly(pipe, saved):
+    with pytest.raises(GenuncError, match="num_draws must be at least 1"):
+        pipe(2, num_draws=0, num_inference_steps=2, progress=False)
+    with pytest.raises(GenuncError, match="unknown scores"):
+        pipe(2, scores=("vibes",), progress=False)
+    with pytest.raises(GenuncError, match="class labels must lie"):
+        pipe(2, class_labels=[0, 7], progress=False)
+    other = ImageUncertaintyPipeline(tiny_unet(seed=1), DDPMScheduler(num_train_timesteps=100))
+    with pytest.raises(FingerprintMismatchError):
+        other.posterior = pipe.posterior
+    with pytest.raises(FingerprintMismatchError):
+        HeadPosterior.load(saved / POSTERIOR_DIR, tiny_unet(seed=1))
+    bare = ImageUncertaintyPipeline(tiny_unet(), DDPMScheduler(num_train_timesteps=100))
+    with pytest.raises(GenuncError, match="no posterior"):
+        bare(2, progress=False)
+
+
+def test_skip_up_blocks_are_refused():
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "SkipDownBlock2D"),
+                       up_block_types=("SkipUpBlock2D", "UpBlock2D"))
+    with pytest.raises(GenuncError, match="skip branch"):
+        ImageUncertaintyPipeline(unet, DDPMScheduler(num_train_timesteps=100))
