@@ -7,47 +7,32 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 
 from genunc._version import __version__
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Core smoke run: fit a head posterior on a toy denoiser, draw, apply, save and reload."""
-    import torch
+    """Generative uncertainty on the shipped digits DDPM: contact sheet, CSV, retention plot."""
+    from genunc.demos import digits as demo
 
-    from genunc.adapters import NoisePredictionAdapter
-    from genunc.posterior import HeadPosterior, capture_head
-    from genunc.zoo.toy import ToyImageDenoiser
-
-    torch.manual_seed(args.seed)
-    model = ToyImageDenoiser(channels=1, width=32).eval()
-    adapter = NoisePredictionAdapter(model, "conv_out")
-    data = [torch.randn(32, 1, 16, 16) for _ in range(4)]
-    print(f"genunc {__version__}: core demo on an untrained toy denoiser "
-          "(the digits reference model arrives with the image pipeline)")
-    post = HeadPosterior.fit(adapter, data, repeats=2, structure=args.structure, seed=args.seed)
-    for key, value in post.summary().items():
-        print(f"  {key:>22}: {value}")
-
-    x = torch.randn(16, 1, 16, 16)
-    t = torch.full((16,), 500)
-    with torch.no_grad(), capture_head(adapter.head) as record:
-        start = time.perf_counter()
-        adapter.denoise(x=x, t=t)
-        backbone = time.perf_counter() - start
-        draws = post.sample(args.draws, seed=args.seed)
-        start = time.perf_counter()
-        outs = post.apply(record.features, draws)
-        heads = time.perf_counter() - start
-    spread = outs.var(0).mean().item()
-    print(f"  {args.draws} head draws applied in one op: {heads * 1e3:.2f} ms "
-          f"(one full forward: {backbone * 1e3:.2f} ms); mean predicted-noise variance {spread:.3g}")
-    with tempfile.TemporaryDirectory() as tmp:
-        post.save(tmp)
-        same = HeadPosterior.load(tmp, model).sample(args.draws, seed=args.seed).flat
-        print(f"  save/load round trip reproduces the draws: {bool(torch.equal(same, draws.flat))}")
+    print(f"genunc {__version__}: digits demo -> {args.out}")
+    summary = demo.run(args.out, n_samples=args.samples, num_draws=args.draws, steps=args.steps,
+                       seed=args.seed)
+    post = summary["posterior"]
+    print(f"posterior: {post['structure']} over '{post['head']}' ({post['n_params']} weights, "
+          f"{post['n_data_rows']} rows), prior precision {post['prior_precision']:.4g}, "
+          f"sigma {post['sigma_noise']:.4g}, relative perturbation {post['relative_perturbation']:.3g}")
+    print(f"{summary['n_samples']} digits, M = {summary['num_draws']} draws, {summary['steps']} "
+          f"DDIM steps; classifier agrees with the requested digit for "
+          f"{summary['class_agreement_all']:.1%}")
+    print(f"{'score':<16}{'AUROC(wrong)':>14}{'agree@80%':>12}{'Spearman(p)':>13}")
+    for name, row in summary["scores"].items():
+        print(f"{name:<16}{row['auroc_wrong_class']:>14.3f}{row['agreement_kept_80pct']:>12.1%}"
+              f"{row['spearman_vs_p_label']:>13.3f}")
+    secs = summary["seconds"]
+    print(f"time: posterior {secs['posterior']:.1f}s, generation {secs['generation']:.1f}s, "
+          f"features {secs['features']:.1f}s")
+    print(f"wrote {args.out}/contact_sheet.png, scores.csv, retention.png, summary.json")
     return 0
 
 
@@ -78,12 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="run the demo job",
-        description="Fit a head posterior, draw M weight sets and apply them in one op.",
-        epilog="example: genunc demo --draws 8 --structure kron",
+        description="Generate digits with the shipped DDPM, score their uncertainty, and write a "
+        "contact sheet sorted by uncertainty, a CSV of scores and a retention plot.",
+        epilog="example: genunc demo --samples 256 --draws 5 --out outputs/demo",
     )
-    demo.add_argument("--draws", type=int, default=8, help="posterior draws M (default 8)")
-    demo.add_argument("--structure", choices=["diag", "kron", "full"], default="diag")
+    demo.add_argument("--samples", type=int, default=256, help="digits to generate (default 256)")
+    demo.add_argument("--draws", type=int, default=5, help="posterior draws M (default 5)")
+    demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="outputs/demo", help="output directory")
     demo.set_defaults(func=_demo)
 
     zoo = sub.add_parser("zoo", help="reference models: train them", description="Reference models.")

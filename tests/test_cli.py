@@ -1,13 +1,22 @@
+import csv
+
 import pytest
 
 from genunc.cli import main
 
 
-def test_demo_runs_and_round_trips(capsys):
-    assert main(["demo", "--draws", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "round trip reproduces the draws: True" in out
-    assert "relative_perturbation" in out
+def test_demo_writes_sheet_csv_and_plot(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--samples", "12", "--draws", "2", "--steps", "4", "--out", str(out)]) == 0
+    for name in ("contact_sheet.png", "retention.png", "scores.csv", "summary.json"):
+        assert (out / name).stat().st_size > 0
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 12 and {"semantic", "variability", "pixel_variance", "random"} <= set(rows[0])
+    printed = capsys.readouterr().out
+    assert "AUROC(wrong)" in printed
+    # the second run reuses the saved posterior instead of refitting
+    assert (out / "posterior" / "genunc_posterior.json").exists()
+    assert main(["demo", "--samples", "4", "--draws", "2", "--steps", "2", "--out", str(out)]) == 0
 
 
 def test_help_lists_examples(capsys):

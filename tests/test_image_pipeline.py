@@ -159,3 +159,26 @@ def test_skip_up_blocks_are_refused():
                        up_block_types=("SkipUpBlock2D", "UpBlock2D"))
     with pytest.raises(GenuncError, match="skip branch"):
         ImageUncertaintyPipeline(unet, DDPMScheduler(num_train_timesteps=100))
+
+
+def test_unet2d_condition_model_with_encoder_states():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=6,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    pipe = ImageUncertaintyPipeline(unet, DDPMScheduler(num_train_timesteps=100),
+                                    feature_extractor=flatten_pixels)
+    ctx = torch.randn(16, 3, 6)
+    pipe.fit_posterior([{"x": torch.randn(16, 1, 8, 8), "encoder_hidden_states": ctx}],
+                       repeats=1, progress=False)
+    out = pipe(4, encoder_hidden_states=ctx[:4], num_draws=2, num_inference_steps=3,
+               scores=("semantic", "variability"), progress=False)
+    assert out.scores["semantic"].shape == (4,) and np.isfinite(out.scores["variability"]).all()
+    with pytest.raises(ValueError, match="encoder_hidden_states must have 4 rows"):
+        pipe(4, encoder_hidden_states=ctx[:3], num_draws=2, num_inference_steps=3, progress=False)

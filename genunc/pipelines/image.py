@@ -137,6 +137,7 @@ class ImageUncertaintyPipeline:
         num_samples: int = 16,
         *,
         class_labels: Tensor | list[int] | None = None,
+        encoder_hidden_states: Tensor | None = None,
         num_draws: int = 5,
         num_inference_steps: int = 50,
         scores: tuple[str, ...] = ("semantic", "variability", "pixel_variance"),
@@ -155,6 +156,8 @@ class ImageUncertaintyPipeline:
             scores: any of ``semantic``, ``variability``, ``pixel_variance``, ``random``.
             branch_at: perturbed trajectories share the MAP's first `branch_at` steps.
             draw_steps: run the perturbed trajectories with fewer steps (from ``x_T``).
+            encoder_hidden_states: per-sample ``(N, L, D)`` conditioning for
+                ``UNet2DConditionModel`` (e.g. text-encoder outputs).
             seed: fixes the initial noise, the draws and any sampler noise.
         """
         unknown = set(scores) - set(SCORES)
@@ -170,6 +173,11 @@ class ImageUncertaintyPipeline:
         if draw_steps is not None and branch_at:
             raise GenuncError("draw_steps runs the draws from x_T; it cannot be combined with branch_at")
         labels = self._labels(num_samples, class_labels)
+        if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != num_samples:
+            raise ShapeMismatchError(
+                f"encoder_hidden_states must have {num_samples} rows, got "
+                f"{tuple(encoder_hidden_states.shape)}"
+            )
         device = self.adapter.device
         generator = torch.Generator().manual_seed(seed)
         x_T = torch.randn(num_samples, *self.adapter.sample_shape, generator=generator)
@@ -182,6 +190,8 @@ class ImageUncertaintyPipeline:
         for start in tqdm(chunks, desc="generating", disable=not progress):
             sl = slice(start, start + chunk_size)
             cond = {"class_labels": labels[sl].to(device)} if labels is not None else {}
+            if encoder_hidden_states is not None:
+                cond["encoder_hidden_states"] = encoder_hidden_states[sl].to(device)
             step_gen = torch.Generator(device=device).manual_seed(seed + 1 + start)
             t0 = time.perf_counter()
             together = bool(trajectories) and draw_steps is None

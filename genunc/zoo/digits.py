@@ -133,7 +133,9 @@ def train_classifier(recipe: ClassifierRecipe, out_dir: str | Path = CLASSIFIER_
         xt, yt = data["test"]
         acc = float((model(xt).argmax(1) == yt).float().mean())
     model.save_pretrained(out_dir)
-    report = {"test_accuracy": acc, "recipe": asdict(recipe)}
+    report = {"test_accuracy": acc, "recipe": asdict(recipe),
+              "command": f"genunc zoo train digits-classifier --epochs {recipe.epochs} "
+                         f"--seed {recipe.seed}"}
     (Path(out_dir) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -206,7 +208,9 @@ def train_ddpm(recipe: DDPMRecipe, out_dir: str | Path = DDPM_DIR, device: str |
     ema.to("cpu").save_pretrained(out_dir)
     scheduler.save_pretrained(out_dir)
     report = {"final_loss_100": float(np.mean(losses[-100:])), "seconds": time.time() - start,
-              "device": device, "recipe": asdict(recipe)}
+              "device": device, "recipe": asdict(recipe),
+              "command": f"genunc zoo train digits-ddpm --steps {recipe.steps} "
+                         f"--batch-size {recipe.batch_size} --seed {recipe.seed}"}
     (Path(out_dir) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

@@ -1,0 +1,1 @@
+"""Demo jobs run by `genunc demo` / `make demo`."""
