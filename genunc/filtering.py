@@ -1,9 +1,13 @@
 """Selecting samples by uncertainty, and judging how well a score ranks quality.
 
-Convention everywhere: lower score = more certain = keep first.
+Convention everywhere: lower score = more certain = keep first.  Every selector returns sorted
+integer indices into the original arrays, so it composes with any sample container.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import rankdata, spearmanr
@@ -16,23 +20,56 @@ def _scores(scores) -> np.ndarray:
     if values.ndim != 1:
         raise GenuncError(f"scores must be one value per sample, got shape {values.shape}")
     if not np.isfinite(values).all():
-        raise NonFiniteError(f"{int((~np.isfinite(values)).sum())} scores are NaN or infinite")
+        raise NonFiniteError(
+            f"{int((~np.isfinite(values)).sum())} of {len(values)} scores are NaN or infinite; "
+            "drop or fix those samples first"
+        )
     return values
 
 
+# ---------------------------------------------------------------------------- selection
 def keep_order(scores) -> np.ndarray:
     """Indices from most to least certain; ties keep their original order (stable)."""
     return np.argsort(_scores(scores), kind="stable")
+
+
+def keep_top_k(scores, k: int) -> np.ndarray:
+    """Indices of the `k` least uncertain samples (all of them if ``k >= N``)."""
+    if k < 0:
+        raise GenuncError(f"k must be non-negative, got {k}")
+    return np.sort(keep_order(scores)[:k])
 
 
 def keep_fraction(scores, fraction: float) -> np.ndarray:
     """Indices of the ``round(fraction * N)`` least uncertain samples."""
     if not 0 <= fraction <= 1:
         raise GenuncError(f"fraction must lie in [0, 1], got {fraction}")
-    order = keep_order(scores)
-    return np.sort(order[: int(round(fraction * len(order)))])
+    values = _scores(scores)
+    return keep_top_k(values, int(round(fraction * len(values))))
 
 
+def keep_below(scores, threshold: float) -> np.ndarray:
+    """Indices of samples whose score is at most `threshold`."""
+    return np.flatnonzero(_scores(scores) <= threshold)
+
+
+def best_of_n(scores, groups: Sequence) -> np.ndarray:
+    """For each group (condition, prompt), the index of its least uncertain sample.
+
+    Ties go to the earliest sample of the group.  Returned in order of first appearance.
+    """
+    values = _scores(scores)
+    groups = np.asarray(groups)
+    if len(groups) != len(values):
+        raise GenuncError(f"{len(values)} scores but {len(groups)} group labels")
+    best: dict = {}
+    for i, (g, s) in enumerate(zip(groups.tolist(), values)):
+        if g not in best or s < values[best[g]]:
+            best[g] = i
+    return np.array(list(best.values()), dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------- statistics
 def retention_curve(scores, quality, fractions=None) -> tuple[np.ndarray, np.ndarray]:
     """Mean quality of the kept samples as the kept fraction grows (quality: higher is better)."""
     quality = np.asarray(quality, dtype=np.float64)
@@ -42,6 +79,13 @@ def retention_curve(scores, quality, fractions=None) -> tuple[np.ndarray, np.nda
     fractions = np.linspace(0.05, 1.0, 20) if fractions is None else np.asarray(fractions)
     means = np.array([quality[order[: max(1, int(round(f * len(order))))]].mean() for f in fractions])
     return fractions, means
+
+
+def area_under_retention(scores, quality) -> float:
+    """Mean of the retention curve over kept fractions 1/N .. 1 (higher is better)."""
+    order = keep_order(scores)
+    quality = np.asarray(quality, dtype=np.float64)[order]
+    return float((np.cumsum(quality) / np.arange(1, len(quality) + 1)).mean())
 
 
 def auroc(scores, failed) -> float:
@@ -57,3 +101,38 @@ def auroc(scores, failed) -> float:
 
 def spearman(scores, quality) -> float:
     return float(spearmanr(_scores(scores), np.asarray(quality, dtype=np.float64)).statistic)
+
+
+def summarize(scores, quality, failed=None) -> dict[str, float]:
+    """Spearman with quality, AUROC for failures (quality <= 0.5 unless given), AURC."""
+    quality = np.asarray(quality, dtype=np.float64)
+    failed = quality <= 0.5 if failed is None else np.asarray(failed, dtype=bool)
+    return {
+        "spearman": spearman(scores, quality),
+        "auroc": auroc(scores, failed),
+        "area_under_retention": area_under_retention(scores, quality),
+        "quality_all": float(quality.mean()),
+    }
+
+
+def plot_retention(path: str | Path, curves: dict[str, tuple[np.ndarray, np.ndarray]],
+                   ylabel: str = "quality of kept samples", title: str = "retention") -> Path:
+    """Write a retention plot (one line per score) to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, (fractions, values) in curves.items():
+        ax.plot(fractions, values, marker="o", ms=3, label=name,
+                ls="--" if name.startswith("random") else "-")
+    ax.set_xlabel("fraction kept (least uncertain first)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path

@@ -91,14 +91,16 @@ def run(out_dir: str | Path = "outputs/demo", n_samples: int = 256, num_draws: i
     curves = {}
     for name, values in out.scores.items():
         fractions, acc = filtering.retention_curve(values, correct)
-        curves[name] = (fractions, acc)
+        curves[SCORE_LABELS.get(name, name)] = (fractions, acc)
         kept = filtering.keep_fraction(values, 0.8)
         summary["scores"][name] = {
             "auroc_wrong_class": filtering.auroc(values, ~correct),
             "agreement_kept_80pct": float(correct[kept].mean()),
             "spearman_vs_p_label": filtering.spearman(values, p_label),
         }
-    _retention_plot(out_dir / "retention.png", curves, float(correct.mean()))
+    filtering.plot_retention(out_dir / "retention.png", curves,
+                             ylabel="classifier agrees with requested digit",
+                             title="digits: filtering by uncertainty")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
 
@@ -134,25 +136,5 @@ def _contact_sheet(path: Path, images: torch.Tensor, labels: torch.Tensor, corre
     fig.suptitle("digits sorted by semantic uncertainty: most certain top-left; "
                  "title = requested digit (red: classifier disagrees)", fontsize=8)
     fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-
-
-def _retention_plot(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], base: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name, (fractions, acc) in curves.items():
-        ax.plot(fractions, acc, marker="o", ms=3, label=SCORE_LABELS.get(name, name),
-                ls="--" if name == "random" else "-")
-    ax.axhline(base, color="grey", lw=0.8)
-    ax.set_xlabel("fraction kept (least uncertain first)")
-    ax.set_ylabel("classifier agrees with requested digit")
-    ax.set_title("retention: filtering by uncertainty")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

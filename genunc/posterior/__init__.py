@@ -1,5 +1,11 @@
 """Laplace posteriors over a denoiser's output head, and fast application of M weight draws."""
 
+import warnings
+
+with warnings.catch_warnings():  # laplace-torch's optional asdl backend calls torch.jit.script
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    import laplace  # noqa: F401
+
 from genunc.posterior.capture import HeadData, capture_head, collect_head_data
 from genunc.posterior.draws import HeadDraws
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint

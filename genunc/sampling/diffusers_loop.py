@@ -12,11 +12,16 @@ serves both uncertainty signals:
   applied to the MAP's own features at each chosen step; the variance of the predicted noise
   across draws is averaged over pixels and steps.  This costs one head op per step on top of
   plain generation.
+
+Deterministic samplers (DDIM with eta = 0, the default) make the M+1 generations differ only by
+their heads.  Stochastic schedulers draw their step noise per row, so the generations then also
+differ by sampler noise: use them knowingly.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +99,8 @@ def run_trajectory(
         raise GenuncError("head draws need a posterior")
     if variability_draws is not None and not include_map:
         raise GenuncError("variability is measured along the MAP trajectory: include_map=True")
+    if variability_draws is not None and len(variability_draws) < 2:
+        raise GenuncError("variability is a variance across draws: it needs num_draws >= 2")
     if not include_map and (trajectory_draws is None or branch_at):
         raise GenuncError("without the MAP trajectory, perturbed trajectories start at step 0")
     scheduler = copy.deepcopy(scheduler)
@@ -103,6 +110,9 @@ def run_trajectory(
     if not 0 <= branch_at <= n_steps:
         raise GenuncError(f"branch_at must lie in [0, {n_steps}], got {branch_at}")
     vsteps = set(range(n_steps) if variability_steps is None else variability_steps)
+    # stochastic schedulers take a generator; deterministic ones (PNDM, ...) may not accept one
+    step_kwargs = {"generator": generator} \
+        if "generator" in inspect.signature(scheduler.step).parameters else {}
 
     batch = x_T.shape[0]
     head = adapter.head
@@ -148,7 +158,7 @@ def run_trajectory(
                 eps = adapter.post_head(posterior.apply(state["phi"], variability_draws), inputs)
                 variability.append(eps.double().var(0).flatten(1).mean(1))
                 used_steps.append(i)
-            x = scheduler.step(out, t, x, generator=generator).prev_sample
+            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
     finally:
         handle.remove()
 

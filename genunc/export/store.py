@@ -1,0 +1,309 @@
+"""One export format for every modality: sample files + a manifest + run metadata.
+
+Layout of an export directory::
+
+    run.json           run metadata: model, posterior fingerprint, config, genunc version, format
+    manifest.jsonl     one JSON record per committed sample (append-only; the source of truth)
+    manifest.csv       the same records as a table (written by ``finalize``)
+    manifest.parquet   idem, when pyarrow is installed
+    samples/<id>.png | .sdf | .json
+    samples.sdf / samples.jsonl   all molecules / texts in one file (written by ``finalize``)
+
+Crash safety: a sample's file is written to a temporary name, flushed and renamed; only then is
+its manifest line appended and flushed.  A crash can leave at most an orphan sample file (no
+manifest line) or a torn last manifest line; reopening truncates the torn line, and the orphan is
+simply rewritten when the run resumes, so nothing is lost and nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from genunc._version import __version__
+from genunc.errors import GenuncError
+
+FORMAT_VERSION = 1
+FORMATS = {"png": ".png", "sdf": ".sdf", "json": ".json"}
+MANIFEST = "manifest.jsonl"
+RUN = "run.json"
+
+
+# ------------------------------------------------------------------------------ atomic writes
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+# ------------------------------------------------------------------------------ payload encoders
+def encode_png(image: Any) -> bytes:
+    """An image tensor/array ``(C, H, W)`` or ``(H, W)`` in [-1, 1] as PNG bytes."""
+    from PIL import Image
+
+    array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image, dtype=np.float64)
+    if array.ndim == 3:
+        array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+    pixels = np.clip((array + 1) * 127.5, 0, 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_sdf(mol: Any, properties: Mapping[str, Any]) -> bytes:
+    """An RDKit molecule with `properties` attached as SD tags."""
+    from rdkit import Chem
+
+    mol = Chem.Mol(mol)
+    for key, value in properties.items():
+        if value is None:
+            continue
+        if isinstance(value, (bool, np.bool_)):
+            mol.SetProp(key, str(int(value)))
+        elif isinstance(value, (int, np.integer)):
+            mol.SetIntProp(key, int(value))
+        elif isinstance(value, (float, np.floating)):
+            mol.SetDoubleProp(key, float(value))
+        else:
+            mol.SetProp(key, str(value))
+    buffer = io.StringIO()
+    writer = Chem.SDWriter(buffer)
+    writer.write(mol)
+    writer.close()
+    return buffer.getvalue().encode()
+
+
+def encode_json(payload: Any, properties: Mapping[str, Any]) -> bytes:
+    return (json.dumps({**properties, "sample": payload}, default=_json_default) + "\n").encode()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+# ------------------------------------------------------------------------------ writer
+class ExportWriter:
+    """Append scored samples to an export directory; safe to interrupt and resume.
+
+    Use as a context manager; ``finalize`` (called on clean exit) writes the CSV/Parquet tables
+    and the combined SDF/JSONL.  ``resume=True`` (default) continues an existing export of the
+    same format: samples whose id is already committed are skipped by :meth:`add`.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], fmt: str,
+                 metadata: Mapping[str, Any] | None = None, resume: bool = True) -> None:
+        if fmt not in FORMATS:
+            raise GenuncError(f"unknown export format {fmt!r}; choose from {sorted(FORMATS)}")
+        self.directory = Path(directory)
+        self.format = fmt
+        self.samples_dir = self.directory / "samples"
+        existing = (self.directory / RUN).exists()
+        if existing and not resume:
+            raise GenuncError(f"{self.directory} already holds an export; pass resume=True or "
+                              "choose a new directory")
+        if existing:
+            run = json.loads((self.directory / RUN).read_text())
+            if run.get("format") != fmt:
+                raise GenuncError(f"{self.directory} holds a {run.get('format')} export, not {fmt}")
+            self.metadata = run
+        else:
+            self.metadata = {"format_version": FORMAT_VERSION, "format": fmt,
+                             "genunc_version": __version__, **dict(metadata or {})}
+            self.samples_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.directory / RUN, json.dumps(self.metadata, indent=2,
+                                                               default=_json_default) + "\n")
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        self.records = _read_manifest(self.directory / MANIFEST, repair=True)
+        self._ids = {r["sample_id"] for r in self.records}
+        self._manifest = (self.directory / MANIFEST).open("a")
+
+    def __contains__(self, sample_id: str) -> bool:
+        return str(sample_id) in self._ids
+
+    def add(self, sample_id: str | int, payload: Any, record: Mapping[str, Any]) -> bool:
+        """Commit one sample (file, then manifest line).  Returns False if it was already there."""
+        sample_id = str(sample_id)
+        if not sample_id or "/" in sample_id or sample_id.startswith("."):
+            raise GenuncError(f"invalid sample id {sample_id!r}")
+        if sample_id in self._ids:
+            return False
+        properties = {"sample_id": sample_id, **record}
+        filename = f"{sample_id}{FORMATS[self.format]}"
+        if self.format == "png":
+            data = encode_png(payload)
+        elif self.format == "sdf":
+            data = encode_sdf(payload, properties)
+        else:
+            data = encode_json(payload, properties)
+        atomic_write_bytes(self.samples_dir / filename, data)
+        line = {**properties, "file": f"samples/{filename}"}
+        self._manifest.write(json.dumps(line, default=_json_default) + "\n")
+        self._manifest.flush()
+        os.fsync(self._manifest.fileno())
+        self.records.append(json.loads(json.dumps(line, default=_json_default)))
+        self._ids.add(sample_id)
+        return True
+
+    def finalize(self) -> Path:
+        self._manifest.close()
+        write_tables(self.directory, self.records)
+        combine_samples(self.directory, self.format, self.records)
+        return self.directory
+
+    def close(self) -> None:
+        if not self._manifest.closed:
+            self._manifest.close()
+
+    def __enter__(self) -> "ExportWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.close()
+
+
+def _read_manifest(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Committed records; a torn last line (crash mid-append) is dropped (and cut, if `repair`)."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    records, good_end, seen = [], 0, set()
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if record["sample_id"] not in seen:  # defensive: a resumed run never writes twice
+            seen.add(record["sample_id"])
+            records.append(record)
+        good_end += len(line)
+    if repair and good_end != len(raw):
+        with path.open("r+b") as handle:
+            handle.truncate(good_end)
+    return records
+
+
+def write_tables(directory: Path, records: list[dict[str, Any]]) -> None:
+    """manifest.csv (and manifest.parquet with pyarrow) from the manifest records."""
+    columns: list[str] = []
+    for record in records:
+        columns += [k for k in record if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: _cell(record.get(k)) for k in columns})
+    atomic_write_text(directory / "manifest.csv", buffer.getvalue())
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return
+    table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in records])
+    tmp = directory / ".manifest.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, directory / "manifest.parquet")
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def combine_samples(directory: Path, fmt: str, records: list[dict[str, Any]]) -> None:
+    """samples.sdf / samples.jsonl: every sample in manifest order, in one file."""
+    if fmt == "png":
+        return
+    name = "samples.sdf" if fmt == "sdf" else "samples.jsonl"
+    parts = [(directory / r["file"]).read_bytes() for r in records]
+    atomic_write_bytes(directory / name, b"".join(parts))
+
+
+# ------------------------------------------------------------------------------ reading / filtering
+class Export:
+    """A read-only view of an export directory."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        if not (self.directory / RUN).exists():
+            raise FileNotFoundError(f"{self.directory} is not a genunc export (no {RUN})")
+        self.metadata: dict[str, Any] = json.loads((self.directory / RUN).read_text())
+        self.records = _read_manifest(self.directory / MANIFEST)
+
+    @property
+    def format(self) -> str:
+        return self.metadata["format"]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def column(self, name: str) -> np.ndarray:
+        missing = [r["sample_id"] for r in self.records if name not in r]
+        if missing:
+            available = sorted({k for r in self.records for k in r})
+            raise GenuncError(f"column {name!r} missing for {len(missing)} samples; "
+                              f"available: {available}")
+        return np.array([r[name] for r in self.records])
+
+    def path(self, record: Mapping[str, Any]) -> Path:
+        return self.directory / record["file"]
+
+
+def write_subset(source: Export, indices: Iterable[int], destination: str | os.PathLike[str],
+                 provenance: Mapping[str, Any], link: str = "copy") -> Path:
+    """A new export holding the selected records of `source` (which is left untouched)."""
+    destination = Path(destination)
+    if destination.resolve() == source.directory.resolve():
+        raise GenuncError("the filtered export must go to a new directory")
+    if (destination / RUN).exists():
+        raise GenuncError(f"{destination} already holds an export")
+    if link not in ("copy", "symlink"):
+        raise GenuncError(f"link must be copy or symlink, got {link!r}")
+    put: Callable[[Path, Path], Any] = shutil.copy2 if link == "copy" else \
+        (lambda src, dst: os.symlink(src.resolve(), dst))
+    (destination / "samples").mkdir(parents=True, exist_ok=True)
+    chosen = [source.records[i] for i in indices]
+    manifest = io.StringIO()
+    for record in chosen:
+        target = destination / record["file"]
+        if not target.exists():
+            put(source.path(record), target)
+        manifest.write(json.dumps(record) + "\n")
+    atomic_write_text(destination / MANIFEST, manifest.getvalue())
+    metadata = {**source.metadata, "filtered_from": str(source.directory.resolve()),
+                "filter": dict(provenance), "n_source": len(source), "n_kept": len(chosen)}
+    atomic_write_text(destination / RUN, json.dumps(metadata, indent=2, default=_json_default) + "\n")
+    write_tables(destination, chosen)
+    combine_samples(destination, source.format, chosen)
+    return destination
