@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from genunc._version import __version__
 
@@ -53,6 +54,91 @@ def _zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
+SCORE_COLUMNS = ("semantic", "variability", "pixel_variance", "random")
+
+
+def _config(args: argparse.Namespace) -> dict:
+    from genunc.config import load_config
+
+    config = load_config(args.config, args.set or [])
+    if config["modality"] != "image":
+        raise SystemExit(f"genunc: modality {config['modality']!r} is not available yet "
+                         "(image is; molecule and text arrive with their reference models)")
+    return config
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from genunc.jobs import image
+
+    config = _config(args)
+    pipe = image.build_pipeline(config, fit_if_missing=False)
+    posterior = image.fit_posterior(pipe, config)
+    for key, value in posterior.summary().items():
+        print(f"{key:>22}: {value}")
+    print(f"saved to {image.posterior_dir(config)}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from genunc.jobs import image
+
+    config = _config(args)
+    export = image.generate(config)
+    print(f"{len(export)} scored samples in {export.directory} (manifest.csv, samples/, run.json)")
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from genunc.export import Export, filter_export
+
+    if args.risk_alpha is not None:
+        from genunc.risk import calibrate_threshold
+
+        if not args.calibration or not args.label:
+            raise SystemExit("genunc: --risk-alpha needs --calibration EXPORT and --label COLUMN")
+        if Path(args.calibration).resolve() == Path(args.export).resolve():
+            raise SystemExit("genunc: calibrate on held-out samples, not on the export you filter")
+        cal = Export(args.calibration)
+        control = calibrate_threshold(cal.column(args.score).astype(float),
+                                      ~cal.column(args.label).astype(bool),
+                                      alpha=args.risk_alpha, delta=args.delta)
+        print(control.describe())
+        args.threshold = control.threshold
+    out = filter_export(args.export, args.out, args.score, fraction=args.fraction, k=args.k,
+                        threshold=args.threshold, group_by=args.best_of,
+                        link="symlink" if args.symlink else "copy")
+    kept = Export(out)
+    print(f"kept {len(kept)} of {kept.metadata['n_source']} samples by '{args.score}' -> {out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from genunc import filtering
+    from genunc.export import Export
+
+    export = Export(args.export)
+    quality = export.column(args.quality).astype(float)
+    names = [c for c in (args.scores.split(",") if args.scores else SCORE_COLUMNS)
+             if all(c in r for r in export.records)]
+    if not names:
+        raise SystemExit("genunc: the export holds none of the requested score columns")
+    print(f"{len(export)} samples in {args.export}; quality column '{args.quality}' "
+          f"(mean {quality.mean():.3f})")
+    print(f"{'score':<16}{'Spearman':>10}{'AUROC':>8}{'AURC':>8}{'q@80%':>8}")
+    curves = {}
+    for name in names:
+        scores = export.column(name).astype(float)
+        stats = filtering.summarize(scores, quality)
+        kept = filtering.keep_fraction(scores, 0.8)
+        print(f"{name:<16}{stats['spearman']:>10.3f}{stats['auroc']:>8.3f}"
+              f"{stats['area_under_retention']:>8.3f}{quality[kept].mean():>8.3f}")
+        curves[name] = filtering.retention_curve(scores, quality)
+    if args.plot:
+        filtering.plot_retention(args.plot, curves, ylabel=f"mean {args.quality} of kept")
+        print(f"retention plot: {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genunc",
@@ -73,6 +159,61 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="outputs/demo", help="output directory")
     demo.set_defaults(func=_demo)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", help="YAML run config (see configs/)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config entry, e.g. --set generate.n_samples=64 (repeatable)")
+
+    fit = sub.add_parser(
+        "fit", help="fit and save the head posterior of a model",
+        description="Fit the Laplace posterior over the model's head and save it.",
+        epilog="example: genunc fit -c configs/digits.yaml --set posterior.structure=kron")
+    with_config(fit)
+    fit.set_defaults(func=_fit)
+
+    gen = sub.add_parser(
+        "generate", help="generate scored samples into an export directory",
+        description="Generate samples with uncertainty scores; writes samples/, manifest.jsonl, "
+        "manifest.csv and run.json.  Re-running after an interruption resumes.",
+        epilog="example: genunc generate -c configs/digits.yaml --set generate.n_samples=512 "
+        "--set generate.out=outputs/digits512")
+    with_config(gen)
+    gen.set_defaults(func=_generate)
+
+    flt = sub.add_parser(
+        "filter", help="keep the least uncertain samples of an export",
+        description="Write a filtered copy of an export (the source is not modified).  One rule: "
+        "--fraction, --k, --threshold, --best-of COLUMN, or --risk-alpha (threshold certified on "
+        "a held-out calibration export).",
+        epilog="examples:\n  genunc filter outputs/export --out outputs/top80 --score semantic "
+        "--fraction 0.8\n  genunc filter outputs/export --out outputs/safe --score semantic "
+        "--risk-alpha 0.05 --calibration outputs/calib --label classifier_agrees",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    flt.add_argument("export", help="export directory to filter")
+    flt.add_argument("--out", required=True, help="new export directory")
+    flt.add_argument("--score", default="semantic", help="score column (lower = keep)")
+    flt.add_argument("--fraction", type=float)
+    flt.add_argument("--k", type=int)
+    flt.add_argument("--threshold", type=float)
+    flt.add_argument("--best-of", metavar="COLUMN", help="keep the best sample per value of COLUMN")
+    flt.add_argument("--risk-alpha", type=float, help="tolerated failure rate among kept samples")
+    flt.add_argument("--delta", type=float, default=0.1, help="risk-control failure probability")
+    flt.add_argument("--calibration", help="export with quality labels for risk control")
+    flt.add_argument("--label", help="quality column: truthy = good sample")
+    flt.add_argument("--symlink", action="store_true", help="symlink sample files instead of copying")
+    flt.set_defaults(func=_filter)
+
+    ev = sub.add_parser(
+        "evaluate", help="how well do the scores rank quality in an export?",
+        description="Spearman, AUROC (quality <= 0.5 counts as failure), area under the retention "
+        "curve and quality of the kept 80%, per score column.",
+        epilog="example: genunc evaluate outputs/export --quality classifier_agrees --plot r.png")
+    ev.add_argument("export")
+    ev.add_argument("--quality", required=True, help="quality column (higher is better)")
+    ev.add_argument("--scores", help="comma-separated score columns (default: all present)")
+    ev.add_argument("--plot", help="write a retention plot here")
+    ev.set_defaults(func=_evaluate)
 
     zoo = sub.add_parser("zoo", help="reference models: train them", description="Reference models.")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)

@@ -133,8 +133,8 @@ def _contact_sheet(path: Path, images: torch.Tensor, labels: torch.Tensor, corre
             ax.imshow(images[i, 0].numpy(), cmap="gray", vmin=-1, vmax=1)
             ax.set_title(str(int(labels[i])), fontsize=6, pad=1,
                          color="black" if correct[i] else "red")
-    fig.suptitle("digits sorted by semantic uncertainty: most certain top-left; "
-                 "title = requested digit (red: classifier disagrees)", fontsize=8)
-    fig.tight_layout(pad=0.2)
+    fig.suptitle("digits sorted by semantic uncertainty, most certain top-left\n"
+                 "title = requested digit (red: the classifier sees another digit)", fontsize=8)
+    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1 - 0.5 / (rows * 0.6 + 0.6)))
     fig.savefig(path, dpi=150)
     plt.close(fig)

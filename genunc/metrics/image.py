@@ -25,7 +25,7 @@ def frechet_distance(real, fake) -> float:
     real, fake = _as2d(real), _as2d(fake)
     mu_r, mu_f = real.mean(0), fake.mean(0)
     s_r, s_f = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_r @ s_f, disp=False)
+    covmean = linalg.sqrtm(s_r @ s_f)
     if not np.isfinite(covmean).all():  # near-singular product: regularise, as FID codes do
         eps = np.eye(s_r.shape[0]) * 1e-6
         covmean = linalg.sqrtm((s_r + eps) @ (s_f + eps))

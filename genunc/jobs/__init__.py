@@ -1,0 +1,1 @@
+"""Config-driven jobs behind the CLI, one module per modality."""
