@@ -145,3 +145,12 @@ def test_writer_refuses_mixed_formats(tmp_path):
         ExportWriter(tmp_path / "e", "png")
     with pytest.raises(GenuncError, match="unknown export format"):
         ExportWriter(tmp_path / "f", "gif")
+
+
+def test_parquet_manifest_when_pyarrow_is_installed(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    with ExportWriter(tmp_path / "e", "json") as writer:
+        for i, rec in enumerate(_records(4)):
+            writer.add(i, {}, rec)
+    table = pq.read_table(tmp_path / "e" / "manifest.parquet").to_pylist()
+    assert [row["semantic"] for row in table] == [r["semantic"] for r in _records(4)]
