@@ -235,8 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; user errors print one line (set GENUNC_DEBUG=1 for the traceback)."""
+    import os
+
+    from genunc.errors import GenuncError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (GenuncError, FileNotFoundError) as err:
+        if os.environ.get("GENUNC_DEBUG"):
+            raise
+        print(f"genunc {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
