@@ -1,0 +1,100 @@
+"""An E(3)-equivariant noise predictor for 3D molecules, built on e3nn.
+
+Input per atom: position (3) and scaled features ``h`` (EDM: one-hot / 4, charge / 10); output:
+the predicted noise on both.  Messages are tensor products of node features with spherical
+harmonics of relative positions, weighted by an MLP of the distance, followed by gated
+nonlinearities.  The output head is an ``o3.Linear`` onto ``1x1o + Kx0e``: linear in its weights
+*and* equivariant for any value of them, so every posterior draw of the head is an equivariant
+denoiser too.  The position noise is made centre-of-mass free after the head (see
+:class:`~genunc.adapters.molecule.MoleculeAdapter.post_head`), which keeps the model translation
+invariant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from e3nn import o3
+from e3nn.math import soft_one_hot_linspace
+from e3nn.nn import FullyConnectedNet, Gate
+from torch import Tensor, nn
+
+
+def remove_mean(x: Tensor, node_mask: Tensor) -> Tensor:
+    """Subtract the masked mean over atoms from ``(..., B, N, 3)`` vectors (padding stays 0)."""
+    mask = node_mask.to(x.dtype).unsqueeze(-1)
+    mean = (x * mask).sum(-2, keepdim=True) / mask.sum(-2, keepdim=True).clamp_min(1)
+    return (x - mean) * mask
+
+
+class _Interaction(nn.Module):
+    """One message-passing layer: TP(node_j, Y(r_ij)) weighted by MLP(|r_ij|), then a gate."""
+
+    def __init__(self, irreps_in: o3.Irreps, irreps_sh: o3.Irreps, scalars: int, vectors: int,
+                 n_radial: int, avg_neighbors: float) -> None:
+        super().__init__()
+        gated = o3.Irreps(f"{vectors}x1o + {vectors}x1e")
+        self.gate = Gate(f"{scalars}x0e", [torch.nn.functional.silu],
+                         f"{2 * vectors}x0e", [torch.sigmoid], gated)
+        self.tp = o3.FullyConnectedTensorProduct(irreps_in, irreps_sh, self.gate.irreps_in,
+                                                 shared_weights=False)
+        self.radial = FullyConnectedNet([n_radial, 64, self.tp.weight_numel], torch.nn.functional.silu)
+        self.self_connection = o3.Linear(irreps_in, self.gate.irreps_out)
+        self.irreps_out = self.gate.irreps_out
+        self.norm = 1.0 / math.sqrt(avg_neighbors)
+
+    def forward(self, h: Tensor, src: Tensor, dst: Tensor, sh: Tensor, radial: Tensor) -> Tensor:
+        messages = self.tp(h[src], sh, self.radial(radial))
+        agg = torch.zeros(h.shape[0], messages.shape[1], dtype=h.dtype, device=h.device)
+        agg.index_add_(0, dst, messages)
+        return self.gate(agg * self.norm) + self.self_connection(h)
+
+
+class EquivariantDenoiser(nn.Module):
+    """``(x (B, N, 3+K), t (B,) in [0, 1], node_mask (B, N)) -> eps (B, N, 3+K)``.
+
+    The head is ``self.head`` (an ``o3.Linear``); positions come out *before* centre-of-mass
+    removal, which the adapter applies.
+    """
+
+    def __init__(self, n_features: int = 6, scalars: int = 48, vectors: int = 12, n_layers: int = 3,
+                 lmax: int = 2, n_radial: int = 16, max_radius: float = 8.0,
+                 avg_neighbors: float = 15.0) -> None:
+        super().__init__()
+        self.config = dict(n_features=n_features, scalars=scalars, vectors=vectors,
+                           n_layers=n_layers, lmax=lmax, n_radial=n_radial,
+                           max_radius=max_radius, avg_neighbors=avg_neighbors)
+        self.n_features = n_features
+        self.n_radial, self.max_radius = n_radial, max_radius
+        self.irreps_sh = o3.Irreps.spherical_harmonics(lmax)
+        self.embed = o3.Linear(f"{n_features + 1}x0e", f"{scalars}x0e")
+        irreps = o3.Irreps(f"{scalars}x0e")
+        layers = []
+        for _ in range(n_layers):
+            layer = _Interaction(irreps, self.irreps_sh, scalars, vectors, n_radial, avg_neighbors)
+            layers.append(layer)
+            irreps = layer.irreps_out
+        self.layers = nn.ModuleList(layers)
+        self.irreps_hidden = irreps
+        self.head = o3.Linear(irreps, f"1x1o + {n_features}x0e")
+
+    def forward(self, x: Tensor, t: Tensor, node_mask: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        mask = node_mask.bool()
+        pos, feats = x[..., :3], x[..., 3:]
+        t_nodes = t.to(x.dtype).reshape(b, 1, 1).expand(b, n, 1)
+        h = self.embed(torch.cat([feats, t_nodes], -1).reshape(b * n, -1))
+        pair = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=x.device)
+        bi, si, di = pair.nonzero(as_tuple=True)
+        src, dst = bi * n + si, bi * n + di
+        flat_pos = pos.reshape(b * n, 3)
+        rel = flat_pos[src] - flat_pos[dst]
+        sh = o3.spherical_harmonics(self.irreps_sh, rel, normalize=True, normalization="component")
+        dist = rel.norm(dim=-1)
+        radial = soft_one_hot_linspace(dist, 0.0, self.max_radius, self.n_radial, basis="smooth_finite",
+                                       cutoff=True) * math.sqrt(self.n_radial)
+        for layer in self.layers:
+            h = layer(h, src, dst, sh, radial)
+        out = self.head(h.reshape(b, n, -1))  # head rows: (B, N) atoms
+        return out * mask.unsqueeze(-1).to(out.dtype)

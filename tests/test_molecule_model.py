@@ -1,0 +1,70 @@
+"""The e3nn denoiser and every posterior draw of its head are E(3)-equivariant."""
+
+import pytest
+import torch
+from e3nn import o3
+
+from genunc.adapters.molecule import MoleculeAdapter, polynomial_alphas2
+from genunc.posterior import HeadPosterior, capture_head
+from genunc.zoo.molecule_model import EquivariantDenoiser
+
+
+def batch(b=3, n=7, k=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[0, 5:] = False
+    mask[1, 6:] = False
+    x = torch.randn(b, n, 3 + k, generator=g) * 1.5 * mask[..., None]
+    return {"x": x, "node_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    torch.manual_seed(0)
+    return MoleculeAdapter(EquivariantDenoiser(n_features=6, scalars=16, vectors=4, n_layers=2))
+
+
+def rotate(x, rotation, shift, mask):
+    pos = (x[..., :3] @ rotation.T + shift) * mask[..., None]
+    return torch.cat([pos, x[..., 3:]], -1)
+
+
+def test_map_and_draws_are_equivariant(adapter):
+    data = batch()
+    post = HeadPosterior.fit(adapter, [data, batch(seed=1)], repeats=2, progress=False)
+    draws = post.sample(3, seed=0)
+    rotation, shift = o3.rand_matrix(), torch.tensor([0.3, -1.0, 2.0])
+    mask, t = data["node_mask"], torch.tensor([10, 500, 900])
+    x_rot = rotate(data["x"], rotation, shift, mask)
+    outs = []
+    for x in (data["x"], x_rot):
+        with torch.no_grad(), capture_head(adapter.head) as record:
+            eps = adapter.denoise(x=x, t=t, node_mask=mask)
+        inputs = {"x": x, "node_mask": mask}
+        drawn = adapter.post_head(post.apply(record.features, draws), inputs)
+        outs.append((eps, drawn))
+    (eps, drawn), (eps_rot, drawn_rot) = outs
+    # positions rotate (no shift: the noise is a displacement), features are invariant
+    torch.testing.assert_close(eps_rot[..., :3], eps[..., :3] @ rotation.T, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(eps_rot[..., 3:], eps[..., 3:], atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(drawn_rot[..., :3], drawn[..., :3] @ rotation.T, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(drawn_rot[..., 3:], drawn[..., 3:], atol=2e-4, rtol=1e-3)
+    assert not torch.allclose(drawn[0], drawn[1])  # the draws do differ
+    # centre-of-mass free and zero on padding, for the MAP and every draw
+    for out in (eps, drawn):
+        pos = out[..., :3] * mask[..., None]
+        assert pos.sum(-2).abs().max() < 1e-4
+        assert out[..., ~mask, :].abs().max() == 0
+
+
+def test_training_pairs_are_centred_and_masked(adapter):
+    pairs = adapter.training_pairs(batch(), torch.Generator().manual_seed(0))
+    mask = pairs.mask
+    assert pairs.target[..., :3].sum(-2).abs().max() < 1e-5
+    assert pairs.target[~mask].abs().max() == 0 and pairs.inputs["x"][~mask].abs().max() == 0
+
+
+def test_schedule_is_monotone_and_bounded():
+    a2 = polynomial_alphas2(1000)
+    assert a2.shape == (1001,) and (a2[1:] <= a2[:-1]).all()
+    assert 0.999 < a2[0] <= 1 and 0 < a2[-1] < 1e-3
