@@ -43,11 +43,19 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
     from genunc.zoo import digits
 
-    if args.model == "digits-classifier":
+    if args.model == "qm9-edm":
+        from genunc.zoo import qm9
+
+        overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size,
+                                       "max_minutes": args.max_minutes}.items() if v}
+        report = qm9.train_qm9(qm9.QM9Recipe(seed=args.seed, **overrides),
+                               args.out or qm9.QM9_DIR, device=args.device)
+    elif args.model == "digits-classifier":
         recipe = digits.ClassifierRecipe(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
         report = digits.train_classifier(recipe, args.out or digits.CLASSIFIER_DIR)
     else:
-        overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v}
+        overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size,
+                                       "max_minutes": args.max_minutes}.items() if v}
         recipe = digits.DDPMRecipe(seed=args.seed, **overrides)
         report = digits.train_ddpm(recipe, args.out or digits.DDPM_DIR, device=args.device)
     print(json.dumps(report, indent=2))
@@ -223,11 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a shipped reference model with its recorded recipe.",
         epilog="example: genunc zoo train digits-ddpm --steps 4000 --batch-size 48",
     )
-    train.add_argument("model", choices=["digits-ddpm", "digits-classifier"])
+    train.add_argument("model", choices=["digits-ddpm", "digits-classifier", "qm9-edm"])
     train.add_argument("--out", help="output directory (default: the package's weights folder)")
-    train.add_argument("--steps", type=int, help="DDPM optimiser steps")
-    train.add_argument("--batch-size", type=int, help="DDPM batch size")
+    train.add_argument("--steps", type=int, help="optimiser steps (diffusion models)")
+    train.add_argument("--batch-size", type=int, help="batch size (diffusion models)")
     train.add_argument("--epochs", type=int, help="classifier epochs")
+    train.add_argument("--max-minutes", type=float,
+                       help="stop after this many minutes, checkpointed; rerun to continue (qm9-edm)")
     train.add_argument("--device", help="torch device (default: cuda if available)")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_zoo_train)

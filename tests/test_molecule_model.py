@@ -68,3 +68,38 @@ def test_schedule_is_monotone_and_bounded():
     a2 = polynomial_alphas2(1000)
     assert a2.shape == (1001,) and (a2[1:] <= a2[:-1]).all()
     assert 0.999 < a2[0] <= 1 and 0 < a2[-1] < 1e-3
+
+
+def test_sampling_with_diffusers_schedulers_stays_centred_and_scores_per_atom(adapter):
+    from genunc.sampling import run_trajectory
+
+    data = batch()
+    post = HeadPosterior.fit(adapter, [data], progress=False)
+    mask = data["node_mask"]
+    x_T = adapter.sample_noise(data["x"].shape, mask, torch.Generator().manual_seed(0))
+    for kind in ("ddpm", "ddim"):
+        out = run_trajectory(adapter, adapter.make_scheduler(kind), post, x_T, {"node_mask": mask},
+                             num_inference_steps=4, trajectory_draws=post.sample(2, seed=1),
+                             variability_draws=post.sample(3, seed=2),
+                             generator=torch.Generator().manual_seed(0))
+        for x in (out.samples, *out.draw_samples):
+            assert x[..., :3].sum(-2).abs().max() < 1e-4  # centre of mass stays at the origin
+            assert x[~mask].abs().max() == 0  # padding stays empty
+        parts = out.variability_per_step
+        assert set(parts) == {"variability", "variability_pos", "variability_type"}
+        assert parts["variability_pos"].shape == (4, 3)
+        torch.testing.assert_close(parts["variability"],
+                                   parts["variability_pos"] + parts["variability_type"])
+        assert (parts["variability_pos"] > 0).all()
+
+
+def test_per_atom_variability_does_not_grow_with_padding(adapter):
+    """Padding must not dilute or inflate the per-atom score."""
+    eps = torch.randn(4, 1, 5, 9)
+    small = {"node_mask": torch.ones(1, 5, dtype=torch.bool)}
+    padded_eps = torch.cat([eps, torch.zeros(4, 1, 3, 9)], dim=2)
+    padded = {"node_mask": torch.cat([small["node_mask"], torch.zeros(1, 3, dtype=torch.bool)], 1)}
+    a, b = adapter.variability(eps, small), adapter.variability(padded_eps, padded)
+    torch.testing.assert_close(a["variability"], b["variability"])
+    expected = eps.double().var(0)[0, :, :3].sum(-1).mean()
+    torch.testing.assert_close(a["variability_pos"][0], expected)

@@ -80,6 +80,18 @@ class DenoiserAdapter(ABC):
         """
         return head_output
 
+    def project(self, x: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+        """Map a sampler state back onto the data's subspace (identity unless constrained).
+
+        Called on ``x_T`` and after every sampler step; molecules remove the centre of mass and
+        zero the padding here, which turns any diffusers scheduler into EDM's sampler.
+        """
+        return x
+
+    def variability(self, eps_draws: Tensor, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Per-sample disagreement of M predictions ``(M, B, ...)``: the mean variance."""
+        return {"variability": eps_draws.double().var(0).flatten(1).mean(1)}
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -42,15 +42,50 @@ class MoleculeAdapter(DenoiserAdapter):
     def __init__(self, model: nn.Module, head_name: str = "head", timesteps: int = 1000) -> None:
         super().__init__(model, head_name)
         self.timesteps = timesteps
-        self.alphas2 = polynomial_alphas2(timesteps)
+        # noise levels t = 0..T-1 are EDM's levels 1..T (level 0 is the data itself)
+        self.alphas_cumprod = polynomial_alphas2(timesteps)[1:]
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        a2 = self.alphas2.to(t.device)[t.long()]
+        a2 = self.alphas_cumprod.to(t.device)[t.long()]
         return a2.sqrt(), (1 - a2).sqrt()
+
+    def make_scheduler(self, kind: str = "ddpm") -> Any:
+        """A diffusers scheduler on this adapter's schedule; with :meth:`project` after each step,
+        DDPM is EDM's ancestral sampler and DDIM (eta = 0) its deterministic counterpart."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        ac = self.alphas_cumprod
+        betas = 1 - ac / torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
+        common = dict(num_train_timesteps=self.timesteps, trained_betas=betas.tolist(),
+                      clip_sample=False, prediction_type="epsilon")
+        if kind == "ddpm":
+            return DDPMScheduler(variance_type="fixed_small", **common)
+        if kind == "ddim":
+            return DDIMScheduler(set_alpha_to_one=True, **common)
+        raise ValueError(f"unknown scheduler kind {kind!r}: ddpm or ddim")
+
+    def project(self, x: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+        mask = inputs["node_mask"].bool()
+        return torch.cat([remove_mean(x[..., :3], mask),
+                          x[..., 3:] * mask.unsqueeze(-1).to(x.dtype)], dim=-1)
+
+    def variability(self, eps_draws: Tensor, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Per-atom variance of the predicted noise across draws, positions and types apart.
+
+        Position variance is summed over x, y, z (rotation invariant), feature variance over the
+        feature channels; both are averaged over the molecule's real atoms, so that large
+        molecules do not look uncertain merely for having more atoms.
+        """
+        var = eps_draws.double().var(0)  # (B, N, 3+K)
+        mask = inputs["node_mask"].to(var.dtype)
+        n_atoms = mask.sum(-1).clamp_min(1)
+        pos = (var[..., :3].sum(-1) * mask).sum(-1) / n_atoms
+        types = (var[..., 3:].sum(-1) * mask).sum(-1) / n_atoms
+        return {"variability": pos + types, "variability_pos": pos, "variability_type": types}
 
     def denoise(self, x: Tensor, t: Tensor, node_mask: Tensor) -> Tensor:
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        out = self.model(x, t.to(x.dtype) / self.timesteps, node_mask)
+        out = self.model(x, (t.to(x.dtype) + 1) / self.timesteps, node_mask)
         return self.post_head(out, {"x": x, "node_mask": node_mask})
 
     def post_head(self, head_output: Tensor, inputs: Mapping[str, Any]) -> Tensor:
@@ -63,9 +98,7 @@ class MoleculeAdapter(DenoiserAdapter):
                      generator: torch.Generator | None = None) -> Tensor:
         """Gaussian noise with centre-of-mass-free positions and zero padding."""
         eps = torch.randn(shape, generator=generator, dtype=torch.float32).to(node_mask.device)
-        mask = node_mask.bool()
-        return torch.cat([remove_mean(eps[..., :3], mask),
-                          eps[..., 3:] * mask.unsqueeze(-1).to(eps.dtype)], dim=-1)
+        return self.project(eps, {"node_mask": node_mask})
 
     def training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
         if not isinstance(batch, Mapping) or "x" not in batch or "node_mask" not in batch:
@@ -76,7 +109,7 @@ class MoleculeAdapter(DenoiserAdapter):
             raise ShapeMismatchError(f"x must be (B, N, 3+K) with node_mask (B, N); got "
                                      f"{tuple(x0.shape)} and {tuple(mask.shape)}")
         b = x0.shape[0]
-        t = torch.randint(0, self.timesteps + 1, (b,), generator=generator).to(self.device)
+        t = torch.randint(0, self.timesteps, (b,), generator=generator).to(self.device)
         eps = self.sample_noise(x0.shape, mask, generator).to(x0.dtype)
         alpha, sigma = self.alpha_sigma(t)
         x0 = torch.cat([remove_mean(x0[..., :3], mask), x0[..., 3:]], dim=-1)

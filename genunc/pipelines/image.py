@@ -219,7 +219,7 @@ class ImageUncertaintyPipeline:
             if chunk_draws is not None:
                 draw_images.append(chunk_draws.cpu())
             if out.variability_per_step is not None:
-                per_step.append(out.variability_per_step.cpu())
+                per_step.append(out.variability_per_step["variability"].cpu())
 
         images_t = torch.cat(images)
         draws_t = torch.cat(draw_images, dim=1) if draw_images else None

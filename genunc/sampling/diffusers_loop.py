@@ -42,7 +42,8 @@ class TrajectoryOutput:
 
     samples: Tensor  # (B, ...) from the MAP head
     draw_samples: Tensor | None = None  # (M, B, ...) from the perturbed heads
-    variability_per_step: Tensor | None = None  # (S, B): mean predicted-noise variance per step
+    #: name -> (S, B) per-step variability (the adapter names the parts, e.g. positions / types)
+    variability_per_step: dict[str, Tensor] | None = None
     backbone_rows: int = 0  # rows pushed through the backbone (cost in units of one sample-step)
     steps: list[int] = field(default_factory=list)
 
@@ -132,13 +133,13 @@ def run_trajectory(
         out = posterior.apply(per_draw, fork_heads, per_draw=True)
         return out.reshape(output.shape).to(output.dtype)
 
-    x = x_T * scheduler.init_noise_sigma
+    x = adapter.project(x_T * scheduler.init_noise_sigma, cond)
     current_cond = cond
     if not include_map:
         groups = len(fork_heads)
         x = repeat_batch(x, groups)
         current_cond = repeat_batch(cond, groups)
-    variability: list[Tensor] = []
+    variability: dict[str, list[Tensor]] = {}
     used_steps: list[int] = []
     rows = 0
     handle = head.register_forward_hook(hook)
@@ -154,11 +155,12 @@ def run_trajectory(
             out = adapter.denoise(x=model_in, t=t_batch, **current_cond)
             rows += x.shape[0]
             if variability_draws is not None and i in vsteps:
-                inputs = {"x": model_in[:batch], "t": t_batch[:batch]}
+                inputs = {"x": model_in[:batch], "t": t_batch[:batch], **cond}
                 eps = adapter.post_head(posterior.apply(state["phi"], variability_draws), inputs)
-                variability.append(eps.double().var(0).flatten(1).mean(1))
+                for name, value in adapter.variability(eps, inputs).items():
+                    variability.setdefault(name, []).append(value)
                 used_steps.append(i)
-            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+            x = adapter.project(scheduler.step(out, t, x, **step_kwargs).prev_sample, current_cond)
     finally:
         handle.remove()
 
@@ -173,7 +175,7 @@ def run_trajectory(
     return TrajectoryOutput(
         samples=samples if samples is not None else draw_samples[0],
         draw_samples=draw_samples,
-        variability_per_step=torch.stack(variability) if variability else None,
+        variability_per_step={k: torch.stack(v) for k, v in variability.items()} or None,
         backbone_rows=rows,
         steps=used_steps,
     )

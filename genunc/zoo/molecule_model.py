@@ -21,6 +21,9 @@ from e3nn.nn import FullyConnectedNet, Gate
 from torch import Tensor, nn
 
 
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+
+
 def remove_mean(x: Tensor, node_mask: Tensor) -> Tensor:
     """Subtract the masked mean over atoms from ``(..., B, N, 3)`` vectors (padding stays 0)."""
     mask = node_mask.to(x.dtype).unsqueeze(-1)
@@ -29,26 +32,42 @@ def remove_mean(x: Tensor, node_mask: Tensor) -> Tensor:
 
 
 class _Interaction(nn.Module):
-    """One message-passing layer: TP(node_j, Y(r_ij)) weighted by MLP(|r_ij|), then a gate."""
+    """One message-passing layer in NequIP's form: a channel-wise ("uvu") tensor product of each
+    neighbour's features with the spherical harmonics of the bond, weighted per channel and path
+    by an MLP of the bond length, mixed by a linear map, then a gated nonlinearity.
+
+    The channel-wise product keeps the per-edge weights to a few hundred numbers; a fully
+    connected product needs tens of thousands per edge and is two orders slower on a CPU.
+    """
 
     def __init__(self, irreps_in: o3.Irreps, irreps_sh: o3.Irreps, scalars: int, vectors: int,
                  n_radial: int, avg_neighbors: float) -> None:
         super().__init__()
-        gated = o3.Irreps(f"{vectors}x1o + {vectors}x1e")
         self.gate = Gate(f"{scalars}x0e", [torch.nn.functional.silu],
-                         f"{2 * vectors}x0e", [torch.sigmoid], gated)
-        self.tp = o3.FullyConnectedTensorProduct(irreps_in, irreps_sh, self.gate.irreps_in,
-                                                 shared_weights=False)
+                         f"{vectors}x0e", [torch.sigmoid], f"{vectors}x1o")
+        wanted = {ir for _, ir in self.gate.irreps_in}
+        mid, instructions = [], []
+        for i, (mul, ir_in) in enumerate(irreps_in):
+            for j, (_, ir_edge) in enumerate(irreps_sh):
+                for ir_out in ir_in * ir_edge:
+                    if ir_out in wanted:
+                        instructions.append((i, j, len(mid), "uvu", True))
+                        mid.append((mul, ir_out))
+        irreps_mid = o3.Irreps(mid)
+        self.tp = o3.TensorProduct(irreps_in, irreps_sh, irreps_mid, instructions,
+                                   shared_weights=False, internal_weights=False)
         self.radial = FullyConnectedNet([n_radial, 64, self.tp.weight_numel], torch.nn.functional.silu)
+        self.mix = o3.Linear(irreps_mid, self.gate.irreps_in)
         self.self_connection = o3.Linear(irreps_in, self.gate.irreps_out)
         self.irreps_out = self.gate.irreps_out
-        self.norm = 1.0 / math.sqrt(avg_neighbors)
+        self.norm = 1.0 / avg_neighbors  # neighbour messages are correlated: average, not sqrt
 
     def forward(self, h: Tensor, src: Tensor, dst: Tensor, sh: Tensor, radial: Tensor) -> Tensor:
         messages = self.tp(h[src], sh, self.radial(radial))
         agg = torch.zeros(h.shape[0], messages.shape[1], dtype=h.dtype, device=h.device)
         agg.index_add_(0, dst, messages)
-        return self.gate(agg * self.norm) + self.self_connection(h)
+        # the 1/sqrt(2) keeps the residual sum at unit scale, so depth does not blow up activations
+        return (self.gate(self.mix(agg * self.norm)) + self.self_connection(h)) * _SQRT_HALF
 
 
 class EquivariantDenoiser(nn.Module):
@@ -58,8 +77,8 @@ class EquivariantDenoiser(nn.Module):
     removal, which the adapter applies.
     """
 
-    def __init__(self, n_features: int = 6, scalars: int = 48, vectors: int = 12, n_layers: int = 3,
-                 lmax: int = 2, n_radial: int = 16, max_radius: float = 8.0,
+    def __init__(self, n_features: int = 6, scalars: int = 64, vectors: int = 16, n_layers: int = 4,
+                 lmax: int = 1, n_radial: int = 16, max_radius: float = 8.0,
                  avg_neighbors: float = 15.0) -> None:
         super().__init__()
         self.config = dict(n_features=n_features, scalars=scalars, vectors=vectors,
