@@ -62,36 +62,48 @@ def _zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
-SCORE_COLUMNS = ("semantic", "variability", "pixel_variance", "random")
+SCORE_COLUMNS = ("semantic", "variability", "variability_pos", "variability_type", "pixel_variance",
+                 "denoising_loss", "random")
 
 
 def _config(args: argparse.Namespace) -> dict:
     from genunc.config import load_config
 
     config = load_config(args.config, args.set or [])
-    if config["modality"] != "image":
+    if config["modality"] not in ("image", "molecule"):
         raise SystemExit(f"genunc: modality {config['modality']!r} is not available yet "
-                         "(image is; molecule and text arrive with their reference models)")
+                         "(image and molecule are; text arrives with its reference model)")
     return config
 
 
-def _fit(args: argparse.Namespace) -> int:
+def _job(config: dict):
+    """The job module of the config's modality (same functions for every modality)."""
+    if config["modality"] == "molecule":
+        from genunc.jobs import molecule
+
+        return molecule
     from genunc.jobs import image
 
+    return image
+
+
+def _fit(args: argparse.Namespace) -> int:
     config = _config(args)
-    pipe = image.build_pipeline(config, fit_if_missing=False)
-    posterior = image.fit_posterior(pipe, config)
+    job = _job(config)
+    if config["modality"] == "molecule":
+        model = job.build_sampler(config, fit_if_missing=False)
+    else:
+        model = job.build_pipeline(config, fit_if_missing=False)
+    posterior = job.fit_posterior(model, config)
     for key, value in posterior.summary().items():
         print(f"{key:>22}: {value}")
-    print(f"saved to {image.posterior_dir(config)}")
+    print(f"saved to {job.posterior_dir(config)}")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from genunc.jobs import image
-
     config = _config(args)
-    export = image.generate(config)
+    export = _job(config).generate(config)
     print(f"{len(export)} scored samples in {export.directory} (manifest.csv, samples/, run.json)")
     return 0
 
@@ -112,6 +124,15 @@ def _filter(args: argparse.Namespace) -> int:
                                       alpha=args.risk_alpha, delta=args.delta)
         print(control.describe())
         args.threshold = control.threshold
+    if Path(args.export).suffix.lower() == ".sdf":
+        from genunc.export.sdf import filter_sdf
+
+        if args.best_of or args.symlink:
+            raise SystemExit("genunc: --best-of and --symlink work on export directories, not SDF files")
+        info = filter_sdf(args.export, args.out, args.score, fraction=args.fraction, k=args.k,
+                          threshold=args.threshold)
+        print(f"kept {info['kept']} of {info['total']} molecules by '{args.score}' -> {args.out}")
+        return 0
     out = filter_export(args.export, args.out, args.score, fraction=args.fraction, k=args.k,
                         threshold=args.threshold, group_by=args.best_of,
                         link="symlink" if args.symlink else "copy")
@@ -191,15 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     flt = sub.add_parser(
         "filter", help="keep the least uncertain samples of an export",
-        description="Write a filtered copy of an export (the source is not modified).  One rule: "
+        description="Write a filtered copy of an export, or of a scored SDF file (the source is "
+        "not modified).  One rule: "
         "--fraction, --k, --threshold, --best-of COLUMN, or --risk-alpha (threshold certified on "
         "a held-out calibration export).",
         epilog="examples:\n  genunc filter outputs/export --out outputs/top80 --score semantic "
         "--fraction 0.8\n  genunc filter outputs/export --out outputs/safe --score semantic "
-        "--risk-alpha 0.05 --calibration outputs/calib --label classifier_agrees",
+        "--risk-alpha 0.05 --calibration outputs/calib --label classifier_agrees\n"
+        "  genunc filter outputs/qm9/export/samples.sdf --out kept.sdf --score variability "
+        "--fraction 0.8",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    flt.add_argument("export", help="export directory to filter")
-    flt.add_argument("--out", required=True, help="new export directory")
+    flt.add_argument("export", help="export directory (or scored .sdf file) to filter")
+    flt.add_argument("--out", required=True, help="new export directory (or .sdf file)")
     flt.add_argument("--score", default="semantic", help="score column (lower = keep)")
     flt.add_argument("--fraction", type=float)
     flt.add_argument("--k", type=int)

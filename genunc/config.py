@@ -13,14 +13,19 @@ from genunc.errors import GenuncError
 
 #: Every key a config may hold, with its default; unknown keys are rejected (typos fail loudly).
 DEFAULTS: dict[str, Any] = {
-    "modality": "image",
-    "model": None,  # zoo:<name> or a path to a diffusers model / pipeline folder
-    "features": "zoo:digits_classifier",  # zoo:digits_classifier | pixels | clip:<path>
-    "quality": None,  # zoo:digits_classifier adds classifier-agreement columns
+    "modality": "image",  # image | molecule
+    "model": None,  # zoo:<name> or a path to a model folder
+    # image: zoo:digits_classifier | pixels | clip:<path>; molecule: descriptors
+    "features": "zoo:digits_classifier",
+    # image: zoo:digits_classifier adds classifier-agreement columns; molecule: edm_metrics adds
+    # atom/molecule stability, RDKit validity and SMILES
+    "quality": None,
     "device": "cpu",
     "posterior": {
         "dir": None,  # default: <model>/genunc_posterior for paths, outputs/<name>/posterior for zoo
-        "data": "zoo:digits_train",  # zoo:digits_train or a .pt / .npy file of images (N, C, H, W)
+        # image: zoo:digits_train or a .pt / .npy file of images (N, C, H, W); molecule: zoo:qm9_train
+        "data": "zoo:digits_train",
+        "max_samples": None,  # molecule: training molecules used (default 2000)
         "structure": "diag",
         "prior_precision": "marglik",
         "sigma_noise": "mle",
@@ -35,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
         "scores": ["semantic", "variability", "pixel_variance"],
         "branch_at": 0,
         "draw_steps": None,
+        "sampler": None,  # molecule: ddpm (EDM's ancestral sampler, default) or ddim
+        "variability_steps": None,  # molecule: step indices where variability is measured (all)
+        "nll_levels": 10,  # molecule: noise levels of the denoising_loss baseline
         "seed": 0,
         "chunk_size": 64,
         "out": "outputs/export",

@@ -86,6 +86,7 @@ def to_rdkit(positions: np.ndarray, types: np.ndarray):
         conformer.SetAtomPosition(i, Point3D(x, y, z))
     mol = mol.GetMol()
     mol.AddConformer(conformer, assignId=True)
+    mol.UpdatePropertyCache(strict=False)  # lets unsanitizable molecules still be written to SDF
     return mol
 
 
