@@ -122,3 +122,32 @@ def test_molecule_cli_fit_generate_filter(qm9_slice, tmp_path, capsys):
     assert main(["filter", str(tmp_path / "export"), "--out", str(tmp_path / "kept"),
                  "--score", "denoising_loss", "--fraction", "0.6"]) == 0
     assert len(Export(tmp_path / "kept")) == 3
+
+
+def test_filter_molecules_example_runs_on_a_tiny_model(qm9_slice, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = EquivariantDenoiser(n_features=6, scalars=8, vectors=2, n_layers=1, lmax=1)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(model_dir / "model.safetensors"))
+    (model_dir / "config.json").write_text(json.dumps({"model": model.config, "timesteps": 40}))
+    (model_dir / "atom_histogram.json").write_text(json.dumps(qm9_slice.atom_count_histogram()))
+    save_cache(qm9_slice, tmp_path / "molecules.npz")
+    example = Path(__file__).parents[1] / "examples" / "filter_molecules.py"
+    run = subprocess.run(
+        [sys.executable, str(example), "--model", str(model_dir), "--posterior-data",
+         str(tmp_path / "molecules.npz"), "--n-fit", "20", "--n", "6", "--draws", "2",
+         "--steps", "3", "--keep", "0.5", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "(3 of 6 records)" in run.stdout and "kept     3 molecules" in run.stdout
+    _, kept = read_sdf_scores(tmp_path / "out" / "kept.sdf", "variability")
+    _, everything = read_sdf_scores(tmp_path / "out" / "export" / "samples.sdf", "variability")
+    np.testing.assert_allclose(np.sort(kept), np.sort(everything)[:3])

@@ -97,18 +97,19 @@ def smiles_if_valid(positions: np.ndarray, types: np.ndarray) -> str | None:
     mol = to_rdkit(positions, types)
     blocker = rdBase.BlockLogs()  # invalid molecules are expected; keep RDKit quiet about them
     try:
-        Chem.SanitizeMol(mol)
-    except Exception:  # RDKit raises several exception types for invalid valences/kekulization
-        return None
+        try:
+            Chem.SanitizeMol(mol)
+        except Exception:  # RDKit raises several exception types for invalid valences/kekulization
+            return None
+        fragments = Chem.GetMolFrags(mol, asMols=True, sanitizeFrags=False)
+        largest = max(fragments, key=lambda m: m.GetNumAtoms())
+        try:  # heavy-atom SMILES, comparable with the dataset's
+            largest = Chem.RemoveHs(largest)
+        except Exception:
+            pass
+        return Chem.MolToSmiles(largest)
     finally:
         del blocker
-    fragments = Chem.GetMolFrags(mol, asMols=True, sanitizeFrags=False)
-    largest = max(fragments, key=lambda m: m.GetNumAtoms())
-    try:  # heavy-atom SMILES, comparable with the dataset's
-        largest = Chem.RemoveHs(largest)
-    except Exception:
-        pass
-    return Chem.MolToSmiles(largest)
 
 
 @dataclass
