@@ -81,6 +81,8 @@ def test_semantic_and_likelihood_baseline_scores(qm9_slice):
         np.testing.assert_array_equal(a.scores[name], b.scores[name])
     # the MAP plus 3 draws, all through the backbone: 4 trajectories of 6 molecules for 4 steps
     assert a.backbone_rows == 4 * 6 * 4
+    assert len(a.draw_molecules) == 3 and all(len(d) == 6 for d in a.draw_molecules)
+    assert [len(t) for _, t in a.draw_molecules[0]] == a.n_atoms.tolist()
 
 
 def test_denoising_loss_matches_direct_computation(qm9_slice):

@@ -88,6 +88,8 @@ class MoleculeOutput:
     seed: int
     backbone_rows: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    #: with the semantic score: the M perturbed generations, ``draw_molecules[m][i]``
+    draw_molecules: list[list[tuple[np.ndarray, np.ndarray]]] | None = None
 
 
 class MoleculeUncertaintySampler:
@@ -182,6 +184,8 @@ class MoleculeUncertaintySampler:
         draws = self.posterior.sample(num_draws, seed=seed) if uses_posterior else None
         device = self.adapter.device
         molecules, parts, rows = [], {}, 0
+        draw_molecules: list[list] | None = [[] for _ in range(num_draws)] \
+            if "semantic" in scores else None
         timings = {"generation": 0.0, "denoising_loss": 0.0}
         for start in tqdm(range(0, num_molecules, chunk_size), desc="molecules",
                           disable=not progress):
@@ -203,6 +207,8 @@ class MoleculeUncertaintySampler:
                 parts.setdefault(name, []).append(aggregate_variability(per_step))
             if "semantic" in scores:
                 generations = [chunk_molecules] + [decode(d, mask) for d in out.draw_samples]
+                for m, generation in enumerate(generations[1:]):
+                    draw_molecules[m] += generation
                 feats = np.stack([features_of(gen) for gen in generations])
                 parts.setdefault("semantic", []).append(gaussian_entropy(feats))
             if "denoising_loss" in scores:
@@ -213,4 +219,5 @@ class MoleculeUncertaintySampler:
         result = {name: np.concatenate(values) for name, values in parts.items()}
         if "random" in scores:
             result["random"] = random_scores(num_molecules, seed)
-        return MoleculeOutput(molecules, result, masks.sum(1).numpy(), seed, rows, timings)
+        return MoleculeOutput(molecules, result, masks.sum(1).numpy(), seed, rows, timings,
+                              draw_molecules)

@@ -1,0 +1,134 @@
+"""Adapter for masked-diffusion language models (LLaDA-, MDLM- and Dream-style).
+
+Such a model is called as ``model(input_ids)`` (optionally with a time argument) and returns
+logits ``(B, L, V)`` from an ``nn.Linear`` vocabulary head.  Three interface details differ
+between model families, and the adapter absorbs them:
+
+* **mask id**: the absorbing state; never a valid prediction, so its logit is removed.
+* **time conditioning** (MDLM): the model also takes the masked fraction ``t``.
+* **logit shift** (Dream): the logit at position ``i`` predicts token ``i + 1`` (the model was
+  initialised from an autoregressive LM); the adapter shifts logits right by one so that
+  position ``i``'s logits always describe token ``i``.
+
+Tied heads (vocabulary head sharing its weight with the input embedding) are untied by
+cloning the weight at construction: a posterior draw of the head must never move the embedding.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from genunc.adapters.base import TrainingPairs
+from genunc.adapters.generic import MaskedTokenAdapter
+from genunc.errors import GenuncError, ShapeMismatchError
+
+
+def shared_parameters(model: nn.Module, module: nn.Module) -> list[str]:
+    """Names of parameters outside ``module`` that are (or share storage with) its parameters."""
+    inside = {id(p) for p in module.parameters()}
+    storage = {p.data_ptr() for p in module.parameters()}
+    module_names = {name for name, m in model.named_modules() if m is module}
+    tied = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        if owner in module_names:
+            continue
+        if id(p) in inside or p.data_ptr() in storage:
+            tied.append(name)
+    return tied
+
+
+class MaskedDiffusionLMAdapter(MaskedTokenAdapter):
+    """A masked-diffusion LM with an ``nn.Linear`` head.
+
+    Batches are dicts with ``x`` ``(B, L)`` token ids and optionally ``prompt_mask`` ``(B, L)``
+    (True where the token is given and never masked), or plain ``(B, L)`` tensors.
+    """
+
+    def __init__(self, model: nn.Module, head_name: str, mask_id: int, *,
+                 time_conditioning: bool = False, logit_shift: bool = False,
+                 untie_head: bool = True, call: Callable[..., Tensor] | None = None) -> None:
+        super().__init__(model, head_name, mask_id, call)
+        if not isinstance(self.head, nn.Linear):
+            raise GenuncError(f"the text adapter expects an nn.Linear vocabulary head; "
+                              f"'{head_name}' is a {type(self.head).__name__}")
+        self.time_conditioning = time_conditioning
+        self.logit_shift = logit_shift
+        tied = shared_parameters(model, self.head)
+        if tied:
+            if not untie_head:
+                raise GenuncError(f"the head shares weights with {tied}; pass untie_head=True")
+            self.head.weight = nn.Parameter(self.head.weight.detach().clone(),
+                                            requires_grad=self.head.weight.requires_grad)
+            warnings.warn(f"untied the head '{head_name}' from {tied} (cloned its weight) so that "
+                          "posterior draws of the head leave the embedding alone", stacklevel=2)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head.out_features
+
+    def masked_fraction(self, x: Tensor) -> Tensor:
+        return (x == self.mask_id).float().mean(-1)
+
+    def denoise(self, x: Tensor, **kwargs: Any) -> Tensor:
+        if self.time_conditioning:
+            kwargs.setdefault("t", self.masked_fraction(x))
+        out = self.call(self.model, x, **kwargs)
+        return self.post_head(out, {"x": x})
+
+    def post_head(self, head_output: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+        """Shift (Dream) and forbid the mask token; broadcasts over a leading draw axis."""
+        out = head_output
+        if self.logit_shift:
+            out = torch.cat([out[..., :1, :], out[..., :-1, :]], dim=-2)
+        out = out.clone()
+        out[..., self.mask_id] = torch.finfo(out.dtype).min
+        return out
+
+    def training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
+        if isinstance(batch, Mapping):
+            x0 = batch["x"].long()
+            fixed = batch.get("prompt_mask")
+        else:
+            x0, fixed = torch.as_tensor(batch).long(), None
+        if x0.dim() != 2:
+            raise ShapeMismatchError(f"token batches are (B, L), got {tuple(x0.shape)}")
+        b, length = x0.shape
+        free = torch.ones_like(x0, dtype=torch.bool) if fixed is None else ~fixed.bool()
+        if not free.any(-1).all():
+            raise GenuncError("every sequence needs at least one maskable (non-prompt) position")
+        t = torch.rand(b, 1, generator=generator).clamp_min(1.0 / length)
+        masked = (torch.rand(b, length, generator=generator) < t) & free
+        # at least one masked position per sequence, chosen among the free ones
+        pick = torch.multinomial(free.float(), 1, generator=generator).squeeze(1)
+        masked[torch.arange(b), pick] = True
+        x_t = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
+        inputs: dict[str, Any] = {"x": x_t.to(self.device)}
+        if self.time_conditioning:
+            inputs["t"] = self.masked_fraction(x_t).to(self.device)
+        target, rows = x0, masked
+        if self.logit_shift:  # head row i predicts token i + 1
+            target = torch.cat([x0[:, 1:], x0[:, -1:]], dim=1)
+            rows = torch.cat([masked[:, 1:], torch.zeros_like(masked[:, :1])], dim=1)
+            if not rows.any(-1).all():
+                raise GenuncError("with logit_shift the first position cannot be predicted; "
+                                  "keep it in the prompt")
+        return TrainingPairs(inputs=inputs, target=target.to(self.device), mask=rows.to(self.device))
+
+
+def check_layout(generate_mask: Tensor) -> Sequence[int]:
+    """Columns to generate; every row must generate the same columns (prompts of equal length)."""
+    if generate_mask.dim() != 2:
+        raise ShapeMismatchError(f"generate_mask must be (B, L), got {tuple(generate_mask.shape)}")
+    if not (generate_mask == generate_mask[:1]).all():
+        raise GenuncError("all sequences in a batch must generate the same positions; pad prompts "
+                          "to a common length")
+    cols = torch.nonzero(generate_mask[0]).squeeze(1).tolist()
+    if not cols:
+        raise GenuncError("nothing to generate: generate_mask is all False")
+    return cols

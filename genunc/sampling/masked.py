@@ -1,0 +1,238 @@
+"""Unmasking samplers for masked-diffusion LMs, with head draws and commit-time uncertainty.
+
+Every sampler fills the masked positions of ``x`` block by block (semi-autoregressive, LLaDA);
+within a block, each step runs the backbone once and commits some masked positions:
+
+* ``random``: ``k`` random positions per step (the plain reverse process);
+* ``low_confidence``: the ``k`` positions whose chosen token is most probable (LLaDA);
+* ``threshold``: every position whose confidence exceeds ``threshold``, at least one (Fast-dLLM's
+  parallel decoding), so easy blocks take fewer steps;
+* ``remask``: as ``threshold``, and tokens committed earlier in the block are re-masked when
+  their confidence, re-checked with the block's own drafts hidden, falls below
+  ``remask_threshold`` (WINO's draft-and-verify).  The check rides in the same backbone call
+  as extra rows, so it costs rows but no extra function evaluation.
+
+``k`` follows LLaDA's schedule: a block of ``n`` positions and ``s`` steps commits ``n // s``
+tokens per step, the remainder spread over the first steps.  ``temperature`` samples tokens
+(Gumbel-max; 0 = greedy); ``position_temperature`` adds Gumbel noise to the log-confidence
+used for ranking positions.
+
+Uncertainty, at no extra backbone cost: the head's input features are captured by a hook, the M
+head draws are applied to them in one op, and for each position the epistemic mutual
+information of the draws is recorded *at the step it is committed*, with the MAP's confidence,
+margin and self-certainty.  With ``trajectory_draws`` the MAP and each draw also generate a full
+sequence of their own from the same randomness (one batch of (M+1)·B rows), for the semantic
+score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from genunc.adapters.text import MaskedDiffusionLMAdapter, check_layout
+from genunc.errors import GenuncError
+from genunc.posterior.draws import HeadDraws
+from genunc.posterior.laplace_head import HeadPosterior
+from genunc.scores.tokens import confidence, margin, mutual_information, self_certainty
+
+Strategy = Literal["random", "low_confidence", "threshold", "remask"]
+STRATEGIES = ("random", "low_confidence", "threshold", "remask")
+TOKEN_STATS = ("confidence", "margin", "self_certainty", "mutual_information")
+
+
+@dataclass
+class UnmaskingConfig:
+    """How to unmask.  ``steps`` is the total over all blocks for ``random`` / ``low_confidence``;
+    ``threshold`` / ``remask`` stop a block when it is full (at most ``max_steps_per_block``)."""
+
+    strategy: Strategy = "low_confidence"
+    steps: int | None = None  # default: one token per step
+    block_length: int | None = None  # default: one block
+    threshold: float = 0.9
+    remask_threshold: float = 0.3
+    temperature: float = 0.0
+    position_temperature: float = 0.0
+    max_steps_per_block: int | None = None  # threshold/remask safety cap (default: 2 x block)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise GenuncError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
+        if self.steps is not None and self.steps < 1:
+            raise GenuncError(f"steps must be >= 1, got {self.steps}")
+        if self.block_length is not None and self.block_length < 1:
+            raise GenuncError(f"block_length must be >= 1, got {self.block_length}")
+        if not 0 <= self.threshold <= 1:
+            raise GenuncError(f"threshold must lie in [0, 1], got {self.threshold}")
+        if self.strategy == "remask" and not 0 <= self.remask_threshold <= self.threshold:
+            raise GenuncError("remasking needs 0 <= remask_threshold <= threshold")
+        if self.temperature < 0 or self.position_temperature < 0:
+            raise GenuncError("temperatures must be non-negative")
+
+
+@dataclass
+class UnmaskingOutput:
+    tokens: Tensor  # (B, L) from the MAP head
+    generated: Tensor  # (B, L) bool: the positions the sampler filled
+    nfe: int  # backbone calls (function evaluations)
+    backbone_rows: int  # rows pushed through the backbone, summed over calls
+    #: per position, recorded at commit time from the MAP logits (and the draws, for MI)
+    token_stats: dict[str, Tensor] = field(default_factory=dict)
+    draw_tokens: Tensor | None = None  # (M, B, L) with trajectory_draws
+    commit_step: Tensor | None = None  # (B, L) step index at which each position was (last) filled
+
+
+def _blocks(cols: list[int], block_length: int | None) -> list[list[int]]:
+    size = block_length or len(cols)
+    return [cols[i : i + size] for i in range(0, len(cols), size)]
+
+
+def _schedule(n: int, steps: int) -> list[int]:
+    """LLaDA's tokens-per-step for a block of n positions and `steps` steps."""
+    steps = max(1, min(steps, n))
+    base, extra = divmod(n, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+def _gumbel(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
+    u = torch.rand(shape, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    return -torch.log(-torch.log(u))
+
+
+@torch.no_grad()
+def unmask(
+    adapter: MaskedDiffusionLMAdapter,
+    x: Tensor,
+    config: UnmaskingConfig | None = None,
+    *,
+    posterior: HeadPosterior | None = None,
+    mi_draws: HeadDraws | None = None,
+    trajectory_draws: HeadDraws | None = None,
+    generator: torch.Generator | None = None,
+) -> UnmaskingOutput:
+    """Fill every ``mask_id`` position of ``x`` ``(B, L)``; see the module docstring."""
+    config = config or UnmaskingConfig()
+    if (mi_draws is not None or trajectory_draws is not None) and posterior is None:
+        raise GenuncError("head draws need a posterior")
+    if mi_draws is not None and len(mi_draws) < 2:
+        raise GenuncError("mutual information compares draws: it needs num_draws >= 2")
+    device = adapter.device
+    x = x.to(device).long()
+    b, length = x.shape
+    generate_mask = x == adapter.mask_id
+    cols = list(check_layout(generate_mask.cpu()))
+    blocks = _blocks(cols, config.block_length)
+    total_steps = config.steps or len(cols)
+    steps_per_block = [max(1, round(total_steps * len(bl) / len(cols))) for bl in blocks]
+
+    groups = 1 + (len(trajectory_draws) if trajectory_draws is not None else 0)
+    heads = posterior.map_draws().cat(trajectory_draws).to(device) if groups > 1 else None
+    state: dict[str, Tensor | None] = {"phi": None}
+
+    def hook(module, args, output):
+        phi = args[0]
+        state["phi"] = phi[:b]
+        if heads is None:
+            return None
+        # rows are [set][group][sequence]: set 1 holds the remask verification copies
+        sets = phi.shape[0] // (groups * b)
+        rest = phi.shape[1:]
+        per_group = phi.reshape(sets, groups, b, *rest).transpose(0, 1).reshape(groups, sets * b, *rest)
+        out = posterior.apply(per_group, heads, per_draw=True)
+        out = out.reshape(groups, sets, b, *out.shape[2:]).transpose(0, 1)
+        return out.reshape(output.shape).to(output.dtype)
+
+    xs = x.repeat(groups, 1)
+    stats = {name: torch.zeros(b, length, dtype=torch.float64, device=device) for name in TOKEN_STATS}
+    commit_step = torch.full((b, length), -1, dtype=torch.long, device=device)
+    filled_by_sampler = torch.zeros_like(xs, dtype=torch.bool)
+    nfe = rows = 0
+    handle = adapter.head.register_forward_hook(hook)
+    try:
+        for block, block_steps in zip(blocks, steps_per_block):
+            in_block = torch.zeros(length, dtype=torch.bool, device=device)
+            in_block[block] = True
+            schedule = _schedule(len(block), block_steps)
+            cap = config.max_steps_per_block or 2 * len(block)
+            step = 0
+            while True:
+                masked = (xs == adapter.mask_id) & in_block
+                if not masked.any():
+                    break
+                verify = config.strategy == "remask" and step > 0 and step < cap - 1
+                inputs = xs
+                if verify:  # the same rows with this block's drafts hidden again
+                    drafts = filled_by_sampler & in_block
+                    inputs = torch.cat([xs, xs.masked_fill(drafts, adapter.mask_id)], 0)
+                logits_all = adapter.denoise(inputs)
+                nfe += 1
+                rows += inputs.shape[0]
+                logits = logits_all[: groups * b].double()
+                # randomness shared by the MAP and every draw: same noise, repeated per group
+                if config.temperature > 0:
+                    noise = _gumbel((b, length, logits.shape[-1]), generator).to(device)
+                    tokens = (logits / config.temperature + noise.repeat(groups, 1, 1)).argmax(-1)
+                else:
+                    tokens = logits.argmax(-1)
+                conf = confidence(logits, tokens)
+                if config.strategy == "random":
+                    rank = torch.rand(b, length, generator=generator, dtype=torch.float64)
+                    rank = rank.to(device).repeat(groups, 1)
+                else:
+                    rank = conf.clamp_min(1e-300).log()
+                    if config.position_temperature > 0:
+                        pos_noise = _gumbel((b, length), generator).to(device).repeat(groups, 1)
+                        rank = rank + config.position_temperature * pos_noise
+                rank = rank.masked_fill(~masked, -torch.inf)
+                if config.strategy in ("random", "low_confidence") and step < len(schedule) - 1:
+                    k = schedule[step]
+                    chosen = torch.zeros_like(masked)
+                    top = rank.topk(k, dim=-1).indices
+                    chosen.scatter_(1, top, True)
+                    commit = chosen & masked
+                elif config.strategy in ("random", "low_confidence"):
+                    commit = masked  # last scheduled step: fill the rest of the block
+                elif step >= cap - 1:
+                    commit = masked  # safety cap reached: fill the rest
+                else:
+                    commit = masked & (conf > config.threshold)
+                    best = rank.argmax(-1, keepdim=True)
+                    has_masked = masked.any(-1, keepdim=True)
+                    commit.scatter_(1, best, has_masked | commit.gather(1, best))
+                    commit &= masked
+                # record commit-time statistics for the MAP rows
+                map_commit = commit[:b]
+                map_logits = logits[:b]
+                values = {"confidence": conf[:b], "margin": margin(map_logits),
+                          "self_certainty": self_certainty(map_logits)}
+                if mi_draws is not None:
+                    head_out = posterior.apply(state["phi"], mi_draws)
+                    draws_logits = adapter.post_head(head_out, {"x": xs[:b]})
+                    values["mutual_information"] = mutual_information(draws_logits)
+                for name, value in values.items():
+                    stats[name] = torch.where(map_commit, value.to(torch.float64), stats[name])
+                commit_step = torch.where(map_commit, torch.full_like(commit_step, step), commit_step)
+                xs = torch.where(commit, tokens, xs)
+                if verify:
+                    check = logits_all[groups * b :].double()
+                    check_conf = confidence(check, xs)
+                    remask = drafts & ~commit & (check_conf < config.remask_threshold)
+                    xs = xs.masked_fill(remask, adapter.mask_id)
+                    filled_by_sampler &= ~remask
+                filled_by_sampler |= commit
+                step += 1
+    finally:
+        handle.remove()
+
+    if not (xs != adapter.mask_id).all():
+        raise GenuncError("internal error: the sampler left masked positions")  # pragma: no cover
+    grouped = xs.reshape(groups, b, length)
+    return UnmaskingOutput(
+        tokens=grouped[0], generated=generate_mask, nfe=nfe, backbone_rows=rows,
+        token_stats=stats if mi_draws is not None else
+        {k: v for k, v in stats.items() if k != "mutual_information"},
+        draw_tokens=grouped[1:] if groups > 1 else None, commit_step=commit_step,
+    )

@@ -1,0 +1,77 @@
+"""Token-level uncertainty for masked-diffusion language models, and its per-sequence aggregates.
+
+``mutual_information`` is the epistemic part of the predictive entropy under the head posterior,
+``H[E_m p_m] - E_m H[p_m]`` (Houlsby et al.'s BALD): zero when every draw predicts the same
+distribution, large when the draws disagree.  The other functions are the baselines users compare
+against, computed from the MAP logits alone: confidence of the committed token, the margin
+between the two most likely tokens, and self-certainty (Kang et al., 2025: the KL divergence from
+the uniform distribution to the prediction; higher = more certain).
+
+Per-sequence scores follow genunc's convention (lower = more certain = keep), so confidence,
+margin and self-certainty enter with a minus sign.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from genunc.errors import GenuncError, ShapeMismatchError
+
+Aggregate = Literal["mean", "max", "sum"]
+
+
+def entropy(log_probs: Tensor) -> Tensor:
+    """Entropy over the last axis of log-probabilities (nats)."""
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def mutual_information(logits_draws: Tensor) -> Tensor:
+    """``(M, ..., V)`` logits of M head draws -> ``(...)`` mutual information in nats (float64).
+
+    Computed in float64 with log-sum-exp, so identical draws give exactly zero up to rounding
+    and the result is clamped at 0 against the last bits of cancellation.
+    """
+    if logits_draws.dim() < 2 or logits_draws.shape[0] < 1:
+        raise ShapeMismatchError(f"logits must be (M draws, ..., V), got {tuple(logits_draws.shape)}")
+    log_p = torch.log_softmax(logits_draws.double(), dim=-1)
+    m = log_p.shape[0]
+    log_mean = torch.logsumexp(log_p, dim=0) - math.log(m)
+    return (entropy(log_mean) - entropy(log_p).mean(0)).clamp_min(0.0)
+
+
+def confidence(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Probability of ``tokens`` under ``logits`` (``(..., V)`` and ``(...)``)."""
+    return torch.softmax(logits.double(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def margin(logits: Tensor) -> Tensor:
+    """Top-1 minus top-2 probability."""
+    top2 = torch.softmax(logits.double(), -1).topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def self_certainty(logits: Tensor) -> Tensor:
+    """``KL(U || p) = -log V - mean_v log p_v``: 0 for a uniform prediction, larger when peaked."""
+    log_p = torch.log_softmax(logits.double(), -1)
+    return -math.log(log_p.shape[-1]) - log_p.mean(-1)
+
+
+def aggregate(values: Tensor, mask: Tensor, how: Aggregate = "mean") -> Tensor:
+    """Reduce per-position values ``(B, L)`` over the positions in ``mask`` ``(B, L)``."""
+    if values.shape != mask.shape:
+        raise ShapeMismatchError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} differ")
+    mask = mask.bool()
+    if not mask.any(-1).all():
+        raise GenuncError("every sequence needs at least one position to aggregate over")
+    v = values.double()
+    if how == "mean":
+        return (v * mask).sum(-1) / mask.sum(-1)
+    if how == "sum":
+        return (v * mask).sum(-1)
+    if how == "max":
+        return v.masked_fill(~mask, -math.inf).max(-1).values
+    raise GenuncError(f"unknown aggregate {how!r}: mean, max or sum")

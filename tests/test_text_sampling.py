@@ -1,0 +1,171 @@
+"""Masked-diffusion LM adapter, unmasking samplers and token-level mutual information."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from genunc.adapters.text import MaskedDiffusionLMAdapter
+from genunc.errors import GenuncError
+from genunc.posterior import HeadPosterior
+from genunc.sampling.masked import UnmaskingConfig, unmask
+from genunc.scores.tokens import aggregate, mutual_information, self_certainty
+from genunc.zoo.text_model import MaskedDiffusionTransformer
+
+V, MASK, L, PROMPT = 12, 11, 10, 4
+
+
+def tiny_model(**kwargs):
+    torch.manual_seed(0)
+    return MaskedDiffusionTransformer(V, L, d_model=16, n_layers=1, n_heads=2, **kwargs).eval()
+
+
+def prompts(b=3):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 10, (b, L), generator=g)
+    x[:, PROMPT:] = MASK
+    return x
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    adapter = MaskedDiffusionLMAdapter(tiny_model(), "head", MASK)
+    g = torch.Generator().manual_seed(2)
+    data = torch.randint(0, 10, (40, L), generator=g)
+    prompt_mask = torch.zeros(40, L, dtype=torch.bool)
+    prompt_mask[:, :PROMPT] = True
+    batches = [{"x": data[i : i + 20], "prompt_mask": prompt_mask[i : i + 20]} for i in (0, 20)]
+    posterior = HeadPosterior.fit(adapter, batches, progress=False)
+    return adapter, posterior
+
+
+CONFIGS = [
+    UnmaskingConfig("random"),
+    UnmaskingConfig("low_confidence", steps=3, block_length=4),
+    UnmaskingConfig("low_confidence", temperature=1.0, position_temperature=0.5),
+    UnmaskingConfig("threshold", threshold=0.05, block_length=3),
+    UnmaskingConfig("remask", threshold=0.1, remask_threshold=0.09, block_length=3),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.strategy}-{c.block_length}-{c.temperature}")
+def test_every_sampler_fills_all_masks_and_keeps_the_prompt(fitted, config):
+    adapter, posterior = fitted
+    x = prompts()
+    out = unmask(adapter, x, config, posterior=posterior, mi_draws=posterior.sample(3, seed=0),
+                 generator=torch.Generator().manual_seed(0))
+    assert out.tokens.shape == x.shape
+    assert (out.tokens != MASK).all()
+    assert torch.equal(out.tokens[:, :PROMPT], x[:, :PROMPT])
+    assert (out.commit_step[:, PROMPT:] >= 0).all() and (out.commit_step[:, :PROMPT] == -1).all()
+    assert set(out.token_stats) == {"confidence", "margin", "self_certainty", "mutual_information"}
+    assert (out.token_stats["mutual_information"][:, PROMPT:] >= 0).all()
+    assert out.nfe >= 1
+
+
+def test_step_counts(fitted):
+    adapter, _ = fitted
+    x = prompts()
+    one_per_step = unmask(adapter, x, UnmaskingConfig("low_confidence"))
+    assert one_per_step.nfe == L - PROMPT
+    scheduled = unmask(adapter, x, UnmaskingConfig("low_confidence", steps=2))
+    assert scheduled.nfe == 2
+    parallel = unmask(adapter, x, UnmaskingConfig("threshold", threshold=0.05))
+    assert parallel.nfe < one_per_step.nfe
+    blocks = unmask(adapter, x, UnmaskingConfig("threshold", threshold=0.0, block_length=2))
+    assert blocks.nfe == math.ceil((L - PROMPT) / 2)  # threshold 0 fills a block per call
+    # an untrained model is never 90% sure: one token per step, and re-checked drafts under 85%
+    # go back to the mask, so blocks run until the cap (2 x block length) and then fill up
+    remask = unmask(adapter, x, UnmaskingConfig("remask", threshold=0.9, remask_threshold=0.85,
+                                                  block_length=3))
+    assert L - PROMPT < remask.nfe <= 2 * 2 * 3
+    assert remask.backbone_rows > remask.nfe * x.shape[0]  # verification rows ride along
+
+
+def test_same_seed_same_output(fitted):
+    adapter, posterior = fitted
+    config = UnmaskingConfig("random", temperature=0.8, position_temperature=1.0)
+    runs = [unmask(adapter, prompts(), config, posterior=posterior,
+                   mi_draws=posterior.sample(3, seed=5), generator=torch.Generator().manual_seed(9))
+            for _ in range(2)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    for name in runs[0].token_stats:
+        assert torch.equal(runs[0].token_stats[name], runs[1].token_stats[name])
+    other = unmask(adapter, prompts(), config, generator=torch.Generator().manual_seed(10))
+    assert not torch.equal(other.tokens, runs[0].tokens)
+
+
+def test_trajectory_draws_share_randomness_with_the_map(fitted):
+    adapter, posterior = fitted
+    config = UnmaskingConfig("low_confidence", temperature=1.0, block_length=3)
+    plain = unmask(adapter, prompts(), config, generator=torch.Generator().manual_seed(4))
+    forked = unmask(adapter, prompts(), config, posterior=posterior,
+                    trajectory_draws=posterior.sample(4, seed=1),
+                    generator=torch.Generator().manual_seed(4))
+    assert torch.equal(forked.tokens, plain.tokens)  # the MAP row is unaffected by the draws
+    assert forked.draw_tokens.shape == (4, 3, L) and (forked.draw_tokens != MASK).all()
+    assert forked.nfe == plain.nfe and forked.backbone_rows == 5 * plain.backbone_rows
+
+
+def test_mutual_information_closed_forms():
+    logits = torch.randn(5, 7)
+    same = logits.expand(4, 5, 7)
+    torch.testing.assert_close(mutual_information(same), torch.zeros(5, dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+    draws = torch.randn(3, 5, 7)
+    p = torch.softmax(draws.double(), -1).numpy()
+    mean = p.mean(0)
+    direct = -(mean * np.log(mean)).sum(-1) + (p * np.log(p)).sum(-1).mean(0)
+    np.testing.assert_allclose(mutual_information(draws).numpy(), direct, rtol=1e-10)
+    # two draws that are certain of different tokens: MI = log 2
+    sharp = torch.tensor([[[50.0, 0.0]], [[0.0, 50.0]]])
+    assert mutual_information(sharp).item() == pytest.approx(math.log(2), rel=1e-9)
+    assert self_certainty(torch.zeros(2, 9)).abs().max() < 1e-12
+
+
+def test_aggregate():
+    values = torch.tensor([[1.0, 2.0, 9.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert aggregate(values, mask, "mean").tolist() == [1.5, 4.0]
+    assert aggregate(values, mask, "max").tolist() == [2.0, 4.0]
+    with pytest.raises(GenuncError, match="at least one"):
+        aggregate(values, torch.zeros_like(mask))
+
+
+def test_tied_head_is_untied_and_logit_shift_aligns_targets():
+    model = tiny_model(tie_head=True)
+    assert model.head.weight is model.embed.weight
+    with pytest.warns(UserWarning, match="untied"):
+        adapter = MaskedDiffusionLMAdapter(model, "head", MASK, logit_shift=True)
+    assert model.head.weight is not model.embed.weight
+    torch.testing.assert_close(model.head.weight, model.embed.weight)
+    x0 = prompts(4)
+    x0[:, PROMPT:] = torch.arange(L - PROMPT)
+    prompt_mask = torch.zeros_like(x0, dtype=torch.bool)
+    prompt_mask[:, :PROMPT] = True
+    pairs = adapter.training_pairs({"x": x0, "prompt_mask": prompt_mask},
+                                   torch.Generator().manual_seed(0))
+    # head row i is asked for token i + 1, and only where that token was masked
+    masked = pairs.inputs["x"] == MASK
+    assert torch.equal(pairs.mask[:, :-1], masked[:, 1:])
+    assert torch.equal(pairs.target[:, :-1], x0[:, 1:])
+    logits = adapter.denoise(pairs.inputs["x"])
+    raw = model(pairs.inputs["x"]).logits
+    torch.testing.assert_close(logits[:, 1:, :MASK], raw[:, :-1, :MASK])
+    assert (logits[..., MASK] < -1e30).all()
+
+
+def test_bad_inputs(fitted):
+    adapter, posterior = fitted
+    x = prompts()
+    ragged = x.clone()
+    ragged[0, PROMPT] = 3
+    with pytest.raises(GenuncError, match="same positions"):
+        unmask(adapter, ragged)
+    with pytest.raises(GenuncError, match="num_draws >= 2"):
+        unmask(adapter, x, posterior=posterior, mi_draws=posterior.sample(1))
+    with pytest.raises(GenuncError, match="unknown strategy"):
+        UnmaskingConfig("greedy")
+    with pytest.raises(GenuncError, match="nn.Linear"):
+        MaskedDiffusionLMAdapter(tiny_model(), "blocks", MASK)
