@@ -43,7 +43,13 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
     from genunc.zoo import digits
 
-    if args.model == "qm9-edm":
+    if args.model == "arith-mdlm":
+        from genunc.zoo import arith
+
+        overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v}
+        report = arith.train_arith(arith.ArithRecipe(seed=args.seed, **overrides),
+                                   args.out or arith.ARITH_DIR, device=args.device)
+    elif args.model == "qm9-edm":
         from genunc.zoo import qm9
 
         overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size,
@@ -255,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a shipped reference model with its recorded recipe.",
         epilog="example: genunc zoo train digits-ddpm --steps 4000 --batch-size 48",
     )
-    train.add_argument("model", choices=["digits-ddpm", "digits-classifier", "qm9-edm"])
+    train.add_argument("model", choices=["digits-ddpm", "digits-classifier", "qm9-edm", "arith-mdlm"])
     train.add_argument("--out", help="output directory (default: the package's weights folder)")
     train.add_argument("--steps", type=int, help="optimiser steps (diffusion models)")
     train.add_argument("--batch-size", type=int, help="batch size (diffusion models)")

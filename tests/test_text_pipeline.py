@@ -1,0 +1,82 @@
+"""The text sampler end to end on a tiny untrained model of the arithmetic task."""
+
+import numpy as np
+import pytest
+import torch
+
+from genunc.errors import GenuncError
+from genunc.pipelines.text import TextUncertaintySampler, one_hot_answer
+from genunc.sampling.masked import UnmaskingConfig
+from genunc.scores import gaussian_entropy
+from genunc.tasks import ArithmeticTask
+from genunc.zoo.arith import save_model
+from genunc.zoo.text_model import MaskedDiffusionTransformer
+
+TASK = ArithmeticTask("*", 2)
+
+
+@pytest.fixture(scope="module")
+def sampler(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MaskedDiffusionTransformer(TASK.vocab_size, TASK.length, d_model=16, n_layers=1, n_heads=2)
+    directory = tmp_path_factory.mktemp("arith")
+    save_model(model, TASK, directory)
+    sampler = TextUncertaintySampler.from_pretrained(directory)
+    pairs = TASK.split()["train"][:60]
+    batches = [{"x": TASK.sequences(pairs[i : i + 30]), "prompt_mask": TASK.prompt_mask(30)}
+               for i in (0, 30)]
+    sampler.fit_posterior(batches, progress=False)
+    sampler.posterior.save(directory / "genunc_posterior")
+    return sampler, directory
+
+
+def test_scores_shapes_determinism_and_reload(sampler):
+    s, directory = sampler
+    prompts = TASK.prompts(TASK.split()["test"][:7])
+    config = UnmaskingConfig("low_confidence", temperature=1.0, block_length=2)
+    names = ("mutual_information", "mutual_information_max", "mutual_information_span",
+             "semantic", "low_confidence", "low_margin", "low_self_certainty", "random")
+    a = s(prompts, config, num_draws=3, scores=names, seed=4, chunk_size=3)
+    b = s(prompts, config, num_draws=3, scores=names, seed=4, chunk_size=3)
+    assert set(a.scores) == set(names)
+    for name in names:
+        assert a.scores[name].shape == (7,) and np.isfinite(a.scores[name]).all()
+        np.testing.assert_array_equal(a.scores[name], b.scores[name])
+    assert (a.tokens[:, TASK.prompt_length :] != TASK.mask_id).all()
+    assert a.draw_tokens.shape == (3, 7, TASK.length)
+    assert (a.scores["mutual_information_max"] >= a.scores["mutual_information"] - 1e-12).all()
+    assert ((a.scores["low_confidence"] >= 0) & (a.scores["low_confidence"] <= 1)).all()
+    reloaded = TextUncertaintySampler.from_pretrained(directory)
+    assert reloaded.posterior is not None
+    c = reloaded(prompts, config, num_draws=3, scores=names, seed=4, chunk_size=3)
+    np.testing.assert_array_equal(c.scores["mutual_information"], a.scores["mutual_information"])
+
+
+def test_semantic_equals_direct_entropy_of_answer_features(sampler):
+    s, _ = sampler
+    prompts = TASK.prompts(TASK.split()["test"][:5])
+    out = s(prompts, UnmaskingConfig("random", temperature=1.0), num_draws=4, scores=("semantic",))
+    generated = prompts == TASK.mask_id
+    embed = one_hot_answer(TASK.vocab_size)
+    feats = np.stack([embed(t, generated).numpy()
+                      for t in torch.cat([out.tokens.unsqueeze(0), out.draw_tokens])])
+    np.testing.assert_allclose(out.scores["semantic"], gaussian_entropy(feats))
+
+
+def test_span_restricts_the_average(sampler):
+    s, _ = sampler
+    prompts = TASK.prompts(TASK.split()["test"][:4])
+    span = torch.zeros(TASK.length, dtype=torch.bool)
+    span[-1] = True
+    out = s(prompts, num_draws=3, scores=("mutual_information_span",), span=span)
+    np.testing.assert_allclose(out.scores["mutual_information_span"],
+                               out.token_stats["mutual_information"][:, -1].numpy())
+
+
+def test_errors(sampler):
+    s, _ = sampler
+    prompts = TASK.prompts(TASK.split()["test"][:2])
+    with pytest.raises(GenuncError, match="unknown scores"):
+        s(prompts, scores=("entropy",))
+    with pytest.raises(GenuncError, match="num_draws >= 2"):
+        s(prompts, num_draws=1)
