@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from genunc import filtering
-from genunc.errors import FingerprintMismatchError
 from genunc.pipelines.text import TextUncertaintySampler
 from genunc.posterior import HeadPosterior
 from genunc.sampling.masked import UnmaskingConfig
@@ -37,12 +36,9 @@ SCORES = ("mutual_information", "mutual_information_max", "semantic", "low_confi
 def load(model: Path, out: Path, task: ArithmeticTask, n_fit: int) -> TextUncertaintySampler:
     sampler = TextUncertaintySampler.from_pretrained(model)
     post_dir = out / "posterior"
-    if (post_dir / "genunc_posterior.json").exists():
-        try:
-            sampler.posterior = HeadPosterior.load(post_dir, sampler.adapter.model)
-            return sampler
-        except FingerprintMismatchError:
-            pass
+    sampler.posterior = HeadPosterior.load_if_present(post_dir, sampler.adapter.model)
+    if sampler.posterior is not None:
+        return sampler
     pairs = task.split()["train"][:n_fit]
     batches = [{"x": task.sequences(pairs[i : i + 256]), "prompt_mask": task.prompt_mask(len(pairs[i : i + 256]))}
                for i in range(0, len(pairs), 256)]
@@ -87,7 +83,7 @@ def main() -> None:
     print(f"single-sample accuracy: {correct.mean():.1%}")
 
     ns = [k for k in (1, 2, 4, 8, 16, 32) if k <= n]
-    print(f"\naccuracy of the selected candidate vs N")
+    print("\naccuracy of the selected candidate vs N")
     print(f"{'selector':<26}" + "".join(f"{'N=' + str(k):>8}" for k in ns))
     for name in SCORES:
         accs = [correct[np.arange(p), scores[name][:, :k].argmin(1)].mean() for k in ns]

@@ -29,7 +29,6 @@ from genunc.data.qm9 import edm_split, load_qm9
 from genunc.metrics.molecule import canonical_training_smiles, evaluate_molecules
 from genunc.pipelines.molecule import MoleculeUncertaintySampler, encode
 from genunc.posterior import HeadPosterior
-from genunc.errors import FingerprintMismatchError
 from genunc.zoo.qm9 import QM9_DIR
 
 SCORES = ("variability", "variability_pos", "variability_type", "denoising_loss", "random")
@@ -39,12 +38,9 @@ QUALITY = ("molecule_stable", "atom_stable_fraction", "valid")
 def load_sampler(model: Path, out: Path, train, n_fit: int) -> MoleculeUncertaintySampler:
     sampler = MoleculeUncertaintySampler.from_pretrained(model)
     post_dir = out / "posterior"
-    if (post_dir / "genunc_posterior.json").exists():
-        try:
-            sampler.posterior = HeadPosterior.load(post_dir, sampler.adapter.model)
-            return sampler
-        except FingerprintMismatchError:
-            pass  # the model was retrained: refit below
+    sampler.posterior = HeadPosterior.load_if_present(post_dir, sampler.adapter.model)
+    if sampler.posterior is not None:
+        return sampler
     batches = [encode(train, np.arange(i, min(i + 64, n_fit))) for i in range(0, n_fit, 64)]
     sampler.fit_posterior(batches, repeats=2)
     sampler.posterior.save(post_dir)

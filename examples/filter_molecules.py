@@ -28,8 +28,8 @@ from genunc.zoo.qm9 import QM9_DIR
 
 def fit_or_load(sampler: MoleculeUncertaintySampler, directory: Path, data_path: str | None,
                 n_fit: int) -> None:
-    if (directory / "genunc_posterior.json").exists():
-        sampler.posterior = HeadPosterior.load(directory, sampler.adapter.model)
+    sampler.posterior = HeadPosterior.load_if_present(directory, sampler.adapter.model)
+    if sampler.posterior is not None:
         return
     if data_path:
         data = load_cache(Path(data_path))

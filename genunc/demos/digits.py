@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from genunc import filtering
-from genunc.errors import FingerprintMismatchError
 from genunc.features import DigitsFeatures
 from genunc.pipelines.image import ImageUncertaintyPipeline
 from genunc.posterior import HeadPosterior
@@ -45,12 +44,10 @@ def load_reference_pipeline(out_dir: Path | None = None, progress: bool = True,
     pipe = ImageUncertaintyPipeline(unet.to(device), scheduler,
                                     feature_extractor=DigitsFeatures(device=device))
     post_dir = None if out_dir is None else Path(out_dir) / "posterior"
-    if post_dir is not None and (post_dir / "genunc_posterior.json").exists():
-        try:
-            pipe.posterior = HeadPosterior.load(post_dir, unet)
+    if post_dir is not None:
+        pipe.posterior = HeadPosterior.load_if_present(post_dir, unet)
+        if pipe.posterior is not None:
             return pipe
-        except FingerprintMismatchError:
-            pass  # the model was retrained: refit below
     x, y = digits.split_digits()["train"]
     pipe.fit_posterior((x, y), repeats=4, progress=progress)
     if post_dir is not None:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from genunc.config import dump_config
 from genunc.errors import GenuncError
 from genunc.export import Export, ExportWriter
+from genunc.jobs import posterior_dir
 from genunc.features import DigitsFeatures, flatten_pixels
 from genunc.pipelines.image import ImageUncertaintyPipeline
 from genunc.posterior import HeadPosterior
@@ -29,15 +30,6 @@ def _model_dir(config: dict[str, Any]) -> Path:
             raise GenuncError(f"unknown zoo image model {model!r}; shipped: zoo:digits_ddpm")
         return digits.DDPM_DIR
     return Path(model)
-
-
-def posterior_dir(config: dict[str, Any]) -> Path:
-    if config["posterior"]["dir"]:
-        return Path(config["posterior"]["dir"])
-    model = str(config["model"])
-    if model.startswith("zoo:"):
-        return Path("outputs") / model[4:] / "posterior"
-    return Path(model) / "genunc_posterior"
 
 
 def feature_extractor(spec: str | None, device: str) -> Any:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from genunc.config import dump_config
 from genunc.errors import GenuncError
 from genunc.export import Export, ExportWriter
+from genunc.jobs import posterior_dir
 from genunc.metrics.molecule import evaluate_molecules, to_rdkit
 from genunc.pipelines.molecule import MoleculeUncertaintySampler, encode
 from genunc.posterior import HeadPosterior
@@ -33,15 +34,6 @@ def model_dir(config: dict[str, Any]) -> Path:
 
         return QM9_DIR
     return Path(model)
-
-
-def posterior_dir(config: dict[str, Any]) -> Path:
-    if config["posterior"]["dir"]:
-        return Path(config["posterior"]["dir"])
-    model = str(config["model"])
-    if model.startswith("zoo:"):
-        return Path("outputs") / model[4:] / "posterior"
-    return Path(model) / "genunc_posterior"
 
 
 def posterior_batches(config: dict[str, Any]) -> list[dict]:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from genunc._seed import as_generator
 from genunc._version import __version__
 from genunc.adapters.base import DenoiserAdapter, Likelihood, resolve_module
-from genunc.errors import GenuncError, ShapeMismatchError
+from genunc.errors import FingerprintMismatchError, GenuncError, ShapeMismatchError
 from genunc.posterior.capture import HeadData, collect_head_data
 from genunc.posterior.curvature import LinearHeadGGN
 from genunc.posterior.draws import HeadDraws
@@ -405,6 +405,22 @@ class HeadPosterior:
             la, ops, meta["head_name"], meta["structure"], meta["likelihood"],
             meta["fingerprint"], meta.get("info"),
         )
+
+    @classmethod
+    def load_if_present(
+        cls, directory: str | os.PathLike[str], model: nn.Module | DenoiserAdapter
+    ) -> "HeadPosterior | None":
+        """The posterior saved in `directory` if there is one *for this model*, else None.
+
+        For scripts that cache a fit: a missing posterior, or one fitted on other weights (the
+        model was retrained), means "fit again"; any other problem still raises.
+        """
+        if not (Path(directory) / META_FILE).exists():
+            return None
+        try:
+            return cls.load(directory, model)
+        except FingerprintMismatchError:
+            return None
 
     def check_matches(self, model: nn.Module | DenoiserAdapter, check_weights: bool = True) -> None:
         """Raise :class:`FingerprintMismatchError` unless `model`'s head is the one fitted on."""

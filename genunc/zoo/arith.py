@@ -87,7 +87,7 @@ def train_arith(recipe: ArithRecipe, out_dir: str | Path = ARITH_DIR, device: st
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
     model = model.cpu().eval()

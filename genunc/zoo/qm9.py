@@ -110,7 +110,7 @@ def train_qm9(recipe: QM9Recipe, out_dir: str | Path = QM9_DIR, device: str | No
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(p, 1 - recipe.ema)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.3f}")
         if (step + 1) % recipe.checkpoint_every == 0:
