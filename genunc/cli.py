@@ -69,16 +69,17 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
 
 SCORE_COLUMNS = ("semantic", "variability", "variability_pos", "variability_type", "pixel_variance",
-                 "denoising_loss", "random")
+                 "denoising_loss", "mutual_information", "mutual_information_max",
+                 "mutual_information_span", "low_confidence", "low_margin", "low_self_certainty",
+                 "random")
 
 
 def _config(args: argparse.Namespace) -> dict:
     from genunc.config import load_config
 
     config = load_config(args.config, args.set or [])
-    if config["modality"] not in ("image", "molecule"):
-        raise SystemExit(f"genunc: modality {config['modality']!r} is not available yet "
-                         "(image and molecule are; text arrives with its reference model)")
+    if config["modality"] not in ("image", "molecule", "text"):
+        raise SystemExit(f"genunc: unknown modality {config['modality']!r}: image, molecule or text")
     return config
 
 
@@ -88,6 +89,10 @@ def _job(config: dict):
         from genunc.jobs import molecule
 
         return molecule
+    if config["modality"] == "text":
+        from genunc.jobs import text
+
+        return text
     from genunc.jobs import image
 
     return image
@@ -96,7 +101,7 @@ def _job(config: dict):
 def _fit(args: argparse.Namespace) -> int:
     config = _config(args)
     job = _job(config)
-    if config["modality"] == "molecule":
+    if config["modality"] in ("molecule", "text"):
         model = job.build_sampler(config, fit_if_missing=False)
     else:
         model = job.build_pipeline(config, fit_if_missing=False)

@@ -13,19 +13,21 @@ from genunc.errors import GenuncError
 
 #: Every key a config may hold, with its default; unknown keys are rejected (typos fail loudly).
 DEFAULTS: dict[str, Any] = {
-    "modality": "image",  # image | molecule
+    "modality": "image",  # image | molecule | text
     "model": None,  # zoo:<name> or a path to a model folder
-    # image: zoo:digits_classifier | pixels | clip:<path>; molecule: descriptors
+    # image: zoo:digits_classifier | pixels | clip:<path>; molecule: descriptors;
+    # text: answer (answer-level one-hot) | minilm (sentence embeddings, genunc[text])
     "features": "zoo:digits_classifier",
     # image: zoo:digits_classifier adds classifier-agreement columns; molecule: edm_metrics adds
-    # atom/molecule stability, RDKit validity and SMILES
+    # atom/molecule stability, RDKit validity and SMILES; text: checker adds `correct`
     "quality": None,
     "device": "cpu",
     "posterior": {
         "dir": None,  # default: <model>/genunc_posterior for paths, outputs/<name>/posterior for zoo
-        # image: zoo:digits_train or a .pt / .npy file of images (N, C, H, W); molecule: zoo:qm9_train
+        # image: zoo:digits_train or a .pt / .npy file of images (N, C, H, W);
+        # molecule: zoo:qm9_train or a .npz molecule cache; text: zoo:arith_train
         "data": "zoo:digits_train",
-        "max_samples": None,  # molecule: training molecules used (default 2000)
+        "max_samples": None,  # molecule / text: training examples used (default 2000 / 4000)
         "structure": "diag",
         "prior_precision": "marglik",
         "sigma_noise": "mle",
@@ -36,11 +38,17 @@ DEFAULTS: dict[str, Any] = {
     "generate": {
         "n_samples": 256,
         "num_draws": 5,
-        "steps": 50,
+        "steps": 50,  # image/molecule: sampler steps; text: unmasking steps (null: 1 token/step)
         "scores": ["semantic", "variability", "pixel_variance"],
         "branch_at": 0,
         "draw_steps": None,
-        "sampler": None,  # molecule: ddpm (EDM's ancestral sampler, default) or ddim
+        # molecule: ddpm (EDM's ancestral sampler, default) or ddim;
+        # text: random | low_confidence (default) | threshold | remask
+        "sampler": None,
+        "candidates": 1,  # text: samples per prompt (best-of-N: filter --best-of condition)
+        "temperature": 0.0,  # text: token temperature (0 = greedy)
+        "block_length": None,  # text: semi-autoregressive block length (default: one block)
+        "threshold": 0.9,  # text: confidence threshold of the threshold / remask samplers
         "variability_steps": None,  # molecule: step indices where variability is measured (all)
         "nll_levels": 10,  # molecule: noise levels of the denoising_loss baseline
         "seed": 0,

@@ -100,7 +100,11 @@ def auroc(scores, failed) -> float:
 
 
 def spearman(scores, quality) -> float:
-    return float(spearmanr(_scores(scores), np.asarray(quality, dtype=np.float64)).statistic)
+    """Spearman's rho; NaN (without a warning) when either side is constant."""
+    values, quality = _scores(scores), np.asarray(quality, dtype=np.float64)
+    if np.ptp(values) == 0 or np.ptp(quality) == 0:
+        return float("nan")
+    return float(spearmanr(values, quality).statistic)
 
 
 def summarize(scores, quality, failed=None) -> dict[str, float]:

@@ -96,3 +96,37 @@ def test_minilm_embedder_gives_semantic_features():
     assert feats.shape == (3, 384)
     sims = feats @ feats.T
     assert sims[0, 1] > sims[0, 2] + 0.2  # paraphrases sit closer than unrelated text
+
+
+def test_text_cli_fit_generate_best_of_n(sampler, tmp_path, capsys):
+    import yaml
+
+    from genunc.cli import main
+    from genunc.export import Export
+
+    _, directory = sampler
+    config = {
+        "modality": "text", "model": str(directory), "features": "answer", "quality": "checker",
+        "posterior": {"dir": str(tmp_path / "posterior"), "data": "zoo:arith_train",
+                      "max_samples": 60, "batch_size": 30, "repeats": 1},
+        "generate": {"n_samples": 6, "candidates": 2, "num_draws": 2, "steps": None,
+                     "temperature": 1.0, "chunk_size": 4, "sampler": "low_confidence",
+                     "scores": ["mutual_information", "semantic", "low_confidence", "random"],
+                     "out": str(tmp_path / "export")},
+    }
+    path = tmp_path / "text.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["fit", "-c", str(path)]) == 0
+    assert main(["generate", "-c", str(path)]) == 0
+    export = Export(tmp_path / "export")
+    assert export.format == "json" and len(export) == 6
+    prompts = [r["condition"] for r in export.records]
+    assert prompts[0] == prompts[1] and prompts[2] == prompts[3] and prompts[0] != prompts[2]
+    assert all(len(r["completion"]) == TASK.answer_digits and "correct" in r for r in export.records)
+    assert main(["filter", str(tmp_path / "export"), "--out", str(tmp_path / "best"),
+                 "--score", "mutual_information", "--best-of", "condition"]) == 0
+    best = Export(tmp_path / "best")
+    assert len(best) == 3 and len({r["condition"] for r in best.records}) == 3
+    assert main(["evaluate", str(tmp_path / "export"), "--quality", "correct",
+                 "--scores", "mutual_information,low_confidence"]) == 0
+    assert "mutual_information" in capsys.readouterr().out

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from genunc.config import dump_config
 from genunc.errors import GenuncError
-from genunc.export import Export, ExportWriter
-from genunc.jobs import posterior_dir
+from genunc.export import Export
+from genunc.jobs import export_in_chunks, posterior_dir
 from genunc.features import DigitsFeatures, flatten_pixels
 from genunc.pipelines.image import ImageUncertaintyPipeline
 from genunc.posterior import HeadPosterior
@@ -100,38 +97,24 @@ def generate(config: dict[str, Any], progress: bool = True) -> Export:
         if config["quality"] == "zoo:digits_classifier" else None
     if config["quality"] not in (None, "zoo:digits_classifier"):
         raise GenuncError(f"unknown quality model {config['quality']!r}")
-    metadata = {
-        "modality": "image",
-        "model": str(config["model"]),
-        "posterior_fingerprint": pipe.posterior.fingerprint,
-        "posterior_summary": pipe.posterior.summary(),
-        "config": config,
-        "config_sha256": hashlib.sha256(dump_config(config).encode()).hexdigest(),
-    }
-    n, chunk = g["n_samples"], g["chunk_size"]
     n_classes = pipe.adapter.num_classes
-    with ExportWriter(g["out"], "png", metadata=metadata) as writer:
-        if writer.metadata.get("config_sha256") not in (None, metadata["config_sha256"]):
-            raise GenuncError(f"{g['out']} was written with a different config; use a new `out`")
-        for c, start in enumerate(tqdm(range(0, n, chunk), desc="chunks", disable=not progress)):
-            ids = [f"{i:06d}" for i in range(start, min(start + chunk, n))]
-            if all(i in writer for i in ids):
-                continue  # already exported by an earlier (interrupted) run
-            labels = None if n_classes is None else \
-                torch.arange(start, start + len(ids)) % n_classes
-            out = pipe(len(ids), class_labels=labels, num_draws=g["num_draws"],
-                       num_inference_steps=g["steps"], scores=tuple(g["scores"]),
-                       branch_at=g["branch_at"], draw_steps=g["draw_steps"], seed=g["seed"] + c,
-                       chunk_size=chunk, progress=False)
-            extra: dict[str, np.ndarray] = {}
-            if quality is not None and labels is not None:
-                probs = quality.probabilities(out.images)
-                extra["p_class"] = probs[torch.arange(len(ids)), labels].double().numpy()
-                extra["classifier_agrees"] = (probs.argmax(1) == labels).numpy()
-            for j, sample_id in enumerate(ids):
-                record = {"seed": g["seed"] + c, "index_in_chunk": j,
-                          "condition": None if labels is None else int(labels[j])}
-                record.update({k: float(v[j]) for k, v in out.scores.items()})
-                record.update({k: v[j].item() for k, v in extra.items()})
-                writer.add(sample_id, out.images[j], record)
-    return Export(g["out"])
+
+    def generate_chunk(c: int, ids: list[str]):
+        start = int(ids[0])
+        labels = None if n_classes is None else torch.arange(start, start + len(ids)) % n_classes
+        out = pipe(len(ids), class_labels=labels, num_draws=g["num_draws"],
+                   num_inference_steps=g["steps"], scores=tuple(g["scores"]),
+                   branch_at=g["branch_at"], draw_steps=g["draw_steps"], seed=g["seed"] + c,
+                   chunk_size=len(ids), progress=False)
+        extra: dict[str, np.ndarray] = {}
+        if quality is not None and labels is not None:
+            probs = quality.probabilities(out.images)
+            extra["p_class"] = probs[torch.arange(len(ids)), labels].double().numpy()
+            extra["classifier_agrees"] = (probs.argmax(1) == labels).numpy()
+        for j, sample_id in enumerate(ids):
+            record = {"index_in_chunk": j, "condition": None if labels is None else int(labels[j])}
+            record.update({k: float(v[j]) for k, v in out.scores.items()})
+            record.update({k: v[j].item() for k, v in extra.items()})
+            yield sample_id, out.images[j], record
+
+    return export_in_chunks(config, "png", pipe.posterior, generate_chunk, progress)

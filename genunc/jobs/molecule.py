@@ -7,17 +7,14 @@ the manifest tables; ``genunc filter`` then works on it like on any export.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from genunc.config import dump_config
 from genunc.errors import GenuncError
-from genunc.export import Export, ExportWriter
-from genunc.jobs import posterior_dir
+from genunc.export import Export
+from genunc.jobs import export_in_chunks, posterior_dir
 from genunc.metrics.molecule import evaluate_molecules, to_rdkit
 from genunc.pipelines.molecule import MoleculeUncertaintySampler, encode
 from genunc.posterior import HeadPosterior
@@ -93,35 +90,21 @@ def generate(config: dict[str, Any], progress: bool = True) -> Export:
     if config["quality"] not in (None, "edm_metrics"):
         raise GenuncError(f"molecule quality is 'edm_metrics' or null, got {config['quality']!r}")
     sampler = build_sampler(config, progress=progress)
-    metadata = {
-        "modality": "molecule",
-        "model": str(config["model"]),
-        "posterior_fingerprint": None if sampler.posterior is None else sampler.posterior.fingerprint,
-        "config": config,
-        "config_sha256": hashlib.sha256(dump_config(config).encode()).hexdigest(),
-    }
-    n, chunk = g["n_samples"], g["chunk_size"]
-    with ExportWriter(g["out"], "sdf", metadata=metadata) as writer:
-        if writer.metadata.get("config_sha256") not in (None, metadata["config_sha256"]):
-            raise GenuncError(f"{g['out']} was written with a different config; use a new `out`")
-        for c, start in enumerate(tqdm(range(0, n, chunk), desc="chunks", disable=not progress)):
-            ids = [f"{i:06d}" for i in range(start, min(start + chunk, n))]
-            if all(i in writer for i in ids):
-                continue  # already exported by an earlier (interrupted) run
-            out = sampler(len(ids), num_draws=g["num_draws"], steps=g["steps"],
-                          scores=tuple(g["scores"]), sampler=g["sampler"] or "ddpm",
-                          variability_steps=g["variability_steps"], nll_levels=g["nll_levels"],
-                          seed=g["seed"] + c, chunk_size=chunk, progress=False)
-            report = evaluate_molecules(out.molecules) if config["quality"] else None
-            for j, sample_id in enumerate(ids):
-                positions, types = out.molecules[j]
-                record: dict[str, Any] = {"seed": g["seed"] + c, "index_in_chunk": j,
-                                          "n_atoms": int(len(types))}
-                record.update({k: float(v[j]) for k, v in out.scores.items()})
-                if report is not None:
-                    record.update({"atom_stable_fraction": float(report.atom_stable_fraction[j]),
-                                   "molecule_stable": bool(report.molecule_stable[j]),
-                                   "valid": bool(report.valid[j]), "smiles": report.smiles[j]})
-                writer.add(sample_id, to_rdkit(positions, types), record)
-    return Export(g["out"])
 
+    def generate_chunk(c: int, ids: list[str]):
+        out = sampler(len(ids), num_draws=g["num_draws"], steps=g["steps"],
+                      scores=tuple(g["scores"]), sampler=g["sampler"] or "ddpm",
+                      variability_steps=g["variability_steps"], nll_levels=g["nll_levels"],
+                      seed=g["seed"] + c, chunk_size=len(ids), progress=False)
+        report = evaluate_molecules(out.molecules) if config["quality"] else None
+        for j, sample_id in enumerate(ids):
+            positions, types = out.molecules[j]
+            record: dict[str, Any] = {"index_in_chunk": j, "n_atoms": int(len(types))}
+            record.update({k: float(v[j]) for k, v in out.scores.items()})
+            if report is not None:
+                record.update({"atom_stable_fraction": float(report.atom_stable_fraction[j]),
+                               "molecule_stable": bool(report.molecule_stable[j]),
+                               "valid": bool(report.valid[j]), "smiles": report.smiles[j]})
+            yield sample_id, to_rdkit(positions, types), record
+
+    return export_in_chunks(config, "sdf", sampler.posterior, generate_chunk, progress)
