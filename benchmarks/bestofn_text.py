@@ -115,6 +115,8 @@ def main() -> None:
          UnmaskingConfig("low_confidence", steps=max(1, task.answer_digits // 2))),
         ("threshold 0.9", UnmaskingConfig("threshold", threshold=0.9)),
         ("threshold 0.7", UnmaskingConfig("threshold", threshold=0.7)),
+        ("threshold 0.5", UnmaskingConfig("threshold", threshold=0.5)),
+        ("threshold 0.3", UnmaskingConfig("threshold", threshold=0.3)),
         ("remask 0.9 / 0.5", UnmaskingConfig("remask", threshold=0.9, remask_threshold=0.5)),
     ]
     print(f"\nsamplers, greedy tokens, {p} prompts ({task.answer_digits} answer tokens)")

@@ -61,6 +61,9 @@ def test_every_sampler_fills_all_masks_and_keeps_the_prompt(fitted, config):
     assert (out.commit_step[:, PROMPT:] >= 0).all() and (out.commit_step[:, :PROMPT] == -1).all()
     assert set(out.token_stats) == {"confidence", "margin", "self_certainty", "mutual_information"}
     assert (out.token_stats["mutual_information"][:, PROMPT:] >= 0).all()
+    # self-certainty is a KL to the uniform over the V - 1 predictable tokens
+    sc = out.token_stats["self_certainty"][:, PROMPT:]
+    assert (sc >= 0).all() and (sc <= math.log(V - 1) + 1e-9).all()
     assert out.nfe >= 1
 
 

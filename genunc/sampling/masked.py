@@ -145,6 +145,8 @@ def unmask(
         out = out.reshape(groups, sets, b, *out.shape[2:]).transpose(0, 1)
         return out.reshape(output.shape).to(output.dtype)
 
+    predictable = torch.ones(adapter.vocab_size, dtype=torch.bool, device=device)
+    predictable[adapter.mask_id] = False
     xs = x.repeat(groups, 1)
     stats = {name: torch.zeros(b, length, dtype=torch.float64, device=device) for name in TOKEN_STATS}
     commit_step = torch.full((b, length), -1, dtype=torch.long, device=device)
@@ -207,7 +209,8 @@ def unmask(
                 map_commit = commit[:b]
                 map_logits = logits[:b]
                 values = {"confidence": conf[:b], "margin": margin(map_logits),
-                          "self_certainty": self_certainty(map_logits)}
+                          # over the tokens that can be predicted: the mask's -inf would swamp it
+                          "self_certainty": self_certainty(map_logits[..., predictable])}
                 if mi_draws is not None:
                     head_out = posterior.apply(state["phi"], mi_draws)
                     draws_logits = adapter.post_head(head_out, {"x": xs[:b]})
