@@ -99,12 +99,17 @@ def main() -> None:
     print(f"{'oracle (any right)':<26}" + "".join(f"{correct[:, :k].any(1).mean():>8.1%}" for k in ns))
 
     flat_correct = correct.ravel()
-    print(f"\n{'score':<26}{'AUROC(wrong)':>13}{'acc kept 50%':>14}{'acc kept 80%':>14}")
+    mixed = np.flatnonzero(correct.any(1) & ~correct.all(1))
+    print(f"\nAUROC(wrong) over all candidates, and within a prompt (mean over the {len(mixed)} "
+          f"prompts with right and wrong candidates: what best-of-N needs)")
+    print(f"{'score':<26}{'AUROC(wrong)':>13}{'within prompt':>15}{'acc kept 50%':>14}{'acc kept 80%':>14}")
     for name in SCORES:
         s = scores[name].ravel()
         kept50 = flat_correct[filtering.keep_fraction(s, 0.5)].mean()
         kept80 = flat_correct[filtering.keep_fraction(s, 0.8)].mean()
-        print(f"{name:<26}{filtering.auroc(s, ~flat_correct):>13.3f}{kept50:>14.1%}{kept80:>14.1%}")
+        within = np.mean([filtering.auroc(scores[name][i], ~correct[i]) for i in mixed])
+        print(f"{name:<26}{filtering.auroc(s, ~flat_correct):>13.3f}{within:>15.3f}"
+              f"{kept50:>14.1%}{kept80:>14.1%}")
 
     # ------------------------------------------------------------ samplers: accuracy vs NFE
     base = task.prompts(pairs)

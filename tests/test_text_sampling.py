@@ -76,6 +76,8 @@ def test_step_counts(fitted):
     assert scheduled.nfe == 2
     parallel = unmask(adapter, x, UnmaskingConfig("threshold", threshold=0.05))
     assert parallel.nfe < one_per_step.nfe
+    assert (parallel.row_nfe <= parallel.nfe).all() and parallel.row_nfe.max() == parallel.nfe
+    assert (one_per_step.row_nfe == L - PROMPT).all()
     blocks = unmask(adapter, x, UnmaskingConfig("threshold", threshold=0.0, block_length=2))
     assert blocks.nfe == math.ceil((L - PROMPT) / 2)  # threshold 0 fills a block per call
     # an untrained model is never 90% sure: one token per step, and re-checked drafts under 85%

@@ -107,7 +107,7 @@ def generate(config: dict[str, Any], progress: bool = True) -> Export:
             text = task.decode(out.tokens[j])
             prompt, completion = text[: task.prompt_length], text[task.prompt_length :]
             record: dict[str, Any] = {"index_in_chunk": j, "condition": prompt,
-                                      "completion": completion, "nfe": out.nfe}
+                                      "completion": completion, "nfe": int(out.row_nfe[j])}
             record.update({k: float(v[j]) for k, v in out.scores.items()})
             if correct is not None:
                 record["correct"] = bool(correct[j])

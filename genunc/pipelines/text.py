@@ -59,8 +59,9 @@ def one_hot_answer(vocab_size: int) -> Embedder:
 class TextOutput:
     tokens: Tensor  # (B, L)
     scores: dict[str, np.ndarray]
-    nfe: float  # backbone calls a sequence went through (mean over chunks, weighted by size)
+    nfe: float  # mean over sequences of the backbone calls each needed (its own steps)
     backbone_rows: int
+    row_nfe: np.ndarray | None = None  # (B,) per sequence
     token_stats: dict[str, Tensor] = field(default_factory=dict)
     draw_tokens: Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -126,7 +127,8 @@ class TextUncertaintySampler:
         draws = self.posterior.sample(num_draws, seed=seed) if uses_draws else None
         parts: dict[str, list[np.ndarray]] = {}
         tokens, draw_tokens, stats_all = [], [], []
-        nfe = rows = 0
+        rows = 0
+        row_nfe: list[np.ndarray] = []
         tic = time.perf_counter()
         for start in range(0, len(prompts), chunk_size):
             x = prompts[start : start + chunk_size]
@@ -134,7 +136,7 @@ class TextUncertaintySampler:
             out = unmask(self.adapter, x, config, posterior=self.posterior,
                          mi_draws=draws if NEEDS_DRAWS & set(scores) else None,
                          trajectory_draws=draws if "semantic" in scores else None, generator=g)
-            nfe += out.nfe * len(x)
+            row_nfe.append(out.row_nfe.cpu().numpy())
             rows += out.backbone_rows
             tokens.append(out.tokens.cpu())
             stats_all.append({k: v.cpu() for k, v in out.token_stats.items()})
@@ -162,6 +164,7 @@ class TextUncertaintySampler:
         if "random" in scores:
             result["random"] = random_scores(len(prompts), seed)
         stats = {k: torch.cat([s[k] for s in stats_all]) for k in stats_all[0]}
-        return TextOutput(torch.cat(tokens), result, nfe / len(prompts), rows, stats,
+        per_row = np.concatenate(row_nfe)
+        return TextOutput(torch.cat(tokens), result, float(per_row.mean()), rows, per_row, stats,
                           torch.cat(draw_tokens, 1) if draw_tokens else None,
                           {"sampling": time.perf_counter() - tic})

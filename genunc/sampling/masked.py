@@ -77,8 +77,10 @@ class UnmaskingConfig:
 class UnmaskingOutput:
     tokens: Tensor  # (B, L) from the MAP head
     generated: Tensor  # (B, L) bool: the positions the sampler filled
-    nfe: int  # backbone calls (function evaluations)
+    nfe: int  # backbone calls for the batch (function evaluations; the slowest row sets it)
     backbone_rows: int  # rows pushed through the backbone, summed over calls
+    #: (B,) calls each sequence needed: steps at which it still had masked positions
+    row_nfe: Tensor | None = None
     #: per position, recorded at commit time from the MAP logits (and the draws, for MI)
     token_stats: dict[str, Tensor] = field(default_factory=dict)
     draw_tokens: Tensor | None = None  # (M, B, L) with trajectory_draws
@@ -152,6 +154,7 @@ def unmask(
     commit_step = torch.full((b, length), -1, dtype=torch.long, device=device)
     filled_by_sampler = torch.zeros_like(xs, dtype=torch.bool)
     nfe = rows = 0
+    row_nfe = torch.zeros(b, dtype=torch.long, device=device)
     handle = adapter.head.register_forward_hook(hook)
     try:
         for block, block_steps in zip(blocks, steps_per_block):
@@ -171,6 +174,7 @@ def unmask(
                     inputs = torch.cat([xs, xs.masked_fill(drafts, adapter.mask_id)], 0)
                 logits_all = adapter.denoise(inputs)
                 nfe += 1
+                row_nfe += masked[:b].any(-1)
                 rows += inputs.shape[0]
                 logits = logits_all[: groups * b].double()
                 # randomness shared by the MAP and every draw: same noise, repeated per group
@@ -238,4 +242,5 @@ def unmask(
         token_stats=stats if mi_draws is not None else
         {k: v for k, v in stats.items() if k != "mutual_information"},
         draw_tokens=grouped[1:] if groups > 1 else None, commit_step=commit_step,
+        row_nfe=row_nfe,
     )
