@@ -29,8 +29,8 @@ from genunc.sampling.masked import UnmaskingConfig
 from genunc.tasks import ArithmeticTask
 from genunc.zoo.arith import ARITH_DIR
 
-SCORES = ("mutual_information", "mutual_information_max", "semantic", "low_confidence",
-          "low_margin", "low_self_certainty", "random")
+SCORES = ("mutual_information", "mutual_information_max", "low_posterior_confidence", "semantic",
+          "low_confidence", "low_margin", "low_self_certainty", "random")
 
 
 def load(model: Path, out: Path, task: ArithmeticTask, n_fit: int) -> TextUncertaintySampler:

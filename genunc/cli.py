@@ -70,8 +70,8 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
 SCORE_COLUMNS = ("semantic", "variability", "variability_pos", "variability_type", "pixel_variance",
                  "denoising_loss", "mutual_information", "mutual_information_max",
-                 "mutual_information_span", "low_confidence", "low_margin", "low_self_certainty",
-                 "random")
+                 "mutual_information_span", "low_posterior_confidence", "low_confidence",
+                 "low_margin", "low_self_certainty", "random")
 
 
 def _config(args: argparse.Namespace) -> dict:

@@ -35,7 +35,8 @@ def test_scores_shapes_determinism_and_reload(sampler):
     prompts = TASK.prompts(TASK.split()["test"][:7])
     config = UnmaskingConfig("low_confidence", temperature=1.0, block_length=2)
     names = ("mutual_information", "mutual_information_max", "mutual_information_span",
-             "semantic", "low_confidence", "low_margin", "low_self_certainty", "random")
+             "low_posterior_confidence", "semantic", "low_confidence", "low_margin",
+             "low_self_certainty", "random")
     a = s(prompts, config, num_draws=3, scores=names, seed=4, chunk_size=3)
     b = s(prompts, config, num_draws=3, scores=names, seed=4, chunk_size=3)
     assert set(a.scores) == set(names)

@@ -59,7 +59,10 @@ def test_every_sampler_fills_all_masks_and_keeps_the_prompt(fitted, config):
     assert (out.tokens != MASK).all()
     assert torch.equal(out.tokens[:, :PROMPT], x[:, :PROMPT])
     assert (out.commit_step[:, PROMPT:] >= 0).all() and (out.commit_step[:, :PROMPT] == -1).all()
-    assert set(out.token_stats) == {"confidence", "margin", "self_certainty", "mutual_information"}
+    assert set(out.token_stats) == {"confidence", "margin", "self_certainty", "mutual_information",
+                                    "posterior_confidence"}
+    pc = out.token_stats["posterior_confidence"][:, PROMPT:]
+    assert ((pc > 0) & (pc <= 1)).all()
     assert (out.token_stats["mutual_information"][:, PROMPT:] >= 0).all()
     # self-certainty is a KL to the uniform over the V - 1 predictable tokens
     sc = out.token_stats["self_certainty"][:, PROMPT:]

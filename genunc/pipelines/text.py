@@ -9,6 +9,8 @@ Scores (lower = more certain; one backbone pass per step unless noted):
 * ``mutual_information`` / ``_max`` / ``_span``: the epistemic MI of the head draws at each
   token's commit step, averaged over generated tokens / their maximum / averaged over the answer
   span (``span=``);
+* ``low_posterior_confidence``: 1 - the committed tokens' probability averaged over the head
+  draws (the Bayesian model average of ``low_confidence``), same cost as MI;
 * ``semantic``: entropy of a diagonal Gaussian over embedder features of the MAP and M
   generations from the same randomness ((M+1)x the rows, same NFE);
 * baselines from the MAP logits: ``low_confidence`` (1 - mean committed-token probability),
@@ -36,9 +38,11 @@ from genunc.sampling.masked import UnmaskingConfig, unmask
 from genunc.scores import gaussian_entropy, random_scores
 from genunc.scores.tokens import aggregate
 
-SCORES = ("mutual_information", "mutual_information_max", "mutual_information_span", "semantic",
-          "low_confidence", "low_margin", "low_self_certainty", "random")
-NEEDS_DRAWS = {"mutual_information", "mutual_information_max", "mutual_information_span"}
+SCORES = ("mutual_information", "mutual_information_max", "mutual_information_span",
+          "low_posterior_confidence", "semantic", "low_confidence", "low_margin",
+          "low_self_certainty", "random")
+NEEDS_DRAWS = {"mutual_information", "mutual_information_max", "mutual_information_span",
+               "low_posterior_confidence"}
 
 #: ``(tokens (B, L), generated (B, L) bool) -> features (B, D)``
 Embedder = Callable[[Tensor, Tensor], Tensor | np.ndarray]
@@ -148,6 +152,8 @@ class TextUncertaintySampler:
                 "mutual_information": lambda: aggregate(st["mutual_information"], generated),
                 "mutual_information_max": lambda: aggregate(st["mutual_information"], generated, "max"),
                 "mutual_information_span": lambda: aggregate(st["mutual_information"], answer),
+                "low_posterior_confidence":
+                    lambda: 1 - aggregate(st["posterior_confidence"], generated),
                 "low_confidence": lambda: 1 - aggregate(st["confidence"], generated),
                 "low_margin": lambda: 1 - aggregate(st["margin"], generated),
                 "low_self_certainty": lambda: -aggregate(st["self_certainty"], generated),

@@ -19,8 +19,8 @@ used for ranking positions.
 
 Uncertainty, at no extra backbone cost: the head's input features are captured by a hook, the M
 head draws are applied to them in one op, and for each position the epistemic mutual
-information of the draws is recorded *at the step it is committed*, with the MAP's confidence,
-margin and self-certainty.  With ``trajectory_draws`` the MAP and each draw also generate a full
+information of the draws and the draws' mean probability of the committed token are recorded
+*at the step it is committed*, with the MAP's confidence, margin and self-certainty.  With ``trajectory_draws`` the MAP and each draw also generate a full
 sequence of their own from the same randomness (one batch of (M+1)·B rows), for the semantic
 score.
 """
@@ -41,7 +41,9 @@ from genunc.scores.tokens import confidence, margin, mutual_information, self_ce
 
 Strategy = Literal["random", "low_confidence", "threshold", "remask"]
 STRATEGIES = ("random", "low_confidence", "threshold", "remask")
-TOKEN_STATS = ("confidence", "margin", "self_certainty", "mutual_information")
+TOKEN_STATS = ("confidence", "margin", "self_certainty", "mutual_information",
+               "posterior_confidence")
+POSTERIOR_STATS = ("mutual_information", "posterior_confidence")
 
 
 @dataclass
@@ -219,6 +221,10 @@ def unmask(
                     head_out = posterior.apply(state["phi"], mi_draws)
                     draws_logits = adapter.post_head(head_out, {"x": xs[:b]})
                     values["mutual_information"] = mutual_information(draws_logits)
+                    # the committed token's probability averaged over the draws (Bayesian model
+                    # average): unlike MI it depends on *which* token was taken
+                    values["posterior_confidence"] = confidence(
+                        draws_logits, tokens[:b].expand(len(mi_draws), -1, -1)).mean(0)
                 for name, value in values.items():
                     stats[name] = torch.where(map_commit, value.to(torch.float64), stats[name])
                 commit_step = torch.where(map_commit, torch.full_like(commit_step, step), commit_step)
@@ -240,7 +246,7 @@ def unmask(
     return UnmaskingOutput(
         tokens=grouped[0], generated=generate_mask, nfe=nfe, backbone_rows=rows,
         token_stats=stats if mi_draws is not None else
-        {k: v for k, v in stats.items() if k != "mutual_information"},
+        {k: v for k, v in stats.items() if k not in POSTERIOR_STATS},
         draw_tokens=grouped[1:] if groups > 1 else None, commit_step=commit_step,
         row_nfe=row_nfe,
     )
