@@ -50,6 +50,11 @@ def test_map_and_draws_are_equivariant(adapter):
     torch.testing.assert_close(drawn_rot[..., :3], drawn[..., :3] @ rotation.T, atol=2e-4, rtol=1e-3)
     torch.testing.assert_close(drawn_rot[..., 3:], drawn[..., 3:], atol=2e-4, rtol=1e-3)
     assert not torch.allclose(drawn[0], drawn[1])  # the draws do differ
+    # so the variability score is rotation invariant, both parts
+    var = adapter.variability(drawn, {"node_mask": mask})
+    var_rot = adapter.variability(drawn_rot, {"node_mask": mask})
+    for name in ("variability_pos", "variability_type"):
+        torch.testing.assert_close(var_rot[name], var[name], atol=1e-6, rtol=1e-3)
     # centre-of-mass free and zero on padding, for the MAP and every draw
     for out in (eps, drawn):
         pos = out[..., :3] * mask[..., None]
