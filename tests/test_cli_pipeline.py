@@ -92,3 +92,16 @@ def test_shipped_configs_parse():
     for path in Path(__file__).parent.parent.glob("configs/*.yaml"):
         assert load_config(path)["model"]
     assert json.dumps(load_config(None))  # defaults are plain data
+
+
+def test_model_dir_resolves_zoo_names_and_paths(tmp_path):
+    from genunc.jobs import model_dir
+
+    shipped = {"digits_ddpm": tmp_path / "ddpm"}
+    config = load_config(None, ["model=zoo:digits_ddpm"])
+    assert model_dir(config, shipped) == tmp_path / "ddpm"
+    assert model_dir(load_config(None, [f"model={tmp_path}"]), shipped) == tmp_path
+    with pytest.raises(GenuncError, match="unknown zoo image model 'zoo:nope'; shipped: zoo:digits_ddpm"):
+        model_dir(load_config(None, ["model=zoo:nope"]), shipped)
+    with pytest.raises(GenuncError, match="names no model"):
+        model_dir(load_config(None, []), shipped)

@@ -18,6 +18,19 @@ from genunc.posterior import HeadPosterior
 ChunkGenerator = Callable[[int, list[str]], Iterable[tuple[str, Any, dict[str, Any]]]]
 
 
+def model_dir(config: dict[str, Any], shipped: dict[str, Path]) -> Path:
+    """The model folder a config names: ``zoo:<name>`` for a shipped model, else a path."""
+    model = config["model"]
+    names = ", ".join(f"zoo:{name}" for name in shipped)
+    if model is None:
+        raise GenuncError(f"the config names no model (model: {names} or a folder path)")
+    if str(model).startswith("zoo:"):
+        if model[4:] not in shipped:
+            raise GenuncError(f"unknown zoo {config['modality']} model {model!r}; shipped: {names}")
+        return shipped[model[4:]]
+    return Path(model)
+
+
 def posterior_dir(config: dict[str, Any]) -> Path:
     """Where a config's posterior lives: ``posterior.dir``, else beside a model folder
     (``<model>/genunc_posterior``, which ``from_pretrained`` loads), else

@@ -10,7 +10,7 @@ import torch
 
 from genunc.errors import GenuncError
 from genunc.export import Export
-from genunc.jobs import export_in_chunks, posterior_dir
+from genunc.jobs import export_in_chunks, model_dir, posterior_dir
 from genunc.features import DigitsFeatures, flatten_pixels
 from genunc.pipelines.image import ImageUncertaintyPipeline
 from genunc.posterior import HeadPosterior
@@ -19,14 +19,7 @@ from genunc.posterior import HeadPosterior
 def _model_dir(config: dict[str, Any]) -> Path:
     from genunc.zoo import digits
 
-    model = config["model"]
-    if model is None:
-        raise GenuncError("the config names no model (model: zoo:digits_ddpm or a folder path)")
-    if str(model).startswith("zoo:"):
-        if model != "zoo:digits_ddpm":
-            raise GenuncError(f"unknown zoo image model {model!r}; shipped: zoo:digits_ddpm")
-        return digits.DDPM_DIR
-    return Path(model)
+    return model_dir(config, {"digits_ddpm": digits.DDPM_DIR})
 
 
 def feature_extractor(spec: str | None, device: str) -> Any:

@@ -14,23 +14,16 @@ import numpy as np
 
 from genunc.errors import GenuncError
 from genunc.export import Export
-from genunc.jobs import export_in_chunks, posterior_dir
+from genunc.jobs import export_in_chunks, model_dir, posterior_dir
 from genunc.metrics.molecule import evaluate_molecules, to_rdkit
 from genunc.pipelines.molecule import MoleculeUncertaintySampler, encode
 from genunc.posterior import HeadPosterior
 
 
-def model_dir(config: dict[str, Any]) -> Path:
-    model = config["model"]
-    if model is None:
-        raise GenuncError("the config names no model (model: zoo:qm9_edm or a folder path)")
-    if str(model).startswith("zoo:"):
-        if model != "zoo:qm9_edm":
-            raise GenuncError(f"unknown zoo molecule model {model!r}; shipped: zoo:qm9_edm")
-        from genunc.zoo.qm9 import QM9_DIR
+def _model_dir(config: dict[str, Any]) -> Path:
+    from genunc.zoo.qm9 import QM9_DIR
 
-        return QM9_DIR
-    return Path(model)
+    return model_dir(config, {"qm9_edm": QM9_DIR})
 
 
 def posterior_batches(config: dict[str, Any]) -> list[dict]:
@@ -61,7 +54,7 @@ def build_sampler(config: dict[str, Any], fit_if_missing: bool = True,
     if config["features"] not in (None, "descriptors"):
         raise GenuncError(f"molecule features are the invariant descriptors ('descriptors'); got "
                           f"{config['features']!r}")
-    sampler = MoleculeUncertaintySampler.from_pretrained(model_dir(config), device=config["device"])
+    sampler = MoleculeUncertaintySampler.from_pretrained(_model_dir(config), device=config["device"])
     directory = posterior_dir(config)
     if (directory / "genunc_posterior.json").exists():
         sampler.posterior = HeadPosterior.load(directory, sampler.adapter.model)

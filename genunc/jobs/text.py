@@ -15,24 +15,17 @@ import numpy as np
 
 from genunc.errors import GenuncError
 from genunc.export import Export
-from genunc.jobs import export_in_chunks, posterior_dir
+from genunc.jobs import export_in_chunks, model_dir, posterior_dir
 from genunc.pipelines.text import TextUncertaintySampler
 from genunc.posterior import HeadPosterior
 from genunc.sampling.masked import UnmaskingConfig
 from genunc.tasks import ArithmeticTask
 
 
-def model_dir(config: dict[str, Any]) -> Path:
-    model = config["model"]
-    if model is None:
-        raise GenuncError("the config names no model (model: zoo:arith_mdlm or a folder path)")
-    if str(model).startswith("zoo:"):
-        if model != "zoo:arith_mdlm":
-            raise GenuncError(f"unknown zoo text model {model!r}; shipped: zoo:arith_mdlm")
-        from genunc.zoo.arith import ARITH_DIR
+def _model_dir(config: dict[str, Any]) -> Path:
+    from genunc.zoo.arith import ARITH_DIR
 
-        return ARITH_DIR
-    return Path(model)
+    return model_dir(config, {"arith_mdlm": ARITH_DIR})
 
 
 def task_of(sampler: TextUncertaintySampler) -> ArithmeticTask:
@@ -44,7 +37,7 @@ def task_of(sampler: TextUncertaintySampler) -> ArithmeticTask:
 
 def build_sampler(config: dict[str, Any], fit_if_missing: bool = True,
                   progress: bool = True) -> TextUncertaintySampler:
-    sampler = TextUncertaintySampler.from_pretrained(model_dir(config), device=config["device"])
+    sampler = TextUncertaintySampler.from_pretrained(_model_dir(config), device=config["device"])
     if config["features"] == "minilm":
         from genunc.features.text import MiniLMEmbedder
 
