@@ -108,3 +108,17 @@ def test_per_atom_variability_does_not_grow_with_padding(adapter):
     torch.testing.assert_close(a["variability"], b["variability"])
     expected = eps.double().var(0)[0, :, :3].sum(-1).mean()
     torch.testing.assert_close(a["variability_pos"][0], expected)
+
+
+def test_cpu_chunked_backbone_matches_one_pass_and_calls_the_head_once(adapter, monkeypatch):
+    data = batch(b=5)
+    t = torch.tensor([10, 200, 400, 600, 900])
+    model = adapter.model
+    monkeypatch.setattr(model, "cpu_chunk_atoms", None)
+    with torch.no_grad():
+        whole = model(data["x"], t / 1000, data["node_mask"])
+    monkeypatch.setattr(model, "cpu_chunk_atoms", 2 * data["x"].shape[1])  # chunks of 2, 2, 1
+    with torch.no_grad(), capture_head(model.head) as record:
+        chunked = model(data["x"], t / 1000, data["node_mask"])
+    assert record.calls == 1 and record.features.shape[0] == 5
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)

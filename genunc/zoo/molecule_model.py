@@ -98,7 +98,24 @@ class EquivariantDenoiser(nn.Module):
         self.irreps_hidden = irreps
         self.head = o3.Linear(irreps, f"1x1o + {n_features}x0e")
 
+    #: On CPU the backbone runs over chunks of at most this many (padded) atoms: the per-edge
+    #: tensors of a large batch fall out of the cache and cost grows faster than the batch
+    #: (measured: 8 ms/molecule at 16 molecules, 18 ms at 384).  The head still runs once over
+    #: the whole batch, so a posterior hook on it sees every row.  ``None`` disables chunking;
+    #: GPUs never chunk.
+    cpu_chunk_atoms: int | None = 512
+
     def forward(self, x: Tensor, t: Tensor, node_mask: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        chunk = b if x.is_cuda or self.cpu_chunk_atoms is None \
+            else max(1, self.cpu_chunk_atoms // max(n, 1))
+        h = torch.cat([self.features(x[i : i + chunk], t[i : i + chunk], node_mask[i : i + chunk])
+                       for i in range(0, b, chunk)])
+        out = self.head(h)  # head rows: (B, N) atoms
+        return out * node_mask.bool().unsqueeze(-1).to(out.dtype)
+
+    def features(self, x: Tensor, t: Tensor, node_mask: Tensor) -> Tensor:
+        """The head's input ``(B, N, C)``: everything but the head."""
         b, n, _ = x.shape
         mask = node_mask.bool()
         pos, feats = x[..., :3], x[..., 3:]
@@ -115,5 +132,4 @@ class EquivariantDenoiser(nn.Module):
                                        cutoff=True) * math.sqrt(self.n_radial)
         for layer in self.layers:
             h = layer(h, src, dst, sh, radial)
-        out = self.head(h.reshape(b, n, -1))  # head rows: (B, N) atoms
-        return out * mask.unsqueeze(-1).to(out.dtype)
+        return h.reshape(b, n, -1)
