@@ -43,6 +43,15 @@ def posterior_dir(config: dict[str, Any]) -> Path:
     return Path(model) / "genunc_posterior"
 
 
+def saved_posterior(config: dict[str, Any], model: Any) -> HeadPosterior | None:
+    """The posterior saved in the config's posterior folder, loaded onto `model`; None if that
+    folder holds none yet.  A posterior fitted on other weights is refused, not silently refitted."""
+    directory = posterior_dir(config)
+    if not (directory / "genunc_posterior.json").exists():
+        return None
+    return HeadPosterior.load(directory, model)
+
+
 def export_in_chunks(config: dict[str, Any], fmt: str, posterior: HeadPosterior | None,
                      generate_chunk: ChunkGenerator, progress: bool = True) -> Export:
     """Run a modality's generator chunk by chunk into one export directory (resumable).

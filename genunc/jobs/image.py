@@ -10,7 +10,7 @@ import torch
 
 from genunc.errors import GenuncError
 from genunc.export import Export
-from genunc.jobs import export_in_chunks, model_dir, posterior_dir
+from genunc.jobs import export_in_chunks, model_dir, posterior_dir, saved_posterior
 from genunc.features import DigitsFeatures, flatten_pixels
 from genunc.pipelines.image import ImageUncertaintyPipeline
 from genunc.posterior import HeadPosterior
@@ -59,10 +59,8 @@ def build_pipeline(config: dict[str, Any], fit_if_missing: bool = True,
     pipe = ImageUncertaintyPipeline.from_pretrained(
         _model_dir(config), feature_extractor=feature_extractor(config["features"], device),
         posterior=None, device=device)
-    directory = posterior_dir(config)
-    if (directory / "genunc_posterior.json").exists():
-        pipe.posterior = HeadPosterior.load(directory, pipe.unet)
-    elif fit_if_missing:
+    pipe.posterior = saved_posterior(config, pipe.unet)
+    if pipe.posterior is None and fit_if_missing:
         fit_posterior(pipe, config, progress=progress)
     return pipe
 
