@@ -71,12 +71,24 @@ def _mean_report(reports):
                            novelty=None)
 
 
+def _cell(value: float, width: int) -> str:
+    """A correlation, or 'constant' where the quality column has one value (rho undefined)."""
+    return f"{'constant':>{width}}" if np.isnan(value) else f"{value:>{width}.3f}"
+
+
 def correlation_table(scores: dict[str, np.ndarray], quality: dict[str, np.ndarray]) -> None:
-    print(f"{'score':<20}" + "".join(f"{q:>22}" for q in QUALITY) + f"{'AUROC(unstable)':>17}")
+    failures = {"unstable": quality["molecule_stable"] < 0.5, "invalid": quality["valid"] < 0.5}
+    print(f"{'score':<20}" + "".join(f"{q:>22}" for q in QUALITY)
+          + "".join(f"{'AUROC(' + f + ')':>17}" for f in failures))
     for name, values in scores.items():
         rhos = [filtering.spearman(values, quality[q]) for q in QUALITY]
-        auc = filtering.auroc(values, quality["molecule_stable"] < 0.5)
-        print(f"{name:<20}" + "".join(f"{r:>22.3f}" for r in rhos) + f"{auc:>17.3f}")
+        aucs = [filtering.auroc(values, failed) for failed in failures.values()]
+        print(f"{name:<20}" + "".join(_cell(r, 22) for r in rhos)
+              + "".join(_cell(a, 17) for a in aucs))
+    constant = [q for q in QUALITY if np.ptp(quality[q]) == 0]
+    if constant:
+        print(f"  ('constant': every molecule has the same {', '.join(constant)}, so no score can "
+              f"rank by it)")
 
 
 def main() -> None:
