@@ -13,6 +13,7 @@ precision / recall of the kept set against a random subset of the same size.  He
    Spearman correlation of each cheap semantic variant against the full-cost score.
 
 Usage:  python benchmarks/eval_image.py [--n 2000] [--draws 5] [--steps 50] [--cost-n 128]
+        [--variants]  (also filter by the cheap semantic variants; --cost-n 0 skips the cost table)
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/eval_image")
     parser.add_argument("--cost-only", action="store_true", help="skip the filtering table")
+    parser.add_argument("--variants", action="store_true",
+                        help="also filter by the cheap semantic variants (branch at 50%%, draws "
+                             "with a fifth of the steps): what their kept sets are worth")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
@@ -53,7 +57,15 @@ def main() -> None:
     extractor = pipe.feature_extractor
     if not args.cost_only:
         filtering_table(pipe, extractor, args)
-    cost_table(pipe, args)
+    if args.cost_n > 0:
+        cost_table(pipe, args)
+
+
+def cheap_variants(steps: int) -> list[tuple[str, dict[str, int]]]:
+    """The cost reductions beyond the paper, as pipeline keyword arguments."""
+    return [("semantic, branch at 50%", dict(branch_at=steps // 2)),
+            ("semantic, branch at 80%", dict(branch_at=int(steps * 0.8))),
+            (f"semantic, draws with {steps // 5} steps", dict(draw_steps=steps // 5))]
 
 
 def filtering_table(pipe, extractor, args) -> None:
@@ -66,6 +78,15 @@ def filtering_table(pipe, extractor, args) -> None:
     for name in ("semantic", "variability", "pixel_variance"):
         rows.append(quality_row(f"keep {args.keep:.0%} by {name}", feats, real, correct,
                                 filtering.keep_fraction(out.scores[name], args.keep)))
+    if args.variants:  # each variant's own run: same seed, so the same MAP digits
+        for name, kwargs in cheap_variants(args.steps)[::2]:
+            res = pipe(args.n, num_draws=args.draws, num_inference_steps=args.steps,
+                       seed=args.seed, scores=("semantic",), **kwargs)
+            v_feats = extract_in_batches(extractor, res.images).numpy()
+            _, v_correct = class_agreement(extractor, res.images, res.class_labels)
+            rows.append(quality_row(f"keep {args.keep:.0%} by {name}", v_feats, real,
+                                    v_correct, filtering.keep_fraction(res.scores["semantic"],
+                                                                       args.keep)))
     rand = [quality_row("", feats, real, correct,
                         filtering.keep_fraction(np.random.default_rng(s).random(args.n), args.keep))
             for s in range(10)]
@@ -74,9 +95,9 @@ def filtering_table(pipe, extractor, args) -> None:
 
     print(f"\n{args.n} digits, M = {args.draws}, {args.steps} DDIM steps, seed {args.seed}; "
           f"features: digits classifier (64-d); reference: 1,797 real digits")
-    print(f"{'selection':<34}{'FID':>9}{'precision':>11}{'recall':>9}{'class ok':>10}")
+    print(f"{'selection':<44}{'FID':>9}{'precision':>11}{'recall':>9}{'class ok':>10}")
     for name, fid, p, r, ok in rows:
-        print(f"{name:<34}{fid:>9.3f}{p:>11.3f}{r:>9.3f}{ok:>10.1%}")
+        print(f"{name:<44}{fid:>9.3f}{p:>11.3f}{r:>9.3f}{ok:>10.1%}")
     print(f"random-keep FID spread over 10 seeds: {rand_fid.mean():.3f} +- {rand_fid.std():.3f}")
     print(f"\n{'score':<16}{'AUROC(class wrong)':>20}")
     for name in ("semantic", "variability", "pixel_variance", "random"):
@@ -97,9 +118,7 @@ def cost_table(pipe, args) -> None:
     t_plain, _ = timed(scores=("random",))
     t_var, var_out = timed(scores=("variability",))
     t_full, full = timed(scores=("semantic",))
-    variants = [("semantic, branch at 50%", dict(branch_at=args.steps // 2)),
-                ("semantic, branch at 80%", dict(branch_at=int(args.steps * 0.8))),
-                (f"semantic, draws with {args.steps // 5} steps", dict(draw_steps=args.steps // 5))]
+    variants = cheap_variants(args.steps)
     print(f"\ncost on {n} samples (same run, CPU, {torch.get_num_threads()} threads):")
     print(f"{'method':<34}{'seconds':>9}{'x plain':>9}{'Spearman vs full':>18}")
     print(f"{'plain generation':<34}{t_plain:>9.1f}{1.0:>9.2f}{'':>18}")
