@@ -115,3 +115,12 @@ def test_molecule_descriptors_are_invariant(qm9_slice):
                                molecule_features(pos, types), atol=1e-9)
     other_pos, other_types = qm9_slice.molecule(8)
     assert not np.allclose(molecule_features(other_pos, other_types), molecule_features(pos, types))
+
+
+def test_random_baseline_is_independent_of_molecule_size(qm9_slice):
+    """Atom counts are drawn from default_rng(seed) too; the random score must not follow them."""
+    from genunc.filtering import spearman
+
+    sampler = tiny_sampler(qm9_slice, timesteps=10)
+    out = sampler(300, steps=1, scores=("random",), chunk_size=300, seed=0, progress=False)
+    assert abs(spearman(out.scores["random"], out.n_atoms)) < 0.2
