@@ -28,6 +28,7 @@ from genunc import filtering
 from genunc.data.qm9 import edm_split, load_qm9
 from genunc.metrics.molecule import canonical_training_smiles, evaluate_molecules
 from genunc.pipelines.molecule import MoleculeUncertaintySampler, encode
+from genunc.scores import random_scores
 from genunc.posterior import HeadPosterior
 from genunc.zoo.qm9 import QM9_DIR
 
@@ -100,7 +101,7 @@ def main() -> None:
     parser.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     parser.add_argument("--n-fit", type=int, default=2000, help="training molecules for the posterior")
     parser.add_argument("--n-real", type=int, default=1000, help="real molecules for the calibration row")
-    parser.add_argument("--cost-n", type=int, default=64)
+    parser.add_argument("--cost-n", type=int, default=64, help="molecules for the cost table (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/eval_molecules")
     args = parser.parse_args()
@@ -143,11 +144,16 @@ def main() -> None:
                              filtering.keep_fraction(result.scores[name], keep_fraction), train_smiles)
             print(f"{drop:<8.0%}{name:<20}" + "".join(f"{v:>9.1%}" for v in row))
         rand = np.mean([metric_row(result.molecules, filtering.keep_fraction(
-            np.random.default_rng(s).random(args.n), keep_fraction), train_smiles)
+            random_scores(args.n, s), keep_fraction), train_smiles)
             for s in range(10)], axis=0)
         print(f"{drop:<8.0%}{'random (10 seeds)':<20}" + "".join(f"{v:>9.1%}" for v in rand))
 
     # ---------------------------------------------------------------- cost + semantic
+    if args.cost_n > 0:
+        cost_and_semantic(sampler, args)
+
+
+def cost_and_semantic(sampler: MoleculeUncertaintySampler, args: argparse.Namespace) -> None:
     n = args.cost_n
     common = dict(num_draws=args.draws, steps=args.steps, seed=args.seed + 1, progress=False)
 
