@@ -63,3 +63,17 @@ def test_save_leaves_no_temporary_files(tmp_path, model):
     post.save(tmp_path)
     post.save(tmp_path)  # overwrite in place
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_load_saved_and_load_if_present(tmp_path, model):
+    """Nothing saved -> None for both; other weights -> load_saved refuses, load_if_present skips."""
+    assert HeadPosterior.load_saved(tmp_path, model) is None
+    assert HeadPosterior.load_if_present(tmp_path, model) is None
+    post = HeadPosterior.fit(NoisePredictionAdapter(model, "conv_out"), [torch.randn(4, 1, 6, 6)],
+                             progress=False)
+    post.save(tmp_path)
+    torch.testing.assert_close(HeadPosterior.load_saved(tmp_path, model).mean, post.mean)
+    other = ToyImageDenoiser(channels=1, width=8)
+    with pytest.raises(FingerprintMismatchError):
+        HeadPosterior.load_saved(tmp_path, other)
+    assert HeadPosterior.load_if_present(tmp_path, other) is None

@@ -13,6 +13,7 @@ from genunc.config import dump_config
 from genunc.errors import GenuncError
 from genunc.export import Export, ExportWriter
 from genunc.posterior import HeadPosterior
+from genunc.posterior.laplace_head import POSTERIOR_DIR
 
 #: ``(chunk index, sample ids) -> (sample id, payload, record)`` for each sample of the chunk
 ChunkGenerator = Callable[[int, list[str]], Iterable[tuple[str, Any, dict[str, Any]]]]
@@ -40,16 +41,7 @@ def posterior_dir(config: dict[str, Any]) -> Path:
     model = str(config["model"])
     if model.startswith("zoo:"):
         return Path("outputs") / model[4:] / "posterior"
-    return Path(model) / "genunc_posterior"
-
-
-def saved_posterior(config: dict[str, Any], model: Any) -> HeadPosterior | None:
-    """The posterior saved in the config's posterior folder, loaded onto `model`; None if that
-    folder holds none yet.  A posterior fitted on other weights is refused, not silently refitted."""
-    directory = posterior_dir(config)
-    if not (directory / "genunc_posterior.json").exists():
-        return None
-    return HeadPosterior.load(directory, model)
+    return Path(model) / POSTERIOR_DIR
 
 
 def export_in_chunks(config: dict[str, Any], fmt: str, posterior: HeadPosterior | None,

@@ -10,7 +10,7 @@ import torch
 
 from genunc.errors import GenuncError
 from genunc.export import Export
-from genunc.jobs import export_in_chunks, model_dir, posterior_dir, saved_posterior
+from genunc.jobs import export_in_chunks, model_dir, posterior_dir
 from genunc.features import DigitsFeatures, flatten_pixels
 from genunc.pipelines.image import ImageUncertaintyPipeline
 from genunc.posterior import HeadPosterior
@@ -59,7 +59,7 @@ def build_pipeline(config: dict[str, Any], fit_if_missing: bool = True,
     pipe = ImageUncertaintyPipeline.from_pretrained(
         _model_dir(config), feature_extractor=feature_extractor(config["features"], device),
         posterior=None, device=device)
-    pipe.posterior = saved_posterior(config, pipe.unet)
+    pipe.posterior = HeadPosterior.load_saved(posterior_dir(config), pipe.unet)
     if pipe.posterior is None and fit_if_missing:
         fit_posterior(pipe, config, progress=progress)
     return pipe

@@ -14,7 +14,7 @@ import numpy as np
 
 from genunc.errors import GenuncError
 from genunc.export import Export
-from genunc.jobs import export_in_chunks, model_dir, posterior_dir, saved_posterior
+from genunc.jobs import export_in_chunks, model_dir, posterior_dir
 from genunc.metrics.molecule import evaluate_molecules, to_rdkit
 from genunc.pipelines.molecule import MoleculeUncertaintySampler, encode
 from genunc.posterior import HeadPosterior
@@ -55,7 +55,7 @@ def build_sampler(config: dict[str, Any], fit_if_missing: bool = True,
         raise GenuncError(f"molecule features are the invariant descriptors ('descriptors'); got "
                           f"{config['features']!r}")
     sampler = MoleculeUncertaintySampler.from_pretrained(_model_dir(config), device=config["device"])
-    sampler.posterior = saved_posterior(config, sampler.adapter.model)
+    sampler.posterior = HeadPosterior.load_saved(posterior_dir(config), sampler.adapter.model)
     if sampler.posterior is None and fit_if_missing:
         fit_posterior(sampler, config, progress=progress)
     return sampler

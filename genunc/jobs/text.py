@@ -15,7 +15,7 @@ import numpy as np
 
 from genunc.errors import GenuncError
 from genunc.export import Export
-from genunc.jobs import export_in_chunks, model_dir, posterior_dir, saved_posterior
+from genunc.jobs import export_in_chunks, model_dir, posterior_dir
 from genunc.pipelines.text import TextUncertaintySampler
 from genunc.posterior import HeadPosterior
 from genunc.sampling.masked import UnmaskingConfig
@@ -45,7 +45,7 @@ def build_sampler(config: dict[str, Any], fit_if_missing: bool = True,
         sampler.embedder = MiniLMEmbedder(task.decode, device=config["device"])
     elif config["features"] not in (None, "answer"):
         raise GenuncError(f"text features are 'answer' or 'minilm', got {config['features']!r}")
-    sampler.posterior = saved_posterior(config, sampler.adapter.model)
+    sampler.posterior = HeadPosterior.load_saved(posterior_dir(config), sampler.adapter.model)
     if sampler.posterior is None and fit_if_missing:
         fit_posterior(sampler, config, progress=progress)
     return sampler

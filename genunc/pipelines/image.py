@@ -20,12 +20,11 @@ from tqdm.auto import tqdm
 from genunc.adapters.image import DiffusersImageAdapter
 from genunc.errors import GenuncError, ShapeMismatchError
 from genunc.features import FeatureExtractor, extract_in_batches
-from genunc.posterior.laplace_head import META_FILE, HeadPosterior
+from genunc.posterior.laplace_head import POSTERIOR_DIR, HeadPosterior
 from genunc.sampling.diffusers_loop import run_trajectory
 from genunc.scores import aggregate_variability, gaussian_entropy, pixel_variance, random_scores
 
 SCORES = ("semantic", "variability", "pixel_variance", "random")
-POSTERIOR_DIR = "genunc_posterior"
 
 
 @dataclass
@@ -114,8 +113,7 @@ class ImageUncertaintyPipeline:
         scheduler = DDPMScheduler.from_pretrained(sched_dir)
         pipe = cls(unet, scheduler, feature_extractor=feature_extractor)
         if posterior == "auto":
-            if (path / POSTERIOR_DIR / META_FILE).exists():
-                pipe.posterior = HeadPosterior.load(path / POSTERIOR_DIR, unet)
+            pipe.posterior = HeadPosterior.load_saved(path / POSTERIOR_DIR, unet)
         elif isinstance(posterior, (str, Path)):
             pipe.posterior = HeadPosterior.load(posterior, unet)
         elif posterior is not None:

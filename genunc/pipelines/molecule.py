@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from genunc.adapters.molecule import MoleculeAdapter
 from genunc.data.qm9 import ATOMIC_NUMBERS, QM9
 from genunc.errors import GenuncError
-from genunc.posterior.laplace_head import HeadPosterior
+from genunc.posterior.laplace_head import POSTERIOR_DIR, HeadPosterior
 from genunc.sampling.diffusers_loop import run_trajectory
 from genunc.features.molecule import features_of
 from genunc.scores import aggregate_variability, gaussian_entropy, random_scores
@@ -116,8 +116,7 @@ class MoleculeUncertaintySampler:
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
         histogram = json.loads((directory / "atom_histogram.json").read_text())
         sampler = cls(model.to(device).eval(), histogram, timesteps=config["timesteps"])
-        if (directory / "genunc_posterior" / "genunc_posterior.json").exists():
-            sampler.posterior = HeadPosterior.load(directory / "genunc_posterior", model)
+        sampler.posterior = HeadPosterior.load_saved(directory / POSTERIOR_DIR, model)
         return sampler
 
     def fit_posterior(self, batches: Any, *, repeats: int = 2, seed: int = 0,

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from genunc.adapters.text import MaskedDiffusionLMAdapter
 from genunc.errors import GenuncError, ShapeMismatchError
-from genunc.posterior.laplace_head import HeadPosterior
+from genunc.posterior.laplace_head import POSTERIOR_DIR, HeadPosterior
 from genunc.sampling.masked import UnmaskingConfig, unmask
 from genunc.scores import gaussian_entropy, random_scores
 from genunc.scores.tokens import aggregate
@@ -96,8 +96,7 @@ class TextUncertaintySampler:
         adapter = MaskedDiffusionLMAdapter(model, "head", config["mask_id"],
                                            time_conditioning=config["model"]["time_conditioning"])
         sampler = cls(adapter, metadata=config)
-        if (directory / "genunc_posterior" / "genunc_posterior.json").exists():
-            sampler.posterior = HeadPosterior.load(directory / "genunc_posterior", model)
+        sampler.posterior = HeadPosterior.load_saved(directory / POSTERIOR_DIR, model)
         return sampler
 
     def fit_posterior(self, batches: Any, *, repeats: int = 1, seed: int = 0,

@@ -39,6 +39,8 @@ STRUCTURES: tuple[str, ...] = ("diag", "kron", "full")
 FORMAT_VERSION = 1
 TENSORS_FILE = "genunc_posterior.safetensors"
 META_FILE = "genunc_posterior.json"
+#: Folder name for a posterior saved beside a model (``<model>/genunc_posterior``).
+POSTERIOR_DIR = "genunc_posterior"
 
 
 class _RowModel(nn.Module):
@@ -415,12 +417,20 @@ class HeadPosterior:
         For scripts that cache a fit: a missing posterior, or one fitted on other weights (the
         model was retrained), means "fit again"; any other problem still raises.
         """
-        if not (Path(directory) / META_FILE).exists():
-            return None
         try:
-            return cls.load(directory, model)
+            return cls.load_saved(directory, model)
         except FingerprintMismatchError:
             return None
+
+    @classmethod
+    def load_saved(
+        cls, directory: str | os.PathLike[str], model: nn.Module | DenoiserAdapter
+    ) -> "HeadPosterior | None":
+        """The posterior saved in `directory`, or None where none was saved; unlike
+        :meth:`load_if_present`, one fitted on other weights is refused, not skipped."""
+        if not (Path(directory) / META_FILE).exists():
+            return None
+        return cls.load(directory, model)
 
     def check_matches(self, model: nn.Module | DenoiserAdapter, check_weights: bool = True) -> None:
         """Raise :class:`FingerprintMismatchError` unless `model`'s head is the one fitted on."""
