@@ -79,20 +79,20 @@ def main() -> None:
         with capture_head(unet.conv_out) as record:
             unet(x, t)
         features["phi"] = record.features
-        post.apply(record.features, draws)
+        draws.apply(record.features)
 
     genunc_path()
 
     @torch.no_grad()
     def heads_only():
-        post.apply(features["phi"], draws)
+        draws.apply(features["phi"])
 
     # correctness first: the batched heads equal the per-draw full forwards
     with torch.no_grad():
         full = torch.stack([
             functional_call(unet, {f"conv_out.{k}": v[m] for k, v in draws.params.items()},
                             (x, t)).sample for m in range(args.draws)])
-        fast = post.apply(features["phi"], draws)
+        fast = draws.apply(features["phi"])
     err = (full - fast).abs().max().item()
 
     t_loop, t_batched = timed(loop, args.repeats), timed(batched, args.repeats)

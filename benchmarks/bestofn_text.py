@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from genunc import filtering
-from genunc.pipelines.text import TextUncertaintySampler
-from genunc.posterior import HeadPosterior
+from genunc.pipelines import TextUncertaintyPipeline
 from genunc.sampling.masked import UnmaskingConfig
 from genunc.tasks import ArithmeticTask
 from genunc.zoo.arith import ARITH_DIR
@@ -33,18 +32,15 @@ SCORES = ("mutual_information", "mutual_information_max", "low_posterior_confide
           "low_confidence", "low_margin", "low_self_certainty", "random")
 
 
-def load(model: Path, out: Path, task: ArithmeticTask, n_fit: int) -> TextUncertaintySampler:
-    sampler = TextUncertaintySampler.from_pretrained(model)
-    post_dir = out / "posterior"
-    sampler.posterior = HeadPosterior.load_if_present(post_dir, sampler.adapter.model)
-    if sampler.posterior is not None:
-        return sampler
+def load(model: Path, out: Path, task: ArithmeticTask, n_fit: int) -> TextUncertaintyPipeline:
+    """The model with the posterior cached in `out` (fitted there on training problems)."""
+    pipe = TextUncertaintyPipeline.from_pretrained(model, posterior=None)
     pairs = task.split()["train"][:n_fit]
-    batches = [{"x": task.sequences(pairs[i : i + 256]), "prompt_mask": task.prompt_mask(len(pairs[i : i + 256]))}
+    batches = [{"x": task.sequences(pairs[i : i + 256]),
+                "prompt_mask": task.prompt_mask(len(pairs[i : i + 256]))}
                for i in range(0, len(pairs), 256)]
-    sampler.fit_posterior(batches, repeats=2)
-    sampler.posterior.save(post_dir)
-    return sampler
+    pipe.load_or_fit_posterior(out / "posterior", batches, stale="refit", repeats=2)
+    return pipe
 
 
 def main() -> None:
@@ -60,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
-    probe = TextUncertaintySampler.from_pretrained(args.model)
+    probe = TextUncertaintyPipeline.from_pretrained(args.model, posterior=None)
     spec = probe.metadata["task"]
     task = ArithmeticTask(spec["op"], spec["digits"])
     sampler = load(Path(args.model), Path(args.out), task, args.n_fit)

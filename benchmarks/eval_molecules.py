@@ -27,25 +27,21 @@ import torch
 from genunc import filtering
 from genunc.data.qm9 import edm_split, load_qm9
 from genunc.metrics.molecule import canonical_training_smiles, evaluate_molecules
-from genunc.pipelines.molecule import MoleculeUncertaintySampler, encode
+from genunc.pipelines import MoleculeUncertaintyPipeline
 from genunc.scores import random_scores
-from genunc.posterior import HeadPosterior
 from genunc.zoo.qm9 import QM9_DIR
 
 SCORES = ("variability", "variability_pos", "variability_type", "denoising_loss", "random")
 QUALITY = ("molecule_stable", "atom_stable_fraction", "valid")
 
 
-def load_sampler(model: Path, out: Path, train, n_fit: int) -> MoleculeUncertaintySampler:
-    sampler = MoleculeUncertaintySampler.from_pretrained(model)
-    post_dir = out / "posterior"
-    sampler.posterior = HeadPosterior.load_if_present(post_dir, sampler.adapter.model)
-    if sampler.posterior is not None:
-        return sampler
-    batches = [encode(train, np.arange(i, min(i + 64, n_fit))) for i in range(0, n_fit, 64)]
-    sampler.fit_posterior(batches, repeats=2)
-    sampler.posterior.save(post_dir)
-    return sampler
+def load_sampler(model: Path, out: Path, train, n_fit: int) -> MoleculeUncertaintyPipeline:
+    """The model with the posterior cached in `out` (fitted there on `n_fit` training molecules)."""
+    pipe = MoleculeUncertaintyPipeline.from_pretrained(model, posterior=None)
+    batches = [pipe.adapter.encode(train, np.arange(i, min(i + 64, n_fit)))
+               for i in range(0, n_fit, 64)]
+    pipe.load_or_fit_posterior(out / "posterior", batches, stale="refit")
+    return pipe
 
 
 def quality_of(report) -> dict[str, np.ndarray]:
@@ -117,7 +113,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- generation + scores
     start = time.perf_counter()
-    result = sampler(args.n, num_draws=args.draws, steps=args.steps, sampler=args.sampler,
+    result = sampler(args.n, num_draws=args.draws, num_inference_steps=args.steps, sampler=args.sampler,
                      scores=("variability", "denoising_loss", "random"), seed=args.seed)
     seconds = time.perf_counter() - start
     report = evaluate_molecules(result.molecules, train_smiles)
@@ -153,9 +149,9 @@ def main() -> None:
         cost_and_semantic(sampler, args)
 
 
-def cost_and_semantic(sampler: MoleculeUncertaintySampler, args: argparse.Namespace) -> None:
+def cost_and_semantic(sampler: MoleculeUncertaintyPipeline, args: argparse.Namespace) -> None:
     n = args.cost_n
-    common = dict(num_draws=args.draws, steps=args.steps, seed=args.seed + 1, progress=False)
+    common = dict(num_draws=args.draws, num_inference_steps=args.steps, seed=args.seed + 1, progress=False)
 
     def timed(**kwargs):
         tic = time.perf_counter()

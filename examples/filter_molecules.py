@@ -21,24 +21,20 @@ from genunc.data.qm9 import edm_split, load_cache, load_qm9
 from genunc.export import ExportWriter
 from genunc.export.sdf import filter_sdf, read_sdf_scores, record_properties, split_records
 from genunc.metrics.molecule import evaluate_molecules, to_rdkit
-from genunc.pipelines.molecule import MoleculeUncertaintySampler, encode
-from genunc.posterior import HeadPosterior
+from genunc.pipelines import MoleculeUncertaintyPipeline
 from genunc.zoo.qm9 import QM9_DIR
 
 
-def fit_or_load(sampler: MoleculeUncertaintySampler, directory: Path, data_path: str | None,
-                n_fit: int) -> None:
-    sampler.posterior = HeadPosterior.load_if_present(directory, sampler.adapter.model)
-    if sampler.posterior is not None:
-        return
+def training_batches(pipe: MoleculeUncertaintyPipeline, data_path: str | None,
+                     n_fit: int) -> list[dict]:
+    """Clean molecules for the posterior: a molecule cache, or QM9's training split."""
     if data_path:
         data = load_cache(Path(data_path))
         ids = np.arange(min(n_fit, len(data)))
     else:
         data = load_qm9()
         ids = edm_split(len(data))["train"][:n_fit]
-    sampler.fit_posterior([encode(data, ids[i : i + 64]) for i in range(0, len(ids), 64)])
-    sampler.posterior.save(directory)
+    return [pipe.adapter.encode(data, ids[i : i + 64]) for i in range(0, len(ids), 64)]
 
 
 def stability_summary(path: Path) -> str:
@@ -72,13 +68,16 @@ def main() -> None:
     if args.sdf:
         source = Path(args.sdf)
     else:
-        sampler = MoleculeUncertaintySampler.from_pretrained(args.model)
-        fit_or_load(sampler, out / "posterior", args.posterior_data, args.n_fit)
-        result = sampler(args.n, num_draws=args.draws, steps=args.steps, seed=args.seed,
-                         scores=("variability", "denoising_loss", "random"))
+        pipe = MoleculeUncertaintyPipeline.from_pretrained(args.model)
+        # a posterior cached here for other weights (a retrained model) is simply refitted
+        pipe.load_or_fit_posterior(out / "posterior",
+                                   training_batches(pipe, args.posterior_data, args.n_fit),
+                                   stale="refit")
+        result = pipe(args.n, num_draws=args.draws, num_inference_steps=args.steps,
+                      seed=args.seed, scores=("variability", "denoising_loss", "random"))
         report = evaluate_molecules(result.molecules)
         metadata = {"modality": "molecule", "model": args.model,
-                    "posterior_fingerprint": sampler.posterior.fingerprint}
+                    "posterior_fingerprint": pipe.posterior.fingerprint}
         with ExportWriter(out / "export", "sdf", metadata=metadata) as writer:
             for i, (positions, types) in enumerate(result.molecules):
                 record = {"seed": args.seed, "n_atoms": len(types),

@@ -26,7 +26,7 @@ print(posterior)
 x_t, t = batches[0]["x"], torch.full((32,), 300)
 with torch.no_grad(), capture_head(adapter.head) as record:
     model(x_t, t, node_mask=mask)
-eps = posterior.apply(record.features, posterior.sample(16, seed=0))  # (16, 32, 12, 8)
+eps = posterior.sample(16, seed=0).apply(record.features)  # (16, 32, 12, 8)
 sampled = eps.var(0)[mask].sum(-1)                                     # per-node variance
 exact = posterior.output_variance(record.features)[mask].sum(-1)      # closed form, same thing
 print(f"per-node predictive variance: sampled {sampled.mean():.3e}, closed form {exact.mean():.3e}")

@@ -68,53 +68,30 @@ def _zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
-SCORE_COLUMNS = ("semantic", "variability", "variability_pos", "variability_type", "pixel_variance",
-                 "denoising_loss", "mutual_information", "mutual_information_max",
-                 "mutual_information_span", "low_posterior_confidence", "low_confidence",
-                 "low_margin", "low_self_certainty", "random")
-
-
 def _config(args: argparse.Namespace) -> dict:
     from genunc.config import load_config
 
-    config = load_config(args.config, args.set or [])
-    if config["modality"] not in ("image", "molecule", "text"):
-        raise SystemExit(f"genunc: unknown modality {config['modality']!r}: image, molecule or text")
-    return config
-
-
-def _job(config: dict):
-    """The job module of the config's modality (same functions for every modality)."""
-    if config["modality"] == "molecule":
-        from genunc.jobs import molecule
-
-        return molecule
-    if config["modality"] == "text":
-        from genunc.jobs import text
-
-        return text
-    from genunc.jobs import image
-
-    return image
+    return load_config(args.config, args.set or [])
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from genunc.jobs import job_for
+    from genunc.jobs.base import posterior_dir
+
     config = _config(args)
-    job = _job(config)
-    if config["modality"] in ("molecule", "text"):
-        model = job.build_sampler(config, fit_if_missing=False)
-    else:
-        model = job.build_pipeline(config, fit_if_missing=False)
-    posterior = job.fit_posterior(model, config)
+    job = job_for(config["modality"])
+    posterior = job.fit_posterior(job.build_pipeline(config, fit_if_missing=False), config)
     for key, value in posterior.summary().items():
         print(f"{key:>22}: {value}")
-    print(f"saved to {job.posterior_dir(config)}")
+    print(f"saved to {posterior_dir(config)}")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from genunc.jobs import job_for
+
     config = _config(args)
-    export = _job(config).generate(config)
+    export = job_for(config["modality"]).generate(config)
     print(f"{len(export)} scored samples in {export.directory} (manifest.csv, samples/, run.json)")
     return 0
 
@@ -158,7 +135,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     export = Export(args.export)
     quality = export.column(args.quality).astype(float)
-    names = [c for c in (args.scores.split(",") if args.scores else SCORE_COLUMNS)
+    names = [c for c in (args.scores.split(",") if args.scores else _score_columns(export))
              if all(c in r for r in export.records)]
     if not names:
         raise SystemExit("genunc: the export holds none of the requested score columns")
@@ -177,6 +154,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         filtering.plot_retention(args.plot, curves, ylabel=f"mean {args.quality} of kept")
         print(f"retention plot: {args.plot}")
     return 0
+
+
+def _score_columns(export) -> list[str]:
+    """The score columns the export's modality can hold (every modality's, if it names none)."""
+    from genunc.jobs import job_for, modalities
+
+    modality = export.metadata.get("modality")
+    names = [modality] if modality in modalities() else list(modalities())
+    columns: list[str] = []
+    for name in names:
+        columns += [c for c in job_for(name).pipeline_class.score_columns() if c not in columns]
+    return columns
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,3 +32,11 @@ class NonFiniteError(GenuncError):
 
 class FingerprintMismatchError(GenuncError):
     """A saved posterior does not belong to the model it is being loaded onto."""
+
+
+class MissingFileError(GenuncError, FileNotFoundError):
+    """A file or folder genunc needs (model, posterior, config, data) does not exist."""
+
+
+class ConfigError(GenuncError):
+    """A run configuration names an unknown key, value or combination."""

@@ -69,6 +69,24 @@ def best_of_n(scores, groups: Sequence) -> np.ndarray:
     return np.array(list(best.values()), dtype=np.int64)
 
 
+def select(scores, *, fraction: float | None = None, k: int | None = None,
+           threshold: float | None = None, groups: Sequence | None = None) -> np.ndarray:
+    """The one selection rule behind every filter: exactly one of keep a `fraction`, keep `k`,
+    keep score <= `threshold`, or the best sample per value of `groups` (best-of-N).
+    Returns sorted indices."""
+    rules = {"fraction": fraction, "k": k, "threshold": threshold, "groups": groups}
+    given = sorted(name for name, value in rules.items() if value is not None)
+    if len(given) != 1:
+        raise GenuncError(f"give exactly one of {sorted(rules)}; got {given or 'none'}")
+    if fraction is not None:
+        return keep_fraction(scores, fraction)
+    if k is not None:
+        return keep_top_k(scores, k)
+    if threshold is not None:
+        return keep_below(scores, threshold)
+    return np.sort(best_of_n(scores, groups))
+
+
 # ---------------------------------------------------------------------------- statistics
 def retention_curve(scores, quality, fractions=None) -> tuple[np.ndarray, np.ndarray]:
     """Mean quality of the kept samples as the kept fraction grows (quality: higher is better)."""

@@ -1,4 +1,12 @@
+"""Shared fixtures: tiny untrained models of every modality, a QM9 slice, the arithmetic task.
+
+Factories are fixtures that return a function, so a test can build several models with other
+seeds or sizes.
+"""
+
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,7 +14,108 @@ import torch
 os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+# ----------------------------------------------------------------------------------- images
+def _tiny_unet(seed: int = 0, classes: int | None = 3):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=classes,
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    """``tiny_unet(seed=0, classes=3)``: an untrained class-conditional 8x8 UNet2DModel."""
+    return _tiny_unet
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm_folder(tmp_path_factory):
+    """``tiny_ddpm_folder(path)``: a tiny UNet + DDPM scheduler saved as diffusers saves them."""
+
+    def write(path: Path, seed: int = 0) -> Path:
+        from diffusers import DDPMScheduler
+
+        _tiny_unet(seed).save_pretrained(path)
+        DDPMScheduler(num_train_timesteps=100).save_pretrained(path)
+        return path
+
+    return write
+
+
+# ----------------------------------------------------------------------------------- molecules
+@pytest.fixture(scope="session")
+def qm9_slice():
+    """The first 200 QM9 molecules, read straight from qm9pack's CSVs."""
+    from genunc.data.qm9 import parse_csvs, qm9pack_data_dir
+
+    return parse_csvs(qm9pack_data_dir(), limit=200, progress=False)
+
+
+def _tiny_molecule_model(seed: int = 0, **config):
+    from genunc.zoo.molecule_model import EquivariantDenoiser
+
+    torch.manual_seed(seed)
+    return EquivariantDenoiser(**{"n_features": 6, "scalars": 8, "vectors": 2, "n_layers": 1,
+                                  "lmax": 1, **config})
+
+
+@pytest.fixture(scope="session")
+def tiny_molecule_model():
+    """``tiny_molecule_model(seed=0, **config)``: an untrained one-layer e3nn denoiser."""
+    return _tiny_molecule_model
+
+
+@pytest.fixture(scope="session")
+def tiny_molecule_folder(qm9_slice):
+    """``tiny_molecule_folder(path, timesteps=40)``: a model folder as ``from_pretrained`` reads
+    it, and ``path.parent / "molecules.npz"``, a molecule cache for posterior fits."""
+
+    def write(path: Path, timesteps: int = 40) -> Path:
+        from genunc.data.qm9 import save_cache
+
+        _tiny_molecule_model().save_pretrained(path, timesteps=timesteps)
+        (path / "atom_histogram.json").write_text(json.dumps(qm9_slice.atom_count_histogram()))
+        save_cache(qm9_slice.subset(range(40)), path.parent / "molecules.npz")
+        return path
+
+    return write
+
+
+# ----------------------------------------------------------------------------------- text
+@pytest.fixture(scope="session")
+def arith_task():
+    from genunc.tasks import ArithmeticTask
+
+    return ArithmeticTask("*", 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model():
+    """``tiny_text_model(vocab_size, length, **kwargs)``: an untrained one-layer masked-diffusion
+    transformer (d_model 16, 2 heads)."""
+    from genunc.zoo.text_model import MaskedDiffusionTransformer
+
+    def build(vocab_size: int, length: int, **kwargs):
+        torch.manual_seed(0)
+        return MaskedDiffusionTransformer(vocab_size, length, d_model=16, n_layers=1, n_heads=2,
+                                          **kwargs).eval()
+
+    return build

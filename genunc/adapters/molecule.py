@@ -1,7 +1,9 @@
 """Adapter for EDM-style equivariant diffusion on 3D molecules.
 
 Samples are point clouds ``(B, N, 3 + K)``: positions (Angstrom) and scaled atom features (EDM:
-one-hot / 4, charge / 10), with a node mask for padding.  The forward process is EDM's: position
+one-hot / 4, charge / 10), with a node mask for padding.  Where each part sits on the last axis
+is read from the head's output irreps (``1x1o + Kx0e``: one vector, then K scalars) into a
+:class:`PointCloudLayout`, so no code slices by hand-written offsets.  The forward process is EDM's: position
 noise is centre-of-mass free under the node mask, feature noise is plain Gaussian, and the noise
 schedule is EDM's clipped polynomial schedule.  The head's position output is made centre-of-mass
 free afterwards (:meth:`MoleculeAdapter.post_head`), as EDM does with its network output.
@@ -9,15 +11,99 @@ free afterwards (:meth:`MoleculeAdapter.post_head`), as EDM does with its networ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from genunc.adapters.base import DenoiserAdapter, TrainingPairs
-from genunc.errors import ShapeMismatchError
-from genunc.zoo.molecule_model import remove_mean
+from genunc.data.qm9 import ATOMIC_NUMBERS
+from genunc.errors import GenuncError, ShapeMismatchError
+
+#: EDM's scaling of the atom features: one-hot types / 4, nuclear charge / 10
+ONE_HOT_SCALE, CHARGE_SCALE = 0.25, 0.1
+#: a decoded molecule: ``(N, 3)`` positions in Angstrom and ``(N,)`` atom-type indices
+Molecule = tuple[np.ndarray, np.ndarray]
+
+
+def remove_mean(x: Tensor, node_mask: Tensor) -> Tensor:
+    """Subtract the masked mean over atoms from ``(..., B, N, 3)`` vectors (padding stays 0)."""
+    mask = node_mask.to(x.dtype).unsqueeze(-1)
+    mean = (x * mask).sum(-2, keepdim=True) / mask.sum(-2, keepdim=True).clamp_min(1)
+    return (x - mean) * mask
+
+
+@dataclass(frozen=True)
+class PointCloudLayout:
+    """Where positions, atom types and the charge sit on a point cloud's last axis.
+
+    EDM's atom features are the one-hot type (``n_types`` channels) followed by the nuclear
+    charge; :meth:`from_irreps` reads the split from a head's output irreps.
+    """
+
+    n_types: int
+    atomic_numbers: tuple[int, ...] = ATOMIC_NUMBERS
+
+    @classmethod
+    def from_irreps(cls, irreps: Any, atomic_numbers: Sequence[int] = ATOMIC_NUMBERS) -> "PointCloudLayout":
+        """From ``1x1o + Kx0e`` (e3nn irreps or their string): positions, then K = types + charge."""
+        parts = [(mul, (ir.l, ir.p)) for mul, ir in irreps] if not isinstance(irreps, str) \
+            else _parse_irreps(irreps)
+        if len(parts) != 2 or parts[0] != (1, (1, -1)) or parts[1][1] != (0, 1):
+            raise GenuncError(f"a molecule head must output '1x1o + Kx0e' (positions, then atom "
+                              f"features); got {irreps}")
+        layout = cls(parts[1][0] - 1, tuple(atomic_numbers))
+        if layout.n_types != len(layout.atomic_numbers):
+            raise GenuncError(f"the head outputs {parts[1][0]} atom features, but {len(atomic_numbers)} "
+                              f"atom types + a charge make {len(atomic_numbers) + 1}")
+        return layout
+
+    @property
+    def width(self) -> int:
+        return 3 + self.n_types + 1
+
+    positions = slice(0, 3)
+    features = slice(3, None)
+
+    @property
+    def types(self) -> slice:
+        return slice(3, 3 + self.n_types)
+
+    def encode(self, positions: np.ndarray, types: np.ndarray, mask: np.ndarray) -> Tensor:
+        """Padded ``(B, N, 3)`` positions and ``(B, N)`` type indices as scaled point clouds."""
+        onehot = np.eye(self.n_types, dtype=np.float32)[types] * ONE_HOT_SCALE
+        charge = np.asarray(self.atomic_numbers, dtype=np.float32)[types][..., None] * CHARGE_SCALE
+        x = np.concatenate([positions.astype(np.float32), onehot, charge], -1) * mask[..., None]
+        return torch.from_numpy(x)
+
+    def clean(self, x: Tensor, node_mask: Tensor) -> Tensor:
+        """Replace continuous atom features by the scaled one-hot/charge of their argmax types:
+        the molecule as it will be decoded."""
+        types = x[..., self.types].argmax(-1)
+        onehot = torch.nn.functional.one_hot(types, self.n_types).to(x.dtype) * ONE_HOT_SCALE
+        numbers = torch.as_tensor(self.atomic_numbers, dtype=x.dtype, device=x.device)
+        out = torch.cat([x[..., self.positions], onehot, (numbers[types] * CHARGE_SCALE)[..., None]], -1)
+        return out * node_mask.unsqueeze(-1).to(x.dtype)
+
+    def decode(self, x: Tensor, node_mask: Tensor) -> list[Molecule]:
+        """Positions and argmax atom types of each molecule (padding dropped)."""
+        out = []
+        for xi, mi in zip(x.detach().cpu(), node_mask.cpu().bool()):
+            atoms = xi[mi]
+            out.append((atoms[:, self.positions].double().numpy(),
+                        atoms[:, self.types].argmax(-1).numpy()))
+        return out
+
+
+def _parse_irreps(text: str) -> list[tuple[int, tuple[int, int]]]:
+    parts = []
+    for term in text.replace(" ", "").split("+"):
+        mul, ir = term.split("x") if "x" in term else ("1", term)
+        parts.append((int(mul), (int(ir[:-1]), 1 if ir[-1] == "e" else -1)))
+    return parts
 
 
 def polynomial_alphas2(timesteps: int = 1000, power: float = 2.0, s: float = 1e-5,
@@ -39,8 +125,15 @@ class MoleculeAdapter(DenoiserAdapter):
 
     likelihood = "regression"
 
-    def __init__(self, model: nn.Module, head_name: str = "head", timesteps: int = 1000) -> None:
+    def __init__(self, model: nn.Module, head_name: str = "head", timesteps: int = 1000,
+                 layout: PointCloudLayout | None = None) -> None:
         super().__init__(model, head_name)
+        if layout is None:
+            irreps = getattr(self.head, "irreps_out", None)
+            if irreps is None:
+                raise GenuncError(f"head '{head_name}' has no output irreps; pass layout=")
+            layout = PointCloudLayout.from_irreps(irreps)
+        self.layout = layout
         self.timesteps = timesteps
         # noise levels t = 0..T-1 are EDM's levels 1..T (level 0 is the data itself)
         self.alphas_cumprod = polynomial_alphas2(timesteps)[1:]
@@ -62,12 +155,16 @@ class MoleculeAdapter(DenoiserAdapter):
             return DDPMScheduler(variance_type="fixed_small", **common)
         if kind == "ddim":
             return DDIMScheduler(set_alpha_to_one=True, **common)
-        raise ValueError(f"unknown scheduler kind {kind!r}: ddpm or ddim")
+        raise GenuncError(f"unknown sampler {kind!r}: ddpm or ddim")
 
     def project(self, x: Tensor, inputs: Mapping[str, Any]) -> Tensor:
-        mask = inputs["node_mask"].bool()
-        return torch.cat([remove_mean(x[..., :3], mask),
-                          x[..., 3:] * mask.unsqueeze(-1).to(x.dtype)], dim=-1)
+        return self._centre(x, inputs["node_mask"].bool())
+
+    def _centre(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Centre-of-mass-free positions, zero padding: the subspace EDM diffuses in."""
+        lay = self.layout
+        return torch.cat([remove_mean(x[..., lay.positions], mask),
+                          x[..., lay.features] * mask.unsqueeze(-1).to(x.dtype)], dim=-1)
 
     def variability(self, eps_draws: Tensor, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
         """Per-atom variance of the predicted noise across draws, positions and types apart.
@@ -79,8 +176,8 @@ class MoleculeAdapter(DenoiserAdapter):
         var = eps_draws.double().var(0)  # (B, N, 3+K)
         mask = inputs["node_mask"].to(var.dtype)
         n_atoms = mask.sum(-1).clamp_min(1)
-        pos = (var[..., :3].sum(-1) * mask).sum(-1) / n_atoms
-        types = (var[..., 3:].sum(-1) * mask).sum(-1) / n_atoms
+        pos = (var[..., self.layout.positions].sum(-1) * mask).sum(-1) / n_atoms
+        types = (var[..., self.layout.features].sum(-1) * mask).sum(-1) / n_atoms
         return {"variability": pos + types, "variability_pos": pos, "variability_type": types}
 
     def denoise(self, x: Tensor, t: Tensor, node_mask: Tensor) -> Tensor:
@@ -89,10 +186,7 @@ class MoleculeAdapter(DenoiserAdapter):
         return self.post_head(out, {"x": x, "node_mask": node_mask})
 
     def post_head(self, head_output: Tensor, inputs: Mapping[str, Any]) -> Tensor:
-        mask = inputs["node_mask"].bool()
-        pos = remove_mean(head_output[..., :3], mask)
-        feats = head_output[..., 3:] * mask.unsqueeze(-1).to(head_output.dtype)
-        return torch.cat([pos, feats], dim=-1)
+        return self._centre(head_output, inputs["node_mask"].bool())
 
     def sample_noise(self, shape: torch.Size, node_mask: Tensor,
                      generator: torch.Generator | None = None) -> Tensor:
@@ -112,6 +206,21 @@ class MoleculeAdapter(DenoiserAdapter):
         t = torch.randint(0, self.timesteps, (b,), generator=generator).to(self.device)
         eps = self.sample_noise(x0.shape, mask, generator).to(x0.dtype)
         alpha, sigma = self.alpha_sigma(t)
-        x0 = torch.cat([remove_mean(x0[..., :3], mask), x0[..., 3:]], dim=-1)
+        lay = self.layout
+        x0 = torch.cat([remove_mean(x0[..., lay.positions], mask), x0[..., lay.features]], dim=-1)
         x_t = alpha.to(x0.dtype).view(b, 1, 1) * x0 + sigma.to(x0.dtype).view(b, 1, 1) * eps
         return TrainingPairs(inputs={"x": x_t, "t": t, "node_mask": mask}, target=eps, mask=mask)
+
+    # ------------------------------------------------------------------ molecules <-> tensors
+    def encode(self, data: Any, ids: np.ndarray | None = None) -> dict[str, Tensor]:
+        """Molecules of a dataset with ``subset(ids)`` and ``padded()`` (e.g.
+        :class:`genunc.data.qm9.QM9`) as a padded batch ``{"x": (B, N, 3+K), "node_mask": (B, N)}``."""
+        sub = data if ids is None else data.subset(ids)
+        positions, types, mask = sub.padded()
+        return {"x": self.layout.encode(positions, types, mask), "node_mask": torch.from_numpy(mask)}
+
+    def decode(self, x: Tensor, node_mask: Tensor) -> list[Molecule]:
+        return self.layout.decode(x, node_mask)
+
+    def clean(self, x: Tensor, node_mask: Tensor) -> Tensor:
+        return self.layout.clean(x, node_mask)

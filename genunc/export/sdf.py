@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from genunc import filtering
+from genunc._io import atomic_write
 from genunc.errors import GenuncError
 
 
@@ -75,23 +76,12 @@ def filter_sdf(source: str | os.PathLike[str], destination: str | os.PathLike[st
     Exactly one of ``fraction``, ``k``, ``threshold``.  Records keep the source's order.  The
     output is written to a temporary file and renamed, so it is never half-written.
     """
-    given = {n: v for n, v in {"fraction": fraction, "k": k, "threshold": threshold}.items()
-             if v is not None}
-    if len(given) != 1:
-        raise GenuncError(f"give exactly one of fraction, k, threshold; got {sorted(given) or 'none'}")
     source, destination = Path(source), Path(destination)
     if source.resolve() == destination.resolve():
         raise GenuncError("write the filtered SDF to a new file; the source is never modified")
     records, scores = read_sdf_scores(source, score)
-    if fraction is not None:
-        keep = filtering.keep_fraction(scores, fraction)
-    elif k is not None:
-        keep = filtering.keep_top_k(scores, k)
-    else:
-        keep = filtering.keep_below(scores, threshold)
-    keep = np.sort(keep)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".{destination.name}.tmp")
-    tmp.write_text("".join(records[i] for i in keep))
-    tmp.replace(destination)
+    keep = filtering.select(scores, fraction=fraction, k=k, threshold=threshold)
+    atomic_write(destination, "".join(records[i] for i in keep))
+    given = {n: v for n, v in {"fraction": fraction, "k": k, "threshold": threshold}.items()
+             if v is not None}
     return {"kept": int(len(keep)), "total": len(records), "score": score, **given}

@@ -29,21 +29,13 @@ def filter_export(
     score <= threshold) or ``group_by`` (best of N: the least uncertain sample per value of that
     column, e.g. the condition or prompt).  The source export is never modified.
     """
-    rules = {"fraction": fraction, "k": k, "threshold": threshold, "group_by": group_by}
-    given = {name: value for name, value in rules.items() if value is not None}
-    if len(given) != 1:
-        raise GenuncError(f"give exactly one of {sorted(rules)}; got {sorted(given) or 'none'}")
     export = Export(source)
     if len(export) == 0:
         raise GenuncError(f"{source} holds no samples")
     scores = export.column(score).astype(np.float64)
-    if fraction is not None:
-        keep = filtering.keep_fraction(scores, fraction)
-    elif k is not None:
-        keep = filtering.keep_top_k(scores, k)
-    elif threshold is not None:
-        keep = filtering.keep_below(scores, threshold)
-    else:
-        keep = np.sort(filtering.best_of_n(scores, export.column(group_by)))
+    keep = filtering.select(scores, fraction=fraction, k=k, threshold=threshold,
+                            groups=None if group_by is None else export.column(group_by))
+    given = {name: value for name, value in {"fraction": fraction, "k": k, "threshold": threshold,
+                                             "group_by": group_by}.items() if value is not None}
     provenance = {"score": score, **given, "link": link}
     return write_subset(export, keep.tolist(), destination, provenance, link=link)

@@ -22,13 +22,13 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from genunc._io import atomic_write
 from genunc._version import __version__
 from genunc.errors import GenuncError
 
@@ -36,26 +36,6 @@ FORMAT_VERSION = 1
 FORMATS = {"png": ".png", "sdf": ".sdf", "json": ".json"}
 MANIFEST = "manifest.jsonl"
 RUN = "run.json"
-
-
-# ------------------------------------------------------------------------------ atomic writes
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 # ------------------------------------------------------------------------------ payload encoders
@@ -138,7 +118,7 @@ class ExportWriter:
             self.metadata = {"format_version": FORMAT_VERSION, "format": fmt,
                              "genunc_version": __version__, **dict(metadata or {})}
             self.samples_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.directory / RUN, json.dumps(self.metadata, indent=2,
+            atomic_write(self.directory / RUN, json.dumps(self.metadata, indent=2,
                                                                default=_json_default) + "\n")
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         self.records = _read_manifest(self.directory / MANIFEST, repair=True)
@@ -163,7 +143,7 @@ class ExportWriter:
             data = encode_sdf(payload, properties)
         else:
             data = encode_json(payload, properties)
-        atomic_write_bytes(self.samples_dir / filename, data)
+        atomic_write(self.samples_dir / filename, data)
         line = {**properties, "file": f"samples/{filename}"}
         self._manifest.write(json.dumps(line, default=_json_default) + "\n")
         self._manifest.flush()
@@ -225,16 +205,14 @@ def write_tables(directory: Path, records: list[dict[str, Any]]) -> None:
     writer.writeheader()
     for record in records:
         writer.writerow({k: _cell(record.get(k)) for k in columns})
-    atomic_write_text(directory / "manifest.csv", buffer.getvalue())
+    atomic_write(directory / "manifest.csv", buffer.getvalue())
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         return
     table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in records])
-    tmp = directory / ".manifest.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, directory / "manifest.parquet")
+    atomic_write(directory / "manifest.parquet", lambda path: pq.write_table(table, path))
 
 
 def _cell(value: Any) -> Any:
@@ -247,7 +225,7 @@ def combine_samples(directory: Path, fmt: str, records: list[dict[str, Any]]) ->
         return
     name = "samples.sdf" if fmt == "sdf" else "samples.jsonl"
     parts = [(directory / r["file"]).read_bytes() for r in records]
-    atomic_write_bytes(directory / name, b"".join(parts))
+    atomic_write(directory / name, b"".join(parts))
 
 
 # ------------------------------------------------------------------------------ reading / filtering
@@ -300,10 +278,10 @@ def write_subset(source: Export, indices: Iterable[int], destination: str | os.P
         if not target.exists():
             put(source.path(record), target)
         manifest.write(json.dumps(record) + "\n")
-    atomic_write_text(destination / MANIFEST, manifest.getvalue())
+    atomic_write(destination / MANIFEST, manifest.getvalue())
     metadata = {**source.metadata, "filtered_from": str(source.directory.resolve()),
                 "filter": dict(provenance), "n_source": len(source), "n_kept": len(chosen)}
-    atomic_write_text(destination / RUN, json.dumps(metadata, indent=2, default=_json_default) + "\n")
+    atomic_write(destination / RUN, json.dumps(metadata, indent=2, default=_json_default) + "\n")
     write_tables(destination, chosen)
     combine_samples(destination, source.format, chosen)
     return destination

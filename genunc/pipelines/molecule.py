@@ -1,8 +1,8 @@
 """Generate 3D molecules with per-molecule uncertainty from an equivariant denoiser.
 
-    sampler = MoleculeUncertaintySampler.from_pretrained("path/to/qm9_edm")
-    sampler.fit_posterior(train_molecules)
-    out = sampler(num_molecules=100, num_draws=5, seed=0)   # out.molecules, out.scores
+    pipe = MoleculeUncertaintyPipeline.from_pretrained("path/to/qm9_edm")
+    pipe.fit_posterior(train_molecules)
+    out = pipe(num_samples=100, num_draws=5, seed=0)   # out.molecules, out.scores
 
 Scores (lower = more certain):
 
@@ -26,105 +26,59 @@ adapter's EDM schedule: DDPM (ancestral, EDM's sampler) by default, DDIM on requ
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from genunc.adapters.molecule import MoleculeAdapter
-from genunc.data.qm9 import ATOMIC_NUMBERS, QM9
-from genunc.errors import GenuncError
-from genunc.posterior.laplace_head import POSTERIOR_DIR, HeadPosterior
-from genunc.sampling.diffusers_loop import run_trajectory
+from genunc.adapters.molecule import Molecule, MoleculeAdapter
+from genunc.errors import GenuncError, MissingFileError
 from genunc.features.molecule import features_of
-from genunc.scores import aggregate_variability, gaussian_entropy, random_scores
+from genunc.pipelines.base import ScoreCollector, UncertaintyOutput, UncertaintyPipeline
+from genunc.posterior import HeadPosterior
+from genunc.sampling.diffusers_loop import run_trajectory
+from genunc.scores import aggregate_variability
 from genunc.zoo.molecule_model import EquivariantDenoiser
+from genunc.zoo.pretrained import read_config
 
-ONE_HOT_SCALE, CHARGE_SCALE = 0.25, 0.1  # EDM's feature scaling
-N_TYPES = len(ATOMIC_NUMBERS)
-SCORES = ("variability", "semantic", "denoising_loss", "random")
-
-
-def encode(data: QM9, ids: np.ndarray | None = None) -> dict[str, Tensor]:
-    """QM9 molecules as a padded batch ``{"x": (B, N, 3+6), "node_mask": (B, N)}``."""
-    sub = data if ids is None else data.subset(ids)
-    pos, typ, mask = sub.padded()
-    onehot = np.eye(N_TYPES, dtype=np.float32)[typ] * ONE_HOT_SCALE
-    charge = np.asarray(ATOMIC_NUMBERS, dtype=np.float32)[typ][..., None] * CHARGE_SCALE
-    x = np.concatenate([pos, onehot, charge], -1) * mask[..., None]
-    return {"x": torch.from_numpy(x), "node_mask": torch.from_numpy(mask)}
-
-
-def clean_features(x: Tensor, node_mask: Tensor) -> Tensor:
-    """Replace a sample's continuous atom features by the scaled one-hot/charge of its argmax
-    types: the molecule as it will be decoded."""
-    types = x[..., 3 : 3 + N_TYPES].argmax(-1)
-    onehot = torch.nn.functional.one_hot(types, N_TYPES).to(x.dtype) * ONE_HOT_SCALE
-    charge = torch.as_tensor(ATOMIC_NUMBERS, dtype=x.dtype, device=x.device)[types] * CHARGE_SCALE
-    out = torch.cat([x[..., :3], onehot, charge.unsqueeze(-1)], -1)
-    return out * node_mask.unsqueeze(-1).to(x.dtype)
-
-
-def decode(x: Tensor, node_mask: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Positions and argmax atom types of each generated molecule (padding dropped)."""
-    out = []
-    for xi, mi in zip(x.detach().cpu(), node_mask.cpu().bool()):
-        atoms = xi[mi]
-        out.append((atoms[:, :3].double().numpy(), atoms[:, 3 : 3 + N_TYPES].argmax(-1).numpy()))
-    return out
+ATOM_HISTOGRAM_FILE = "atom_histogram.json"
 
 
 @dataclass
-class MoleculeOutput:
-    molecules: list[tuple[np.ndarray, np.ndarray]]
-    scores: dict[str, np.ndarray]
-    n_atoms: np.ndarray
-    seed: int
-    backbone_rows: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
+class MoleculeUncertaintyOutput(UncertaintyOutput):
+    molecules: list[Molecule] | None = None
+    n_atoms: np.ndarray | None = None
     #: with the semantic score: the M perturbed generations, ``draw_molecules[m][i]``
-    draw_molecules: list[list[tuple[np.ndarray, np.ndarray]]] | None = None
+    draw_molecules: list[list[Molecule]] | None = None
 
 
-class MoleculeUncertaintySampler:
+class MoleculeUncertaintyPipeline(UncertaintyPipeline):
     """An equivariant denoiser + atom-count distribution + head posterior."""
+
+    SCORES = {"variability": 2, "semantic": 1, "denoising_loss": 0, "random": 0}
+    EXTRA_SCORE_COLUMNS = ("variability_pos", "variability_type")
+    FIT_REPEATS = 2
 
     def __init__(self, model: EquivariantDenoiser, atom_histogram: Mapping[int, int],
                  posterior: HeadPosterior | None = None, timesteps: int = 1000) -> None:
-        self.adapter = MoleculeAdapter(model, "head", timesteps)
+        super().__init__(MoleculeAdapter(model, "head", timesteps), posterior)
         counts = {int(k): int(v) for k, v in atom_histogram.items()}
         self.atom_counts = np.array(sorted(counts))
         weights = np.array([counts[k] for k in self.atom_counts], dtype=np.float64)
         self.atom_probs = weights / weights.sum()
-        self.posterior = posterior
-        if posterior is not None:
-            posterior.check_matches(model)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> "MoleculeUncertaintySampler":
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        config = json.loads((directory / "config.json").read_text())
-        model = EquivariantDenoiser(**config["model"])
-        model.load_state_dict(load_file(str(directory / "model.safetensors")))
-        histogram = json.loads((directory / "atom_histogram.json").read_text())
-        sampler = cls(model.to(device).eval(), histogram, timesteps=config["timesteps"])
-        sampler.posterior = HeadPosterior.load_saved(directory / POSTERIOR_DIR, model)
-        return sampler
-
-    def fit_posterior(self, batches: Any, *, repeats: int = 2, seed: int = 0,
-                      progress: bool = True, **kwargs: Any) -> HeadPosterior:
-        """Fit the head posterior on clean molecule batches (dicts from :func:`encode`)."""
-        self.posterior = HeadPosterior.fit(self.adapter, batches, repeats=repeats, seed=seed,
-                                           progress=progress, **kwargs)
-        return self.posterior
+    def _load(cls, path: Path, *, device: str) -> "MoleculeUncertaintyPipeline":
+        """A folder written by ``genunc zoo train qm9-edm`` (model, schedule, atom counts)."""
+        histogram = path / ATOM_HISTOGRAM_FILE
+        if not histogram.exists():
+            raise MissingFileError(f"{path} holds no {ATOM_HISTOGRAM_FILE}")
+        return cls(EquivariantDenoiser.from_pretrained(path, device=device),
+                   json.loads(histogram.read_text()), timesteps=read_config(path)["timesteps"])
 
     def _masks(self, n: int, rng: np.random.Generator, n_atoms: np.ndarray | None) -> Tensor:
         if n_atoms is None:
@@ -151,72 +105,67 @@ class MoleculeUncertaintySampler:
         return per_molecule.reshape(levels, b).mean(0).double().cpu().numpy()
 
     @torch.no_grad()
-    def __call__(self, num_molecules: int = 64, *, num_draws: int = 5, steps: int = 1000,
-                 scores: tuple[str, ...] = ("variability",), sampler: str = "ddpm",
-                 variability_steps: list[int] | None = None, n_atoms: np.ndarray | None = None,
-                 nll_levels: int = 10, seed: int = 0, chunk_size: int = 64,
-                 progress: bool = True) -> MoleculeOutput:
-        """Generate ``num_molecules`` molecules and score them.
+    def __call__(self, num_samples: int = 64, *, num_draws: int = 5,
+                 num_inference_steps: int = 1000, scores: tuple[str, ...] = ("variability",),
+                 sampler: str = "ddpm", variability_steps: list[int] | None = None,
+                 n_atoms: np.ndarray | None = None, nll_levels: int = 10, seed: int = 0,
+                 chunk_size: int = 64, progress: bool = True) -> MoleculeUncertaintyOutput:
+        """Generate ``num_samples`` molecules and score them.
 
         Args:
-            steps: sampler steps (EDM: 1000; fewer use the scheduler's strided timesteps).
+            num_inference_steps: sampler steps (EDM: 1000; fewer use the scheduler's strided
+                timesteps).
             sampler: ``ddpm`` (ancestral, EDM's) or ``ddim`` (deterministic).
             variability_steps: indices of the steps at which variability is measured
                 (default: all).
             n_atoms: atom count per molecule (default: drawn from the training histogram).
             nll_levels: noise levels averaged by the ``denoising_loss`` baseline.
         """
-        unknown = set(scores) - set(SCORES)
-        if unknown:
-            raise GenuncError(f"unknown scores {sorted(unknown)}; choose from {SCORES}")
-        uses_posterior = {"variability", "semantic"} & set(scores)
-        if uses_posterior:
-            if self.posterior is None:
-                raise GenuncError("no posterior: call fit_posterior(...) or load one first")
-            if num_draws < 2:
-                raise GenuncError(f"{sorted(uses_posterior)} need num_draws >= 2, got {num_draws}")
-        if n_atoms is not None and len(n_atoms) != num_molecules:
-            raise GenuncError(f"n_atoms has {len(n_atoms)} entries for {num_molecules} molecules")
+        request = self._request(scores, num_draws, seed, num_samples=num_samples,
+                                num_inference_steps=num_inference_steps, chunk_size=chunk_size,
+                                nll_levels=nll_levels)
+        if n_atoms is not None and len(n_atoms) != num_samples:
+            raise GenuncError(f"n_atoms has {len(n_atoms)} entries for {num_samples} molecules")
         rng = np.random.default_rng(seed)
-        masks = self._masks(num_molecules, rng, n_atoms)
+        masks = self._masks(num_samples, rng, n_atoms)
         scheduler = self.adapter.make_scheduler(sampler)
-        draws = self.posterior.sample(num_draws, seed=seed) if uses_posterior else None
+        layout = self.adapter.layout
         device = self.adapter.device
-        molecules, parts, rows = [], {}, 0
-        draw_molecules: list[list] | None = [[] for _ in range(num_draws)] \
-            if "semantic" in scores else None
-        timings = {"generation": 0.0, "denoising_loss": 0.0}
-        for start in tqdm(range(0, num_molecules, chunk_size), desc="molecules",
+        collected = ScoreCollector()
+        molecules: list[Molecule] = []
+        semantic = request.wants("semantic")
+        draw_molecules: list[list[Molecule]] | None = \
+            [[] for _ in range(num_draws)] if semantic else None
+        for start in tqdm(range(0, num_samples, chunk_size), desc="molecules",
                           disable=not progress):
             mask = masks[start : start + chunk_size].to(device)
             mask = mask[:, : int(mask.sum(1).max())]
             g = torch.Generator().manual_seed(seed * 1_000_003 + start)
-            x_T = self.adapter.sample_noise((mask.shape[0], mask.shape[1], 3 + N_TYPES + 1), mask, g)
-            tic = time.perf_counter()
-            out = run_trajectory(self.adapter, scheduler, self.posterior, x_T.to(device),
-                                 {"node_mask": mask}, num_inference_steps=steps,
-                                 trajectory_draws=draws if "semantic" in scores else None,
-                                 variability_draws=draws if "variability" in scores else None,
-                                 variability_steps=variability_steps, generator=g)
-            timings["generation"] += time.perf_counter() - tic
-            rows += out.backbone_rows
-            chunk_molecules = decode(out.samples, mask)
+            x_T = self.adapter.sample_noise((mask.shape[0], mask.shape[1], layout.width), mask, g)
+            with collected.timer("generation"):
+                out = run_trajectory(
+                    self.adapter, scheduler, x_T.to(device), {"node_mask": mask},
+                    num_inference_steps=num_inference_steps,
+                    trajectory_draws=request.draws if semantic else None,
+                    variability_draws=request.perturbed if request.wants("variability") else None,
+                    variability_steps=variability_steps, generator=g)
+            collected.backbone_rows += out.backbone_rows
+            chunk_molecules = layout.decode(out.samples, mask)
             molecules += chunk_molecules
             for name, per_step in (out.variability_per_step or {}).items():
-                parts.setdefault(name, []).append(aggregate_variability(per_step))
-            if "semantic" in scores:
-                generations = [chunk_molecules] + [decode(d, mask) for d in out.draw_samples]
+                collected.add(name, aggregate_variability(per_step))
+            if semantic:
+                generations = [chunk_molecules] + [layout.decode(d, mask) for d in out.draw_samples]
                 for m, generation in enumerate(generations[1:]):
                     draw_molecules[m] += generation
                 feats = np.stack([features_of(gen) for gen in generations])
-                parts.setdefault("semantic", []).append(gaussian_entropy(feats))
-            if "denoising_loss" in scores:
-                tic = time.perf_counter()
-                parts.setdefault("denoising_loss", []).append(self.denoising_loss(
-                    clean_features(out.samples, mask), mask, nll_levels, seed=seed + start))
-                timings["denoising_loss"] += time.perf_counter() - tic
-        result = {name: np.concatenate(values) for name, values in parts.items()}
-        if "random" in scores:
-            result["random"] = random_scores(num_molecules, seed)
-        return MoleculeOutput(molecules, result, masks.sum(1).numpy(), seed, rows, timings,
-                              draw_molecules)
+                collected.add("semantic", self.semantic_entropy(feats))
+            if request.wants("denoising_loss"):
+                with collected.timer("denoising_loss"):
+                    collected.add("denoising_loss", self.denoising_loss(
+                        layout.clean(out.samples, mask), mask, nll_levels, seed=seed + start))
+        return MoleculeUncertaintyOutput(
+            scores=collected.scores(request, num_samples), seed=seed, num_draws=num_draws,
+            backbone_rows=collected.backbone_rows,
+            timings={"generation": 0.0, "denoising_loss": 0.0, **collected.timings},
+            molecules=molecules, n_atoms=masks.sum(1).numpy(), draw_molecules=draw_molecules)

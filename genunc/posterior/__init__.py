@@ -17,9 +17,11 @@ from genunc.posterior.heads import (
     head_ops_for,
     register_head_ops,
 )
+from genunc.posterior.io import POSTERIOR_DIR, load_posterior, save_posterior
 from genunc.posterior.laplace_head import STRUCTURES, HeadPosterior
 
 __all__ = [
+    "POSTERIOR_DIR",
     "STRUCTURES",
     "Conv2dOps",
     "GenericOps",
@@ -33,5 +35,7 @@ __all__ = [
     "collect_head_data",
     "head_fingerprint",
     "head_ops_for",
+    "load_posterior",
     "register_head_ops",
+    "save_posterior",
 ]

@@ -1,52 +1,77 @@
-"""A set of M posterior weight draws for one head."""
+"""M posterior weight draws of one head, which know how to apply themselves.
+
+Generation loops receive draws and nothing else of the posterior: ``draws.apply(features)``
+evaluates the head under every draw in one batched op, and ``draws.includes_map`` says whether
+draw 0 is the posterior mean (the model's own head), which decides whether a loop runs a MAP
+trajectory beside the perturbed ones.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from genunc.errors import ShapeMismatchError
+from genunc.posterior.heads import HeadOps, check_finite
+
 
 @dataclass(frozen=True)
 class HeadDraws:
-    """M draws of the head's parameters, each stored with a leading draw axis.
+    """M parameter sets for one head, each tensor with a leading draw axis ``(M, *shape)``.
 
-    ``params[name]`` has shape ``(M, *param_shape)``; :attr:`flat` is the ``(M, P)`` layout that
-    laplace-torch uses (parameters concatenated in ``named_parameters`` order).
+    Attributes:
+        params: parameter name -> ``(M, *param_shape)``.
+        ops: how to evaluate the head under these parameters (from the posterior's head).
+        includes_map: draw 0 is the posterior mean.
     """
 
     params: Mapping[str, Tensor]
+    ops: HeadOps
+    includes_map: bool = False
 
     @classmethod
-    def from_flat(cls, flat: Tensor, shapes: Mapping[str, tuple[int, ...]]) -> "HeadDraws":
+    def from_flat(cls, flat: Tensor, ops: HeadOps, includes_map: bool = False) -> "HeadDraws":
         """Split laplace-torch's ``(M, P)`` samples into named parameter tensors."""
         out: dict[str, Tensor] = {}
         offset = 0
-        for name, shape in shapes.items():
+        for name, shape in ops.param_shapes.items():
             size = int(torch.Size(shape).numel())
             out[name] = flat[:, offset : offset + size].reshape(flat.shape[0], *shape)
             offset += size
         if offset != flat.shape[1]:
-            raise ValueError(f"flat draws have {flat.shape[1]} columns, the head has {offset}")
-        return cls(out)
+            raise ShapeMismatchError(f"flat draws have {flat.shape[1]} columns, the head has {offset}")
+        return cls(out, ops, includes_map)
 
     @property
     def flat(self) -> Tensor:
+        """The ``(M, P)`` layout laplace-torch uses (parameters in ``named_parameters`` order)."""
         return torch.cat([p.reshape(p.shape[0], -1) for p in self.params.values()], dim=1)
+
+    def apply(self, features: Tensor, per_draw: bool = False) -> Tensor:
+        """Head outputs under every draw, ``(M, B, ...)``, in one batched op.
+
+        ``features`` ``(B, ...)`` are shared by all draws; with ``per_draw=True`` they carry a
+        leading draw axis ``(M, B, ...)`` (one trajectory per draw).
+        """
+        check_finite(features, "head features")
+        return self.ops.apply(features, self.params, per_draw=per_draw)
 
     def __len__(self) -> int:
         return next(iter(self.params.values())).shape[0]
 
     def __getitem__(self, index: int | slice) -> "HeadDraws":
-        """Select draws (an int keeps a draw axis of size 1)."""
+        """Select draws (an int keeps a draw axis of size 1); the MAP stays marked if kept."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
-        return HeadDraws({k: v[index] for k, v in self.params.items()})
+        keeps_map = self.includes_map and index.indices(len(self))[0] == 0
+        return HeadDraws({k: v[index] for k, v in self.params.items()}, self.ops, keeps_map)
 
     def to(self, *args, **kwargs) -> "HeadDraws":
-        return HeadDraws({k: v.to(*args, **kwargs) for k, v in self.params.items()})
+        return replace(self, params={k: v.to(*args, **kwargs) for k, v in self.params.items()})
 
     def cat(self, other: "HeadDraws") -> "HeadDraws":
-        return HeadDraws({k: torch.cat([v, other.params[k]]) for k, v in self.params.items()})
+        return replace(self, params={k: torch.cat([v, other.params[k]])
+                                     for k, v in self.params.items()})

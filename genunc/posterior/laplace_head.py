@@ -9,10 +9,8 @@ gets a full-network Laplace over exactly the head's weights.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -25,9 +23,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from genunc._seed import as_generator
-from genunc._version import __version__
 from genunc.adapters.base import DenoiserAdapter, Likelihood, resolve_module
-from genunc.errors import FingerprintMismatchError, GenuncError, ShapeMismatchError
+from genunc.errors import GenuncError, ShapeMismatchError
 from genunc.posterior.capture import HeadData, collect_head_data
 from genunc.posterior.curvature import LinearHeadGGN
 from genunc.posterior.draws import HeadDraws
@@ -36,11 +33,6 @@ from genunc.posterior.heads import HeadOps, check_finite, head_ops_for
 
 Structure = Literal["diag", "kron", "full"]
 STRUCTURES: tuple[str, ...] = ("diag", "kron", "full")
-FORMAT_VERSION = 1
-TENSORS_FILE = "genunc_posterior.safetensors"
-META_FILE = "genunc_posterior.json"
-#: Folder name for a posterior saved beside a model (``<model>/genunc_posterior``).
-POSTERIOR_DIR = "genunc_posterior"
 
 
 class _RowModel(nn.Module):
@@ -245,24 +237,22 @@ class HeadPosterior:
         with torch.no_grad():
             return float(self.laplace.log_marginal_likelihood())
 
-    def map_draws(self) -> HeadDraws:
-        """The posterior mean as a single draw (M = 1)."""
-        return HeadDraws.from_flat(self.mean.unsqueeze(0), self.ops.param_shapes)
-
     # ------------------------------------------------------------------ draws
-    def sample(self, n_draws: int, seed: int | torch.Generator | None = 0) -> HeadDraws:
-        """Draw `n_draws` head weight sets; the same seed gives the same draws."""
+    def sample(self, n_draws: int, seed: int | torch.Generator | None = 0, *,
+               include_map: bool = False) -> HeadDraws:
+        """Draw `n_draws` head weight sets; the same seed gives the same draws.
+
+        ``include_map=True`` puts the posterior mean in front (``n_draws + 1`` sets): the MAP
+        generation of a loop that runs the MAP and its perturbed twins as one batch.
+        """
         if n_draws < 1:
             raise GenuncError(f"n_draws must be at least 1, got {n_draws}")
         generator = as_generator(seed, device=self.mean.device)
         with torch.no_grad():
             flat = self.laplace.sample(n_draws, generator=generator).detach()
-        return HeadDraws.from_flat(flat, self.ops.param_shapes)
-
-    def apply(self, features: Tensor, draws: HeadDraws, per_draw: bool = False) -> Tensor:
-        """Head outputs under every draw, ``(M, B, ...)``, in one batched op."""
-        check_finite(features, "features")
-        return self.ops.apply(features, draws.params, per_draw=per_draw)
+        if include_map:
+            flat = torch.cat([self.mean.unsqueeze(0).to(flat), flat])
+        return HeadDraws.from_flat(flat, self.ops, includes_map=include_map)
 
     def output_variance(self, features: Tensor) -> Tensor:
         """Exact predictive variance of the head output (diag posterior, linear heads): no MC noise."""
@@ -272,7 +262,7 @@ class HeadPosterior:
                 f"{self.structure!r} (use sample() + apply())"
             )
         check_finite(features, "features")
-        variances = HeadDraws.from_flat(self.posterior_variance.unsqueeze(0), self.ops.param_shapes)
+        variances = HeadDraws.from_flat(self.posterior_variance.unsqueeze(0), self.ops)
         return self.ops.output_variance(features, {k: v[0] for k, v in variances.params.items()})
 
     def summary(self) -> dict[str, Any]:
@@ -294,49 +284,9 @@ class HeadPosterior:
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``genunc_posterior.safetensors`` + ``.json`` into `directory` (atomically)."""
-        from safetensors.torch import save_file
+        from genunc.posterior.io import save_posterior
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = self.laplace.state_dict()
-        tensors: dict[str, Tensor] = {
-            "mean": state["mean"],
-            "prior_precision": torch.as_tensor(state["prior_precision"]).reshape(-1),
-            "sigma_noise": torch.as_tensor(state["sigma_noise"], dtype=torch.float64).reshape(-1),
-            "prior_mean": torch.as_tensor(state["prior_mean"]).reshape(-1),
-        }
-        kron_layout = None
-        if self.structure == "kron":
-            kron_layout = [len(group) for group in state["H"]]
-            for i, group in enumerate(state["H"]):
-                for j, factor in enumerate(group):
-                    tensors[f"H.{i}.{j}"] = factor
-        else:
-            tensors["H"] = state["H"]
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "genunc_version": __version__,
-            "structure": self.structure,
-            "likelihood": self.likelihood,
-            "head_name": self.head_name,
-            "row_wise": self.ops.row_wise,
-            "fingerprint": self.fingerprint,
-            "kron_layout": kron_layout,
-            "laplace": {
-                "cls_name": state["cls_name"],
-                "loss": float(state["loss"]),
-                "n_data": int(state["n_data"]),
-                "n_outputs": int(state["n_outputs"]),
-                "temperature": float(state["temperature"]),
-            },
-            "info": self.info,
-        }
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        _atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, str(p)))
-        _atomic_write(
-            directory / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n")
-        )
-        return directory
+        return save_posterior(self, directory)
 
     @classmethod
     def load(
@@ -344,93 +294,20 @@ class HeadPosterior:
         directory: str | os.PathLike[str],
         model: nn.Module | DenoiserAdapter,
         *,
+        missing: Literal["error", "none"] = "error",
+        stale: Literal["error", "none"] = "error",
         check_weights: bool = True,
-    ) -> "HeadPosterior":
-        """Load a saved posterior onto `model` (or an adapter), refusing a different head."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
-        if not meta_path.exists() or not tensor_path.exists():
-            raise FileNotFoundError(
-                f"no genunc posterior in {directory} (expected {META_FILE} and {TENSORS_FILE})"
-            )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise GenuncError(
-                f"posterior format {meta.get('format_version')} is not supported by genunc "
-                f"{__version__} (expects {FORMAT_VERSION})"
-            )
-        module = model.model if isinstance(model, DenoiserAdapter) else model
-        head = resolve_module(module, meta["head_name"])
-        check_fingerprint(
-            meta["fingerprint"], head_fingerprint(meta["head_name"], head), check_weights
-        )
-        device = next(head.parameters()).device
-        tensors = {k: v.to(device) for k, v in load_file(str(tensor_path)).items()}
-        head_copy = copy.deepcopy(head).to(tensors["mean"].dtype).eval()
-        for p in head_copy.parameters():
-            p.requires_grad_(True)
-        ops = head_ops_for(head_copy)
-        la = Laplace(
-            _RowModel(head_copy, meta["row_wise"]),
-            meta["likelihood"],
-            subset_of_weights="all",
-            hessian_structure=meta["structure"],
-        )
-        if meta["structure"] == "kron":
-            hessian: Any = [
-                [tensors[f"H.{i}.{j}"] for j in range(n)]
-                for i, n in enumerate(meta["kron_layout"])
-            ]
-        else:
-            hessian = tensors["H"]
-        lap = meta["laplace"]
-        la.load_state_dict(
-            {
-                "mean": tensors["mean"],
-                "H": hessian,
-                "loss": lap["loss"],
-                "prior_mean": tensors["prior_mean"] if tensors["prior_mean"].numel() > 1
-                else float(tensors["prior_mean"]),
-                "prior_precision": tensors["prior_precision"],
-                "sigma_noise": float(tensors["sigma_noise"]),
-                "n_data": lap["n_data"],
-                "n_outputs": lap["n_outputs"],
-                "likelihood": meta["likelihood"],
-                "temperature": lap["temperature"],
-                "enable_backprop": False,
-                "cls_name": lap["cls_name"],
-            }
-        )
-        return cls(
-            la, ops, meta["head_name"], meta["structure"], meta["likelihood"],
-            meta["fingerprint"], meta.get("info"),
-        )
-
-    @classmethod
-    def load_if_present(
-        cls, directory: str | os.PathLike[str], model: nn.Module | DenoiserAdapter
     ) -> "HeadPosterior | None":
-        """The posterior saved in `directory` if there is one *for this model*, else None.
+        """Load the posterior saved in `directory` onto `model` (or an adapter).
 
-        For scripts that cache a fit: a missing posterior, or one fitted on other weights (the
-        model was retrained), means "fit again"; any other problem still raises.
+        One policy with two explicit choices: ``missing="none"`` returns None where nothing was
+        saved; ``stale="none"`` returns None where the saved posterior belongs to other head
+        weights (a retrained model).  Anything else wrong (another head, a corrupt file) raises.
         """
-        try:
-            return cls.load_saved(directory, model)
-        except FingerprintMismatchError:
-            return None
+        from genunc.posterior.io import load_posterior
 
-    @classmethod
-    def load_saved(
-        cls, directory: str | os.PathLike[str], model: nn.Module | DenoiserAdapter
-    ) -> "HeadPosterior | None":
-        """The posterior saved in `directory`, or None where none was saved; unlike
-        :meth:`load_if_present`, one fitted on other weights is refused, not skipped."""
-        if not (Path(directory) / META_FILE).exists():
-            return None
-        return cls.load(directory, model)
+        return load_posterior(directory, model, missing=missing, stale=stale,
+                              check_weights=check_weights)
 
     def check_matches(self, model: nn.Module | DenoiserAdapter, check_weights: bool = True) -> None:
         """Raise :class:`FingerprintMismatchError` unless `model`'s head is the one fitted on."""
@@ -521,15 +398,3 @@ def _optimise_marglik(la: Any, tune_prior: bool, tune_sigma: bool) -> None:
     la.prior_precision = prior.detach()
     if tune_sigma:
         la.sigma_noise = sigma.detach()
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,6 +1,8 @@
 """Generation with posterior head draws, on any diffusers scheduler (``scheduler.step``).
 
-diffusers' DDPM/DDIM pipelines take no per-step callbacks, so genunc runs its own loop.  One loop
+diffusers' DDPM/DDIM pipelines take no per-step callbacks, so genunc runs its own loop.  It takes
+head draws, never the posterior: draws apply themselves (:meth:`HeadDraws.apply`), and whether
+draw 0 is the MAP decides whether a MAP trajectory runs beside the perturbed ones.  One loop
 serves both uncertainty signals:
 
 * **semantic** (Jazbec et al., UAI 2025): the MAP and M perturbed generations start from the
@@ -23,8 +25,8 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -32,20 +34,20 @@ from tqdm.auto import tqdm
 
 from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import GenuncError
-from genunc.posterior.draws import HeadDraws
-from genunc.posterior.laplace_head import HeadPosterior
+
+if TYPE_CHECKING:
+    from genunc.posterior.draws import HeadDraws
 
 
 @dataclass
 class TrajectoryOutput:
     """What one batched run returns."""
 
-    samples: Tensor  # (B, ...) from the MAP head
+    samples: Tensor | None  # (B, ...) from the MAP head; None when no MAP trajectory ran
     draw_samples: Tensor | None = None  # (M, B, ...) from the perturbed heads
     #: name -> (S, B) per-step variability (the adapter names the parts, e.g. positions / types)
     variability_per_step: dict[str, Tensor] | None = None
     backbone_rows: int = 0  # rows pushed through the backbone (cost in units of one sample-step)
-    steps: list[int] = field(default_factory=list)
 
 
 def repeat_batch(value: Any, reps: int) -> Any:
@@ -73,14 +75,12 @@ def _expand_scheduler_state(scheduler: Any, batch: int, reps: int) -> None:
 def run_trajectory(
     adapter: DenoiserAdapter,
     scheduler: Any,
-    posterior: HeadPosterior | None,
     x_T: Tensor,
     cond: Mapping[str, Any] | None = None,
     *,
     num_inference_steps: int = 50,
     trajectory_draws: HeadDraws | None = None,
     branch_at: int = 0,
-    include_map: bool = True,
     variability_draws: HeadDraws | None = None,
     variability_steps: list[int] | None = None,
     generator: torch.Generator | None = None,
@@ -89,20 +89,22 @@ def run_trajectory(
     """Run the sampler from ``x_T``; optionally fork perturbed trajectories and score variability.
 
     Args:
-        trajectory_draws: head draws that get a full trajectory of their own (semantic score).
+        trajectory_draws: head draws that each get a trajectory of their own (semantic score).
+            When draw 0 is the MAP (``includes_map``), it is the MAP trajectory and the others
+            may branch off it after ``branch_at`` steps; otherwise only the perturbed
+            trajectories run, from step 0.  ``None``: the MAP trajectory alone.
         branch_at: number of initial steps the perturbed trajectories share with the MAP.
-        include_map: run the MAP trajectory (False: only the perturbed ones, from step 0).
         variability_draws: head draws applied to the MAP features at ``variability_steps``
             (default: every step).
     """
     cond = {k: v for k, v in (cond or {}).items() if v is not None}
-    if (trajectory_draws is not None or variability_draws is not None) and posterior is None:
-        raise GenuncError("head draws need a posterior")
+    include_map = trajectory_draws is None or trajectory_draws.includes_map
     if variability_draws is not None and not include_map:
-        raise GenuncError("variability is measured along the MAP trajectory: include_map=True")
+        raise GenuncError("variability is measured along the MAP trajectory: put the MAP "
+                          "first in the trajectory draws")
     if variability_draws is not None and len(variability_draws) < 2:
         raise GenuncError("variability is a variance across draws: it needs num_draws >= 2")
-    if not include_map and (trajectory_draws is None or branch_at):
+    if not include_map and branch_at:
         raise GenuncError("without the MAP trajectory, perturbed trajectories start at step 0")
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(num_inference_steps, device=x_T.device)
@@ -117,10 +119,7 @@ def run_trajectory(
 
     batch = x_T.shape[0]
     head = adapter.head
-    fork_heads = None
-    if trajectory_draws is not None:
-        fork_heads = posterior.map_draws().to(x_T.device).cat(trajectory_draws.to(x_T.device)) \
-            if include_map else trajectory_draws.to(x_T.device)
+    fork_heads = None if trajectory_draws is None else trajectory_draws.to(x_T.device)
     groups = 1  # trajectories currently in the batch (MAP first, then draws)
     state: dict[str, Tensor | None] = {"phi": None}
 
@@ -130,7 +129,7 @@ def run_trajectory(
         if groups == 1 and include_map:
             return None  # the model's own head is the MAP head
         per_draw = phi.reshape(groups, batch, *phi.shape[1:])
-        out = posterior.apply(per_draw, fork_heads, per_draw=True)
+        out = fork_heads.apply(per_draw, per_draw=True)
         return out.reshape(output.shape).to(output.dtype)
 
     x = adapter.project(x_T * scheduler.init_noise_sigma, cond)
@@ -140,7 +139,6 @@ def run_trajectory(
         x = repeat_batch(x, groups)
         current_cond = repeat_batch(cond, groups)
     variability: dict[str, list[Tensor]] = {}
-    used_steps: list[int] = []
     rows = 0
     handle = head.register_forward_hook(hook)
     try:
@@ -156,10 +154,9 @@ def run_trajectory(
             rows += x.shape[0]
             if variability_draws is not None and i in vsteps:
                 inputs = {"x": model_in[:batch], "t": t_batch[:batch], **cond}
-                eps = adapter.post_head(posterior.apply(state["phi"], variability_draws), inputs)
+                eps = adapter.post_head(variability_draws.apply(state["phi"]), inputs)
                 for name, value in adapter.variability(eps, inputs).items():
                     variability.setdefault(name, []).append(value)
-                used_steps.append(i)
             x = adapter.project(scheduler.step(out, t, x, **step_kwargs).prev_sample, current_cond)
     finally:
         handle.remove()
@@ -173,9 +170,8 @@ def run_trajectory(
     else:
         samples, draw_samples = x, None
     return TrajectoryOutput(
-        samples=samples if samples is not None else draw_samples[0],
+        samples=samples,
         draw_samples=draw_samples,
         variability_per_step={k: torch.stack(v) for k, v in variability.items()} or None,
         backbone_rows=rows,
-        steps=used_steps,
     )

@@ -20,24 +20,25 @@ used for ranking positions.
 Uncertainty, at no extra backbone cost: the head's input features are captured by a hook, the M
 head draws are applied to them in one op, and for each position the epistemic mutual
 information of the draws and the draws' mean probability of the committed token are recorded
-*at the step it is committed*, with the MAP's confidence, margin and self-certainty.  With ``trajectory_draws`` the MAP and each draw also generate a full
-sequence of their own from the same randomness (one batch of (M+1)·B rows), for the semantic
-score.
+*at the step it is committed*, with the MAP's confidence, margin and self-certainty.  With
+``trajectory_draws`` (the MAP first, then M draws) every draw also generates a full sequence of
+its own from the same randomness (one batch of (M+1)·B rows), for the semantic score.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from genunc.adapters.text import MaskedDiffusionLMAdapter, check_layout
 from genunc.errors import GenuncError
-from genunc.posterior.draws import HeadDraws
-from genunc.posterior.laplace_head import HeadPosterior
 from genunc.scores.tokens import confidence, margin, mutual_information, self_certainty
+
+if TYPE_CHECKING:
+    from genunc.posterior.draws import HeadDraws
 
 Strategy = Literal["random", "low_confidence", "threshold", "remask"]
 STRATEGIES = ("random", "low_confidence", "threshold", "remask")
@@ -112,15 +113,18 @@ def unmask(
     x: Tensor,
     config: UnmaskingConfig | None = None,
     *,
-    posterior: HeadPosterior | None = None,
     mi_draws: HeadDraws | None = None,
     trajectory_draws: HeadDraws | None = None,
     generator: torch.Generator | None = None,
 ) -> UnmaskingOutput:
-    """Fill every ``mask_id`` position of ``x`` ``(B, L)``; see the module docstring."""
+    """Fill every ``mask_id`` position of ``x`` ``(B, L)``; see the module docstring.
+
+    ``trajectory_draws`` must hold the MAP first (:meth:`HeadPosterior.sample` with
+    ``include_map=True``): its sequences are the output ``tokens``.
+    """
     config = config or UnmaskingConfig()
-    if (mi_draws is not None or trajectory_draws is not None) and posterior is None:
-        raise GenuncError("head draws need a posterior")
+    if trajectory_draws is not None and not trajectory_draws.includes_map:
+        raise GenuncError("trajectory draws must hold the MAP first (sample(..., include_map=True))")
     if mi_draws is not None and len(mi_draws) < 2:
         raise GenuncError("mutual information compares draws: it needs num_draws >= 2")
     device = adapter.device
@@ -132,8 +136,8 @@ def unmask(
     total_steps = config.steps or len(cols)
     steps_per_block = [max(1, round(total_steps * len(bl) / len(cols))) for bl in blocks]
 
-    groups = 1 + (len(trajectory_draws) if trajectory_draws is not None else 0)
-    heads = posterior.map_draws().cat(trajectory_draws).to(device) if groups > 1 else None
+    groups = 1 if trajectory_draws is None else len(trajectory_draws)
+    heads = trajectory_draws.to(device) if groups > 1 else None
     state: dict[str, Tensor | None] = {"phi": None}
 
     def hook(module, args, output):
@@ -145,7 +149,7 @@ def unmask(
         sets = phi.shape[0] // (groups * b)
         rest = phi.shape[1:]
         per_group = phi.reshape(sets, groups, b, *rest).transpose(0, 1).reshape(groups, sets * b, *rest)
-        out = posterior.apply(per_group, heads, per_draw=True)
+        out = heads.apply(per_group, per_draw=True)
         out = out.reshape(groups, sets, b, *out.shape[2:]).transpose(0, 1)
         return out.reshape(output.shape).to(output.dtype)
 
@@ -218,7 +222,7 @@ def unmask(
                           # over the tokens that can be predicted: the mask's -inf would swamp it
                           "self_certainty": self_certainty(map_logits[..., predictable])}
                 if mi_draws is not None:
-                    head_out = posterior.apply(state["phi"], mi_draws)
+                    head_out = mi_draws.apply(state["phi"])
                     draws_logits = adapter.post_head(head_out, {"x": xs[:b]})
                     values["mutual_information"] = mutual_information(draws_logits)
                     # the committed token's probability averaged over the draws (Bayesian model

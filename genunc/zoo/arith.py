@@ -10,19 +10,17 @@ selecting among candidates matters.
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from genunc.adapters.text import MaskedDiffusionLMAdapter
 from genunc.sampling.masked import UnmaskingConfig, unmask
 from genunc.tasks import ArithmeticTask
 from genunc.zoo.text_model import MaskedDiffusionTransformer
+from genunc.zoo.training import default_device, train_steps, write_report
 
 ARITH_DIR = Path(__file__).parent / "weights" / "arith_mdlm"
 
@@ -42,14 +40,10 @@ class ArithRecipe:
 
 def save_model(model: MaskedDiffusionTransformer, task: ArithmeticTask, directory: Path,
                extra: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(directory / "model.safetensors"))
-    config = {"model": model.config, "mask_id": task.mask_id,
-              "task": {"name": "arithmetic", "op": task.op, "digits": task.digits}, **(extra or {})}
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    """The model with its mask id and task, so the folder alone says how to run and check it."""
+    model.save_pretrained(directory, mask_id=task.mask_id,
+                          task={"name": "arithmetic", "op": task.op, "digits": task.digits},
+                          **(extra or {}))
 
 
 @torch.no_grad()
@@ -60,9 +54,9 @@ def accuracy(model: MaskedDiffusionTransformer, task: ArithmeticTask, pairs: np.
     return float(task.check(out.tokens).mean())
 
 
-def train_arith(recipe: ArithRecipe, out_dir: str | Path = ARITH_DIR, device: str | None = None,
+def train_arith(recipe: ArithRecipe, out_dir: str | Path, device: str | None = None,
                 progress: bool = True) -> dict:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     torch.manual_seed(recipe.seed)
     task = ArithmeticTask(recipe.op, recipe.digits)
     split = task.split(seed=recipe.seed)
@@ -75,31 +69,22 @@ def train_arith(recipe: ArithRecipe, out_dir: str | Path = ARITH_DIR, device: st
                                                 pct_start=0.05)
     g = torch.Generator().manual_seed(recipe.seed)
     prompt_mask = task.prompt_mask(recipe.batch_size).to(device)
-    losses, start = [], time.time()
-    bar = tqdm(range(recipe.steps), desc="arith MDLM", disable=not progress)
-    for step in bar:
+
+    def batch_loss(step: int) -> torch.Tensor:
         ids = torch.randint(0, len(train), (recipe.batch_size,), generator=g).to(device)
         pairs = adapter.training_pairs({"x": train[ids], "prompt_mask": prompt_mask}, g)
         logits = model(pairs.inputs["x"]).logits
-        loss = torch.nn.functional.cross_entropy(logits[pairs.mask], pairs.target[pairs.mask])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        return torch.nn.functional.cross_entropy(logits[pairs.mask], pairs.target[pairs.mask])
+
+    result = train_steps(model, opt, batch_loss, steps=recipe.steps, lr_scheduler=sched,
+                         desc="arith MDLM", log_every=50, progress=progress)
     model = model.cpu().eval()
-    test_acc = accuracy(model, task, split["test"])
-    train_acc = accuracy(model, task, split["train"][:2000])
-    report = {"test_accuracy_greedy_low_confidence": test_acc,
-              "train_accuracy_greedy_low_confidence_2000": train_acc,
-              "final_loss_50": float(np.mean(losses[-50:])), "seconds": time.time() - start,
+    report = {"test_accuracy_greedy_low_confidence": accuracy(model, task, split["test"]),
+              "train_accuracy_greedy_low_confidence_2000":
+                  accuracy(model, task, split["train"][:2000]),
+              "final_loss_50": float(np.mean(result.losses[-50:])), "seconds": result.seconds,
               "device": device, "recipe": asdict(recipe),
               "command": f"genunc zoo train arith-mdlm --steps {recipe.steps} "
                          f"--batch-size {recipe.batch_size} --seed {recipe.seed}"}
-    out_dir = Path(out_dir)
-    save_model(model, task, out_dir, {"training": report})
-    (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    save_model(model, task, Path(out_dir), {"training": report})
+    return write_report(out_dir, report)

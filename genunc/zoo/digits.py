@@ -13,8 +13,6 @@ Train them with ``genunc zoo train digits-ddpm`` / ``genunc zoo train digits-cla
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from genunc.zoo.pretrained import Pretrained
+from genunc.zoo.training import default_device, train_steps, write_report
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DDPM_DIR = WEIGHTS_DIR / "digits_ddpm"
@@ -64,8 +64,10 @@ def augment(images: Tensor, generator: torch.Generator, max_shift: int = 1) -> T
 
 
 # ---------------------------------------------------------------------------------------- classifier
-class DigitsClassifier(nn.Module):
+class DigitsClassifier(Pretrained, nn.Module):
     """Small CNN for 16x16 digits; ``features(x)`` gives the penultimate 64-d representation."""
+
+    CONFIG_KEY = None  # config.json holds the constructor arguments themselves
 
     def __init__(self, width: int = 32, n_features: int = 64) -> None:
         super().__init__()
@@ -84,24 +86,6 @@ class DigitsClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()},
-                  str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path = CLASSIFIER_DIR) -> "DigitsClassifier":
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        model = cls(**json.loads((directory / "config.json").read_text()))
-        model.load_state_dict(load_file(str(directory / "model.safetensors")))
-        return model.eval()
-
 
 @dataclass
 class ClassifierRecipe:
@@ -111,7 +95,7 @@ class ClassifierRecipe:
     seed: int = 0
 
 
-def train_classifier(recipe: ClassifierRecipe, out_dir: str | Path = CLASSIFIER_DIR) -> dict:
+def train_classifier(recipe: ClassifierRecipe, out_dir: str | Path) -> dict:
     """Train the feature/quality classifier; returns test accuracy and the recipe."""
     torch.manual_seed(recipe.seed)
     data = split_digits()
@@ -119,25 +103,27 @@ def train_classifier(recipe: ClassifierRecipe, out_dir: str | Path = CLASSIFIER_
     model = DigitsClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(recipe.seed)
-    for _ in tqdm(range(recipe.epochs), desc="classifier epochs"):
-        perm = torch.randperm(len(x), generator=g)
-        model.train()
-        for i in range(0, len(x), recipe.batch_size):
-            idx = perm[i : i + recipe.batch_size]
-            loss = F.cross_entropy(model(augment(x[idx], g)), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    per_epoch = -(-len(x) // recipe.batch_size)
+    order: list[Tensor] = []
+
+    def batch_loss(step: int) -> Tensor:
+        if step % per_epoch == 0:  # a new epoch: a new permutation
+            order[:] = [torch.randperm(len(x), generator=g)]
+        i = (step % per_epoch) * recipe.batch_size
+        idx = order[0][i : i + recipe.batch_size]
+        return F.cross_entropy(model(augment(x[idx], g)), y[idx])
+
+    model.train()
+    train_steps(model, opt, batch_loss, steps=recipe.epochs * per_epoch, clip_norm=None,
+                desc="digits classifier", log_every=per_epoch)
     model.eval()
     with torch.no_grad():
         xt, yt = data["test"]
         acc = float((model(xt).argmax(1) == yt).float().mean())
     model.save_pretrained(out_dir)
-    report = {"test_accuracy": acc, "recipe": asdict(recipe),
-              "command": f"genunc zoo train digits-classifier --epochs {recipe.epochs} "
-                         f"--seed {recipe.seed}"}
-    (Path(out_dir) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report(out_dir, {
+        "test_accuracy": acc, "recipe": asdict(recipe),
+        "command": f"genunc zoo train digits-classifier --epochs {recipe.epochs} --seed {recipe.seed}"})
 
 
 # ---------------------------------------------------------------------------------------- DDPM
@@ -171,9 +157,9 @@ def build_scheduler(recipe: DDPMRecipe):
                          beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
 
 
-def train_ddpm(recipe: DDPMRecipe, out_dir: str | Path = DDPM_DIR, device: str | None = None) -> dict:
+def train_ddpm(recipe: DDPMRecipe, out_dir: str | Path, device: str | None = None) -> dict:
     """Train the class-conditional digits DDPM (EMA weights are saved)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     torch.manual_seed(recipe.seed)
     x, y = split_digits()["train"]
     unet = build_unet(recipe).to(device)
@@ -184,45 +170,22 @@ def train_ddpm(recipe: DDPMRecipe, out_dir: str | Path = DDPM_DIR, device: str |
     lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps,
                                                    pct_start=0.05)
     g = torch.Generator().manual_seed(recipe.seed)
-    start, losses = time.time(), []
-    bar = tqdm(range(recipe.steps), desc="digits DDPM")
-    for step in bar:
+
+    def batch_loss(step: int) -> Tensor:
         idx = torch.randint(0, len(x), (recipe.batch_size,), generator=g)
         x0 = augment(x[idx], g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, recipe.num_train_timesteps, (x0.shape[0],), generator=g).to(device)
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, class_labels=y[idx].to(device)).sample,
-                          noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        losses.append(float(loss))
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        predicted = unet(scheduler.add_noise(x0, noise, t), t, class_labels=y[idx].to(device)).sample
+        return F.mse_loss(predicted, noise)
+
+    result = train_steps(unet, opt, batch_loss, steps=recipe.steps, lr_scheduler=lr_sched,
+                         ema=ema, ema_decay=lambda step: min(0.999, (1 + step) / (10 + step)),
+                         desc="digits DDPM")
     ema.to("cpu").save_pretrained(out_dir)
     scheduler.save_pretrained(out_dir)
-    report = {"final_loss_100": float(np.mean(losses[-100:])), "seconds": time.time() - start,
-              "device": device, "recipe": asdict(recipe),
-              "command": f"genunc zoo train digits-ddpm --steps {recipe.steps} "
-                         f"--batch-size {recipe.batch_size} --seed {recipe.seed}"}
-    (Path(out_dir) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-def load_ddpm(directory: str | Path = DDPM_DIR):
-    """The shipped (or a retrained) digits DDPM: ``(UNet2DModel, DDPMScheduler)``."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    directory = Path(directory)
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(
-            f"no digits DDPM in {directory}; train one with `genunc zoo train digits-ddpm`"
-        )
-    unet = UNet2DModel.from_pretrained(directory, low_cpu_mem_usage=False).eval()
-    return unet, DDPMScheduler.from_pretrained(directory)
+    return write_report(out_dir, {
+        "final_loss_100": float(np.mean(result.losses[-100:])), "seconds": result.seconds,
+        "device": device, "recipe": asdict(recipe),
+        "command": f"genunc zoo train digits-ddpm --steps {recipe.steps} "
+                   f"--batch-size {recipe.batch_size} --seed {recipe.seed}"})

@@ -6,7 +6,7 @@ harmonics of relative positions, weighted by an MLP of the distance, followed by
 nonlinearities.  The output head is an ``o3.Linear`` onto ``1x1o + Kx0e``: linear in its weights
 *and* equivariant for any value of them, so every posterior draw of the head is an equivariant
 denoiser too.  The position noise is made centre-of-mass free after the head (see
-:class:`~genunc.adapters.molecule.MoleculeAdapter.post_head`), which keeps the model translation
+:meth:`~genunc.adapters.molecule.MoleculeAdapter.post_head`), which keeps the model translation
 invariant.
 """
 
@@ -20,15 +20,10 @@ from e3nn.math import soft_one_hot_linspace
 from e3nn.nn import FullyConnectedNet, Gate
 from torch import Tensor, nn
 
+from genunc.zoo.pretrained import Pretrained
+
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
-
-
-def remove_mean(x: Tensor, node_mask: Tensor) -> Tensor:
-    """Subtract the masked mean over atoms from ``(..., B, N, 3)`` vectors (padding stays 0)."""
-    mask = node_mask.to(x.dtype).unsqueeze(-1)
-    mean = (x * mask).sum(-2, keepdim=True) / mask.sum(-2, keepdim=True).clamp_min(1)
-    return (x - mean) * mask
 
 
 class _Interaction(nn.Module):
@@ -70,7 +65,7 @@ class _Interaction(nn.Module):
         return (self.gate(self.mix(agg * self.norm)) + self.self_connection(h)) * _SQRT_HALF
 
 
-class EquivariantDenoiser(nn.Module):
+class EquivariantDenoiser(Pretrained, nn.Module):
     """``(x (B, N, 3+K), t (B,) in [0, 1], node_mask (B, N)) -> eps (B, N, 3+K)``.
 
     The head is ``self.head`` (an ``o3.Linear``); positions come out *before* centre-of-mass

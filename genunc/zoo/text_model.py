@@ -12,13 +12,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from genunc.errors import GenuncError
+from genunc.zoo.pretrained import Pretrained
+
 
 @dataclass
 class MaskedLMOutput:
     logits: Tensor
 
 
-class MaskedDiffusionTransformer(nn.Module):
+class MaskedDiffusionTransformer(Pretrained, nn.Module):
     def __init__(self, vocab_size: int, max_length: int, d_model: int = 128, n_layers: int = 4,
                  n_heads: int = 4, tie_head: bool = False, time_conditioning: bool = False) -> None:
         super().__init__()
@@ -41,6 +44,6 @@ class MaskedDiffusionTransformer(nn.Module):
         h = self.embed(input_ids) + self.position[: input_ids.shape[1]]
         if self.time is not None:
             if t is None:
-                raise ValueError("this model is time-conditioned: pass t (masked fraction)")
+                raise GenuncError("this model is time-conditioned: pass t (masked fraction)")
             h = h + self.time(t.reshape(-1, 1).to(h.dtype)).unsqueeze(1)
         return MaskedLMOutput(logits=self.head(self.norm(self.blocks(h))))

@@ -1,27 +1,25 @@
-"""The text sampler end to end on a tiny untrained model of the arithmetic task."""
+"""The text pipeline end to end on a tiny untrained model of the arithmetic task."""
 
 import numpy as np
 import pytest
 import torch
 
 from genunc.errors import GenuncError
-from genunc.pipelines.text import TextUncertaintySampler, one_hot_answer
+from genunc.pipelines.text import TextUncertaintyPipeline, one_hot_answer
 from genunc.sampling.masked import UnmaskingConfig
 from genunc.scores import gaussian_entropy
 from genunc.tasks import ArithmeticTask
 from genunc.zoo.arith import save_model
-from genunc.zoo.text_model import MaskedDiffusionTransformer
 
 TASK = ArithmeticTask("*", 2)
 
 
 @pytest.fixture(scope="module")
-def sampler(tmp_path_factory):
-    torch.manual_seed(0)
-    model = MaskedDiffusionTransformer(TASK.vocab_size, TASK.length, d_model=16, n_layers=1, n_heads=2)
+def sampler(tmp_path_factory, tiny_text_model):
+    model = tiny_text_model(TASK.vocab_size, TASK.length)
     directory = tmp_path_factory.mktemp("arith")
     save_model(model, TASK, directory)
-    sampler = TextUncertaintySampler.from_pretrained(directory)
+    sampler = TextUncertaintyPipeline.from_pretrained(directory)
     pairs = TASK.split()["train"][:60]
     batches = [{"x": TASK.sequences(pairs[i : i + 30]), "prompt_mask": TASK.prompt_mask(30)}
                for i in (0, 30)]
@@ -47,7 +45,7 @@ def test_scores_shapes_determinism_and_reload(sampler):
     assert a.draw_tokens.shape == (3, 7, TASK.length)
     assert (a.scores["mutual_information_max"] >= a.scores["mutual_information"] - 1e-12).all()
     assert ((a.scores["low_confidence"] >= 0) & (a.scores["low_confidence"] <= 1)).all()
-    reloaded = TextUncertaintySampler.from_pretrained(directory)
+    reloaded = TextUncertaintyPipeline.from_pretrained(directory)
     assert reloaded.posterior is not None
     c = reloaded(prompts, config, num_draws=3, scores=names, seed=4, chunk_size=3)
     np.testing.assert_array_equal(c.scores["mutual_information"], a.scores["mutual_information"])

@@ -11,31 +11,16 @@ from torch.func import functional_call
 from genunc.errors import FingerprintMismatchError, GenuncError
 from genunc.features import flatten_pixels
 from genunc.pipelines import ImageUncertaintyPipeline
-from genunc.pipelines.image import POSTERIOR_DIR
-from genunc.posterior import HeadPosterior
-from genunc.scores import gaussian_entropy
+from genunc.posterior import POSTERIOR_DIR, HeadPosterior
 
 STEPS = 6
 
 
-def tiny_unet(seed=0, classes=3):
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-        block_out_channels=(8, 16), norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=classes,
-    ).eval()
-
-
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, tiny_ddpm_folder):
     """A tiny class-conditional DDPM saved with save_pretrained, with its posterior beside it."""
-    path = tmp_path_factory.mktemp("tiny_ddpm")
-    unet, scheduler = tiny_unet(), DDPMScheduler(num_train_timesteps=100)
-    unet.save_pretrained(path)
-    scheduler.save_pretrained(path)
-    pipe = ImageUncertaintyPipeline(unet, scheduler, feature_extractor=flatten_pixels)
+    path = tiny_ddpm_folder(tmp_path_factory.mktemp("tiny_ddpm"))
+    pipe = ImageUncertaintyPipeline.from_pretrained(path, feature_extractor=flatten_pixels)
     g = torch.Generator().manual_seed(0)
     pipe.fit_posterior((torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 3, (32,), generator=g)),
                        progress=False)
@@ -74,15 +59,6 @@ def test_semantic_score_is_the_entropy_of_the_generations_features(pipe):
     var = feats.var(axis=0, ddof=1) + 1e-3
     expected = 0.5 * np.log(2 * np.pi * np.e * var).sum(axis=1)
     np.testing.assert_allclose(out.scores["semantic"], expected, rtol=1e-10)
-
-
-def test_gaussian_entropy_is_exact_on_known_features():
-    feats = np.array([[[0.0, 1.0]], [[2.0, 1.0]], [[4.0, 1.0]]])  # var = (4, 0) per dim
-    expected = 0.5 * (np.log(2 * np.pi * np.e * (4 + 0.1)) + np.log(2 * np.pi * np.e * 0.1))
-    np.testing.assert_allclose(gaussian_entropy(feats, floor=0.1), [expected])
-    big = 1e4 + np.array([[[1e-4]], [[-1e-4]]])  # cancellation-prone: two-pass stays exact
-    np.testing.assert_allclose(gaussian_entropy(big, floor=0.0, ddof=0),
-                               0.5 * np.log(2 * np.pi * np.e * 1e-8), rtol=1e-6)
 
 
 def _swap(unet, draws, m):
@@ -135,9 +111,18 @@ def test_branching_shares_the_prefix(pipe):
     assert mid.backbone_rows == 4 * (STEPS // 2) + 3 * 4 * (STEPS - STEPS // 2)
 
 
-def test_bad_requests_fail_clearly(pipe, saved):
-    with pytest.raises(GenuncError, match="num_draws must be at least 1"):
+def test_bad_requests_fail_clearly(pipe, saved, tiny_unet):
+    with pytest.raises(GenuncError, match=r"need num_draws >= 2, got 0"):
         pipe(2, num_draws=0, num_inference_steps=2, progress=False)
+    with pytest.raises(GenuncError, match=r"\['variability'\] need num_draws >= 2, got 1"):
+        pipe(2, num_draws=1, num_inference_steps=2, scores=("semantic", "variability"),
+             progress=False)
+    assert pipe(2, num_draws=1, num_inference_steps=2, scores=("semantic",),
+                progress=False).scores["semantic"].shape == (2,)
+    with pytest.raises(GenuncError, match="num_inference_steps must be at least 1, got 0"):
+        pipe(2, num_inference_steps=0, progress=False)
+    with pytest.raises(GenuncError, match="list of names"):
+        pipe(2, scores="semantic", progress=False)
     with pytest.raises(GenuncError, match="unknown scores"):
         pipe(2, scores=("vibes",), progress=False)
     with pytest.raises(GenuncError, match="class labels must lie"):

@@ -1,4 +1,4 @@
-"""Masked-diffusion LM adapter, unmasking samplers and token-level mutual information."""
+"""Unmasking samplers for masked-diffusion LMs, with commit-time token statistics."""
 
 import math
 
@@ -10,15 +10,8 @@ from genunc.adapters.text import MaskedDiffusionLMAdapter
 from genunc.errors import GenuncError
 from genunc.posterior import HeadPosterior
 from genunc.sampling.masked import UnmaskingConfig, unmask
-from genunc.scores.tokens import aggregate, mutual_information, self_certainty
-from genunc.zoo.text_model import MaskedDiffusionTransformer
 
 V, MASK, L, PROMPT = 12, 11, 10, 4
-
-
-def tiny_model(**kwargs):
-    torch.manual_seed(0)
-    return MaskedDiffusionTransformer(V, L, d_model=16, n_layers=1, n_heads=2, **kwargs).eval()
 
 
 def prompts(b=3):
@@ -29,8 +22,8 @@ def prompts(b=3):
 
 
 @pytest.fixture(scope="module")
-def fitted():
-    adapter = MaskedDiffusionLMAdapter(tiny_model(), "head", MASK)
+def fitted(tiny_text_model):
+    adapter = MaskedDiffusionLMAdapter(tiny_text_model(V, L), "head", MASK)
     g = torch.Generator().manual_seed(2)
     data = torch.randint(0, 10, (40, L), generator=g)
     prompt_mask = torch.zeros(40, L, dtype=torch.bool)
@@ -53,7 +46,7 @@ CONFIGS = [
 def test_every_sampler_fills_all_masks_and_keeps_the_prompt(fitted, config):
     adapter, posterior = fitted
     x = prompts()
-    out = unmask(adapter, x, config, posterior=posterior, mi_draws=posterior.sample(3, seed=0),
+    out = unmask(adapter, x, config, mi_draws=posterior.sample(3, seed=0),
                  generator=torch.Generator().manual_seed(0))
     assert out.tokens.shape == x.shape
     assert (out.tokens != MASK).all()
@@ -94,8 +87,8 @@ def test_step_counts(fitted):
 def test_same_seed_same_output(fitted):
     adapter, posterior = fitted
     config = UnmaskingConfig("random", temperature=0.8, position_temperature=1.0)
-    runs = [unmask(adapter, prompts(), config, posterior=posterior,
-                   mi_draws=posterior.sample(3, seed=5), generator=torch.Generator().manual_seed(9))
+    runs = [unmask(adapter, prompts(), config, mi_draws=posterior.sample(3, seed=5),
+                   generator=torch.Generator().manual_seed(9))
             for _ in range(2)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     for name in runs[0].token_stats:
@@ -108,41 +101,16 @@ def test_trajectory_draws_share_randomness_with_the_map(fitted):
     adapter, posterior = fitted
     config = UnmaskingConfig("low_confidence", temperature=1.0, block_length=3)
     plain = unmask(adapter, prompts(), config, generator=torch.Generator().manual_seed(4))
-    forked = unmask(adapter, prompts(), config, posterior=posterior,
-                    trajectory_draws=posterior.sample(4, seed=1),
+    forked = unmask(adapter, prompts(), config,
+                    trajectory_draws=posterior.sample(4, seed=1, include_map=True),
                     generator=torch.Generator().manual_seed(4))
     assert torch.equal(forked.tokens, plain.tokens)  # the MAP row is unaffected by the draws
     assert forked.draw_tokens.shape == (4, 3, L) and (forked.draw_tokens != MASK).all()
     assert forked.nfe == plain.nfe and forked.backbone_rows == 5 * plain.backbone_rows
 
 
-def test_mutual_information_closed_forms():
-    logits = torch.randn(5, 7)
-    same = logits.expand(4, 5, 7)
-    torch.testing.assert_close(mutual_information(same), torch.zeros(5, dtype=torch.float64),
-                               atol=1e-12, rtol=0)
-    draws = torch.randn(3, 5, 7)
-    p = torch.softmax(draws.double(), -1).numpy()
-    mean = p.mean(0)
-    direct = -(mean * np.log(mean)).sum(-1) + (p * np.log(p)).sum(-1).mean(0)
-    np.testing.assert_allclose(mutual_information(draws).numpy(), direct, rtol=1e-10)
-    # two draws that are certain of different tokens: MI = log 2
-    sharp = torch.tensor([[[50.0, 0.0]], [[0.0, 50.0]]])
-    assert mutual_information(sharp).item() == pytest.approx(math.log(2), rel=1e-9)
-    assert self_certainty(torch.zeros(2, 9)).abs().max() < 1e-12
-
-
-def test_aggregate():
-    values = torch.tensor([[1.0, 2.0, 9.0], [4.0, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, False], [True, False, False]])
-    assert aggregate(values, mask, "mean").tolist() == [1.5, 4.0]
-    assert aggregate(values, mask, "max").tolist() == [2.0, 4.0]
-    with pytest.raises(GenuncError, match="at least one"):
-        aggregate(values, torch.zeros_like(mask))
-
-
-def test_tied_head_is_untied_and_logit_shift_aligns_targets():
-    model = tiny_model(tie_head=True)
+def test_tied_head_is_untied_and_logit_shift_aligns_targets(tiny_text_model):
+    model = tiny_text_model(V, L, tie_head=True)
     assert model.head.weight is model.embed.weight
     with pytest.warns(UserWarning, match="untied"):
         adapter = MaskedDiffusionLMAdapter(model, "head", MASK, logit_shift=True)
@@ -164,7 +132,7 @@ def test_tied_head_is_untied_and_logit_shift_aligns_targets():
     assert (logits[..., MASK] < -1e30).all()
 
 
-def test_bad_inputs(fitted):
+def test_bad_inputs(fitted, tiny_text_model):
     adapter, posterior = fitted
     x = prompts()
     ragged = x.clone()
@@ -172,8 +140,10 @@ def test_bad_inputs(fitted):
     with pytest.raises(GenuncError, match="same positions"):
         unmask(adapter, ragged)
     with pytest.raises(GenuncError, match="num_draws >= 2"):
-        unmask(adapter, x, posterior=posterior, mi_draws=posterior.sample(1))
+        unmask(adapter, x, mi_draws=posterior.sample(1))
+    with pytest.raises(GenuncError, match="MAP first"):
+        unmask(adapter, x, trajectory_draws=posterior.sample(2))
     with pytest.raises(GenuncError, match="unknown strategy"):
         UnmaskingConfig("greedy")
     with pytest.raises(GenuncError, match="nn.Linear"):
-        MaskedDiffusionLMAdapter(tiny_model(), "blocks", MASK)
+        MaskedDiffusionLMAdapter(tiny_text_model(V, L), "blocks", MASK)

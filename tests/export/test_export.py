@@ -74,7 +74,7 @@ CRASHER = textwrap.dedent("""
     from genunc.export import ExportWriter
     from genunc.export import store
     directory, crash_at, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    real_write = store.atomic_write_bytes
+    real_write = store.atomic_write
     count = {"n": 0}
     def dying_write(path, data):
         count["n"] += 1
@@ -83,7 +83,7 @@ CRASHER = textwrap.dedent("""
             tmp.write_bytes(data[: len(data) // 2])
             os._exit(3)
         real_write(path, data)
-    store.atomic_write_bytes = dying_write
+    store.atomic_write = dying_write
     writer = ExportWriter(directory, "json", metadata={"run": "crash-test"})
     for i in range(20):
         if mode == "mid-manifest" and i == crash_at:

@@ -41,7 +41,7 @@ def test_map_and_draws_are_equivariant(adapter):
         with torch.no_grad(), capture_head(adapter.head) as record:
             eps = adapter.denoise(x=x, t=t, node_mask=mask)
         inputs = {"x": x, "node_mask": mask}
-        drawn = adapter.post_head(post.apply(record.features, draws), inputs)
+        drawn = adapter.post_head(draws.apply(record.features), inputs)
         outs.append((eps, drawn))
     (eps, drawn), (eps_rot, drawn_rot) = outs
     # positions rotate (no shift: the noise is a displacement), features are invariant
@@ -83,8 +83,9 @@ def test_sampling_with_diffusers_schedulers_stays_centred_and_scores_per_atom(ad
     mask = data["node_mask"]
     x_T = adapter.sample_noise(data["x"].shape, mask, torch.Generator().manual_seed(0))
     for kind in ("ddpm", "ddim"):
-        out = run_trajectory(adapter, adapter.make_scheduler(kind), post, x_T, {"node_mask": mask},
-                             num_inference_steps=4, trajectory_draws=post.sample(2, seed=1),
+        out = run_trajectory(adapter, adapter.make_scheduler(kind), x_T, {"node_mask": mask},
+                             num_inference_steps=4,
+                             trajectory_draws=post.sample(2, seed=1, include_map=True),
                              variability_draws=post.sample(3, seed=2),
                              generator=torch.Generator().manual_seed(0))
         for x in (out.samples, *out.draw_samples):

@@ -78,7 +78,7 @@ def test_posterior_output_variance_agrees_with_sampling():
     post = HeadPosterior.fit_features(head, (x, y), prior_precision=1.0)
     feats = torch.randn(2, 3, 6, 6)
     draws = post.sample(4000, seed=0)
-    mc = post.apply(feats, draws).var(0)
+    mc = draws.apply(feats).var(0)
     torch.testing.assert_close(post.output_variance(feats), mc, rtol=0.1, atol=1e-4)
 
 
@@ -86,7 +86,9 @@ def test_map_draw_reproduces_head():
     head = nn.Linear(5, 3)
     x = torch.randn(30, 5)
     post = HeadPosterior.fit_features(head, (x, torch.randn(30, 3)), prior_precision=1.0)
-    torch.testing.assert_close(post.apply(x, post.map_draws())[0], head(x).detach())
+    draws = post.sample(2, include_map=True)
+    assert draws.includes_map and not draws[1:].includes_map and draws[:1].includes_map
+    torch.testing.assert_close(draws[0].apply(x)[0], head(x).detach())
 
 
 def test_same_seed_same_draws_different_seed_different_draws():

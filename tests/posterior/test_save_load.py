@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from genunc.adapters import NoisePredictionAdapter
-from genunc.errors import FingerprintMismatchError
+from genunc.errors import FingerprintMismatchError, MissingFileError
 from genunc.posterior import HeadPosterior
 from genunc.zoo.toy import ToyImageDenoiser
 
@@ -45,7 +45,7 @@ def test_refuses_other_architecture_and_other_weights(tmp_path, model):
 
 
 def test_missing_or_foreign_files(tmp_path, model):
-    with pytest.raises(FileNotFoundError, match="no genunc posterior"):
+    with pytest.raises(MissingFileError, match="no complete genunc posterior"):
         HeadPosterior.load(tmp_path, model)
     post = HeadPosterior.fit(NoisePredictionAdapter(model, "conv_out"), [torch.randn(4, 1, 6, 6)],
                              progress=False)
@@ -65,15 +65,29 @@ def test_save_leaves_no_temporary_files(tmp_path, model):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_load_saved_and_load_if_present(tmp_path, model):
-    """Nothing saved -> None for both; other weights -> load_saved refuses, load_if_present skips."""
-    assert HeadPosterior.load_saved(tmp_path, model) is None
-    assert HeadPosterior.load_if_present(tmp_path, model) is None
+def test_load_policy_for_missing_and_stale_posteriors(tmp_path, model):
+    """Nothing saved -> None where asked (an error otherwise); other weights -> refused unless
+    stale="none"."""
+    assert HeadPosterior.load(tmp_path, model, missing="none") is None
+    assert HeadPosterior.load(tmp_path, model, missing="none", stale="none") is None
+    with pytest.raises(MissingFileError):
+        HeadPosterior.load(tmp_path, model)
     post = HeadPosterior.fit(NoisePredictionAdapter(model, "conv_out"), [torch.randn(4, 1, 6, 6)],
                              progress=False)
     post.save(tmp_path)
-    torch.testing.assert_close(HeadPosterior.load_saved(tmp_path, model).mean, post.mean)
+    torch.testing.assert_close(HeadPosterior.load(tmp_path, model, missing="none").mean, post.mean)
     other = ToyImageDenoiser(channels=1, width=8)
     with pytest.raises(FingerprintMismatchError):
-        HeadPosterior.load_saved(tmp_path, other)
-    assert HeadPosterior.load_if_present(tmp_path, other) is None
+        HeadPosterior.load(tmp_path, other, missing="none")
+    assert HeadPosterior.load(tmp_path, other, stale="none") is None
+
+
+def test_half_saved_posterior_is_an_error_not_a_missing_one(tmp_path, model):
+    """A posterior folder with one of its two files is damaged: never treated as 'none saved'
+    (which would trigger a silent refit over the remaining file)."""
+    post = HeadPosterior.fit(NoisePredictionAdapter(model, "conv_out"), [torch.randn(4, 1, 6, 6)],
+                             progress=False)
+    post.save(tmp_path)
+    (tmp_path / "genunc_posterior.json").unlink()
+    with pytest.raises(MissingFileError, match="no complete genunc posterior"):
+        HeadPosterior.load(tmp_path, model, missing="none")

@@ -8,18 +8,15 @@ import yaml
 from diffusers import DDPMScheduler
 
 from genunc.cli import main
-from genunc.config import load_config
+from genunc.config import dump_config, load_config
 from genunc.errors import GenuncError
 from genunc.export import Export, ExportWriter
-
-from test_image_pipeline import tiny_unet
+from genunc.jobs import job_for, modalities
 
 
 @pytest.fixture
-def config_file(tmp_path):
-    model = tmp_path / "model"
-    tiny_unet().save_pretrained(model)
-    DDPMScheduler(num_train_timesteps=100).save_pretrained(model)
+def config_file(tmp_path, tiny_ddpm_folder):
+    model = tiny_ddpm_folder(tmp_path / "model")
     g = torch.Generator().manual_seed(0)
     torch.save({"x": torch.randn(24, 1, 8, 8, generator=g),
                 "class_labels": torch.randint(0, 3, (24,), generator=g)}, tmp_path / "data.pt")
@@ -86,22 +83,34 @@ def test_config_overrides_and_typos(config_file):
         load_config(config_file, ["generate.num_draws"])
 
 
-def test_shipped_configs_parse():
-    from pathlib import Path
+def test_shipped_configs_name_shipped_models_and_known_scores(repo):
+    paths = sorted(repo.glob("configs/*.yaml"))
+    assert [p.stem for p in paths] == ["arith", "digits", "qm9"]
+    for path in paths:
+        config = load_config(path)
+        job = job_for(config["modality"])
+        assert job.model_dir(config).is_dir(), path
+        assert set(config["generate"]["scores"]) <= set(job.pipeline_class.SCORES), path
+    defaults = load_config(None)
+    assert yaml.safe_load(dump_config(defaults)) == defaults  # defaults are plain data
 
-    for path in Path(__file__).parent.parent.glob("configs/*.yaml"):
-        assert load_config(path)["model"]
-    assert json.dumps(load_config(None))  # defaults are plain data
+
+def test_every_modality_is_one_registered_job():
+    assert modalities() == ("image", "molecule", "text")
+    for name in modalities():
+        job = job_for(name)
+        assert job.modality == name and job.pipeline_class.score_columns()
+    with pytest.raises(GenuncError, match="unknown modality 'audio'"):
+        job_for("audio")
 
 
-def test_model_dir_resolves_zoo_names_and_paths(tmp_path):
-    from genunc.jobs import model_dir
-
-    shipped = {"digits_ddpm": tmp_path / "ddpm"}
+def test_model_dir_resolves_zoo_names_and_paths(tmp_path, monkeypatch):
+    job = job_for("image")
+    monkeypatch.setattr(job, "shipped_models", lambda: {"digits_ddpm": tmp_path / "ddpm"})
     config = load_config(None, ["model=zoo:digits_ddpm"])
-    assert model_dir(config, shipped) == tmp_path / "ddpm"
-    assert model_dir(load_config(None, [f"model={tmp_path}"]), shipped) == tmp_path
+    assert job.model_dir(config) == tmp_path / "ddpm"
+    assert job.model_dir(load_config(None, [f"model={tmp_path}"])) == tmp_path
     with pytest.raises(GenuncError, match="unknown zoo image model 'zoo:nope'; shipped: zoo:digits_ddpm"):
-        model_dir(load_config(None, ["model=zoo:nope"]), shipped)
+        job.model_dir(load_config(None, ["model=zoo:nope"]))
     with pytest.raises(GenuncError, match="names no model"):
-        model_dir(load_config(None, []), shipped)
+        job.model_dir(load_config(None, []))

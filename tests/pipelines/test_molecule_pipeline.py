@@ -1,38 +1,36 @@
-"""The molecule sampler end to end on a tiny untrained model and a QM9 slice."""
-
-import json
+"""The molecule pipeline end to end on a tiny untrained model and a QM9 slice."""
 
 import numpy as np
 import pytest
 import torch
 
-from genunc.data.qm9 import parse_csvs, qm9pack_data_dir
 from genunc.errors import GenuncError
-from genunc.pipelines.molecule import MoleculeUncertaintySampler, decode, encode
-from genunc.zoo.molecule_model import EquivariantDenoiser
+from genunc.pipelines import MoleculeUncertaintyPipeline
 
 
-@pytest.fixture(scope="module")
-def qm9_slice():
-    return parse_csvs(qm9pack_data_dir(), limit=200, progress=False)
+@pytest.fixture
+def tiny_pipeline(qm9_slice, tiny_molecule_model):
+    def build(timesteps=50):
+        return MoleculeUncertaintyPipeline(tiny_molecule_model(), qm9_slice.atom_count_histogram(),
+                                           timesteps=timesteps)
+    return build
 
 
-def test_encode_decode_round_trip(qm9_slice):
-    batch = encode(qm9_slice, np.arange(5))
+def test_encode_decode_round_trip(qm9_slice, tiny_pipeline):
+    adapter = tiny_pipeline().adapter
+    batch = adapter.encode(qm9_slice, np.arange(5))
     assert batch["x"].shape[-1] == 9 and batch["node_mask"].sum() == qm9_slice.n_atoms[:5].sum()
-    for (pos, types), i in zip(decode(batch["x"], batch["node_mask"]), range(5)):
+    for (pos, types), i in zip(adapter.decode(batch["x"], batch["node_mask"]), range(5)):
         ref_pos, ref_types = qm9_slice.molecule(i)
         np.testing.assert_allclose(pos, ref_pos, atol=1e-6)
         np.testing.assert_array_equal(types, ref_types)
 
 
-def test_sampler_scores_molecules_reproducibly(qm9_slice, tmp_path):
-    torch.manual_seed(0)
-    model = EquivariantDenoiser(n_features=6, scalars=8, vectors=2, n_layers=1, lmax=1)
-    sampler = MoleculeUncertaintySampler(model, qm9_slice.atom_count_histogram(), timesteps=50)
-    sampler.fit_posterior([encode(qm9_slice, np.arange(i, i + 20)) for i in range(0, 60, 20)],
-                          progress=False)
-    kwargs = dict(num_draws=3, steps=5, scores=("variability", "random"), chunk_size=3,
+def test_pipeline_scores_molecules_reproducibly(qm9_slice, tiny_pipeline):
+    sampler = tiny_pipeline()
+    sampler.fit_posterior([sampler.adapter.encode(qm9_slice, np.arange(i, i + 20))
+                           for i in range(0, 60, 20)], progress=False)
+    kwargs = dict(num_draws=3, num_inference_steps=5, scores=("variability", "random"), chunk_size=3,
                   progress=False)
     a, b = sampler(5, seed=1, **kwargs), sampler(5, seed=1, **kwargs)
     assert len(a.molecules) == 5
@@ -44,35 +42,25 @@ def test_sampler_scores_molecules_reproducibly(qm9_slice, tmp_path):
         np.testing.assert_array_equal(pa, pb)
         np.testing.assert_allclose(pa.mean(0), 0, atol=1e-4)
     with pytest.raises(GenuncError, match="num_draws >= 2"):
-        sampler(2, num_draws=1, steps=2, progress=False)
+        sampler(2, num_draws=1, num_inference_steps=2, progress=False)
 
 
-def test_from_pretrained_round_trip(qm9_slice, tmp_path):
-    from safetensors.torch import save_file
-
-    model = EquivariantDenoiser(n_features=6, scalars=8, vectors=2, n_layers=1, lmax=1)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"model": model.config, "timesteps": 50}))
-    (tmp_path / "atom_histogram.json").write_text(json.dumps({"5": 3, "9": 1}))
-    loaded = MoleculeUncertaintySampler.from_pretrained(tmp_path)
-    x = encode(qm9_slice, np.arange(2))
+def test_from_pretrained_round_trip(qm9_slice, tmp_path, tiny_molecule_model):
+    model = tiny_molecule_model(seed=3)
+    model.save_pretrained(tmp_path, timesteps=50)
+    (tmp_path / "atom_histogram.json").write_text('{"5": 3, "9": 1}')
+    loaded = MoleculeUncertaintyPipeline.from_pretrained(tmp_path)
+    x = loaded.adapter.encode(qm9_slice, np.arange(2))
     t = torch.tensor([3, 7])
     torch.testing.assert_close(loaded.adapter.model(x["x"], t / 50, x["node_mask"]),
                                model(x["x"], t / 50, x["node_mask"]))
     assert set(loaded.atom_counts.tolist()) == {5, 9}
 
 
-def tiny_sampler(qm9_slice, timesteps=50):
-    torch.manual_seed(0)
-    model = EquivariantDenoiser(n_features=6, scalars=8, vectors=2, n_layers=1, lmax=1)
-    return MoleculeUncertaintySampler(model, qm9_slice.atom_count_histogram(), timesteps=timesteps)
-
-
-def test_semantic_and_likelihood_baseline_scores(qm9_slice):
-    sampler = tiny_sampler(qm9_slice)
-    sampler.fit_posterior([encode(qm9_slice, np.arange(0, 30))], progress=False)
-    kwargs = dict(num_draws=3, steps=4, scores=("semantic", "denoising_loss"), sampler="ddim",
+def test_semantic_and_likelihood_baseline_scores(qm9_slice, tiny_pipeline):
+    sampler = tiny_pipeline()
+    sampler.fit_posterior([sampler.adapter.encode(qm9_slice, np.arange(0, 30))], progress=False)
+    kwargs = dict(num_draws=3, num_inference_steps=4, scores=("semantic", "denoising_loss"), sampler="ddim",
                   chunk_size=4, progress=False)
     a, b = sampler(6, seed=2, **kwargs), sampler(6, seed=2, **kwargs)
     assert set(a.scores) == {"semantic", "denoising_loss"}
@@ -85,9 +73,9 @@ def test_semantic_and_likelihood_baseline_scores(qm9_slice):
     assert [len(t) for _, t in a.draw_molecules[0]] == a.n_atoms.tolist()
 
 
-def test_denoising_loss_matches_direct_computation(qm9_slice):
-    sampler = tiny_sampler(qm9_slice)
-    batch = encode(qm9_slice, np.arange(4))
+def test_denoising_loss_matches_direct_computation(qm9_slice, tiny_pipeline):
+    sampler = tiny_pipeline()
+    batch = sampler.adapter.encode(qm9_slice, np.arange(4))
     x0, mask = batch["x"], batch["node_mask"]
     got = sampler.denoising_loss(x0, mask, levels=1, seed=3)
     adapter = sampler.adapter
@@ -117,10 +105,10 @@ def test_molecule_descriptors_are_invariant(qm9_slice):
     assert not np.allclose(molecule_features(other_pos, other_types), molecule_features(pos, types))
 
 
-def test_random_baseline_is_independent_of_molecule_size(qm9_slice):
+def test_random_baseline_is_independent_of_molecule_size(qm9_slice, tiny_pipeline):
     """Atom counts are drawn from default_rng(seed) too; the random score must not follow them."""
     from genunc.filtering import spearman
 
-    sampler = tiny_sampler(qm9_slice, timesteps=10)
-    out = sampler(300, steps=1, scores=("random",), chunk_size=300, seed=0, progress=False)
+    sampler = tiny_pipeline(timesteps=10)
+    out = sampler(300, num_inference_steps=1, scores=("random",), chunk_size=300, seed=0, progress=False)
     assert abs(spearman(out.scores["random"], out.n_atoms)) < 0.2

@@ -1,40 +1,14 @@
 """Scored molecules in SDF: export round trip, SDF filtering, interrupted exports, the CLI path."""
 
-import json
-
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from genunc.cli import main
-from genunc.data.qm9 import parse_csvs, qm9pack_data_dir, save_cache
 from genunc.errors import GenuncError
 from genunc.export import Export, ExportWriter, filter_export
 from genunc.export.sdf import filter_sdf, read_sdf_scores
 from genunc.metrics.molecule import to_rdkit
-from genunc.zoo.molecule_model import EquivariantDenoiser
-
-
-@pytest.fixture(scope="module")
-def qm9_slice():
-    return parse_csvs(qm9pack_data_dir(), limit=40, progress=False)
-
-
-def save_tiny_model(tmp_path, qm9_slice):
-    """A tiny untrained molecule model folder (as from_pretrained reads it) and a data cache."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = EquivariantDenoiser(n_features=6, scalars=8, vectors=2, n_layers=1, lmax=1)
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(model_dir / "model.safetensors"))
-    (model_dir / "config.json").write_text(json.dumps({"model": model.config, "timesteps": 40}))
-    (model_dir / "atom_histogram.json").write_text(json.dumps(qm9_slice.atom_count_histogram()))
-    save_cache(qm9_slice, tmp_path / "molecules.npz")
-    return model_dir
 
 
 def write_export(directory, qm9_slice, n, finalize=True):
@@ -101,8 +75,8 @@ def test_filter_on_interrupted_export_loses_nothing(qm9_slice, tmp_path):
     assert len(scores) == 7
 
 
-def test_molecule_cli_fit_generate_filter(qm9_slice, tmp_path, capsys):
-    model_dir = save_tiny_model(tmp_path, qm9_slice)
+def test_molecule_cli_fit_generate_filter(tiny_molecule_folder, tmp_path, capsys):
+    model_dir = tiny_molecule_folder(tmp_path / "model")
     config = {
         "modality": "molecule", "model": str(model_dir), "features": "descriptors",
         "quality": "edm_metrics",
@@ -130,13 +104,12 @@ def test_molecule_cli_fit_generate_filter(qm9_slice, tmp_path, capsys):
     assert len(Export(tmp_path / "kept")) == 3
 
 
-def test_filter_molecules_example_runs_on_a_tiny_model(qm9_slice, tmp_path):
+def test_filter_molecules_example_runs_on_a_tiny_model(tiny_molecule_folder, tmp_path, repo):
     import subprocess
     import sys
-    from pathlib import Path
 
-    model_dir = save_tiny_model(tmp_path, qm9_slice)
-    example = Path(__file__).parents[1] / "examples" / "filter_molecules.py"
+    model_dir = tiny_molecule_folder(tmp_path / "model")
+    example = repo / "examples" / "filter_molecules.py"
     run = subprocess.run(
         [sys.executable, str(example), "--model", str(model_dir), "--posterior-data",
          str(tmp_path / "molecules.npz"), "--n-fit", "20", "--n", "6", "--draws", "2",

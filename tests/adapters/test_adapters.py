@@ -46,8 +46,8 @@ def test_fit_sample_apply_for_each_layout(layout, structure):
         output = adapter.denoise(**pairs.inputs)
     features = record.require_single_call(adapter.head_name)
     draws = post.sample(3, seed=0)
-    outs = adapter.post_head(post.apply(features, draws), pairs.inputs)
-    mapped = adapter.post_head(post.apply(features, post.map_draws()), pairs.inputs)[0]
+    outs = adapter.post_head(draws.apply(features), pairs.inputs)
+    mapped = adapter.post_head(post.sample(1, include_map=True)[0].apply(features), pairs.inputs)[0]
     if layout == "point_cloud":  # the toy model zeroes padded nodes after its head
         mapped = mapped * pairs.mask[..., None]
     torch.testing.assert_close(mapped, output, rtol=1e-5, atol=1e-5)

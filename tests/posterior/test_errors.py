@@ -53,7 +53,7 @@ def test_nan_features_are_reported():
     post = HeadPosterior.fit_features(head, (feats, torch.randn(10, 2)))
     feats[1, 1] = float("inf")
     with pytest.raises(NonFiniteError, match="infinite"):
-        post.apply(feats, post.sample(2))
+        post.sample(2).apply(feats)
 
 
 def test_shape_mismatches():
@@ -67,16 +67,16 @@ def test_shape_mismatches():
                                    likelihood="classification")
     post = HeadPosterior.fit_features(head, (torch.randn(10, 3), torch.randn(10, 2)))
     with pytest.raises(ShapeMismatchError, match="expects 3 input features"):
-        post.apply(torch.randn(4, 5), post.sample(2))
+        post.sample(2).apply(torch.randn(4, 5))
     with pytest.raises(ShapeMismatchError, match="leading draw axis"):
-        post.apply(torch.randn(4, 3), post.sample(2), per_draw=True)
+        post.sample(2).apply(torch.randn(4, 3), per_draw=True)
     conv = nn.Conv2d(4, 1, 3)
     post = HeadPosterior.fit_features(conv, (torch.randn(6, 4, 5, 5), torch.randn(6, 9)))
     with pytest.raises(ShapeMismatchError, match="Conv2d head expects"):
-        post.apply(torch.randn(2, 3, 5, 5), post.sample(2))
+        post.sample(2).apply(torch.randn(2, 3, 5, 5))
     other = HeadPosterior.fit_features(nn.Conv2d(4, 2, 3), (torch.randn(6, 4, 5, 5), torch.randn(6, 18)))
     with pytest.raises(ShapeMismatchError, match="draw for 'weight'"):
-        post.apply(torch.randn(2, 4, 5, 5), other.sample(2))
+        post.ops.apply(torch.randn(2, 4, 5, 5), other.sample(2).params)
 
 
 def test_bad_options():

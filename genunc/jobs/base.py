@@ -1,0 +1,160 @@
+"""What a config-driven job does, written once for every modality.
+
+A :class:`Job` turns a run config into a pipeline with its posterior (``genunc fit``) and into
+an export of scored samples (``genunc generate``).  The steps that do not depend on the
+modality live here: resolving ``zoo:<name>`` model specs, where the posterior lives and the
+policy for it (load what was saved, or fit and save it), and the chunked, resumable export.  A
+modality's job says only what is its own: how to load its model folder, what clean data the
+posterior is fitted on, and how to turn one chunk of generation into export records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tqdm.auto import tqdm
+
+from genunc.config import dump_config
+from genunc.errors import ConfigError
+from genunc.export import Export, ExportWriter
+from genunc.pipelines.base import UncertaintyPipeline
+from genunc.posterior import POSTERIOR_DIR, HeadPosterior
+
+#: one sample of a chunk: (sample id, payload for the export's file, manifest record)
+ChunkRecord = tuple[str, Any, dict[str, Any]]
+
+
+class Job(ABC):
+    """The modality-specific half of ``genunc fit`` / ``genunc generate``."""
+
+    #: the config's ``modality`` value
+    modality: ClassVar[str]
+    #: export file format (``png``, ``sdf`` or ``json``)
+    export_format: ClassVar[str]
+    #: allowed values of the config's ``quality`` key (None: no quality columns)
+    qualities: ClassVar[tuple[str | None, ...]] = (None,)
+
+    @abstractmethod
+    def shipped_models(self) -> dict[str, Path]:
+        """``zoo:<name>`` -> folder of the models genunc ships for this modality."""
+
+    @property
+    @abstractmethod
+    def pipeline_class(self) -> type[UncertaintyPipeline]:
+        """The pipeline this job drives (its score catalogue names the export's columns)."""
+
+    @abstractmethod
+    def load_pipeline(self, model_dir: Path, config: dict[str, Any]) -> UncertaintyPipeline:
+        """The pipeline of `model_dir` with the config's feature extractor, no posterior yet."""
+
+    @abstractmethod
+    def fit_data(self, pipe: UncertaintyPipeline, config: dict[str, Any]) -> Any:
+        """Clean data for the posterior fit, in a form ``pipe.fit_posterior`` accepts."""
+
+    def fit_options(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of ``fit_posterior`` taken from the config's posterior section."""
+        p = config["posterior"]
+        return {"batch_size": p["batch_size"], "repeats": p["repeats"], "seed": p["seed"],
+                "structure": p["structure"], "prior_precision": p["prior_precision"],
+                "sigma_noise": p["sigma_noise"]}
+
+    @abstractmethod
+    def generate_chunk(self, pipe: UncertaintyPipeline, config: dict[str, Any], chunk: int,
+                       ids: list[str]) -> Iterable[ChunkRecord]:
+        """Generate the samples `ids` (chunk number `chunk`) and yield their export records."""
+
+    # ------------------------------------------------------------------ shared steps
+    def model_dir(self, config: dict[str, Any]) -> Path:
+        """The model folder a config names: ``zoo:<name>`` for a shipped model, else a path."""
+        shipped = self.shipped_models()
+        model = config["model"]
+        names = ", ".join(f"zoo:{name}" for name in shipped)
+        if model is None:
+            raise ConfigError(f"the config names no model (model: {names} or a folder path)")
+        if str(model).startswith("zoo:"):
+            if model[4:] not in shipped:
+                raise ConfigError(f"unknown zoo {self.modality} model {model!r}; shipped: {names}")
+            return shipped[model[4:]]
+        return Path(model)
+
+    def build_pipeline(self, config: dict[str, Any], fit_if_missing: bool = True,
+                       progress: bool = True) -> UncertaintyPipeline:
+        """The config's pipeline with the posterior saved in its posterior folder; where none
+        was saved, one is fitted and saved there (unless ``fit_if_missing=False``).  A saved
+        posterior of other weights is refused, never silently refitted."""
+        if config["quality"] not in self.qualities:
+            raise ConfigError(f"{self.modality} quality is one of {list(self.qualities)}, got "
+                              f"{config['quality']!r}")
+        pipe = self.load_pipeline(self.model_dir(config), config)
+        if pipe.load_or_fit_posterior(posterior_dir(config)) is None and fit_if_missing:
+            self.fit_posterior(pipe, config, progress=progress)
+        return pipe
+
+    def fit_posterior(self, pipe: UncertaintyPipeline, config: dict[str, Any],
+                      progress: bool = True) -> HeadPosterior:
+        """Fit anew (``genunc fit``) and save to the config's posterior folder."""
+        posterior = pipe.fit_posterior(self.fit_data(pipe, config), progress=progress,
+                                       **self.fit_options(config))
+        posterior.save(posterior_dir(config))
+        return posterior
+
+    def generate(self, config: dict[str, Any], progress: bool = True) -> Export:
+        """``n_samples`` scored samples into the config's export folder, chunk by chunk.
+
+        Chunk c holds samples ``c*chunk_size ...`` (ids zero-padded) and is generated with seed
+        ``seed + c``; chunks whose samples are all committed are skipped, so an interrupted run
+        regenerates exactly what is missing.  An export written with another config is refused.
+        """
+        pipe = self.build_pipeline(config, progress=progress)
+        g = config["generate"]
+        posterior = pipe.posterior
+        metadata = {
+            "modality": config["modality"],
+            "model": str(config["model"]),
+            "posterior_fingerprint": None if posterior is None else posterior.fingerprint,
+            "posterior_summary": None if posterior is None else posterior.summary(),
+            "config": config,
+            "config_sha256": hashlib.sha256(dump_config(config).encode()).hexdigest(),
+        }
+        n, size = g["n_samples"], g["chunk_size"]
+        with ExportWriter(g["out"], self.export_format, metadata=metadata) as writer:
+            if writer.metadata.get("config_sha256") not in (None, metadata["config_sha256"]):
+                raise ConfigError(f"{g['out']} was written with a different config; use a new `out`")
+            for c, start in enumerate(tqdm(range(0, n, size), desc="chunks", disable=not progress)):
+                ids = [f"{i:06d}" for i in range(start, min(start + size, n))]
+                if all(i in writer for i in ids):
+                    continue  # already exported by an earlier (interrupted) run
+                for sample_id, payload, record in self.generate_chunk(pipe, config, c, ids):
+                    writer.add(sample_id, payload, {"seed": g["seed"] + c, **record})
+        return Export(g["out"])
+
+
+def posterior_dir(config: dict[str, Any]) -> Path:
+    """Where a config's posterior lives: ``posterior.dir``, else beside a model folder
+    (``<model>/genunc_posterior``, which ``from_pretrained`` loads), else
+    ``outputs/<zoo name>/posterior`` for shipped models (the package folder stays read-only)."""
+    if config["posterior"]["dir"]:
+        return Path(config["posterior"]["dir"])
+    model = str(config["model"])
+    if model.startswith("zoo:"):
+        return Path("outputs") / model[4:] / "posterior"
+    return Path(model) / POSTERIOR_DIR
+
+
+def scored_records(n: int, scores: dict[str, Any], leading: dict[str, Any] | None = None,
+                   trailing: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One manifest record per sample of a chunk of `n`: its index in the chunk, the `leading`
+    columns, every score, then the `trailing` columns (each an array or list of `n` values;
+    a column that is None is left out)."""
+
+    def cells(columns: dict[str, Any] | None, j: int) -> dict[str, Any]:
+        return {name: values[j].item() if hasattr(values[j], "item") else values[j]
+                for name, values in (columns or {}).items() if values is not None}
+
+    return [{"index_in_chunk": j, **cells(leading, j),
+             **{k: float(v[j]) for k, v in scores.items()}, **cells(trailing, j)}
+            for j in range(n)]

@@ -1,0 +1,227 @@
+"""What every uncertainty pipeline shares, whatever it generates.
+
+A pipeline is an adapter (how to call the denoiser) plus a head posterior plus a generation
+loop.  This base owns everything that does not depend on the modality, so the three pipelines
+cannot drift apart again:
+
+* the score catalogue and the one rule for draws: a score needs a posterior when it uses head
+  draws, at least one draw when it compares the MAP generation with perturbed ones (semantic,
+  pixel variance, the posterior-averaged confidence), and at least two when it is a variance or
+  a disagreement *across* draws (variability, mutual information);
+* argument checks, drawing the head draws (MAP first), the semantic entropy, the random
+  baseline, and collecting per-chunk parts into one score array per score;
+* fitting, loading and saving the posterior, with one persistence policy;
+* one set of argument names: ``num_samples``, ``num_draws``, ``num_inference_steps``,
+  ``scores``, ``seed``, ``chunk_size``, ``progress``.
+
+A modality supplies its own ``__call__`` (what a chunk of generation is), ``_load`` (how its
+model folder is read) and ``_fit_batches`` (what clean data looks like).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from torch import Tensor, nn
+
+from genunc.adapters.base import DenoiserAdapter
+from genunc.errors import GenuncError
+from genunc.posterior import POSTERIOR_DIR, HeadDraws, HeadPosterior
+from genunc.scores import gaussian_entropy, random_scores
+
+#: score name -> the fewest head draws it needs (0: no posterior at all)
+ScoreCatalogue = Mapping[str, int]
+
+
+@dataclass
+class UncertaintyOutput:
+    """What every pipeline returns: one array per requested score (lower = more certain)."""
+
+    scores: dict[str, np.ndarray]
+    seed: int
+    num_draws: int
+    backbone_rows: int = 0  # sample-steps through the backbone, all trajectories together
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Request:
+    """A checked call: the scores to compute and the head draws they use (MAP first)."""
+
+    scores: tuple[str, ...]
+    num_draws: int
+    seed: int
+    draws: HeadDraws | None  # M+1 parameter sets, draw 0 = the posterior mean; None: no posterior
+
+    def wants(self, *names: str) -> bool:
+        return any(name in self.scores for name in names)
+
+    @property
+    def perturbed(self) -> HeadDraws | None:
+        """The M posterior draws without the MAP."""
+        return None if self.draws is None else self.draws[1:]
+
+
+class ScoreCollector:
+    """Per-chunk score parts, timings and backbone rows, joined once at the end of a call."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[np.ndarray]] = {}
+        self.timings: dict[str, float] = {}
+        self.backbone_rows = 0
+
+    def add(self, name: str, values: np.ndarray | Tensor) -> None:
+        array = values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
+        self.parts.setdefault(name, []).append(array)
+
+    @contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def scores(self, request: Request, num_samples: int) -> dict[str, np.ndarray]:
+        result = {name: np.concatenate(values) for name, values in self.parts.items()}
+        if request.wants("random"):
+            result["random"] = random_scores(num_samples, request.seed)
+        return result
+
+
+class UncertaintyPipeline:
+    """Base of the image, molecule and text pipelines (see the module docstring)."""
+
+    #: every score this pipeline computes, with the fewest head draws it needs
+    SCORES: ClassVar[ScoreCatalogue] = {"random": 0}
+    #: columns some scores add beside their own (e.g. the parts of a variability score)
+    EXTRA_SCORE_COLUMNS: ClassVar[tuple[str, ...]] = ()
+    #: how often each clean example is noised when fitting the posterior
+    FIT_REPEATS: ClassVar[int] = 1
+
+    def __init__(self, adapter: DenoiserAdapter, posterior: HeadPosterior | None = None) -> None:
+        self.adapter = adapter
+        self._posterior: HeadPosterior | None = None
+        self.posterior = posterior
+
+    @property
+    def model(self) -> nn.Module:
+        return self.adapter.model
+
+    @property
+    def posterior(self) -> HeadPosterior | None:
+        return self._posterior
+
+    @posterior.setter
+    def posterior(self, posterior: HeadPosterior | None) -> None:
+        """Attach a posterior, refusing one fitted on a different head."""
+        if posterior is not None:
+            posterior.check_matches(self.model)
+        self._posterior = posterior
+
+    @classmethod
+    def score_columns(cls) -> tuple[str, ...]:
+        """Every score column an export of this pipeline can hold."""
+        return (*cls.SCORES, *cls.EXTRA_SCORE_COLUMNS)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], *,
+                        posterior: HeadPosterior | str | os.PathLike[str] | None = "auto",
+                        device: str = "cpu", **kwargs: Any) -> "UncertaintyPipeline":
+        """Load a model folder; ``posterior="auto"`` also loads ``<path>/genunc_posterior`` when
+        one was saved there, a path loads that posterior, ``None`` loads none."""
+        path = Path(path)
+        if not path.is_dir():
+            from genunc.errors import MissingFileError
+
+            raise MissingFileError(f"model folder {path} does not exist")
+        pipe = cls._load(path, device=device, **kwargs)
+        if posterior == "auto":
+            pipe.posterior = HeadPosterior.load(path / POSTERIOR_DIR, pipe.model, missing="none")
+        elif isinstance(posterior, (str, os.PathLike)):
+            pipe.posterior = HeadPosterior.load(posterior, pipe.model)
+        else:
+            pipe.posterior = posterior
+        return pipe
+
+    @classmethod
+    def _load(cls, path: Path, *, device: str, **kwargs: Any) -> "UncertaintyPipeline":
+        raise NotImplementedError(f"{cls.__name__} cannot load model folders")
+
+    # ------------------------------------------------------------------ posterior
+    def _fit_batches(self, data: Any, batch_size: int) -> Any:
+        """Clean data as the batches the adapter's ``training_pairs`` takes (default: as given)."""
+        return data
+
+    def fit_posterior(self, data: Any, *, batch_size: int = 64, repeats: int | None = None,
+                      seed: int = 0, progress: bool = True, **fit_kwargs: Any) -> HeadPosterior:
+        """Fit the head posterior on clean data (see each pipeline for the forms it accepts).
+
+        ``fit_kwargs`` go to :meth:`HeadPosterior.fit_features` (structure, prior_precision, ...).
+        """
+        self.posterior = HeadPosterior.fit(
+            self.adapter, self._fit_batches(data, batch_size),
+            repeats=self.FIT_REPEATS if repeats is None else repeats, seed=seed,
+            progress=progress, **fit_kwargs)
+        return self.posterior
+
+    def load_or_fit_posterior(self, directory: str | os.PathLike[str], data: Any = None, *,
+                              stale: Literal["error", "refit"] = "error",
+                              **fit_kwargs: Any) -> HeadPosterior | None:
+        """The one persistence policy: use the posterior saved in `directory`; where none was
+        saved, fit one on `data` and save it there (no `data`: leave the pipeline without one).
+
+        ``stale`` says what to do with a posterior saved for other weights (the model was
+        retrained): ``"error"`` refuses it (exports and CLI jobs, where silently refitting would
+        change results), ``"refit"`` fits anew over it (scripts that merely cache a fit).
+        """
+        saved = HeadPosterior.load(directory, self.model, missing="none",
+                                   stale="none" if stale == "refit" else "error")
+        if saved is not None or data is None:
+            self.posterior = saved
+            return saved
+        posterior = self.fit_posterior(data, **fit_kwargs)
+        posterior.save(directory)
+        return posterior
+
+    # ------------------------------------------------------------------ calls
+    def _request(self, scores: tuple[str, ...] | list[str], num_draws: int, seed: int,
+                 **counts: int) -> Request:
+        """Check a call's arguments and draw the head draws its scores need.
+
+        ``counts`` are further positive integers to check by name (``num_inference_steps=50``).
+        """
+        if isinstance(scores, str):
+            raise GenuncError(f"scores must be a list of names, got the string {scores!r}")
+        scores = tuple(scores)
+        unknown = [s for s in scores if s not in self.SCORES]
+        if unknown:
+            raise GenuncError(f"unknown scores {unknown}; {type(self).__name__} computes "
+                              f"{list(self.SCORES)}")
+        for name, value in counts.items():
+            if value is not None and value < 1:
+                raise GenuncError(f"{name} must be at least 1, got {value}")
+        needed = max((self.SCORES[s] for s in scores), default=0)
+        if needed == 0:
+            return Request(scores, num_draws, seed, None)
+        if num_draws < needed:
+            which = sorted(s for s in scores if self.SCORES[s] > num_draws)
+            raise GenuncError(f"{which} need num_draws >= {needed}, got {num_draws}")
+        if self.posterior is None:
+            raise GenuncError(f"no posterior, and {sorted(s for s in scores if self.SCORES[s])} "
+                              "need one: call fit_posterior(...) or load one first")
+        return Request(scores, num_draws, seed,
+                       self.posterior.sample(num_draws, seed=seed, include_map=True))
+
+    @staticmethod
+    def semantic_entropy(features: Tensor | np.ndarray) -> np.ndarray:
+        """Jazbec et al.'s score from ``(M+1, B, D)`` features of the MAP and M generations."""
+        return gaussian_entropy(features)

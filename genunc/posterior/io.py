@@ -1,0 +1,161 @@
+"""Saving and loading head posteriors: two files beside (or anywhere away from) the model.
+
+``genunc_posterior.safetensors`` holds the posterior's tensors (mean, curvature, prior), the
+``.json`` its structure, likelihood and the fingerprint of the head it was fitted on, so that a
+posterior is never loaded onto another head or other weights unnoticed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from laplace import Laplace
+from torch import Tensor, nn
+
+from genunc._io import atomic_write
+from genunc._version import __version__
+from genunc.adapters.base import DenoiserAdapter, resolve_module
+from genunc.errors import FingerprintMismatchError, GenuncError, MissingFileError
+from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
+from genunc.posterior.heads import head_ops_for
+
+if TYPE_CHECKING:
+    from genunc.posterior.laplace_head import HeadPosterior
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "genunc_posterior.safetensors"
+META_FILE = "genunc_posterior.json"
+#: Folder name for a posterior saved beside a model (``<model>/genunc_posterior``).
+POSTERIOR_DIR = "genunc_posterior"
+
+
+def save_posterior(posterior: "HeadPosterior", directory: str | os.PathLike[str]) -> Path:
+    """Write the posterior's two files into `directory`, each atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = posterior.laplace.state_dict()
+    tensors: dict[str, Tensor] = {
+        "mean": state["mean"],
+        "prior_precision": torch.as_tensor(state["prior_precision"]).reshape(-1),
+        "sigma_noise": torch.as_tensor(state["sigma_noise"], dtype=torch.float64).reshape(-1),
+        "prior_mean": torch.as_tensor(state["prior_mean"]).reshape(-1),
+    }
+    kron_layout = None
+    if posterior.structure == "kron":
+        kron_layout = [len(group) for group in state["H"]]
+        for i, group in enumerate(state["H"]):
+            for j, factor in enumerate(group):
+                tensors[f"H.{i}.{j}"] = factor
+    else:
+        tensors["H"] = state["H"]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "genunc_version": __version__,
+        "structure": posterior.structure,
+        "likelihood": posterior.likelihood,
+        "head_name": posterior.head_name,
+        "row_wise": posterior.ops.row_wise,
+        "fingerprint": posterior.fingerprint,
+        "kron_layout": kron_layout,
+        "laplace": {
+            "cls_name": state["cls_name"],
+            "loss": float(state["loss"]),
+            "n_data": int(state["n_data"]),
+            "n_outputs": int(state["n_outputs"]),
+            "temperature": float(state["temperature"]),
+        },
+        "info": posterior.info,
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, str(p)))
+    atomic_write(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+
+def load_posterior(
+    directory: str | os.PathLike[str],
+    model: nn.Module | DenoiserAdapter,
+    *,
+    missing: Literal["error", "none"] = "error",
+    stale: Literal["error", "none"] = "error",
+    check_weights: bool = True,
+) -> "HeadPosterior | None":
+    """Load a saved posterior onto `model`'s head (see :meth:`HeadPosterior.load`)."""
+    from genunc.posterior.laplace_head import HeadPosterior, _RowModel
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
+    if not meta_path.exists() and not tensor_path.exists() and missing == "none":
+        return None
+    if not meta_path.exists() or not tensor_path.exists():
+        raise MissingFileError(
+            f"no complete genunc posterior in {directory} (expected {META_FILE} and {TENSORS_FILE})"
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise GenuncError(
+            f"posterior format {meta.get('format_version')} is not supported by genunc "
+            f"{__version__} (expects {FORMAT_VERSION})"
+        )
+    module = model.model if isinstance(model, DenoiserAdapter) else model
+    head = resolve_module(module, meta["head_name"])
+    try:
+        check_fingerprint(
+            meta["fingerprint"], head_fingerprint(meta["head_name"], head), check_weights
+        )
+    except FingerprintMismatchError:
+        if stale == "none":
+            return None
+        raise
+    device = next(head.parameters()).device
+    tensors = {k: v.to(device) for k, v in load_file(str(tensor_path)).items()}
+    head_copy = copy.deepcopy(head).to(tensors["mean"].dtype).eval()
+    for p in head_copy.parameters():
+        p.requires_grad_(True)
+    ops = head_ops_for(head_copy)
+    la = Laplace(
+        _RowModel(head_copy, meta["row_wise"]),
+        meta["likelihood"],
+        subset_of_weights="all",
+        hessian_structure=meta["structure"],
+    )
+    if meta["structure"] == "kron":
+        hessian: Any = [
+            [tensors[f"H.{i}.{j}"] for j in range(n)]
+            for i, n in enumerate(meta["kron_layout"])
+        ]
+    else:
+        hessian = tensors["H"]
+    lap = meta["laplace"]
+    la.load_state_dict(
+        {
+            "mean": tensors["mean"],
+            "H": hessian,
+            "loss": lap["loss"],
+            "prior_mean": tensors["prior_mean"] if tensors["prior_mean"].numel() > 1
+            else float(tensors["prior_mean"]),
+            "prior_precision": tensors["prior_precision"],
+            "sigma_noise": float(tensors["sigma_noise"]),
+            "n_data": lap["n_data"],
+            "n_outputs": lap["n_outputs"],
+            "likelihood": meta["likelihood"],
+            "temperature": lap["temperature"],
+            "enable_backprop": False,
+            "cls_name": lap["cls_name"],
+        }
+    )
+    return HeadPosterior(
+        la, ops, meta["head_name"], meta["structure"], meta["likelihood"],
+        meta["fingerprint"], meta.get("info"),
+    )
+
