@@ -1,4 +1,4 @@
-"""One place that turns user seeds into torch generators, so every entry point seeds alike."""
+"""Turning what a user passes as a seed (an int, a generator or None) into a torch generator."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from genunc._version import __version__
+from genunc.errors import GenuncError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -103,9 +104,9 @@ def _filter(args: argparse.Namespace) -> int:
         from genunc.risk import calibrate_threshold
 
         if not args.calibration or not args.label:
-            raise SystemExit("genunc: --risk-alpha needs --calibration EXPORT and --label COLUMN")
+            raise GenuncError("--risk-alpha needs --calibration EXPORT and --label COLUMN")
         if Path(args.calibration).resolve() == Path(args.export).resolve():
-            raise SystemExit("genunc: calibrate on held-out samples, not on the export you filter")
+            raise GenuncError("calibrate on held-out samples, not on the export you filter")
         cal = Export(args.calibration)
         control = calibrate_threshold(cal.column(args.score).astype(float),
                                       ~cal.column(args.label).astype(bool),
@@ -116,7 +117,7 @@ def _filter(args: argparse.Namespace) -> int:
         from genunc.export.sdf import filter_sdf
 
         if args.best_of or args.symlink:
-            raise SystemExit("genunc: --best-of and --symlink work on export directories, not SDF files")
+            raise GenuncError("--best-of and --symlink work on export directories, not SDF files")
         info = filter_sdf(args.export, args.out, args.score, fraction=args.fraction, k=args.k,
                           threshold=args.threshold)
         print(f"kept {info['kept']} of {info['total']} molecules by '{args.score}' -> {args.out}")
@@ -138,7 +139,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     names = [c for c in (args.scores.split(",") if args.scores else _score_columns(export))
              if all(c in r for r in export.records)]
     if not names:
-        raise SystemExit("genunc: the export holds none of the requested score columns")
+        raise GenuncError("the export holds none of the requested score columns")
     print(f"{len(export)} samples in {args.export}; quality column '{args.quality}' "
           f"(mean {quality.mean():.3f})")
     print(f"{'score':<16}{'Spearman':>10}{'AUROC':>8}{'AURC':>8}{'q@80%':>8}")
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Post-hoc Laplace uncertainty for pretrained diffusion models.",
     )
     parser.add_argument("--version", action="version", version=f"genunc {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
@@ -269,16 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; user errors print one line (set GENUNC_DEBUG=1 for the traceback)."""
+    """Run a command; user errors print one line (``--debug`` or GENUNC_DEBUG=1: the traceback)."""
     import os
-
-    from genunc.errors import GenuncError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (GenuncError, FileNotFoundError) as err:
-        if os.environ.get("GENUNC_DEBUG"):
+    except (GenuncError, OSError) as err:
+        if args.debug or os.environ.get("GENUNC_DEBUG"):
             raise
         print(f"genunc {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from genunc.errors import GenuncError
+from genunc.errors import ConfigError, MissingFileError
 
 #: Every key a config may hold, with its default; unknown keys are rejected (typos fail loudly).
 DEFAULTS: dict[str, Any] = {
@@ -64,14 +64,14 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
     if path is not None:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"config file {path} not found")
+            raise MissingFileError(f"config file {path} not found")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, Mapping):
-            raise GenuncError(f"{path} must hold a mapping at the top level")
+            raise ConfigError(f"{path} must hold a mapping at the top level")
         _merge(config, loaded, prefix="")
     for item in overrides:
         if "=" not in item:
-            raise GenuncError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw else None
         nested: dict[str, Any] = {}
@@ -88,10 +88,10 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], prefix: str) -> None
     for key, value in update.items():
         name = f"{prefix}{key}"
         if key not in base:
-            raise GenuncError(f"unknown config key {name!r}; known here: {sorted(base)}")
+            raise ConfigError(f"unknown config key {name!r}; known here: {sorted(base)}")
         if isinstance(base[key], dict):
             if not isinstance(value, Mapping):
-                raise GenuncError(f"config key {name!r} must be a mapping")
+                raise ConfigError(f"config key {name!r} must be a mapping")
             _merge(base[key], value, prefix=f"{name}.")
         else:
             base[key] = value

@@ -1,14 +1,17 @@
 """The adapter contract: everything genunc needs to know about one kind of denoiser.
 
-The posterior, the scores, filtering and export are written once against this contract; each
-modality (image, molecule, text) supplies one adapter.  An adapter answers four questions:
+The posterior, the sampling loops, the scores, filtering and export are written once against
+this contract; each modality (image, molecule, text) supplies one adapter.  An adapter answers:
 
 1. how to call the denoiser (:meth:`DenoiserAdapter.denoise`);
 2. how to turn clean data into ``(noisy input, target)`` training pairs
    (:meth:`DenoiserAdapter.training_pairs`), with the likelihood that links head output and target;
 3. which module is the head (:attr:`DenoiserAdapter.head_name`);
 4. what the model computes after the head (:meth:`DenoiserAdapter.post_head`), so that outputs
-   produced by re-applied head draws match what the full model would return.
+   produced by re-applied head draws match what the full model would return;
+5. which subspace sampler states live in (:meth:`DenoiserAdapter.project`: identity, or
+   centre-of-mass-free positions for molecules);
+6. how M predictions of one sample disagree (:meth:`DenoiserAdapter.variability`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -45,7 +48,6 @@ class TrainingPairs:
     inputs: dict[str, Any]
     target: Tensor
     mask: Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class DenoiserAdapter(ABC):
@@ -57,7 +59,7 @@ class DenoiserAdapter(ABC):
     def __init__(self, model: nn.Module, head_name: str) -> None:
         self.model = model
         self.head_name = head_name
-        self.head  # resolve now: a typo should fail at construction, not mid-fit
+        resolve_module(model, head_name)  # now: a typo should fail at construction, not mid-fit
 
     @property
     def head(self) -> nn.Module:

@@ -85,17 +85,17 @@ class DiffusersImageAdapter(DenoiserAdapter):
             target = x0
         cond = {k: _to(data[k], self.device) for k in _CONDITIONING_KEYS if k in data}
         if self.fourier:  # the head's output is divided by t afterwards: undo it on the target
-            target = target * _per_sample(t.to(target), target)
+            target = target * _per_sample(t.to(target))
         return TrainingPairs(inputs={"x": x_t, "t": t, **cond}, target=target)
 
     def post_head(self, head_output: Tensor, inputs: Mapping[str, Any]) -> Tensor:
         if not self.fourier:
             return head_output
         t = inputs["t"].to(head_output)
-        return head_output / _per_sample(t, head_output)
+        return head_output / _per_sample(t)
 
 
-def _per_sample(t: Tensor, like: Tensor) -> Tensor:
+def _per_sample(t: Tensor) -> Tensor:
     """Reshape ``(B,)`` timesteps to broadcast against ``(B, C, H, W)`` or ``(M, B, C, H, W)``."""
     return t.reshape(*t.shape, *([1] * 3))
 

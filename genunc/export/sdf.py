@@ -64,7 +64,7 @@ def read_sdf_scores(path: str | os.PathLike[str], score: str) -> tuple[list[str]
         try:
             values.append(float(props[score]))
         except ValueError:
-            raise GenuncError(f"record {i} of {path}: {score}={props[score]!r} is not a number")
+            raise GenuncError(f"record {i} of {path}: {score}={props[score]!r} is not a number") from None
     return records, np.asarray(values)
 
 

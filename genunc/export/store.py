@@ -30,7 +30,7 @@ import numpy as np
 
 from genunc._io import atomic_write
 from genunc._version import __version__
-from genunc.errors import GenuncError
+from genunc.errors import GenuncError, MissingFileError
 
 FORMAT_VERSION = 1
 FORMATS = {"png": ".png", "sdf": ".sdf", "json": ".json"}
@@ -235,7 +235,7 @@ class Export:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         if not (self.directory / RUN).exists():
-            raise FileNotFoundError(f"{self.directory} is not a genunc export (no {RUN})")
+            raise MissingFileError(f"{self.directory} is not a genunc export (no {RUN})")
         self.metadata: dict[str, Any] = json.loads((self.directory / RUN).read_text())
         self.records = _read_manifest(self.directory / MANIFEST)
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from genunc.errors import GenuncError
+
 FeatureExtractor = Callable[[Tensor], Tensor]
 
 
@@ -56,7 +58,7 @@ class ClipFeatures:
         try:
             from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
         except ImportError as err:  # pragma: no cover - optional dependency
-            raise ImportError("ClipFeatures needs `pip install transformers`") from err
+            raise GenuncError("ClipFeatures needs transformers: pip install 'genunc[clip]'") from err
         self.model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
         self.model = self.model.to(device).eval()
         self.processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from genunc.data.qm9 import ATOM_TYPES
 from genunc.metrics.molecule import bond_orders
 
-N_TYPES = 5
+N_TYPES = len(ATOM_TYPES)
 DISTANCE_CENTRES = np.linspace(0.8, 5.0, 22)  # Angstrom; QM9 bonds 0.95-1.6, molecule span <= ~9
 DISTANCE_WIDTH = 0.2
 

@@ -32,7 +32,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from genunc.adapters.base import DenoiserAdapter
-from genunc.errors import GenuncError
+from genunc.errors import GenuncError, MissingFileError
 from genunc.posterior import POSTERIOR_DIR, HeadDraws, HeadPosterior
 from genunc.scores import gaussian_entropy, random_scores
 
@@ -140,8 +140,6 @@ class UncertaintyPipeline:
         one was saved there, a path loads that posterior, ``None`` loads none."""
         path = Path(path)
         if not path.is_dir():
-            from genunc.errors import MissingFileError
-
             raise MissingFileError(f"model folder {path} does not exist")
         pipe = cls._load(path, device=device, **kwargs)
         if posterior == "auto":
@@ -154,7 +152,8 @@ class UncertaintyPipeline:
 
     @classmethod
     def _load(cls, path: Path, *, device: str, **kwargs: Any) -> "UncertaintyPipeline":
-        raise NotImplementedError(f"{cls.__name__} cannot load model folders")
+        raise GenuncError(f"{cls.__name__} cannot load model folders; build it from a model "
+                          "object instead")
 
     # ------------------------------------------------------------------ posterior
     def _fit_batches(self, data: Any, batch_size: int) -> Any:

@@ -22,7 +22,7 @@ from genunc.features import FeatureExtractor, extract_in_batches
 from genunc.pipelines.base import ScoreCollector, UncertaintyOutput, UncertaintyPipeline
 from genunc.posterior import HeadPosterior
 from genunc.sampling.diffusers_loop import run_trajectory
-from genunc.scores import aggregate_variability, pixel_variance
+from genunc.scores import aggregate_steps, pixel_variance
 
 
 @dataclass
@@ -187,7 +187,7 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
             if request.wants("pixel_variance"):
                 collected.add("pixel_variance", pixel_variance(all_generations))
         if per_step:
-            collected.add("variability", aggregate_variability(torch.cat(per_step, dim=1)))
+            collected.add("variability", aggregate_steps(torch.cat(per_step, dim=1)))
         return ImageUncertaintyOutput(
             scores=collected.scores(request, num_samples), seed=seed, num_draws=num_draws,
             backbone_rows=collected.backbone_rows,

@@ -41,7 +41,7 @@ from genunc.features.molecule import features_of
 from genunc.pipelines.base import ScoreCollector, UncertaintyOutput, UncertaintyPipeline
 from genunc.posterior import HeadPosterior
 from genunc.sampling.diffusers_loop import run_trajectory
-from genunc.scores import aggregate_variability
+from genunc.scores import aggregate_steps
 from genunc.zoo.molecule_model import EquivariantDenoiser
 from genunc.zoo.pretrained import read_config
 
@@ -153,7 +153,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
             chunk_molecules = layout.decode(out.samples, mask)
             molecules += chunk_molecules
             for name, per_step in (out.variability_per_step or {}).items():
-                collected.add(name, aggregate_variability(per_step))
+                collected.add(name, aggregate_steps(per_step))
             if semantic:
                 generations = [chunk_molecules] + [layout.decode(d, mask) for d in out.draw_samples]
                 for m, generation in enumerate(generations[1:]):

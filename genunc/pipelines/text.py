@@ -36,7 +36,7 @@ from genunc.errors import ShapeMismatchError
 from genunc.pipelines.base import ScoreCollector, UncertaintyOutput, UncertaintyPipeline
 from genunc.posterior import HeadPosterior
 from genunc.sampling.masked import POSTERIOR_STATS, UnmaskingConfig, unmask
-from genunc.scores.tokens import Aggregate, aggregate
+from genunc.scores import Aggregate, aggregate
 from genunc.zoo.pretrained import read_config
 from genunc.zoo.text_model import MaskedDiffusionTransformer
 

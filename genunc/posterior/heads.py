@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from genunc.errors import NonFiniteError, ShapeMismatchError
+from genunc.errors import GenuncError, NonFiniteError, ShapeMismatchError
 
 ParamDict = Mapping[str, Tensor]
 
@@ -76,7 +76,7 @@ class HeadOps(ABC):
 
     def output_variance(self, features: Tensor, variances: ParamDict) -> Tensor:
         """Exact output variance under a *diagonal* weight posterior (linear heads only)."""
-        raise NotImplementedError(
+        raise GenuncError(
             f"closed-form output variance needs a head linear in its weights; "
             f"{type(self.module).__name__} is handled by sampling instead"
         )
@@ -107,7 +107,8 @@ class HeadOps(ABC):
             )
 
     def loop_apply(self, features: Tensor, params: ParamDict, per_draw: bool = False) -> Tensor:
-        """Reference implementation: one ``functional_call`` per draw (slow, for checking)."""
+        """One ``functional_call`` per draw: the reference the batched paths are tested
+        against, and the fallback where ``vmap`` cannot batch a head's ops."""
         n = self.n_draws(params)
         outs = []
         for m in range(n):

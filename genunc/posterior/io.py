@@ -89,9 +89,9 @@ def load_posterior(
     check_weights: bool = True,
 ) -> "HeadPosterior | None":
     """Load a saved posterior onto `model`'s head (see :meth:`HeadPosterior.load`)."""
-    from genunc.posterior.laplace_head import HeadPosterior, _RowModel
-
     from safetensors.torch import load_file
+
+    from genunc.posterior.laplace_head import HeadPosterior, _RowModel
 
     directory = Path(directory)
     meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE

@@ -335,7 +335,8 @@ def _check_output_shape(model: _RowModel, features: Tensor, targets: Tensor, lik
         )
     if likelihood == "classification":
         if targets.dim() != 1:
-            raise ShapeMismatchError(f"classification targets must be class indices, got {tuple(targets.shape)}")
+            raise ShapeMismatchError(
+                f"classification targets must be class indices, got {tuple(targets.shape)}")
         if int(targets.max()) >= out.shape[-1] or int(targets.min()) < 0:
             raise ShapeMismatchError(
                 f"class targets span [{int(targets.min())}, {int(targets.max())}] but the head "

@@ -1,13 +1,16 @@
 """Uncertainty scores: semantic (generative) uncertainty, noise-prediction variability, baselines.
 
-Every score is an array with one value per sample; lower means more certain (keep).
+Every score is an array with one value per sample; lower means more certain (keep).  Per-step
+and per-position values reduce to one per sample with :func:`aggregate` / :func:`aggregate_steps`.
 """
 
+from genunc.scores.aggregate import Aggregate, aggregate, aggregate_steps
 from genunc.scores.semantic import feature_variance, gaussian_entropy, pixel_variance, random_scores
-from genunc.scores.variability import aggregate_variability
 
 __all__ = [
-    "aggregate_variability",
+    "Aggregate",
+    "aggregate",
+    "aggregate_steps",
     "feature_variance",
     "gaussian_entropy",
     "pixel_variance",

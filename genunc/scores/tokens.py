@@ -1,4 +1,4 @@
-"""Token-level uncertainty for masked-diffusion language models, and its per-sequence aggregates.
+"""Token-level uncertainty for masked-diffusion language models.
 
 ``mutual_information`` is the epistemic part of the predictive entropy under the head posterior,
 ``H[E_m p_m] - E_m H[p_m]`` (Houlsby et al.'s BALD): zero when every draw predicts the same
@@ -7,21 +7,19 @@ against, computed from the MAP logits alone: confidence of the committed token, 
 between the two most likely tokens, and self-certainty (Kang et al., 2025: the KL divergence from
 the uniform distribution to the prediction; higher = more certain).
 
-Per-sequence scores follow genunc's convention (lower = more certain = keep), so confidence,
+Per-sequence scores (:func:`genunc.scores.aggregate` over the generated positions) follow
+genunc's convention (lower = more certain = keep), so confidence,
 margin and self-certainty enter with a minus sign.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-from genunc.errors import GenuncError, ShapeMismatchError
-
-Aggregate = Literal["mean", "max", "sum"]
+from genunc.errors import ShapeMismatchError
 
 
 def entropy(log_probs: Tensor) -> Tensor:
@@ -58,20 +56,3 @@ def self_certainty(logits: Tensor) -> Tensor:
     """``KL(U || p) = -log V - mean_v log p_v``: 0 for a uniform prediction, larger when peaked."""
     log_p = torch.log_softmax(logits.double(), -1)
     return -math.log(log_p.shape[-1]) - log_p.mean(-1)
-
-
-def aggregate(values: Tensor, mask: Tensor, how: Aggregate = "mean") -> Tensor:
-    """Reduce per-position values ``(B, L)`` over the positions in ``mask`` ``(B, L)``."""
-    if values.shape != mask.shape:
-        raise ShapeMismatchError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} differ")
-    mask = mask.bool()
-    if not mask.any(-1).all():
-        raise GenuncError("every sequence needs at least one position to aggregate over")
-    v = values.double()
-    if how == "mean":
-        return (v * mask).sum(-1) / mask.sum(-1)
-    if how == "sum":
-        return (v * mask).sum(-1)
-    if how == "max":
-        return v.masked_fill(~mask, -math.inf).max(-1).values
-    raise GenuncError(f"unknown aggregate {how!r}: mean, max or sum")

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from genunc.zoo.pretrained import Pretrained
 
-
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 
 

@@ -113,7 +113,7 @@ def train_steps(
             with torch.no_grad():
                 for pe, p in zip(ema.parameters(), model.parameters()):
                     pe.lerp_(p, 1 - decay)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % log_every == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
         if resume is not None and (step + 1) % resume.every == 0:

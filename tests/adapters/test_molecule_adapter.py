@@ -123,3 +123,18 @@ def test_cpu_chunked_backbone_matches_one_pass_and_calls_the_head_once(adapter, 
         chunked = model(data["x"], t / 1000, data["node_mask"])
     assert record.calls == 1 and record.features.shape[0] == 5
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_layout_comes_from_the_head_irreps(adapter):
+    from genunc.adapters.molecule import PointCloudLayout
+    from genunc.errors import GenuncError
+
+    layout = adapter.layout
+    assert layout == PointCloudLayout.from_irreps("1x1o + 6x0e")
+    assert (layout.positions, layout.types, layout.features) == \
+        (slice(0, 3), slice(3, 8), slice(3, None))
+    assert layout.width == 9
+    with pytest.raises(GenuncError, match="1x1o \\+ Kx0e"):
+        PointCloudLayout.from_irreps("6x0e + 1x1o")
+    with pytest.raises(GenuncError, match="atom types"):
+        PointCloudLayout.from_irreps("1x1o + 4x0e")

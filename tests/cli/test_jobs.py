@@ -1,11 +1,9 @@
 """End to end through the CLI on a tiny model, from a config file in a temp dir."""
 
-import json
 
 import pytest
 import torch
 import yaml
-from diffusers import DDPMScheduler
 
 from genunc.cli import main
 from genunc.config import dump_config, load_config

@@ -73,7 +73,9 @@ def _reference_generation(pipe, x_T, labels, params=None, variability_draws=None
     for t in scheduler.timesteps:
         tt = t.expand(x.shape[0])
         with torch.no_grad():
-            call = (lambda p: functional_call(pipe.unet, p, (x, tt), {"class_labels": labels}).sample)
+            def call(p, x=x, tt=tt):
+                return functional_call(pipe.unet, p, (x, tt), {"class_labels": labels}).sample
+
             eps = call(params or {})
             if variability_draws is not None:
                 stack = torch.stack([call(_swap(pipe.unet, variability_draws, m))

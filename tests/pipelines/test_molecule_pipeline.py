@@ -38,7 +38,7 @@ def test_pipeline_scores_molecules_reproducibly(qm9_slice, tiny_pipeline):
     assert set(a.scores) == {"variability", "variability_pos", "variability_type", "random"}
     for name in a.scores:
         np.testing.assert_array_equal(a.scores[name], b.scores[name])
-    for (pa, ta), (pb, tb) in zip(a.molecules, b.molecules):
+    for (pa, _), (pb, _) in zip(a.molecules, b.molecules):
         np.testing.assert_array_equal(pa, pb)
         np.testing.assert_allclose(pa.mean(0), 0, atol=1e-4)
     with pytest.raises(GenuncError, match="num_draws >= 2"):

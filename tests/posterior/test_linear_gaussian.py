@@ -72,9 +72,9 @@ def test_posterior_matches_closed_form(structure):
 
     precision = torch.zeros(len(index), len(index), dtype=torch.float64)
     for p, (i, j) in enumerate(index):
-        for q, (k, l) in enumerate(index):
+        for q, (k, m) in enumerate(index):
             if i == k:
-                precision[p, q] = a[j, l]
+                precision[p, q] = a[j, m]
     if structure == "full":
         torch.testing.assert_close(
             post.posterior_covariance, torch.linalg.inv(precision), rtol=1e-6, atol=1e-10

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from genunc.errors import GenuncError
-from genunc.scores import gaussian_entropy
-from genunc.scores.tokens import aggregate, mutual_information, self_certainty
+from genunc.scores import aggregate, aggregate_steps, gaussian_entropy
+from genunc.scores.tokens import mutual_information, self_certainty
 
 
 def test_gaussian_entropy_is_exact_on_known_features():
@@ -41,5 +41,15 @@ def test_aggregate():
     mask = torch.tensor([[True, True, False], [True, False, False]])
     assert aggregate(values, mask, "mean").tolist() == [1.5, 4.0]
     assert aggregate(values, mask, "max").tolist() == [2.0, 4.0]
+    assert aggregate(values, mask, "sum").tolist() == [3.0, 4.0]
+    assert aggregate(values, mask, "last").tolist() == [2.0, 4.0]
     with pytest.raises(GenuncError, match="at least one"):
         aggregate(values, torch.zeros_like(mask))
+    with pytest.raises(GenuncError, match="unknown aggregate 'median'"):
+        aggregate(values, mask, "median")
+    per_step = np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 1.0]])  # (S = 3 steps, B = 2 samples)
+    np.testing.assert_array_equal(aggregate_steps(per_step), [3.0, 3.0])
+    np.testing.assert_array_equal(aggregate_steps(per_step, "max"), [5.0, 6.0])
+    np.testing.assert_array_equal(aggregate_steps(per_step, "last"), [5.0, 1.0])
+    with pytest.raises(GenuncError, match=r"\(S >= 1, B\)"):
+        aggregate_steps(np.zeros(3))

@@ -1,0 +1,56 @@
+"""Reducing per-step or per-position uncertainty to one number per sample.
+
+Noise-prediction variability is recorded per sampler step, token statistics per sequence
+position; both reduce the same ways, with one vocabulary (:data:`Aggregate`).  Values are
+reduced in float64 over the entries a boolean mask selects (all of them without a mask).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from genunc.errors import GenuncError, ShapeMismatchError
+
+#: how to reduce: the mean, the maximum, the sum, or the last selected entry
+Aggregate = Literal["mean", "max", "sum", "last"]
+AGGREGATES: tuple[str, ...] = ("mean", "max", "sum", "last")
+
+
+def aggregate(values: Tensor | np.ndarray, mask: Tensor | None = None, how: Aggregate = "mean",
+              dim: int = -1) -> Tensor:
+    """Reduce `values` along `dim` over the entries where `mask` (same shape) is True."""
+    if how not in AGGREGATES:
+        raise GenuncError(f"unknown aggregate {how!r}; choose from {AGGREGATES}")
+    v = torch.as_tensor(values).double()
+    if v.dim() == 0 or v.shape[dim] == 0:
+        raise ShapeMismatchError(f"nothing to aggregate over: values have shape {tuple(v.shape)}")
+    if mask is None:
+        mask = torch.ones_like(v, dtype=torch.bool)
+    elif mask.shape != v.shape:
+        raise ShapeMismatchError(f"values {tuple(v.shape)} and mask {tuple(mask.shape)} differ")
+    mask = mask.bool().to(v.device)
+    if not mask.any(dim).all():
+        raise GenuncError("every sample needs at least one entry to aggregate over")
+    if how == "mean":
+        return (v * mask).sum(dim) / mask.sum(dim)
+    if how == "sum":
+        return (v * mask).sum(dim)
+    if how == "max":
+        return v.masked_fill(~mask, -math.inf).amax(dim)
+    position = torch.arange(v.shape[dim], device=v.device).reshape(
+        [-1 if d == dim % v.dim() else 1 for d in range(v.dim())])
+    last = (mask * (position + 1)).argmax(dim, keepdim=True)
+    return v.gather(dim, last).squeeze(dim)
+
+
+def aggregate_steps(per_step: Tensor | np.ndarray, how: Aggregate = "mean") -> np.ndarray:
+    """Per-step values ``(S steps, B)`` -> one float64 value per sample ``(B,)``."""
+    values = torch.as_tensor(per_step).detach().cpu()
+    if values.dim() != 2:
+        raise ShapeMismatchError(f"per-step values must be (S >= 1, B), got {tuple(values.shape)}")
+    return aggregate(values, how=how, dim=0).numpy()
