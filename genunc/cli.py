@@ -81,7 +81,7 @@ def _fit(args: argparse.Namespace) -> int:
 
     config = _config(args)
     job = job_for(config["modality"])
-    posterior = job.fit_posterior(job.build_pipeline(config, fit_if_missing=False), config)
+    posterior = job.fit_posterior(job.build_pipeline(config, posterior="none"), config)
     for key, value in posterior.summary().items():
         print(f"{key:>22}: {value}")
     print(f"saved to {posterior_dir(config)}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from genunc._io import atomic_write
 from genunc.errors import GenuncError
 
 ATOM_TYPES = ("H", "C", "N", "O", "F")
@@ -134,12 +135,12 @@ def _parse_xyz(text: str) -> list[list[float]]:
 
 
 def save_cache(data: QM9, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, positions=data.positions, types=data.types, offsets=data.offsets,
-                        index=data.index, smiles=np.array(data.smiles))
-    os.replace(tmp, path)
-    return path
+    def write(target: Path) -> None:
+        with open(target, "wb") as handle:  # a handle: savez would append .npz to a path
+            np.savez_compressed(handle, positions=data.positions, types=data.types,
+                                offsets=data.offsets, index=data.index, smiles=np.array(data.smiles))
+
+    return atomic_write(path, write)
 
 
 def load_cache(path: Path) -> QM9:

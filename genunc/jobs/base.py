@@ -14,7 +14,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from tqdm.auto import tqdm
 
@@ -37,15 +37,12 @@ class Job(ABC):
     export_format: ClassVar[str]
     #: allowed values of the config's ``quality`` key (None: no quality columns)
     qualities: ClassVar[tuple[str | None, ...]] = (None,)
+    #: the pipeline this job drives (its score catalogue names the export's columns)
+    pipeline_class: ClassVar[type[UncertaintyPipeline]]
 
     @abstractmethod
     def shipped_models(self) -> dict[str, Path]:
         """``zoo:<name>`` -> folder of the models genunc ships for this modality."""
-
-    @property
-    @abstractmethod
-    def pipeline_class(self) -> type[UncertaintyPipeline]:
-        """The pipeline this job drives (its score catalogue names the export's columns)."""
 
     @abstractmethod
     def load_pipeline(self, model_dir: Path, config: dict[str, Any]) -> UncertaintyPipeline:
@@ -81,16 +78,19 @@ class Job(ABC):
             return shipped[model[4:]]
         return Path(model)
 
-    def build_pipeline(self, config: dict[str, Any], fit_if_missing: bool = True,
+    def build_pipeline(self, config: dict[str, Any],
+                       posterior: Literal["load_or_fit", "load", "none"] = "load_or_fit",
                        progress: bool = True) -> UncertaintyPipeline:
-        """The config's pipeline with the posterior saved in its posterior folder; where none
-        was saved, one is fitted and saved there (unless ``fit_if_missing=False``).  A saved
-        posterior of other weights is refused, never silently refitted."""
+        """The config's pipeline, with the posterior saved in its posterior folder (``load``);
+        where none was saved, one is fitted and saved there (``load_or_fit``).  A saved
+        posterior of other weights is refused, never silently refitted.  ``none``: no posterior
+        (``genunc fit`` fits a new one whatever was saved)."""
         if config["quality"] not in self.qualities:
             raise ConfigError(f"{self.modality} quality is one of {list(self.qualities)}, got "
                               f"{config['quality']!r}")
         pipe = self.load_pipeline(self.model_dir(config), config)
-        if pipe.load_or_fit_posterior(posterior_dir(config)) is None and fit_if_missing:
+        if posterior != "none" and pipe.load_or_fit_posterior(posterior_dir(config)) is None \
+                and posterior == "load_or_fit":
             self.fit_posterior(pipe, config, progress=progress)
         return pipe
 

@@ -84,7 +84,7 @@ class TextJob(Job):
         index = np.array([int(i) for i in ids])
         pairs = test[order[(index // g["candidates"]) % len(test)]]
         out = pipe(task.prompts(pairs), unmasking_config(g), num_draws=g["num_draws"],
-                   scores=tuple(g["scores"]), seed=g["seed"] + chunk)
+                   scores=tuple(g["scores"]), seed=g["seed"] + chunk, progress=False)
         texts = [task.decode(tokens) for tokens in out.tokens]
         prompts = [text[: task.prompt_length] for text in texts]
         completions = [text[task.prompt_length :] for text in texts]

@@ -46,6 +46,9 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
             built from the training scheduler's config, as in the paper.
     """
 
+    SCORES = {"semantic": 1, "variability": 2, "pixel_variance": 1, "random": 0}
+    FIT_REPEATS = 4
+
     def __init__(
         self,
         unet: nn.Module,
@@ -61,9 +64,6 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
 
             sampling_scheduler = DDIMScheduler.from_config(scheduler.config)
         self.sampling_scheduler = sampling_scheduler
-
-    SCORES = {"semantic": 1, "variability": 2, "pixel_variance": 1, "random": 0}
-    FIT_REPEATS = 4
 
     @property
     def unet(self) -> nn.Module:

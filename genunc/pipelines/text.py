@@ -116,7 +116,7 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
                  num_draws: int = 5, num_inference_steps: int | None = None,
                  scores: tuple[str, ...] = ("mutual_information",), span: Tensor | None = None,
                  seed: int = 0, chunk_size: int = 512,
-                 progress: bool = False) -> TextUncertaintyOutput:
+                 progress: bool = True) -> TextUncertaintyOutput:
         """Fill the masked positions of ``prompts`` ``(B, L)`` and score every sequence.
 
         Args:

@@ -112,3 +112,14 @@ def test_model_dir_resolves_zoo_names_and_paths(tmp_path, monkeypatch):
         job.model_dir(load_config(None, ["model=zoo:nope"]))
     with pytest.raises(GenuncError, match="names no model"):
         job.model_dir(load_config(None, []))
+
+
+def test_a_stale_posterior_is_refused_by_generate_and_replaced_by_fit(config_file, tmp_path,
+                                                                      tiny_unet, capsys):
+    assert main(["fit", "-c", str(config_file)]) == 0
+    tiny_unet(seed=1).save_pretrained(tmp_path / "model")  # the model was retrained
+    assert main(["generate", "-c", str(config_file)]) == 2
+    assert "fitted on a different head" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
+    assert main(["fit", "-c", str(config_file)]) == 0  # refits over the stale one
+    assert main(["generate", "-c", str(config_file)]) == 0
