@@ -49,8 +49,17 @@ def aggregate(values: Tensor | np.ndarray, mask: Tensor | None = None, how: Aggr
 
 
 def aggregate_steps(per_step: Tensor | np.ndarray, how: Aggregate = "mean") -> np.ndarray:
-    """Per-step values ``(S steps, B)`` -> one float64 value per sample ``(B,)``."""
-    values = torch.as_tensor(per_step).detach().cpu()
-    if values.dim() != 2:
-        raise ShapeMismatchError(f"per-step values must be (S >= 1, B), got {tuple(values.shape)}")
-    return aggregate(values, how=how, dim=0).numpy()
+    """Per-step values ``(S steps, B)`` -> one float64 value per sample ``(B,)``.
+
+    Every step counts, so this is numpy's plain reduction over the step axis (the arithmetic
+    every published variability figure was computed with).
+    """
+    if how not in AGGREGATES:
+        raise GenuncError(f"unknown aggregate {how!r}; choose from {AGGREGATES}")
+    values = np.asarray(per_step.detach().cpu().double() if isinstance(per_step, Tensor)
+                        else per_step, dtype=np.float64)
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise ShapeMismatchError(f"per-step values must be (S >= 1, B), got {values.shape}")
+    if how == "last":
+        return values[-1]
+    return {"mean": values.mean, "max": values.max, "sum": values.sum}[how](axis=0)
