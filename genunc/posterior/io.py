@@ -88,7 +88,13 @@ def load_posterior(
     stale: Literal["error", "none"] = "error",
     check_weights: bool = True,
 ) -> "HeadPosterior | None":
-    """Load a saved posterior onto `model`'s head (see :meth:`HeadPosterior.load`)."""
+    """Load the posterior saved in `directory` onto `model`'s head (or an adapter's).
+
+    One policy with two explicit choices: ``missing="none"`` returns None where nothing was
+    saved; ``stale="none"`` returns None where the saved posterior belongs to another head or
+    other weights (a retrained model).  Anything else wrong (a half-written folder, a format
+    this genunc cannot read) raises.
+    """
     from safetensors.torch import load_file
 
     from genunc.posterior.laplace_head import HeadPosterior, _RowModel

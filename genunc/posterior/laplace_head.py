@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +28,7 @@ from genunc.posterior.curvature import LinearHeadGGN
 from genunc.posterior.draws import HeadDraws
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import HeadOps, check_finite, head_ops_for
+from genunc.posterior.io import load_posterior, save_posterior
 
 Structure = Literal["diag", "kron", "full"]
 STRUCTURES: tuple[str, ...] = ("diag", "kron", "full")
@@ -282,32 +281,10 @@ class HeadPosterior:
         }
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``genunc_posterior.safetensors`` + ``.json`` into `directory` (atomically)."""
-        from genunc.posterior.io import save_posterior
-
-        return save_posterior(self, directory)
-
-    @classmethod
-    def load(
-        cls,
-        directory: str | os.PathLike[str],
-        model: nn.Module | DenoiserAdapter,
-        *,
-        missing: Literal["error", "none"] = "error",
-        stale: Literal["error", "none"] = "error",
-        check_weights: bool = True,
-    ) -> "HeadPosterior | None":
-        """Load the posterior saved in `directory` onto `model` (or an adapter).
-
-        One policy with two explicit choices: ``missing="none"`` returns None where nothing was
-        saved; ``stale="none"`` returns None where the saved posterior belongs to other head
-        weights (a retrained model).  Anything else wrong (another head, a corrupt file) raises.
-        """
-        from genunc.posterior.io import load_posterior
-
-        return load_posterior(directory, model, missing=missing, stale=stale,
-                              check_weights=check_weights)
+    #: ``posterior.save(directory)``: two files, each written atomically (see :mod:`.io`)
+    save = save_posterior
+    #: ``HeadPosterior.load(directory, model, missing=..., stale=...)`` (see :func:`.io.load_posterior`)
+    load = staticmethod(load_posterior)
 
     def check_matches(self, model: nn.Module | DenoiserAdapter, check_weights: bool = True) -> None:
         """Raise :class:`FingerprintMismatchError` unless `model`'s head is the one fitted on."""
