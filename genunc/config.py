@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +60,123 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What one config entry may hold."""
+
+    kind: type  # int, float, str or list
+    nullable: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[Any, ...] | None = None
+    words: tuple[str, ...] = ()  # strings allowed besides a number (e.g. "marglik")
+    item: type | None = None  # element type of a list
+    positive: bool = False  # strictly > 0 (floats)
+
+    def describe(self) -> str:
+        if self.choices:
+            allowed = f"one of {list(self.choices)}"
+        elif self.kind is list:
+            allowed = f"a non-empty list of {self.item.__name__ if self.item else 'values'}"
+        else:
+            allowed = {int: "a whole number", float: "a number", str: "a non-empty string"}[self.kind]
+            bounds = [f">= {self.minimum:g}"] if self.minimum is not None else []
+            bounds += [f"<= {self.maximum:g}"] if self.maximum is not None else []
+            bounds += ["> 0"] if self.positive else []
+            allowed += f" {' and '.join(bounds)}" if bounds else ""
+        if self.words:
+            allowed += f", or {' / '.join(repr(w) for w in self.words)}"
+        return allowed + (", or null" if self.nullable else "")
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, str) and value in self.words:
+            return True
+        if self.choices is not None:
+            return value in self.choices
+        if isinstance(value, bool):  # YAML true/false is never a number or a name
+            return False
+        if self.kind is list:
+            return isinstance(value, list) and len(value) > 0 and (
+                self.item is None or all(_is(v, self.item) for v in value))
+        if not _is(value, self.kind):
+            return False
+        if self.kind is str:
+            return bool(value.strip())
+        if self.minimum is not None and value < self.minimum:
+            return False
+        if self.maximum is not None and value > self.maximum:
+            return False
+        return not (self.positive and value <= 0)
+
+
+def _is(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+TEXT, OPTIONAL_TEXT = Rule(str), Rule(str, nullable=True)
+COUNT, SEED = Rule(int, minimum=1), Rule(int, minimum=0)
+#: the rule for every entry of :data:`DEFAULTS`
+RULES: dict[str, Rule] = {
+    "modality": TEXT, "model": OPTIONAL_TEXT, "features": OPTIONAL_TEXT,
+    "quality": OPTIONAL_TEXT, "device": TEXT,
+    "posterior.dir": OPTIONAL_TEXT, "posterior.data": TEXT,
+    "posterior.max_samples": Rule(int, minimum=1, nullable=True),
+    "posterior.structure": Rule(str, choices=("diag", "kron", "full")),
+    "posterior.prior_precision": Rule(float, positive=True, words=("marglik",)),
+    "posterior.sigma_noise": Rule(float, positive=True, words=("mle", "marglik")),
+    "posterior.repeats": COUNT, "posterior.batch_size": COUNT, "posterior.seed": SEED,
+    "generate.n_samples": COUNT, "generate.num_draws": SEED,
+    "generate.steps": Rule(int, minimum=1, nullable=True),
+    "generate.scores": Rule(list, item=str),
+    "generate.branch_at": SEED, "generate.draw_steps": Rule(int, minimum=1, nullable=True),
+    "generate.sampler": OPTIONAL_TEXT, "generate.candidates": COUNT,
+    "generate.temperature": Rule(float, minimum=0),
+    "generate.block_length": Rule(int, minimum=1, nullable=True),
+    "generate.threshold": Rule(float, minimum=0, maximum=1),
+    "generate.variability_steps": Rule(list, item=int, nullable=True),
+    "generate.nll_levels": COUNT, "generate.seed": SEED, "generate.chunk_size": COUNT,
+    "generate.out": TEXT,
+}
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Every entry against :data:`RULES`; all problems at once, each naming key, value and what
+    is allowed."""
+    problems = [f"  {key}: {value!r} is not allowed; expected {RULES[key].describe()}"
+                for key, value in flatten(config).items()
+                if key in RULES and not RULES[key].accepts(value)]
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML)."""
+    """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML);
+    the result is checked against :data:`RULES` before anything uses it."""
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise MissingFileError(f"config file {path} not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"{path} is not a file: give the path of a YAML config")
+        loaded = _parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path} must hold a mapping at the top level")
         _merge(config, loaded, prefix="")
@@ -73,7 +184,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else None
+        value = _parse_yaml(raw, f"--set {item}") if raw else None
         nested: dict[str, Any] = {}
         cursor = nested
         parts = key.strip().split(".")
@@ -81,7 +192,18 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
         _merge(config, nested, prefix="")
+    check_config(config)
     return config
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{line}: {problem}") from None
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any], prefix: str) -> None:

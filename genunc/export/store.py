@@ -12,12 +12,19 @@ Layout of an export directory::
 Crash safety: a sample's file is written to a temporary name, flushed and renamed; only then is
 its manifest line appended and flushed.  A crash can leave at most an orphan sample file (no
 manifest line) or a torn last manifest line; reopening truncates the torn line, and the orphan is
-simply rewritten when the run resumes, so nothing is lost and nothing is duplicated.
+simply rewritten when the run resumes, so nothing is lost and nothing is duplicated.  A damaged
+line anywhere else is never skipped or cut: reading stops with an error naming the file and the
+line, and ``genunc repair`` moves such lines to ``manifest.quarantine.jsonl``.
+
+Honesty: a writer holds an advisory lock on the folder (a second writer is refused), resumes
+only an export of the same ``identity`` (the differing entries are named), and removes the
+folder again when it fails before committing a single sample.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -35,7 +42,9 @@ from genunc.errors import GenuncError, MissingFileError
 FORMAT_VERSION = 1
 FORMATS = {"png": ".png", "sdf": ".sdf", "json": ".json"}
 MANIFEST = "manifest.jsonl"
+QUARANTINE = "manifest.quarantine.jsonl"
 RUN = "run.json"
+LOCK = ".lock"
 
 
 # ------------------------------------------------------------------------------ payload encoders
@@ -105,24 +114,38 @@ class ExportWriter:
         self.directory = Path(directory)
         self.format = fmt
         self.samples_dir = self.directory / "samples"
+        self._created = not self.directory.exists()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.directory)
+        try:
+            self._open(dict(metadata or {}), resume)
+        except BaseException:
+            self._release(failed=True)
+            raise
+
+    def _open(self, metadata: dict[str, Any], resume: bool) -> None:
         existing = (self.directory / RUN).exists()
+        self._wrote_run = not existing
         if existing and not resume:
             raise GenuncError(f"{self.directory} already holds an export; pass resume=True or "
                               "choose a new directory")
         if existing:
             run = json.loads((self.directory / RUN).read_text())
-            if run.get("format") != fmt:
-                raise GenuncError(f"{self.directory} holds a {run.get('format')} export, not {fmt}")
+            if run.get("format") != self.format:
+                raise GenuncError(f"{self.directory} holds a {run.get('format')} export, not "
+                                  f"{self.format}")
+            _check_identity(self.directory, run.get("identity"), metadata.get("identity"))
             self.metadata = run
         else:
-            self.metadata = {"format_version": FORMAT_VERSION, "format": fmt,
-                             "genunc_version": __version__, **dict(metadata or {})}
+            self.metadata = {"format_version": FORMAT_VERSION, "format": self.format,
+                             "genunc_version": __version__, **metadata}
             self.samples_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.directory / RUN, json.dumps(self.metadata, indent=2,
-                                                               default=_json_default) + "\n")
+                                                          default=_json_default) + "\n")
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         self.records = _read_manifest(self.directory / MANIFEST, repair=True)
         self._ids = {r["sample_id"] for r in self.records}
+        self._committed_here = 0
         self._manifest = (self.directory / MANIFEST).open("a")
 
     def __contains__(self, sample_id: str) -> bool:
@@ -150,17 +173,38 @@ class ExportWriter:
         os.fsync(self._manifest.fileno())
         self.records.append(json.loads(json.dumps(line, default=_json_default)))
         self._ids.add(sample_id)
+        self._committed_here += 1
         return True
 
     def finalize(self) -> Path:
         self._manifest.close()
-        write_tables(self.directory, self.records)
-        combine_samples(self.directory, self.format, self.records)
+        try:
+            write_tables(self.directory, self.records)
+            combine_samples(self.directory, self.format, self.records)
+        finally:
+            self._release(failed=False)
         return self.directory
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Stop writing; with ``failed=True`` a folder this writer created and never committed a
+        sample to is removed again (a corrected run then starts afresh)."""
         if not self._manifest.closed:
             self._manifest.close()
+        self._release(failed)
+
+    def _release(self, failed: bool) -> None:
+        if self._lock is None:
+            return
+        if failed and not getattr(self, "records", None):
+            if self._created:
+                shutil.rmtree(self.directory, ignore_errors=True)
+            elif getattr(self, "_wrote_run", False):  # a folder the user made: undo our files
+                for name in (RUN, MANIFEST, LOCK):
+                    (self.directory / name).unlink(missing_ok=True)
+                if self.samples_dir.is_dir() and not any(self.samples_dir.iterdir()):
+                    self.samples_dir.rmdir()
+        self._lock.close()  # closing the handle releases the lock
+        self._lock = None
 
     def __enter__(self) -> "ExportWriter":
         return self
@@ -169,22 +213,52 @@ class ExportWriter:
         if exc_type is None:
             self.finalize()
         else:
-            self.close()
+            self.close(failed=True)
+
+
+def _lock(directory: Path) -> Any:
+    """An exclusive advisory lock on the export folder, held while a writer is open."""
+    handle = (directory / LOCK).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise GenuncError(f"another genunc process is writing to {directory}; wait for it to "
+                          "finish, or write to another folder") from None
+    return handle
+
+
+def _check_identity(directory: Path, saved: Mapping[str, Any] | None,
+                    current: Mapping[str, Any] | None) -> None:
+    """Refuse to resume an export made by a different config, model or posterior."""
+    if saved is None or current is None:
+        return
+    keys = sorted(set(saved) | set(current))
+    differ = [f"  {k}: {saved.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}"
+              for k in keys if saved.get(k) != current.get(k)]
+    if differ:
+        raise GenuncError(f"{directory} was written by a different run; it differs in:\n"
+                          + "\n".join(differ)
+                          + "\nresume with the original settings, or write to a new `out`")
 
 
 def _read_manifest(path: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """Committed records; a torn last line (crash mid-append) is dropped (and cut, if `repair`)."""
+    """Committed records.  Only a torn *last* line (a crash mid-append) is dropped (and cut, if
+    `repair`); a damaged line followed by others is an error, never a silently shorter export."""
     if not path.exists():
         return []
     raw = path.read_bytes()
     records, good_end, seen = [], 0, set()
-    for line in raw.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break
+    lines = raw.splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        record = _parse_line(line)
+        if record is None:
+            if number == len(lines) and not line.endswith(b"\n"):
+                break  # the torn tail of an interrupted append
+            raise GenuncError(
+                f"{path}, line {number}: not a manifest record ({line[:60]!r}); nothing after it "
+                f"is lost, but the export cannot be read until the line is removed: "
+                f"`genunc repair {path.parent}` moves damaged lines to {QUARANTINE}")
         if record["sample_id"] not in seen:  # defensive: a resumed run never writes twice
             seen.add(record["sample_id"])
             records.append(record)
@@ -193,6 +267,34 @@ def _read_manifest(path: Path, repair: bool = False) -> list[dict[str, Any]]:
         with path.open("r+b") as handle:
             handle.truncate(good_end)
     return records
+
+
+def _parse_line(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("sample_id"), str) \
+        and isinstance(record.get("file"), str) and line.endswith(b"\n")
+    return record if ok else None
+
+
+def repair_manifest(directory: str | os.PathLike[str]) -> tuple[int, int]:
+    """Move every damaged manifest line to ``manifest.quarantine.jsonl`` (appended, verbatim)
+    and rewrite the manifest with the good ones.  Returns ``(kept, quarantined)``."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.exists():
+        raise MissingFileError(f"{directory} holds no {MANIFEST}")
+    with _lock(directory):
+        good, bad = [], []
+        for line in path.read_bytes().splitlines(keepends=True):
+            (good if _parse_line(line) is not None else bad).append(line)
+        if bad:
+            with (directory / QUARANTINE).open("ab") as handle:
+                handle.write(b"".join(b if b.endswith(b"\n") else b + b"\n" for b in bad))
+            atomic_write(path, b"".join(good))
+    return len(good), len(bad)
 
 
 def write_tables(directory: Path, records: list[dict[str, Any]]) -> None:

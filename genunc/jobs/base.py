@@ -18,11 +18,12 @@ from typing import Any, ClassVar, Literal
 
 from tqdm.auto import tqdm
 
-from genunc.config import dump_config
+from genunc.config import dump_config, flatten
 from genunc.errors import ConfigError
 from genunc.export import Export, ExportWriter
 from genunc.pipelines.base import UncertaintyPipeline
 from genunc.posterior import POSTERIOR_DIR, HeadPosterior
+from genunc.posterior.fingerprint import weights_digest
 
 #: one sample of a chunk: (sample id, payload for the export's file, manifest record)
 ChunkRecord = tuple[str, Any, dict[str, Any]]
@@ -60,9 +61,18 @@ class Job(ABC):
                 "sigma_noise": p["sigma_noise"]}
 
     @abstractmethod
+    def call_args(self, pipe: UncertaintyPipeline, config: dict[str, Any], chunk: int,
+                  ids: list[str]) -> dict[str, Any]:
+        """The pipeline call that generates the samples `ids` (chunk number `chunk`)."""
+
+    @abstractmethod
+    def records(self, pipe: UncertaintyPipeline, config: dict[str, Any], out: Any,
+                ids: list[str]) -> Iterable[ChunkRecord]:
+        """The export records of one chunk's pipeline output `out`."""
+
     def generate_chunk(self, pipe: UncertaintyPipeline, config: dict[str, Any], chunk: int,
                        ids: list[str]) -> Iterable[ChunkRecord]:
-        """Generate the samples `ids` (chunk number `chunk`) and yield their export records."""
+        return self.records(pipe, config, pipe(**self.call_args(pipe, config, chunk, ids)), ids)
 
     # ------------------------------------------------------------------ shared steps
     def model_dir(self, config: dict[str, Any]) -> Path:
@@ -111,6 +121,10 @@ class Job(ABC):
         """
         pipe = self.build_pipeline(config, progress=progress)
         g = config["generate"]
+        n, size = g["n_samples"], g["chunk_size"]
+        # every argument checked before the export folder exists: a mistake leaves nothing
+        first = [f"{i:06d}" for i in range(min(size, n))]
+        pipe(**self.call_args(pipe, config, 0, first), check_only=True)
         posterior = pipe.posterior
         metadata = {
             "modality": config["modality"],
@@ -119,11 +133,11 @@ class Job(ABC):
             "posterior_summary": None if posterior is None else posterior.summary(),
             "config": config,
             "config_sha256": hashlib.sha256(dump_config(config).encode()).hexdigest(),
+            # what a resumed run must share with this one, entry by entry
+            "identity": {**flatten(config), "model_weights_sha256": weights_digest(pipe.model),
+                         "posterior_sha256": None if posterior is None else posterior.digest()},
         }
-        n, size = g["n_samples"], g["chunk_size"]
         with ExportWriter(g["out"], self.export_format, metadata=metadata) as writer:
-            if writer.metadata.get("config_sha256") not in (None, metadata["config_sha256"]):
-                raise ConfigError(f"{g['out']} was written with a different config; use a new `out`")
             for c, start in enumerate(tqdm(range(0, n, size), desc="chunks", disable=not progress)):
                 ids = [f"{i:06d}" for i in range(start, min(start + size, n))]
                 if all(i in writer for i in ids):

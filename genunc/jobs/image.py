@@ -73,16 +73,20 @@ class ImageJob(Job):
     def fit_data(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any]) -> Any:
         return training_data(config["posterior"]["data"])
 
-    def generate_chunk(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any], chunk: int,
-                       ids: list[str]) -> list[ChunkRecord]:
+    def call_args(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any], chunk: int,
+                  ids: list[str]) -> dict[str, Any]:
         g = config["generate"]
         n_classes = pipe.adapter.num_classes
         start, n = int(ids[0]), len(ids)
         labels = None if n_classes is None else torch.arange(start, start + n) % n_classes
-        out = pipe(n, class_labels=labels, num_draws=g["num_draws"],
-                   num_inference_steps=g["steps"], scores=tuple(g["scores"]),
-                   branch_at=g["branch_at"], draw_steps=g["draw_steps"], seed=g["seed"] + chunk,
-                   chunk_size=n, progress=False)
+        return dict(num_samples=n, class_labels=labels, num_draws=g["num_draws"],
+                    num_inference_steps=g["steps"], scores=tuple(g["scores"]),
+                    branch_at=g["branch_at"], draw_steps=g["draw_steps"], seed=g["seed"] + chunk,
+                    chunk_size=n, progress=False)
+
+    def records(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any], out: Any,
+                ids: list[str]) -> list[ChunkRecord]:
+        n, labels = len(ids), out.class_labels
         trailing: dict[str, Any] = {}
         if config["quality"] and labels is not None:
             probs = _judge(config["device"]).probabilities(out.images)

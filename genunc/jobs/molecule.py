@@ -55,13 +55,17 @@ class MoleculeJob(Job):
         size = p["batch_size"]
         return [pipe.adapter.encode(data, ids[i : i + size]) for i in range(0, len(ids), size)]
 
-    def generate_chunk(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any],
-                       chunk: int, ids: list[str]) -> list[ChunkRecord]:
+    def call_args(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any], chunk: int,
+                  ids: list[str]) -> dict[str, Any]:
         g = config["generate"]
-        out = pipe(len(ids), num_draws=g["num_draws"], num_inference_steps=g["steps"],
-                   scores=tuple(g["scores"]), sampler=g["sampler"] or "ddpm",
-                   variability_steps=g["variability_steps"], nll_levels=g["nll_levels"],
-                   seed=g["seed"] + chunk, chunk_size=len(ids), progress=False)
+        return dict(num_samples=len(ids), num_draws=g["num_draws"],
+                    num_inference_steps=g["steps"], scores=tuple(g["scores"]),
+                    sampler=g["sampler"] or "ddpm", variability_steps=g["variability_steps"],
+                    nll_levels=g["nll_levels"], seed=g["seed"] + chunk, chunk_size=len(ids),
+                    progress=False)
+
+    def records(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any], out: Any,
+                ids: list[str]) -> list[ChunkRecord]:
         trailing: dict[str, Any] = {}
         if config["quality"]:
             report = evaluate_molecules(out.molecules)

@@ -74,8 +74,8 @@ class TextJob(Job):
         del options["sigma_noise"]  # the categorical likelihood has no noise scale
         return options
 
-    def generate_chunk(self, pipe: TextUncertaintyPipeline, config: dict[str, Any], chunk: int,
-                       ids: list[str]) -> list[ChunkRecord]:
+    def call_args(self, pipe: TextUncertaintyPipeline, config: dict[str, Any], chunk: int,
+                  ids: list[str]) -> dict[str, Any]:
         """Held-out prompts in a seeded order, ``candidates`` samples each."""
         g = config["generate"]
         task = task_of(pipe)
@@ -83,8 +83,13 @@ class TextJob(Job):
         order = np.random.default_rng(g["seed"]).permutation(len(test))
         index = np.array([int(i) for i in ids])
         pairs = test[order[(index // g["candidates"]) % len(test)]]
-        out = pipe(task.prompts(pairs), unmasking_config(g), num_draws=g["num_draws"],
-                   scores=tuple(g["scores"]), seed=g["seed"] + chunk, progress=False)
+        return dict(prompts=task.prompts(pairs), config=unmasking_config(g),
+                    num_draws=g["num_draws"], scores=tuple(g["scores"]), seed=g["seed"] + chunk,
+                    progress=False)
+
+    def records(self, pipe: TextUncertaintyPipeline, config: dict[str, Any], out: Any,
+                ids: list[str]) -> list[ChunkRecord]:
+        task = task_of(pipe)
         texts = [task.decode(tokens) for tokens in out.tokens]
         prompts = [text[: task.prompt_length] for text in texts]
         completions = [text[task.prompt_length :] for text in texts]

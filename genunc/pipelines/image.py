@@ -112,7 +112,8 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
         chunk_size: int = 64,
         keep_draw_images: bool = False,
         progress: bool = True,
-    ) -> ImageUncertaintyOutput:
+        check_only: bool = False,
+    ) -> ImageUncertaintyOutput | None:
         """Generate `num_samples` images and score each one.
 
         Args:
@@ -123,6 +124,7 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
             encoder_hidden_states: per-sample ``(N, L, D)`` conditioning for
                 ``UNet2DConditionModel`` (e.g. text-encoder outputs).
             seed: fixes the initial noise, the draws and any sampler noise.
+            check_only: check the arguments and return None, generating nothing.
         """
         request = self._request(scores, num_draws, seed, num_samples=num_samples,
                                 num_inference_steps=num_inference_steps, chunk_size=chunk_size,
@@ -137,6 +139,8 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
                 f"encoder_hidden_states must have {num_samples} rows, got "
                 f"{tuple(encoder_hidden_states.shape)}"
             )
+        if check_only:
+            return None
         device = self.adapter.device
         generator = torch.Generator().manual_seed(seed)
         x_T = torch.randn(num_samples, *self.adapter.sample_shape, generator=generator)

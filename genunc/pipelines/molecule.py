@@ -109,7 +109,8 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                  num_inference_steps: int = 1000, scores: tuple[str, ...] = ("variability",),
                  sampler: str = "ddpm", variability_steps: list[int] | None = None,
                  n_atoms: np.ndarray | None = None, nll_levels: int = 10, seed: int = 0,
-                 chunk_size: int = 64, progress: bool = True) -> MoleculeUncertaintyOutput:
+                 chunk_size: int = 64, progress: bool = True,
+                 check_only: bool = False) -> MoleculeUncertaintyOutput | None:
         """Generate ``num_samples`` molecules and score them.
 
         Args:
@@ -120,15 +121,18 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                 (default: all).
             n_atoms: atom count per molecule (default: drawn from the training histogram).
             nll_levels: noise levels averaged by the ``denoising_loss`` baseline.
+            check_only: check the arguments and return None, generating nothing.
         """
         request = self._request(scores, num_draws, seed, num_samples=num_samples,
                                 num_inference_steps=num_inference_steps, chunk_size=chunk_size,
                                 nll_levels=nll_levels)
         if n_atoms is not None and len(n_atoms) != num_samples:
             raise GenuncError(f"n_atoms has {len(n_atoms)} entries for {num_samples} molecules")
+        scheduler = self.adapter.make_scheduler(sampler)
+        if check_only:
+            return None
         rng = np.random.default_rng(seed)
         masks = self._masks(num_samples, rng, n_atoms)
-        scheduler = self.adapter.make_scheduler(sampler)
         layout = self.adapter.layout
         device = self.adapter.device
         collected = ScoreCollector()

@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from genunc.adapters.text import MaskedDiffusionLMAdapter
-from genunc.errors import ShapeMismatchError
+from genunc.errors import GenuncError, ShapeMismatchError
 from genunc.pipelines.base import ScoreCollector, UncertaintyOutput, UncertaintyPipeline
 from genunc.posterior import HeadPosterior
 from genunc.sampling.masked import POSTERIOR_STATS, UnmaskingConfig, unmask
@@ -115,22 +115,30 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
     def __call__(self, prompts: Tensor, config: UnmaskingConfig | None = None, *,
                  num_draws: int = 5, num_inference_steps: int | None = None,
                  scores: tuple[str, ...] = ("mutual_information",), span: Tensor | None = None,
-                 seed: int = 0, chunk_size: int = 512,
-                 progress: bool = True) -> TextUncertaintyOutput:
+                 seed: int = 0, chunk_size: int = 512, progress: bool = True,
+                 check_only: bool = False) -> TextUncertaintyOutput | None:
         """Fill the masked positions of ``prompts`` ``(B, L)`` and score every sequence.
 
         Args:
             num_inference_steps: unmasking steps (overrides ``config.steps``).
             span: ``(L,)`` or ``(B, L)`` bool, the answer positions for ``mutual_information_span``
                 (default: every generated position).
+            check_only: check the arguments and return None, generating nothing.
         """
         request = self._request(scores, num_draws, seed, chunk_size=chunk_size,
                                 num_inference_steps=num_inference_steps)
         if prompts.dim() != 2:
             raise ShapeMismatchError(f"prompts must be (B, L) token ids, got {tuple(prompts.shape)}")
+        vocab = self.adapter.vocab_size
+        if prompts.numel() and (int(prompts.min()) < 0 or int(prompts.max()) >= vocab):
+            raise GenuncError(f"prompt token ids must lie in [0, {vocab}) (the mask id is "
+                              f"{self.adapter.mask_id}); got [{int(prompts.min())}, "
+                              f"{int(prompts.max())}]")
         config = config or UnmaskingConfig()
         if num_inference_steps is not None:
             config = dataclasses.replace(config, steps=num_inference_steps)
+        if check_only:
+            return None
         token_scores = [name for name in request.scores if name in _TOKEN_SCORES]
         uses_draws = any(_TOKEN_SCORES[n][0] in POSTERIOR_STATS for n in token_scores)
         mi_draws = request.perturbed if uses_draws else None

@@ -9,6 +9,7 @@ gets a full-network Laplace over exactly the head's weights.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -263,6 +264,17 @@ class HeadPosterior:
         check_finite(features, "features")
         variances = HeadDraws.from_flat(self.posterior_variance.unsqueeze(0), self.ops)
         return self.ops.output_variance(features, {k: v[0] for k, v in variances.params.items()})
+
+    def digest(self) -> str:
+        """SHA-256 of everything the draws depend on (mean, curvature, prior, noise scale): two
+        fits that could draw differently never share a digest."""
+        state = self.laplace.state_dict()
+        h = hashlib.sha256(self.structure.encode())
+        hessian = state["H"] if self.structure != "kron" else [f for g in state["H"] for f in g]
+        for value in [state["mean"], state["prior_precision"], state["sigma_noise"],
+                      state["prior_mean"], *(hessian if isinstance(hessian, list) else [hessian])]:
+            h.update(torch.as_tensor(value).detach().to("cpu", torch.float64).numpy().tobytes())
+        return h.hexdigest()
 
     def summary(self) -> dict[str, Any]:
         """Numbers worth printing after a fit, including how large a typical draw's step is."""

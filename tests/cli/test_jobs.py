@@ -46,7 +46,7 @@ def test_fit_generate_filter_evaluate(config_file, tmp_path, capsys):
 
     # command-line overrides, and a config change is refused for an existing export
     assert main(["generate", "-c", str(config_file), "--set", "generate.n_samples=8"]) == 2
-    assert "different config" in capsys.readouterr().err
+    assert "differs in:\n  generate.n_samples: 6 -> 8\n" in capsys.readouterr().err
 
     assert main(["filter", str(tmp_path / "export"), "--out", str(tmp_path / "top"),
                  "--score", "semantic", "--k", "3"]) == 0
