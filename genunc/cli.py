@@ -39,33 +39,37 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _zoo_train(args: argparse.Namespace) -> int:
-    """Train a reference model and write it where genunc loads it from (or to --out)."""
+    """Train a reference model into --out (default outputs/zoo/<model>); the shipped weights are
+    overwritten only with --overwrite."""
     import json
 
-    from genunc.zoo import digits
+    from genunc.zoo import arith, digits, qm9
 
+    shipped = {"digits-ddpm": digits.DDPM_DIR, "digits-classifier": digits.CLASSIFIER_DIR,
+               "qm9-edm": qm9.QM9_DIR, "arith-mdlm": arith.ARITH_DIR}
+    out = Path(args.out or Path("outputs") / "zoo" / args.model)
+    if out.resolve() == shipped[args.model].resolve() and not args.overwrite:
+        raise GenuncError(f"{out} holds the shipped {args.model} weights; pass --overwrite to "
+                          "replace them, or train into another --out")
+    if args.max_minutes and args.model != "qm9-edm":
+        raise GenuncError("--max-minutes applies to qm9-edm only (the others finish in minutes)")
+    given = {"steps": args.steps, "batch_size": args.batch_size, "max_minutes": args.max_minutes}
     if args.model == "arith-mdlm":
-        from genunc.zoo import arith
-
-        overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v}
-        report = arith.train_arith(arith.ArithRecipe(seed=args.seed, **overrides),
-                                   args.out or arith.ARITH_DIR, device=args.device)
+        overrides = {k: v for k, v in given.items() if v and k != "max_minutes"}
+        report = arith.train_arith(arith.ArithRecipe(seed=args.seed, **overrides), out,
+                                   device=args.device)
     elif args.model == "qm9-edm":
-        from genunc.zoo import qm9
-
-        overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size,
-                                       "max_minutes": args.max_minutes}.items() if v}
-        report = qm9.train_qm9(qm9.QM9Recipe(seed=args.seed, **overrides),
-                               args.out or qm9.QM9_DIR, device=args.device)
+        overrides = {k: v for k, v in given.items() if v}
+        report = qm9.train_qm9(qm9.QM9Recipe(seed=args.seed, **overrides), out, device=args.device)
     elif args.model == "digits-classifier":
         recipe = digits.ClassifierRecipe(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
-        report = digits.train_classifier(recipe, args.out or digits.CLASSIFIER_DIR)
+        report = digits.train_classifier(recipe, out)
     else:
-        overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size,
-                                       "max_minutes": args.max_minutes}.items() if v}
-        recipe = digits.DDPMRecipe(seed=args.seed, **overrides)
-        report = digits.train_ddpm(recipe, args.out or digits.DDPM_DIR, device=args.device)
+        overrides = {k: v for k, v in given.items() if v and k != "max_minutes"}
+        report = digits.train_ddpm(digits.DDPMRecipe(seed=args.seed, **overrides), out,
+                                   device=args.device)
     print(json.dumps(report, indent=2))
+    print(f"wrote {out}")
     return 0
 
 
@@ -92,15 +96,40 @@ def _generate(args: argparse.Namespace) -> int:
     from genunc.jobs import job_for
 
     config = _config(args)
-    export = job_for(config["modality"]).generate(config)
+    try:
+        export = job_for(config["modality"]).generate(config)
+    except KeyboardInterrupt:
+        out = Path(config["generate"]["out"])
+        kept = _committed(out)
+        print(f"interrupted: {kept} samples kept in {out}; re-run the same command to resume"
+              if kept else "interrupted before the first sample: nothing was written",
+              file=sys.stderr)
+        return 130
     print(f"{len(export)} scored samples in {export.directory} (manifest.csv, samples/, run.json)")
+    return 0
+
+
+def _committed(out: Path) -> int:
+    """Samples committed to an export folder so far (0 where there is none)."""
+    manifest = out / "manifest.jsonl"
+    return manifest.read_bytes().count(b"\n") if manifest.exists() else 0
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from genunc.export.store import QUARANTINE, repair_manifest
+
+    kept, moved = repair_manifest(args.export)
+    print(f"{args.export}: kept {kept} manifest lines"
+          + (f", moved {moved} damaged ones to {QUARANTINE}" if moved else ", none damaged"))
     return 0
 
 
 def _filter(args: argparse.Namespace) -> int:
     from genunc.export import Export, filter_export
 
+    provenance: dict = {}
     if args.risk_alpha is not None:
+        from genunc import labels
         from genunc.risk import calibrate_threshold
 
         if not args.calibration or not args.label:
@@ -108,45 +137,68 @@ def _filter(args: argparse.Namespace) -> int:
         if Path(args.calibration).resolve() == Path(args.export).resolve():
             raise GenuncError("calibrate on held-out samples, not on the export you filter")
         cal = Export(args.calibration)
-        control = calibrate_threshold(cal.column(args.score).astype(float),
-                                      ~cal.column(args.label).astype(bool),
+        failed = labels.failures(cal.column(args.label).tolist(), args.label,
+                                 fail_below=args.fail_below, fail_above=args.fail_above)
+        control = calibrate_threshold(cal.column(args.score).astype(float), failed,
                                       alpha=args.risk_alpha, delta=args.delta)
         print(control.describe())
         args.threshold = control.threshold
+        provenance = {"risk_control": {
+            **control.to_dict(), "failure": labels.describe(args.label, args.fail_below,
+                                                            args.fail_above),
+            "calibration_export": str(Path(args.calibration).resolve()),
+            "calibration_config_sha256": cal.metadata.get("config_sha256")}}
     if Path(args.export).suffix.lower() == ".sdf":
         from genunc.export.sdf import filter_sdf
 
         if args.best_of or args.symlink:
             raise GenuncError("--best-of and --symlink work on export directories, not SDF files")
+        if Path(args.out).exists():
+            raise GenuncError(f"{args.out} exists; filtered molecules go to a new file")
         info = filter_sdf(args.export, args.out, args.score, fraction=args.fraction, k=args.k,
                           threshold=args.threshold)
         print(f"kept {info['kept']} of {info['total']} molecules by '{args.score}' -> {args.out}")
         return 0
     out = filter_export(args.export, args.out, args.score, fraction=args.fraction, k=args.k,
                         threshold=args.threshold, group_by=args.best_of,
-                        link="symlink" if args.symlink else "copy")
+                        link="symlink" if args.symlink else "copy", provenance=provenance)
     kept = Export(out)
     print(f"kept {len(kept)} of {kept.metadata['n_source']} samples by '{args.score}' -> {out}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from genunc import filtering
+    import numpy as np
+
+    from genunc import filtering, labels
     from genunc.export import Export
 
     export = Export(args.export)
-    quality = export.column(args.quality).astype(float)
+    if len(export) == 0:
+        raise GenuncError(f"{args.export} holds no samples to evaluate")
+    column = export.column(args.quality).tolist()
+    failed = None
+    flags = labels.as_boolean(column)
+    if flags is not None or args.fail_below is not None or args.fail_above is not None:
+        failed = labels.failures(column, args.quality, fail_below=args.fail_below,
+                                 fail_above=args.fail_above)
+    try:
+        quality = (flags if flags is not None else np.asarray(column)).astype(float)
+    except (TypeError, ValueError):
+        raise GenuncError(f"quality column {args.quality!r} is neither boolean nor numeric") from None
     names = [c for c in (args.scores.split(",") if args.scores else _score_columns(export))
              if all(c in r for r in export.records)]
     if not names:
         raise GenuncError("the export holds none of the requested score columns")
+    rule = ("AUROC: n/a (continuous quality: give --fail-below/--fail-above)" if failed is None
+            else f"AUROC: failure = {labels.describe(args.quality, args.fail_below, args.fail_above)}")
     print(f"{len(export)} samples in {args.export}; quality column '{args.quality}' "
-          f"(mean {quality.mean():.3f})")
+          f"(mean {quality.mean():.3f}); {rule}")
     print(f"{'score':<16}{'Spearman':>10}{'AUROC':>8}{'AURC':>8}{'q@80%':>8}")
     curves = {}
     for name in names:
         scores = export.column(name).astype(float)
-        stats = filtering.summarize(scores, quality)
+        stats = filtering.summarize(scores, quality, failed)
         kept = filtering.keep_fraction(scores, 0.8)
         print(f"{name:<16}{stats['spearman']:>10.3f}{stats['auroc']:>8.3f}"
               f"{stats['area_under_retention']:>8.3f}{quality[kept].mean():>8.3f}")
@@ -234,20 +286,35 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--risk-alpha", type=float, help="tolerated failure rate among kept samples")
     flt.add_argument("--delta", type=float, default=0.1, help="risk-control failure probability")
     flt.add_argument("--calibration", help="export with quality labels for risk control")
-    flt.add_argument("--label", help="quality column: truthy = good sample")
+    flt.add_argument("--label", help="quality column of the calibration export: a boolean column "
+                     "fails where false; a continuous one needs --fail-below or --fail-above")
+    flt.add_argument("--fail-below", type=float, help="with --label: a sample fails below this")
+    flt.add_argument("--fail-above", type=float, help="with --label: a sample fails above this")
     flt.add_argument("--symlink", action="store_true", help="symlink sample files instead of copying")
     flt.set_defaults(func=_filter)
 
     ev = sub.add_parser(
         "evaluate", help="how well do the scores rank quality in an export?",
-        description="Spearman, AUROC (quality <= 0.5 counts as failure), area under the retention "
-        "curve and quality of the kept 80%, per score column.",
+        description="Spearman, AUROC for failure, area under the retention curve and quality of "
+        "the kept 80%, per score column.  A boolean quality column fails where false; for a "
+        "continuous one, --fail-below / --fail-above say what fails (the same rule as filter).",
         epilog="example: genunc evaluate outputs/export --quality classifier_agrees --plot r.png")
     ev.add_argument("export")
     ev.add_argument("--quality", required=True, help="quality column (higher is better)")
     ev.add_argument("--scores", help="comma-separated score columns (default: all present)")
     ev.add_argument("--plot", help="write a retention plot here")
+    ev.add_argument("--fail-below", type=float, help="a sample fails where quality is below this")
+    ev.add_argument("--fail-above", type=float, help="a sample fails where quality is above this")
     ev.set_defaults(func=_evaluate)
+
+    rep = sub.add_parser(
+        "repair", help="move damaged manifest lines aside so an export can be read again",
+        description="An export whose manifest.jsonl has a damaged line (not the torn last line a "
+        "crash leaves) cannot be read: genunc will not silently drop what follows it.  This moves "
+        "every damaged line, verbatim, to manifest.quarantine.jsonl and keeps the rest.",
+        epilog="example: genunc repair outputs/digits/export")
+    rep.add_argument("export")
+    rep.set_defaults(func=_repair)
 
     zoo = sub.add_parser("zoo", help="reference models: train them", description="Reference models.")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
@@ -258,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: genunc zoo train digits-ddpm --steps 4000 --batch-size 48",
     )
     train.add_argument("model", choices=["digits-ddpm", "digits-classifier", "qm9-edm", "arith-mdlm"])
-    train.add_argument("--out", help="output directory (default: the package's weights folder)")
+    train.add_argument("--out", help="output directory (default: outputs/zoo/<model>)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="allow --out to be the shipped weights folder (replaces them)")
     train.add_argument("--steps", type=int, help="optimiser steps (diffusion models)")
     train.add_argument("--batch-size", type=int, help="batch size (diffusion models)")
     train.add_argument("--epochs", type=int, help="classifier epochs")

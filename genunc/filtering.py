@@ -50,6 +50,8 @@ def keep_fraction(scores, fraction: float) -> np.ndarray:
 
 def keep_below(scores, threshold: float) -> np.ndarray:
     """Indices of samples whose score is at most `threshold`."""
+    if threshold is None or np.isnan(threshold):
+        raise GenuncError(f"threshold must be a number, got {threshold}")
     return np.flatnonzero(_scores(scores) <= threshold)
 
 
@@ -126,12 +128,12 @@ def spearman(scores, quality) -> float:
 
 
 def summarize(scores, quality, failed=None) -> dict[str, float]:
-    """Spearman with quality, AUROC for failures (quality <= 0.5 unless given), AURC."""
+    """Spearman with quality, AURC, and the AUROC for `failed` (NaN when not given: which samples
+    failed is the caller's rule, see :mod:`genunc.labels`)."""
     quality = np.asarray(quality, dtype=np.float64)
-    failed = quality <= 0.5 if failed is None else np.asarray(failed, dtype=bool)
     return {
         "spearman": spearman(scores, quality),
-        "auroc": auroc(scores, failed),
+        "auroc": float("nan") if failed is None else auroc(scores, np.asarray(failed, dtype=bool)),
         "area_under_retention": area_under_retention(scores, quality),
         "quality_all": float(quality.mean()),
     }

@@ -11,7 +11,7 @@ import pytest
 #: lowest first; a module may import genunc modules of its own layer or any lower one
 LAYERS = [
     {"errors", "_seed", "_io", "_version", "config"},
-    {"data", "tasks", "filtering", "risk", "metrics", "scores"},
+    {"data", "tasks", "filtering", "risk", "labels", "metrics", "scores"},
     {"adapters"},
     {"posterior"},
     {"sampling"},

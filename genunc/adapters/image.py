@@ -71,8 +71,13 @@ class DiffusersImageAdapter(DenoiserAdapter):
         else:
             raise ShapeMismatchError("image batches are tensors, (images, labels), or dicts with 'x'")
         x0 = data["x"].to(self.device, self.dtype)
-        if x0.dim() != 4:
-            raise ShapeMismatchError(f"images must be (B, C, H, W), got {tuple(x0.shape)}")
+        self.check_images(x0)
+        labels = data.get("class_labels")
+        if labels is not None and self.num_classes is not None:
+            labels = torch.as_tensor(labels)
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise GenuncError(f"class labels must lie in [0, {self.num_classes}); got "
+                                  f"[{int(labels.min())}, {int(labels.max())}]")
         n_train = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, n_train, (x0.shape[0],), generator=generator).to(self.device)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
@@ -87,6 +92,19 @@ class DiffusersImageAdapter(DenoiserAdapter):
         if self.fourier:  # the head's output is divided by t afterwards: undo it on the target
             target = target * _per_sample(t.to(target))
         return TrainingPairs(inputs={"x": x_t, "t": t, **cond}, target=target)
+
+    def check_images(self, x: Tensor) -> None:
+        """Clean images must have the model's shape and lie in [-1, 1], the range diffusers
+        models are trained in (images in [0, 1] fit a posterior several times too wide)."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.sample_shape:
+            raise ShapeMismatchError(f"images must be (B, {', '.join(map(str, self.sample_shape))}) "
+                                     f"for this model, got {tuple(x.shape)}")
+        low, high = float(x.min()), float(x.max())
+        if low < -1.001 or high > 1.001:
+            raise GenuncError(f"images must lie in [-1, 1]; got values in [{low:.3g}, {high:.3g}]")
+        if low >= 0 and x.numel() >= 1024:
+            raise GenuncError(f"no image pixel is below 0 (values in [{low:.3g}, {high:.3g}]): "
+                              "these look like [0, 1] images; rescale them with x * 2 - 1")
 
     def post_head(self, head_output: Tensor, inputs: Mapping[str, Any]) -> Tensor:
         if not self.fourier:

@@ -98,6 +98,9 @@ class MaskedDiffusionLMAdapter(MaskedTokenAdapter):
             x0, fixed = torch.as_tensor(batch).long(), None
         if x0.dim() != 2:
             raise ShapeMismatchError(f"token batches are (B, L), got {tuple(x0.shape)}")
+        if x0.numel() and (int(x0.min()) < 0 or int(x0.max()) >= self.vocab_size):
+            raise GenuncError(f"token ids must lie in [0, {self.vocab_size}); got "
+                              f"[{int(x0.min())}, {int(x0.max())}]")
         b, length = x0.shape
         free = torch.ones_like(x0, dtype=torch.bool) if fixed is None else ~fixed.bool()
         if not free.any(-1).all():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,12 +24,14 @@ def filter_export(
     threshold: float | None = None,
     group_by: str | None = None,
     link: str = "copy",
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Keep the least uncertain samples of `source` by column `score`; write them to `destination`.
 
     Exactly one rule: ``fraction`` (keep that share), ``k`` (keep that many), ``threshold`` (keep
     score <= threshold) or ``group_by`` (best of N: the least uncertain sample per value of that
-    column, e.g. the condition or prompt).  The source export is never modified.
+    column, e.g. the condition or prompt).  The source export is never modified.  `provenance`
+    (e.g. a certified risk-control threshold) is recorded in the new export's ``run.json``.
     """
     export = Export(source)
     if len(export) == 0:
@@ -37,5 +41,5 @@ def filter_export(
                             groups=None if group_by is None else export.column(group_by))
     given = {name: value for name, value in {"fraction": fraction, "k": k, "threshold": threshold,
                                              "group_by": group_by}.items() if value is not None}
-    provenance = {"score": score, **given, "link": link}
-    return write_subset(export, keep.tolist(), destination, provenance, link=link)
+    record = {"score": score, **given, "link": link, **dict(provenance or {})}
+    return write_subset(export, keep.tolist(), destination, record, link=link)

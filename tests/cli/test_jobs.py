@@ -16,7 +16,7 @@ from genunc.jobs import job_for, modalities
 def config_file(tmp_path, tiny_ddpm_folder):
     model = tiny_ddpm_folder(tmp_path / "model")
     g = torch.Generator().manual_seed(0)
-    torch.save({"x": torch.randn(24, 1, 8, 8, generator=g),
+    torch.save({"x": torch.randn(24, 1, 8, 8, generator=g).clamp(-1, 1),
                 "class_labels": torch.randint(0, 3, (24,), generator=g)}, tmp_path / "data.pt")
     config = {
         "model": str(model), "features": "pixels", "quality": None,

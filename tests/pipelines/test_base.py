@@ -54,7 +54,7 @@ def test_requests_are_checked_before_anything_runs(image_pipe):
 
 def test_head_draws_put_the_map_first(image_pipe):
     g = torch.Generator().manual_seed(0)
-    image_pipe.fit_posterior((torch.randn(16, 1, 8, 8, generator=g),
+    image_pipe.fit_posterior((torch.randn(16, 1, 8, 8, generator=g).clamp(-1, 1),
                               torch.randint(0, 3, (16,), generator=g)), progress=False)
     request = image_pipe._request(("semantic",), 3, seed=5)
     assert request.draws.includes_map and len(request.draws) == 4
@@ -66,7 +66,7 @@ def test_head_draws_put_the_map_first(image_pipe):
 
 def test_load_or_fit_posterior_policy(image_pipe, tmp_path, tiny_unet):
     g = torch.Generator().manual_seed(0)
-    data = (torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g))
+    data = (torch.randn(16, 1, 8, 8, generator=g).clamp(-1, 1), torch.randint(0, 3, (16,), generator=g))
     directory = tmp_path / "posterior"
     assert image_pipe.load_or_fit_posterior(directory) is None  # nothing saved, no data
     fitted = image_pipe.load_or_fit_posterior(directory, data, progress=False)

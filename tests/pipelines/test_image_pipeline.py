@@ -22,7 +22,7 @@ def saved(tmp_path_factory, tiny_ddpm_folder):
     path = tiny_ddpm_folder(tmp_path_factory.mktemp("tiny_ddpm"))
     pipe = ImageUncertaintyPipeline.from_pretrained(path, feature_extractor=flatten_pixels)
     g = torch.Generator().manual_seed(0)
-    pipe.fit_posterior((torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 3, (32,), generator=g)),
+    pipe.fit_posterior((torch.randn(32, 1, 8, 8, generator=g).clamp(-1, 1), torch.randint(0, 3, (32,), generator=g)),
                        progress=False)
     pipe.posterior.save(path / POSTERIOR_DIR)
     return path
@@ -162,7 +162,7 @@ def test_unet2d_condition_model_with_encoder_states():
     pipe = ImageUncertaintyPipeline(unet, DDPMScheduler(num_train_timesteps=100),
                                     feature_extractor=flatten_pixels)
     ctx = torch.randn(16, 3, 6)
-    pipe.fit_posterior([{"x": torch.randn(16, 1, 8, 8), "encoder_hidden_states": ctx}],
+    pipe.fit_posterior([{"x": torch.randn(16, 1, 8, 8).clamp(-1, 1), "encoder_hidden_states": ctx}],
                        repeats=1, progress=False)
     out = pipe(4, encoder_hidden_states=ctx[:4], num_draws=2, num_inference_steps=3,
                scores=("semantic", "variability"), progress=False)
