@@ -13,11 +13,13 @@ The second form only filters an existing scored SDF file.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from genunc.data.qm9 import edm_split, load_cache, load_qm9
+from genunc.errors import GenuncError
 from genunc.export import ExportWriter
 from genunc.export.sdf import filter_sdf, read_sdf_scores, record_properties, split_records
 from genunc.metrics.molecule import evaluate_molecules, to_rdkit
@@ -73,12 +75,16 @@ def main() -> None:
         pipe.load_or_fit_posterior(out / "posterior",
                                    training_batches(pipe, args.posterior_data, args.n_fit),
                                    stale="refit")
-        result = pipe(args.n, num_draws=args.draws, num_inference_steps=args.steps,
-                      seed=args.seed, scores=("variability", "denoising_loss", "random"))
-        report = evaluate_molecules(result.molecules)
-        metadata = {"modality": "molecule", "model": args.model,
+        identity = {"model": str(args.model), "n": args.n, "draws": args.draws,
+                    "steps": args.steps, "seed": args.seed,
+                    "posterior_sha256": pipe.posterior.digest()}
+        metadata = {"modality": "molecule", "model": args.model, "identity": identity,
                     "posterior_fingerprint": pipe.posterior.fingerprint}
+        # opened before generating: an export made with other settings is refused up front
         with ExportWriter(out / "export", "sdf", metadata=metadata) as writer:
+            result = pipe(args.n, num_draws=args.draws, num_inference_steps=args.steps,
+                          seed=args.seed, scores=("variability", "denoising_loss", "random"))
+            report = evaluate_molecules(result.molecules)
             for i, (positions, types) in enumerate(result.molecules):
                 record = {"seed": args.seed, "n_atoms": len(types),
                           **{k: float(v[i]) for k, v in result.scores.items()},
@@ -97,4 +103,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except GenuncError as err:  # a user mistake: one line, not a traceback
+        sys.exit(f"filter_molecules: error: {err}")

@@ -327,7 +327,30 @@ def combine_samples(directory: Path, fmt: str, records: list[dict[str, Any]]) ->
         return
     name = "samples.sdf" if fmt == "sdf" else "samples.jsonl"
     parts = [(directory / r["file"]).read_bytes() for r in records]
+    for record, part in zip(records, parts):
+        _check_sample_file(directory / record["file"], fmt, part)
     atomic_write(directory / name, b"".join(parts))
+
+
+def _check_sample_file(path: Path, fmt: str, data: bytes) -> None:
+    """One complete record per sample file, so that one damaged file cannot swallow its
+    neighbours when all are joined into samples.sdf / samples.jsonl."""
+    if fmt == "sdf":
+        ends = [line.strip() for line in data.splitlines()].count(b"$$$$")
+        ok = ends == 1 and data.rstrip().endswith(b"$$$$")
+    else:
+        ok = data.endswith(b"\n") and data.count(b"\n") == 1 and _parse_json(data)
+    if not ok:
+        raise GenuncError(f"{path} is damaged (not one complete {fmt} record); delete it and its "
+                          "manifest line (genunc repair) or restore it")
+
+
+def _parse_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------ reading / filtering

@@ -95,6 +95,7 @@ def load_posterior(
     other weights (a retrained model).  Anything else wrong (a half-written folder, a format
     this genunc cannot read) raises.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from genunc.posterior.laplace_head import HeadPosterior, _RowModel
@@ -107,7 +108,15 @@ def load_posterior(
         raise MissingFileError(
             f"no complete genunc posterior in {directory} (expected {META_FILE} and {TENSORS_FILE})"
         )
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensor_path))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, SafetensorError) as err:
+        raise GenuncError(f"the posterior in {directory} is damaged ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); refit it "
+                          "with genunc fit, or fit_posterior(...) and save()") from None
+    if not isinstance(meta, dict):
+        raise GenuncError(f"{meta_path} is not a genunc posterior description; refit it")
     if meta.get("format_version") != FORMAT_VERSION:
         raise GenuncError(
             f"posterior format {meta.get('format_version')} is not supported by genunc "
@@ -124,7 +133,7 @@ def load_posterior(
             return None
         raise
     device = next(head.parameters()).device
-    tensors = {k: v.to(device) for k, v in load_file(str(tensor_path)).items()}
+    tensors = {k: v.to(device) for k, v in tensors.items()}
     head_copy = copy.deepcopy(head).to(tensors["mean"].dtype).eval()
     for p in head_copy.parameters():
         p.requires_grad_(True)

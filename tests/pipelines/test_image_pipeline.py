@@ -22,8 +22,8 @@ def saved(tmp_path_factory, tiny_ddpm_folder):
     path = tiny_ddpm_folder(tmp_path_factory.mktemp("tiny_ddpm"))
     pipe = ImageUncertaintyPipeline.from_pretrained(path, feature_extractor=flatten_pixels)
     g = torch.Generator().manual_seed(0)
-    pipe.fit_posterior((torch.randn(32, 1, 8, 8, generator=g).clamp(-1, 1), torch.randint(0, 3, (32,), generator=g)),
-                       progress=False)
+    images = torch.randn(32, 1, 8, 8, generator=g).clamp(-1, 1)
+    pipe.fit_posterior((images, torch.randint(0, 3, (32,), generator=g)), progress=False)
     pipe.posterior.save(path / POSTERIOR_DIR)
     return path
 

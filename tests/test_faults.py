@@ -1,0 +1,300 @@
+"""Deliberate faults, one per finding of the reliability audit: each must give a clear one-line
+error, lose nothing and mix nothing.  Numbers refer to the audit's list."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from genunc.cli import main
+from genunc.errors import GenuncError
+from genunc.export import Export, ExportWriter
+
+
+@pytest.fixture
+def digits_config(tmp_path, tiny_ddpm_folder):
+    """A tiny image config writing to tmp_path/export; returns (path, base args)."""
+    model = tiny_ddpm_folder(tmp_path / "model")
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x": torch.randn(24, 1, 8, 8, generator=g).clamp(-1, 1),
+                "class_labels": torch.randint(0, 3, (24,), generator=g)}, tmp_path / "data.pt")
+    config = {"model": str(model), "features": "pixels", "quality": None,
+              "posterior": {"data": str(tmp_path / "data.pt"), "repeats": 1,
+                            "dir": str(tmp_path / "posterior")},
+              "generate": {"n_samples": 6, "num_draws": 2, "steps": 2, "chunk_size": 2,
+                           "scores": ["semantic", "variability", "random"],
+                           "out": str(tmp_path / "export")}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# 1 ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mistake, says", [
+    ("generate.scores=[semantc]", "unknown scores ['semantc']"),
+    ("generate.num_draws=1", "['variability'] need num_draws >= 2, got 1"),
+    ("generate.steps=0", "generate.steps: 0 is not allowed"),
+    ("generate.branch_at=1", None),  # valid: the control
+])
+def test_a_mistake_leaves_no_folder_and_the_corrected_run_works(digits_config, tmp_path, capsys,
+                                                                mistake, says):
+    code = main(["generate", "-c", str(digits_config), "--set", mistake])
+    if says is None:
+        assert code == 0
+        return
+    assert code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
+    assert main(["generate", "-c", str(digits_config)]) == 0
+    assert len(Export(tmp_path / "export")) == 6
+
+
+# 2 ---------------------------------------------------------------------------------------------
+def test_a_refitted_posterior_is_not_mixed_into_a_resumed_export(digits_config, tmp_path, capsys):
+    assert main(["generate", "-c", str(digits_config)]) == 0
+    manifest = tmp_path / "export" / "manifest.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(lines[:2]))  # as if interrupted after the first chunk
+    assert main(["fit", "-c", str(digits_config), "--set", "posterior.structure=kron"]) == 0
+    assert main(["generate", "-c", str(digits_config)]) == 2
+    assert "posterior_sha256" in capsys.readouterr().err
+    assert manifest.read_text() == "".join(lines[:2])  # nothing added under the new posterior
+
+
+# 3 ---------------------------------------------------------------------------------------------
+def test_a_corrupt_manifest_line_is_an_error_never_a_shorter_export(digits_config, tmp_path,
+                                                                    capsys):
+    assert main(["generate", "-c", str(digits_config)]) == 0
+    export = tmp_path / "export"
+    manifest = export / "manifest.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    lines[2] = '{"sample_id": "000002", "semantic": oops\n'
+    manifest.write_text("".join(lines))
+    before = manifest.read_bytes()
+    for argv in (["filter", str(export), "--out", str(tmp_path / "kept"), "--fraction", "0.5"],
+                 ["evaluate", str(export), "--quality", "random"],
+                 ["generate", "-c", str(digits_config)]):
+        assert main(argv) == 2, argv
+        assert "manifest.jsonl, line 3" in _err(capsys)
+        assert manifest.read_bytes() == before  # generate did not cut the records after it
+    assert not (tmp_path / "kept").exists()
+    assert main(["repair", str(export)]) == 0
+    assert "moved 1 damaged" in capsys.readouterr().out
+    assert len(Export(export)) == 5
+    assert (export / "manifest.quarantine.jsonl").read_text() == lines[2]
+
+
+def test_a_torn_last_line_is_still_cut_silently(tmp_path):
+    with ExportWriter(tmp_path / "e", "json") as writer:
+        for i in range(3):
+            writer.add(i, {}, {"score": float(i)})
+    with (tmp_path / "e" / "manifest.jsonl").open("a") as handle:
+        handle.write('{"sample_id": "3", "sco')  # a crash mid-append
+    assert len(Export(tmp_path / "e")) == 3
+
+
+# 5 ---------------------------------------------------------------------------------------------
+def _labelled_export(path, labels):
+    with ExportWriter(path, "json") as writer:
+        for i, label in enumerate(labels):
+            writer.add(i, {}, {"semantic": i / len(labels), "ok": label,
+                               "p": 0.9 if i < len(labels) * 0.9 else 0.1})
+    return path
+
+
+def test_one_label_rule_for_risk_control_and_evaluate(tmp_path, capsys):
+    strings = ["true"] * 180 + ["false"] * 20
+    calib = _labelled_export(tmp_path / "calib", strings)
+    target = _labelled_export(tmp_path / "target", strings)
+    # "false" is a failure, not a truthy string
+    assert main(["filter", str(target), "--out", str(tmp_path / "safe"), "--risk-alpha", "0.05",
+                 "--calibration", str(calib), "--label", "ok"]) == 0
+    kept = Export(tmp_path / "safe")
+    assert 0 < len(kept) < 200 and kept.metadata["filter"]["risk_control"]["failure"] == "ok is false"
+    risk = kept.metadata["filter"]["risk_control"]
+    assert {"alpha", "delta", "method", "threshold", "calibration_export"} <= set(risk)
+    # a continuous column needs an explicit rule, in both commands
+    assert main(["filter", str(target), "--out", str(tmp_path / "x"), "--risk-alpha", "0.05",
+                 "--calibration", str(calib), "--label", "p"]) == 2
+    assert "--fail-below" in _err(capsys)
+    assert main(["evaluate", str(target), "--quality", "p"]) == 0
+    assert "AUROC: n/a" in capsys.readouterr().out
+    assert main(["evaluate", str(target), "--quality", "p", "--fail-below", "0.5"]) == 0
+    assert "failure = p < 0.5" in capsys.readouterr().out
+
+
+# 6 ---------------------------------------------------------------------------------------------
+def test_exports_and_posteriors_follow_the_umask(digits_config, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert main(["generate", "-c", str(digits_config)]) == 0
+    finally:
+        os.umask(old)
+    written = [*(tmp_path / "export").rglob("*"), *(tmp_path / "posterior").iterdir()]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in written if p.is_file()}
+    assert modes and all(mode == 0o644 for mode in modes.values()), modes
+
+
+# 7 ---------------------------------------------------------------------------------------------
+def test_the_molecule_example_refuses_to_report_an_old_export(tiny_molecule_folder, tmp_path,
+                                                              repo):
+    model = tiny_molecule_folder(tmp_path / "model")
+    base = [sys.executable, str(repo / "examples" / "filter_molecules.py"), "--model", str(model),
+            "--posterior-data", str(tmp_path / "molecules.npz"), "--n-fit", "10", "--n", "3",
+            "--draws", "2", "--steps", "2", "--out", str(tmp_path / "out")]
+    first = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(base + ["--seed", "5"], capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "seed: 0 -> 5" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+# 8 ---------------------------------------------------------------------------------------------
+def test_a_second_writer_is_refused(tmp_path):
+    first = ExportWriter(tmp_path / "e", "json")
+    with pytest.raises(GenuncError, match="another genunc process is writing"):
+        ExportWriter(tmp_path / "e", "json")
+    first.add("a", {}, {"score": 1.0})
+    first.finalize()
+    with ExportWriter(tmp_path / "e", "json") as again:  # released: the next run may resume
+        assert "a" in again
+
+
+# 9 ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, key", [
+    ("generate.n_samples=ten", "generate.n_samples"), ("generate.n_samples=2.5", "generate.n_samples"),
+    ("generate.n_samples=-3", "generate.n_samples"), ("generate.seed=abc", "generate.seed"),
+    ("generate.chunk_size=0", "generate.chunk_size"), ("generate.out=", "generate.out"),
+    ("generate.steps=-1", "generate.steps"), ("generate.scores=semantic", "generate.scores"),
+    ("posterior.structure=lowrank", "posterior.structure"),
+])
+def test_bad_config_values_name_the_key_and_write_nothing(digits_config, tmp_path, capsys,
+                                                          override, key):
+    assert main(["generate", "-c", str(digits_config), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert f"  {key}: " in err and "expected" in err and "Traceback" not in err
+    assert not (tmp_path / "export").exists() and not (tmp_path / "posterior").exists()
+
+
+def test_malformed_yaml_and_a_folder_as_config(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generate: {n_samples: [1, 2\n")
+    assert main(["generate", "-c", str(bad)]) == 2
+    assert "not valid YAML (line" in _err(capsys)
+    assert main(["generate", "-c", str(tmp_path)]) == 2
+    assert "is not a file" in _err(capsys)
+
+
+# 10 --------------------------------------------------------------------------------------------
+def test_zoo_train_keeps_its_hands_off_the_shipped_weights(capsys):
+    from genunc.zoo.digits import CLASSIFIER_DIR
+
+    before = (CLASSIFIER_DIR / "model.safetensors").stat().st_mtime_ns
+    assert main(["zoo", "train", "digits-classifier", "--out", str(CLASSIFIER_DIR)]) == 2
+    assert "--overwrite" in _err(capsys)
+    assert (CLASSIFIER_DIR / "model.safetensors").stat().st_mtime_ns == before
+
+
+# 11 --------------------------------------------------------------------------------------------
+def test_a_damaged_sdf_sample_is_named_not_merged(qm9_slice, tmp_path):
+    from genunc.metrics.molecule import to_rdkit
+
+    writer = ExportWriter(tmp_path / "e", "sdf")
+    for i in range(3):
+        writer.add(i, to_rdkit(*qm9_slice.molecule(i)), {"variability": float(i)})
+    text = (tmp_path / "e" / "samples" / "1.sdf").read_text()
+    (tmp_path / "e" / "samples" / "1.sdf").write_text(text.replace("$$$$", ""))
+    with pytest.raises(GenuncError, match="1.sdf is damaged"):
+        writer.finalize()
+    assert not (tmp_path / "e" / "samples.sdf").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty weights", "half weights", "garbage json",
+                                    "missing json"])
+def test_a_damaged_posterior_is_a_one_line_error_never_a_silent_refit(digits_config, tmp_path,
+                                                                      capsys, damage):
+    assert main(["fit", "-c", str(digits_config)]) == 0
+    weights = tmp_path / "posterior" / "genunc_posterior.safetensors"
+    meta = tmp_path / "posterior" / "genunc_posterior.json"
+    if damage == "empty weights":
+        weights.write_bytes(b"")
+    elif damage == "half weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "garbage json":
+        meta.write_text("{not json")
+    else:
+        meta.unlink()
+    damaged = weights.read_bytes() if weights.exists() else None
+    assert main(["generate", "-c", str(digits_config)]) == 2
+    err = capsys.readouterr().err
+    assert ("damaged" in err or "no complete genunc posterior" in err) and "Traceback" not in err
+    assert (weights.read_bytes() if weights.exists() else None) == damaged  # not refitted
+
+
+def test_images_labels_and_tokens_out_of_range(tiny_ddpm_folder, tmp_path, arith_task,
+                                               tiny_text_model):
+    from genunc.pipelines import ImageUncertaintyPipeline, TextUncertaintyPipeline
+    from genunc.zoo.arith import save_model
+
+    pipe = ImageUncertaintyPipeline.from_pretrained(tiny_ddpm_folder(tmp_path / "m"))
+    x = torch.rand(16, 1, 8, 8)
+    with pytest.raises(GenuncError, match="look like \\[0, 1\\] images; rescale them with x \\* 2 - 1"):
+        pipe.fit_posterior(x, progress=False)
+    with pytest.raises(GenuncError, match="must lie in \\[-1, 1\\]"):
+        pipe.fit_posterior(x * 4 - 2, progress=False)
+    with pytest.raises(GenuncError, match="images must be \\(B, 1, 8, 8\\)"):
+        pipe.fit_posterior(torch.rand(16, 1, 16, 16) * 2 - 1, progress=False)
+    with pytest.raises(GenuncError, match="class labels must lie in \\[0, 3\\)"):
+        pipe.fit_posterior((x * 2 - 1, torch.full((16,), 5)), progress=False)
+    save_model(tiny_text_model(arith_task.vocab_size, arith_task.length), arith_task, tmp_path / "t")
+    text = TextUncertaintyPipeline.from_pretrained(tmp_path / "t")
+    prompts = arith_task.prompts(arith_task.split()["test"][:2])
+    prompts[0, 0] = 99
+    with pytest.raises(GenuncError, match="prompt token ids must lie in \\[0, 14\\)"):
+        text(prompts, scores=("random",))
+    with pytest.raises(GenuncError, match="token ids must lie in \\[0, 14\\)"):
+        text.fit_posterior([{"x": prompts}], progress=False)
+
+
+def test_small_cli_mistakes(tmp_path, capsys, qm9_slice):
+    export = _labelled_export(tmp_path / "e", [True, False, True])
+    assert main(["filter", str(export), "--out", str(tmp_path / "k"), "--threshold", "nan"]) == 2
+    assert "threshold must be a number" in _err(capsys)
+    with ExportWriter(tmp_path / "empty", "json"):
+        pass
+    assert main(["evaluate", str(tmp_path / "empty"), "--quality", "ok"]) == 2
+    assert "holds no samples" in _err(capsys)
+    from genunc.metrics.molecule import to_rdkit
+
+    with ExportWriter(tmp_path / "m", "sdf") as writer:
+        writer.add(0, to_rdkit(*qm9_slice.molecule(0)), {"variability": 0.5})
+    existing = tmp_path / "kept.sdf"
+    existing.write_text("mine")
+    assert main(["filter", str(tmp_path / "m" / "samples.sdf"), "--out", str(existing),
+                 "--score", "variability", "--k", "1"]) == 2
+    assert "exists" in _err(capsys) and existing.read_text() == "mine"
+
+
+def test_import_genunc_and_help_do_not_load_torch():
+    code = ("import sys, genunc, genunc.cli; genunc.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'laplace', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_manifest_records_round_trip_numbers_exactly(tmp_path):
+    values = np.random.default_rng(0).random(5)
+    with ExportWriter(tmp_path / "e", "json") as writer:
+        for i, v in enumerate(values):
+            writer.add(i, {}, {"score": float(v)})
+    lines = (tmp_path / "e" / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["score"] for line in lines] == values.tolist()
