@@ -129,6 +129,9 @@ def _filter(args: argparse.Namespace) -> int:
 
     provenance: dict = {}
     if args.risk_alpha is not None:
+        import hashlib
+        import json
+
         from genunc import labels
         from genunc.risk import calibrate_threshold
 
@@ -147,7 +150,9 @@ def _filter(args: argparse.Namespace) -> int:
             **control.to_dict(), "failure": labels.describe(args.label, args.fail_below,
                                                             args.fail_above),
             "calibration_export": str(Path(args.calibration).resolve()),
-            "calibration_config_sha256": cal.metadata.get("config_sha256")}}
+            "calibration_identity_sha256": hashlib.sha256(json.dumps(
+                cal.metadata.get("identity") or cal.metadata.get("config"), sort_keys=True,
+                default=str).encode()).hexdigest()}}
     if Path(args.export).suffix.lower() == ".sdf":
         from genunc.export.sdf import filter_sdf
 

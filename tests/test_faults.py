@@ -298,3 +298,25 @@ def test_manifest_records_round_trip_numbers_exactly(tmp_path):
             writer.add(i, {}, {"score": float(v)})
     lines = (tmp_path / "e" / "manifest.jsonl").read_text().splitlines()
     assert [json.loads(line)["score"] for line in lines] == values.tolist()
+
+
+def test_ctrl_c_keeps_what_was_made_and_the_rerun_resumes(digits_config, tmp_path, capsys,
+                                                          monkeypatch):
+    from genunc.jobs.image import ImageJob
+
+    real = ImageJob.records
+    calls = {"n": 0}
+
+    def interrupted_on_the_second_chunk(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageJob, "records", interrupted_on_the_second_chunk)
+    assert main(["generate", "-c", str(digits_config)]) == 130
+    assert "interrupted: 2 samples kept" in _err(capsys)
+    monkeypatch.setattr(ImageJob, "records", real)
+    assert main(["generate", "-c", str(digits_config)]) == 0
+    assert [r["sample_id"] for r in Export(tmp_path / "export").records] == \
+        [f"{i:06d}" for i in range(6)]

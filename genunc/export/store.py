@@ -361,7 +361,10 @@ class Export:
         self.directory = Path(directory)
         if not (self.directory / RUN).exists():
             raise MissingFileError(f"{self.directory} is not a genunc export (no {RUN})")
-        self.metadata: dict[str, Any] = json.loads((self.directory / RUN).read_text())
+        try:
+            self.metadata: dict[str, Any] = json.loads((self.directory / RUN).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise GenuncError(f"{self.directory / RUN} is damaged (not JSON)") from None
         self.records = _read_manifest(self.directory / MANIFEST)
 
     @property
