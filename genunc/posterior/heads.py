@@ -18,7 +18,7 @@ laplace-torch sees as independent data points:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +74,49 @@ class HeadOps(ABC):
         trajectories).  Returns ``(M, B, ...)``.
         """
 
-    def output_variance(self, features: Tensor, variances: ParamDict) -> Tensor:
-        """Exact output variance under a *diagonal* weight posterior (linear heads only)."""
-        raise GenuncError(
-            f"closed-form output variance needs a head linear in its weights; "
-            f"{type(self.module).__name__} is handled by sampling instead"
-        )
+    def output_variance(self, features: Tensor, variances: ParamDict,
+                        post: Callable[[Tensor], Tensor] | None = None,
+                        chunk: int = 64) -> Tensor:
+        """Exact output variance under a *diagonal* weight posterior, for heads linear in their
+        weights: ``Var[post(f)] = sum_p v_p post(f(phi; e_p))^2`` for a linear map `post`
+        (what the model computes after the head, e.g. removing the centre of mass).
+
+        The head is evaluated at every unit parameter vector ``e_p``, `chunk` at a time, as one
+        batch of draws: P head evaluations, no Monte-Carlo noise.  Linearity is checked first.
+        """
+        self._check_linear(features)
+        post = post or (lambda x: x)
+        total: Tensor | None = None
+        for name in self.param_names:
+            var = variances[name].reshape(-1).to(features)
+            for start in range(0, var.numel(), chunk):
+                rows = torch.arange(start, min(start + chunk, var.numel()))
+                basis = self._basis(name, rows, features)
+                g = post(self.apply(features, basis))  # (m, B, ...)
+                part = (g.square() * var[rows].reshape(-1, *([1] * (g.dim() - 1)))).sum(0)
+                total = part if total is None else total + part
+        return total
+
+    def _basis(self, name: str, rows: Tensor, like: Tensor) -> dict[str, Tensor]:
+        """Parameter sets that are zero except entry ``rows[i]`` of parameter `name` in set i."""
+        m = len(rows)
+        params = {k: like.new_zeros(m, *self.param_shapes[k]) for k in self.param_names}
+        params[name].reshape(m, -1)[torch.arange(m), rows] = 1.0
+        return params
+
+    def _check_linear(self, features: Tensor) -> None:
+        g = torch.Generator().manual_seed(0)
+        a, b = ({k: torch.randn(1, *s, generator=g).to(features) for k, s in self.param_shapes.items()}
+                for _ in range(2))
+        both = {k: a[k] + b[k] for k in a}
+        sample = features[:2]
+        fa, fb, fab = (self.apply(sample, p) for p in (a, b, both))
+        if not torch.allclose(fab, fa + fb, rtol=1e-4, atol=1e-5 * float(fab.abs().max()) + 1e-6):
+            raise GenuncError(
+                f"closed-form output variance needs a head linear in its weights; "
+                f"{type(self.module).__name__} is not: estimate the variance from draws "
+                "(sample() + apply()) instead"
+            )
 
     # ---------------------------------------------------------------- helpers
     def n_draws(self, params: ParamDict) -> int:
@@ -162,7 +199,10 @@ class LinearOps(HeadOps):
             out = out + params["bias"].to(features).unsqueeze(1)
         return out.reshape(n, *lead, weight.shape[1])
 
-    def output_variance(self, features: Tensor, variances: ParamDict) -> Tensor:
+    def output_variance(self, features: Tensor, variances: ParamDict,
+                        post: Callable[[Tensor], Tensor] | None = None, chunk: int = 64) -> Tensor:
+        if post is not None:  # a map that mixes outputs: the general route
+            return super().output_variance(features, variances, post, chunk)
         self._check(features)
         out = torch.matmul(features.square(), variances["weight"].to(features).T)
         if "bias" in variances:
@@ -231,7 +271,10 @@ class Conv2dOps(HeadOps):
         out = out.reshape(b, g, n, co // g, *out.shape[-2:]).permute(2, 0, 1, 3, 4, 5)
         return out.reshape(n, b, co, *out.shape[-2:])
 
-    def output_variance(self, features: Tensor, variances: ParamDict) -> Tensor:
+    def output_variance(self, features: Tensor, variances: ParamDict,
+                        post: Callable[[Tensor], Tensor] | None = None, chunk: int = 64) -> Tensor:
+        if post is not None:
+            return super().output_variance(features, variances, post, chunk)
         conv = self.module
         self._check(features)
         x, padding = self._pad(features.square())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -254,8 +254,11 @@ class HeadPosterior:
             flat = torch.cat([self.mean.unsqueeze(0).to(flat), flat])
         return HeadDraws.from_flat(flat, self.ops, includes_map=include_map)
 
-    def output_variance(self, features: Tensor) -> Tensor:
-        """Exact predictive variance of the head output (diag posterior, linear heads): no MC noise."""
+    def output_variance(self, features: Tensor,
+                        post: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Exact predictive variance of the head output (diag posterior, heads linear in their
+        weights, any head type): no Monte-Carlo noise.  `post`: a linear map applied after the
+        head (it may mix outputs, e.g. centre-of-mass removal), given ``(M, B, ...)`` outputs."""
         if self.structure != "diag":
             raise GenuncError(
                 f"closed-form output variance needs the diagonal posterior; this one is "
@@ -263,7 +266,8 @@ class HeadPosterior:
             )
         check_finite(features, "features")
         variances = HeadDraws.from_flat(self.posterior_variance.unsqueeze(0), self.ops)
-        return self.ops.output_variance(features, {k: v[0] for k, v in variances.params.items()})
+        return self.ops.output_variance(features, {k: v[0] for k, v in variances.params.items()},
+                                        post)
 
     def digest(self) -> str:
         """SHA-256 of everything the draws depend on (mean, curvature, prior, noise scale): two
