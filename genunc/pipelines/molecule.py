@@ -11,8 +11,8 @@ Scores (lower = more certain):
   per step on top of plain generation.
 * ``semantic``: Jazbec et al.'s entropy over invariant molecule descriptors
   (:mod:`genunc.features.molecule`) of the MAP and M perturbed generations from the same noise;
-  costs M+1 generations.  Use ``sampler="ddim"`` for it, so that the generations differ only by
-  their heads.
+  costs M+1 generations.  With either sampler the generations differ only by their heads (the
+  trajectories share the ancestral sampler's noise).
 * ``denoising_loss``: the model-likelihood baseline.  The diffusion training loss of the decoded
   molecule, averaged over ``nll_levels`` evenly spaced noise levels with fixed noise: a
   Monte-Carlo estimate of the (unweighted) variational bound on -log p, up to constants.

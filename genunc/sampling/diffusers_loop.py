@@ -15,9 +15,11 @@ serves both uncertainty signals:
   across draws is averaged over pixels and steps.  This costs one head op per step on top of
   plain generation.
 
-Deterministic samplers (DDIM with eta = 0, the default) make the M+1 generations differ only by
-their heads.  Stochastic schedulers draw their step noise per row, so the generations then also
-differ by sampler noise: use them knowingly.
+The M+1 generations differ only by their heads, for every scheduler: once the batch forks, each
+trajectory steps with a scheduler copy of its own, and every copy draws the same step noise
+(the generator is rewound to the same state before each), so a posterior collapsed to its mean
+gives M+1 identical generations, DDPM included, and the MAP trajectory is the same whether or
+not perturbed ones run beside it.  Stochastic schedulers need a ``generator`` for this.
 """
 
 from __future__ import annotations
@@ -59,16 +61,32 @@ def repeat_batch(value: Any, reps: int) -> Any:
     return value
 
 
-def _expand_scheduler_state(scheduler: Any, batch: int, reps: int) -> None:
-    """Multistep solvers keep past outputs; when the batch forks, those must fork with it."""
-    for name, value in vars(scheduler).items():
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            setattr(scheduler, name, repeat_batch(value, reps))
-        elif isinstance(value, list) and any(isinstance(v, Tensor) for v in value):
-            setattr(scheduler, name, [
-                repeat_batch(v, reps) if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch
-                else v for v in value
-            ])
+class _GroupStepper:
+    """Steps G trajectories that share one batch, each with its own scheduler state and the same
+    sampler noise (the generator is rewound before each group's step)."""
+
+    def __init__(self, scheduler: Any, generator: torch.Generator | None) -> None:
+        self.schedulers = [scheduler]
+        self.generator = generator
+        # stochastic schedulers take a generator; deterministic ones (PNDM, ...) may not accept one
+        self.kwargs = {"generator": generator} \
+            if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+    def fork(self, groups: int) -> None:
+        """From now on G trajectories: the MAP's scheduler state is copied to every group."""
+        self.schedulers += [copy.deepcopy(self.schedulers[0]) for _ in range(groups - 1)]
+
+    def step(self, out: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        groups = len(self.schedulers)
+        if groups == 1:
+            return self.schedulers[0].step(out, t, x, **self.kwargs).prev_sample
+        state = self.generator.get_state() if self.generator is not None else None
+        steps = []
+        for scheduler, out_g, x_g in zip(self.schedulers, out.chunk(groups), x.chunk(groups)):
+            if state is not None:
+                self.generator.set_state(state)
+            steps.append(scheduler.step(out_g, t, x_g, **self.kwargs).prev_sample)
+        return torch.cat(steps)
 
 
 @torch.no_grad()
@@ -113,9 +131,7 @@ def run_trajectory(
     if not 0 <= branch_at <= n_steps:
         raise GenuncError(f"branch_at must lie in [0, {n_steps}], got {branch_at}")
     vsteps = set(range(n_steps) if variability_steps is None else variability_steps)
-    # stochastic schedulers take a generator; deterministic ones (PNDM, ...) may not accept one
-    step_kwargs = {"generator": generator} \
-        if "generator" in inspect.signature(scheduler.step).parameters else {}
+    stepper = _GroupStepper(scheduler, generator)
 
     batch = x_T.shape[0]
     head = adapter.head
@@ -138,6 +154,7 @@ def run_trajectory(
         groups = len(fork_heads)
         x = repeat_batch(x, groups)
         current_cond = repeat_batch(cond, groups)
+        stepper.fork(groups)
     variability: dict[str, list[Tensor]] = {}
     rows = 0
     handle = head.register_forward_hook(hook)
@@ -147,7 +164,7 @@ def run_trajectory(
                 groups = len(fork_heads)
                 x = repeat_batch(x, groups)
                 current_cond = repeat_batch(cond, groups)
-                _expand_scheduler_state(scheduler, batch, groups)
+                stepper.fork(groups)
             model_in = scheduler.scale_model_input(x, t)
             t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
             out = adapter.denoise(x=model_in, t=t_batch, **current_cond)
@@ -157,7 +174,7 @@ def run_trajectory(
                 eps = adapter.post_head(variability_draws.apply(state["phi"]), inputs)
                 for name, value in adapter.variability(eps, inputs).items():
                     variability.setdefault(name, []).append(value)
-            x = adapter.project(scheduler.step(out, t, x, **step_kwargs).prev_sample, current_cond)
+            x = adapter.project(stepper.step(out, t, x), current_cond)
     finally:
         handle.remove()
 

@@ -138,3 +138,20 @@ def test_layout_comes_from_the_head_irreps(adapter):
         PointCloudLayout.from_irreps("6x0e + 1x1o")
     with pytest.raises(GenuncError, match="atom types"):
         PointCloudLayout.from_irreps("1x1o + 4x0e")
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_a_collapsed_posterior_gives_identical_molecules(adapter, kind):
+    from genunc.posterior import HeadDraws
+    from genunc.sampling import run_trajectory
+
+    data = batch()
+    post = HeadPosterior.fit(adapter, [data], progress=False)
+    mask = data["node_mask"]
+    x_T = adapter.sample_noise(data["x"].shape, mask, torch.Generator().manual_seed(0))
+    at_mean = HeadDraws.from_flat(post.mean.repeat(3, 1), post.ops, includes_map=True)
+    out = run_trajectory(adapter, adapter.make_scheduler(kind), x_T, {"node_mask": mask},
+                         num_inference_steps=4, trajectory_draws=at_mean,
+                         generator=torch.Generator().manual_seed(0))
+    for draw in out.draw_samples:
+        torch.testing.assert_close(draw, out.samples, rtol=0, atol=1e-5)

@@ -1,0 +1,54 @@
+"""The shared generation loop: the M+1 trajectories differ only by their heads, for every
+scheduler, and the MAP trajectory does not depend on what runs beside it."""
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+)
+
+from genunc.adapters.image import DiffusersImageAdapter
+from genunc.posterior import HeadDraws, HeadPosterior
+from genunc.sampling import run_trajectory
+
+SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
+              "euler_ancestral": EulerAncestralDiscreteScheduler}
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_unet):
+    adapter = DiffusersImageAdapter(tiny_unet(), DDPMScheduler(num_train_timesteps=100))
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(16, 1, 8, 8, generator=g).clamp(-1, 1), torch.randint(0, 3, (16,), generator=g))
+    posterior = HeadPosterior.fit(adapter, [{"x": data[0], "class_labels": data[1]}], progress=False)
+    return adapter, posterior
+
+
+def _run(adapter, kind, draws=None, branch_at=0, seed=0):
+    scheduler = SCHEDULERS[kind].from_config(adapter.scheduler.config)
+    x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    return run_trajectory(adapter, scheduler, x_T, {"class_labels": torch.tensor([0, 1, 2])},
+                          num_inference_steps=5, trajectory_draws=draws, branch_at=branch_at,
+                          generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", SCHEDULERS)
+@pytest.mark.parametrize("branch_at", [0, 2])
+def test_a_collapsed_posterior_gives_identical_generations(fitted, kind, branch_at):
+    adapter, posterior = fitted
+    at_mean = HeadDraws.from_flat(posterior.mean.repeat(4, 1), posterior.ops, includes_map=True)
+    out = _run(adapter, kind, at_mean, branch_at)
+    for draw in out.draw_samples:
+        torch.testing.assert_close(draw, out.samples, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", SCHEDULERS)
+def test_the_map_trajectory_does_not_depend_on_the_draws_beside_it(fitted, kind):
+    adapter, posterior = fitted
+    alone = _run(adapter, kind)
+    beside = _run(adapter, kind, posterior.sample(3, seed=0, include_map=True))
+    torch.testing.assert_close(beside.samples, alone.samples, rtol=0, atol=1e-6)
+    assert not torch.allclose(beside.draw_samples[0], alone.samples)  # the draws do move
