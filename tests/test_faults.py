@@ -54,6 +54,7 @@ def test_a_mistake_leaves_no_folder_and_the_corrected_run_works(digits_config, t
         return
     assert code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "export").exists()
+    assert not (tmp_path / "posterior").exists()  # checked before the posterior was fitted
     assert main(["generate", "-c", str(digits_config)]) == 0
     assert len(Export(tmp_path / "export")) == 6
 

@@ -99,9 +99,10 @@ class Job(ABC):
             raise ConfigError(f"{self.modality} quality is one of {list(self.qualities)}, got "
                               f"{config['quality']!r}")
         pipe = self.load_pipeline(self.model_dir(config), config)
-        if posterior != "none" and pipe.load_or_fit_posterior(posterior_dir(config)) is None \
-                and posterior == "load_or_fit":
-            self.fit_posterior(pipe, config, progress=progress)
+        if posterior != "none":
+            saved = pipe.load_or_fit_posterior(posterior_dir(config))
+            if saved is None and posterior == "load_or_fit":
+                self.fit_posterior(pipe, config, progress=progress)
         return pipe
 
     def fit_posterior(self, pipe: UncertaintyPipeline, config: dict[str, Any],
@@ -117,14 +118,17 @@ class Job(ABC):
 
         Chunk c holds samples ``c*chunk_size ...`` (ids zero-padded) and is generated with seed
         ``seed + c``; chunks whose samples are all committed are skipped, so an interrupted run
-        regenerates exactly what is missing.  An export written with another config is refused.
+        regenerates exactly what is missing.  Resuming an export made by another run (config,
+        model weights or posterior) is refused.
         """
-        pipe = self.build_pipeline(config, progress=progress)
+        pipe = self.build_pipeline(config, posterior="load", progress=progress)
         g = config["generate"]
         n, size = g["n_samples"], g["chunk_size"]
-        # every argument checked before the export folder exists: a mistake leaves nothing
+        # every argument checked before anything is written (posterior fit, export folder)
         first = [f"{i:06d}" for i in range(min(size, n))]
         pipe(**self.call_args(pipe, config, 0, first), check_only=True)
+        if pipe.posterior is None:
+            self.fit_posterior(pipe, config, progress=progress)
         posterior = pipe.posterior
         metadata = {
             "modality": config["modality"],

@@ -193,10 +193,11 @@ class UncertaintyPipeline:
 
     # ------------------------------------------------------------------ calls
     def _request(self, scores: tuple[str, ...] | list[str], num_draws: int, seed: int,
-                 **counts: int) -> Request:
+                 check_only: bool = False, **counts: int) -> Request:
         """Check a call's arguments and draw the head draws its scores need.
 
         ``counts`` are further positive integers to check by name (``num_inference_steps=50``).
+        ``check_only``: the arguments alone (a posterior may still be fitted before the call).
         """
         if isinstance(scores, str):
             raise GenuncError(f"scores must be a list of names, got the string {scores!r}")
@@ -214,6 +215,8 @@ class UncertaintyPipeline:
         if num_draws < needed:
             which = sorted(s for s in scores if self.SCORES[s] > num_draws)
             raise GenuncError(f"{which} need num_draws >= {needed}, got {num_draws}")
+        if check_only:
+            return Request(scores, num_draws, seed, None)
         if self.posterior is None:
             raise GenuncError(f"no posterior, and {sorted(s for s in scores if self.SCORES[s])} "
                               "need one: call fit_posterior(...) or load one first")

@@ -126,7 +126,7 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
             seed: fixes the initial noise, the draws and any sampler noise.
             check_only: check the arguments and return None, generating nothing.
         """
-        request = self._request(scores, num_draws, seed, num_samples=num_samples,
+        request = self._request(scores, num_draws, seed, check_only, num_samples=num_samples,
                                 num_inference_steps=num_inference_steps, chunk_size=chunk_size,
                                 draw_steps=draw_steps)
         if request.wants("semantic") and self.feature_extractor is None:

@@ -123,7 +123,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
             nll_levels: noise levels averaged by the ``denoising_loss`` baseline.
             check_only: check the arguments and return None, generating nothing.
         """
-        request = self._request(scores, num_draws, seed, num_samples=num_samples,
+        request = self._request(scores, num_draws, seed, check_only, num_samples=num_samples,
                                 num_inference_steps=num_inference_steps, chunk_size=chunk_size,
                                 nll_levels=nll_levels)
         if n_atoms is not None and len(n_atoms) != num_samples:

@@ -125,7 +125,7 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
                 (default: every generated position).
             check_only: check the arguments and return None, generating nothing.
         """
-        request = self._request(scores, num_draws, seed, chunk_size=chunk_size,
+        request = self._request(scores, num_draws, seed, check_only, chunk_size=chunk_size,
                                 num_inference_steps=num_inference_steps)
         if prompts.dim() != 2:
             raise ShapeMismatchError(f"prompts must be (B, L) token ids, got {tuple(prompts.shape)}")
