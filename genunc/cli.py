@@ -226,6 +226,13 @@ def _score_columns(export) -> list[str]:
     return columns
 
 
+def failure_rule(parser: argparse.ArgumentParser) -> None:
+    """--fail-below / --fail-above: what fails in a continuous quality column (genunc.labels)."""
+    for side, word in (("below", "below"), ("above", "above")):
+        parser.add_argument(f"--fail-{side}", type=float,
+                            help=f"a sample fails where the quality column is {word} this")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genunc",
@@ -293,8 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--calibration", help="export with quality labels for risk control")
     flt.add_argument("--label", help="quality column of the calibration export: a boolean column "
                      "fails where false; a continuous one needs --fail-below or --fail-above")
-    flt.add_argument("--fail-below", type=float, help="with --label: a sample fails below this")
-    flt.add_argument("--fail-above", type=float, help="with --label: a sample fails above this")
+    failure_rule(flt)
     flt.add_argument("--symlink", action="store_true", help="symlink sample files instead of copying")
     flt.set_defaults(func=_filter)
 
@@ -308,8 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quality", required=True, help="quality column (higher is better)")
     ev.add_argument("--scores", help="comma-separated score columns (default: all present)")
     ev.add_argument("--plot", help="write a retention plot here")
-    ev.add_argument("--fail-below", type=float, help="a sample fails where quality is below this")
-    ev.add_argument("--fail-above", type=float, help="a sample fails where quality is above this")
+    failure_rule(ev)
     ev.set_defaults(func=_evaluate)
 
     rep = sub.add_parser(

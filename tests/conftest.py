@@ -60,6 +60,30 @@ def tiny_ddpm_folder(tmp_path_factory):
     return write
 
 
+@pytest.fixture
+def tiny_image_config(tmp_path, tiny_ddpm_folder):
+    """A config file for a tiny image model, its fit data and an export, all in tmp_path:
+    ``tiny_image_config(**generate_overrides)`` returns its path."""
+    import yaml
+
+    def write(posterior_dir: str | None = None, **generate) -> Path:
+        model = tiny_ddpm_folder(tmp_path / "model")
+        g = torch.Generator().manual_seed(0)
+        torch.save({"x": torch.randn(24, 1, 8, 8, generator=g).clamp(-1, 1),
+                    "class_labels": torch.randint(0, 3, (24,), generator=g)}, tmp_path / "data.pt")
+        config = {"model": str(model), "features": "pixels", "quality": None,
+                  "posterior": {"data": str(tmp_path / "data.pt"), "repeats": 1,
+                                "dir": posterior_dir},
+                  "generate": {"n_samples": 6, "num_draws": 2, "steps": 3, "chunk_size": 4,
+                               "scores": ["semantic", "variability", "random"],
+                               "out": str(tmp_path / "export"), **generate}}
+        path = tmp_path / "tiny.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return write
+
+
 # ----------------------------------------------------------------------------------- molecules
 @pytest.fixture(scope="session")
 def qm9_slice():

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from genunc.cli import main
 from genunc.errors import GenuncError
@@ -18,21 +17,9 @@ from genunc.export import Export, ExportWriter
 
 
 @pytest.fixture
-def digits_config(tmp_path, tiny_ddpm_folder):
-    """A tiny image config writing to tmp_path/export; returns (path, base args)."""
-    model = tiny_ddpm_folder(tmp_path / "model")
-    g = torch.Generator().manual_seed(0)
-    torch.save({"x": torch.randn(24, 1, 8, 8, generator=g).clamp(-1, 1),
-                "class_labels": torch.randint(0, 3, (24,), generator=g)}, tmp_path / "data.pt")
-    config = {"model": str(model), "features": "pixels", "quality": None,
-              "posterior": {"data": str(tmp_path / "data.pt"), "repeats": 1,
-                            "dir": str(tmp_path / "posterior")},
-              "generate": {"n_samples": 6, "num_draws": 2, "steps": 2, "chunk_size": 2,
-                           "scores": ["semantic", "variability", "random"],
-                           "out": str(tmp_path / "export")}}
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def digits_config(tiny_image_config, tmp_path):
+    """A tiny image config writing its posterior and export into tmp_path, two samples a chunk."""
+    return tiny_image_config(posterior_dir=str(tmp_path / "posterior"), steps=2, chunk_size=2)
 
 
 def _err(capsys) -> str:

@@ -2,7 +2,6 @@
 
 
 import pytest
-import torch
 import yaml
 
 from genunc.cli import main
@@ -13,20 +12,8 @@ from genunc.jobs import job_for, modalities
 
 
 @pytest.fixture
-def config_file(tmp_path, tiny_ddpm_folder):
-    model = tiny_ddpm_folder(tmp_path / "model")
-    g = torch.Generator().manual_seed(0)
-    torch.save({"x": torch.randn(24, 1, 8, 8, generator=g).clamp(-1, 1),
-                "class_labels": torch.randint(0, 3, (24,), generator=g)}, tmp_path / "data.pt")
-    config = {
-        "model": str(model), "features": "pixels", "quality": None,
-        "posterior": {"data": str(tmp_path / "data.pt"), "repeats": 1},
-        "generate": {"n_samples": 6, "num_draws": 2, "steps": 3, "chunk_size": 4,
-                     "scores": ["semantic", "variability", "random"], "out": str(tmp_path / "export")},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def config_file(tiny_image_config):
+    return tiny_image_config()
 
 
 def test_fit_generate_filter_evaluate(config_file, tmp_path, capsys):
