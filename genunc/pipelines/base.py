@@ -224,6 +224,17 @@ class UncertaintyPipeline:
                        self.posterior.sample(num_draws, seed=seed, include_map=True))
 
     @staticmethod
+    def check_steps(num_inference_steps: int, branch_at: int = 0,
+                    variability_steps: list[int] | None = None) -> None:
+        """Step indices must lie inside the trajectory (checked before anything runs)."""
+        if not 0 <= branch_at <= num_inference_steps:
+            raise GenuncError(f"branch_at must lie in [0, {num_inference_steps}], got {branch_at}")
+        bad = [i for i in variability_steps or () if not 0 <= i < num_inference_steps]
+        if bad:
+            raise GenuncError(f"variability_steps {bad} lie outside the {num_inference_steps} "
+                              f"steps (indices 0 to {num_inference_steps - 1})")
+
+    @staticmethod
     def semantic_entropy(features: Tensor | np.ndarray) -> np.ndarray:
         """Jazbec et al.'s score from ``(M+1, B, D)`` features of the MAP and M generations."""
         return gaussian_entropy(features)

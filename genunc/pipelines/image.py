@@ -133,6 +133,7 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
             raise GenuncError("the semantic score needs a feature_extractor")
         if draw_steps is not None and branch_at:
             raise GenuncError("draw_steps runs the draws from x_T; it cannot be combined with branch_at")
+        self.check_steps(num_inference_steps, branch_at, variability_steps)
         labels = self._labels(num_samples, class_labels)
         if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != num_samples:
             raise ShapeMismatchError(

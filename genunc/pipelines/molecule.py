@@ -129,6 +129,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
         if n_atoms is not None and len(n_atoms) != num_samples:
             raise GenuncError(f"n_atoms has {len(n_atoms)} entries for {num_samples} molecules")
         scheduler = self.adapter.make_scheduler(sampler)
+        self.check_steps(num_inference_steps, variability_steps=variability_steps)
         if check_only:
             return None
         rng = np.random.default_rng(seed)

@@ -125,6 +125,10 @@ def test_bad_requests_fail_clearly(pipe, saved, tiny_unet):
         pipe(2, num_inference_steps=0, progress=False)
     with pytest.raises(GenuncError, match="list of names"):
         pipe(2, scores="semantic", progress=False)
+    with pytest.raises(GenuncError, match="branch_at must lie in \\[0, 2\\], got 3"):
+        pipe(2, num_inference_steps=2, branch_at=3, progress=False)
+    with pytest.raises(GenuncError, match="variability_steps \\[5\\] lie outside the 2 steps"):
+        pipe(2, num_inference_steps=2, variability_steps=[0, 5], progress=False)
     with pytest.raises(GenuncError, match="unknown scores"):
         pipe(2, scores=("vibes",), progress=False)
     with pytest.raises(GenuncError, match="class labels must lie"):
