@@ -86,8 +86,10 @@ def _fit(args: argparse.Namespace) -> int:
     config = _config(args)
     job = job_for(config["modality"])
     posterior = job.fit_posterior(job.build_pipeline(config, posterior="none"), config)
-    for key, value in posterior.summary().items():
-        print(f"{key:>22}: {value}")
+    summary = posterior.summary()
+    width = max(map(len, summary))
+    for key, value in summary.items():
+        print(f"{key:>{width}}: {value}")
     print(f"saved to {posterior_dir(config)}")
     return 0
 

@@ -118,6 +118,11 @@ class HeadOps(ABC):
                 "(sample() + apply()) instead"
             )
 
+    def output_rows(self) -> Tensor | None:
+        """For each flat parameter (laplace-torch's order), the output unit it feeds; None
+        where parameters do not belong to single outputs."""
+        return None
+
     # ---------------------------------------------------------------- helpers
     def n_draws(self, params: ParamDict) -> int:
         missing = [n for n in self.param_names if n not in params]
@@ -198,6 +203,13 @@ class LinearOps(HeadOps):
         if "bias" in params:
             out = out + params["bias"].to(features).unsqueeze(1)
         return out.reshape(n, *lead, weight.shape[1])
+
+    def output_rows(self) -> Tensor:
+        rows = []
+        for name in self.param_names:  # weight (O, F): row-major; bias (O,)
+            shape = self.param_shapes[name]
+            rows.append(torch.arange(shape[0]).repeat_interleave(int(torch.Size(shape[1:]).numel())))
+        return torch.cat(rows)
 
     def output_variance(self, features: Tensor, variances: ParamDict,
                         post: Callable[[Tensor], Tensor] | None = None, chunk: int = 64) -> Tensor:

@@ -189,6 +189,11 @@ class HeadPosterior:
             "sigma_noise_method": sigma_noise if isinstance(sigma_noise, str) else "fixed",
             "backend": type(la.backend).__name__,
         }
+        if likelihood == "classification":  # classes no target names: their rows keep the prior
+            with torch.no_grad():
+                n_classes = model(features[:1]).shape[-1]
+            counts = torch.bincount(targets.reshape(-1).cpu(), minlength=n_classes)
+            info["classes_without_data"] = torch.nonzero(counts == 0).flatten().tolist()
         posterior = cls(la, ops, head_name, structure, likelihood, fingerprint, info)
         posterior.info["log_marglik"] = posterior.log_marginal_likelihood()
         return posterior
@@ -281,9 +286,19 @@ class HeadPosterior:
         return h.hexdigest()
 
     def summary(self) -> dict[str, Any]:
-        """Numbers worth printing after a fit, including how large a typical draw's step is."""
-        mean = self.mean
-        rel = float(self.posterior_variance.sum().sqrt() / mean.norm().clamp_min(1e-12))
+        """Numbers worth printing after a fit, including how large a typical draw's step is:
+        ``E||theta - theta_MAP|| / ||theta_MAP||`` over the weights that saw data (output rows of
+        classes no target named stay at the prior and would dominate it), and over all."""
+        mean, var = self.mean, self.posterior_variance
+        unseen = self.info.get("classes_without_data") or []
+        rows = self.ops.output_rows()
+        seen = torch.ones_like(mean, dtype=torch.bool)
+        if unseen and rows is not None:
+            seen = ~torch.isin(rows.to(mean.device), torch.as_tensor(unseen, device=mean.device))
+
+        def relative(keep: Tensor) -> float:
+            return float(var[keep].sum().sqrt() / mean[keep].norm().clamp_min(1e-12))
+
         return {
             "head": self.head_name,
             "structure": self.structure,
@@ -293,7 +308,9 @@ class HeadPosterior:
             "prior_precision": self.prior_precision,
             "sigma_noise": self.sigma_noise if self.likelihood == "regression" else None,
             "log_marglik": self.info.get("log_marglik"),
-            "relative_perturbation": rel,  # E||theta - theta_MAP|| / ||theta_MAP||
+            "relative_perturbation": relative(seen),
+            "relative_perturbation_all_weights": relative(torch.ones_like(seen)),
+            "classes_without_data": len(unseen) if self.likelihood == "classification" else None,
         }
 
     # ------------------------------------------------------------------ persistence

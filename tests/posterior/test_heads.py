@@ -147,3 +147,21 @@ def test_closed_form_variance_refuses_a_head_that_is_not_linear_in_its_weights()
     post = HeadPosterior.fit_features(head, (x, y + 0.1 * torch.randn_like(y)), prior_precision=1.0)
     with pytest.raises(GenuncError, match="not: estimate the variance from draws"):
         post.output_variance(x)
+
+
+def test_reported_perturbation_leaves_out_classes_no_target_named():
+    """Rows of classes without data stay at the prior (wide); they must not inflate the
+    reported size of a draw's step."""
+    head = nn.Linear(4, 6)
+    x, y = torch.randn(300, 4), torch.randint(0, 4, (300,))  # classes 4 and 5 never occur
+    post = HeadPosterior.fit_features(head, (x, y), likelihood="classification")
+    summary = post.summary()
+    assert summary["classes_without_data"] == 2
+    rows = post.ops.output_rows()
+    seen = rows < 4
+    var, mean = post.posterior_variance, post.mean
+    expected = float(var[seen].sum().sqrt() / mean[seen].norm())
+    assert summary["relative_perturbation"] == pytest.approx(expected)
+    assert summary["relative_perturbation_all_weights"] == pytest.approx(
+        float(var.sum().sqrt() / mean.norm()))
+    assert (var[~seen].mean() > var[seen].mean())  # the unseen rows are the wide ones
