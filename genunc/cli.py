@@ -142,6 +142,14 @@ def _filter(args: argparse.Namespace) -> int:
         if Path(args.calibration).resolve() == Path(args.export).resolve():
             raise GenuncError("calibrate on held-out samples, not on the export you filter")
         cal = Export(args.calibration)
+        from genunc.jobs.base import shared_sample_seeds
+
+        shared = shared_sample_seeds(cal.metadata, Export(args.export).metadata)
+        if shared:
+            raise GenuncError(
+                f"{args.calibration} and {args.export} share samples (chunk seeds "
+                f"{sorted(shared)[:5]}{' ...' if len(shared) > 5 else ''}): calibrate on samples "
+                f"the filtered export does not hold, e.g. generate.seed={max(shared) + 1000}")
         failed = labels.failures(cal.column(args.label).tolist(), args.label,
                                  fail_below=args.fail_below, fail_above=args.fail_above)
         control = calibrate_threshold(cal.column(args.score).astype(float), failed,

@@ -308,3 +308,21 @@ def test_ctrl_c_keeps_what_was_made_and_the_rerun_resumes(digits_config, tmp_pat
     assert main(["generate", "-c", str(digits_config)]) == 0
     assert [r["sample_id"] for r in Export(tmp_path / "export").records] == \
         [f"{i:06d}" for i in range(6)]
+
+
+def test_risk_control_refuses_a_calibration_export_that_shares_samples(digits_config, tmp_path,
+                                                                       capsys):
+    """Chunk c of a run with seed s uses seed s + c: a calibration export made with seed 1
+    holds chunks 1.. of the seed-0 export, the very samples it would then certify."""
+    base = ["generate", "-c", str(digits_config), "--set", "generate.n_samples=4"]
+    assert main(base) == 0
+    for seed, out in ((1, "calib_overlap"), (100, "calib_apart")):
+        assert main(base + ["--set", f"generate.seed={seed}",
+                            "--set", f"generate.out={tmp_path / out}"]) == 0
+    risk = ["--risk-alpha", "0.5", "--label", "random", "--fail-below", "0.5", "--score",
+            "semantic"]
+    assert main(["filter", str(tmp_path / "export"), "--out", str(tmp_path / "kept"), *risk,
+                 "--calibration", str(tmp_path / "calib_overlap")]) == 2
+    assert "share samples (chunk seeds [1])" in _err(capsys)
+    assert main(["filter", str(tmp_path / "export"), "--out", str(tmp_path / "kept"), *risk,
+                 "--calibration", str(tmp_path / "calib_apart")]) == 0

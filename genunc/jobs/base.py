@@ -151,6 +151,28 @@ class Job(ABC):
         return Export(g["out"])
 
 
+#: identity entries that may differ between exports whose samples could still coincide
+_SAMPLE_FREE = ("generate.seed", "generate.out", "generate.n_samples", "generate.chunk_size")
+
+
+def shared_sample_seeds(first: dict[str, Any], second: dict[str, Any]) -> set[int]:
+    """Chunk seeds two exports (their ``run.json`` metadata) share while everything else that
+    decides a sample is equal: chunk c of a run with seed s draws with seed ``s + c``, so such
+    exports hold the same samples.  Empty where they cannot coincide (or nothing is known)."""
+    a, b = first.get("identity"), second.get("identity")
+    if not a or not b:
+        return set()
+    rest = set(a) | set(b)
+    if any(a.get(k) != b.get(k) for k in rest if k not in _SAMPLE_FREE):
+        return set()
+
+    def seeds(identity: dict[str, Any]) -> set[int]:
+        chunks = -(-identity["generate.n_samples"] // identity["generate.chunk_size"])
+        return set(range(identity["generate.seed"], identity["generate.seed"] + chunks))
+
+    return seeds(a) & seeds(b)
+
+
 def posterior_dir(config: dict[str, Any]) -> Path:
     """Where a config's posterior lives: ``posterior.dir``, else beside a model folder
     (``<model>/genunc_posterior``, which ``from_pretrained`` loads), else
