@@ -61,18 +61,18 @@ class Job(ABC):
                 "sigma_noise": p["sigma_noise"]}
 
     @abstractmethod
-    def call_args(self, pipe: UncertaintyPipeline, config: dict[str, Any], chunk: int,
+    def call_args(self, pipe: UncertaintyPipeline, config: dict[str, Any], seed: int,
                   ids: list[str]) -> dict[str, Any]:
-        """The pipeline call that generates the samples `ids` (chunk number `chunk`)."""
+        """The pipeline call that generates the samples `ids` with their chunk's `seed`."""
 
     @abstractmethod
     def records(self, pipe: UncertaintyPipeline, config: dict[str, Any], out: Any,
                 ids: list[str]) -> Iterable[ChunkRecord]:
         """The export records of one chunk's pipeline output `out`."""
 
-    def generate_chunk(self, pipe: UncertaintyPipeline, config: dict[str, Any], chunk: int,
+    def generate_chunk(self, pipe: UncertaintyPipeline, config: dict[str, Any], seed: int,
                        ids: list[str]) -> Iterable[ChunkRecord]:
-        return self.records(pipe, config, pipe(**self.call_args(pipe, config, chunk, ids)), ids)
+        return self.records(pipe, config, pipe(**self.call_args(pipe, config, seed, ids)), ids)
 
     # ------------------------------------------------------------------ shared steps
     def model_dir(self, config: dict[str, Any]) -> Path:
@@ -126,7 +126,7 @@ class Job(ABC):
         n, size = g["n_samples"], g["chunk_size"]
         # every argument checked before anything is written (posterior fit, export folder)
         first = [f"{i:06d}" for i in range(min(size, n))]
-        pipe(**self.call_args(pipe, config, 0, first), check_only=True)
+        pipe(**self.call_args(pipe, config, chunk_seed(g["seed"], 0), first), check_only=True)
         if pipe.posterior is None:
             self.fit_posterior(pipe, config, progress=progress)
         posterior = pipe.posterior
@@ -146,9 +146,16 @@ class Job(ABC):
                 ids = [f"{i:06d}" for i in range(start, min(start + size, n))]
                 if all(i in writer for i in ids):
                     continue  # already exported by an earlier (interrupted) run
-                for sample_id, payload, record in self.generate_chunk(pipe, config, c, ids):
-                    writer.add(sample_id, payload, {"seed": g["seed"] + c, **record})
+                seed = chunk_seed(g["seed"], c)
+                for sample_id, payload, record in self.generate_chunk(pipe, config, seed, ids):
+                    writer.add(sample_id, payload, {"seed": seed, **record})
         return Export(g["out"])
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed chunk number `chunk` of a run with `seed` generates with (one rule, used by
+    every job and by the calibration-overlap check)."""
+    return seed + chunk
 
 
 #: identity entries that may differ between exports whose samples could still coincide
@@ -168,7 +175,7 @@ def shared_sample_seeds(first: dict[str, Any], second: dict[str, Any]) -> set[in
 
     def seeds(identity: dict[str, Any]) -> set[int]:
         chunks = -(-identity["generate.n_samples"] // identity["generate.chunk_size"])
-        return set(range(identity["generate.seed"], identity["generate.seed"] + chunks))
+        return {chunk_seed(identity["generate.seed"], c) for c in range(chunks)}
 
     return seeds(a) & seeds(b)
 

@@ -74,7 +74,7 @@ class TextJob(Job):
         del options["sigma_noise"]  # the categorical likelihood has no noise scale
         return options
 
-    def call_args(self, pipe: TextUncertaintyPipeline, config: dict[str, Any], chunk: int,
+    def call_args(self, pipe: TextUncertaintyPipeline, config: dict[str, Any], seed: int,
                   ids: list[str]) -> dict[str, Any]:
         """Held-out prompts in a seeded order, ``candidates`` samples each."""
         g = config["generate"]
@@ -84,7 +84,7 @@ class TextJob(Job):
         index = np.array([int(i) for i in ids])
         pairs = test[order[(index // g["candidates"]) % len(test)]]
         return dict(prompts=task.prompts(pairs), config=unmasking_config(g),
-                    num_draws=g["num_draws"], scores=tuple(g["scores"]), seed=g["seed"] + chunk,
+                    num_draws=g["num_draws"], scores=tuple(g["scores"]), seed=seed,
                     progress=False)
 
     def records(self, pipe: TextUncertaintyPipeline, config: dict[str, Any], out: Any,
