@@ -115,6 +115,8 @@ class ExportWriter:
         self.format = fmt
         self.samples_dir = self.directory / "samples"
         self._created = not self.directory.exists()
+        self._wrote_run = False  # set by _open; what a failed run must undo
+        self.records: list[dict[str, Any]] = []
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = _lock(self.directory)
         try:
@@ -195,10 +197,10 @@ class ExportWriter:
     def _release(self, failed: bool) -> None:
         if self._lock is None:
             return
-        if failed and not getattr(self, "records", None):
+        if failed and not self.records:
             if self._created:
                 shutil.rmtree(self.directory, ignore_errors=True)
-            elif getattr(self, "_wrote_run", False):  # a folder the user made: undo our files
+            elif self._wrote_run:  # a folder the user made: undo our files
                 for name in (RUN, MANIFEST, LOCK):
                     (self.directory / name).unlink(missing_ok=True)
                 if self.samples_dir.is_dir() and not any(self.samples_dir.iterdir()):
