@@ -65,7 +65,7 @@ def cheap_variants(steps: int) -> list[tuple[str, dict[str, int]]]:
     """The cost reductions beyond the paper, as pipeline keyword arguments."""
     return [("semantic, branch at 50%", dict(branch_at=steps // 2)),
             ("semantic, branch at 80%", dict(branch_at=int(steps * 0.8))),
-            (f"semantic, draws with {steps // 5} steps", dict(draw_steps=steps // 5))]
+            (f"semantic, scored with {steps // 5} steps", dict(score_steps=steps // 5))]
 
 
 def filtering_table(pipe, extractor, args) -> None:

@@ -140,7 +140,7 @@ def main() -> None:
                              filtering.keep_fraction(result.scores[name], keep_fraction), train_smiles)
             print(f"{drop:<8.0%}{name:<20}" + "".join(f"{v:>9.1%}" for v in row))
         rand = np.mean([metric_row(result.molecules, filtering.keep_fraction(
-            random_scores(args.n, s), keep_fraction), train_smiles)
+            random_scores(s, range(args.n)), keep_fraction), train_smiles)
             for s in range(10)], axis=0)
         print(f"{drop:<8.0%}{'random (10 seeds)':<20}" + "".join(f"{v:>9.1%}" for v in rand))
 

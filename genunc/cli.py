@@ -142,14 +142,16 @@ def _filter(args: argparse.Namespace) -> int:
         if Path(args.calibration).resolve() == Path(args.export).resolve():
             raise GenuncError("calibrate on held-out samples, not on the export you filter")
         cal = Export(args.calibration)
-        from genunc.jobs.base import shared_sample_seeds
+        from genunc.jobs.base import shared_samples
 
-        shared = shared_sample_seeds(cal.metadata, Export(args.export).metadata)
+        cal_meta = cal.metadata
+        shared = shared_samples(cal_meta, Export(args.export).metadata)
         if shared:
+            seed = cal_meta["identity"]["generate.seed"]
             raise GenuncError(
-                f"{args.calibration} and {args.export} share samples (chunk seeds "
-                f"{sorted(shared)[:5]}{' ...' if len(shared) > 5 else ''}): calibrate on samples "
-                f"the filtered export does not hold, e.g. generate.seed={max(shared) + 1000}")
+                f"{args.calibration} and {args.export} share their first {shared} samples (same "
+                f"model, posterior, settings and generate.seed={seed}): calibrate on samples the "
+                f"filtered export does not hold, e.g. with another generate.seed")
         failed = labels.failures(cal.column(args.label).tolist(), args.label,
                                  fail_below=args.fail_below, fail_above=args.fail_above)
         control = calibrate_threshold(cal.column(args.score).astype(float), failed,

@@ -43,7 +43,9 @@ DEFAULTS: dict[str, Any] = {
         "steps": 50,  # image/molecule: sampler steps; text: unmasking steps (null: 1 token/step)
         "scores": ["semantic", "variability", "pixel_variance"],
         "branch_at": 0,
-        "draw_steps": None,
+        "score_steps": None,  # image: semantic / pixel scores from a run with fewer steps
+        "variance": "exact",  # image/molecule variability: exact (closed form) or monte_carlo
+        "variability_target": "noise",  # variance of the predicted noise, or of the clean sample
         # molecule: ddpm (EDM's ancestral sampler, default) or ddim;
         # text: random | low_confidence (default) | threshold | remask
         "sampler": None,
@@ -51,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "temperature": 0.0,  # text: token temperature (0 = greedy)
         "block_length": None,  # text: semi-autoregressive block length (default: one block)
         "threshold": 0.9,  # text: confidence threshold of the threshold / remask samplers
-        "variability_steps": None,  # molecule: step indices where variability is measured (all)
+        "variability_steps": None,  # image/molecule: step indices where variability is measured (all)
         "nll_levels": 10,  # molecule: noise levels of the denoising_loss baseline
         "seed": 0,
         "chunk_size": 64,
@@ -134,7 +136,9 @@ RULES: dict[str, Rule] = {
     "generate.n_samples": COUNT, "generate.num_draws": SEED,
     "generate.steps": Rule(int, minimum=1, nullable=True),
     "generate.scores": Rule(list, item=str),
-    "generate.branch_at": SEED, "generate.draw_steps": Rule(int, minimum=1, nullable=True),
+    "generate.branch_at": SEED, "generate.score_steps": Rule(int, minimum=1, nullable=True),
+    "generate.variance": Rule(str, choices=("exact", "monte_carlo")),
+    "generate.variability_target": Rule(str, choices=("noise", "clean")),
     "generate.sampler": OPTIONAL_TEXT, "generate.candidates": COUNT,
     "generate.temperature": Rule(float, minimum=0),
     "generate.block_length": Rule(int, minimum=1, nullable=True),

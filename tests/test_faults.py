@@ -29,7 +29,7 @@ def _err(capsys) -> str:
 # 1 ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mistake, says", [
     ("generate.scores=[semantc]", "unknown scores ['semantc']"),
-    ("generate.num_draws=1", "['variability'] need num_draws >= 2, got 1"),
+    ("generate.num_draws=0", "['semantic'] need num_draws >= 1, got 0"),
     ("generate.steps=0", "generate.steps: 0 is not allowed"),
     ("generate.branch_at=1", None),  # valid: the control
 ])
@@ -312,17 +312,18 @@ def test_ctrl_c_keeps_what_was_made_and_the_rerun_resumes(digits_config, tmp_pat
 
 def test_risk_control_refuses_a_calibration_export_that_shares_samples(digits_config, tmp_path,
                                                                        capsys):
-    """Chunk c of a run with seed s uses seed s + c: a calibration export made with seed 1
-    holds chunks 1.. of the seed-0 export, the very samples it would then certify."""
+    """Sample i of a run draws from the streams of (seed, i): a calibration export with the same
+    seed and settings (another size or folder) holds the very samples it would certify; one
+    with another seed shares none."""
     base = ["generate", "-c", str(digits_config), "--set", "generate.n_samples=4"]
     assert main(base) == 0
-    for seed, out in ((1, "calib_overlap"), (100, "calib_apart")):
-        assert main(base + ["--set", f"generate.seed={seed}",
+    for seed, out in ((0, "calib_overlap"), (1, "calib_apart")):
+        assert main(base + ["--set", f"generate.seed={seed}", "--set", "generate.n_samples=3",
                             "--set", f"generate.out={tmp_path / out}"]) == 0
     risk = ["--risk-alpha", "0.5", "--label", "random", "--fail-below", "0.5", "--score",
             "semantic"]
     assert main(["filter", str(tmp_path / "export"), "--out", str(tmp_path / "kept"), *risk,
                  "--calibration", str(tmp_path / "calib_overlap")]) == 2
-    assert "share samples (chunk seeds [1])" in _err(capsys)
+    assert "share their first 3 samples" in _err(capsys)
     assert main(["filter", str(tmp_path / "export"), "--out", str(tmp_path / "kept"), *risk,
                  "--calibration", str(tmp_path / "calib_apart")]) == 0

@@ -90,9 +90,22 @@ class DenoiserAdapter(ABC):
         """
         return x
 
+    def head_output_variance(self, posterior: Any, phi: Tensor,
+                             inputs: Mapping[str, Any]) -> Tensor:
+        """Exact ``(B, ...)`` variance of the model output under a diagonal head posterior.
+
+        The default pushes the head's closed form through :meth:`post_head`, which must then be
+        linear in the head output (adapters whose ``post_head`` is not override this).
+        """
+        return posterior.output_variance(phi, post=lambda out: self.post_head(out, inputs))
+
+    def reduce_variance(self, variance: Tensor, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Per-element output variances ``(B, ...)`` -> per-sample scores: their mean."""
+        return {"variability": variance.double().flatten(1).mean(1)}
+
     def variability(self, eps_draws: Tensor, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Per-sample disagreement of M predictions ``(M, B, ...)``: the mean variance."""
-        return {"variability": eps_draws.double().var(0).flatten(1).mean(1)}
+        """Per-sample disagreement of M predictions ``(M, B, ...)``: the reduced sample variance."""
+        return self.reduce_variance(eps_draws.double().var(0), inputs)
 
     @property
     def device(self) -> torch.device:

@@ -52,6 +52,11 @@ class DiffusersImageAdapter(DenoiserAdapter):
         return (config.in_channels, *size)
 
     @property
+    def alphas_cumprod(self) -> Tensor:
+        """The noise schedule (what the variability score's clean-sample scale reads)."""
+        return self.scheduler.alphas_cumprod
+
+    @property
     def num_classes(self) -> int | None:
         return self.model.config.get("num_class_embeds")
 
@@ -105,6 +110,12 @@ class DiffusersImageAdapter(DenoiserAdapter):
         if low >= 0 and x.numel() >= 1024:
             raise GenuncError(f"no image pixel is below 0 (values in [{low:.3g}, {high:.3g}]): "
                               "these look like [0, 1] images; rescale them with x * 2 - 1")
+
+    def head_output_variance(self, posterior: Any, phi: Tensor,
+                             inputs: Mapping[str, Any]) -> Tensor:
+        """The head's closed form on its fast path; a Fourier head's division by t scales it."""
+        variance = posterior.output_variance(phi)
+        return variance / _per_sample(inputs["t"].to(variance)).square() if self.fourier else variance
 
     def post_head(self, head_output: Tensor, inputs: Mapping[str, Any]) -> Tensor:
         if not self.fourier:

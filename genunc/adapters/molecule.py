@@ -166,14 +166,14 @@ class MoleculeAdapter(DenoiserAdapter):
         return torch.cat([remove_mean(x[..., lay.positions], mask),
                           x[..., lay.features] * mask.unsqueeze(-1).to(x.dtype)], dim=-1)
 
-    def variability(self, eps_draws: Tensor, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Per-atom variance of the predicted noise across draws, positions and types apart.
+    def reduce_variance(self, variance: Tensor, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Per-atom output variance, positions and types apart.
 
         Position variance is summed over x, y, z (rotation invariant), feature variance over the
         feature channels; both are averaged over the molecule's real atoms, so that large
         molecules do not look uncertain merely for having more atoms.
         """
-        var = eps_draws.double().var(0)  # (B, N, 3+K)
+        var = variance.double()  # (B, N, 3+K)
         mask = inputs["node_mask"].to(var.dtype)
         n_atoms = mask.sum(-1).clamp_min(1)
         pos = (var[..., self.layout.positions].sum(-1) * mask).sum(-1) / n_atoms

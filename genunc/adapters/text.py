@@ -90,6 +90,11 @@ class MaskedDiffusionLMAdapter(MaskedTokenAdapter):
         out[..., self.mask_id] = torch.finfo(out.dtype).min
         return out
 
+    def head_output_variance(self, posterior: Any, phi: Tensor,
+                             inputs: Mapping[str, Any]) -> Tensor:
+        raise GenuncError("logits pass through a softmax: the token scores (mutual information) "
+                          "use head draws, there is no closed-form variance for them")
+
     def training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
         if isinstance(batch, Mapping):
             x0 = batch["x"].long()

@@ -61,18 +61,19 @@ class Job(ABC):
                 "sigma_noise": p["sigma_noise"]}
 
     @abstractmethod
-    def call_args(self, pipe: UncertaintyPipeline, config: dict[str, Any], seed: int,
+    def call_args(self, pipe: UncertaintyPipeline, config: dict[str, Any],
                   ids: list[str]) -> dict[str, Any]:
-        """The pipeline call that generates the samples `ids` with their chunk's `seed`."""
+        """The pipeline call that generates the samples `ids` (consecutive global indices: the
+        call's ``first_sample`` is the first id, its seed the run's)."""
 
     @abstractmethod
     def records(self, pipe: UncertaintyPipeline, config: dict[str, Any], out: Any,
                 ids: list[str]) -> Iterable[ChunkRecord]:
         """The export records of one chunk's pipeline output `out`."""
 
-    def generate_chunk(self, pipe: UncertaintyPipeline, config: dict[str, Any], seed: int,
+    def generate_chunk(self, pipe: UncertaintyPipeline, config: dict[str, Any],
                        ids: list[str]) -> Iterable[ChunkRecord]:
-        return self.records(pipe, config, pipe(**self.call_args(pipe, config, seed, ids)), ids)
+        return self.records(pipe, config, pipe(**self.call_args(pipe, config, ids)), ids)
 
     # ------------------------------------------------------------------ shared steps
     def model_dir(self, config: dict[str, Any]) -> Path:
@@ -116,9 +117,11 @@ class Job(ABC):
     def generate(self, config: dict[str, Any], progress: bool = True) -> Export:
         """``n_samples`` scored samples into the config's export folder, chunk by chunk.
 
-        Chunk c holds samples ``c*chunk_size ...`` (ids zero-padded) and is generated with seed
-        ``seed + c``; chunks whose samples are all committed are skipped, so an interrupted run
-        regenerates exactly what is missing.  Resuming an export made by another run (config,
+        Chunk c holds samples ``c*chunk_size ...`` (ids zero-padded, the samples' global
+        indices): sample i draws from the run seed's streams of index i and every chunk shares
+        the run's head draws, so the export does not depend on the chunk size.  Chunks whose
+        samples are all committed are skipped, so an interrupted run regenerates exactly what
+        is missing.  Resuming an export made by another run (config,
         model weights or posterior) is refused.
         """
         pipe = self.build_pipeline(config, posterior="load", progress=progress)
@@ -126,7 +129,7 @@ class Job(ABC):
         n, size = g["n_samples"], g["chunk_size"]
         # every argument checked before anything is written (posterior fit, export folder)
         first = [f"{i:06d}" for i in range(min(size, n))]
-        pipe(**self.call_args(pipe, config, chunk_seed(g["seed"], 0), first), check_only=True)
+        pipe(**self.call_args(pipe, config, first), check_only=True)
         if pipe.posterior is None:
             self.fit_posterior(pipe, config, progress=progress)
         posterior = pipe.posterior
@@ -142,42 +145,31 @@ class Job(ABC):
                          "posterior_sha256": None if posterior is None else posterior.digest()},
         }
         with ExportWriter(g["out"], self.export_format, metadata=metadata) as writer:
-            for c, start in enumerate(tqdm(range(0, n, size), desc="chunks", disable=not progress)):
+            for start in tqdm(range(0, n, size), desc="chunks", disable=not progress):
                 ids = [f"{i:06d}" for i in range(start, min(start + size, n))]
                 if all(i in writer for i in ids):
                     continue  # already exported by an earlier (interrupted) run
-                seed = chunk_seed(g["seed"], c)
-                for sample_id, payload, record in self.generate_chunk(pipe, config, seed, ids):
-                    writer.add(sample_id, payload, {"seed": seed, **record})
+                for sample_id, payload, record in self.generate_chunk(pipe, config, ids):
+                    writer.add(sample_id, payload, {"seed": g["seed"], **record})
         return Export(g["out"])
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-    """The seed chunk number `chunk` of a run with `seed` generates with (one rule, used by
-    every job and by the calibration-overlap check)."""
-    return seed + chunk
-
-
 #: identity entries that may differ between exports whose samples could still coincide
-_SAMPLE_FREE = ("generate.seed", "generate.out", "generate.n_samples", "generate.chunk_size")
+_SAMPLE_FREE = ("generate.out", "generate.n_samples", "generate.chunk_size")
 
 
-def shared_sample_seeds(first: dict[str, Any], second: dict[str, Any]) -> set[int]:
-    """Chunk seeds two exports (their ``run.json`` metadata) share while everything else that
-    decides a sample is equal: chunk c of a run with seed s draws with seed ``s + c``, so such
-    exports hold the same samples.  Empty where they cannot coincide (or nothing is known)."""
+def shared_samples(first: dict[str, Any], second: dict[str, Any]) -> int:
+    """How many samples two exports (their ``run.json`` metadata) share: sample i of a run
+    draws from the streams of (seed, i), so exports equal in everything that decides a sample
+    (seed included; size, folder and chunking aside) hold the same first samples.  0 where they
+    cannot coincide (or nothing is known)."""
     a, b = first.get("identity"), second.get("identity")
     if not a or not b:
-        return set()
+        return 0
     rest = set(a) | set(b)
     if any(a.get(k) != b.get(k) for k in rest if k not in _SAMPLE_FREE):
-        return set()
-
-    def seeds(identity: dict[str, Any]) -> set[int]:
-        chunks = -(-identity["generate.n_samples"] // identity["generate.chunk_size"])
-        return {chunk_seed(identity["generate.seed"], c) for c in range(chunks)}
-
-    return seeds(a) & seeds(b)
+        return 0
+    return min(a["generate.n_samples"], b["generate.n_samples"])
 
 
 def posterior_dir(config: dict[str, Any]) -> Path:

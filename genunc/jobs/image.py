@@ -73,7 +73,7 @@ class ImageJob(Job):
     def fit_data(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any]) -> Any:
         return training_data(config["posterior"]["data"])
 
-    def call_args(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any], seed: int,
+    def call_args(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any],
                   ids: list[str]) -> dict[str, Any]:
         g = config["generate"]
         n_classes = pipe.adapter.num_classes
@@ -81,8 +81,10 @@ class ImageJob(Job):
         labels = None if n_classes is None else torch.arange(start, start + n) % n_classes
         return dict(num_samples=n, class_labels=labels, num_draws=g["num_draws"],
                     num_inference_steps=g["steps"], scores=tuple(g["scores"]),
-                    branch_at=g["branch_at"], draw_steps=g["draw_steps"], seed=seed,
-                    chunk_size=n, progress=False)
+                    branch_at=g["branch_at"], score_steps=g["score_steps"],
+                    variability_steps=g["variability_steps"], variance=g["variance"],
+                    variability_target=g["variability_target"], seed=g["seed"],
+                    first_sample=start, chunk_size=n, progress=False)
 
     def records(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any], out: Any,
                 ids: list[str]) -> list[ChunkRecord]:

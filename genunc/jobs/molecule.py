@@ -55,14 +55,15 @@ class MoleculeJob(Job):
         size = p["batch_size"]
         return [pipe.adapter.encode(data, ids[i : i + size]) for i in range(0, len(ids), size)]
 
-    def call_args(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any], seed: int,
+    def call_args(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any],
                   ids: list[str]) -> dict[str, Any]:
         g = config["generate"]
         return dict(num_samples=len(ids), num_draws=g["num_draws"],
                     num_inference_steps=g["steps"], scores=tuple(g["scores"]),
                     sampler=g["sampler"] or "ddpm", variability_steps=g["variability_steps"],
-                    nll_levels=g["nll_levels"], seed=seed, chunk_size=len(ids),
-                    progress=False)
+                    variance=g["variance"], variability_target=g["variability_target"],
+                    nll_levels=g["nll_levels"], seed=g["seed"], first_sample=int(ids[0]),
+                    chunk_size=len(ids), progress=False)
 
     def records(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any], out: Any,
                 ids: list[str]) -> list[ChunkRecord]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from genunc import streams
 from genunc.errors import ConfigError
 from genunc.jobs.base import ChunkRecord, Job, scored_records
 from genunc.pipelines.text import TextUncertaintyPipeline
@@ -74,18 +75,18 @@ class TextJob(Job):
         del options["sigma_noise"]  # the categorical likelihood has no noise scale
         return options
 
-    def call_args(self, pipe: TextUncertaintyPipeline, config: dict[str, Any], seed: int,
+    def call_args(self, pipe: TextUncertaintyPipeline, config: dict[str, Any],
                   ids: list[str]) -> dict[str, Any]:
         """Held-out prompts in a seeded order, ``candidates`` samples each."""
         g = config["generate"]
         task = task_of(pipe)
         test = task.split()["test"]
-        order = np.random.default_rng(g["seed"]).permutation(len(test))
+        order = streams.numpy_generator(g["seed"], "prompt_order").permutation(len(test))
         index = np.array([int(i) for i in ids])
         pairs = test[order[(index // g["candidates"]) % len(test)]]
         return dict(prompts=task.prompts(pairs), config=unmasking_config(g),
-                    num_draws=g["num_draws"], scores=tuple(g["scores"]), seed=seed,
-                    progress=False)
+                    num_draws=g["num_draws"], scores=tuple(g["scores"]), seed=g["seed"],
+                    first_sample=int(ids[0]), progress=False)
 
     def records(self, pipe: TextUncertaintyPipeline, config: dict[str, Any], out: Any,
                 ids: list[str]) -> list[ChunkRecord]:

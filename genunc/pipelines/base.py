@@ -4,10 +4,15 @@ A pipeline is an adapter (how to call the denoiser) plus a head posterior plus a
 loop.  This base owns everything that does not depend on the modality, so the three pipelines
 cannot drift apart again:
 
-* the score catalogue and the one rule for draws: a score needs a posterior when it uses head
-  draws, at least one draw when it compares the MAP generation with perturbed ones (semantic,
-  pixel variance, the posterior-averaged confidence), and at least two when it is a variance or
-  a disagreement *across* draws (variability, mutual information);
+* the score catalogue and the one rule for draws: a score needs a posterior when it uses the
+  head posterior, at least one draw when it compares the MAP generation with perturbed ones
+  (semantic, pixel variance, the posterior-averaged confidence), and at least two when it is a
+  variance or a disagreement *across* draws (Monte-Carlo variability, mutual information);
+  the exact variability needs the posterior but no draws;
+* the random streams (:mod:`genunc.streams`): sample ``i`` of a call with ``first_sample = f``
+  draws its initial noise, sampler noise and baselines from the streams of global index
+  ``f + i``, and the head draws come from the run's one head-draw stream, so a run split into
+  calls (chunks, processes) gives the same samples and scores as one call;
 * argument checks, drawing the head draws (MAP first), the semantic entropy, the random
   baseline, and collecting per-chunk parts into one score array per score;
 * fitting, loading and saving the posterior, with one persistence policy;
@@ -29,15 +34,30 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
+from genunc import streams
 from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import GenuncError, MissingFileError
 from genunc.posterior import POSTERIOR_DIR, HeadDraws, HeadPosterior
-from genunc.scores import gaussian_entropy, random_scores
+from genunc.posterior.variance import ExactVariance, MonteCarloVariance
+from genunc.sampling.diffusers_loop import HeadVariance
+from genunc.scores import (
+    VARIABILITY_TARGETS,
+    VariabilityTarget,
+    gaussian_entropy,
+    random_scores,
+    variability_score,
+)
 
-#: score name -> the fewest head draws it needs (0: no posterior at all)
-ScoreCatalogue = Mapping[str, int]
+#: score name -> the fewest head draws it needs (None: no posterior at all; 0: the posterior
+#: but no draws)
+ScoreCatalogue = Mapping[str, int | None]
+
+#: how the variability score estimates the head-output variance
+VarianceEstimate = Literal["exact", "monte_carlo"]
+VARIANCE_ESTIMATES: tuple[str, ...] = ("exact", "monte_carlo")
 
 
 @dataclass
@@ -49,6 +69,10 @@ class UncertaintyOutput:
     num_draws: int
     backbone_rows: int = 0  # sample-steps through the backbone, all trajectories together
     timings: dict[str, float] = field(default_factory=dict)
+    #: with the variability score: name -> ``(S, N)`` per-step values, and the timestep of each
+    #: row, so that other step windows and targets can be evaluated without generating again
+    variability_per_step: dict[str, np.ndarray] | None = None
+    variability_timesteps: np.ndarray | None = None
 
 
 @dataclass
@@ -58,10 +82,22 @@ class Request:
     scores: tuple[str, ...]
     num_draws: int
     seed: int
-    draws: HeadDraws | None  # M+1 parameter sets, draw 0 = the posterior mean; None: no posterior
+    draws: HeadDraws | None  # M+1 parameter sets, draw 0 = the posterior mean; None: none needed
+    first_sample: int = 0
+    num_samples: int = 0
 
     def wants(self, *names: str) -> bool:
         return any(name in self.scores for name in names)
+
+    @property
+    def indices(self) -> range:
+        """The global indices of this call's samples (what their random streams are keyed by)."""
+        return range(self.first_sample, self.first_sample + self.num_samples)
+
+    def generators(self, purpose: str, part: slice | None = None) -> list[torch.Generator]:
+        """One generator per sample (of `part` of the call) for a per-sample purpose."""
+        indices = self.indices if part is None else self.indices[part]
+        return streams.sample_generators(self.seed, purpose, indices)
 
     @property
     def perturbed(self) -> HeadDraws | None:
@@ -74,12 +110,26 @@ class ScoreCollector:
 
     def __init__(self) -> None:
         self.parts: dict[str, list[np.ndarray]] = {}
+        self.per_step: dict[str, list[np.ndarray]] = {}
+        self.timesteps: np.ndarray | None = None
         self.timings: dict[str, float] = {}
         self.backbone_rows = 0
 
     def add(self, name: str, values: np.ndarray | Tensor) -> None:
         array = values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
         self.parts.setdefault(name, []).append(array)
+
+    def add_variability(self, per_step: Mapping[str, Tensor], timesteps: Tensor,
+                        alphas_cumprod: Tensor, target: VariabilityTarget) -> None:
+        """One chunk's per-step variability ``name -> (S, B)``: kept, and reduced to scores."""
+        self.timesteps = timesteps.cpu().numpy()
+        for name, values in per_step.items():
+            values = values.detach().double().cpu().numpy()
+            self.per_step.setdefault(name, []).append(values)
+            self.add(name, variability_score(values, timesteps, alphas_cumprod, target))
+
+    def variability(self) -> dict[str, np.ndarray] | None:
+        return {k: np.concatenate(v, axis=1) for k, v in self.per_step.items()} or None
 
     @contextmanager
     def timer(self, name: str) -> Iterator[None]:
@@ -89,10 +139,10 @@ class ScoreCollector:
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
-    def scores(self, request: Request, num_samples: int) -> dict[str, np.ndarray]:
+    def scores(self, request: Request) -> dict[str, np.ndarray]:
         result = {name: np.concatenate(values) for name, values in self.parts.items()}
         if request.wants("random"):
-            result["random"] = random_scores(num_samples, request.seed)
+            result["random"] = random_scores(request.seed, request.indices)
         return result
 
 
@@ -100,7 +150,7 @@ class UncertaintyPipeline:
     """Base of the image, molecule and text pipelines (see the module docstring)."""
 
     #: every score this pipeline computes, with the fewest head draws it needs
-    SCORES: ClassVar[ScoreCatalogue] = {"random": 0}
+    SCORES: ClassVar[ScoreCatalogue] = {"random": None}
     #: columns some scores add beside their own (e.g. the parts of a variability score)
     EXTRA_SCORE_COLUMNS: ClassVar[tuple[str, ...]] = ()
     #: how often each clean example is noised when fitting the posterior
@@ -193,11 +243,16 @@ class UncertaintyPipeline:
 
     # ------------------------------------------------------------------ calls
     def _request(self, scores: tuple[str, ...] | list[str], num_draws: int, seed: int,
-                 check_only: bool = False, **counts: int) -> Request:
+                 check_only: bool = False, *, num_samples: int, first_sample: int = 0,
+                 variance: VarianceEstimate = "exact",
+                 variability_target: VariabilityTarget = "noise",
+                 **counts: int | None) -> Request:
         """Check a call's arguments and draw the head draws its scores need.
 
         ``counts`` are further positive integers to check by name (``num_inference_steps=50``).
         ``check_only``: the arguments alone (a posterior may still be fitted before the call).
+        ``variance``: how ``variability`` is estimated (exact: no draws; Monte Carlo: two);
+        ``variability_target``: the variance of the predicted noise or of the clean sample.
         """
         if isinstance(scores, str):
             raise GenuncError(f"scores must be a list of names, got the string {scores!r}")
@@ -206,22 +261,46 @@ class UncertaintyPipeline:
         if unknown:
             raise GenuncError(f"unknown scores {unknown}; {type(self).__name__} computes "
                               f"{list(self.SCORES)}")
-        for name, value in counts.items():
+        for name, value in {"num_samples": num_samples, **counts}.items():
             if value is not None and value < 1:
                 raise GenuncError(f"{name} must be at least 1, got {value}")
-        needed = max((self.SCORES[s] for s in scores), default=0)
-        if needed == 0:
-            return Request(scores, num_draws, seed, None)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise GenuncError(f"seed must be a non-negative integer, got {seed!r}")
+        if first_sample < 0:
+            raise GenuncError(f"first_sample must be >= 0, got {first_sample}")
+        if variance not in VARIANCE_ESTIMATES:
+            raise GenuncError(f"variance must be one of {VARIANCE_ESTIMATES}, got {variance!r}")
+        if variability_target not in VARIABILITY_TARGETS:
+            raise GenuncError(f"variability_target must be one of {VARIABILITY_TARGETS}, got "
+                              f"{variability_target!r}")
+        minimum = {s: self.SCORES[s] for s in scores}
+        if "variability" in minimum and variance == "monte_carlo":
+            minimum["variability"] = 2
+        uses_posterior = sorted(s for s, m in minimum.items() if m is not None)
+        needed = max((m for m in minimum.values() if m is not None), default=0)
         if num_draws < needed:
-            which = sorted(s for s in scores if self.SCORES[s] > num_draws)
+            which = sorted(s for s, m in minimum.items() if m is not None and m > num_draws)
             raise GenuncError(f"{which} need num_draws >= {needed}, got {num_draws}")
-        if check_only:
-            return Request(scores, num_draws, seed, None)
+        request = Request(scores, num_draws, int(seed), None, first_sample, num_samples)
+        if check_only or not uses_posterior:
+            return request
         if self.posterior is None:
-            raise GenuncError(f"no posterior, and {sorted(s for s in scores if self.SCORES[s])} "
-                              "need one: call fit_posterior(...) or load one first")
-        return Request(scores, num_draws, seed,
-                       self.posterior.sample(num_draws, seed=seed, include_map=True))
+            raise GenuncError(f"no posterior, and {uses_posterior} need one: call "
+                              "fit_posterior(...) or load one first")
+        if needed > 0:
+            # one head-draw stream per run, keyed by no sample: every chunk shares the draws
+            generator = streams.torch_generator(int(seed), "head_draws",
+                                                device=self.posterior.mean.device)
+            request.draws = self.posterior.sample(num_draws, seed=generator, include_map=True)
+        return request
+
+    def _head_variance(self, request: Request, variance: VarianceEstimate) -> HeadVariance | None:
+        """The variability score's variance estimator, or None when it was not asked for."""
+        if not request.wants("variability"):
+            return None
+        if variance == "monte_carlo":
+            return MonteCarloVariance(self.adapter, request.perturbed)
+        return ExactVariance(self.adapter, self.posterior)
 
     @staticmethod
     def check_steps(num_inference_steps: int, branch_at: int = 0,

@@ -19,10 +19,16 @@ from tqdm.auto import tqdm
 from genunc.adapters.image import DiffusersImageAdapter
 from genunc.errors import GenuncError, MissingFileError, ShapeMismatchError
 from genunc.features import FeatureExtractor, extract_in_batches
-from genunc.pipelines.base import ScoreCollector, UncertaintyOutput, UncertaintyPipeline
+from genunc.pipelines.base import (
+    ScoreCollector,
+    UncertaintyOutput,
+    UncertaintyPipeline,
+    VarianceEstimate,
+)
 from genunc.posterior import HeadPosterior
 from genunc.sampling.diffusers_loop import run_trajectory
-from genunc.scores import aggregate_steps, pixel_variance
+from genunc.scores import VariabilityTarget, pixel_variance
+from genunc.streams import randn_rows
 
 
 @dataclass
@@ -46,7 +52,7 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
             built from the training scheduler's config, as in the paper.
     """
 
-    SCORES = {"semantic": 1, "variability": 2, "pixel_variance": 1, "random": 0}
+    SCORES = {"semantic": 1, "variability": 0, "pixel_variance": 1, "random": None}
     FIT_REPEATS = 4
 
     def __init__(
@@ -106,9 +112,12 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
         num_inference_steps: int = 50,
         scores: tuple[str, ...] = ("semantic", "variability", "pixel_variance"),
         branch_at: int = 0,
-        draw_steps: int | None = None,
+        score_steps: int | None = None,
         variability_steps: list[int] | None = None,
+        variance: VarianceEstimate = "exact",
+        variability_target: VariabilityTarget = "noise",
         seed: int = 0,
+        first_sample: int = 0,
         chunk_size: int = 64,
         keep_draw_images: bool = False,
         progress: bool = True,
@@ -120,19 +129,31 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
             num_draws: posterior head draws M (the semantic score uses the MAP + M generations).
             scores: any of ``semantic``, ``variability``, ``pixel_variance``, ``random``.
             branch_at: perturbed trajectories share the MAP's first `branch_at` steps.
-            draw_steps: run the perturbed trajectories with fewer steps (from ``x_T``).
+            score_steps: compute the semantic and pixel-variance scores from a cheaper run of
+                the MAP and the M draws with this many steps (from the same ``x_T``); the
+                returned images still take ``num_inference_steps``.
+            variability_steps: the step indices variability is measured at (default: all).
+            variance: ``exact`` (closed form, no draws) or ``monte_carlo`` (over the M draws).
+            variability_target: the variance of the predicted ``noise`` or of the ``clean``
+                sample it implies.
             encoder_hidden_states: per-sample ``(N, L, D)`` conditioning for
                 ``UNet2DConditionModel`` (e.g. text-encoder outputs).
-            seed: fixes the initial noise, the draws and any sampler noise.
+            seed: the run's seed; with ``first_sample`` it fixes every random stream.
+            first_sample: global index of the first sample: sample ``i`` draws its initial and
+                sampler noise from the streams of index ``first_sample + i``, so a run split
+                into calls gives the samples of one call.
             check_only: check the arguments and return None, generating nothing.
         """
         request = self._request(scores, num_draws, seed, check_only, num_samples=num_samples,
+                                first_sample=first_sample, variance=variance,
+                                variability_target=variability_target,
                                 num_inference_steps=num_inference_steps, chunk_size=chunk_size,
-                                draw_steps=draw_steps)
+                                score_steps=score_steps)
         if request.wants("semantic") and self.feature_extractor is None:
             raise GenuncError("the semantic score needs a feature_extractor")
-        if draw_steps is not None and branch_at:
-            raise GenuncError("draw_steps runs the draws from x_T; it cannot be combined with branch_at")
+        if score_steps is not None and branch_at:
+            raise GenuncError("score_steps runs the scoring generations from x_T; it cannot be "
+                              "combined with branch_at")
         self.check_steps(num_inference_steps, branch_at, variability_steps)
         labels = self._labels(num_samples, class_labels)
         if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != num_samples:
@@ -143,47 +164,50 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
         if check_only:
             return None
         device = self.adapter.device
-        generator = torch.Generator().manual_seed(seed)
-        x_T = torch.randn(num_samples, *self.adapter.sample_shape, generator=generator)
+        x_T = randn_rows(self.adapter.sample_shape, request.generators("initial_noise"))
         # the trajectory mode, decided here once: the draws' own trajectories run with the MAP's
-        # (branching off it after `branch_at` steps), or apart from it with `draw_steps` steps
+        # (branching off it after `branch_at` steps), or in a run of their own with `score_steps`
         generations = request.wants("semantic", "pixel_variance")
-        with_map = request.draws if generations and draw_steps is None else None
-        apart = request.perturbed if generations and draw_steps is not None else None
-        variability_draws = request.perturbed if request.wants("variability") else None
+        with_map = request.draws if generations and score_steps is None else None
+        scoring_run = request.draws if generations and score_steps is not None else None
+        head_variance = self._head_variance(request, variance)
 
         collected = ScoreCollector()
-        images, draw_images, per_step = [], [], []
+        images, draw_images, scoring_maps = [], [], []
         for start in tqdm(range(0, num_samples, chunk_size), desc="generating", disable=not progress):
             sl = slice(start, start + chunk_size)
             cond = {"class_labels": labels[sl].to(device)} if labels is not None else {}
             if encoder_hidden_states is not None:
                 cond["encoder_hidden_states"] = encoder_hidden_states[sl].to(device)
-            step_gen = torch.Generator(device=device).manual_seed(seed + 1 + start)
             with collected.timer("generation"):
                 out = run_trajectory(
                     self.adapter, self.sampling_scheduler, x_T[sl].to(device), cond,
                     num_inference_steps=num_inference_steps, trajectory_draws=with_map,
-                    branch_at=branch_at, variability_draws=variability_draws,
-                    variability_steps=variability_steps, generator=step_gen)
+                    branch_at=branch_at, variability=head_variance,
+                    variability_steps=variability_steps,
+                    generator=request.generators("sampler_noise", sl))
                 collected.backbone_rows += out.backbone_rows
                 chunk_draws = out.draw_samples
-                if apart is not None:
+                if scoring_run is not None:
                     side = run_trajectory(
                         self.adapter, self.sampling_scheduler, x_T[sl].to(device), cond,
-                        num_inference_steps=draw_steps, trajectory_draws=apart, generator=step_gen)
+                        num_inference_steps=score_steps, trajectory_draws=scoring_run,
+                        generator=request.generators("sampler_noise", sl))
                     collected.backbone_rows += side.backbone_rows
                     chunk_draws = side.draw_samples
+                    scoring_maps.append(side.samples.cpu())
             images.append(out.samples.cpu())
             if chunk_draws is not None:
                 draw_images.append(chunk_draws.cpu())
             if out.variability_per_step is not None:
-                per_step.append(out.variability_per_step["variability"].cpu())
+                collected.add_variability(out.variability_per_step, out.variability_timesteps,
+                                          self.adapter.alphas_cumprod, variability_target)
 
         images_t = torch.cat(images)
         draws_t = torch.cat(draw_images, dim=1) if draw_images else None
         if draws_t is not None:
-            all_generations = torch.cat([images_t[None], draws_t])  # (M+1, N, ...)
+            scored_map = torch.cat(scoring_maps) if scoring_maps else images_t
+            all_generations = torch.cat([scored_map[None], draws_t])  # (M+1, N, ...)
             if request.wants("semantic"):
                 with collected.timer("features"):
                     feats = torch.stack([extract_in_batches(self.feature_extractor, g)
@@ -191,12 +215,12 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
                 collected.add("semantic", self.semantic_entropy(feats))
             if request.wants("pixel_variance"):
                 collected.add("pixel_variance", pixel_variance(all_generations))
-        if per_step:
-            collected.add("variability", aggregate_steps(torch.cat(per_step, dim=1)))
         return ImageUncertaintyOutput(
-            scores=collected.scores(request, num_samples), seed=seed, num_draws=num_draws,
+            scores=collected.scores(request), seed=seed, num_draws=num_draws,
             backbone_rows=collected.backbone_rows,
             timings={"generation": 0.0, "features": 0.0, **collected.timings},
+            variability_per_step=collected.variability(),
+            variability_timesteps=collected.timesteps,
             images=images_t, class_labels=labels,
             draw_images=draws_t if keep_draw_images else None,
         )

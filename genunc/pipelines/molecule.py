@@ -35,13 +35,21 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from genunc import streams
 from genunc.adapters.molecule import Molecule, MoleculeAdapter
 from genunc.errors import GenuncError, MissingFileError
 from genunc.features.molecule import features_of
-from genunc.pipelines.base import ScoreCollector, UncertaintyOutput, UncertaintyPipeline
+from genunc.pipelines.base import (
+    Request,
+    ScoreCollector,
+    UncertaintyOutput,
+    UncertaintyPipeline,
+    VarianceEstimate,
+)
 from genunc.posterior import HeadPosterior
 from genunc.sampling.diffusers_loop import run_trajectory
-from genunc.scores import aggregate_steps
+from genunc.scores import VariabilityTarget
+from genunc.streams import randn_rows
 from genunc.zoo.molecule_model import EquivariantDenoiser
 from genunc.zoo.pretrained import read_config
 
@@ -59,7 +67,7 @@ class MoleculeUncertaintyOutput(UncertaintyOutput):
 class MoleculeUncertaintyPipeline(UncertaintyPipeline):
     """An equivariant denoiser + atom-count distribution + head posterior."""
 
-    SCORES = {"variability": 2, "semantic": 1, "denoising_loss": 0, "random": 0}
+    SCORES = {"variability": 0, "semantic": 1, "denoising_loss": None, "random": None}
     EXTRA_SCORE_COLUMNS = ("variability_pos", "variability_type")
     FIT_REPEATS = 2
 
@@ -80,24 +88,36 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
         return cls(EquivariantDenoiser.from_pretrained(path, device=device),
                    json.loads(histogram.read_text()), timesteps=read_config(path)["timesteps"])
 
-    def _masks(self, n: int, rng: np.random.Generator, n_atoms: np.ndarray | None) -> Tensor:
+    def _masks(self, request: Request, n_atoms: np.ndarray | None) -> Tensor:
+        """Atom masks ``(N, W)``; each molecule's size comes from its own stream.
+
+        Every chunk is padded to the same width W (the largest size the model generates), so
+        that a molecule's noise, and hence the molecule, does not depend on its chunk.
+        """
         if n_atoms is None:
-            n_atoms = rng.choice(self.atom_counts, size=n, p=self.atom_probs)
-        width = int(n_atoms.max())
+            u = streams.sample_uniforms(request.seed, "atom_counts", request.indices)
+            cdf = np.cumsum(self.atom_probs)
+            n_atoms = self.atom_counts[np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"),
+                                                  len(cdf) - 1)]
+        width = max(int(self.atom_counts.max()), int(np.max(n_atoms)))
         return torch.arange(width)[None, :] < torch.as_tensor(n_atoms)[:, None]
 
     @torch.no_grad()
     def denoising_loss(self, x0: Tensor, node_mask: Tensor, levels: int = 10,
-                       seed: int = 0) -> np.ndarray:
+                       generators: list[torch.Generator] | None = None) -> np.ndarray:
         """Per-molecule diffusion loss of clean samples ``x0``, averaged over ``levels`` noise
-        levels (per atom, fixed noise for a given seed): the model-likelihood baseline."""
+        levels (per atom; the noise of molecule i from ``generators[i]``): the model-likelihood
+        baseline."""
         b = x0.shape[0]
-        g = torch.Generator().manual_seed(seed)
+        if generators is None:
+            generators = streams.sample_generators(0, "likelihood_noise", range(b))
         ts = torch.linspace(0, self.adapter.timesteps - 1, levels).round().long().to(x0.device)
         t = ts.repeat_interleave(b)
         mask = node_mask.repeat(levels, 1)
         x0 = x0.repeat(levels, 1, 1)
-        eps = self.adapter.sample_noise(x0.shape, mask, g).to(x0.dtype)
+        noise = randn_rows((levels, *x0.shape[1:]), generators)  # (B, levels, N, F)
+        noise = noise.transpose(0, 1).reshape(x0.shape).to(x0.device)
+        eps = self.adapter.project(noise, {"node_mask": mask}).to(x0.dtype)
         alpha, sigma = self.adapter.alpha_sigma(t)
         x_t = alpha.to(x0.dtype).view(-1, 1, 1) * x0 + sigma.to(x0.dtype).view(-1, 1, 1) * eps
         err = ((self.adapter.denoise(x_t, t, mask) - eps) ** 2).sum(-1) * mask.to(x0.dtype)
@@ -108,8 +128,10 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
     def __call__(self, num_samples: int = 64, *, num_draws: int = 5,
                  num_inference_steps: int = 1000, scores: tuple[str, ...] = ("variability",),
                  sampler: str = "ddpm", variability_steps: list[int] | None = None,
+                 variance: VarianceEstimate = "exact",
+                 variability_target: VariabilityTarget = "noise",
                  n_atoms: np.ndarray | None = None, nll_levels: int = 10, seed: int = 0,
-                 chunk_size: int = 64, progress: bool = True,
+                 first_sample: int = 0, chunk_size: int = 64, progress: bool = True,
                  check_only: bool = False) -> MoleculeUncertaintyOutput | None:
         """Generate ``num_samples`` molecules and score them.
 
@@ -119,11 +141,18 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
             sampler: ``ddpm`` (ancestral, EDM's) or ``ddim`` (deterministic).
             variability_steps: indices of the steps at which variability is measured
                 (default: all).
+            variance: ``exact`` (closed form, no draws) or ``monte_carlo`` (over the M draws).
+            variability_target: the variance of the predicted ``noise`` or of the ``clean``
+                sample it implies.
             n_atoms: atom count per molecule (default: drawn from the training histogram).
             nll_levels: noise levels averaged by the ``denoising_loss`` baseline.
+            seed, first_sample: the run's seed and the global index of the first molecule
+                (molecule ``i`` draws from the streams of index ``first_sample + i``).
             check_only: check the arguments and return None, generating nothing.
         """
         request = self._request(scores, num_draws, seed, check_only, num_samples=num_samples,
+                                first_sample=first_sample, variance=variance,
+                                variability_target=variability_target,
                                 num_inference_steps=num_inference_steps, chunk_size=chunk_size,
                                 nll_levels=nll_levels)
         if n_atoms is not None and len(n_atoms) != num_samples:
@@ -132,10 +161,10 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
         self.check_steps(num_inference_steps, variability_steps=variability_steps)
         if check_only:
             return None
-        rng = np.random.default_rng(seed)
-        masks = self._masks(num_samples, rng, n_atoms)
+        masks = self._masks(request, n_atoms)
         layout = self.adapter.layout
         device = self.adapter.device
+        head_variance = self._head_variance(request, variance)
         collected = ScoreCollector()
         molecules: list[Molecule] = []
         semantic = request.wants("semantic")
@@ -143,22 +172,23 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
             [[] for _ in range(num_draws)] if semantic else None
         for start in tqdm(range(0, num_samples, chunk_size), desc="molecules",
                           disable=not progress):
-            mask = masks[start : start + chunk_size].to(device)
-            mask = mask[:, : int(mask.sum(1).max())]
-            g = torch.Generator().manual_seed(seed * 1_000_003 + start)
-            x_T = self.adapter.sample_noise((mask.shape[0], mask.shape[1], layout.width), mask, g)
+            sl = slice(start, start + chunk_size)
+            mask = masks[sl].to(device)
+            noise = randn_rows((mask.shape[1], layout.width), request.generators("initial_noise", sl))
+            x_T = self.adapter.project(noise.to(device), {"node_mask": mask})
             with collected.timer("generation"):
                 out = run_trajectory(
-                    self.adapter, scheduler, x_T.to(device), {"node_mask": mask},
+                    self.adapter, scheduler, x_T, {"node_mask": mask},
                     num_inference_steps=num_inference_steps,
                     trajectory_draws=request.draws if semantic else None,
-                    variability_draws=request.perturbed if request.wants("variability") else None,
-                    variability_steps=variability_steps, generator=g)
+                    variability=head_variance, variability_steps=variability_steps,
+                    generator=request.generators("sampler_noise", sl))
             collected.backbone_rows += out.backbone_rows
             chunk_molecules = layout.decode(out.samples, mask)
             molecules += chunk_molecules
-            for name, per_step in (out.variability_per_step or {}).items():
-                collected.add(name, aggregate_steps(per_step))
+            if out.variability_per_step is not None:
+                collected.add_variability(out.variability_per_step, out.variability_timesteps,
+                                          self.adapter.alphas_cumprod, variability_target)
             if semantic:
                 generations = [chunk_molecules] + [layout.decode(d, mask) for d in out.draw_samples]
                 for m, generation in enumerate(generations[1:]):
@@ -168,9 +198,12 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
             if request.wants("denoising_loss"):
                 with collected.timer("denoising_loss"):
                     collected.add("denoising_loss", self.denoising_loss(
-                        layout.clean(out.samples, mask), mask, nll_levels, seed=seed + start))
+                        layout.clean(out.samples, mask), mask, nll_levels,
+                        request.generators("likelihood_noise", sl)))
         return MoleculeUncertaintyOutput(
-            scores=collected.scores(request, num_samples), seed=seed, num_draws=num_draws,
+            scores=collected.scores(request), seed=seed, num_draws=num_draws,
             backbone_rows=collected.backbone_rows,
             timings={"generation": 0.0, "denoising_loss": 0.0, **collected.timings},
+            variability_per_step=collected.variability(),
+            variability_timesteps=collected.timesteps,
             molecules=molecules, n_atoms=masks.sum(1).numpy(), draw_molecules=draw_molecules)

@@ -94,7 +94,8 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
 
     SCORES = {"mutual_information": 2, "mutual_information_max": 2,
               "mutual_information_span": 2, "low_posterior_confidence": 1, "semantic": 1,
-              "low_confidence": 0, "low_margin": 0, "low_self_certainty": 0, "random": 0}
+              "low_confidence": None, "low_margin": None, "low_self_certainty": None,
+              "random": None}
 
     def __init__(self, adapter: MaskedDiffusionLMAdapter, posterior: HeadPosterior | None = None,
                  embedder: Embedder | None = None, metadata: dict[str, Any] | None = None) -> None:
@@ -115,20 +116,24 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
     def __call__(self, prompts: Tensor, config: UnmaskingConfig | None = None, *,
                  num_draws: int = 5, num_inference_steps: int | None = None,
                  scores: tuple[str, ...] = ("mutual_information",), span: Tensor | None = None,
-                 seed: int = 0, chunk_size: int = 512, progress: bool = True,
-                 check_only: bool = False) -> TextUncertaintyOutput | None:
+                 seed: int = 0, first_sample: int = 0, chunk_size: int = 512,
+                 progress: bool = True, check_only: bool = False) -> TextUncertaintyOutput | None:
         """Fill the masked positions of ``prompts`` ``(B, L)`` and score every sequence.
 
         Args:
             num_inference_steps: unmasking steps (overrides ``config.steps``).
             span: ``(L,)`` or ``(B, L)`` bool, the answer positions for ``mutual_information_span``
                 (default: every generated position).
+            seed, first_sample: the run's seed and the global index of the first sequence
+                (sequence ``i`` draws its sampling noise from the streams of index
+                ``first_sample + i``; the head draws are the run's).
             check_only: check the arguments and return None, generating nothing.
         """
-        request = self._request(scores, num_draws, seed, check_only, chunk_size=chunk_size,
-                                num_inference_steps=num_inference_steps)
         if prompts.dim() != 2:
             raise ShapeMismatchError(f"prompts must be (B, L) token ids, got {tuple(prompts.shape)}")
+        request = self._request(scores, num_draws, seed, check_only, num_samples=len(prompts),
+                                first_sample=first_sample, chunk_size=chunk_size,
+                                num_inference_steps=num_inference_steps)
         vocab = self.adapter.vocab_size
         if prompts.numel() and (int(prompts.min()) < 0 or int(prompts.max()) >= vocab):
             raise GenuncError(f"prompt token ids must lie in [0, {vocab}) (the mask id is "
@@ -148,10 +153,10 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
         for start in tqdm(range(0, len(prompts), chunk_size), desc="unmasking",
                           disable=not progress):
             x = prompts[start : start + chunk_size]
-            g = torch.Generator().manual_seed(seed * 1_000_003 + start)
             with collected.timer("sampling"):
                 out = unmask(self.adapter, x, config, mi_draws=mi_draws,
-                             trajectory_draws=request.draws if semantic else None, generator=g)
+                             trajectory_draws=request.draws if semantic else None, seed=seed,
+                             indices=request.indices[start : start + chunk_size])
             row_nfe.append(out.row_nfe.cpu().numpy())
             collected.backbone_rows += out.backbone_rows
             tokens.append(out.tokens.cpu())
@@ -172,7 +177,7 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
                 collected.add("semantic", self.semantic_entropy(feats))
         per_row = np.concatenate(row_nfe)
         return TextUncertaintyOutput(
-            scores=collected.scores(request, len(prompts)), seed=seed, num_draws=num_draws,
+            scores=collected.scores(request), seed=seed, num_draws=num_draws,
             backbone_rows=collected.backbone_rows, timings=collected.timings,
             tokens=torch.cat(tokens), nfe=float(per_row.mean()), row_nfe=per_row,
             token_stats={k: torch.cat([s[k] for s in stats_all]) for k in stats_all[0]},

@@ -10,10 +10,10 @@ serves both uncertainty signals:
   a forward hook swaps the head's output for each row's own head draw, so the M heads cost one
   grouped convolution, not M models.  With ``branch_at = k`` the perturbed trajectories share the
   MAP's first ``k`` steps and only then fork (the prefix is computed once).
-* **variability** (noise-prediction variability): along the MAP trajectory, the M head draws are
-  applied to the MAP's own features at each chosen step; the variance of the predicted noise
-  across draws is averaged over pixels and steps.  This costs one head op per step on top of
-  plain generation.
+* **variability** (noise-prediction variability): along the MAP trajectory, at each chosen
+  step, the variance of the predicted noise under the head posterior given the MAP's own
+  features (:mod:`genunc.posterior.variance`: exact, or over M draws), reduced per sample by the
+  adapter.  This costs one head op per step on top of plain generation.
 
 The M+1 generations differ only by their heads, for every scheduler: once the batch forks, each
 trajectory steps with a scheduler copy of its own, and every copy draws the same step noise
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,10 @@ from genunc.errors import GenuncError
 if TYPE_CHECKING:
     from genunc.posterior.draws import HeadDraws
 
+#: ``(phi, inputs) -> (B, ...)``: the variance of the model output under the head posterior,
+#: given the backbone features of the MAP trajectory (:mod:`genunc.posterior.variance`)
+HeadVariance = Callable[[Tensor, Mapping[str, Any]], Tensor]
+
 
 @dataclass
 class TrajectoryOutput:
@@ -49,6 +53,8 @@ class TrajectoryOutput:
     draw_samples: Tensor | None = None  # (M, B, ...) from the perturbed heads
     #: name -> (S, B) per-step variability (the adapter names the parts, e.g. positions / types)
     variability_per_step: dict[str, Tensor] | None = None
+    #: the scheduler timestep of each row of ``variability_per_step``
+    variability_timesteps: Tensor | None = None
     backbone_rows: int = 0  # rows pushed through the backbone (cost in units of one sample-step)
 
 
@@ -63,10 +69,18 @@ def repeat_batch(value: Any, reps: int) -> Any:
 
 class _GroupStepper:
     """Steps G trajectories that share one batch, each with its own scheduler state and the same
-    sampler noise (the generator is rewound before each group's step)."""
+    sampler noise (the generators are rewound before each group's step).
 
-    def __init__(self, scheduler: Any, generator: torch.Generator | None) -> None:
+    `generator` is one generator or one per sample (diffusers' schedulers take either); with
+    per-sample generators each sample's noise depends on that sample alone, not on the batch
+    it runs in.
+    """
+
+    def __init__(self, scheduler: Any,
+                 generator: torch.Generator | list[torch.Generator] | None) -> None:
         self.schedulers = [scheduler]
+        self.generators = [] if generator is None else \
+            list(generator) if isinstance(generator, (list, tuple)) else [generator]
         self.generator = generator
         # stochastic schedulers take a generator; deterministic ones (PNDM, ...) may not accept one
         self.kwargs = {"generator": generator} \
@@ -80,11 +94,11 @@ class _GroupStepper:
         groups = len(self.schedulers)
         if groups == 1:
             return self.schedulers[0].step(out, t, x, **self.kwargs).prev_sample
-        state = self.generator.get_state() if self.generator is not None else None
+        states = [g.get_state() for g in self.generators]
         steps = []
         for scheduler, out_g, x_g in zip(self.schedulers, out.chunk(groups), x.chunk(groups)):
-            if state is not None:
-                self.generator.set_state(state)
+            for g, state in zip(self.generators, states):
+                g.set_state(state)
             steps.append(scheduler.step(out_g, t, x_g, **self.kwargs).prev_sample)
         return torch.cat(steps)
 
@@ -99,9 +113,9 @@ def run_trajectory(
     num_inference_steps: int = 50,
     trajectory_draws: HeadDraws | None = None,
     branch_at: int = 0,
-    variability_draws: HeadDraws | None = None,
+    variability: HeadVariance | None = None,
     variability_steps: list[int] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = False,
 ) -> TrajectoryOutput:
     """Run the sampler from ``x_T``; optionally fork perturbed trajectories and score variability.
@@ -112,16 +126,15 @@ def run_trajectory(
             may branch off it after ``branch_at`` steps; otherwise only the perturbed
             trajectories run, from step 0.  ``None``: the MAP trajectory alone.
         branch_at: number of initial steps the perturbed trajectories share with the MAP.
-        variability_draws: head draws applied to the MAP features at ``variability_steps``
-            (default: every step).
+        variability: the head-output variance given the MAP features
+            (:class:`~genunc.posterior.variance.ExactVariance` or ``MonteCarloVariance``),
+            recorded at ``variability_steps`` (default: every step).
     """
     cond = {k: v for k, v in (cond or {}).items() if v is not None}
     include_map = trajectory_draws is None or trajectory_draws.includes_map
-    if variability_draws is not None and not include_map:
+    if variability is not None and not include_map:
         raise GenuncError("variability is measured along the MAP trajectory: put the MAP "
                           "first in the trajectory draws")
-    if variability_draws is not None and len(variability_draws) < 2:
-        raise GenuncError("variability is a variance across draws: it needs num_draws >= 2")
     if not include_map and branch_at:
         raise GenuncError("without the MAP trajectory, perturbed trajectories start at step 0")
     scheduler = copy.deepcopy(scheduler)
@@ -155,7 +168,8 @@ def run_trajectory(
         x = repeat_batch(x, groups)
         current_cond = repeat_batch(cond, groups)
         stepper.fork(groups)
-    variability: dict[str, list[Tensor]] = {}
+    per_step: dict[str, list[Tensor]] = {}
+    measured_at: list[Tensor] = []
     rows = 0
     handle = head.register_forward_hook(hook)
     try:
@@ -169,11 +183,12 @@ def run_trajectory(
             t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
             out = adapter.denoise(x=model_in, t=t_batch, **current_cond)
             rows += x.shape[0]
-            if variability_draws is not None and i in vsteps:
+            if variability is not None and i in vsteps:
                 inputs = {"x": model_in[:batch], "t": t_batch[:batch], **cond}
-                eps = adapter.post_head(variability_draws.apply(state["phi"]), inputs)
-                for name, value in adapter.variability(eps, inputs).items():
-                    variability.setdefault(name, []).append(value)
+                variance = variability(state["phi"], inputs)
+                for name, value in adapter.reduce_variance(variance, inputs).items():
+                    per_step.setdefault(name, []).append(value)
+                measured_at.append(t.reshape(()).cpu())
             x = adapter.project(stepper.step(out, t, x), current_cond)
     finally:
         handle.remove()
@@ -189,6 +204,7 @@ def run_trajectory(
     return TrajectoryOutput(
         samples=samples,
         draw_samples=draw_samples,
-        variability_per_step={k: torch.stack(v) for k, v in variability.items()} or None,
+        variability_per_step={k: torch.stack(v) for k, v in per_step.items()} or None,
+        variability_timesteps=torch.stack(measured_at) if measured_at else None,
         backbone_rows=rows,
     )

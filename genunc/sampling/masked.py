@@ -27,14 +27,16 @@ its own from the same randomness (one batch of (M+1)·B rows), for the semantic 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
+from genunc import streams
 from genunc.adapters.text import MaskedDiffusionLMAdapter, check_layout
-from genunc.errors import GenuncError
+from genunc.errors import GenuncError, ShapeMismatchError
 from genunc.scores.tokens import confidence, margin, mutual_information, self_certainty
 
 if TYPE_CHECKING:
@@ -102,9 +104,31 @@ def _schedule(n: int, steps: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(steps)]
 
 
-def _gumbel(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
-    u = torch.rand(shape, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+def _gumbel(uniforms: Tensor) -> Tensor:
+    u = uniforms.clamp(1e-12, 1 - 1e-12)
     return -torch.log(-torch.log(u))
+
+
+class _RowNoise:
+    """The sampler's randomness for each sequence and each (block, step), from that sequence's
+    own stream: a sequence's draws do not depend on the batch it runs in, nor on how many steps
+    its batch-mates needed."""
+
+    def __init__(self, seed: int, indices: Sequence[int]) -> None:
+        self.seed, self.indices = seed, list(indices)
+        self.key: tuple[int, int] = (0, 0)
+        self.generators: list[torch.Generator] = []
+
+    def at(self, block: int, step: int) -> "_RowNoise":
+        if self.key != (block, step) or not self.generators:
+            self.key = (block, step)
+            self.generators = streams.sample_generators(self.seed, "sampler_noise", self.indices,
+                                                        block, step)
+        return self
+
+    def uniforms(self, *shape: int) -> Tensor:
+        """``(B, *shape)`` uniforms; successive calls at one step draw fresh numbers."""
+        return streams.rand_rows(shape, self.generators)
 
 
 @torch.no_grad()
@@ -115,12 +139,14 @@ def unmask(
     *,
     mi_draws: HeadDraws | None = None,
     trajectory_draws: HeadDraws | None = None,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> UnmaskingOutput:
     """Fill every ``mask_id`` position of ``x`` ``(B, L)``; see the module docstring.
 
     ``trajectory_draws`` must hold the MAP first (:meth:`HeadPosterior.sample` with
-    ``include_map=True``): its sequences are the output ``tokens``.
+    ``include_map=True``): its sequences are the output ``tokens``.  ``seed`` and ``indices``
+    (the rows' global sample indices, default ``0 .. B-1``) key the sampling noise.
     """
     config = config or UnmaskingConfig()
     if trajectory_draws is not None and not trajectory_draws.includes_map:
@@ -130,6 +156,9 @@ def unmask(
     device = adapter.device
     x = x.to(device).long()
     b, length = x.shape
+    noise_source = _RowNoise(seed, range(b) if indices is None else indices)
+    if len(noise_source.indices) != b:
+        raise ShapeMismatchError(f"{len(noise_source.indices)} sample indices for {b} rows")
     generate_mask = x == adapter.mask_id
     cols = list(check_layout(generate_mask.cpu()))
     blocks = _blocks(cols, config.block_length)
@@ -163,7 +192,7 @@ def unmask(
     row_nfe = torch.zeros(b, dtype=torch.long, device=device)
     handle = adapter.head.register_forward_hook(hook)
     try:
-        for block, block_steps in zip(blocks, steps_per_block):
+        for block_no, (block, block_steps) in enumerate(zip(blocks, steps_per_block)):
             in_block = torch.zeros(length, dtype=torch.bool, device=device)
             in_block[block] = True
             schedule = _schedule(len(block), block_steps)
@@ -184,19 +213,19 @@ def unmask(
                 rows += inputs.shape[0]
                 logits = logits_all[: groups * b].double()
                 # randomness shared by the MAP and every draw: same noise, repeated per group
+                noise_now = noise_source.at(block_no, step)
                 if config.temperature > 0:
-                    noise = _gumbel((b, length, logits.shape[-1]), generator).to(device)
+                    noise = _gumbel(noise_now.uniforms(length, logits.shape[-1])).to(device)
                     tokens = (logits / config.temperature + noise.repeat(groups, 1, 1)).argmax(-1)
                 else:
                     tokens = logits.argmax(-1)
                 conf = confidence(logits, tokens)
                 if config.strategy == "random":
-                    rank = torch.rand(b, length, generator=generator, dtype=torch.float64)
-                    rank = rank.to(device).repeat(groups, 1)
+                    rank = noise_now.uniforms(length).to(device).repeat(groups, 1)
                 else:
                     rank = conf.clamp_min(1e-300).log()
                     if config.position_temperature > 0:
-                        pos_noise = _gumbel((b, length), generator).to(device).repeat(groups, 1)
+                        pos_noise = _gumbel(noise_now.uniforms(length)).to(device).repeat(groups, 1)
                         rank = rank + config.position_temperature * pos_noise
                 rank = rank.masked_fill(~masked, -torch.inf)
                 if config.strategy in ("random", "low_confidence") and step < len(schedule) - 1:

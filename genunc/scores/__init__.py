@@ -4,15 +4,25 @@ Every score is an array with one value per sample; lower means more certain (kee
 and per-position values reduce to one per sample with :func:`aggregate` / :func:`aggregate_steps`.
 """
 
-from genunc.scores.aggregate import Aggregate, aggregate, aggregate_steps
+from genunc.scores.aggregate import (
+    VARIABILITY_TARGETS,
+    Aggregate,
+    VariabilityTarget,
+    aggregate,
+    aggregate_steps,
+    variability_score,
+)
 from genunc.scores.semantic import feature_variance, gaussian_entropy, pixel_variance, random_scores
 
 __all__ = [
     "Aggregate",
+    "VARIABILITY_TARGETS",
+    "VariabilityTarget",
     "aggregate",
     "aggregate_steps",
     "feature_variance",
     "gaussian_entropy",
     "pixel_variance",
     "random_scores",
+    "variability_score",
 ]

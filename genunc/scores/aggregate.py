@@ -16,6 +16,12 @@ from torch import Tensor
 
 from genunc.errors import GenuncError, ShapeMismatchError
 
+#: what the variability score measures the variance of: the predicted noise (the paper's
+#: choice), or the clean sample it implies, ``x0 = (x_t - sigma_t eps) / alpha_t``, whose
+#: variance is the noise's times ``sigma_t^2 / alpha_t^2`` (late, low-noise steps weigh less)
+VariabilityTarget = Literal["noise", "clean"]
+VARIABILITY_TARGETS: tuple[str, ...] = ("noise", "clean")
+
 #: how to reduce: the mean, the maximum, the sum, or the last selected entry
 Aggregate = Literal["mean", "max", "sum", "last"]
 AGGREGATES: tuple[str, ...] = ("mean", "max", "sum", "last")
@@ -63,3 +69,24 @@ def aggregate_steps(per_step: Tensor | np.ndarray, how: Aggregate = "mean") -> n
     if how == "last":
         return values[-1]
     return {"mean": values.mean, "max": values.max, "sum": values.sum}[how](axis=0)
+
+
+def variability_score(per_step: Tensor | np.ndarray, timesteps: Tensor | np.ndarray,
+                      alphas_cumprod: Tensor | np.ndarray, target: VariabilityTarget = "noise",
+                      how: Aggregate = "mean") -> np.ndarray:
+    """Per-step variances ``(S, B)`` measured at `timesteps` -> one score per sample.
+
+    ``target="clean"`` rescales each step's noise variance to the variance of the implied clean
+    sample (``(1 - abar_t) / abar_t``) before reducing over the steps.
+    """
+    if target not in VARIABILITY_TARGETS:
+        raise GenuncError(f"unknown variability target {target!r}; choose from {VARIABILITY_TARGETS}")
+    values = np.asarray(per_step.detach().cpu().double() if isinstance(per_step, Tensor)
+                        else per_step, dtype=np.float64)
+    if target == "clean":
+        abar = np.asarray(torch.as_tensor(alphas_cumprod).double().cpu())[
+            np.asarray(torch.as_tensor(timesteps).long().cpu())]
+        if values.ndim != 2 or len(abar) != values.shape[0]:
+            raise ShapeMismatchError(f"per-step values {values.shape} and {len(abar)} timesteps differ")
+        values = values * ((1 - abar) / abar)[:, None]
+    return aggregate_steps(values, how)

@@ -13,6 +13,7 @@ import math
 import numpy as np
 from torch import Tensor
 
+from genunc import streams
 from genunc.errors import GenuncError, NonFiniteError, ShapeMismatchError
 
 
@@ -57,13 +58,7 @@ def pixel_variance(generations: Tensor, ddof: int = 1) -> np.ndarray:
     return feature_variance(flat, ddof).mean(axis=1)
 
 
-#: Mixed into the random baseline's seed.  Pipelines also draw from ``default_rng(seed)`` (the
-#: molecule sampler its atom counts, by inverse CDF): the same stream would make "random" scores
-#: a monotone function of molecule size, correlated with every size-dependent quality metric.
-_RANDOM_STREAM = 0x72616E64
-
-
-def random_scores(n: int, seed: int = 0) -> np.ndarray:
-    """Baseline: uniform random scores (what filtering without a signal achieves), drawn from a
-    stream of their own so they are independent of everything else the seed drives."""
-    return np.random.default_rng([seed, _RANDOM_STREAM]).random(n)
+def random_scores(seed: int, indices: range | list[int]) -> np.ndarray:
+    """Baseline: uniform random scores (what filtering without a signal achieves), one per
+    sample from the sample's own stream, independent of everything else the seed drives."""
+    return streams.sample_uniforms(seed, "random_baseline", indices)

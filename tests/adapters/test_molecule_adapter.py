@@ -76,6 +76,7 @@ def test_schedule_is_monotone_and_bounded():
 
 
 def test_sampling_with_diffusers_schedulers_stays_centred_and_scores_per_atom(adapter):
+    from genunc.posterior.variance import MonteCarloVariance
     from genunc.sampling import run_trajectory
 
     data = batch()
@@ -86,7 +87,7 @@ def test_sampling_with_diffusers_schedulers_stays_centred_and_scores_per_atom(ad
         out = run_trajectory(adapter, adapter.make_scheduler(kind), x_T, {"node_mask": mask},
                              num_inference_steps=4,
                              trajectory_draws=post.sample(2, seed=1, include_map=True),
-                             variability_draws=post.sample(3, seed=2),
+                             variability=MonteCarloVariance(adapter, post.sample(3, seed=2)),
                              generator=torch.Generator().manual_seed(0))
         for x in (out.samples, *out.draw_samples):
             assert x[..., :3].sum(-2).abs().max() < 1e-4  # centre of mass stays at the origin
@@ -97,6 +98,31 @@ def test_sampling_with_diffusers_schedulers_stays_centred_and_scores_per_atom(ad
         torch.testing.assert_close(parts["variability"],
                                    parts["variability_pos"] + parts["variability_type"])
         assert (parts["variability_pos"] > 0).all()
+
+
+def test_exact_variability_is_the_limit_of_many_draws(adapter):
+    """The closed form through the e3nn head and the centre-of-mass removal equals the variance
+    of 4,000 draws, per atom and channel, within Monte-Carlo error."""
+    from genunc.posterior.capture import capture_head
+    from genunc.posterior.variance import ExactVariance, MonteCarloVariance
+
+    data = batch()
+    post = HeadPosterior.fit(adapter, [data], progress=False)
+    mask = data["node_mask"]
+    t = torch.full((mask.shape[0],), 300)
+    with torch.no_grad(), capture_head(adapter.head) as record:
+        adapter.denoise(x=data["x"], t=t, node_mask=mask)
+    inputs = {"x": data["x"], "node_mask": mask}
+    exact = ExactVariance(adapter, post)(record.features, inputs)
+    many = MonteCarloVariance(adapter, post.sample(4000, seed=3))(record.features, inputs)
+    real = mask[..., None].expand_as(exact)
+    # the sample variance of n normals has relative standard error sqrt(2 / (n - 1))
+    rel = (many[real] - exact[real]).abs() / exact[real]
+    assert float(rel.max()) < 4 * (2 / 3999) ** 0.5
+    assert exact[~real].abs().max() == 0  # padding has no variance
+    scores = adapter.reduce_variance(exact, inputs)
+    torch.testing.assert_close(scores["variability"],
+                               scores["variability_pos"] + scores["variability_type"])
 
 
 def test_per_atom_variability_does_not_grow_with_padding(adapter):

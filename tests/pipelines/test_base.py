@@ -20,13 +20,16 @@ PIPELINES = [ImageUncertaintyPipeline, MoleculeUncertaintyPipeline, TextUncertai
 
 @pytest.mark.parametrize("cls", PIPELINES, ids=lambda c: c.__name__)
 def test_one_rule_for_how_many_draws_a_score_needs(cls):
-    """0: no posterior; 1: MAP versus perturbed generations; 2: a variance across draws."""
+    """None: no posterior; 0: the posterior but no draws (the exact variability); 1: MAP versus
+    perturbed generations; 2: a disagreement across draws."""
     assert issubclass(cls, UncertaintyPipeline)
     for name, needed in cls.SCORES.items():
         if name == "random" or name.startswith(("low_confidence", "low_margin", "low_self",
                                                  "denoising")):
+            assert needed is None, name
+        elif name == "variability":
             assert needed == 0, name
-        elif name.startswith(("variability", "mutual_information")):
+        elif name.startswith("mutual_information"):
             assert needed == 2, name
         else:
             assert needed == 1, name
@@ -52,16 +55,30 @@ def test_requests_are_checked_before_anything_runs(image_pipe):
             image_pipe(kwargs.pop("num_samples"), scores=("random",), progress=False, **kwargs)
 
 
-def test_head_draws_put_the_map_first(image_pipe):
+def test_head_draws_put_the_map_first_and_come_from_their_own_stream(image_pipe):
+    from genunc import streams
+
     g = torch.Generator().manual_seed(0)
     image_pipe.fit_posterior((torch.randn(16, 1, 8, 8, generator=g).clamp(-1, 1),
                               torch.randint(0, 3, (16,), generator=g)), progress=False)
-    request = image_pipe._request(("semantic",), 3, seed=5)
+    request = image_pipe._request(("semantic",), 3, seed=5, num_samples=4)
     assert request.draws.includes_map and len(request.draws) == 4
     torch.testing.assert_close(request.draws.flat[0], image_pipe.posterior.mean)
-    torch.testing.assert_close(request.perturbed.flat,
-                               image_pipe.posterior.sample(3, seed=5).flat, rtol=0, atol=0)
+    expected = image_pipe.posterior.sample(3, seed=streams.torch_generator(5, "head_draws"))
+    torch.testing.assert_close(request.perturbed.flat, expected.flat, rtol=0, atol=0)
     assert not request.perturbed.includes_map
+    # the same draws whichever samples a call holds: chunks of one run share them
+    later = image_pipe._request(("semantic",), 3, seed=5, num_samples=2, first_sample=64)
+    torch.testing.assert_close(later.draws.flat, request.draws.flat, rtol=0, atol=0)
+    # the exact variability needs the posterior but no draws
+    exact = image_pipe._request(("variability",), 0, seed=5, num_samples=2)
+    assert exact.draws is None
+    with pytest.raises(GenuncError, match="need num_draws >= 2"):
+        image_pipe._request(("variability",), 1, seed=5, num_samples=2, variance="monte_carlo")
+    for bad in ({"seed": -1}, {"first_sample": -2}, {"variance": "mc"},
+                {"variability_target": "x0"}):
+        with pytest.raises(GenuncError):
+            image_pipe._request(("variability",), 2, **{"seed": 0, **bad}, num_samples=2)
 
 
 def test_load_or_fit_posterior_policy(image_pipe, tmp_path, tiny_unet):

@@ -8,6 +8,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch.func import functional_call
 
+from genunc import streams
 from genunc.errors import FingerprintMismatchError, GenuncError
 from genunc.features import flatten_pixels
 from genunc.pipelines import ImageUncertaintyPipeline
@@ -87,9 +88,9 @@ def _reference_generation(pipe, x_T, labels, params=None, variability_draws=None
 
 def test_batched_draws_equal_a_loop_of_full_models(pipe):
     out = pipe(4, num_draws=3, num_inference_steps=STEPS, scores=("semantic", "variability"),
-               progress=False, keep_draw_images=True, seed=2)
-    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    draws = pipe.posterior.sample(3, seed=2)
+               variance="monte_carlo", progress=False, keep_draw_images=True, seed=2)
+    x_T = streams.randn_rows((1, 8, 8), streams.sample_generators(2, "initial_noise", range(4)))
+    draws = pipe.posterior.sample(3, seed=streams.torch_generator(2, "head_draws"))
     images, variability = _reference_generation(pipe, x_T, out.class_labels,
                                                 variability_draws=draws)
     torch.testing.assert_close(out.images, images, rtol=1e-4, atol=1e-4)
@@ -97,6 +98,22 @@ def test_batched_draws_equal_a_loop_of_full_models(pipe):
     for m in range(3):
         perturbed, _ = _reference_generation(pipe, x_T, out.class_labels, _swap(pipe.unet, draws, m))
         torch.testing.assert_close(out.draw_images[m], perturbed, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_variability_is_the_mean_of_monte_carlo_estimates(pipe):
+    """Per step, the closed form equals the variance of many draws (relative standard error
+    sqrt(2 / (M - 1)) per element, smaller after averaging over pixels)."""
+    kwargs = dict(num_inference_steps=STEPS, scores=("variability",), progress=False, seed=4)
+    exact = pipe(3, num_draws=0, **kwargs)
+    many = pipe(3, num_draws=3000, variance="monte_carlo", **kwargs)
+    assert exact.variability_per_step["variability"].shape == (STEPS, 3)
+    np.testing.assert_allclose(many.variability_per_step["variability"],
+                               exact.variability_per_step["variability"], rtol=4 * (2 / 2999) ** 0.5)
+    clean = pipe(3, num_draws=0, variability_target="clean", **kwargs)
+    abar = pipe.adapter.alphas_cumprod.double().numpy()[exact.variability_timesteps]
+    np.testing.assert_allclose(clean.scores["variability"],
+                               (exact.variability_per_step["variability"]
+                                * ((1 - abar) / abar)[:, None]).mean(0), rtol=1e-12)
 
 
 def test_branching_shares_the_prefix(pipe):
@@ -114,11 +131,11 @@ def test_branching_shares_the_prefix(pipe):
 
 
 def test_bad_requests_fail_clearly(pipe, saved, tiny_unet):
-    with pytest.raises(GenuncError, match=r"need num_draws >= 2, got 0"):
+    with pytest.raises(GenuncError, match=r"need num_draws >= 1, got 0"):
         pipe(2, num_draws=0, num_inference_steps=2, progress=False)
     with pytest.raises(GenuncError, match=r"\['variability'\] need num_draws >= 2, got 1"):
         pipe(2, num_draws=1, num_inference_steps=2, scores=("semantic", "variability"),
-             progress=False)
+             variance="monte_carlo", progress=False)
     assert pipe(2, num_draws=1, num_inference_steps=2, scores=("semantic",),
                 progress=False).scores["semantic"].shape == (2,)
     with pytest.raises(GenuncError, match="num_inference_steps must be at least 1, got 0"):

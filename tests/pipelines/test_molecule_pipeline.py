@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from genunc import streams
 from genunc.errors import GenuncError
 from genunc.pipelines import MoleculeUncertaintyPipeline
 
@@ -42,7 +43,32 @@ def test_pipeline_scores_molecules_reproducibly(qm9_slice, tiny_pipeline):
         np.testing.assert_array_equal(pa, pb)
         np.testing.assert_allclose(pa.mean(0), 0, atol=1e-4)
     with pytest.raises(GenuncError, match="num_draws >= 2"):
-        sampler(2, num_draws=1, num_inference_steps=2, progress=False)
+        sampler(2, num_draws=1, num_inference_steps=2, variance="monte_carlo", progress=False)
+
+
+@pytest.mark.parametrize("sampler_kind", ["ddpm", "ddim"])
+def test_molecules_and_scores_do_not_depend_on_chunking(qm9_slice, tiny_pipeline, sampler_kind):
+    """Molecule i draws its size, noise and baselines from the streams of its global index and
+    every chunk shares the head draws: one call, other chunk sizes, or two calls (the second
+    with first_sample) give the same molecules and scores."""
+    pipe = tiny_pipeline(timesteps=20)
+    pipe.fit_posterior([pipe.adapter.encode(qm9_slice, np.arange(0, 30))], progress=False)
+    kwargs = dict(num_draws=2, num_inference_steps=4, sampler=sampler_kind, seed=3,
+                  scores=("variability", "semantic", "denoising_loss", "random"),
+                  nll_levels=2, progress=False)
+    whole = pipe(6, chunk_size=6, **kwargs)
+    runs = [pipe(6, chunk_size=2, **kwargs), pipe(6, chunk_size=4, **kwargs)]
+    head, tail = pipe(4, chunk_size=3, **kwargs), pipe(2, first_sample=4, chunk_size=1, **kwargs)
+    joined = {name: np.concatenate([head.scores[name], tail.scores[name]]) for name in head.scores}
+    for other, molecules in [(runs[0].scores, runs[0].molecules), (runs[1].scores, runs[1].molecules),
+                             (joined, head.molecules + tail.molecules)]:
+        for name in whole.scores:
+            np.testing.assert_allclose(other[name], whole.scores[name], rtol=1e-4, atol=1e-7)
+        for (pa, ta), (pb, tb) in zip(molecules, whole.molecules):
+            np.testing.assert_array_equal(ta, tb)
+            np.testing.assert_allclose(pa, pb, atol=1e-4)
+    other_seed = pipe(6, chunk_size=6, **{**kwargs, "seed": 4})
+    assert not np.allclose(other_seed.scores["random"], whole.scores["random"])
 
 
 def test_from_pretrained_round_trip(qm9_slice, tmp_path, tiny_molecule_model):
@@ -77,9 +103,11 @@ def test_denoising_loss_matches_direct_computation(qm9_slice, tiny_pipeline):
     sampler = tiny_pipeline()
     batch = sampler.adapter.encode(qm9_slice, np.arange(4))
     x0, mask = batch["x"], batch["node_mask"]
-    got = sampler.denoising_loss(x0, mask, levels=1, seed=3)
+    generators = streams.sample_generators(3, "likelihood_noise", range(4))
+    got = sampler.denoising_loss(x0, mask, levels=1, generators=generators)
     adapter = sampler.adapter
-    eps = adapter.sample_noise(x0.shape, mask, torch.Generator().manual_seed(3))
+    again = streams.sample_generators(3, "likelihood_noise", range(4))
+    eps = adapter.project(streams.randn_rows(x0.shape[1:], again), {"node_mask": mask})
     t = torch.zeros(4, dtype=torch.long)
     alpha, sigma = adapter.alpha_sigma(t)
     with torch.no_grad():
@@ -106,7 +134,7 @@ def test_molecule_descriptors_are_invariant(qm9_slice):
 
 
 def test_random_baseline_is_independent_of_molecule_size(qm9_slice, tiny_pipeline):
-    """Atom counts are drawn from default_rng(seed) too; the random score must not follow them."""
+    """Atom counts and the random score come from streams of their own: unrelated."""
     from genunc.filtering import spearman
 
     sampler = tiny_pipeline(timesteps=10)

@@ -46,7 +46,7 @@ def test_every_sampler_fills_all_masks_and_keeps_the_prompt(fitted, config):
     adapter, posterior = fitted
     x = prompts()
     out = unmask(adapter, x, config, mi_draws=posterior.sample(3, seed=0),
-                 generator=torch.Generator().manual_seed(0))
+                 seed=0)
     assert out.tokens.shape == x.shape
     assert (out.tokens != MASK).all()
     assert torch.equal(out.tokens[:, :PROMPT], x[:, :PROMPT])
@@ -87,22 +87,22 @@ def test_same_seed_same_output(fitted):
     adapter, posterior = fitted
     config = UnmaskingConfig("random", temperature=0.8, position_temperature=1.0)
     runs = [unmask(adapter, prompts(), config, mi_draws=posterior.sample(3, seed=5),
-                   generator=torch.Generator().manual_seed(9))
+                   seed=9)
             for _ in range(2)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     for name in runs[0].token_stats:
         assert torch.equal(runs[0].token_stats[name], runs[1].token_stats[name])
-    other = unmask(adapter, prompts(), config, generator=torch.Generator().manual_seed(10))
+    other = unmask(adapter, prompts(), config, seed=10)
     assert not torch.equal(other.tokens, runs[0].tokens)
 
 
 def test_trajectory_draws_share_randomness_with_the_map(fitted):
     adapter, posterior = fitted
     config = UnmaskingConfig("low_confidence", temperature=1.0, block_length=3)
-    plain = unmask(adapter, prompts(), config, generator=torch.Generator().manual_seed(4))
+    plain = unmask(adapter, prompts(), config, seed=4)
     forked = unmask(adapter, prompts(), config,
                     trajectory_draws=posterior.sample(4, seed=1, include_map=True),
-                    generator=torch.Generator().manual_seed(4))
+                    seed=4)
     assert torch.equal(forked.tokens, plain.tokens)  # the MAP row is unaffected by the draws
     assert forked.draw_tokens.shape == (4, 3, L) and (forked.draw_tokens != MASK).all()
     assert forked.nfe == plain.nfe and forked.backbone_rows == 5 * plain.backbone_rows
@@ -146,3 +146,23 @@ def test_bad_inputs(fitted, tiny_text_model):
         UnmaskingConfig("greedy")
     with pytest.raises(GenuncError, match="nn.Linear"):
         MaskedDiffusionLMAdapter(tiny_text_model(V, L), "blocks", MASK)
+
+
+@pytest.mark.parametrize("config", [UnmaskingConfig("threshold", temperature=1.0, threshold=0.5),
+                                    UnmaskingConfig("random", temperature=0.7, block_length=3)],
+                         ids=["threshold", "random-blocks"])
+def test_a_sequence_does_not_depend_on_its_batch(fitted, config):
+    """Each row's noise comes from its own stream (keyed by its global index), so splitting a
+    batch, even where rows need different numbers of steps, changes no sequence."""
+    adapter, posterior = fitted
+    x = prompts()
+    whole = unmask(adapter, x, config, mi_draws=posterior.sample(3, seed=0), seed=7,
+                   indices=[10, 11, 12])
+    parts = [unmask(adapter, x[i : i + 1], config, mi_draws=posterior.sample(3, seed=0), seed=7,
+                    indices=[10 + i]) for i in range(len(x))]
+    assert torch.equal(whole.tokens, torch.cat([p.tokens for p in parts]))
+    for name in whole.token_stats:
+        torch.testing.assert_close(whole.token_stats[name],
+                                   torch.cat([p.token_stats[name] for p in parts]))
+    shifted = unmask(adapter, x, config, seed=7, indices=[20, 21, 22])
+    assert not torch.equal(shifted.tokens, whole.tokens)

@@ -1,0 +1,56 @@
+"""How much the denoiser's prediction varies under the head posterior, at one sampler step.
+
+Two estimators of the same quantity, the per-element variance of the model output given the
+backbone features ``phi`` of the MAP trajectory:
+
+* :class:`ExactVariance` (default): every genunc head is linear in its weights, so under a
+  diagonal Gaussian posterior the variance has a closed form
+  (:meth:`HeadPosterior.output_variance`): no Monte-Carlo noise, and cheaper than M draws.
+* :class:`MonteCarloVariance`: the sample variance of M head draws' predictions (unbiased, so its
+  mean over draw sets is the exact value); the route for non-diagonal posteriors and a check.
+
+Both are the ``(phi, inputs) -> (B, ...)`` callables the sampling loop takes
+(:data:`genunc.sampling.diffusers_loop.HeadVariance`): variances shaped like one model output,
+which the adapter reduces to per-sample numbers (:meth:`DenoiserAdapter.reduce_variance`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from genunc.adapters.base import DenoiserAdapter
+from genunc.errors import GenuncError
+
+if TYPE_CHECKING:
+    from genunc.posterior.draws import HeadDraws
+    from genunc.posterior.laplace_head import HeadPosterior
+
+
+class MonteCarloVariance:
+    """Sample variance of the predictions of M >= 2 head draws."""
+
+    def __init__(self, adapter: DenoiserAdapter, draws: HeadDraws) -> None:
+        if len(draws) < 2:
+            raise GenuncError("a Monte-Carlo variance compares draws: it needs num_draws >= 2")
+        if draws.includes_map:
+            raise GenuncError("pass the perturbed draws only (without the MAP)")
+        self.adapter, self.draws = adapter, draws
+
+    def __call__(self, phi: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+        return self.adapter.post_head(self.draws.apply(phi), inputs).double().var(0)
+
+
+class ExactVariance:
+    """Closed-form variance under a diagonal posterior (no draws)."""
+
+    def __init__(self, adapter: DenoiserAdapter, posterior: HeadPosterior) -> None:
+        if posterior.structure != "diag":
+            raise GenuncError(f"the exact variance needs the diagonal posterior; this one is "
+                              f"{posterior.structure!r}: use variance='monte_carlo'")
+        self.adapter, self.posterior = adapter, posterior
+
+    def __call__(self, phi: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+        return self.adapter.head_output_variance(self.posterior, phi, inputs).double()
