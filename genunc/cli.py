@@ -43,10 +43,10 @@ def _zoo_train(args: argparse.Namespace) -> int:
     overwritten only with --overwrite."""
     import json
 
-    from genunc.zoo import arith, digits, qm9
+    from genunc.zoo import arith, digits, judge, qm9
 
     shipped = {"digits-ddpm": digits.DDPM_DIR, "digits-classifier": digits.CLASSIFIER_DIR,
-               "qm9-edm": qm9.QM9_DIR, "arith-mdlm": arith.ARITH_DIR}
+               "digits-judge": judge.JUDGE_DIR, "qm9-edm": qm9.QM9_DIR, "arith-mdlm": arith.ARITH_DIR}
     out = Path(args.out or Path("outputs") / "zoo" / args.model)
     if out.resolve() == shipped[args.model].resolve() and not args.overwrite:
         raise GenuncError(f"{out} holds the shipped {args.model} weights; pass --overwrite to "
@@ -54,19 +54,22 @@ def _zoo_train(args: argparse.Namespace) -> int:
     if args.max_minutes and args.model != "qm9-edm":
         raise GenuncError("--max-minutes applies to qm9-edm only (the others finish in minutes)")
     given = {"steps": args.steps, "batch_size": args.batch_size, "max_minutes": args.max_minutes}
+    seed = {} if args.seed is None else {"seed": args.seed}  # absent: the recipe's own seed
+    epochs = {"epochs": args.epochs} if args.epochs else {}
     if args.model == "arith-mdlm":
         overrides = {k: v for k, v in given.items() if v and k != "max_minutes"}
-        report = arith.train_arith(arith.ArithRecipe(seed=args.seed, **overrides), out,
+        report = arith.train_arith(arith.ArithRecipe(**seed, **overrides), out,
                                    device=args.device)
     elif args.model == "qm9-edm":
         overrides = {k: v for k, v in given.items() if v}
-        report = qm9.train_qm9(qm9.QM9Recipe(seed=args.seed, **overrides), out, device=args.device)
+        report = qm9.train_qm9(qm9.QM9Recipe(**seed, **overrides), out, device=args.device)
     elif args.model == "digits-classifier":
-        recipe = digits.ClassifierRecipe(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
-        report = digits.train_classifier(recipe, out)
+        report = digits.train_classifier(digits.ClassifierRecipe(**seed, **epochs), out)
+    elif args.model == "digits-judge":
+        report = judge.train_judge(judge.JudgeRecipe(**seed, **epochs), out)
     else:
         overrides = {k: v for k, v in given.items() if v and k != "max_minutes"}
-        report = digits.train_ddpm(digits.DDPMRecipe(seed=args.seed, **overrides), out,
+        report = digits.train_ddpm(digits.DDPMRecipe(**seed, **overrides), out,
                                    device=args.device)
     print(json.dumps(report, indent=2))
     print(f"wrote {out}")
@@ -346,17 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a shipped reference model with its recorded recipe.",
         epilog="example: genunc zoo train digits-ddpm --steps 4000 --batch-size 48",
     )
-    train.add_argument("model", choices=["digits-ddpm", "digits-classifier", "qm9-edm", "arith-mdlm"])
+    train.add_argument("model", choices=["digits-ddpm", "digits-classifier", "digits-judge", "qm9-edm",
+                                         "arith-mdlm"])
     train.add_argument("--out", help="output directory (default: outputs/zoo/<model>)")
     train.add_argument("--overwrite", action="store_true",
                        help="allow --out to be the shipped weights folder (replaces them)")
     train.add_argument("--steps", type=int, help="optimiser steps (diffusion models)")
     train.add_argument("--batch-size", type=int, help="batch size (diffusion models)")
-    train.add_argument("--epochs", type=int, help="classifier epochs")
+    train.add_argument("--epochs", type=int, help="epochs (digits classifier and judge)")
     train.add_argument("--max-minutes", type=float,
                        help="stop after this many minutes, checkpointed; rerun to continue (qm9-edm)")
     train.add_argument("--device", help="torch device (default: cuda if available)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int,
+                       help="random seed (default: the recipe's: 1 for the judge, 0 for the others)")
     train.set_defaults(func=_zoo_train)
     return parser
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genunc.zoo.pretrained import Pretrained
-from genunc.zoo.training import default_device, train_steps, write_report
+from genunc.zoo.training import TrainingResult, default_device, train_steps, write_report
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DDPM_DIR = WEIGHTS_DIR / "digits_ddpm"
@@ -98,32 +98,42 @@ class ClassifierRecipe:
 def train_classifier(recipe: ClassifierRecipe, out_dir: str | Path) -> dict:
     """Train the feature/quality classifier; returns test accuracy and the recipe."""
     torch.manual_seed(recipe.seed)
+    model = DigitsClassifier()
+    acc, _ = fit_on_digits(model, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+                           seed=recipe.seed, desc="digits classifier")
+    model.save_pretrained(out_dir)
+    return write_report(out_dir, {
+        "test_accuracy": acc, "recipe": asdict(recipe),
+        "command": f"genunc zoo train digits-classifier --epochs {recipe.epochs} --seed {recipe.seed}"})
+
+
+def fit_on_digits(model: nn.Module, *, epochs: int, batch_size: int, lr: float, seed: int,
+                  weight_decay: float = 1e-4, desc: str = "digits") -> tuple[float, TrainingResult]:
+    """Cross-entropy training on the shifted train split, one permutation per epoch; returns the
+    test accuracy (model left in eval mode) and the run.  Shared by every model that reads digits
+    (the classifier and the judge), so that they differ only in what they are meant to differ in."""
     data = split_digits()
     x, y = data["train"]
-    model = DigitsClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(recipe.seed)
-    per_epoch = -(-len(x) // recipe.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = -(-len(x) // batch_size)
     order: list[Tensor] = []
 
     def batch_loss(step: int) -> Tensor:
         if step % per_epoch == 0:  # a new epoch: a new permutation
             order[:] = [torch.randperm(len(x), generator=g)]
-        i = (step % per_epoch) * recipe.batch_size
-        idx = order[0][i : i + recipe.batch_size]
+        i = (step % per_epoch) * batch_size
+        idx = order[0][i : i + batch_size]
         return F.cross_entropy(model(augment(x[idx], g)), y[idx])
 
     model.train()
-    train_steps(model, opt, batch_loss, steps=recipe.epochs * per_epoch, clip_norm=None,
-                desc="digits classifier", log_every=per_epoch)
+    result = train_steps(model, opt, batch_loss, steps=epochs * per_epoch, clip_norm=None, desc=desc,
+                         log_every=per_epoch)
     model.eval()
     with torch.no_grad():
         xt, yt = data["test"]
         acc = float((model(xt).argmax(1) == yt).float().mean())
-    model.save_pretrained(out_dir)
-    return write_report(out_dir, {
-        "test_accuracy": acc, "recipe": asdict(recipe),
-        "command": f"genunc zoo train digits-classifier --epochs {recipe.epochs} --seed {recipe.seed}"})
+    return acc, result
 
 
 # ---------------------------------------------------------------------------------------- DDPM
