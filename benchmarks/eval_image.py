@@ -1,19 +1,22 @@
-"""The paper's protocol at small scale, on the shipped digits DDPM.
+"""Image scores on the shipped digits DDPM, judged by a network no score reads.
 
-Jazbec et al. (UAI 2025) generate N samples, keep the least uncertain share and compare FID /
-precision / recall of the kept set against a random subset of the same size.  Here:
+Protocol (README "How the numbers are made"):
 
-1. generate N digits (MAP + M head-draw generations from the same x_T, DDIM eta = 0), scoring
-   each with semantic entropy, noise-prediction variability, pixel variance and random;
-2. for each score keep the 80% least uncertain; report feature-space FID, precision, recall
-   (digits-classifier features, against all 1,797 real digits) and the share of samples whose
-   class the classifier confirms; random keeps are averaged over 10 seeds;
-3. cost, in one run on a subset: wall time of plain generation, variability, full semantic,
-   branched semantic (draws fork at 50% / 80% of the steps) and fewer draw steps, with the
-   Spearman correlation of each cheap semantic variant against the full-cost score.
+* scores: semantic entropy over the digits *classifier*'s features (in units of the real digits'
+  feature SD), exact noise-prediction variability, pixel variance, random;
+* judge: the digits *judge*, an MLP on pixels (another architecture and seed, trained on real
+  digits, used by no score) gives the quality label ("shows the requested digit") and the
+  features of FID / precision / recall against all 1,797 real digits;
+* validation seed: the variability step window and target are chosen there (by AUROC for
+  "judge disagrees"); the test seed, disjoint streams, reports every figure, with bootstrap 95%
+  intervals over the test samples (percentile, 1,000 resamples; FID: basic, 200 resamples, since
+  resampling biases a Fréchet distance upwards);
+* kept sets: the 80% least uncertain globally, and 80% within each class (the class mix fixed);
+* cost (``--cost-n``): exact vs Monte-Carlo variability on the same samples, and the Monte-Carlo
+  score's rank agreement with the exact one.
 
-Usage:  python benchmarks/eval_image.py [--n 2000] [--draws 5] [--steps 50] [--cost-n 128]
-        [--variants]  (also filter by the cheap semantic variants; --cost-n 0 skips the cost table)
+Usage:  OMP_NUM_THREADS=1 python benchmarks/eval_image.py [--n-val 300] [--n-test 900]
+        [--draws 5] [--steps 50] [--cost-n 64]
 """
 
 from __future__ import annotations
@@ -22,113 +25,152 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
 from genunc import filtering
-from genunc.demos.digits import class_agreement, load_reference_pipeline
-from genunc.features import extract_in_batches
+from genunc.demos.digits import load_reference_pipeline
 from genunc.metrics.image import frechet_distance, precision_recall
+from genunc.metrics.stats import bootstrap_interval, spearman
+from genunc.scores import variability_score
 from genunc.zoo.digits import load_digits_tensor
+from genunc.zoo.judge import DigitsJudgeEvaluator
+
+SCORES = ("semantic", "variability", "pixel_variance", "random")
+VAL_SEED, TEST_SEED = 1000, 2000
 
 
-def quality_row(name, feats, real, correct, idx):
-    fid = frechet_distance(real, feats[idx])
-    precision, recall = precision_recall(real, feats[idx])
-    return name, fid, precision, recall, float(correct[idx].mean())
+def windows(steps: int) -> dict[str, np.ndarray]:
+    """The step windows the validation seeds choose among."""
+    idx = np.arange(steps)
+    return {"all steps": idx, "first half": idx[: steps // 2], "second half": idx[steps // 2 :],
+            "middle 20-80%": idx[int(0.2 * steps) : int(0.8 * steps)],
+            "last 20%": idx[int(0.8 * steps) :]}
+
+
+def variability_variant(out, pipe, rows: np.ndarray, target: str) -> np.ndarray:
+    per_step = out.variability_per_step["variability"][rows]
+    return variability_score(per_step, out.variability_timesteps[rows],
+                             pipe.adapter.alphas_cumprod, target)
+
+
+def choose_variability(pipe, val, wrong: np.ndarray, steps: int) -> tuple[str, str, dict]:
+    table = {}
+    for wname, rows in windows(steps).items():
+        for target in ("noise", "clean"):
+            table[(wname, target)] = filtering.auroc(variability_variant(val, pipe, rows, target), wrong)
+    best = max(table, key=table.get)
+    return best[0], best[1], table
+
+
+def fmt(est: float, low: float, high: float, digits: int = 3) -> str:
+    return f"{est:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--n-val", type=int, default=300)
+    parser.add_argument("--n-test", type=int, default=900)
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--keep", type=float, default=0.8)
-    parser.add_argument("--cost-n", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--boot", type=int, default=1000)
+    parser.add_argument("--cost-n", type=int, default=64)
     parser.add_argument("--out", default="outputs/eval_image")
-    parser.add_argument("--cost-only", action="store_true", help="skip the filtering table")
-    parser.add_argument("--variants", action="store_true",
-                        help="also filter by the cheap semantic variants (branch at 50%%, draws "
-                             "with a fifth of the steps): what their kept sets are worth")
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
 
     pipe = load_reference_pipeline(args.out, progress=False)
-    extractor = pipe.feature_extractor
-    if not args.cost_only:
-        filtering_table(pipe, extractor, args)
+    judge = DigitsJudgeEvaluator()
+    real = judge.features(load_digits_tensor()[0])
+    post = pipe.posterior.summary()
+    print(f"posterior: prior precision {post['prior_precision']:.4g}, relative perturbation "
+          f"{post['relative_perturbation']:.3%}")
+
+    runs = {}
+    for name, seed, n in (("validation", VAL_SEED, args.n_val), ("test", TEST_SEED, args.n_test)):
+        start = time.perf_counter()
+        out = pipe(n, num_draws=args.draws, num_inference_steps=args.steps, seed=seed,
+                   scores=SCORES, progress=False)
+        wrong = ~judge.agrees(out.images, out.class_labels)
+        runs[name] = (out, wrong)
+        print(f"{name}: seed {seed}, {n} digits, judge disagrees with {wrong.mean():.1%} "
+              f"({time.perf_counter() - start:.0f} s)")
+
+    val, val_wrong = runs["validation"]
+    window, target, table = choose_variability(pipe, val, val_wrong, args.steps)
+    print("\nvariability on the validation seed, AUROC(judge disagrees) per step window / target:")
+    for (wname, tname), value in table.items():
+        print(f"  {wname:14s} {tname:5s} {value:.3f}")
+    print(f"chosen: {window}, target {target}")
+
+    test, wrong = runs["test"]
+    scores = dict(test.scores)
+    scores["variability (paper: all steps, noise)"] = scores.pop("variability")
+    scores[f"variability ({window}, {target}; val.)"] = variability_variant(
+        test, pipe, windows(args.steps)[window], target)
+    feats = judge.features(test.images)
+    labels = test.class_labels.numpy()
+    good = ~wrong
+    print(f"\nTEST seed {TEST_SEED}: {len(wrong)} digits, 95% bootstrap intervals ({args.boot} resamples)")
+    print("| score | AUROC (judge disagrees) | judge agrees, kept 80% | FID, kept 80% | "
+          "precision | recall | judge agrees, 80% per class | FID, 80% per class |")
+    print("|---|---|---|---|---:|---:|---|---|")
+    p, r = precision_recall(real, feats)
+    fid_all = bootstrap_interval(lambda f: frechet_distance(real, f), feats, n_boot=args.boot // 5,
+                                 method="basic")
+    print(f"| all samples (100%) | | {good.mean():.3f} | {fmt(*fid_all, 2)} | {p:.3f} | {r:.3f} | | |")
+    for name, values in scores.items():
+        keep = filtering.keep_fraction(values, args.keep)
+        within = filtering.keep_fraction_within(values, labels, args.keep)
+        auroc = bootstrap_interval(filtering.auroc, values, wrong, n_boot=args.boot)
+        agree = bootstrap_interval(
+            lambda s, g: g[filtering.keep_fraction(s, args.keep)].mean(), values, good, n_boot=args.boot)
+        agree_within = bootstrap_interval(
+            lambda s, g, c: g[filtering.keep_fraction_within(s, c, args.keep)].mean(),
+            values, good, labels, n_boot=args.boot)
+        fid = bootstrap_interval(
+            lambda s, f: frechet_distance(real, f[filtering.keep_fraction(s, args.keep)]),
+            values, feats, n_boot=args.boot // 5, method="basic")
+        fid_within = frechet_distance(real, feats[within])
+        p, r = precision_recall(real, feats[keep])
+        print(f"| {name} | {fmt(*auroc)} | {fmt(*agree)} | {fmt(*fid, 2)} | {p:.3f} | {r:.3f} | "
+              f"{fmt(*agree_within)} | {fid_within:.2f} |")
+        kept_share = [np.isin(np.flatnonzero(labels == c), keep).mean() for c in np.unique(labels)]
+        print(f"|   class mix kept globally: {min(kept_share):.0%} to {max(kept_share):.0%} per class "
+              f"| | | | | | | |")
     if args.cost_n > 0:
         cost_table(pipe, args)
 
 
-def cheap_variants(steps: int) -> list[tuple[str, dict[str, int]]]:
-    """The cost reductions beyond the paper, as pipeline keyword arguments."""
-    return [("semantic, branch at 50%", dict(branch_at=steps // 2)),
-            ("semantic, branch at 80%", dict(branch_at=int(steps * 0.8))),
-            (f"semantic, scored with {steps // 5} steps", dict(score_steps=steps // 5))]
-
-
-def filtering_table(pipe, extractor, args) -> None:
-    real = extract_in_batches(extractor, load_digits_tensor()[0]).numpy()
-    out = pipe(args.n, num_draws=args.draws, num_inference_steps=args.steps, seed=args.seed,
-               scores=("semantic", "variability", "pixel_variance", "random"))
-    feats = extract_in_batches(extractor, out.images).numpy()
-    _, correct = class_agreement(extractor, out.images, out.class_labels)
-    rows = [quality_row("all samples (100%)", feats, real, correct, np.arange(args.n))]
-    for name in ("semantic", "variability", "pixel_variance"):
-        rows.append(quality_row(f"keep {args.keep:.0%} by {name}", feats, real, correct,
-                                filtering.keep_fraction(out.scores[name], args.keep)))
-    if args.variants:  # each variant's own run: same seed, so the same MAP digits
-        for name, kwargs in cheap_variants(args.steps)[::2]:
-            res = pipe(args.n, num_draws=args.draws, num_inference_steps=args.steps,
-                       seed=args.seed, scores=("semantic",), **kwargs)
-            v_feats = extract_in_batches(extractor, res.images).numpy()
-            _, v_correct = class_agreement(extractor, res.images, res.class_labels)
-            rows.append(quality_row(f"keep {args.keep:.0%} by {name}", v_feats, real,
-                                    v_correct, filtering.keep_fraction(res.scores["semantic"],
-                                                                       args.keep)))
-    rand = [quality_row("", feats, real, correct,
-                        filtering.keep_fraction(np.random.default_rng(s).random(args.n), args.keep))
-            for s in range(10)]
-    rows.append((f"keep {args.keep:.0%} at random (10 seeds)", *np.mean([r[1:] for r in rand], 0)))
-    rand_fid = np.array([r[1] for r in rand])
-
-    print(f"\n{args.n} digits, M = {args.draws}, {args.steps} DDIM steps, seed {args.seed}; "
-          f"features: digits classifier (64-d); reference: 1,797 real digits")
-    print(f"{'selection':<44}{'FID':>9}{'precision':>11}{'recall':>9}{'class ok':>10}")
-    for name, fid, p, r, ok in rows:
-        print(f"{name:<44}{fid:>9.3f}{p:>11.3f}{r:>9.3f}{ok:>10.1%}")
-    print(f"random-keep FID spread over 10 seeds: {rand_fid.mean():.3f} +- {rand_fid.std():.3f}")
-    print(f"\n{'score':<16}{'AUROC(class wrong)':>20}")
-    for name in ("semantic", "variability", "pixel_variance", "random"):
-        print(f"{name:<16}{filtering.auroc(out.scores[name], ~correct):>20.3f}")
-
-
-
 def cost_table(pipe, args) -> None:
-    n = args.cost_n
-    common = dict(num_draws=args.draws, num_inference_steps=args.steps, seed=args.seed + 1,
-                  progress=False)
-
-    def timed(**kwargs):
+    n, steps = args.cost_n, args.steps
+    kwargs = dict(num_inference_steps=steps, seed=TEST_SEED + 1, progress=False)
+    rows = []
+    for label, call in (
+        ("plain generation", dict(scores=("random",), num_draws=0)),
+        ("variability, exact", dict(scores=("variability",), num_draws=0)),
+        (f"variability, Monte Carlo M = {args.draws}",
+         dict(scores=("variability",), num_draws=args.draws, variance="monte_carlo")),
+    ):
         start = time.perf_counter()
-        result = pipe(n, **common, **kwargs)
-        return time.perf_counter() - start, result
-
-    t_plain, _ = timed(scores=("random",))
-    t_var, var_out = timed(scores=("variability",))
-    t_full, full = timed(scores=("semantic",))
-    variants = cheap_variants(args.steps)
-    print(f"\ncost on {n} samples (same run, CPU, {torch.get_num_threads()} threads):")
-    print(f"{'method':<34}{'seconds':>9}{'x plain':>9}{'Spearman vs full':>18}")
-    print(f"{'plain generation':<34}{t_plain:>9.1f}{1.0:>9.2f}{'':>18}")
-    print(f"{'variability (M heads per step)':<34}{t_var:>9.1f}{t_var / t_plain:>9.2f}"
-          f"{filtering.spearman(var_out.scores['variability'], full.scores['semantic']):>18.3f}")
-    print(f"{'semantic, full (paper)':<34}{t_full:>9.1f}{t_full / t_plain:>9.2f}{1.0:>18.3f}")
-    for name, kwargs in variants:
-        t, res = timed(scores=("semantic",), **kwargs)
-        rho = filtering.spearman(res.scores["semantic"], full.scores["semantic"])
-        print(f"{name:<34}{t:>9.1f}{t / t_plain:>9.2f}{rho:>18.3f}")
+        out = pipe(n, **call, **kwargs)
+        rows.append((label, time.perf_counter() - start, out))
+    base = rows[0][1]
+    exact = rows[1][2].scores["variability"]
+    print(f"\ncost on {n} digits, {steps} DDIM steps, one run:")
+    print("| method | seconds | x plain | Spearman vs exact |")
+    print("|---|---:|---:|---:|")
+    for label, seconds, out in rows:
+        rho = "" if label == "plain generation" else f"{spearman(out.scores['variability'], exact):.3f}"
+        print(f"| {label} | {seconds:.1f} | {seconds / base:.2f} | {rho} |")
+    # Monte-Carlo noise: independent 5-draw sets (other seeds give other head draws)
+    rhos = []
+    for s in range(3):
+        mc = pipe(n, scores=("variability",), num_draws=args.draws, variance="monte_carlo",
+                  num_inference_steps=steps, seed=TEST_SEED + 10 + s, progress=False)
+        ex = pipe(n, scores=("variability",), num_draws=0, num_inference_steps=steps,
+                  seed=TEST_SEED + 10 + s, progress=False)
+        rhos.append(spearman(mc.scores["variability"], ex.scores["variability"]))
+    print(f"Spearman(Monte Carlo M = {args.draws}, exact) over 3 further seeds: "
+          f"{', '.join(f'{r:.3f}' for r in rhos)}")
 
 
 if __name__ == "__main__":

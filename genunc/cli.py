@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a held-out calibration export).",
         epilog="examples:\n  genunc filter outputs/export --out outputs/top80 --score semantic "
         "--fraction 0.8\n  genunc filter outputs/export --out outputs/safe --score semantic "
-        "--risk-alpha 0.05 --calibration outputs/calib --label classifier_agrees\n"
+        "--risk-alpha 0.05 --calibration outputs/calib --label judge_agrees\n"
         "  genunc filter outputs/qm9/export/samples.sdf --out kept.sdf --score variability "
         "--fraction 0.8",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Spearman, AUROC for failure, area under the retention curve and quality of "
         "the kept 80%, per score column.  A boolean quality column fails where false; for a "
         "continuous one, --fail-below / --fail-above say what fails (the same rule as filter).",
-        epilog="example: genunc evaluate outputs/export --quality classifier_agrees --plot r.png")
+        epilog="example: genunc evaluate outputs/export --quality judge_agrees --plot r.png")
     ev.add_argument("export")
     ev.add_argument("--quality", required=True, help="quality column (higher is better)")
     ev.add_argument("--scores", help="comma-separated score columns (default: all present)")

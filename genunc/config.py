@@ -20,7 +20,7 @@ DEFAULTS: dict[str, Any] = {
     # image: zoo:digits_classifier | pixels | clip:<path>; molecule: descriptors;
     # text: answer (answer-level one-hot) | minilm (sentence embeddings, genunc[text])
     "features": "zoo:digits_classifier",
-    # image: zoo:digits_classifier adds classifier-agreement columns; molecule: edm_metrics adds
+    # image: zoo:digits_judge adds the independent judge's agreement columns; molecule: edm_metrics adds
     # atom/molecule stability, RDKit validity and SMILES; text: checker adds `correct`
     "quality": None,
     "device": "cpu",

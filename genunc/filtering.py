@@ -48,6 +48,19 @@ def keep_fraction(scores, fraction: float) -> np.ndarray:
     return keep_top_k(values, int(round(fraction * len(values))))
 
 
+def keep_fraction_within(scores, groups: Sequence, fraction: float) -> np.ndarray:
+    """Keep the least uncertain `fraction` of every group (e.g. per class), sorted indices: a
+    global cut can keep 96% of one class and 62% of another, so that a kept set "improves" by
+    changing its class mix."""
+    s = _scores(scores)
+    groups = np.asarray(groups)
+    if groups.shape != s.shape:
+        raise GenuncError(f"{len(s)} scores but {len(groups)} group labels")
+    kept = [idx[keep_fraction(s[idx], fraction)] for g in np.unique(groups)
+            for idx in [np.flatnonzero(groups == g)]]
+    return np.sort(np.concatenate(kept))
+
+
 def keep_below(scores, threshold: float) -> np.ndarray:
     """Indices of samples whose score is at most `threshold`."""
     if threshold is None or np.isnan(threshold):

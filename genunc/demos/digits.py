@@ -4,12 +4,13 @@ Loads the shipped class-conditional DDPM, fits (or reloads) the head posterior, 
 with MAP + M perturbed generations, scores them, and writes
 
 * ``contact_sheet.png``: the samples sorted from most certain (top left) to least certain;
-* ``scores.csv``: one row per sample with every score and the classifier's verdict;
+* ``scores.csv``: one row per sample with every score and the judge's verdict;
 * ``retention.png``: share of samples showing the digit they were asked for, as the kept
   fraction grows, for each score and for random selection.
 
-Quality label: the shipped digits classifier (99.3% test accuracy on real digits) agrees with the
-requested class.
+Quality label: the independent digits judge (an MLP on pixels, 99.0% test accuracy on real
+digits; :mod:`genunc.zoo.judge`) sees the requested class.  The semantic score reads another
+network, the digits classifier's features, measured in units of the real digits' feature SD.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from genunc._io import atomic_write
 from genunc.features import DigitsFeatures
 from genunc.pipelines.image import ImageUncertaintyPipeline
 from genunc.zoo import digits
+from genunc.zoo.judge import DigitsJudgeEvaluator
 
 SCORE_LABELS = {
     "semantic": "semantic entropy (MAP + M generations)",
@@ -46,6 +48,7 @@ def load_reference_pipeline(out_dir: Path | None = None, progress: bool = True,
         digits.DDPM_DIR, feature_extractor=DigitsFeatures(device=device), posterior=None,
         device=device)
     train = digits.split_digits()["train"]
+    pipe.fit_feature_scale(train[0])
     if out_dir is None:
         pipe.fit_posterior(train, progress=progress)
     else:
@@ -54,12 +57,12 @@ def load_reference_pipeline(out_dir: Path | None = None, progress: bool = True,
     return pipe
 
 
-def class_agreement(features: DigitsFeatures, images: torch.Tensor,
+def class_agreement(judge: DigitsJudgeEvaluator, images: torch.Tensor,
                     labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(classifier probability of the requested class, whether its argmax is that class)."""
-    probs = features.probabilities(images)
-    p_label = probs[torch.arange(len(labels)), labels].double().numpy()
-    return p_label, (probs.argmax(1) == labels).numpy()
+    """(the judge's probability of the requested class, whether its argmax is that class)."""
+    probs = judge.probabilities(images)
+    labels = np.asarray(labels)
+    return probs[np.arange(len(labels)), labels], probs.argmax(1) == labels
 
 
 def run(out_dir: str | Path = "outputs/demo", n_samples: int = 256, num_draws: int = 5,
@@ -71,7 +74,7 @@ def run(out_dir: str | Path = "outputs/demo", n_samples: int = 256, num_draws: i
     fit_seconds = time.perf_counter() - t0
     out = pipe(n_samples, num_draws=num_draws, num_inference_steps=steps, seed=seed,
                scores=("semantic", "variability", "pixel_variance", "random"), progress=progress)
-    p_label, correct = class_agreement(pipe.feature_extractor, out.images, out.class_labels)
+    p_label, correct = class_agreement(DigitsJudgeEvaluator(), out.images, out.class_labels)
 
     _write_csv(out_dir / "scores.csv", out, p_label, correct)
     order = filtering.keep_order(out.scores["semantic"])
@@ -95,7 +98,7 @@ def run(out_dir: str | Path = "outputs/demo", n_samples: int = 256, num_draws: i
             "spearman_vs_p_label": filtering.spearman(values, p_label),
         }
     filtering.plot_retention(out_dir / "retention.png", curves,
-                             ylabel="classifier agrees with requested digit",
+                             ylabel="judge sees the requested digit",
                              title="digits: filtering by uncertainty")
     atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
     return summary
@@ -105,7 +108,7 @@ def _write_csv(path: Path, out: Any, p_label: np.ndarray, correct: np.ndarray) -
     names = list(out.scores)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["sample_id", "seed", "class_label", "p_class", "classifier_agrees", *names])
+    writer.writerow(["sample_id", "seed", "class_label", "p_class", "judge_agrees", *names])
     for i in range(len(out.images)):
         writer.writerow([i, out.seed, int(out.class_labels[i]), f"{p_label[i]:.6f}",
                          int(correct[i]), *(f"{out.scores[n][i]:.8g}" for n in names)])
@@ -129,7 +132,7 @@ def _contact_sheet(path: Path, images: torch.Tensor, labels: torch.Tensor, corre
             ax.set_title(str(int(labels[i])), fontsize=6, pad=1,
                          color="black" if correct[i] else "red")
     fig.suptitle("digits sorted by semantic uncertainty, most certain top-left\n"
-                 "title = requested digit (red: the classifier sees another digit)", fontsize=8)
+                 "title = requested digit (red: the judge sees another digit)", fontsize=8)
     fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1 - 0.5 / (rows * 0.6 + 0.6)))
     fig.savefig(path, dpi=150)
     plt.close(fig)

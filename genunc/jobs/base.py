@@ -60,6 +60,10 @@ class Job(ABC):
                 "structure": p["structure"], "prior_precision": p["prior_precision"],
                 "sigma_noise": p["sigma_noise"]}
 
+    def prepare_scores(self, pipe: UncertaintyPipeline, config: dict[str, Any]) -> None:
+        """Whatever the scores need besides the posterior (e.g. the semantic score's unit)."""
+        return None  # most scores need nothing more
+
     @abstractmethod
     def call_args(self, pipe: UncertaintyPipeline, config: dict[str, Any],
                   ids: list[str]) -> dict[str, Any]:
@@ -125,6 +129,7 @@ class Job(ABC):
         model weights or posterior) is refused.
         """
         pipe = self.build_pipeline(config, posterior="load", progress=progress)
+        self.prepare_scores(pipe, config)
         g = config["generate"]
         n, size = g["n_samples"], g["chunk_size"]
         # every argument checked before anything is written (posterior fit, export folder)

@@ -48,16 +48,24 @@ def training_data(spec: str) -> Any:
     return data
 
 
+def _images(data: Any) -> torch.Tensor:
+    """The images of what :func:`training_data` returns."""
+    return data[0] if isinstance(data, tuple) else data
+
+
 @lru_cache
-def _judge(device: str) -> DigitsFeatures:
-    """The digits classifier whose verdict fills the export's quality columns."""
-    return DigitsFeatures(device=device)
+def _judge(device: str) -> Any:
+    """The independent digits judge (not the network any score reads) whose verdict fills the
+    export's quality columns."""
+    from genunc.zoo.judge import DigitsJudgeEvaluator
+
+    return DigitsJudgeEvaluator(device=device)
 
 
 class ImageJob(Job):
     modality = "image"
     export_format = "png"
-    qualities = (None, "zoo:digits_classifier")
+    qualities = (None, "zoo:digits_judge")
     pipeline_class = ImageUncertaintyPipeline
 
     def shipped_models(self) -> dict[str, Path]:
@@ -72,6 +80,11 @@ class ImageJob(Job):
 
     def fit_data(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any]) -> Any:
         return training_data(config["posterior"]["data"])
+
+    def prepare_scores(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any]) -> None:
+        """The semantic score measures spread in units of the real images' feature SD."""
+        if "semantic" in config["generate"]["scores"] and pipe.feature_extractor is not None:
+            pipe.fit_feature_scale(_images(training_data(config["posterior"]["data"])))
 
     def call_args(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any],
                   ids: list[str]) -> dict[str, Any]:
@@ -92,8 +105,8 @@ class ImageJob(Job):
         trailing: dict[str, Any] = {}
         if config["quality"] and labels is not None:
             probs = _judge(config["device"]).probabilities(out.images)
-            trailing["p_class"] = probs[torch.arange(n), labels].double().numpy()
-            trailing["classifier_agrees"] = (probs.argmax(1) == labels).numpy()
+            trailing["p_class"] = probs[np.arange(n), labels.numpy()]
+            trailing["judge_agrees"] = probs.argmax(1) == labels.numpy()
         condition = [None] * n if labels is None else labels.tolist()
         records = scored_records(n, out.scores, {"condition": condition}, trailing)
         return list(zip(ids, out.images, records))

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from genunc.errors import ConfigError
+from genunc.features.molecule import features_of
 from genunc.jobs.base import ChunkRecord, Job, scored_records
 from genunc.metrics.molecule import evaluate_molecules, to_rdkit
 from genunc.pipelines.molecule import MoleculeUncertaintyPipeline
@@ -36,8 +37,8 @@ class MoleculeJob(Job):
         return MoleculeUncertaintyPipeline.from_pretrained(model_dir, posterior=None,
                                                            device=config["device"])
 
-    def fit_data(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any]) -> list[dict]:
-        """Clean training molecules in padded batches: ``zoo:qm9_train`` (EDM's training split)
+    def training_set(self, config: dict[str, Any]) -> tuple[Any, np.ndarray]:
+        """Clean training molecules and the ids used: ``zoo:qm9_train`` (EDM's training split)
         or a molecule cache file in genunc's QM9 format (:func:`genunc.data.qm9.save_cache`)."""
         from genunc.data.qm9 import edm_split, load_cache, load_qm9
 
@@ -45,15 +46,24 @@ class MoleculeJob(Job):
         limit = p["max_samples"] or 2000
         if p["data"] == "zoo:qm9_train":
             data = load_qm9()
-            ids = edm_split(len(data))["train"][:limit]
-        elif Path(p["data"]).suffix == ".npz" and Path(p["data"]).exists():
+            return data, edm_split(len(data))["train"][:limit]
+        if Path(p["data"]).suffix == ".npz" and Path(p["data"]).exists():
             data = load_cache(Path(p["data"]))
-            ids = np.arange(min(limit, len(data)))
-        else:
-            raise ConfigError(f"molecule posterior data {p['data']!r} is neither zoo:qm9_train nor "
-                              f"an existing .npz molecule cache")
-        size = p["batch_size"]
+            return data, np.arange(min(limit, len(data)))
+        raise ConfigError(f"molecule posterior data {p['data']!r} is neither zoo:qm9_train nor "
+                          f"an existing .npz molecule cache")
+
+    def fit_data(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any]) -> list[dict]:
+        """The training molecules in padded batches."""
+        data, ids = self.training_set(config)
+        size = config["posterior"]["batch_size"]
         return [pipe.adapter.encode(data, ids[i : i + size]) for i in range(0, len(ids), size)]
+
+    def prepare_scores(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any]) -> None:
+        """The semantic score measures spread in units of the training molecules' descriptor SD."""
+        if "semantic" in config["generate"]["scores"]:
+            data, ids = self.training_set(config)
+            pipe.set_feature_scale(features_of([data.molecule(int(i)) for i in ids]))
 
     def call_args(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any],
                   ids: list[str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy.stats import rankdata
 
+from genunc import streams
 from genunc.errors import GenuncError, NonFiniteError
 from genunc.filtering import auroc, spearman
 
@@ -23,15 +24,22 @@ __all__ = ["auroc", "binned_spearman", "bootstrap_interval", "partial_spearman",
 
 
 def bootstrap_interval(statistic: Callable[..., float], *arrays, n_boot: int = 1000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float, float]:
+                       seed: int = 0, method: str = "percentile") -> tuple[float, float, float]:
     """``(estimate, low, high)``: `statistic` on the data, and the percentile bootstrap interval.
 
     Each replicate draws N sample indices with replacement and applies them to every array at
     once (axis 0), so paired values (score and label, x and z) stay paired.  The draws come from
-    a generator of their own seeded with `seed`: the interval is reproducible and no global
+    the ``bootstrap`` stream of `seed` (:mod:`genunc.streams`): the interval is reproducible and no global
     random state is touched.  Replicates whose statistic is not finite (an AUROC on a resample
     without failures) are left out of the quantiles; where none is finite the bounds are NaN.
+
+    ``method="basic"`` reflects the quantiles about the estimate (``2 est - q``), which removes
+    the resampling bias to first order: for statistics a resample biases, such as a Fréchet
+    distance (duplicated samples shrink the fitted covariance, so replicates sit above the
+    estimate), where the percentile interval is shifted by that bias.
     """
+    if method not in ("percentile", "basic"):
+        raise GenuncError(f"method must be 'percentile' or 'basic', got {method!r}")
     if not arrays:
         raise GenuncError("bootstrap_interval needs at least one array")
     data = [np.asarray(a) for a in arrays]
@@ -41,7 +49,7 @@ def bootstrap_interval(statistic: Callable[..., float], *arrays, n_boot: int = 1
     if not 0 < level < 1:
         raise GenuncError(f"level must lie strictly between 0 and 1, got {level}")
     estimate = float(statistic(*data))
-    rng = np.random.default_rng(seed)
+    rng = streams.numpy_generator(seed, "bootstrap")
     replicates = np.empty(n_boot)
     for b in range(n_boot):
         idx = rng.integers(0, n, size=n)
@@ -51,6 +59,8 @@ def bootstrap_interval(statistic: Callable[..., float], *arrays, n_boot: int = 1
         return estimate, float("nan"), float("nan")
     tail = (1 - level) / 2
     low, high = np.quantile(finite, [tail, 1 - tail])
+    if method == "basic":
+        low, high = 2 * estimate - high, 2 * estimate - low
     return estimate, float(low), float(high)
 
 

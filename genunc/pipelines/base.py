@@ -46,6 +46,7 @@ from genunc.sampling.diffusers_loop import HeadVariance
 from genunc.scores import (
     VARIABILITY_TARGETS,
     VariabilityTarget,
+    feature_scale,
     gaussian_entropy,
     random_scores,
     variability_score,
@@ -160,6 +161,8 @@ class UncertaintyPipeline:
         self.adapter = adapter
         self._posterior: HeadPosterior | None = None
         self.posterior = posterior
+        #: per-dimension unit of the semantic score's features (see :meth:`set_feature_scale`)
+        self.feature_scale: np.ndarray | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -313,7 +316,13 @@ class UncertaintyPipeline:
             raise GenuncError(f"variability_steps {bad} lie outside the {num_inference_steps} "
                               f"steps (indices 0 to {num_inference_steps - 1})")
 
-    @staticmethod
-    def semantic_entropy(features: Tensor | np.ndarray) -> np.ndarray:
-        """Jazbec et al.'s score from ``(M+1, B, D)`` features of the MAP and M generations."""
-        return gaussian_entropy(features)
+    def set_feature_scale(self, real_features: Tensor | np.ndarray | None) -> np.ndarray | None:
+        """Measure the semantic score's spread in units of real data's per-dimension SD
+        (features of real samples, ``(N, D)``); None: raw extractor units."""
+        self.feature_scale = None if real_features is None else feature_scale(real_features)
+        return self.feature_scale
+
+    def semantic_entropy(self, features: Tensor | np.ndarray) -> np.ndarray:
+        """Jazbec et al.'s score from ``(M+1, B, D)`` features of the MAP and M generations, in
+        the units :meth:`set_feature_scale` chose (floor: 1e-3 of that unit squared)."""
+        return gaussian_entropy(features, scale=self.feature_scale)

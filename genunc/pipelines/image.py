@@ -91,6 +91,13 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
         unet = unet_cls.from_pretrained(unet_dir, low_cpu_mem_usage=False).to(device).eval()
         return cls(unet, DDPMScheduler.from_pretrained(sched_dir), feature_extractor=feature_extractor)
 
+    def fit_feature_scale(self, real_images: Tensor) -> Any:
+        """Measure the semantic score in units of the real images' per-feature SD (see
+        :meth:`set_feature_scale`); returns the scale."""
+        if self.feature_extractor is None:
+            raise GenuncError("no feature_extractor to measure real images with")
+        return self.set_feature_scale(extract_in_batches(self.feature_extractor, real_images))
+
     def _fit_batches(self, data: Any, batch_size: int) -> Any:
         """A tensor of images, an ``(images, labels)`` pair, or an iterable of batches."""
         if isinstance(data, Tensor):

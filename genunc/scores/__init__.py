@@ -12,7 +12,13 @@ from genunc.scores.aggregate import (
     aggregate_steps,
     variability_score,
 )
-from genunc.scores.semantic import feature_variance, gaussian_entropy, pixel_variance, random_scores
+from genunc.scores.semantic import (
+    feature_scale,
+    feature_variance,
+    gaussian_entropy,
+    pixel_variance,
+    random_scores,
+)
 
 __all__ = [
     "Aggregate",
@@ -20,6 +26,7 @@ __all__ = [
     "VariabilityTarget",
     "aggregate",
     "aggregate_steps",
+    "feature_scale",
     "feature_variance",
     "gaussian_entropy",
     "pixel_variance",

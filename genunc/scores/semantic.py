@@ -32,8 +32,26 @@ def feature_variance(features: Tensor | np.ndarray, ddof: int = 1) -> np.ndarray
     return (centred**2).sum(axis=0) / (k - ddof)
 
 
+def feature_scale(real_features: Tensor | np.ndarray, relative_floor: float = 1e-3) -> np.ndarray:
+    """Per-dimension standard deviation of real data's features ``(N, D)``: the unit the semantic
+    score measures spread in.  Dimensions that barely vary in the data (dead units) get at least
+    `relative_floor` times the median SD, so they cannot blow up once divided by."""
+    feats = np.asarray(real_features.detach().cpu().double() if isinstance(real_features, Tensor)
+                       else real_features, dtype=np.float64)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ShapeMismatchError(f"real features must be (N >= 2, D), got {feats.shape}")
+    if not np.isfinite(feats).all():
+        raise NonFiniteError("real features contain NaN or infinite values")
+    sd = feats.std(axis=0, ddof=1)
+    reference = float(np.median(sd)) if np.median(sd) > 0 else float(sd.max())
+    if reference <= 0:
+        raise GenuncError("the real features do not vary at all: no scale to measure spread in")
+    return np.maximum(sd, relative_floor * reference)
+
+
 def gaussian_entropy(
-    features: Tensor | np.ndarray, floor: float = 1e-3, ddof: int = 1
+    features: Tensor | np.ndarray, floor: float = 1e-3, ddof: int = 1,
+    scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Entropy of ``N(mu, diag(var + floor))`` per sample: ``0.5 * sum_d log(2 pi e (var_d + floor))``.
 
@@ -41,11 +59,23 @@ def gaussian_entropy(
         features: ``(K, B, D)``: K generations (the MAP and M draws) of B samples.
         floor: variance floor; keeps dimensions that never move from dominating with ``log 0``.
         ddof: 1 for the unbiased variance (default), 0 for the maximum-likelihood one.
+        scale: ``(D,)`` per-dimension unit (:func:`feature_scale` of real data): features are
+            divided by it first, so every dimension's spread is measured against how much it
+            varies in real data and `floor` is a fraction of the real variance.  Without it,
+            spread and floor are in the extractor's raw units.
 
     Lower is more certain.
     """
     if floor < 0:
         raise GenuncError(f"variance floor must be non-negative, got {floor}")
+    if scale is not None:
+        scale = np.asarray(scale, dtype=np.float64)
+        dims = np.shape(features)[-1]
+        if scale.shape != (dims,) or not (scale > 0).all():
+            raise ShapeMismatchError(f"scale must hold {dims} positive numbers, got shape "
+                                     f"{scale.shape}")
+        features = np.asarray(features.detach().cpu().double() if isinstance(features, Tensor)
+                              else features, dtype=np.float64) / scale
     var = feature_variance(features, ddof) + floor
     if (var <= 0).any():
         raise GenuncError("zero variance with floor=0: entropy is -inf; use a positive floor")

@@ -128,3 +128,16 @@ def test_invalid_input_is_refused(call):
 def test_non_finite_values_are_named():
     with pytest.raises(NonFiniteError, match="x holds 1 NaN"):
         partial_spearman([1.0, np.nan, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 0.0, 1.0])
+
+
+def test_basic_interval_reflects_a_resampling_bias_about_the_estimate():
+    """A resample always holds fewer distinct values: every replicate sits below the estimate,
+    so the percentile interval lies below it and the basic one, reflected, above it."""
+    x = np.random.default_rng(0).normal(size=40)
+    distinct = lambda v: float(len(np.unique(v)))  # noqa: E731 - a resample always has fewer
+    est, low, high = bootstrap_interval(distinct, x, n_boot=200)
+    assert high < est
+    est, low, high = bootstrap_interval(distinct, x, n_boot=200, method="basic")
+    assert low > est
+    with pytest.raises(GenuncError, match="method"):
+        bootstrap_interval(distinct, x, method="bca")
