@@ -1,18 +1,23 @@
-"""Does genunc's uncertainty find the bad molecules?  The protocol of arXiv 2606.13451, small scale.
+"""Does genunc's uncertainty find the bad molecules?  The protocol of arXiv 2606.13451, small
+scale, with the confounder controlled: molecule size.
 
-Prints four tables:
+Protocol: a validation seed chooses the variability step window and target (by the
+within-atom-count Spearman correlation with the atom-stable fraction); a test seed (disjoint
+streams) reports everything, with bootstrap 95% intervals (1,000 resamples of the test
+molecules).  Tables:
 
 1. quality of the reference model's molecules (atom / molecule stability, RDKit validity,
-   uniqueness, novelty vs training SMILES) beside the real-data row (EDM's bond tables on real
-   QM9 molecules; published: 99.0 / 95.2 / 97.7);
-2. Spearman correlation between each score and molecule stability, atom stability and validity,
-   and the AUROC of each score for "molecule unstable";
-3. the metrics after dropping the 10 / 20 / 50 % most uncertain molecules, per score, against
-   random drops (mean over 10 seeds);
-4. cost, in one run on a subset: plain generation, + variability, + the likelihood baseline, and
-   the semantic score (M + 1 generations), with the semantic score's own correlations.
+   uniqueness, novelty vs training SMILES) beside the real-data row;
+2. per score: Spearman with the atom count, then with atom stability and validity raw, partial
+   (atom count controlled: ranks regressed on its rank) and within atom-count bins (weighted mean
+   of per-size correlations, bins of >= 20), and AUROC(invalid) raw;
+3. metrics after dropping the 20% most uncertain, globally and within each atom count, against
+   the random score (its own stream);
+4. cost (``--cost-n``): plain generation, exact and Monte-Carlo variability on the same
+   molecules, and the Monte-Carlo score's rank agreement with the exact one.
 
-Usage:  python benchmarks/eval_molecules.py [--n 1000] [--draws 5] [--steps 250] [--cost-n 64]
+Usage:  OMP_NUM_THREADS=1 python benchmarks/eval_molecules.py [--n-val 300] [--n-test 700]
+        [--steps 250] [--cost-n 32]
 """
 
 from __future__ import annotations
@@ -22,17 +27,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from genunc import filtering
 from genunc.data.qm9 import edm_split, load_qm9
 from genunc.metrics.molecule import canonical_training_smiles, evaluate_molecules
+from genunc.metrics.stats import binned_spearman, bootstrap_interval, partial_spearman, spearman
 from genunc.pipelines import MoleculeUncertaintyPipeline
-from genunc.scores import random_scores
+from genunc.scores import variability_score
 from genunc.zoo.qm9 import QM9_DIR
 
 SCORES = ("variability", "variability_pos", "variability_type", "denoising_loss", "random")
-QUALITY = ("molecule_stable", "atom_stable_fraction", "valid")
+VAL_SEED, TEST_SEED = 1000, 2000
+MIN_BIN = 20
 
 
 def load_sampler(model: Path, out: Path, train, n_fit: int) -> MoleculeUncertaintyPipeline:
@@ -60,48 +66,41 @@ def print_quality(name: str, report) -> None:
           f"{report.validity:>9.1%}{report.uniqueness:>9.1%}{report.valid_and_unique:>9.1%}{novelty}")
 
 
-def _mean_report(reports):
-    from types import SimpleNamespace
-
-    keys = ("atom_stability", "molecule_stability", "validity", "uniqueness", "valid_and_unique")
-    return SimpleNamespace(**{k: float(np.mean([getattr(r, k) for r in reports])) for k in keys},
-                           novelty=None)
-
-
-def _cell(value: float, width: int) -> str:
-    """A correlation, or 'constant' where the quality column has one value (rho undefined)."""
-    return f"{'constant':>{width}}" if np.isnan(value) else f"{value:>{width}.3f}"
+def windows(steps: int) -> dict[str, np.ndarray]:
+    idx = np.arange(steps)
+    return {"all steps": idx, "first half": idx[: steps // 2], "second half": idx[steps // 2 :],
+            "middle 20-80%": idx[int(0.2 * steps) : int(0.8 * steps)],
+            "last 20%": idx[int(0.8 * steps) :]}
 
 
-def correlation_table(scores: dict[str, np.ndarray], quality: dict[str, np.ndarray]) -> None:
-    failures = {"unstable": quality["molecule_stable"] < 0.5, "invalid": quality["valid"] < 0.5}
-    print(f"{'score':<20}" + "".join(f"{q:>22}" for q in QUALITY)
-          + "".join(f"{'AUROC(' + f + ')':>17}" for f in failures))
-    for name, values in scores.items():
-        rhos = [filtering.spearman(values, quality[q]) for q in QUALITY]
-        aucs = [filtering.auroc(values, failed) for failed in failures.values()]
-        print(f"{name:<20}" + "".join(_cell(r, 22) for r in rhos)
-              + "".join(_cell(a, 17) for a in aucs))
-    constant = [q for q in QUALITY if np.ptp(quality[q]) == 0]
-    if constant:
-        print(f"  ('constant': every molecule has the same {', '.join(constant)}, so no score can "
-              f"rank by it)")
+def variant(out, pipe, rows: np.ndarray, target: str, part: str = "variability") -> np.ndarray:
+    return variability_score(out.variability_per_step[part][rows], out.variability_timesteps[rows],
+                             pipe.adapter.alphas_cumprod, target)
+
+
+def ci(stat, *arrays, boot: int) -> str:
+    est, low, high = bootstrap_interval(stat, *arrays, n_boot=boot)
+    return f"{est:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def keep_within_size(scores, sizes, fraction):
+    return filtering.keep_fraction_within(scores, sizes, fraction)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--model", default=str(QM9_DIR), help="model folder (default: shipped)")
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--n-val", type=int, default=300)
+    parser.add_argument("--n-test", type=int, default=700)
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     parser.add_argument("--n-fit", type=int, default=2000, help="training molecules for the posterior")
     parser.add_argument("--n-real", type=int, default=1000, help="real molecules for the calibration row")
-    parser.add_argument("--cost-n", type=int, default=64, help="molecules for the cost table (0: skip)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--boot", type=int, default=1000)
+    parser.add_argument("--cost-n", type=int, default=32, help="molecules for the cost table (0: skip)")
+    parser.add_argument("--draws", type=int, default=5, help="M for the Monte-Carlo cost row")
     parser.add_argument("--out", default="outputs/eval_molecules")
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
     out = Path(args.out)
 
     data = load_qm9()
@@ -109,74 +108,99 @@ def main() -> None:
     train = data.subset(split["train"])
     train_smiles = canonical_training_smiles(train.smiles)
     sampler = load_sampler(Path(args.model), out, train, args.n_fit)
-    print(f"posterior: {sampler.posterior.summary()}")
+    summary = sampler.posterior.summary()
+    print(f"posterior: prior precision {summary['prior_precision']:.4g}, sigma "
+          f"{summary.get('sigma_noise')}, relative perturbation {summary['relative_perturbation']:.3%}")
 
-    # ---------------------------------------------------------------- generation + scores
-    start = time.perf_counter()
-    result = sampler(args.n, num_draws=args.draws, num_inference_steps=args.steps, sampler=args.sampler,
-                     scores=("variability", "denoising_loss", "random"), seed=args.seed)
-    seconds = time.perf_counter() - start
-    report = evaluate_molecules(result.molecules, train_smiles)
+    runs = {}
+    for name, seed, n in (("validation", VAL_SEED, args.n_val), ("test", TEST_SEED, args.n_test)):
+        start = time.perf_counter()
+        res = sampler(n, num_inference_steps=args.steps, sampler=args.sampler, seed=seed,
+                      scores=("variability", "denoising_loss", "random"), progress=False)
+        report = evaluate_molecules(res.molecules, train_smiles)
+        runs[name] = (res, report)
+        print(f"{name}: seed {seed}, {n} molecules ({time.perf_counter() - start:.0f} s)")
+
+    val, val_report = runs["validation"]
+    val_q = quality_of(val_report)
+    table = {}
+    for wname, rows in windows(args.steps).items():
+        for target in ("noise", "clean"):
+            values = variant(val, sampler, rows, target)
+            table[(wname, target)] = binned_spearman(values, val_q["atom_stable_fraction"],
+                                                     val.n_atoms, min_size=MIN_BIN)[0]
+    print("\nvariability on the validation seed: within-size Spearman with atom stability "
+          "(more negative = finds worse molecules)")
+    for (wname, tname), value in table.items():
+        print(f"  {wname:14s} {tname:5s} {value:+.3f}")
+    window, target = min(table, key=lambda k: np.nan_to_num(table[k], nan=np.inf))
+    print(f"chosen: {window}, target {target}")
+
+    res, report = runs["test"]
     quality = quality_of(report)
-    real_ids = np.random.default_rng(args.seed).choice(len(train), args.n_real, replace=False)
+    real_ids = np.random.default_rng(0).choice(len(train), args.n_real, replace=False)
     real = evaluate_molecules([train.molecule(i) for i in real_ids], train_smiles)
-
-    print(f"\n{args.n} molecules, {args.steps} {args.sampler.upper()} steps, M = {args.draws}, "
-          f"seed {args.seed} ({seconds:.0f} s)")
+    print(f"\nTEST seed {TEST_SEED}: {args.n_test} molecules, {args.steps} {args.sampler.upper()} steps")
     print(f"{'':<30}{'atom st':>9}{'mol st':>9}{'valid':>9}{'unique':>9}{'V*U':>9}{'novel':>9}")
     print_quality(f"real QM9 ({args.n_real} train mols)", real)
-    print("  (published real-data row: atom 99.0%, molecule 95.2%, valid 97.7%)")
     print_quality("reference model", report)
 
-    print(f"\nSpearman rho, score vs quality ({args.n} molecules; negative = score finds bad ones)")
-    correlation_table({k: result.scores[k] for k in SCORES}, quality)
+    scores = {k: res.scores[k] for k in SCORES}
+    scores[f"variability ({window}, {target}; val.)"] = variant(
+        res, sampler, windows(args.steps)[window], target)
+    sizes = res.n_atoms.astype(float)
+    atom_st, valid = quality["atom_stable_fraction"], quality["valid"]
+    invalid = valid < 0.5
+    print(f"\nbootstrap 95% intervals ({args.boot} resamples); partial: atom count controlled; "
+          f"binned: within atom counts with >= {MIN_BIN} molecules")
+    print("| score | rho(size) | rho(atom st) raw | rho(atom st) partial | rho(atom st) binned | "
+          "rho(valid) raw | rho(valid) partial | AUROC(invalid) |")
+    print("|---|---|---|---|---:|---|---|---|")
+    for name, values in scores.items():
+        binned, bins = binned_spearman(values, atom_st, res.n_atoms, min_size=MIN_BIN)
+        print(f"| {name} | {ci(spearman, values, sizes, boot=args.boot)} "
+              f"| {ci(spearman, values, atom_st, boot=args.boot)} "
+              f"| {ci(partial_spearman, values, atom_st, sizes, boot=args.boot)} | {binned:+.3f} "
+              f"| {ci(spearman, values, valid, boot=args.boot)} "
+              f"| {ci(partial_spearman, values, valid, sizes, boot=args.boot)} "
+              f"| {ci(filtering.auroc, values, invalid, boot=args.boot)} |")
+    print(f"  ({bins} atom-count bins used)")
 
-    print("\nmetrics after dropping the most uncertain (atom st / mol st / valid / V*U)")
-    print(f"{'drop':<8}{'score':<20}{'atom st':>9}{'mol st':>9}{'valid':>9}{'V*U':>9}")
-    for drop in (0.1, 0.2, 0.5):
-        keep_fraction = 1 - drop
-        for name in ("variability", "variability_pos", "variability_type", "denoising_loss"):
-            row = metric_row(result.molecules,
-                             filtering.keep_fraction(result.scores[name], keep_fraction), train_smiles)
-            print(f"{drop:<8.0%}{name:<20}" + "".join(f"{v:>9.1%}" for v in row))
-        rand = np.mean([metric_row(result.molecules, filtering.keep_fraction(
-            random_scores(s, range(args.n)), keep_fraction), train_smiles)
-            for s in range(10)], axis=0)
-        print(f"{drop:<8.0%}{'random (10 seeds)':<20}" + "".join(f"{v:>9.1%}" for v in rand))
+    print("\nmetrics after dropping the 20% most uncertain (atom st / mol st / valid / V*U)")
+    print(f"{'score':<44}{'selection':<14}{'atom st':>9}{'mol st':>9}{'valid':>9}{'V*U':>9}")
+    print(f"{'(all molecules)':<44}{'':<14}" + "".join(
+        f"{v:>9.1%}" for v in metric_row(res.molecules, np.arange(args.n_test), train_smiles)))
+    for name, values in scores.items():
+        for how, idx in (("global", filtering.keep_fraction(values, 0.8)),
+                         ("within size", keep_within_size(values, res.n_atoms, 0.8))):
+            print(f"{name:<44}{how:<14}" + "".join(
+                f"{v:>9.1%}" for v in metric_row(res.molecules, idx, train_smiles)))
+    kept_sizes = sizes[filtering.keep_fraction(scores["variability"], 0.8)].mean()
+    print(f"mean atom count: all {sizes.mean():.2f}, kept 80% by variability {kept_sizes:.2f}")
 
-    # ---------------------------------------------------------------- cost + semantic
     if args.cost_n > 0:
-        cost_and_semantic(sampler, args)
+        cost_table(sampler, args)
 
 
-def cost_and_semantic(sampler: MoleculeUncertaintyPipeline, args: argparse.Namespace) -> None:
+def cost_table(sampler: MoleculeUncertaintyPipeline, args: argparse.Namespace) -> None:
     n = args.cost_n
-    common = dict(num_draws=args.draws, num_inference_steps=args.steps, seed=args.seed + 1, progress=False)
-
-    def timed(**kwargs):
+    common = dict(num_inference_steps=args.steps, sampler=args.sampler, seed=TEST_SEED + 1,
+                  progress=False)
+    rows = []
+    for label, kwargs in (("plain generation", dict(scores=("random",), num_draws=0)),
+                          ("variability, exact", dict(scores=("variability",), num_draws=0)),
+                          (f"variability, Monte Carlo M = {args.draws}",
+                           dict(scores=("variability",), num_draws=args.draws, variance="monte_carlo"))):
         tic = time.perf_counter()
-        res = sampler(n, sampler=args.sampler, **common, **kwargs)
-        return time.perf_counter() - tic, res
-
-    t_plain, _ = timed(scores=("random",))
-    t_var, _ = timed(scores=("variability",))
-    t_nll, nll = timed(scores=("denoising_loss",))
-    t_sem, sem = timed(scores=("semantic", "variability"))
-    print(f"\ncost on {n} molecules (same run, CPU, {torch.get_num_threads()} threads)")
-    print(f"{'method':<40}{'seconds':>9}{'x plain':>9}")
-    for name, t in [("plain generation", t_plain), ("+ variability (M heads per step)", t_var),
-                    (f"+ denoising_loss ({nll.timings['denoising_loss']:.1f} s of it)", t_nll),
-                    ("semantic (M+1 generations) + variability", t_sem)]:
-        print(f"{name:<40}{t:>9.1f}{t / t_plain:>9.2f}")
-    sem_report = evaluate_molecules(sem.molecules)
-    draw_reports = [evaluate_molecules(d) for d in sem.draw_molecules]
-    print(f"\nperturbed generations keep MAP quality? (semantic run, {n} molecules)")
-    print(f"{'':<30}{'atom st':>9}{'mol st':>9}{'valid':>9}{'unique':>9}{'V*U':>9}")
-    print_quality("MAP head", sem_report)
-    print_quality(f"posterior draws (mean of {len(draw_reports)})", _mean_report(draw_reports))
-    sem_quality = quality_of(sem_report)
-    print(f"\nsemantic vs variability on the same {n} molecules (Spearman rho vs quality):")
-    correlation_table({k: sem.scores[k] for k in ("semantic", "variability")}, sem_quality)
+        res = sampler(n, **kwargs, **common)
+        rows.append((label, time.perf_counter() - tic, res))
+    exact = rows[1][2].scores["variability"]
+    print(f"\ncost on {n} molecules, {args.steps} steps, one run:")
+    print("| method | seconds | x plain | Spearman vs exact |")
+    print("|---|---:|---:|---:|")
+    for label, seconds, res in rows:
+        rho = "" if label == "plain generation" else f"{spearman(res.scores['variability'], exact):.3f}"
+        print(f"| {label} | {seconds:.1f} | {seconds / rows[0][1]:.2f} | {rho} |")
 
 
 if __name__ == "__main__":

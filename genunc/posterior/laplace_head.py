@@ -238,6 +238,22 @@ class HeadPosterior:
             return self.laplace.posterior_covariance.detach()
         return self.laplace.posterior_precision.to_matrix(exponent=-1).detach()
 
+    def with_prior_precision(self, prior_precision: float) -> "HeadPosterior":
+        """The same fit under another prior precision (the curvature is kept, nothing is
+        refitted): what a sensitivity study over the prior needs.  Diagonal posteriors only."""
+        if self.structure != "diag":
+            raise GenuncError(f"with_prior_precision needs the diagonal posterior, not "
+                              f"{self.structure!r}: refit with prior_precision={prior_precision}")
+        if not prior_precision > 0:
+            raise GenuncError(f"prior_precision must be positive, got {prior_precision}")
+        laplace = copy.deepcopy(self.laplace)
+        laplace.prior_precision = float(prior_precision)
+        info = {**self.info, "prior_precision_method": "fixed"}
+        other = HeadPosterior(laplace, self.ops, self.head_name, self.structure, self.likelihood,
+                              self.fingerprint, info)
+        other.info["log_marglik"] = other.log_marginal_likelihood()
+        return other
+
     def log_marginal_likelihood(self) -> float:
         with torch.no_grad():
             return float(self.laplace.log_marginal_likelihood())

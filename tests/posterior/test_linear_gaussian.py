@@ -141,3 +141,23 @@ def test_sigma_mle_and_joint_marglik_recover_noise():
     joint = HeadPosterior.fit_features(head, (x, y), prior_precision="marglik", sigma_noise="marglik")
     assert mle.sigma_noise == pytest.approx(SIGMA, rel=0.05)
     assert joint.sigma_noise == pytest.approx(SIGMA, rel=0.05)
+
+
+def test_another_prior_precision_equals_a_refit_with_it():
+    """with_prior_precision keeps the curvature: the diagonal variances (and evidence) equal a
+    fresh fit at that prior, and the fitted posterior is left as it was."""
+    x, y = _data()
+    head = _train_map(x, y, 1.0)
+    fitted = HeadPosterior.fit_features(head, (x, y), structure="diag", prior_precision=1.0,
+                                        sigma_noise=SIGMA)
+    before = fitted.posterior_variance.clone()
+    for alpha in (0.01, 30.0):
+        moved = fitted.with_prior_precision(alpha)
+        refit = HeadPosterior.fit_features(head, (x, y), structure="diag", prior_precision=alpha,
+                                           sigma_noise=SIGMA)
+        torch.testing.assert_close(moved.posterior_variance, refit.posterior_variance)
+        assert moved.prior_precision == pytest.approx(alpha)
+        assert moved.log_marginal_likelihood() == pytest.approx(refit.log_marginal_likelihood())
+    torch.testing.assert_close(fitted.posterior_variance, before, rtol=0, atol=0)
+    with pytest.raises(Exception, match="positive"):
+        fitted.with_prior_precision(0.0)

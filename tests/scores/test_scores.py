@@ -53,3 +53,30 @@ def test_aggregate():
     np.testing.assert_array_equal(aggregate_steps(per_step, "last"), [5.0, 1.0])
     with pytest.raises(GenuncError, match=r"\(S >= 1, B\)"):
         aggregate_steps(np.zeros(3))
+
+
+def test_semantic_entropy_in_real_data_units_ignores_how_features_are_scaled():
+    """Measured against the real data's per-dimension SD, the score does not change when an
+    extractor scales a dimension by 1000 (raw units it does, through the fixed floor)."""
+    from genunc.scores import feature_scale
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(500, 4))
+    feats = rng.normal(size=(6, 10, 4)) * 0.1
+    stretch = np.array([1000.0, 1.0, 0.001, 1.0])
+    scaled = gaussian_entropy(feats, scale=feature_scale(real))
+    stretched = gaussian_entropy(feats * stretch, scale=feature_scale(real * stretch))
+    np.testing.assert_allclose(stretched, scaled, rtol=1e-9)
+    assert not np.allclose(gaussian_entropy(feats * stretch) - gaussian_entropy(feats),
+                           np.log(stretch).sum())  # raw units: the floor breaks the shift
+
+
+def test_feature_scale_floors_dead_dimensions():
+    from genunc.scores import feature_scale
+
+    real = np.random.default_rng(1).normal(size=(100, 3))
+    real[:, 2] = 5.0  # a dead unit
+    scale = feature_scale(real, relative_floor=1e-3)
+    assert scale[2] == pytest.approx(1e-3 * np.median(real.std(0, ddof=1)))
+    with pytest.raises(GenuncError):
+        feature_scale(np.ones((10, 3)))
