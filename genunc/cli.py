@@ -171,8 +171,9 @@ def _filter(args: argparse.Namespace) -> int:
     if Path(args.export).suffix.lower() == ".sdf":
         from genunc.export.sdf import filter_sdf
 
-        if args.best_of or args.symlink:
-            raise GenuncError("--best-of and --symlink work on export directories, not SDF files")
+        if args.best_of or args.symlink or args.within:
+            raise GenuncError("--best-of, --within and --symlink work on export directories, not "
+                              "SDF files")
         if Path(args.out).exists():
             raise GenuncError(f"{args.out} exists; filtered molecules go to a new file")
         info = filter_sdf(args.export, args.out, args.score, fraction=args.fraction, k=args.k,
@@ -180,7 +181,7 @@ def _filter(args: argparse.Namespace) -> int:
         print(f"kept {info['kept']} of {info['total']} molecules by '{args.score}' -> {args.out}")
         return 0
     out = filter_export(args.export, args.out, args.score, fraction=args.fraction, k=args.k,
-                        threshold=args.threshold, group_by=args.best_of,
+                        threshold=args.threshold, group_by=args.best_of, within=args.within,
                         link="symlink" if args.symlink else "copy", provenance=provenance)
     kept = Export(out)
     print(f"kept {len(kept)} of {kept.metadata['n_source']} samples by '{args.score}' -> {out}")
@@ -300,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  genunc filter outputs/export --out outputs/top80 --score semantic "
         "--fraction 0.8\n  genunc filter outputs/export --out outputs/safe --score semantic "
         "--risk-alpha 0.05 --calibration outputs/calib --label judge_agrees\n"
+        "  genunc filter outputs/qm9/export --out outputs/qm9/kept --score variability "
+        "--fraction 0.8 --within n_atoms\n"
         "  genunc filter outputs/qm9/export/samples.sdf --out kept.sdf --score variability "
         "--fraction 0.8",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -310,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--k", type=int)
     flt.add_argument("--threshold", type=float)
     flt.add_argument("--best-of", metavar="COLUMN", help="keep the best sample per value of COLUMN")
+    flt.add_argument("--within", metavar="COLUMN",
+                     help="with --fraction: keep that fraction of every value of COLUMN (e.g. "
+                     "condition, n_atoms), so the kept set keeps the mix of classes or sizes")
     flt.add_argument("--risk-alpha", type=float, help="tolerated failure rate among kept samples")
     flt.add_argument("--delta", type=float, default=0.1, help="risk-control failure probability")
     flt.add_argument("--calibration", help="export with quality labels for risk control")

@@ -85,14 +85,21 @@ def best_of_n(scores, groups: Sequence) -> np.ndarray:
 
 
 def select(scores, *, fraction: float | None = None, k: int | None = None,
-           threshold: float | None = None, groups: Sequence | None = None) -> np.ndarray:
+           threshold: float | None = None, groups: Sequence | None = None,
+           within: Sequence | None = None) -> np.ndarray:
     """The one selection rule behind every filter: exactly one of keep a `fraction`, keep `k`,
     keep score <= `threshold`, or the best sample per value of `groups` (best-of-N).
+    ``within`` (with `fraction` only): keep that fraction of every value of `within` (per class,
+    per molecule size), so the kept set's mix of those values stays that of the whole.
     Returns sorted indices."""
     rules = {"fraction": fraction, "k": k, "threshold": threshold, "groups": groups}
     given = sorted(name for name, value in rules.items() if value is not None)
     if len(given) != 1:
         raise GenuncError(f"give exactly one of {sorted(rules)}; got {given or 'none'}")
+    if within is not None and fraction is None:
+        raise GenuncError("a selection within groups keeps a fraction of each: give fraction")
+    if within is not None:
+        return keep_fraction_within(scores, within, fraction)
     if fraction is not None:
         return keep_fraction(scores, fraction)
     if k is not None:

@@ -45,6 +45,12 @@ def test_fit_generate_filter_evaluate(config_file, tmp_path, capsys):
     assert main(["filter", str(tmp_path / "export"), "--out", str(tmp_path / "best"),
                  "--best-of", "condition"]) == 0
     assert len(Export(tmp_path / "best")) == 3
+    assert main(["filter", str(tmp_path / "export"), "--out", str(tmp_path / "mix"),
+                 "--score", "semantic", "--fraction", "0.5", "--within", "condition"]) == 0
+    assert sorted(r["condition"] for r in Export(tmp_path / "mix").records) == [0, 1, 2]
+    assert main(["filter", str(tmp_path / "export"), "--out", str(tmp_path / "bad"),
+                 "--score", "semantic", "--k", "2", "--within", "condition"]) == 2
+    assert "give fraction" in capsys.readouterr().err
 
     calib = tmp_path / "calib"
     with ExportWriter(calib, "json") as writer:
