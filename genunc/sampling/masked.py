@@ -116,18 +116,20 @@ class _RowNoise:
 
     def __init__(self, seed: int, indices: Sequence[int]) -> None:
         self.seed, self.indices = seed, list(indices)
-        self.key: tuple[int, int] = (0, 0)
+        self.key: tuple[int, int] = (-1, -1)
         self.generators: list[torch.Generator] = []
 
     def at(self, block: int, step: int) -> "_RowNoise":
-        if self.key != (block, step) or not self.generators:
-            self.key = (block, step)
-            self.generators = streams.sample_generators(self.seed, "sampler_noise", self.indices,
-                                                        block, step)
+        if self.key != (block, step):
+            self.key, self.generators = (block, step), []
         return self
 
     def uniforms(self, *shape: int) -> Tensor:
-        """``(B, *shape)`` uniforms; successive calls at one step draw fresh numbers."""
+        """``(B, *shape)`` uniforms; successive calls at one step draw fresh numbers.  The
+        generators are made on first use (greedy samplers never need them)."""
+        if not self.generators:
+            self.generators = streams.sample_generators(self.seed, "sampler_noise", self.indices,
+                                                        *self.key)
         return streams.rand_rows(shape, self.generators)
 
 
