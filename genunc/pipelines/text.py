@@ -37,6 +37,7 @@ from genunc.pipelines.base import ScoreCollector, UncertaintyOutput, Uncertainty
 from genunc.posterior import HeadPosterior
 from genunc.sampling.masked import POSTERIOR_STATS, UnmaskingConfig, unmask
 from genunc.scores import Aggregate, aggregate
+from genunc.scores.tokens import jackknife_standard_error
 from genunc.zoo.pretrained import read_config
 from genunc.zoo.text_model import MaskedDiffusionTransformer
 
@@ -92,6 +93,9 @@ class TextUncertaintyOutput(UncertaintyOutput):
 class TextUncertaintyPipeline(UncertaintyPipeline):
     """A masked-diffusion LM + head posterior + unmasking sampler."""
 
+    #: with M >= 3 draws, each mutual-information score's jackknife Monte-Carlo standard error
+    EXTRA_SCORE_COLUMNS = ("mutual_information_mc_error", "mutual_information_max_mc_error",
+                           "mutual_information_span_mc_error")
     SCORES = {"mutual_information": 2, "mutual_information_max": 2,
               "mutual_information_span": 2, "low_posterior_confidence": 1, "semantic": 1,
               "low_confidence": None, "low_margin": None, "low_self_certainty": None,
@@ -169,6 +173,12 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
             for name in token_scores:
                 stat, where, how, transform = _TOKEN_SCORES[name]
                 collected.add(name, transform(aggregate(stats[stat], positions[where], how)))
+                if stat == "mutual_information" and out.mi_leave_one_out is not None:
+                    # the score from each set of M - 1 draws: its jackknife Monte-Carlo error
+                    left = out.mi_leave_one_out.cpu()
+                    mask = positions[where].expand_as(left)
+                    collected.add(f"{name}_mc_error",
+                                  jackknife_standard_error(aggregate(left, mask, how)))
             if semantic:
                 draw_tokens.append(out.draw_tokens.cpu())
                 generations = torch.cat([out.tokens.cpu().unsqueeze(0), out.draw_tokens.cpu()])

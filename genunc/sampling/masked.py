@@ -37,7 +37,13 @@ from torch import Tensor
 from genunc import streams
 from genunc.adapters.text import MaskedDiffusionLMAdapter, check_layout
 from genunc.errors import GenuncError, ShapeMismatchError
-from genunc.scores.tokens import confidence, margin, mutual_information, self_certainty
+from genunc.scores.tokens import (
+    confidence,
+    margin,
+    mutual_information,
+    mutual_information_leave_one_out,
+    self_certainty,
+)
 
 if TYPE_CHECKING:
     from genunc.posterior.draws import HeadDraws
@@ -90,6 +96,9 @@ class UnmaskingOutput:
     token_stats: dict[str, Tensor] = field(default_factory=dict)
     draw_tokens: Tensor | None = None  # (M, B, L) with trajectory_draws
     commit_step: Tensor | None = None  # (B, L) step index at which each position was (last) filled
+    #: (M, B, L) with M >= 3 draws: each position's mutual information without draw m, for the
+    #: jackknife estimate of its Monte-Carlo error
+    mi_leave_one_out: Tensor | None = None
 
 
 def _blocks(cols: list[int], block_length: int | None) -> list[list[int]]:
@@ -188,6 +197,8 @@ def unmask(
     predictable[adapter.mask_id] = False
     xs = x.repeat(groups, 1)
     stats = {name: torch.zeros(b, length, dtype=torch.float64, device=device) for name in TOKEN_STATS}
+    loo = None if mi_draws is None or len(mi_draws) < 3 else \
+        torch.zeros(len(mi_draws), b, length, dtype=torch.float64, device=device)
     commit_step = torch.full((b, length), -1, dtype=torch.long, device=device)
     filled_by_sampler = torch.zeros_like(xs, dtype=torch.bool)
     nfe = rows = 0
@@ -256,6 +267,9 @@ def unmask(
                     head_out = mi_draws.apply(state["phi"])
                     draws_logits = adapter.post_head(head_out, {"x": xs[:b]})
                     values["mutual_information"] = mutual_information(draws_logits)
+                    if loo is not None:
+                        loo = torch.where(map_commit, mutual_information_leave_one_out(draws_logits),
+                                          loo)
                     # the committed token's probability averaged over the draws (Bayesian model
                     # average): unlike MI it depends on *which* token was taken
                     values["posterior_confidence"] = confidence(
@@ -283,5 +297,6 @@ def unmask(
         token_stats=stats if mi_draws is not None else
         {k: v for k, v in stats.items() if k not in POSTERIOR_STATS},
         draw_tokens=grouped[1:] if groups > 1 else None, commit_step=commit_step,
+        mi_leave_one_out=loo,
         row_nfe=row_nfe,
     )

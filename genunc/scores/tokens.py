@@ -41,6 +41,28 @@ def mutual_information(logits_draws: Tensor) -> Tensor:
     return (entropy(log_mean) - entropy(log_p).mean(0)).clamp_min(0.0)
 
 
+def mutual_information_leave_one_out(logits_draws: Tensor) -> Tensor:
+    """``(M, ..., V)`` logits -> ``(M, ...)``: the mutual information of the M - 1 draws left
+    when draw m is left out (for a jackknife estimate of the Monte-Carlo error)."""
+    m = logits_draws.shape[0]
+    if m < 3:
+        raise ShapeMismatchError(f"leave-one-out mutual information needs M >= 3 draws, got {m}")
+    log_p = torch.log_softmax(logits_draws.double(), dim=-1)
+    p = log_p.exp()
+    rest_mean = (p.sum(0, keepdim=True) - p) / (m - 1)  # draw m left out
+    h = entropy(log_p)  # (M, ...)
+    rest_entropy = (h.sum(0, keepdim=True) - h) / (m - 1)
+    return (entropy(rest_mean.clamp_min(1e-300).log()) - rest_entropy).clamp_min(0.0)
+
+
+def jackknife_standard_error(leave_one_out: Tensor) -> Tensor:
+    """Standard error of an estimate from its M leave-one-out values ``(M, ...)``:
+    ``sqrt((M - 1) / M * sum_m (v_m - mean)^2)``."""
+    m = leave_one_out.shape[0]
+    centred = leave_one_out.double() - leave_one_out.double().mean(0, keepdim=True)
+    return ((m - 1) / m * centred.square().sum(0)).sqrt()
+
+
 def confidence(logits: Tensor, tokens: Tensor) -> Tensor:
     """Probability of ``tokens`` under ``logits`` (``(..., V)`` and ``(...)``)."""
     return torch.softmax(logits.double(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -37,8 +37,17 @@ def test_scores_shapes_determinism_and_reload(sampler):
              "low_self_certainty", "random")
     a = s(prompts, config, num_draws=3, scores=names, seed=4, chunk_size=3)
     b = s(prompts, config, num_draws=3, scores=names, seed=4, chunk_size=3)
-    assert set(a.scores) == set(names)
-    for name in names:
+    errors = {f"{n}_mc_error" for n in names if n.startswith("mutual_information")}
+    assert set(a.scores) == set(names) | errors  # M >= 3: each MI score's Monte-Carlo error
+    assert set(errors) <= set(s.EXTRA_SCORE_COLUMNS)
+    for name in errors:
+        assert (a.scores[name] >= 0).all() and a.scores[name].max() > 0
+    two = s(prompts, config, num_draws=2, scores=("mutual_information",), seed=4)
+    assert set(two.scores) == {"mutual_information"}  # no jackknife with two draws
+    one_chunk = s(prompts, config, num_draws=3, scores=names, seed=4, chunk_size=7)
+    for name in a.scores:  # chunking changes no score
+        np.testing.assert_allclose(one_chunk.scores[name], a.scores[name], rtol=1e-9, atol=1e-12)
+    for name in a.scores:
         assert a.scores[name].shape == (7,) and np.isfinite(a.scores[name]).all()
         np.testing.assert_array_equal(a.scores[name], b.scores[name])
     assert (a.tokens[:, TASK.prompt_length :] != TASK.mask_id).all()
