@@ -132,6 +132,13 @@ def main() -> None:
         print(f"| {name} | {_ci(overall)} | {_ci(within)} | {_ci(best, pct=True)} | {kept50:.1%} "
               f"| {kept80:.1%} |")
 
+    if "mutual_information_mc_error" in out.scores:
+        mi, err = out.scores["mutual_information"], out.scores["mutual_information_mc_error"]
+        rel = err[mi > 0] / mi[mi > 0]
+        print(f"\nMonte-Carlo error of mutual_information (M = {args.draws}, jackknife): median "
+              f"standard error {np.median(err):.3g} nats, {np.median(rel):.1%} of the score "
+              f"(90th percentile {np.quantile(rel, 0.9):.1%})")
+
     # ------------------------------------------------------------ samplers: accuracy vs NFE
     base = task.prompts(pairs)
     samplers = [
