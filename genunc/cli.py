@@ -25,7 +25,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"{post['n_data_rows']} rows), prior precision {post['prior_precision']:.4g}, "
           f"sigma {post['sigma_noise']:.4g}, relative perturbation {post['relative_perturbation']:.3g}")
     print(f"{summary['n_samples']} digits, M = {summary['num_draws']} draws, {summary['steps']} "
-          f"DDIM steps; classifier agrees with the requested digit for "
+          f"DDIM steps; the independent judge sees the requested digit in "
           f"{summary['class_agreement_all']:.1%}")
     print(f"{'score':<16}{'AUROC(wrong)':>14}{'agree@80%':>12}{'Spearman(p)':>13}")
     for name, row in summary["scores"].items():
