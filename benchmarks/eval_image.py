@@ -29,6 +29,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from protocol import TEST_SEED, VAL_SEED, windows  # benchmarks/protocol.py
 
 from genunc import filtering
 from genunc.demos.digits import load_reference_pipeline
@@ -39,15 +40,6 @@ from genunc.zoo.digits import load_digits_tensor
 from genunc.zoo.judge import DigitsJudgeEvaluator
 
 SCORES = ("semantic", "variability", "pixel_variance", "random")
-VAL_SEED, TEST_SEED = 1000, 2000
-
-
-def windows(steps: int) -> dict[str, np.ndarray]:
-    """The step windows the validation seeds choose among."""
-    idx = np.arange(steps)
-    return {"all steps": idx, "first half": idx[: steps // 2], "second half": idx[steps // 2 :],
-            "middle 20-80%": idx[int(0.2 * steps) : int(0.8 * steps)],
-            "last 20%": idx[int(0.8 * steps) :]}
 
 
 def cached_run(pipe, out_dir: Path, n: int, seed: int, args):

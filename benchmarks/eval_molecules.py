@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from protocol import TEST_SEED, VAL_SEED, windows  # benchmarks/protocol.py
 
 from genunc import filtering
 from genunc.data.qm9 import edm_split, load_qm9
@@ -37,7 +38,6 @@ from genunc.scores import variability_score
 from genunc.zoo.qm9 import QM9_DIR
 
 SCORES = ("variability", "variability_pos", "variability_type", "denoising_loss", "random")
-VAL_SEED, TEST_SEED = 1000, 2000
 MIN_BIN = 20
 
 
@@ -64,13 +64,6 @@ def print_quality(name: str, report) -> None:
     novelty = "" if report.novelty is None else f"{report.novelty:>9.1%}"
     print(f"{name:<30}{report.atom_stability:>9.1%}{report.molecule_stability:>9.1%}"
           f"{report.validity:>9.1%}{report.uniqueness:>9.1%}{report.valid_and_unique:>9.1%}{novelty}")
-
-
-def windows(steps: int) -> dict[str, np.ndarray]:
-    idx = np.arange(steps)
-    return {"all steps": idx, "first half": idx[: steps // 2], "second half": idx[steps // 2 :],
-            "middle 20-80%": idx[int(0.2 * steps) : int(0.8 * steps)],
-            "last 20%": idx[int(0.8 * steps) :]}
 
 
 def variant(out, pipe, rows: np.ndarray, target: str, part: str = "variability") -> np.ndarray:

@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from protocol import VAL_SEED  # benchmarks/protocol.py
 
 from genunc import filtering
 from genunc.metrics.stats import binned_spearman
-
-VAL_SEED = 1000
 
 
 def priors(marglik: float) -> list[tuple[float, str]]:

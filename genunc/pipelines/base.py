@@ -132,6 +132,14 @@ class ScoreCollector:
     def variability(self) -> dict[str, np.ndarray] | None:
         return {k: np.concatenate(v, axis=1) for k, v in self.per_step.items()} or None
 
+    def output_fields(self, request: Request, *timing_names: str) -> dict[str, Any]:
+        """What every pipeline's output holds: scores, seed, draws, cost, per-step variability
+        (`timing_names`: timings reported as 0 when nothing was spent on them)."""
+        return dict(scores=self.scores(request), seed=request.seed, num_draws=request.num_draws,
+                    backbone_rows=self.backbone_rows,
+                    timings={**dict.fromkeys(timing_names, 0.0), **self.timings},
+                    variability_per_step=self.variability(), variability_timesteps=self.timesteps)
+
     @contextmanager
     def timer(self, name: str) -> Iterator[None]:
         start = time.perf_counter()

@@ -223,11 +223,7 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
             if request.wants("pixel_variance"):
                 collected.add("pixel_variance", pixel_variance(all_generations))
         return ImageUncertaintyOutput(
-            scores=collected.scores(request), seed=seed, num_draws=num_draws,
-            backbone_rows=collected.backbone_rows,
-            timings={"generation": 0.0, "features": 0.0, **collected.timings},
-            variability_per_step=collected.variability(),
-            variability_timesteps=collected.timesteps,
+            **collected.output_fields(request, "generation", "features"),
             images=images_t, class_labels=labels,
             draw_images=draws_t if keep_draw_images else None,
         )

@@ -201,9 +201,5 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                         layout.clean(out.samples, mask), mask, nll_levels,
                         request.generators("likelihood_noise", sl)))
         return MoleculeUncertaintyOutput(
-            scores=collected.scores(request), seed=seed, num_draws=num_draws,
-            backbone_rows=collected.backbone_rows,
-            timings={"generation": 0.0, "denoising_loss": 0.0, **collected.timings},
-            variability_per_step=collected.variability(),
-            variability_timesteps=collected.timesteps,
+            **collected.output_fields(request, "generation", "denoising_loss"),
             molecules=molecules, n_atoms=masks.sum(1).numpy(), draw_molecules=draw_molecules)

@@ -187,8 +187,7 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
                 collected.add("semantic", self.semantic_entropy(feats))
         per_row = np.concatenate(row_nfe)
         return TextUncertaintyOutput(
-            scores=collected.scores(request), seed=seed, num_draws=num_draws,
-            backbone_rows=collected.backbone_rows, timings=collected.timings,
+            **collected.output_fields(request),
             tokens=torch.cat(tokens), nfe=float(per_row.mean()), row_nfe=per_row,
             token_stats={k: torch.cat([s[k] for s in stats_all]) for k in stats_all[0]},
             draw_tokens=torch.cat(draw_tokens, 1) if draw_tokens else None)
