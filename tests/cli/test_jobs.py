@@ -84,6 +84,22 @@ def test_an_export_does_not_depend_on_its_chunk_size(config_file, tmp_path):
                                        rtol=1e-4, atol=1e-8)
 
 
+def test_image_quality_columns_come_from_the_independent_judge(config_file, tmp_path, monkeypatch):
+    """The export's quality label is the judge's verdict, never the feature network's."""
+    from genunc.features import DigitsFeatures
+
+    def no_classifier(*args, **kwargs):
+        raise AssertionError("the quality columns must not read the digits classifier")
+
+    monkeypatch.setattr(DigitsFeatures, "probabilities", no_classifier)
+    out = tmp_path / "judged"
+    assert main(["generate", "-c", str(config_file), "--set", "quality=zoo:digits_judge",
+                 "--set", f"generate.out={out}"]) == 0
+    records = Export(out).records
+    assert all(isinstance(r["judge_agrees"], bool) and 0 <= r["p_class"] <= 1 for r in records)
+    assert "classifier_agrees" not in records[0]
+
+
 def test_config_overrides_and_typos(config_file):
     config = load_config(config_file, ["generate.num_draws=7", "posterior.structure=kron"])
     assert config["generate"]["num_draws"] == 7 and config["posterior"]["structure"] == "kron"
