@@ -42,15 +42,21 @@ from genunc.zoo.judge import DigitsJudgeEvaluator
 SCORES = ("semantic", "variability", "pixel_variance", "random")
 
 
-def cached_run(pipe, out_dir: Path, n: int, seed: int, args):
+def cheap_variants(steps: int) -> dict[str, dict[str, int]]:
+    """The semantic score's cost reductions, as pipeline arguments."""
+    return {"branch": {"branch_at": steps // 2}, "score_steps": {"score_steps": steps // 5}}
+
+
+def cached_run(pipe, out_dir: Path, n: int, seed: int, args, scores=SCORES, **extra):
     """Generate and score (or reload what an identical earlier run saved): images, labels,
     scores and per-step variability, keyed by everything that decides them."""
     key = f"{pipe.posterior.digest()[:12]}_n{n}_s{seed}_m{args.draws}_t{args.steps}"
+    key += "".join(f"_{k}{v}" for k, v in sorted(extra.items()))
     path = out_dir / f"run_{key}.pt"
     if path.exists():
         return SimpleNamespace(**torch.load(path, weights_only=False))
-    out = pipe(n, num_draws=args.draws, num_inference_steps=args.steps, seed=seed, scores=SCORES,
-               progress=False)
+    out = pipe(n, num_draws=args.draws, num_inference_steps=args.steps, seed=seed, scores=scores,
+               progress=False, **extra)
     keep = {k: getattr(out, k) for k in ("images", "class_labels", "scores",
                                          "variability_per_step", "variability_timesteps")}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +93,8 @@ def main() -> None:
     parser.add_argument("--boot", type=int, default=1000)
     parser.add_argument("--cost-n", type=int, default=64)
     parser.add_argument("--out", default="outputs/eval_image")
+    parser.add_argument("--variant", action="append", choices=["branch", "score_steps"], default=[],
+                        help="also score the test digits with a cheap semantic variant (repeatable)")
     args = parser.parse_args()
 
     pipe = load_reference_pipeline(args.out, progress=False)
@@ -151,8 +159,31 @@ def main() -> None:
         kept_share = [np.isin(np.flatnonzero(labels == c), keep).mean() for c in np.unique(labels)]
         print(f"|   class mix kept globally: {min(kept_share):.0%} to {max(kept_share):.0%} per class "
               f"| | | | | | | | | |")
+    if args.variant:
+        variants_table(pipe, args, test, good, rand)
     if args.cost_n > 0:
         cost_table(pipe, args)
+
+
+def variants_table(pipe, args, test, good, rand) -> None:
+    """The cheap semantic variants on the same test digits: what their kept sets are worth."""
+    steps = args.steps
+    labels = {"branch": f"semantic, draws branch off at step {steps // 2} of {steps}",
+              "score_steps": f"semantic, scored on {steps // 5}-step generations (score_steps)"}
+    print(f"\ncheap semantic variants, test seed {TEST_SEED}, the same digits (rows: Spearman with "
+          f"the full semantic score, AUROC, judge agrees among kept 80%, Delta vs random)")
+    keep_g = lambda s: filtering.keep_fraction(s, args.keep)  # noqa: E731
+    for name in args.variant:
+        start = time.perf_counter()
+        out = cached_run(pipe, Path(args.out), len(good), TEST_SEED, args, scores=("semantic",),
+                         **cheap_variants(steps)[name])
+        values = out.scores["semantic"]
+        auroc = bootstrap_interval(filtering.auroc, values, ~good, n_boot=args.boot)
+        d_agree = bootstrap_interval(lambda s, q, g: g[keep_g(s)].mean() - g[keep_g(q)].mean(),
+                                     values, rand, good, n_boot=args.boot)
+        print(f"| {labels[name]} | {spearman(values, test.scores['semantic']):.3f} | {fmt(*auroc)} "
+              f"| {good[keep_g(values)].mean():.3f} | {fmt(*d_agree)} | "
+              f"({time.perf_counter() - start:.0f} s) |")
 
 
 def cost_table(pipe, args) -> None:
