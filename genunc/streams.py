@@ -31,7 +31,6 @@ PURPOSES = frozenset({
     "likelihood_noise",  # the denoising-loss baseline's noise, per sample
     "atom_counts",       # a molecule's size, per sample
     "prompt_order",      # which prompts a text export takes, per run
-    "fit_noise",         # noise and times of the posterior-fitting pairs
     "bootstrap",         # evaluation resampling
 })
 
