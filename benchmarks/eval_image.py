@@ -29,13 +29,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from protocol import TEST_SEED, VAL_SEED, windows  # benchmarks/protocol.py
+from protocol import TEST_SEED, VAL_SEED, windowed_variability, windows  # benchmarks/protocol.py
 
 from genunc import filtering
 from genunc.demos.digits import load_reference_pipeline
 from genunc.metrics.image import frechet_distance, precision_recall
 from genunc.metrics.stats import bootstrap_interval, spearman
-from genunc.scores import variability_score
 from genunc.zoo.digits import load_digits_tensor
 from genunc.zoo.judge import DigitsJudgeEvaluator
 
@@ -64,17 +63,12 @@ def cached_run(pipe, out_dir: Path, n: int, seed: int, args, scores=SCORES, **ex
     return SimpleNamespace(**keep)
 
 
-def variability_variant(out, pipe, rows: np.ndarray, target: str) -> np.ndarray:
-    per_step = out.variability_per_step["variability"][rows]
-    return variability_score(per_step, out.variability_timesteps[rows],
-                             pipe.adapter.alphas_cumprod, target)
-
-
 def choose_variability(pipe, val, wrong: np.ndarray, steps: int) -> tuple[str, str, dict]:
     table = {}
     for wname, rows in windows(steps).items():
         for target in ("noise", "clean"):
-            table[(wname, target)] = filtering.auroc(variability_variant(val, pipe, rows, target), wrong)
+            values = windowed_variability(val, pipe.adapter.alphas_cumprod, rows, target)
+            table[(wname, target)] = filtering.auroc(values, wrong)
     best = max(table, key=table.get)
     return best[0], best[1], table
 
@@ -123,8 +117,8 @@ def main() -> None:
     test, wrong = runs["test"]
     scores = dict(test.scores)
     scores["variability (paper: all steps, noise)"] = scores.pop("variability")
-    scores[f"variability ({window}, {target}; val.)"] = variability_variant(
-        test, pipe, windows(args.steps)[window], target)
+    scores[f"variability ({window}, {target}; val.)"] = windowed_variability(
+        test, pipe.adapter.alphas_cumprod, windows(args.steps)[window], target)
     feats = judge.features(test.images)
     labels = test.class_labels.numpy()
     good = ~wrong

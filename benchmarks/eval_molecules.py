@@ -27,14 +27,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from protocol import TEST_SEED, VAL_SEED, windows  # benchmarks/protocol.py
+from protocol import TEST_SEED, VAL_SEED, windowed_variability, windows  # benchmarks/protocol.py
 
 from genunc import filtering
 from genunc.data.qm9 import edm_split, load_qm9
 from genunc.metrics.molecule import canonical_training_smiles, evaluate_molecules
 from genunc.metrics.stats import binned_spearman, bootstrap_interval, partial_spearman, spearman
 from genunc.pipelines import MoleculeUncertaintyPipeline
-from genunc.scores import variability_score
 from genunc.zoo.qm9 import QM9_DIR
 
 SCORES = ("variability", "variability_pos", "variability_type", "denoising_loss", "random")
@@ -66,18 +65,9 @@ def print_quality(name: str, report) -> None:
           f"{report.validity:>9.1%}{report.uniqueness:>9.1%}{report.valid_and_unique:>9.1%}{novelty}")
 
 
-def variant(out, pipe, rows: np.ndarray, target: str, part: str = "variability") -> np.ndarray:
-    return variability_score(out.variability_per_step[part][rows], out.variability_timesteps[rows],
-                             pipe.adapter.alphas_cumprod, target)
-
-
 def ci(stat, *arrays, boot: int) -> str:
     est, low, high = bootstrap_interval(stat, *arrays, n_boot=boot)
     return f"{est:+.3f} [{low:+.3f}, {high:+.3f}]"
-
-
-def keep_within_size(scores, sizes, fraction):
-    return filtering.keep_fraction_within(scores, sizes, fraction)
 
 
 def main() -> None:
@@ -119,7 +109,7 @@ def main() -> None:
     table = {}
     for wname, rows in windows(args.steps).items():
         for target in ("noise", "clean"):
-            values = variant(val, sampler, rows, target)
+            values = windowed_variability(val, sampler.adapter.alphas_cumprod, rows, target)
             table[(wname, target)] = binned_spearman(values, val_q["atom_stable_fraction"],
                                                      val.n_atoms, min_size=MIN_BIN)[0]
     print("\nvariability on the validation seed: within-size Spearman with atom stability "
@@ -139,8 +129,8 @@ def main() -> None:
     print_quality("reference model", report)
 
     scores = {k: res.scores[k] for k in SCORES}
-    scores[f"variability ({window}, {target}; val.)"] = variant(
-        res, sampler, windows(args.steps)[window], target)
+    scores[f"variability ({window}, {target}; val.)"] = windowed_variability(
+        res, sampler.adapter.alphas_cumprod, windows(args.steps)[window], target)
     sizes = res.n_atoms.astype(float)
     atom_st, valid = quality["atom_stable_fraction"], quality["valid"]
     invalid = valid < 0.5
@@ -165,7 +155,7 @@ def main() -> None:
         f"{v:>9.1%}" for v in metric_row(res.molecules, np.arange(args.n_test), train_smiles)))
     for name, values in scores.items():
         for how, idx in (("global", filtering.keep_fraction(values, 0.8)),
-                         ("within size", keep_within_size(values, res.n_atoms, 0.8))):
+                         ("within size", filtering.keep_fraction_within(values, res.n_atoms, 0.8))):
             print(f"{name:<44}{how:<14}" + "".join(
                 f"{v:>9.1%}" for v in metric_row(res.molecules, idx, train_smiles)))
     kept_sizes = sizes[filtering.keep_fraction(scores["variability"], 0.8)].mean()

@@ -61,16 +61,15 @@ def image_rows(args) -> None:
 
 
 def molecule_rows(args) -> None:
+    from eval_molecules import load_sampler  # benchmarks/eval_molecules.py
+
     from genunc.data.qm9 import edm_split, load_qm9
     from genunc.metrics.molecule import evaluate_molecules
-    from genunc.pipelines import MoleculeUncertaintyPipeline
     from genunc.zoo.qm9 import QM9_DIR
 
     data = load_qm9()
     train = data.subset(edm_split(len(data))["train"])
-    pipe = MoleculeUncertaintyPipeline.from_pretrained(QM9_DIR, posterior=None)
-    batches = [pipe.adapter.encode(train, np.arange(i, min(i + 64, 2000))) for i in range(0, 2000, 64)]
-    pipe.load_or_fit_posterior(Path(args.out) / "molecule" / "posterior", batches, stale="refit")
+    pipe = load_sampler(QM9_DIR, Path(args.out) / "molecule", train, 2000)
     fitted = pipe.posterior
     print(f"{args.n} molecules, seed {VAL_SEED}, {args.steps} DDPM steps, exact variability")
     print("| prior precision | | log marglik | relative perturbation | within-size rho(atom st) | "
@@ -89,20 +88,17 @@ def molecule_rows(args) -> None:
 
 
 def text_rows(args) -> None:
+    from bestofn_text import load  # benchmarks/bestofn_text.py
+
     from genunc import streams
     from genunc.pipelines import TextUncertaintyPipeline
     from genunc.sampling.masked import UnmaskingConfig
     from genunc.tasks import ArithmeticTask
     from genunc.zoo.arith import ARITH_DIR
 
-    pipe = TextUncertaintyPipeline.from_pretrained(ARITH_DIR, posterior=None)
-    spec = pipe.metadata["task"]
+    spec = TextUncertaintyPipeline.from_pretrained(ARITH_DIR, posterior=None).metadata["task"]
     task = ArithmeticTask(spec["op"], spec["digits"])
-    pairs = task.split()["train"][:4000]
-    batches = [{"x": task.sequences(pairs[i : i + 256]),
-                "prompt_mask": task.prompt_mask(len(pairs[i : i + 256]))}
-               for i in range(0, len(pairs), 256)]
-    pipe.load_or_fit_posterior(Path(args.out) / "text" / "posterior", batches, stale="refit", repeats=2)
+    pipe = load(ARITH_DIR, Path(args.out) / "text", task, 4000)
     fitted = pipe.posterior
     test = task.split()["test"]
     test = test[streams.numpy_generator(VAL_SEED, "prompt_order").permutation(len(test))[: args.n]]

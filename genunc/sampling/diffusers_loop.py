@@ -81,7 +81,6 @@ class _GroupStepper:
         self.schedulers = [scheduler]
         self.generators = [] if generator is None else \
             list(generator) if isinstance(generator, (list, tuple)) else [generator]
-        self.generator = generator
         # stochastic schedulers take a generator; deterministic ones (PNDM, ...) may not accept one
         self.kwargs = {"generator": generator} \
             if "generator" in inspect.signature(scheduler.step).parameters else {}
