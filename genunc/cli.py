@@ -23,7 +23,8 @@ def _demo(args: argparse.Namespace) -> int:
     post = summary["posterior"]
     print(f"posterior: {post['structure']} over '{post['head']}' ({post['n_params']} weights, "
           f"{post['n_data_rows']} rows), prior precision {post['prior_precision']:.4g}, "
-          f"sigma {post['sigma_noise']:.4g}, relative perturbation {post['relative_perturbation']:.3g}")
+          f"sigma {_sigma_text(post['sigma_noise'])}, "
+          f"relative perturbation {post['relative_perturbation']:.3g}")
     print(f"{summary['n_samples']} digits, M = {summary['num_draws']} draws, {summary['steps']} "
           f"DDIM steps; the independent judge sees the requested digit in "
           f"{summary['class_agreement_all']:.1%}")
@@ -36,6 +37,12 @@ def _demo(args: argparse.Namespace) -> int:
           f"features {secs['features']:.1f}s")
     print(f"wrote {args.out}/contact_sheet.png, scores.csv, retention.png, summary.json")
     return 0
+
+
+def _sigma_text(sigma: float | dict[str, float] | None) -> str:
+    if isinstance(sigma, dict):
+        return ", ".join(f"{name} {value:.4g}" for name, value in sigma.items())
+    return "n/a" if sigma is None else f"{sigma:.4g}"
 
 
 def _zoo_train(args: argparse.Namespace) -> int:

@@ -33,6 +33,9 @@ DEFAULTS: dict[str, Any] = {
         "structure": "diag",
         "prior_precision": "marglik",
         "sigma_noise": "mle",
+        # regression: one noise scale per output group the adapter declares (molecules: positions
+        # and atom features) when sigma_noise is mle; false pools them into one
+        "noise_groups": True,
         "repeats": 4,
         "batch_size": 64,
         "seed": 0,
@@ -81,7 +84,8 @@ class Rule:
         elif self.kind is list:
             allowed = f"a non-empty list of {self.item.__name__ if self.item else 'values'}"
         else:
-            allowed = {int: "a whole number", float: "a number", str: "a non-empty string"}[self.kind]
+            allowed = {int: "a whole number", float: "a number", str: "a non-empty string",
+                       bool: "true or false"}[self.kind]
             bounds = [f">= {self.minimum:g}"] if self.minimum is not None else []
             bounds += [f"<= {self.maximum:g}"] if self.maximum is not None else []
             bounds += ["> 0"] if self.positive else []
@@ -97,8 +101,8 @@ class Rule:
             return True
         if self.choices is not None:
             return value in self.choices
-        if isinstance(value, bool):  # YAML true/false is never a number or a name
-            return False
+        if isinstance(value, bool) or self.kind is bool:  # YAML true/false: only for flags
+            return isinstance(value, bool) and self.kind is bool
         if self.kind is list:
             return isinstance(value, list) and len(value) > 0 and (
                 self.item is None or all(_is(v, self.item) for v in value))
@@ -132,6 +136,7 @@ RULES: dict[str, Rule] = {
     "posterior.structure": Rule(str, choices=("diag", "kron", "full")),
     "posterior.prior_precision": Rule(float, positive=True, words=("marglik",)),
     "posterior.sigma_noise": Rule(float, positive=True, words=("mle", "marglik")),
+    "posterior.noise_groups": Rule(bool),
     "posterior.repeats": COUNT, "posterior.batch_size": COUNT, "posterior.seed": SEED,
     "generate.n_samples": COUNT, "generate.num_draws": SEED,
     "generate.steps": Rule(int, minimum=1, nullable=True),

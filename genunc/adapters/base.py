@@ -108,6 +108,13 @@ class DenoiserAdapter(ABC):
         return self.reduce_variance(eps_draws.double().var(0), inputs)
 
     @property
+    def output_groups(self) -> Mapping[str, slice] | None:
+        """Parts of the head output's last axis predicted with residuals of their own size (e.g.
+        molecule positions and atom features): the posterior fits one noise scale per group.
+        None: one scale for all outputs."""
+        return None
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

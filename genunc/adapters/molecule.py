@@ -166,6 +166,12 @@ class MoleculeAdapter(DenoiserAdapter):
         return torch.cat([remove_mean(x[..., lay.positions], mask),
                           x[..., lay.features] * mask.unsqueeze(-1).to(x.dtype)], dim=-1)
 
+    @property
+    def output_groups(self) -> dict[str, slice]:
+        """Positions (Angstrom noise) and the scaled atom features have residuals of different
+        size (RMS about 0.70 vs 0.24 on the shipped model): one noise scale each."""
+        return {"positions": self.layout.positions, "features": self.layout.features}
+
     def reduce_variance(self, variance: Tensor, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
         """Per-atom output variance, positions and types apart.
 

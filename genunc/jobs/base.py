@@ -58,7 +58,7 @@ class Job(ABC):
         p = config["posterior"]
         return {"batch_size": p["batch_size"], "repeats": p["repeats"], "seed": p["seed"],
                 "structure": p["structure"], "prior_precision": p["prior_precision"],
-                "sigma_noise": p["sigma_noise"]}
+                "sigma_noise": p["sigma_noise"], "noise_groups": p["noise_groups"]}
 
     def prepare_scores(self, pipe: UncertaintyPipeline, config: dict[str, Any]) -> None:
         """Whatever the scores need besides the posterior (e.g. the semantic score's unit)."""

@@ -72,7 +72,7 @@ class TextJob(Job):
 
     def fit_options(self, config: dict[str, Any]) -> dict[str, Any]:
         options = super().fit_options(config)
-        del options["sigma_noise"]  # the categorical likelihood has no noise scale
+        del options["sigma_noise"], options["noise_groups"]  # a categorical likelihood has no noise
         return options
 
     def call_args(self, pipe: TextUncertaintyPipeline, config: dict[str, Any],

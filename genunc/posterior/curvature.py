@@ -37,6 +37,24 @@ class LinearHeadGGN(CurvlinopsGGN):
             return head
         return None
 
+    def _output_hessian(self, f: Tensor) -> Tensor:
+        """Diagonal of the likelihood's Hessian w.r.t. the head's own outputs, per row.
+
+        The model may rescale the head's outputs (one noise scale per output group) or compute
+        some of its outputs without parameters (frozen classes): the chain rule then scales by
+        1/scale^2 and keeps the head's own columns.
+        """
+        if self.likelihood == "regression":
+            lam = torch.ones_like(f)
+        else:  # softmax cross-entropy: the output Hessian's diagonal is p (1 - p)
+            p = torch.softmax(f, dim=-1)
+            lam = p * (1 - p)
+        scale = getattr(self.model, "output_scale", None)
+        if scale is not None:
+            lam = lam / scale.square()
+        kept = getattr(self.model, "kept_outputs", None)
+        return lam if kept is None else lam[:, kept]
+
     def diag(self, x: Tensor, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         head = self._closed_form_head()
         if head is None:
@@ -45,7 +63,7 @@ class LinearHeadGGN(CurvlinopsGGN):
             f = self.model(x)
             loss = self.factor * self.lossfunc(f, y)
             if isinstance(head, nn.Linear):
-                parts = _linear_diag(head, x, f, self.likelihood)
+                parts = _linear_diag(head, x, self._output_hessian(f))
             else:
                 parts = _conv2d_diag(head, x)
         return loss.detach(), torch.cat([p.reshape(-1) for p in parts])
@@ -68,7 +86,11 @@ class LinearHeadGGN(CurvlinopsGGN):
             else:
                 n_positions, inputs, n_out = 1, x, head.out_features
             m = x.shape[0]
+            # the output Hessian of a Gaussian likelihood: identity, or 1/scale^2 per output
+            scale = getattr(self.model, "output_scale", None)
             eye = torch.eye(n_out, dtype=x.dtype, device=x.device)
+            if scale is not None:
+                eye = torch.diag(scale.to(x.dtype).square().reciprocal())
             # Batches add factor-wise in laplace-torch, so output factor m*I and input factor
             # (sum x x^T)/N accumulate to N*I and X^T X/N, whose product is the exact I (x) X^T X.
             kfacs = [[m * eye, inputs.T @ inputs / N]]
@@ -77,13 +99,8 @@ class LinearHeadGGN(CurvlinopsGGN):
         return loss.detach(), Kron(kfacs)
 
 
-def _linear_diag(head: nn.Linear, x: Tensor, f: Tensor, likelihood: str) -> list[Tensor]:
+def _linear_diag(head: nn.Linear, x: Tensor, lam: Tensor) -> list[Tensor]:
     """diag GGN of y = W x + b: weight (o, i) gets sum_n lambda_no x_ni^2, bias gets sum_n lambda_no."""
-    if likelihood == "regression":
-        lam = torch.ones_like(f)
-    else:  # softmax cross-entropy: the output Hessian's diagonal is p (1 - p)
-        p = torch.softmax(f, dim=-1)
-        lam = p * (1 - p)
     parts = [lam.T @ x.square()]
     if head.bias is not None:
         parts.append(lam.sum(0))

@@ -55,6 +55,12 @@ def save_posterior(posterior: "HeadPosterior", directory: str | os.PathLike[str]
                 tensors[f"H.{i}.{j}"] = factor
     else:
         tensors["H"] = state["H"]
+    if posterior.subset is not None:  # a posterior over some of the head's rows
+        tensors["subset"] = posterior.subset.to(torch.uint8)
+        tensors["full_mean"] = posterior.mean
+    model = posterior.laplace.model
+    if getattr(model, "output_scale", None) is not None:
+        tensors["output_scale"] = model.output_scale
     meta = {
         "format_version": FORMAT_VERSION,
         "genunc_version": __version__,
@@ -138,8 +144,14 @@ def load_posterior(
     for p in head_copy.parameters():
         p.requires_grad_(True)
     ops = head_ops_for(head_copy)
+    subset = tensors["subset"].bool() if "subset" in tensors else None
+    kept = None
+    if subset is not None:
+        rows = ops.output_rows()
+        kept = torch.unique(rows.to(device)[subset])
     la = Laplace(
-        _RowModel(head_copy, meta["row_wise"]),
+        _RowModel(head_copy, meta["row_wise"], output_scale=tensors.get("output_scale"),
+                  kept_outputs=kept),
         meta["likelihood"],
         subset_of_weights="all",
         hessian_structure=meta["structure"],
@@ -171,6 +183,7 @@ def load_posterior(
     )
     return HeadPosterior(
         la, ops, meta["head_name"], meta["structure"], meta["likelihood"],
-        meta["fingerprint"], meta.get("info"),
+        meta["fingerprint"], meta.get("info"), subset=subset,
+        full_mean=tensors.get("full_mean") if subset is not None else None,
     )
 

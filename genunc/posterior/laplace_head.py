@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -36,16 +36,72 @@ STRUCTURES: tuple[str, ...] = ("diag", "kron", "full")
 
 
 class _RowModel(nn.Module):
-    """The head seen as a model over feature rows, with outputs flattened to ``(rows, D)``."""
+    """The head seen as a model over feature rows, with outputs flattened to ``(rows, D)``.
 
-    def __init__(self, head: nn.Module, row_wise: bool) -> None:
+    Two optional changes of view leave the posterior one over the head's own weights:
+
+    * ``output_scale`` ``(D,)`` divides outputs (and the fit divides targets) column-wise, which
+      turns laplace-torch's one Gaussian noise scale into one per output group (molecule
+      positions and atom features are predicted with residuals of different size);
+    * ``kept_outputs`` makes only those output rows of a Linear head parameters; the others
+      become buffers at their pretrained values, so classes no target ever names (a masked
+      model's mask token) stay out of the posterior instead of sitting at the prior.
+    """
+
+    def __init__(self, head: nn.Module, row_wise: bool, output_scale: Tensor | None = None,
+                 kept_outputs: Tensor | None = None) -> None:
         super().__init__()
-        self.head = head
         self.row_wise = row_wise
+        self.kept_outputs: Tensor | None
+        if kept_outputs is not None:
+            head = self._keep_rows(head, kept_outputs)
+        else:
+            self.kept_outputs = None
+        self.head = head
+        if output_scale is not None and not row_wise:
+            raise GenuncError("per-output noise scales need a head whose outputs are rows")
+        self.output_scale: Tensor | None
+        self.register_buffer("output_scale", output_scale)
+
+    def _keep_rows(self, head: nn.Module, kept: Tensor) -> nn.Linear:
+        if type(head) is not nn.Linear:
+            raise GenuncError(f"only Linear heads can keep a subset of output rows, not "
+                              f"{type(head).__name__}")
+        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+        n_out = weight.shape[0]
+        kept = torch.as_tensor(kept, dtype=torch.long, device=weight.device).sort().values
+        frozen = torch.ones(n_out, dtype=torch.bool, device=weight.device)
+        frozen[kept] = False
+        frozen_idx = torch.nonzero(frozen).flatten()
+        self.register_buffer("kept_outputs", kept)
+        self.register_buffer("frozen_weight", weight[frozen_idx].clone())
+        self.register_buffer("frozen_bias", None if bias is None else bias[frozen_idx].clone())
+        # outputs are computed as [kept | frozen] and put back in vocabulary order
+        self.register_buffer("order", torch.argsort(torch.cat([kept, frozen_idx])))
+        sub = nn.Linear(weight.shape[1], len(kept), bias=bias is not None,
+                        dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            sub.weight.copy_(weight[kept])
+            if bias is not None:
+                sub.bias.copy_(bias[kept])
+        return sub
 
     def forward(self, rows: Tensor) -> Tensor:
         out = self.head(rows)
+        if self.kept_outputs is not None:
+            frozen = nn.functional.linear(rows, self.frozen_weight, self.frozen_bias)
+            out = torch.cat([out, frozen], -1).index_select(-1, self.order)
+        if self.output_scale is not None:
+            out = out / self.output_scale
         return out if self.row_wise else out.flatten(1)
+
+    def flat_subset(self, ops: HeadOps) -> Tensor | None:
+        """Which entries of the full head's flat parameter vector are this model's parameters
+        (None: all of them, in the same order)."""
+        if self.kept_outputs is None:
+            return None
+        rows = ops.output_rows()
+        return torch.isin(rows.to(self.kept_outputs.device), self.kept_outputs)
 
 
 def _fit_dtype(head: nn.Module) -> torch.dtype:
@@ -71,6 +127,9 @@ class HeadPosterior:
         likelihood: Likelihood,
         fingerprint: dict[str, Any],
         info: dict[str, Any] | None = None,
+        *,
+        subset: Tensor | None = None,
+        full_mean: Tensor | None = None,
     ) -> None:
         self.laplace = laplace
         self.ops = ops
@@ -79,6 +138,12 @@ class HeadPosterior:
         self.likelihood = likelihood
         self.fingerprint = fingerprint
         self.info = dict(info or {})
+        if (subset is None) != (full_mean is None):
+            raise GenuncError("a posterior over part of the head needs both subset and full_mean")
+        #: which entries of the head's flat parameters the posterior covers (None: all); the
+        #: rest stay at ``full_mean`` in every draw
+        self.subset = subset
+        self._full_mean = full_mean
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -91,21 +156,27 @@ class HeadPosterior:
         max_rows: int | None = None,
         seed: int | torch.Generator | None = 0,
         progress: bool = True,
+        noise_groups: bool = True,
         **fit_kwargs: Any,
     ) -> "HeadPosterior":
         """Fit on the adapter's head: collect head inputs on noisy `batches`, then Laplace.
 
-        ``fit_kwargs`` go to :meth:`fit_features` (structure, prior_precision, sigma_noise, ...).
+        ``noise_groups``: one noise scale per output group the adapter declares
+        (:attr:`DenoiserAdapter.output_groups`, e.g. molecule positions vs atom features) rather
+        than one pooled scale.  ``fit_kwargs`` go to :meth:`fit_features` (structure,
+        prior_precision, sigma_noise, ...).
         """
         data = collect_head_data(
             adapter, batches, repeats=repeats, max_rows=max_rows, seed=seed, progress=progress
         )
+        groups = adapter.output_groups if noise_groups else None
         return cls.fit_features(
             adapter.head,
             data,
             likelihood=adapter.likelihood,
             head_name=adapter.head_name,
             progress=progress,
+            output_groups=groups,
             **fit_kwargs,
         )
 
@@ -123,6 +194,8 @@ class HeadPosterior:
         batch_size: int = 256,
         backend: type | None = None,
         progress: bool = False,
+        output_groups: Mapping[str, slice] | None = None,
+        unseen_classes: Literal["freeze", "prior"] = "freeze",
     ) -> "HeadPosterior":
         """Laplace over `head`'s weights given its input rows and targets.
 
@@ -131,6 +204,14 @@ class HeadPosterior:
                 laplace-torch's marginal likelihood over it.
             sigma_noise: regression noise scale; ``"mle"`` uses the root-mean-square residual of
                 the pretrained head, ``"marglik"`` optimises it jointly with the prior precision.
+            output_groups: name -> slice of the output's last axis; with ``sigma_noise="mle"``
+                each group gets the RMS residual of its own columns as its noise scale (a
+                Gaussian likelihood with per-group variance).  Ignored for a fixed or
+                marginal-likelihood ``sigma_noise``, which is one scale for all outputs.
+            unseen_classes: classification with a Linear head: output rows of classes that no
+                target names have no data; ``"freeze"`` keeps them at their pretrained values
+                (the posterior covers only rows that saw data), ``"prior"`` leaves them in the
+                posterior, where they sit at the prior.
             backend: a laplace-torch curvature backend class.  The default,
                 :class:`~genunc.posterior.curvature.LinearHeadGGN`, is CurvlinopsGGN with the exact
                 diagonal of Linear/Conv2d heads computed in closed form.
@@ -161,7 +242,34 @@ class HeadPosterior:
         features = features.to(device, dtype)
         targets = targets.to(device, dtype if likelihood == "regression" else torch.long)
         _check_output_shape(model, features, targets, likelihood)
-        sigma0 = _sigma_init(model, features, targets, likelihood, sigma_noise, batch_size)
+        if unseen_classes not in ("freeze", "prior"):
+            raise GenuncError(f"unseen_classes must be 'freeze' or 'prior', got {unseen_classes!r}")
+        info: dict[str, Any] = {}
+        if likelihood == "classification":  # classes no target names: their rows have no data
+            with torch.no_grad():
+                n_classes = model(features[:1]).shape[-1]
+            counts = torch.bincount(targets.reshape(-1).cpu(), minlength=n_classes)
+            unseen = torch.nonzero(counts == 0).flatten()
+            info["classes_without_data"] = unseen.tolist()
+            info["unseen_classes"] = "prior"
+            if len(unseen) and unseen_classes == "freeze" and type(head_copy) is nn.Linear:
+                kept = torch.nonzero(counts > 0).flatten().to(device)
+                model = _RowModel(head_copy, ops.row_wise, kept_outputs=kept)
+                info["unseen_classes"] = "freeze"
+        groups = None
+        if output_groups and likelihood == "regression" and sigma_noise == "mle":
+            groups = _group_scales(model, features, targets, output_groups, batch_size)
+            scale = torch.ones(targets.shape[-1], dtype=dtype, device=device)
+            for name, part in output_groups.items():
+                scale[part] = groups[name]
+            model = _RowModel(head_copy, ops.row_wise, output_scale=scale)
+            targets = targets / scale
+            # laplace's Gaussian log-likelihood is then in scaled units: put back -log(scale)
+            # per output element, so that the marginal likelihood stays that of the data
+            info["sigma_noise_groups"] = groups
+            info["log_lik_offset"] = -float(features.shape[0]) * float(scale.double().log().sum())
+        sigma0 = 1.0 if groups else _sigma_init(model, features, targets, likelihood, sigma_noise,
+                                                 batch_size)
         prior0 = 1.0 if prior_precision == "marglik" else float(prior_precision)
         if prior0 <= 0:
             raise GenuncError(f"prior precision must be positive, got {prior0}")
@@ -183,24 +291,25 @@ class HeadPosterior:
                 tune_prior=prior_precision == "marglik",
                 tune_sigma=sigma_noise == "marglik" and likelihood == "regression",
             )
-        info = {
+        info.update({
             "n_rows": int(features.shape[0]),
             "prior_precision_method": "marglik" if prior_precision == "marglik" else "fixed",
             "sigma_noise_method": sigma_noise if isinstance(sigma_noise, str) else "fixed",
             "backend": type(la.backend).__name__,
-        }
-        if likelihood == "classification":  # classes no target names: their rows keep the prior
-            with torch.no_grad():
-                n_classes = model(features[:1]).shape[-1]
-            counts = torch.bincount(targets.reshape(-1).cpu(), minlength=n_classes)
-            info["classes_without_data"] = torch.nonzero(counts == 0).flatten().tolist()
-        posterior = cls(la, ops, head_name, structure, likelihood, fingerprint, info)
+        })
+        subset = model.flat_subset(ops)
+        full_mean = None
+        if subset is not None:
+            full_mean = torch.cat([p.detach().reshape(-1) for p in head_copy.parameters()])
+        posterior = cls(la, ops, head_name, structure, likelihood, fingerprint, info,
+                        subset=subset, full_mean=full_mean)
         posterior.info["log_marglik"] = posterior.log_marginal_likelihood()
         return posterior
 
     # ------------------------------------------------------------------ quantities
     @property
     def n_params(self) -> int:
+        """Weights the posterior covers (rows frozen at their pretrained values not counted)."""
         return int(self.laplace.n_params)
 
     @property
@@ -209,25 +318,42 @@ class HeadPosterior:
 
     @property
     def mean(self) -> Tensor:
-        """Flat posterior mean (the pretrained head's weights), laplace-torch's layout."""
-        return self.laplace.mean.detach()
+        """Flat posterior mean (the pretrained head's weights) over all of the head's weights,
+        in ``named_parameters`` order."""
+        return self.laplace.mean.detach() if self._full_mean is None else self._full_mean
+
+    def _expand(self, flat: Tensor, fill: Tensor | float) -> Tensor:
+        """``(..., n_params)`` over the covered weights -> ``(..., n_head_weights)``."""
+        if self.subset is None:
+            return flat
+        subset = self.subset.to(flat.device)
+        full = torch.empty(*flat.shape[:-1], subset.numel(), dtype=flat.dtype, device=flat.device)
+        full[..., ~subset] = fill if isinstance(fill, float) else fill.to(flat)[~subset]
+        full[..., subset] = flat
+        return full
 
     @property
     def prior_precision(self) -> float:
         return float(self.laplace.prior_precision.reshape(-1)[0])
 
     @property
-    def sigma_noise(self) -> float:
+    def sigma_noise(self) -> float | dict[str, float]:
+        """The regression noise scale, or one per output group (see ``output_groups``)."""
+        groups = self.info.get("sigma_noise_groups")
+        if groups:
+            return dict(groups)
         return float(torch.as_tensor(self.laplace.sigma_noise).reshape(-1)[0])
 
     @property
     def posterior_variance(self) -> Tensor:
         """Marginal variances of every head weight (flat), for any structure."""
         if self.structure == "diag":
-            return self.laplace.posterior_variance.detach()
-        if self.structure == "full":
-            return torch.diagonal(self.laplace.posterior_covariance).detach()
-        return self.laplace.posterior_precision.diag(exponent=-1).detach()
+            var = self.laplace.posterior_variance.detach()
+        elif self.structure == "full":
+            var = torch.diagonal(self.laplace.posterior_covariance).detach()
+        else:
+            var = self.laplace.posterior_precision.diag(exponent=-1).detach()
+        return self._expand(var, 0.0)
 
     @property
     def posterior_covariance(self) -> Tensor:
@@ -235,8 +361,15 @@ class HeadPosterior:
         if self.structure == "diag":
             return torch.diag(self.posterior_variance)
         if self.structure == "full":
-            return self.laplace.posterior_covariance.detach()
-        return self.laplace.posterior_precision.to_matrix(exponent=-1).detach()
+            cov = self.laplace.posterior_covariance.detach()
+        else:
+            cov = self.laplace.posterior_precision.to_matrix(exponent=-1).detach()
+        if self.subset is None:
+            return cov
+        index = torch.nonzero(self.subset.to(cov.device)).flatten()
+        full = cov.new_zeros(self.subset.numel(), self.subset.numel())
+        full[index.unsqueeze(1), index.unsqueeze(0)] = cov
+        return full
 
     def with_prior_precision(self, prior_precision: float) -> "HeadPosterior":
         """The same fit under another prior precision (the curvature is kept, nothing is
@@ -250,13 +383,13 @@ class HeadPosterior:
         laplace.prior_precision = float(prior_precision)
         info = {**self.info, "prior_precision_method": "fixed"}
         other = HeadPosterior(laplace, self.ops, self.head_name, self.structure, self.likelihood,
-                              self.fingerprint, info)
+                              self.fingerprint, info, subset=self.subset, full_mean=self._full_mean)
         other.info["log_marglik"] = other.log_marginal_likelihood()
         return other
 
     def log_marginal_likelihood(self) -> float:
         with torch.no_grad():
-            return float(self.laplace.log_marginal_likelihood())
+            return float(self.laplace.log_marginal_likelihood()) + self.info.get("log_lik_offset", 0.0)
 
     # ------------------------------------------------------------------ draws
     def sample(self, n_draws: int, seed: int | torch.Generator | None = 0, *,
@@ -270,7 +403,8 @@ class HeadPosterior:
             raise GenuncError(f"n_draws must be at least 1, got {n_draws}")
         generator = as_generator(seed, device=self.mean.device)
         with torch.no_grad():
-            flat = self.laplace.sample(n_draws, generator=generator).detach()
+            flat = self._expand(self.laplace.sample(n_draws, generator=generator).detach(),
+                                self.mean)
         if include_map:
             flat = torch.cat([self.mean.unsqueeze(0).to(flat), flat])
         return HeadDraws.from_flat(flat, self.ops, includes_map=include_map)
@@ -299,6 +433,10 @@ class HeadPosterior:
         for value in [state["mean"], state["prior_precision"], state["sigma_noise"],
                       state["prior_mean"], *(hessian if isinstance(hessian, list) else [hessian])]:
             h.update(torch.as_tensor(value).detach().to("cpu", torch.float64).numpy().tobytes())
+        if self.subset is not None:
+            h.update(self.subset.cpu().numpy().tobytes())
+        if self.info.get("sigma_noise_groups"):  # the scales only enter through the curvature
+            h.update(repr(sorted(self.info["sigma_noise_groups"].items())).encode())
         return h.hexdigest()
 
     def summary(self) -> dict[str, Any]:
@@ -309,7 +447,9 @@ class HeadPosterior:
         unseen = self.info.get("classes_without_data") or []
         rows = self.ops.output_rows()
         seen = torch.ones_like(mean, dtype=torch.bool)
-        if unseen and rows is not None:
+        if self.subset is not None:
+            seen = self.subset.to(mean.device)
+        elif unseen and rows is not None:
             seen = ~torch.isin(rows.to(mean.device), torch.as_tensor(unseen, device=mean.device))
 
         def relative(keep: Tensor) -> float:
@@ -327,6 +467,7 @@ class HeadPosterior:
             "relative_perturbation": relative(seen),
             "relative_perturbation_all_weights": relative(torch.ones_like(seen)),
             "classes_without_data": len(unseen) if self.likelihood == "classification" else None,
+            "unseen_classes": self.info.get("unseen_classes"),
         }
 
     # ------------------------------------------------------------------ persistence
@@ -393,6 +534,27 @@ def _sigma_init(
             total += float(residual.double().square().sum())
             count += residual.numel()
     return max(math.sqrt(total / count), 1e-6)
+
+
+def _group_scales(model: _RowModel, features: Tensor, targets: Tensor,
+                  groups: Mapping[str, slice], batch_size: int) -> dict[str, float]:
+    """Root-mean-square residual of the pretrained head over each group's output columns."""
+    width = targets.shape[-1]
+    covered = torch.zeros(width, dtype=torch.bool)
+    for name, part in groups.items():
+        if covered[part].any() or not covered[part].numel():
+            raise GenuncError(f"output group {name!r} ({part}) is empty or overlaps another")
+        covered[part] = True
+    if not covered.all():
+        raise GenuncError(f"output groups {dict(groups)} leave columns of the {width} outputs out")
+    total = torch.zeros(width, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, features.shape[0], batch_size):
+            residual = model(features[i : i + batch_size]) - targets[i : i + batch_size]
+            total += residual.double().square().reshape(-1, width).sum(0).cpu()
+    count = targets.numel() // width
+    return {name: max(math.sqrt(float(total[part].sum()) / (count * total[part].numel())), 1e-6)
+            for name, part in groups.items()}
 
 
 def _optimise_marglik(la: Any, tune_prior: bool, tune_sigma: bool) -> None:

@@ -154,7 +154,8 @@ def test_reported_perturbation_leaves_out_classes_no_target_named():
     reported size of a draw's step."""
     head = nn.Linear(4, 6)
     x, y = torch.randn(300, 4), torch.randint(0, 4, (300,))  # classes 4 and 5 never occur
-    post = HeadPosterior.fit_features(head, (x, y), likelihood="classification")
+    post = HeadPosterior.fit_features(head, (x, y), likelihood="classification",
+                                      unseen_classes="prior")
     summary = post.summary()
     assert summary["classes_without_data"] == 2
     rows = post.ops.output_rows()
@@ -165,3 +166,47 @@ def test_reported_perturbation_leaves_out_classes_no_target_named():
     assert summary["relative_perturbation_all_weights"] == pytest.approx(
         float(var.sum().sqrt() / mean.norm()))
     assert (var[~seen].mean() > var[seen].mean())  # the unseen rows are the wide ones
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_frozen_unseen_classes_stay_at_their_weights_and_leave_the_rest_unchanged(structure):
+    """Rows of classes no target names are kept at their pretrained values: draws never move
+    them, their variance is zero, and the rows that saw data get the same curvature as when the
+    unseen rows are in the posterior (a softmax couples rows only through the probabilities)."""
+    head = nn.Linear(4, 6)
+    x, y = torch.randn(300, 4), torch.randint(0, 4, (300,))  # classes 4 and 5 never occur
+    frozen = HeadPosterior.fit_features(head, (x, y), likelihood="classification",
+                                        structure=structure, prior_precision=2.0)
+    wide = HeadPosterior.fit_features(head, (x, y), likelihood="classification",
+                                      structure=structure, prior_precision=2.0,
+                                      unseen_classes="prior")
+    seen = frozen.ops.output_rows() < 4
+    assert frozen.n_params == int(seen.sum()) and wide.n_params == seen.numel()
+    assert frozen.summary()["unseen_classes"] == "freeze"
+    torch.testing.assert_close(frozen.mean, wide.mean)
+    var = frozen.posterior_variance
+    assert torch.all(var[~seen] == 0) and torch.all(var[seen] > 0)
+    if structure == "diag":
+        torch.testing.assert_close(var[seen], wide.posterior_variance[seen], rtol=1e-5, atol=1e-9)
+    else:  # the seen block of the precision is the same; compare precisions, not covariances
+        cov = frozen.posterior_covariance[seen][:, seen]
+        assert torch.all(frozen.posterior_covariance[~seen] == 0)
+        if structure == "full":
+            wide_precision = torch.linalg.inv(wide.posterior_covariance)[seen][:, seen]
+            torch.testing.assert_close(torch.linalg.inv(cov), wide_precision, rtol=1e-4, atol=1e-5)
+    draws = frozen.sample(50, seed=0).flat
+    assert torch.all(draws[:, ~seen] == frozen.mean[~seen])
+    assert torch.all(draws[:, seen].std(0) > 0)
+
+
+def test_frozen_unseen_classes_survive_save_and_load(tmp_path):
+    head = nn.Linear(4, 6)
+    x, y = torch.randn(200, 4), torch.randint(1, 5, (200,))  # classes 0 and 5 never occur
+    post = HeadPosterior.fit_features(head, (x, y), likelihood="classification")
+    post.save(tmp_path)
+    loaded = HeadPosterior.load(tmp_path, nn.ModuleDict({"head": head}))
+    assert loaded.n_params == post.n_params < 6 * 5
+    torch.testing.assert_close(loaded.posterior_variance, post.posterior_variance)
+    torch.testing.assert_close(loaded.sample(3, seed=4).flat, post.sample(3, seed=4).flat)
+    assert loaded.digest() == post.digest()
+    assert loaded.log_marginal_likelihood() == pytest.approx(post.log_marginal_likelihood())

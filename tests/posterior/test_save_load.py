@@ -91,3 +91,17 @@ def test_half_saved_posterior_is_an_error_not_a_missing_one(tmp_path, model):
     (tmp_path / "genunc_posterior.json").unlink()
     with pytest.raises(MissingFileError, match="no complete genunc posterior"):
         HeadPosterior.load(tmp_path, model, missing="none")
+
+
+def test_per_group_noise_scales_survive_save_and_load(tmp_path):
+    head = torch.nn.Linear(3, 4).double()
+    x = torch.randn(200, 3, dtype=torch.float64)
+    y = torch.randn(200, 4, dtype=torch.float64) * torch.tensor([1.0, 1.0, 1.0, 0.1], dtype=torch.float64)
+    post = HeadPosterior.fit_features(head, (x, y), output_groups={"a": slice(0, 3), "b": slice(3, 4)})
+    post.save(tmp_path)
+    loaded = HeadPosterior.load(tmp_path, torch.nn.ModuleDict({"head": head}))
+    assert loaded.sigma_noise == pytest.approx(post.sigma_noise)
+    assert set(loaded.sigma_noise) == {"a", "b"}
+    assert loaded.log_marginal_likelihood() == pytest.approx(post.log_marginal_likelihood(), rel=1e-9)
+    torch.testing.assert_close(loaded.sample(4, seed=2).flat, post.sample(4, seed=2).flat)
+    assert loaded.digest() == post.digest()
