@@ -117,7 +117,25 @@ def _generate(args: argparse.Namespace) -> int:
               if kept else "interrupted before the first sample: nothing was written",
               file=sys.stderr)
         return 130
-    print(f"{len(export)} scored samples in {export.directory} (manifest.csv, samples/, run.json)")
+    shard = export.metadata.get("shard")
+    if shard:  # under a launcher, other processes still write their shards
+        print(f"rank {shard['rank']} of {shard['world_size']}: {len(export)} scored samples in "
+              f"{export.directory}; the last process to finish merges the shards into "
+              f"{config['generate']['out']} (or run `genunc merge {config['generate']['out']}`)")
+        return 0
+    merged = f", merged from {len(export.metadata['merged_from'])} shards" \
+        if export.metadata.get("merged_from") else ""
+    print(f"{len(export)} scored samples in {export.directory} (manifest.csv, samples/, "
+          f"run.json){merged}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from genunc.jobs.shards import merge_shards
+
+    export = merge_shards(args.export, args.world_size)
+    print(f"{len(export)} scored samples in {export.directory}, merged from "
+          f"{len(export.metadata['merged_from'])} shards")
     return 0
 
 
@@ -344,6 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", help="write a retention plot here")
     failure_rule(ev)
     ev.set_defaults(func=_evaluate)
+
+    mrg = sub.add_parser(
+        "merge", help="merge the shards of a multi-process generate run into one export",
+        description="Under torchrun / accelerate launch each process writes the shard of its "
+        "block of samples to <export>.shards/rank-R-of-W/ and the last one to finish merges "
+        "them.  This merges by hand (e.g. after resuming one rank), checking that every sample "
+        "index is there exactly once.",
+        epilog="example: genunc merge outputs/export")
+    mrg.add_argument("export", help="the export folder the config names (generate.out)")
+    mrg.add_argument("--world-size", type=int,
+                     help="merge the shards of the launch with this many processes (needed only "
+                     "when shards of several launches sit side by side)")
+    mrg.set_defaults(func=_merge)
 
     rep = sub.add_parser(
         "repair", help="move damaged manifest lines aside so an export can be read again",

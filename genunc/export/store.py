@@ -415,3 +415,50 @@ def write_subset(source: Export, indices: Iterable[int], destination: str | os.P
     write_tables(destination, chosen)
     combine_samples(destination, source.format, chosen)
     return destination
+
+
+def merge_exports(sources: list[Export], destination: str | os.PathLike[str],
+                  names: list[str]) -> Export:
+    """One export holding every record of `sources` (shards of one run, named `names`), ordered
+    by sample id: the export one process would have written.  The sources must share format and
+    identity and no sample id; `destination` may hold an earlier merge of them, never anything
+    else."""
+    destination = Path(destination)
+    first = sources[0]
+    for name, source in zip(names[1:], sources[1:]):
+        if source.format != first.format:
+            raise GenuncError(f"shard {name} is a {source.format} export, {names[0]} {first.format}")
+        a, b = first.metadata.get("identity") or {}, source.metadata.get("identity") or {}
+        differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if differ:
+            raise GenuncError(f"shard {name} was made by another run than {names[0]}; they differ "
+                              f"in {', '.join(differ)}")
+    if (destination / RUN).exists():
+        run = json.loads((destination / RUN).read_text())
+        if "merged_from" not in run:
+            raise GenuncError(f"{destination} already holds an export that was not merged from "
+                              "shards; merge into another folder")
+    seen: dict[str, str] = {}
+    records: list[tuple[dict[str, Any], Export]] = []
+    for name, source in zip(names, sources):
+        for record in source.records:
+            if record["sample_id"] in seen:
+                raise GenuncError(f"sample {record['sample_id']} is in shards {seen[record['sample_id']]} "
+                                  f"and {name}")
+            seen[record["sample_id"]] = name
+            records.append((record, source))
+    records.sort(key=lambda pair: (len(pair[0]["sample_id"]), pair[0]["sample_id"]))
+    (destination / "samples").mkdir(parents=True, exist_ok=True)
+    manifest = io.StringIO()
+    for record, source in records:
+        target = destination / record["file"]
+        atomic_write(target, source.path(record).read_bytes())
+        manifest.write(json.dumps(record) + "\n")
+    atomic_write(destination / MANIFEST, manifest.getvalue())
+    metadata = {k: v for k, v in first.metadata.items() if k != "shard"}
+    metadata["merged_from"] = list(names)
+    atomic_write(destination / RUN, json.dumps(metadata, indent=2, default=_json_default) + "\n")
+    chosen = [record for record, _ in records]
+    write_tables(destination, chosen)
+    combine_samples(destination, first.format, chosen)
+    return Export(destination)

@@ -21,9 +21,11 @@ from tqdm.auto import tqdm
 from genunc.config import dump_config, flatten
 from genunc.errors import ConfigError
 from genunc.export import Export, ExportWriter
+from genunc.jobs.shards import ProcessShard, merge_shards, shard_complete, shard_info, wait_for
 from genunc.pipelines.base import UncertaintyPipeline
 from genunc.posterior import POSTERIOR_DIR, HeadPosterior
 from genunc.posterior.fingerprint import weights_digest
+from genunc.posterior.io import META_FILE, TENSORS_FILE
 
 #: one sample of a chunk: (sample id, payload for the export's file, manifest record)
 ChunkRecord = tuple[str, Any, dict[str, Any]]
@@ -127,14 +129,26 @@ class Job(ABC):
         samples are all committed are skipped, so an interrupted run regenerates exactly what
         is missing.  Resuming an export made by another run (config,
         model weights or posterior) is refused.
+
+        Under a launcher (``torchrun``, ``accelerate launch``) each process writes the shard of
+        its block of indices (:mod:`genunc.jobs.shards`); the last to finish merges them into
+        the config's export, which is then the one a single process would have written.
         """
+        shard = ProcessShard.from_environment()
         pipe = self.build_pipeline(config, posterior="load", progress=progress)
         self.prepare_scores(pipe, config)
         g = config["generate"]
         n, size = g["n_samples"], g["chunk_size"]
+        block = shard.indices(n)
         # every argument checked before anything is written (posterior fit, export folder)
-        first = [f"{i:06d}" for i in range(min(size, n))]
-        pipe(**self.call_args(pipe, config, first), check_only=True)
+        if len(block):
+            first = [f"{i:06d}" for i in range(block.start, min(block.start + size, block.stop))]
+            pipe(**self.call_args(pipe, config, first), check_only=True)
+        if pipe.posterior is None and shard.rank > 0:  # rank 0 fits it; the others wait
+            directory = posterior_dir(config)
+            wait_for([directory / TENSORS_FILE, directory / META_FILE], POSTERIOR_WAIT_S,
+                     "rank 0's posterior fit")
+            pipe.load_or_fit_posterior(directory)
         if pipe.posterior is None:
             self.fit_posterior(pipe, config, progress=progress)
         posterior = pipe.posterior
@@ -149,15 +163,28 @@ class Job(ABC):
             "identity": {**flatten(config), "model_weights_sha256": weights_digest(pipe.model),
                          "posterior_sha256": None if posterior is None else posterior.digest()},
         }
-        with ExportWriter(g["out"], self.export_format, metadata=metadata) as writer:
-            for start in tqdm(range(0, n, size), desc="chunks", disable=not progress):
-                ids = [f"{i:06d}" for i in range(start, min(start + size, n))]
+        out = Path(g["out"])
+        if shard.distributed:
+            metadata["shard"] = shard_info(shard, block)
+            out = shard.directory(out)
+        with ExportWriter(out, self.export_format, metadata=metadata) as writer:
+            for start in tqdm(range(block.start, block.stop, size), desc="chunks",
+                              disable=not progress):
+                ids = [f"{i:06d}" for i in range(start, min(start + size, block.stop))]
                 if all(i in writer for i in ids):
                     continue  # already exported by an earlier (interrupted) run
                 for sample_id, payload, record in self.generate_chunk(pipe, config, ids):
                     writer.add(sample_id, payload, {"seed": g["seed"], **record})
-        return Export(g["out"])
+        if shard.distributed:
+            shards = [ProcessShard(r, shard.world_size).directory(g["out"])
+                      for r in range(shard.world_size)]
+            if all(shard_complete(p) for p in shards):  # the last process to finish merges
+                return merge_shards(g["out"], shard.world_size)
+        return Export(out)
 
+
+#: how long ranks > 0 wait for rank 0 to fit and save the posterior (seconds)
+POSTERIOR_WAIT_S = 6 * 3600.0
 
 #: identity entries that may differ between exports whose samples could still coincide
 _SAMPLE_FREE = ("generate.out", "generate.n_samples", "generate.chunk_size")
