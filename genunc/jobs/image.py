@@ -12,6 +12,7 @@ import torch
 from genunc.errors import ConfigError, MissingFileError
 from genunc.features import DigitsFeatures, FeatureExtractor, flatten_pixels
 from genunc.jobs.base import ChunkRecord, Job, scored_records
+from genunc.jobs.shards import process_device
 from genunc.pipelines.image import ImageUncertaintyPipeline
 
 
@@ -74,9 +75,10 @@ class ImageJob(Job):
         return {"digits_ddpm": digits.DDPM_DIR}
 
     def load_pipeline(self, model_dir: Path, config: dict[str, Any]) -> ImageUncertaintyPipeline:
+        device = process_device(config["device"])
         return ImageUncertaintyPipeline.from_pretrained(
-            model_dir, feature_extractor=feature_extractor(config["features"], config["device"]),
-            posterior=None, device=config["device"])
+            model_dir, feature_extractor=feature_extractor(config["features"], device),
+            posterior=None, device=device)
 
     def fit_data(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any]) -> Any:
         return training_data(config["posterior"]["data"])
@@ -104,7 +106,7 @@ class ImageJob(Job):
         n, labels = len(ids), out.class_labels
         trailing: dict[str, Any] = {}
         if config["quality"] and labels is not None:
-            probs = _judge(config["device"]).probabilities(out.images)
+            probs = _judge(process_device(config["device"])).probabilities(out.images)
             trailing["p_class"] = probs[np.arange(n), labels.numpy()]
             trailing["judge_agrees"] = probs.argmax(1) == labels.numpy()
         condition = [None] * n if labels is None else labels.tolist()

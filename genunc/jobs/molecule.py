@@ -15,6 +15,7 @@ import numpy as np
 from genunc.errors import ConfigError
 from genunc.features.molecule import features_of
 from genunc.jobs.base import ChunkRecord, Job, scored_records
+from genunc.jobs.shards import process_device
 from genunc.metrics.molecule import evaluate_molecules, to_rdkit
 from genunc.pipelines.molecule import MoleculeUncertaintyPipeline
 
@@ -34,8 +35,8 @@ class MoleculeJob(Job):
         if config["features"] not in (None, "descriptors"):
             raise ConfigError(f"molecule features are the invariant descriptors ('descriptors'); "
                               f"got {config['features']!r}")
-        return MoleculeUncertaintyPipeline.from_pretrained(model_dir, posterior=None,
-                                                           device=config["device"])
+        device = process_device(config["device"])
+        return MoleculeUncertaintyPipeline.from_pretrained(model_dir, posterior=None, device=device)
 
     def training_set(self, config: dict[str, Any]) -> tuple[Any, np.ndarray]:
         """Clean training molecules and the ids used: ``zoo:qm9_train`` (EDM's training split)

@@ -164,3 +164,12 @@ def wait_for(paths: list[Path], timeout: float, what: str, poll: float = 1.0) ->
             raise GenuncError(f"waited {timeout:.0f} s for {what} ({paths[0].parent}); is rank 0 "
                               "running? Fit it first with `genunc fit` to skip the wait")
         time.sleep(poll)
+
+
+def process_device(device: str, environ: Mapping[str, str] | None = None) -> str:
+    """``cuda`` means this process's own GPU under a launcher (``cuda:<LOCAL_RANK>``); any other
+    device, or an explicit ``cuda:<i>``, is used as given."""
+    env = os.environ if environ is None else environ
+    if device == "cuda" and "LOCAL_RANK" in env:
+        return f"cuda:{int(env['LOCAL_RANK'])}"
+    return device

@@ -16,6 +16,7 @@ import numpy as np
 from genunc import streams
 from genunc.errors import ConfigError
 from genunc.jobs.base import ChunkRecord, Job, scored_records
+from genunc.jobs.shards import process_device
 from genunc.pipelines.text import TextUncertaintyPipeline
 from genunc.sampling.masked import UnmaskingConfig
 from genunc.tasks import ArithmeticTask
@@ -48,12 +49,12 @@ class TextJob(Job):
     def load_pipeline(self, model_dir: Path, config: dict[str, Any]) -> TextUncertaintyPipeline:
         if config["generate"]["candidates"] < 1:
             raise ConfigError(f"candidates must be >= 1, got {config['generate']['candidates']}")
-        pipe = TextUncertaintyPipeline.from_pretrained(model_dir, posterior=None,
-                                                       device=config["device"])
+        device = process_device(config["device"])
+        pipe = TextUncertaintyPipeline.from_pretrained(model_dir, posterior=None, device=device)
         if config["features"] == "minilm":
             from genunc.features.text import MiniLMEmbedder
 
-            pipe.embedder = MiniLMEmbedder(task_of(pipe).decode, device=config["device"])
+            pipe.embedder = MiniLMEmbedder(task_of(pipe).decode, device=device)
         elif config["features"] not in (None, "answer"):
             raise ConfigError(f"text features are 'answer' or 'minilm', got {config['features']!r}")
         return pipe

@@ -198,3 +198,12 @@ def _quiet_env():
     import os
 
     return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+
+
+def test_cuda_means_each_process_its_own_gpu():
+    from genunc.jobs.shards import process_device
+
+    assert process_device("cuda", {"LOCAL_RANK": "3"}) == "cuda:3"
+    assert process_device("cuda", {}) == "cuda"
+    assert process_device("cuda:1", {"LOCAL_RANK": "3"}) == "cuda:1"
+    assert process_device("cpu", {"LOCAL_RANK": "3"}) == "cpu"
