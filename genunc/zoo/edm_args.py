@@ -28,12 +28,25 @@ class UnsafePickleError(ConfigError):
     """An ``args.pickle`` that names something other than ``argparse.Namespace``."""
 
 
+def _reconstruct(cls: Any, base: Any, state: Any) -> argparse.Namespace:
+    """Protocols 0 and 1 rebuild objects with ``copyreg._reconstructor(cls, object, None)``; this
+    stand-in builds an empty Namespace and nothing else (the attributes follow as plain state)."""
+    if cls is not argparse.Namespace or base is not object or state is not None:
+        raise UnsafePickleError("refusing a reconstructor call that does not build a Namespace")
+    return argparse.Namespace()
+
+
 class _NamespaceUnpickler(pickle.Unpickler):
-    """Resolves ``argparse.Namespace`` and refuses every other global and persistent id."""
+    """Resolves ``argparse.Namespace`` (and, for protocols 0 and 1, a checked stand-in for
+    ``copyreg._reconstructor`` with ``object``); refuses every other global and persistent id."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("argparse", "Namespace"):
             return argparse.Namespace
+        if module in ("copyreg", "copy_reg") and name == "_reconstructor":
+            return _reconstruct
+        if module in ("builtins", "__builtin__") and name == "object":
+            return object
         raise UnsafePickleError(
             f"refusing to load {module}.{name} from an EDM args.pickle: only argparse.Namespace "
             "and plain values (numbers, strings, lists, dicts) are accepted"
