@@ -1,9 +1,12 @@
 """Generate QM9-like molecules with uncertainty, export them as a scored SDF, keep the confident ones.
 
     python examples/filter_molecules.py --n 128 --keep 0.8
+    python examples/filter_molecules.py --edm path/to/edm_qm9 --n 128 --keep 0.8
     python examples/filter_molecules.py --sdf outputs/filter_molecules/export/samples.sdf --keep 0.5
 
-The first form loads the shipped QM9 denoiser, fits (or reloads) its head posterior, generates
+The first form loads the shipped QM9 denoiser (``--edm``: an EDM output folder with
+``args.pickle`` and ``generative_model_ema.npy`` instead; its posterior covers the atom-type
+noise, so its variability is the atom-type part), fits (or reloads) its head posterior, generates
 ``--n`` molecules scored by noise-prediction variability (and the likelihood baseline), writes an
 export whose SDF records carry every score and EDM's quality flags, then writes
 ``kept.sdf`` with the ``--keep`` least uncertain molecules and prints quality before and after.
@@ -54,6 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--sdf", help="only filter this scored SDF file")
     parser.add_argument("--model", default=str(QM9_DIR), help="model folder (default: shipped)")
+    parser.add_argument("--edm", help="an EDM output folder (args.pickle + generative_model_ema.npy); "
+                        "replaces --model")
     parser.add_argument("--posterior-data", help="molecule cache .npz for the posterior fit "
                         "(default: QM9's training split)")
     parser.add_argument("--n-fit", type=int, default=2000)
@@ -66,6 +71,8 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/filter_molecules")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.edm:
+        args.model = args.edm
 
     if args.sdf:
         source = Path(args.sdf)

@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
         "score_steps": None,  # image: semantic / pixel scores from a run with fewer steps
         "variance": "exact",  # image/molecule variability: exact (closed form) or monte_carlo
         "variability_target": "noise",  # variance of the predicted noise, or of the clean sample
-        # molecule: ddpm (EDM's ancestral sampler, default) or ddim;
+        # molecule: ddpm (EDM's ancestral sampler, default) or ddim (EDM checkpoints: edm, default);
         # text: random | low_confidence (default) | threshold | remask
         "sampler": None,
         "candidates": 1,  # text: samples per prompt (best-of-N: filter --best-of condition)

@@ -41,11 +41,15 @@ class PointCloudLayout:
     """Where positions, atom types and the charge sit on a point cloud's last axis.
 
     EDM's atom features are the one-hot type (``n_types`` channels) followed by the nuclear
-    charge; :meth:`from_irreps` reads the split from a head's output irreps.
+    charge (absent where a model was trained without it); :meth:`from_irreps` reads the split
+    from a head's output irreps.  ``scales`` are EDM's ``normalize_factors``: positions, one-hot
+    types and charges are divided by them (default: 1, 4, 10).
     """
 
     n_types: int
     atomic_numbers: tuple[int, ...] = ATOMIC_NUMBERS
+    scales: tuple[float, float, float] = (1.0, 1 / ONE_HOT_SCALE, 1 / CHARGE_SCALE)
+    charges: bool = True
 
     @classmethod
     def from_irreps(cls, irreps: Any, atomic_numbers: Sequence[int] = ATOMIC_NUMBERS) -> "PointCloudLayout":
@@ -63,7 +67,7 @@ class PointCloudLayout:
 
     @property
     def width(self) -> int:
-        return 3 + self.n_types + 1
+        return 3 + self.n_types + int(self.charges)
 
     positions = slice(0, 3)
     features = slice(3, None)
@@ -74,26 +78,33 @@ class PointCloudLayout:
 
     def encode(self, positions: np.ndarray, types: np.ndarray, mask: np.ndarray) -> Tensor:
         """Padded ``(B, N, 3)`` positions and ``(B, N)`` type indices as scaled point clouds."""
-        onehot = np.eye(self.n_types, dtype=np.float32)[types] * ONE_HOT_SCALE
-        charge = np.asarray(self.atomic_numbers, dtype=np.float32)[types][..., None] * CHARGE_SCALE
-        x = np.concatenate([positions.astype(np.float32), onehot, charge], -1) * mask[..., None]
-        return torch.from_numpy(x)
+        s_pos, s_type, s_charge = self.scales
+        parts = [positions.astype(np.float32) * (1 / s_pos),
+                 np.eye(self.n_types, dtype=np.float32)[types] * (1 / s_type)]
+        if self.charges:
+            numbers = np.asarray(self.atomic_numbers, dtype=np.float32)
+            parts.append(numbers[types][..., None] * (1 / s_charge))
+        x = np.concatenate(parts, -1) * mask[..., None]
+        return torch.from_numpy(x.astype(np.float32))
 
     def clean(self, x: Tensor, node_mask: Tensor) -> Tensor:
         """Replace continuous atom features by the scaled one-hot/charge of their argmax types:
         the molecule as it will be decoded."""
+        _, s_type, s_charge = self.scales
         types = x[..., self.types].argmax(-1)
-        onehot = torch.nn.functional.one_hot(types, self.n_types).to(x.dtype) * ONE_HOT_SCALE
-        numbers = torch.as_tensor(self.atomic_numbers, dtype=x.dtype, device=x.device)
-        out = torch.cat([x[..., self.positions], onehot, (numbers[types] * CHARGE_SCALE)[..., None]], -1)
-        return out * node_mask.unsqueeze(-1).to(x.dtype)
+        parts = [x[..., self.positions],
+                 torch.nn.functional.one_hot(types, self.n_types).to(x.dtype) * (1 / s_type)]
+        if self.charges:
+            numbers = torch.as_tensor(self.atomic_numbers, dtype=x.dtype, device=x.device)
+            parts.append((numbers[types] * (1 / s_charge))[..., None])
+        return torch.cat(parts, -1) * node_mask.unsqueeze(-1).to(x.dtype)
 
     def decode(self, x: Tensor, node_mask: Tensor) -> list[Molecule]:
-        """Positions and argmax atom types of each molecule (padding dropped)."""
+        """Positions (Angstrom) and argmax atom types of each molecule (padding dropped)."""
         out = []
         for xi, mi in zip(x.detach().cpu(), node_mask.cpu().bool()):
             atoms = xi[mi]
-            out.append((atoms[:, self.positions].double().numpy(),
+            out.append((atoms[:, self.positions].double().numpy() * self.scales[0],
                         atoms[:, self.types].argmax(-1).numpy()))
         return out
 
@@ -124,6 +135,8 @@ class MoleculeAdapter(DenoiserAdapter):
     """
 
     likelihood = "regression"
+    #: the sampler a pipeline uses when none is named
+    default_sampler = "ddpm"
 
     def __init__(self, model: nn.Module, head_name: str = "head", timesteps: int = 1000,
                  layout: PointCloudLayout | None = None) -> None:

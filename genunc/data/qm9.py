@@ -28,6 +28,13 @@ from genunc.errors import GenuncError
 ATOM_TYPES = ("H", "C", "N", "O", "F")
 ATOMIC_NUMBERS = (1, 6, 7, 8, 9)
 CACHE_VERSION = 1
+#: atom counts of EDM's QM9 training molecules (with hydrogens), as EDM's configs record them:
+#: the distribution EDM draws molecule sizes from
+EDM_QM9_ATOM_HISTOGRAM = {
+    3: 1, 4: 4, 5: 5, 6: 9, 7: 16, 8: 49, 9: 124, 10: 362, 11: 807, 12: 1689, 13: 3060, 14: 5136,
+    15: 7796, 16: 10644, 17: 13025, 18: 13364, 19: 13832, 20: 9482, 21: 9970, 22: 3393, 23: 4848,
+    24: 539, 25: 1506, 26: 48, 27: 266, 29: 25,
+}
 N_TRAIN = 100_000
 
 

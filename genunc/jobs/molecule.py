@@ -71,7 +71,7 @@ class MoleculeJob(Job):
         g = config["generate"]
         return dict(num_samples=len(ids), num_draws=g["num_draws"],
                     num_inference_steps=g["steps"], scores=tuple(g["scores"]),
-                    sampler=g["sampler"] or "ddpm", variability_steps=g["variability_steps"],
+                    sampler=g["sampler"], variability_steps=g["variability_steps"],
                     variance=g["variance"], variability_target=g["variability_target"],
                     nll_levels=g["nll_levels"], seed=g["seed"], first_sample=int(ids[0]),
                     chunk_size=len(ids), progress=False)

@@ -21,6 +21,12 @@ Scores (lower = more certain):
 The sampler is the shared diffusers loop (:func:`genunc.sampling.run_trajectory`) on the
 adapter's EDM schedule: DDPM (ancestral, EDM's sampler) by default, DDIM on request; the adapter's
 ``project`` keeps positions centre-of-mass free and padding empty after every step.
+
+EDM's own checkpoints load too: ``from_pretrained`` recognises an EDM output folder
+(``args.pickle`` + ``generative_model_ema.npy``) and runs EDM's network
+(:mod:`genunc.zoo.edm`) through :class:`~genunc.adapters.edm.EDMAdapter`, with EDM's
+normalisation, EDM's QM9 atom-count histogram (or the folder's ``atom_histogram.json``) and EDM's
+ancestral step as the default sampler.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from genunc import streams
-from genunc.adapters.molecule import Molecule, MoleculeAdapter
+from genunc.adapters.edm import EDMAdapter
+from genunc.adapters.molecule import Molecule, MoleculeAdapter, PointCloudLayout
+from genunc.data.qm9 import ATOM_TYPES, ATOMIC_NUMBERS, EDM_QM9_ATOM_HISTOGRAM
 from genunc.errors import GenuncError, MissingFileError
 from genunc.features.molecule import features_of
 from genunc.pipelines.base import (
@@ -50,6 +58,8 @@ from genunc.posterior import HeadPosterior
 from genunc.sampling.diffusers_loop import run_trajectory
 from genunc.scores import VariabilityTarget
 from genunc.streams import randn_rows
+from genunc.zoo import edm_args
+from genunc.zoo.edm import load_edm
 from genunc.zoo.molecule_model import EquivariantDenoiser
 from genunc.zoo.pretrained import read_config
 
@@ -72,8 +82,10 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
     FIT_REPEATS = 2
 
     def __init__(self, model: EquivariantDenoiser, atom_histogram: Mapping[int, int],
-                 posterior: HeadPosterior | None = None, timesteps: int = 1000) -> None:
-        super().__init__(MoleculeAdapter(model, "head", timesteps), posterior)
+                 posterior: HeadPosterior | None = None, timesteps: int = 1000,
+                 adapter: MoleculeAdapter | None = None) -> None:
+        """`adapter`: how to drive `model` (default: genunc's own denoiser's adapter)."""
+        super().__init__(adapter or MoleculeAdapter(model, "head", timesteps), posterior)
         counts = {int(k): int(v) for k, v in atom_histogram.items()}
         self.atom_counts = np.array(sorted(counts))
         weights = np.array([counts[k] for k in self.atom_counts], dtype=np.float64)
@@ -81,12 +93,41 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
 
     @classmethod
     def _load(cls, path: Path, *, device: str) -> "MoleculeUncertaintyPipeline":
-        """A folder written by ``genunc zoo train qm9-edm`` (model, schedule, atom counts)."""
+        """A folder written by ``genunc zoo train qm9-edm`` (model, schedule, atom counts), or an
+        EDM output folder (:meth:`from_edm`)."""
+        if edm_args.is_edm_folder(path):
+            return cls.from_edm(path, device=device)
         histogram = path / ATOM_HISTOGRAM_FILE
         if not histogram.exists():
             raise MissingFileError(f"{path} holds no {ATOM_HISTOGRAM_FILE}")
         return cls(EquivariantDenoiser.from_pretrained(path, device=device),
                    json.loads(histogram.read_text()), timesteps=read_config(path)["timesteps"])
+
+    @classmethod
+    def from_edm(cls, path: str | Path, *, device: str = "cpu") -> "MoleculeUncertaintyPipeline":
+        """An EDM output folder (``args.pickle`` + ``generative_model_ema.npy``) as a pipeline.
+
+        Unconditional QM9 checkpoints with hydrogens (EDM's atom types H, C, N, O, F); molecule
+        sizes from the folder's ``atom_histogram.json`` if it has one, else EDM's QM9 histogram.
+        """
+        path = Path(path)
+        config = edm_args.read_config(path)
+        if config.context_node_nf:
+            raise GenuncError(f"{path} is a conditional EDM checkpoint ({list(config.conditioning)}); "
+                              "load_edm() loads its network, but the pipeline samples unconditional "
+                              "models only (it has no property distribution to draw contexts from)")
+        if config.atom_types != ATOM_TYPES:
+            raise GenuncError(f"{path}: atom types {config.atom_types}; the pipeline decodes QM9 "
+                              f"with hydrogens {ATOM_TYPES}")
+        model = load_edm(path, device=device)
+        layout = PointCloudLayout(len(ATOM_TYPES), ATOMIC_NUMBERS, scales=config.normalize_factors,
+                                  charges=config.include_charges)
+        adapter = EDMAdapter(model, layout, timesteps=config.diffusion_steps,
+                             power=config.schedule_power, precision=config.diffusion_noise_precision)
+        histogram_file = path / ATOM_HISTOGRAM_FILE
+        histogram = json.loads(histogram_file.read_text()) if histogram_file.exists() \
+            else EDM_QM9_ATOM_HISTOGRAM
+        return cls(model, histogram, timesteps=config.diffusion_steps, adapter=adapter)
 
     def _masks(self, request: Request, n_atoms: np.ndarray | None) -> Tensor:
         """Atom masks ``(N, W)``; each molecule's size comes from its own stream.
@@ -127,7 +168,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
     @torch.no_grad()
     def __call__(self, num_samples: int = 64, *, num_draws: int = 5,
                  num_inference_steps: int = 1000, scores: tuple[str, ...] = ("variability",),
-                 sampler: str = "ddpm", variability_steps: list[int] | None = None,
+                 sampler: str | None = None, variability_steps: list[int] | None = None,
                  variance: VarianceEstimate = "exact",
                  variability_target: VariabilityTarget = "noise",
                  n_atoms: np.ndarray | None = None, nll_levels: int = 10, seed: int = 0,
@@ -138,7 +179,8 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
         Args:
             num_inference_steps: sampler steps (EDM: 1000; fewer use the scheduler's strided
                 timesteps).
-            sampler: ``ddpm`` (ancestral, EDM's) or ``ddim`` (deterministic).
+            sampler: ``ddpm`` (ancestral, EDM's) or ``ddim`` (deterministic); EDM checkpoints
+                also ``edm`` (EDM's own step, their default).  None: the adapter's default.
             variability_steps: indices of the steps at which variability is measured
                 (default: all).
             variance: ``exact`` (closed form, no draws) or ``monte_carlo`` (over the M draws).
@@ -157,7 +199,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                                 nll_levels=nll_levels)
         if n_atoms is not None and len(n_atoms) != num_samples:
             raise GenuncError(f"n_atoms has {len(n_atoms)} entries for {num_samples} molecules")
-        scheduler = self.adapter.make_scheduler(sampler)
+        scheduler = self.adapter.make_scheduler(sampler or self.adapter.default_sampler)
         self.check_steps(num_inference_steps, variability_steps=variability_steps)
         if check_only:
             return None

@@ -1,0 +1,97 @@
+"""What uncertainty costs on EDM's full-size QM9 network: seconds per molecule on the CPU.
+
+    python benchmarks/edm_cost.py --n 8 --steps 5 --draws 5
+
+Builds EDM's QM9 architecture (n_layers 9, nf 256, attention, tanh; random weights, since the
+published ones are not shipped) as an EDM output folder in a temporary directory, loads it with
+``MoleculeUncertaintyPipeline.from_pretrained``, fits the head posterior on a few random
+molecules, then times one generation of ``--n`` molecules (padded to EDM's 29 atoms) for each
+setting: plain, variability (closed form), variability over M head draws, and the semantic score
+(M + 1 trajectories).  Random weights make the molecules meaningless, not the cost: every
+setting runs the same network on the same shapes.  Timings are of one run each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from genunc.pipelines import MoleculeUncertaintyPipeline
+from genunc.zoo.edm import EDMModel
+from genunc.zoo.edm_args import EDMConfig
+
+QM9_ARGS = dict(model="egnn_dynamics", probabilistic_model="diffusion", n_layers=9, nf=256,
+                inv_sublayers=1, attention=True, tanh=True, norm_constant=1, sin_embedding=False,
+                condition_time=True, normalization_factor=1, aggregation_method="sum",
+                diffusion_steps=1000, diffusion_noise_schedule="polynomial_2",
+                diffusion_noise_precision=1e-5, normalize_factors=[1, 4, 10], include_charges=True,
+                context_node_nf=0, conditioning=[], dataset="qm9", remove_h=False)
+
+
+def write_folder(path: Path, seed: int = 0) -> Path:
+    args = argparse.Namespace(**QM9_ARGS)
+    (path / "args.pickle").write_bytes(pickle.dumps(args))
+    torch.manual_seed(seed)
+    torch.save(EDMModel(EDMConfig.from_namespace(args)).state_dict(), path / "generative_model_ema.npy")
+    return path
+
+
+def random_batches(pipe: MoleculeUncertaintyPipeline, n_batches: int, size: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n_batches):
+        counts = torch.randint(9, 20, (size,), generator=g)
+        mask = torch.arange(19)[None] < counts[:, None]
+        positions = torch.randn(size, 19, 3, generator=g) * 1.5
+        types = torch.randint(0, 5, (size, 19), generator=g)
+        out.append({"x": pipe.adapter.layout.encode(positions.numpy(), types.numpy(), mask.numpy()),
+                    "node_mask": mask})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--n", type=int, default=8, help="molecules per generation")
+    parser.add_argument("--steps", type=int, default=5, help="sampler steps (EDM: 1000)")
+    parser.add_argument("--draws", type=int, default=5, help="head draws M")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = MoleculeUncertaintyPipeline.from_pretrained(write_folder(Path(tmp)))
+    n_params = sum(p.numel() for p in pipe.model.parameters())
+    head = sum(p.numel() for p in pipe.adapter.head.parameters())
+    start = time.perf_counter()
+    pipe.fit_posterior(random_batches(pipe, 2, 8), progress=False)
+    fit = time.perf_counter() - start
+    print(f"EDM QM9 architecture: {n_params:,} parameters, head {pipe.adapter.head_name} "
+          f"({head:,} parameters); posterior fit on 32 noised random molecules: {fit:.1f} s")
+    print(f"CPU, {args.threads} thread(s); {args.n} molecules padded to 29 atoms, {args.steps} steps, "
+          f"M = {args.draws}, sampler {pipe.adapter.default_sampler}")
+
+    settings = [("plain", dict(scores=())),
+                ("variability (closed form)", dict(scores=("variability",))),
+                (f"variability ({args.draws} draws)", dict(scores=("variability",), variance="monte_carlo")),
+                (f"semantic ({args.draws} + 1 trajectories)", dict(scores=("semantic",)))]
+    pipe(args.n, num_inference_steps=1, progress=False, chunk_size=args.n, scores=())  # warm-up
+    base = None
+    print(f"{'setting':<34} {'s/molecule':>10} {'s/molecule/step':>16} {'vs plain':>9}")
+    for name, kwargs in settings:
+        start = time.perf_counter()
+        pipe(args.n, num_draws=args.draws, num_inference_steps=args.steps, progress=False,
+             chunk_size=args.n, **kwargs)
+        per_molecule = (time.perf_counter() - start) / args.n
+        base = base or per_molecule
+        print(f"{name:<34} {per_molecule:10.3f} {per_molecule / args.steps:16.4f} "
+              f"{per_molecule / base:8.2f}x")
+    print("(EDM samples with 1000 steps: multiply the per-step figure by 1000 for one molecule)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Adapter and sampler for EDM's own denoiser (:mod:`genunc.zoo.edm`).
+
+EDM's network is called as ``model(t, xh, node_mask (B, N, 1), edge_mask (B*N*N, 1))`` with
+``t = level / T`` and returns the centre-of-mass-free position noise followed by the atom-feature
+noise.  :class:`EDMAdapter` builds those masks from genunc's ``(B, N)`` atom masks, and maps
+genunc's timestep index ``i`` (0..T-1) to EDM's level ``i + 1``, as
+:class:`~genunc.adapters.molecule.MoleculeAdapter` does.  Point clouds use EDM's normalisation
+(``normalize_factors``: positions, one-hot types and charges divided by them) through the
+adapter's :class:`~genunc.adapters.molecule.PointCloudLayout`.
+
+The head is ``dynamics.egnn.embedding_out``: hidden node states -> atom-feature noise, an
+``nn.Linear`` whose output the model only masks and places after the positions
+(:meth:`EDMAdapter.post_head`).  Every draw of it keeps the model E(3)-equivariant (invariant
+inputs, invariant outputs).  The position noise is outside the head: it is produced by the last
+block's coordinate MLP through ``tanh`` and a sum over neighbours, so it is neither linear in
+those weights (the closed-form variance and the head contract need that) nor one row per atom
+(the row-wise posterior fit needs that).  Position variability is therefore zero by construction;
+positions still differ between the semantic score's generations, through the atom features the
+perturbed heads feed back into later steps.
+
+:class:`EDMAncestralScheduler` is EDM's ``p(z_s | z_t)`` step computed from EDM's float32
+``gamma`` exactly as EDM computes it, behind the small part of diffusers' scheduler interface
+genunc's loop uses; with :meth:`EDMAdapter.project` after each step it reproduces EDM's sampler
+step for step.  It stops at ``z_0``: EDM's final ``p(x | z_0)`` (one more network call that
+replaces the positions of ``z_0`` by the model's clean prediction, a change of order
+``sigma_0 = 3e-3`` Angstrom for polynomial_2) is not taken; atom types come from ``z_0`` in
+both.  diffusers' DDPM on the same schedule (``sampler="ddpm"``) is the same step in exact
+arithmetic, computed from float32 cumulative products instead, and ends on the model's clean
+prediction at level 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genunc.adapters.base import DenoiserAdapter, TrainingPairs
+from genunc.adapters.molecule import MoleculeAdapter, PointCloudLayout, polynomial_alphas2
+from genunc.errors import GenuncError
+
+#: EDM's output head (see the module docstring)
+EDM_HEAD = "dynamics.egnn.embedding_out"
+
+
+@dataclass
+class EDMStepOutput:
+    prev_sample: Tensor
+
+
+class EDMAncestralScheduler:
+    """EDM's ancestral sampler, ``z_s ~ p(z_s | z_t)``, with diffusers' ``step`` interface.
+
+    ``gamma`` holds EDM's ``-log SNR`` at levels 0..T (float32, as EDM stores it).  Timesteps
+    are genunc's indices ``level - 1``.  With fewer steps than T the levels are evenly spaced
+    and the same formulas take the longer jumps (EDM samples every level).  The step's noise is
+    drawn raw; the adapter's ``project`` then makes it EDM's (centre-of-mass-free positions,
+    zero padding), which is linear, so the result equals EDM's step for the same noise.
+    """
+
+    init_noise_sigma = 1.0
+    order = 1
+
+    def __init__(self, gamma: Tensor) -> None:
+        self.gamma = gamma.detach().float().cpu()
+        self.num_train_timesteps = len(self.gamma) - 1
+        self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -1)
+        self._next: dict[int, int] = {}
+        self.set_timesteps(self.num_train_timesteps)
+
+    def set_timesteps(self, num_inference_steps: int, device: Any = None) -> None:
+        n_levels = self.num_train_timesteps
+        if not 1 <= num_inference_steps <= n_levels:
+            raise GenuncError(f"num_inference_steps must lie in [1, {n_levels}], got {num_inference_steps}")
+        levels = torch.linspace(n_levels, 0, num_inference_steps + 1, dtype=torch.float64).round().long()
+        self._next = {int(t): int(s) for t, s in zip(levels[:-1], levels[1:])}
+        self.timesteps = (levels[:-1] - 1).to(device)
+
+    def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
+        return sample
+
+    def coefficients(self, timestep: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(alpha_t|s, c = sigma_t|s^2 / (alpha_t|s sigma_t), sigma)`` of the step from index
+        ``timestep``: ``z_s = z_t / alpha_t|s - c * eps + sigma * noise``."""
+        t_level = int(timestep) + 1
+        if t_level not in self._next:
+            raise GenuncError(f"timestep {int(timestep)} is not one of this schedule's steps")
+        gamma_t, gamma_s = self.gamma[t_level], self.gamma[self._next[t_level]]
+        sigma2_ts = -torch.expm1(F.softplus(gamma_s) - F.softplus(gamma_t))
+        alpha_ts = torch.exp(0.5 * (F.logsigmoid(-gamma_t) - F.logsigmoid(-gamma_s)))
+        sigma_s, sigma_t = torch.sqrt(torch.sigmoid(gamma_s)), torch.sqrt(torch.sigmoid(gamma_t))
+        sigma = torch.sqrt(sigma2_ts) * sigma_s / sigma_t
+        return alpha_ts, sigma2_ts / alpha_ts / sigma_t, sigma
+
+    def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor,
+             generator: torch.Generator | list[torch.Generator] | None = None,
+             noise: Tensor | None = None, return_dict: bool = True) -> EDMStepOutput:
+        """One ancestral step; ``noise`` (else drawn from `generator`, one per sample allowed)."""
+        alpha_ts, c, sigma = self.coefficients(timestep)
+        mu = sample / alpha_ts.to(sample) - c.to(sample) * model_output
+        if noise is None:
+            noise = _randn(sample, generator)
+        return EDMStepOutput(mu + sigma.to(sample) * noise)
+
+
+def _randn(like: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    """Gaussian noise shaped like `like`; with a list of generators, row i from generator i."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != like.shape[0]:
+            # run_trajectory repeats the batch per trajectory group: the generators cycle
+            if like.shape[0] % len(generator):
+                raise GenuncError(f"{len(generator)} generators for a batch of {like.shape[0]}")
+        rows = [torch.randn(like.shape[1:], generator=generator[i % len(generator)],
+                            device=generator[i % len(generator)].device, dtype=like.dtype)
+                for i in range(like.shape[0])]
+        return torch.stack(rows).to(like.device)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype,
+                       device=generator.device if generator is not None else like.device).to(like.device)
+
+
+class EDMAdapter(MoleculeAdapter):
+    """EDM's EGNN dynamics (:class:`genunc.zoo.edm.EDMModel`) as a genunc molecule denoiser.
+
+    Batches and sampler states are ``(B, N, 3+K)`` point clouds in EDM's normalised space with
+    ``(B, N)`` atom masks.  ``context``: conditional checkpoints' per-node context
+    ``(B, N, C)``, passed through to the model.
+    """
+
+    default_sampler = "edm"
+
+    def __init__(self, model: nn.Module, layout: PointCloudLayout, *, timesteps: int = 1000,
+                 power: float = 2.0, precision: float = 1e-5, head_name: str = EDM_HEAD) -> None:
+        DenoiserAdapter.__init__(self, model, head_name)
+        self.layout = layout
+        self.timesteps = timesteps
+        self.alphas_cumprod = polynomial_alphas2(timesteps, power=power, s=precision)[1:]
+        gamma = getattr(getattr(model, "gamma", None), "gamma", None)
+        if gamma is None:
+            raise GenuncError("an EDM model keeps its noise schedule in model.gamma.gamma")
+        self.gamma = gamma.detach().float().cpu()
+
+    def make_scheduler(self, kind: str = "edm") -> Any:
+        """``edm`` (EDM's ancestral step, the default), or diffusers' ``ddpm`` / ``ddim``."""
+        if kind == "edm":
+            return EDMAncestralScheduler(self.gamma)
+        if kind in ("ddpm", "ddim"):
+            return super().make_scheduler(kind)
+        raise GenuncError(f"unknown sampler {kind!r}: edm, ddpm or ddim")
+
+    def denoise(self, x: Tensor, t: Tensor, node_mask: Tensor,  # type: ignore[override]
+                context: Tensor | None = None) -> Tensor:
+        b, n, _ = x.shape
+        t = t.expand(b) if t.dim() == 0 else t
+        mask = node_mask.bool()
+        level = (t.reshape(b, 1) + 1).to(torch.float32) / self.timesteps  # EDM: float32 level / T
+        pair = mask.unsqueeze(1) & mask.unsqueeze(2) & ~torch.eye(n, dtype=torch.bool, device=x.device)
+        return self.model(level.to(x.dtype), x, mask.unsqueeze(-1).to(x.dtype),
+                          pair.reshape(-1, 1).to(x.dtype), context)
+
+    def post_head(self, head_output: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+        """Head output ``(..., B, N, K)`` -> the model output it makes: no position part, the
+        features masked (the head leaves positions alone)."""
+        mask = inputs["node_mask"].bool().unsqueeze(-1).to(head_output.dtype)
+        features = head_output * mask
+        return torch.cat([features.new_zeros(*features.shape[:-1], 3), features], -1)
+
+    def head_output_variance(self, posterior: Any, phi: Tensor,
+                             inputs: Mapping[str, Any]) -> Tensor:
+        """Closed form: ``post_head`` only masks and pads, so it maps variances the same way."""
+        return self.post_head(posterior.output_variance(phi), inputs)
+
+    def training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
+        pairs = super().training_pairs(batch, generator)
+        if isinstance(batch, Mapping) and batch.get("context") is not None:
+            pairs.inputs["context"] = batch["context"].to(self.device, self.dtype)
+        # the head predicts the atom-feature noise only
+        pairs.target = pairs.target[..., self.layout.features]
+        return pairs
