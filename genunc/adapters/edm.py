@@ -168,6 +168,11 @@ class EDMAdapter(MoleculeAdapter):
         features = head_output * mask
         return torch.cat([features.new_zeros(*features.shape[:-1], 3), features], -1)
 
+    @property
+    def output_groups(self) -> None:
+        """The head predicts the atom-feature noise only: one group, one noise scale."""
+        return None
+
     def head_output_variance(self, posterior: Any, phi: Tensor,
                              inputs: Mapping[str, Any]) -> Tensor:
         """Closed form: ``post_head`` only masks and pads, so it maps variances the same way."""
