@@ -278,3 +278,10 @@ def test_filter_molecules_example_runs_on_an_edm_folder(qm9_slice, tmp_path, rep
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr
     assert "(2 of 4 records)" in run.stdout
+
+
+def test_the_edm_head_has_one_noise_scale(ref):
+    """The head outputs atom features only: the molecule adapter's position / feature groups
+    would split its columns at the wrong place."""
+    _, posterior = _fitted(ref)
+    assert isinstance(posterior.sigma_noise, float)
