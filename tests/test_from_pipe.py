@@ -356,3 +356,31 @@ def test_clear_errors(fitted):
         ImageUncertaintyPipeline.from_pipe(object())
     with pytest.raises(GenuncError, match="pass prompts"):
         upipe.fit_posterior(torch.zeros(2, 3, 8, 8), progress=False)
+
+
+# ----------------------------------------------------------------------------- the example
+def test_the_stable_diffusion_example_fits_saves_and_reloads(tmp_path):
+    import importlib.util
+
+    from PIL import Image
+
+    pipe, _, _ = build("sd", folder=tmp_path / "tok")
+    pipe.save_pretrained(tmp_path / "model")
+    fit_dir = tmp_path / "fit"
+    fit_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(fit_dir / f"{i}.png")
+    (fit_dir / "captions.txt").write_text("a cat\ndog\na dog\ncat\n")
+    spec = importlib.util.spec_from_file_location(
+        "sd_example", Path(__file__).resolve().parents[1] / "examples" / "stable_diffusion.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = [str(tmp_path / "model"), "--prompts", *PROMPTS, "--num-draws", "2", "--steps", "2",
+            "--device", "cpu", "--height", "8", "--width", "8"]
+    first = example.main([*argv, "--fit-images", str(fit_dir), "--out", str(tmp_path / "a")])
+    assert (tmp_path / "model" / "genunc_posterior").is_dir()
+    again = example.main([*argv, "--out", str(tmp_path / "b")])  # loads the saved posterior
+    assert first == again and all(len(v) == 2 for v in first.values())
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == \
+        ["0000.png", "0001.png", "scores.csv", "scores.json"]
