@@ -239,6 +239,15 @@ def test_a_swapped_scheduler_keeps_equality_and_shared_noise(fitted, scheduler):
     assert max(_max_diff(d, reference) for d in out.draw_images) <= 1e-5
 
 
+def test_several_images_per_prompt_and_tuple_outputs(fitted):
+    pipe, upipe, call = fitted("sd")
+    kwargs = dict(call, num_images_per_prompt=2, output_type="np", return_dict=False)
+    reference = pipe(generator=_g(6), **kwargs)
+    out = upipe(generator=_g(6), num_draws=2, scores=ALL_SCORES, **kwargs)
+    assert isinstance(out.pipeline_output, tuple) and _max_diff(out.images, reference[0]) <= 1e-5
+    assert all(values.shape == (4,) for values in out.scores.values())
+
+
 def test_without_a_generator_the_seed_fixes_the_noise(fitted):
     pipe, upipe, call = fitted("ddpm")
     a, b = (upipe(seed=7, num_draws=1, scores=("pixel_variance",), **call) for _ in range(2))
@@ -324,6 +333,50 @@ def test_the_guided_variance_differs_from_the_unguided_one(fitted):
     plain = upipe(generator=_g(0), num_draws=1, scores=("variability",),
                   **{**call, "guidance_scale": 1.0})
     assert not np.allclose(guided.scores["variability"], plain.scores["variability"], rtol=0.05)
+
+
+# ----------------------------------------------------------------------------- fitting pairs
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_fitting_targets_are_what_the_sampler_reads_back(tmp_path, prediction_type):
+    """A perfect prediction of the target, handed to the scheduler, recovers the clean latents."""
+    from genunc.adapters.pipeline import DiffusersPipelineAdapter
+
+    pipe, _, _ = build("sd", folder=tmp_path)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    adapter = DiffusersPipelineAdapter(pipe)
+    x0 = torch.randn(4, 4, 8, 8)
+    pairs = adapter.training_pairs({"x": x0}, _g(0))
+    pipe.scheduler.set_timesteps(10)
+    for i in range(4):
+        step = pipe.scheduler.step(pairs.target[i : i + 1], int(pairs.inputs["t"][i]),
+                                   pairs.inputs["x"][i : i + 1])
+        torch.testing.assert_close(step.pred_original_sample, x0[i : i + 1], rtol=1e-4, atol=1e-4)
+
+
+def test_flow_matching_targets_are_the_velocity_the_euler_step_integrates(tmp_path):
+    """SD3 convention: x_t = (1 - s) x0 + s eps, target eps - x0, timestep = 1000 s (shifted
+    sigmas); one Euler step from s to 0 with the true velocity lands on x0."""
+    from genunc.adapters.pipeline import DiffusersPipelineAdapter
+
+    pipe, _, _ = build("sd3", folder=tmp_path)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    adapter = DiffusersPipelineAdapter(pipe)
+    x0 = torch.randn(64, 4, 8, 8)
+    pairs = adapter.training_pairs({"x": x0}, _g(0))
+    sigma = (pairs.inputs["t"] / 1000).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(pairs.inputs["x"] - sigma * pairs.target, x0, rtol=1e-4, atol=1e-4)
+    assert float(sigma.median()) > 0.6  # shift 3 puts most training sigmas at high noise
+
+
+def test_a_model_that_changes_the_heads_output_cannot_be_fitted():
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4, time_embedding_type="fourier",
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    upipe = ImageUncertaintyPipeline.from_pipe(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()))
+    with pytest.raises(GenuncError, match="changes the output"):
+        upipe.fit_posterior(torch.rand(4, 1, 8, 8) * 2 - 1, progress=False)
 
 
 # ----------------------------------------------------------------------------- refusals

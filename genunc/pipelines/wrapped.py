@@ -99,7 +99,8 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
     # ------------------------------------------------------------------ generation
     def __call__(self, *args: Any, num_draws: int = 5,
                  scores: Sequence[str] = ("semantic", "variability"), seed: int = 0,
-                 keep_draw_images: bool = False, **kwargs: Any) -> PipelineUncertaintyOutput:
+                 keep_draw_images: bool = False, progress: bool = True,
+                 **kwargs: Any) -> PipelineUncertaintyOutput:
         """Run ``pipe(*args, **kwargs)`` and score every image it returns.
 
         Args:
@@ -109,6 +110,8 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
             seed: fixes the head draws and the random baseline; without a ``generator`` in
                 `kwargs` it also fixes the pipeline's noise (genunc's initial-noise stream).
             keep_draw_images: also return the M perturbed generations' images.
+            progress: show a bar over the posterior draws (the pipeline keeps its own bar;
+                ``pipe.set_progress_bar_config(disable=True)`` silences it).
             kwargs: the pipeline's own arguments, passed through unchanged.
         """
         request = self._request(scores, num_draws, seed, num_samples=1)
@@ -129,7 +132,8 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         if request.wants("semantic", "pixel_variance"):
             draws = request.perturbed
             with collected.timer("draws"):
-                for m in tqdm(range(len(draws)), desc="posterior draws", leave=False):
+                for m in tqdm(range(len(draws)), desc="posterior draws", leave=False,
+                              disable=not progress):
                     with self._replace_head(draws[m]):
                         generations.append(_images(self.pipe(*args, generator=_snapshot(start),
                                                              **kwargs)))
