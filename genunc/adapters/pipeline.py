@@ -165,9 +165,10 @@ class DiffusersPipelineAdapter(DenoiserAdapter):
             if labels.shape[0] != n:
                 raise ShapeMismatchError(f"{n} images but {labels.shape[0]} class labels")
             return {"class_labels": labels}
-        if cls in ("UNet2DModel",) or prompts is None:
-            if cls in ("DiTTransformer2DModel",) or (cls == "UNet2DModel"
-                                                     and self.model.config.num_class_embeds):
+        if prompts is None:
+            class_conditional = cls == "DiTTransformer2DModel" or (
+                cls == "UNet2DModel" and self.model.config.get("num_class_embeds"))
+            if class_conditional:
                 raise GenuncError(f"{cls} is class-conditional: pass class_labels=")
             if cls != "UNet2DModel":
                 raise GenuncError(f"{cls} is text-conditional: pass prompts= (one per image)")
