@@ -390,6 +390,27 @@ def test_a_posterior_from_another_pipeline_is_refused(fitted, tmp_path):
         ImageUncertaintyPipeline.from_pipe(ddpm, posterior=sd_upipe.posterior)
 
 
+def test_a_failing_call_leaves_no_hook_behind(fitted):
+    pipe, upipe, call = fitted("sd")
+    with pytest.raises(ValueError):
+        upipe(num_draws=2, scores=ALL_SCORES, **{**call, "height": 7})  # the pipeline refuses
+    assert not upipe.adapter.head._forward_hooks and not upipe.model._forward_pre_hooks
+
+
+def test_max_rows_stops_collecting(fitted, tmp_path):
+    pipe, _, fit = build("dit", folder=tmp_path)
+    upipe = ImageUncertaintyPipeline.from_pipe(pipe)
+    calls = []
+    handle = upipe.adapter.head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        posterior = upipe.fit_posterior(fit.pop("images"), batch_size=2, repeats=1, max_rows=40,
+                                        progress=False, **fit)
+    finally:
+        handle.remove()
+    assert posterior.n_data == 40
+    assert len(calls) == 2  # 32 token rows per batch of two images: the third batch never runs
+
+
 def test_clear_errors(fitted):
     pipe, upipe, call = fitted("sd")
     with pytest.raises(GenuncError, match="unknown scores"):

@@ -220,7 +220,9 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         The images are encoded with the pipeline's VAE (where it has one), captions embedded
         with its own text encoders, and each batch is noised `repeats` times at random training
         timesteps of its scheduler.  ``conditioning``: the denoiser's own keyword arguments,
-        one row per image, for pipelines whose prompts genunc cannot embed.
+        one row per image, for pipelines whose prompts genunc cannot embed.  ``max_rows``
+        stops collecting once that many head rows are held (a Conv2d head's row is a whole
+        sample's feature map; a Linear head's, one token).
         ``fit_kwargs`` go to :meth:`HeadPosterior.fit_features`.
         """
         adapter = self.adapter
@@ -236,6 +238,8 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
             with torch.no_grad():
                 for start in tqdm(range(0, n, batch_size), desc="collecting head features",
                                   disable=not progress):
+                    if max_rows is not None and sum(map(len, features)) >= max_rows:
+                        break  # large heads: stop collecting, not just truncate afterwards
                     part = slice(start, start + batch_size)
                     rows = images[part].shape[0]
                     cond = (_rows(conditioning, part) if conditioning is not None else
