@@ -401,7 +401,7 @@ def test_max_rows_stops_collecting(fitted, tmp_path):
     pipe, _, fit = build("dit", folder=tmp_path)
     upipe = ImageUncertaintyPipeline.from_pipe(pipe)
     calls = []
-    handle = upipe.adapter.head.register_forward_hook(lambda *_: calls.append(1))
+    handle = upipe.model.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         posterior = upipe.fit_posterior(fit.pop("images"), batch_size=2, repeats=1, max_rows=40,
                                         progress=False, **fit)
