@@ -18,6 +18,8 @@ _WHERE = {
     "MoleculeUncertaintyPipeline": "molecule",
     "TextUncertaintyOutput": "text",
     "TextUncertaintyPipeline": "text",
+    "PipelineUncertaintyOutput": "wrapped",
+    "WrappedImagePipeline": "wrapped",
 }
 
 __all__ = sorted(_WHERE)

@@ -3,6 +3,11 @@
     pipe = ImageUncertaintyPipeline.from_pretrained("path/to/ddpm")   # diffusers folder
     pipe.fit_posterior(train_images)                                   # or a saved posterior
     out = pipe(num_samples=64, num_draws=5, seed=0)                    # out.images, out.scores
+
+or wrap a diffusers pipeline you already have (its own loop, scheduler and options):
+
+    upipe = ImageUncertaintyPipeline.from_pipe(pipe, posterior=post, feature_extractor=clip)
+    out = upipe(prompt=prompts, generator=g, num_draws=5)              # what pipe(...) returns
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ from tqdm.auto import tqdm
 
 from genunc.adapters.image import DiffusersImageAdapter
 from genunc.errors import GenuncError, MissingFileError, ShapeMismatchError
-from genunc.features import FeatureExtractor, extract_in_batches
+from genunc.features import FeatureExtractor
 from genunc.pipelines.base import (
     ScoreCollector,
     UncertaintyOutput,
     UncertaintyPipeline,
     VarianceEstimate,
 )
+from genunc.pipelines.image_scores import ImageScoring
+from genunc.pipelines.wrapped import WrappedImagePipeline
 from genunc.posterior import HeadPosterior
 from genunc.sampling.diffusers_loop import run_trajectory
-from genunc.scores import VariabilityTarget, pixel_variance
+from genunc.scores import VariabilityTarget
 from genunc.streams import randn_rows
 
 
@@ -40,7 +47,7 @@ class ImageUncertaintyOutput(UncertaintyOutput):
     draw_images: Tensor | None = None  # (M, N, C, H, W) when kept
 
 
-class ImageUncertaintyPipeline(UncertaintyPipeline):
+class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
     """A diffusers UNet + scheduler with a head posterior and uncertainty scores.
 
     Args:
@@ -91,12 +98,15 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
         unet = unet_cls.from_pretrained(unet_dir, low_cpu_mem_usage=False).to(device).eval()
         return cls(unet, DDPMScheduler.from_pretrained(sched_dir), feature_extractor=feature_extractor)
 
-    def fit_feature_scale(self, real_images: Tensor) -> Any:
-        """Measure the semantic score in units of the real images' per-feature SD (see
-        :meth:`set_feature_scale`); returns the scale."""
-        if self.feature_extractor is None:
-            raise GenuncError("no feature_extractor to measure real images with")
-        return self.set_feature_scale(extract_in_batches(self.feature_extractor, real_images))
+    @classmethod
+    def from_pipe(cls, pipe: Any, *, posterior: HeadPosterior | None = None,
+                  feature_extractor: FeatureExtractor | None = None,
+                  head_name: str | None = None) -> WrappedImagePipeline:
+        """Wrap a diffusers pipeline the user already has (any scheduler, guidance, options):
+        ``from_pipe(pipe)(prompt=..., num_draws=5)`` returns what ``pipe(prompt=...)`` returns,
+        plus scores (see :mod:`genunc.pipelines.wrapped`)."""
+        return WrappedImagePipeline(pipe, posterior=posterior, feature_extractor=feature_extractor,
+                                    head_name=head_name)
 
     def _fit_batches(self, data: Any, batch_size: int) -> Any:
         """A tensor of images, an ``(images, labels)`` pair, or an iterable of batches."""
@@ -156,8 +166,7 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
                                 variability_target=variability_target,
                                 num_inference_steps=num_inference_steps, chunk_size=chunk_size,
                                 score_steps=score_steps)
-        if request.wants("semantic") and self.feature_extractor is None:
-            raise GenuncError("the semantic score needs a feature_extractor")
+        self.check_feature_extractor(request)
         if score_steps is not None and branch_at:
             raise GenuncError("score_steps runs the scoring generations from x_T; it cannot be "
                               "combined with branch_at")
@@ -214,14 +223,8 @@ class ImageUncertaintyPipeline(UncertaintyPipeline):
         draws_t = torch.cat(draw_images, dim=1) if draw_images else None
         if draws_t is not None:
             scored_map = torch.cat(scoring_maps) if scoring_maps else images_t
-            all_generations = torch.cat([scored_map[None], draws_t])  # (M+1, N, ...)
-            if request.wants("semantic"):
-                with collected.timer("features"):
-                    feats = torch.stack([extract_in_batches(self.feature_extractor, g)
-                                         for g in all_generations])
-                collected.add("semantic", self.semantic_entropy(feats))
-            if request.wants("pixel_variance"):
-                collected.add("pixel_variance", pixel_variance(all_generations))
+            # (M+1, N, ...), MAP first
+            self.add_generation_scores(collected, request, torch.cat([scored_map[None], draws_t]))
         return ImageUncertaintyOutput(
             **collected.output_fields(request, "generation", "features"),
             images=images_t, class_labels=labels,

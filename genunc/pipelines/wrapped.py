@@ -1,0 +1,329 @@
+"""Uncertainty scores for the diffusers pipeline the user already has, by running it with hooks.
+
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    upipe = ImageUncertaintyPipeline.from_pipe(pipe, feature_extractor=clip, posterior=post)
+    out = upipe(prompt=[...], guidance_scale=7.5, generator=g, num_draws=5)   # out.images, out.scores
+
+genunc never re-implements the pipeline's loop, so every scheduler, guidance rule and option keeps
+working, and the returned images are those of ``pipe(...)`` by construction:
+
+* the MAP generation *is* ``pipe(**kwargs)``, with a forward hook on the head that only reads
+  the head's input (for the variability score) and a pre-hook on the denoiser that reads the
+  timestep;
+* posterior draw m is another call of the same pipeline, given a fresh copy of the generator
+  state the MAP call started from, with a forward hook that replaces the head's output by the
+  head under draw m.  All M+1 generations therefore share the initial latents and every sampler
+  noise (DDPM and ancestral samplers included) and differ only by their head; the user's weights
+  are never touched.  Under classifier-free guidance both halves of the batch use the same draw.
+
+Variability is the exact predictive variance of the *guided* prediction along the MAP
+trajectory: a head affine in its input and linear in its weights maps the guided input
+``phi_u + s (phi_c - phi_u)`` to the guided output ``u + s (c - u)``, so its variance is the
+posterior's closed form at that input.  Per denoiser evaluation it is averaged over the entries
+of the prediction the sampler steps with (epsilon, v, or the flow-matching velocity
+``eps - x0``; a learned variance's channels are left out), then averaged over the evaluations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from genunc import streams
+from genunc._seed import as_generator
+from genunc.adapters.pipeline import DiffusersPipelineAdapter
+from genunc.errors import GenuncError, ShapeMismatchError
+from genunc.features import FeatureExtractor
+from genunc.pipelines.base import ScoreCollector, UncertaintyOutput, UncertaintyPipeline
+from genunc.pipelines.image_scores import ImageScoring
+from genunc.posterior import HeadDraws, HeadPosterior
+from genunc.posterior.capture import capture_head
+from genunc.posterior.heads import check_finite, head_ops_for
+
+Generators = torch.Generator | list[torch.Generator]
+
+
+@dataclass
+class PipelineUncertaintyOutput(UncertaintyOutput):
+    """The pipeline's own output plus one score array per requested score (lower = keep).
+
+    Attributes the pipeline's output has (``nsfw_content_detected``, ...) are read through.
+    """
+
+    images: Any = None  # exactly what the pipeline returned, in its output_type
+    pipeline_output: Any = None
+    draw_images: list[Any] | None = None  # the M perturbed generations' images, when kept
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "pipeline_output":
+            raise AttributeError(name)
+        try:
+            return getattr(self.pipeline_output, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}") from None
+
+
+class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
+    """A user's diffusers pipeline with a head posterior (build it with
+    :meth:`ImageUncertaintyPipeline.from_pipe`).
+
+    Args:
+        pipe: any diffusers pipeline with a ``unet`` or ``transformer`` whose head genunc knows
+            (``conv_out`` of UNets; ``proj_out`` / ``proj_out_2`` of PixArt, SD3 and DiT).
+        posterior: a posterior fitted on that head (refused otherwise), or fit one with
+            :meth:`fit_posterior`.
+        feature_extractor: images ``(B, C, H, W)`` in [-1, 1] -> features, for the semantic score.
+        head_name: the head module inside the denoiser, where the default does not apply.
+    """
+
+    SCORES = {"semantic": 1, "variability": 0, "pixel_variance": 1, "random": None}
+    FIT_REPEATS = 4
+
+    def __init__(self, pipe: Any, posterior: HeadPosterior | None = None,
+                 feature_extractor: FeatureExtractor | None = None,
+                 head_name: str | None = None) -> None:
+        super().__init__(DiffusersPipelineAdapter(pipe, head_name), posterior)
+        self.feature_extractor = feature_extractor
+
+    @property
+    def pipe(self) -> Any:
+        return self.adapter.pipe
+
+    # ------------------------------------------------------------------ generation
+    def __call__(self, *args: Any, num_draws: int = 5,
+                 scores: Sequence[str] = ("semantic", "variability"), seed: int = 0,
+                 keep_draw_images: bool = False, progress: bool = True,
+                 **kwargs: Any) -> PipelineUncertaintyOutput:
+        """Run ``pipe(*args, **kwargs)`` and score every image it returns.
+
+        Args:
+            num_draws: posterior head draws M (semantic and pixel variance use the M+1
+                generations; the variability needs none).
+            scores: any of ``semantic``, ``variability``, ``pixel_variance``, ``random``.
+            seed: fixes the head draws and the random baseline; without a ``generator`` in
+                `kwargs` it also fixes the pipeline's noise (genunc's initial-noise stream).
+            keep_draw_images: also return the M perturbed generations' images.
+            progress: show a bar over the posterior draws (the pipeline keeps its own bar;
+                ``pipe.set_progress_bar_config(disable=True)`` silences it).
+            kwargs: the pipeline's own arguments, passed through unchanged.
+        """
+        request = self._request(scores, num_draws, seed, num_samples=1)
+        self.check_feature_extractor(request)
+        if request.wants("variability"):
+            self._check_variability(kwargs)
+        generator = kwargs.pop("generator", None)
+        if generator is None:
+            generator = streams.torch_generator(request.seed, "initial_noise")
+        start = _snapshot(generator)
+
+        collected = ScoreCollector()
+        steps: list[tuple[float, Tensor]] = []
+        with collected.timer("generation"), self._observe(steps, kwargs, request.wants("variability")):
+            output = self.pipe(*args, generator=generator, **kwargs)
+        images = _images(output)
+        generations = [images]
+        if request.wants("semantic", "pixel_variance"):
+            draws = request.perturbed
+            with collected.timer("draws"):
+                for m in tqdm(range(len(draws)), desc="posterior draws", leave=False,
+                              disable=not progress):
+                    with self._replace_head(draws[m]):
+                        generations.append(_images(self.pipe(*args, generator=_snapshot(start),
+                                                             **kwargs)))
+        as_tensors = [_image_tensor(g, kwargs.get("output_type")) for g in generations]
+        request.num_samples = as_tensors[0].shape[0]
+        if steps:
+            per_step = torch.stack([values for _, values in steps])
+            if per_step.shape[1] != request.num_samples:
+                raise ShapeMismatchError(f"the head saw {per_step.shape[1]} samples per step but "
+                                         f"the pipeline returned {request.num_samples} images")
+            timesteps = torch.tensor([t for t, _ in steps], dtype=torch.float64)
+            collected.add_variability({"variability": per_step}, timesteps, torch.zeros(0), "noise")
+        if len(as_tensors) > 1:
+            self.add_generation_scores(collected, request, torch.stack(as_tensors))
+        return PipelineUncertaintyOutput(
+            **collected.output_fields(request, "generation", "draws", "features"),
+            images=images, pipeline_output=output,
+            draw_images=generations[1:] if keep_draw_images else None)
+
+    def _check_variability(self, kwargs: dict[str, Any]) -> None:
+        """Options under which the guided prediction is no longer the head at one input."""
+        if self.posterior is not None and self.posterior.structure != "diag":
+            raise GenuncError(f"the exact variability needs the diagonal posterior, not "
+                              f"{self.posterior.structure!r}")
+        if self.adapter.fourier:
+            raise GenuncError("this UNet divides the head's output by the timestep (Fourier time "
+                              "embedding); genunc's variability does not cover it")
+        for option in ("guidance_rescale", "skip_guidance_layers"):
+            if kwargs.get(option):
+                raise GenuncError(f"{option} makes the guided prediction nonlinear in the head's "
+                                  "output: the closed-form variability does not apply; leave it "
+                                  "out or drop 'variability' from scores")
+
+    @contextmanager
+    def _observe(self, steps: list[tuple[float, Tensor]], kwargs: dict[str, Any],
+                 variability: bool) -> Iterator[None]:
+        """Record, per denoiser evaluation, the timestep and the guided prediction's variance
+        per sample; the head's output is left as it is."""
+        if not variability:
+            yield
+            return
+        adapter, posterior = self.adapter, self.posterior
+        now: dict[str, float] = {}
+
+        def timestep(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+            t = kw.get("timestep", args[1] if len(args) > 1 else None)
+            now["t"] = float(torch.as_tensor(t).reshape(-1)[0]) if t is not None else float("nan")
+
+        def head(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            phi = adapter.guided_features(args[0].detach().float(), adapter.guidance(kwargs))
+            variance = posterior.output_variance(phi)
+            steps.append((now.get("t", float("nan")),
+                          adapter.reduce_variance(variance, {})["variability"].cpu()))
+
+        handles = [adapter.model.register_forward_pre_hook(timestep, with_kwargs=True),
+                   adapter.head.register_forward_hook(head)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def _replace_head(self, draw: HeadDraws) -> Iterator[None]:
+        """The head's output becomes the head under `draw` (one parameter set), for every row."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+            return draw.apply(args[0])[0].to(output.dtype)
+
+        handle = self.adapter.head.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    # ------------------------------------------------------------------ posterior
+    def fit_posterior(self, images: Tensor, *, prompts: Sequence[str] | None = None,
+                      class_labels: Tensor | Sequence[int] | None = None,
+                      conditioning: dict[str, Any] | None = None, batch_size: int = 16,
+                      repeats: int | None = None, max_rows: int | None = None, seed: int = 0,
+                      progress: bool = True, **fit_kwargs: Any) -> HeadPosterior:
+        """Fit the head posterior on clean `images` ``(N, C, H, W)`` in [-1, 1].
+
+        The images are encoded with the pipeline's VAE (where it has one), captions embedded
+        with its own text encoders, and each batch is noised `repeats` times at random training
+        timesteps of its scheduler.  ``conditioning``: the denoiser's own keyword arguments,
+        one row per image, for pipelines whose prompts genunc cannot embed.  ``max_rows``
+        stops collecting once that many head rows are held (a Conv2d head's row is a whole
+        sample's feature map; a Linear head's, one token).
+        ``fit_kwargs`` go to :meth:`HeadPosterior.fit_features`.
+        """
+        adapter = self.adapter
+        n = images.shape[0]
+        generator = as_generator(seed)
+        repeats = self.FIT_REPEATS if repeats is None else repeats
+        features, targets = [], []
+        residual, count = 0.0, 0
+        ops = head_ops_for(adapter.head)
+        was_training = adapter.model.training
+        adapter.model.eval()
+        try:
+            with torch.no_grad():
+                for start in tqdm(range(0, n, batch_size), desc="collecting head features",
+                                  disable=not progress):
+                    if max_rows is not None and sum(map(len, features)) >= max_rows:
+                        break  # large heads: stop collecting, not just truncate afterwards
+                    part = slice(start, start + batch_size)
+                    rows = images[part].shape[0]
+                    cond = (_rows(conditioning, part) if conditioning is not None else
+                            adapter.conditioning(rows, None if prompts is None else prompts[part],
+                                                 None if class_labels is None else
+                                                 class_labels[part]))
+                    batch = {"x": adapter.encode(images[part], generator), **cond}
+                    for _ in range(repeats):
+                        pairs = adapter.training_pairs(batch, generator)
+                        with capture_head(adapter.head, keep_output=True) as record:
+                            output = adapter.denoise(**pairs.inputs).float()
+                        phi = record.require_single_call(adapter.head_name)
+                        _check_layout(adapter, output, record.output)
+                        target = pairs.target.to(output)
+                        residual += float((output[:, : adapter.prediction_channels] - target)
+                                          .double().square().sum())
+                        count += target.numel()
+                        features.append(ops.to_rows(phi, None).float().cpu())
+                        targets.append(ops.target_rows(adapter.head_targets(target, output), None,
+                                                       "regression").float().cpu())
+        finally:
+            adapter.model.train(was_training)
+        feats, targs = torch.cat(features), torch.cat(targets)
+        if max_rows is not None:
+            feats, targs = feats[:max_rows], targs[:max_rows]
+        check_finite(feats, "head features")
+        if adapter.learned_sigma and fit_kwargs.get("sigma_noise", "mle") == "mle":
+            fit_kwargs["sigma_noise"] = max(float(np.sqrt(residual / count)), 1e-6)
+        self.posterior = HeadPosterior.fit_features(
+            adapter.head, (feats, targs), likelihood="regression", head_name=adapter.head_name,
+            progress=progress, **fit_kwargs)
+        return self.posterior
+
+
+# ---------------------------------------------------------------------- helpers
+def _snapshot(generator: Generators) -> Generators:
+    """Independent generators in the same state (one per generator of a list)."""
+    if isinstance(generator, (list, tuple)):
+        return [_snapshot(g) for g in generator]
+    if not isinstance(generator, torch.Generator):
+        raise GenuncError(f"generator must be a torch.Generator or a list of them, got "
+                          f"{type(generator).__name__}")
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy
+
+
+def _images(output: Any) -> Any:
+    """The images of a pipeline output (``return_dict=False`` gives a tuple, images first)."""
+    if isinstance(output, tuple):
+        return output[0]
+    images = getattr(output, "images", None)
+    if images is None:
+        raise GenuncError(f"{type(output).__name__} has no `images`: genunc scores image pipelines")
+    return images
+
+
+def _image_tensor(images: Any, output_type: str | None) -> Tensor:
+    """A pipeline's images as ``(N, C, H, W)`` float in [-1, 1] (latents as they are), the form
+    genunc's feature extractors take."""
+    if isinstance(images, Tensor):
+        return images.float() if output_type == "latent" else images.float() * 2 - 1
+    if isinstance(images, list):  # PIL images
+        images = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
+        if images.ndim == 3:
+            images = images[..., None]
+    array = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    return array.permute(0, 3, 1, 2) * 2 - 1
+
+
+def _rows(value: Any, part: slice) -> Any:
+    """One batch's rows of conditioning keywords (tensors and nested dicts of them)."""
+    if isinstance(value, Tensor):
+        return value[part]
+    if isinstance(value, dict):
+        return {k: _rows(v, part) for k, v in value.items()}
+    return value
+
+
+def _check_layout(adapter: DiffusersPipelineAdapter, output: Tensor, head_output: Tensor) -> None:
+    """The model's output must be the head's, rearranged: otherwise the targets would be put
+    where the head does not produce them (a model that changes the output after the head)."""
+    mapped = adapter.to_head_layout(output)
+    if mapped.shape != head_output.shape or not torch.allclose(
+            mapped, head_output.float(), rtol=1e-4, atol=1e-5 * float(mapped.abs().max()) + 1e-6):
+        raise GenuncError(f"{type(adapter.model).__name__} changes the output of "
+                          f"'{adapter.head_name}' after it; genunc cannot fit targets to that head")
