@@ -18,6 +18,8 @@ _WHERE = {
     "MoleculeUncertaintyPipeline": "molecule",
     "TextUncertaintyOutput": "text",
     "TextUncertaintyPipeline": "text",
+    "WrappedTextOutput": "text_wrapped",
+    "WrappedTextPipeline": "text_wrapped",
 }
 
 __all__ = sorted(_WHERE)
