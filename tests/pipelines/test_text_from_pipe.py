@@ -240,3 +240,25 @@ def test_sampling_logits_match_the_scheduler():
             and kwargs["temperature"] != 0)
         ours = sampling_logits(logits, **kwargs).float().softmax(-1)
         torch.testing.assert_close(ours.gather(-1, token[:, None]).squeeze(1), prob)
+
+
+def test_the_shipped_arithmetic_model_runs_through_llada2_pipeline():
+    from genunc.tasks import ArithmeticTask
+    from genunc.zoo.arith_llada2 import arith_llada2_pipeline
+
+    task, pipe = ArithmeticTask("*", 2), arith_llada2_pipeline()
+    split = task.split(seed=0)
+    prompts = [task.problem_text(a, b) for a, b in split["train"][:40]]
+    call = dict(gen_length=4, block_length=10, num_inference_steps=4, use_chat_template=False,
+                threshold=1.01, editing_threshold=None)
+    upipe = TextUncertaintyPipeline.from_pipe(pipe)
+    upipe.fit_posterior([(task.problem_text(a, b), task.answer_text(task.solve(a, b)))
+                         for a, b in split["train"][:100]], repeats=1)
+    out = upipe(prompt=prompts, num_draws=4, scores=("mutual_information",), **call)
+    plain = pipe(prompt=prompts, **call)
+    assert torch.equal(out.sequences, plain.sequences) and out.texts == plain.texts
+    solved = torch.tensor([task.encode(p + t) for p, t in zip(prompts, out.texts)])
+    assert task.check(solved).mean() > 0.4  # the trained model (train problems: ~0.6 correct)
+    assert torch.isfinite(out.token_scores["mutual_information"]).all()  # all 4 answer digits
+    with pytest.raises(GenuncError, match="padding"):
+        pipe(prompt=prompts[:1], gen_length=3, block_length=5, use_chat_template=False)
