@@ -262,3 +262,16 @@ def test_the_shipped_arithmetic_model_runs_through_llada2_pipeline():
     assert torch.isfinite(out.token_scores["mutual_information"]).all()  # all 4 answer digits
     with pytest.raises(GenuncError, match="padding"):
         pipe(prompt=prompts[:1], gen_length=3, block_length=5, use_chat_template=False)
+
+
+def test_the_llada2_example_runs(repo):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(repo / "examples" / "llada2.py"), "--num-draws", "3"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if " MI " in line]
+    assert len(rows) == 8 and all("correct" in r or "wrong" in r for r in rows)
