@@ -227,7 +227,8 @@ class _Recorder:
                 f"the head's input {None if features is None else tuple(features.shape)} does not "
                 f"line up with the model's input {tuple(block_x.shape)}: genunc needs the head "
                 "applied once per forward to (B, L, hidden) features")
-        phi = features[:, -length:][rows, cols]  # (K, hidden): committed positions only
+        # (K, hidden): committed positions only, in the draws' precision (float32 for bf16 models)
+        phi = features[:, -length:][rows, cols].to(_dtype(self.draws))
         logits = sampling_logits(self.draws.apply(phi), **self.sampling)  # (M, K, V)
         self.mi[rows_cpu, gen_cpu] = mutual_information(logits).cpu()
 
@@ -253,6 +254,11 @@ class WrappedTextPipeline:
         if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
             raise GenuncError(f"{type(pipe).__name__} takes no callback_on_step_end: genunc cannot "
                               "see which tokens it commits")
+        allowed = getattr(pipe, "_callback_tensor_inputs", None)
+        missing = [k for k in _CALLBACK_INPUTS if allowed is not None and k not in allowed]
+        if missing:
+            raise GenuncError(f"{type(pipe).__name__}'s step callback does not expose {missing}: "
+                              "genunc cannot see which tokens it commits (LLaDA2Pipeline does)")
         self.pipe = pipe
         if head is None:
             getter = getattr(model, "get_output_embeddings", None)
@@ -455,6 +461,8 @@ class WrappedTextPipeline:
             generator = streams.torch_generator(int(seed), "head_draws",
                                                 device=self.posterior.mean.device)
             draws = self.posterior.sample(num_draws, seed=generator)
+        if draws is not None:  # moved once, not at every step (a vocabulary head's draws are large)
+            draws = draws.to(device=next(self.head.parameters()).device)
         mi_wanted = any(s.startswith("mutual_information") for s in scores)
         sampling = {k: call[k] for k in _SAMPLING_ARGS if k in call}
         user_callback = call.pop("callback_on_step_end", None)
@@ -541,9 +549,13 @@ def _replace_output(draw: HeadDraws) -> Callable[..., Tensor]:
     """A forward hook making the head compute draw `draw` (one draw) on its own input."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        return draw.apply(args[0])[0].to(output.dtype)
+        return draw.apply(args[0].to(_dtype(draw)))[0].to(output.dtype)
 
     return hook
+
+
+def _dtype(draws: HeadDraws) -> torch.dtype:
+    return next(iter(draws.params.values())).dtype
 
 
 def _unpack(result: Any) -> tuple[Tensor, list[str] | None]:

@@ -275,3 +275,15 @@ def test_the_llada2_example_runs(repo):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if " MI " in line]
     assert len(rows) == 8 and all("correct" in r or "wrong" in r for r in rows)
+
+
+def test_a_pipeline_whose_callback_hides_the_commits_is_refused():
+    class CanvasOnly:  # DiffusionGemmaPipeline's callback sees the canvas and logits only
+        _callback_tensor_inputs = ["canvas", "logits"]
+        model = TinyLLaDA()
+
+        def __call__(self, prompt=None, callback_on_step_end=None):
+            raise AssertionError("never called")
+
+    with pytest.raises(GenuncError, match="transfer_index"):
+        TextUncertaintyPipeline.from_pipe(CanvasOnly())
