@@ -20,6 +20,8 @@ _WHERE = {
     "TextUncertaintyPipeline": "text",
     "PipelineUncertaintyOutput": "wrapped",
     "WrappedImagePipeline": "wrapped",
+    "WrappedTextOutput": "text_wrapped",
+    "WrappedTextPipeline": "text_wrapped",
 }
 
 __all__ = sorted(_WHERE)

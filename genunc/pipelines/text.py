@@ -24,7 +24,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from genunc.scores import Aggregate, aggregate
 from genunc.scores.tokens import jackknife_standard_error
 from genunc.zoo.pretrained import read_config
 from genunc.zoo.text_model import MaskedDiffusionTransformer
+
+if TYPE_CHECKING:
+    from genunc.pipelines.text_wrapped import WrappedTextPipeline
 
 
 def _same(values: Tensor) -> Tensor:
@@ -115,6 +118,17 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
         adapter = MaskedDiffusionLMAdapter(model, "head", config["mask_id"],
                                            time_conditioning=config["model"]["time_conditioning"])
         return cls(adapter, metadata=config)
+
+    @classmethod
+    def from_pipe(cls, pipe: Any, posterior: HeadPosterior | None = None,
+                  **kwargs: Any) -> "WrappedTextPipeline":
+        """Wrap the user's own diffusers text pipeline (``LLaDA2Pipeline``): calls run it with
+        hooks and return exactly its output plus scores (see :mod:`genunc.pipelines.text_wrapped`).
+        ``kwargs``: ``head`` (module or name; default ``model.get_output_embeddings()``),
+        ``extractor`` (texts -> features, for ``semantic``)."""
+        from genunc.pipelines.text_wrapped import WrappedTextPipeline
+
+        return WrappedTextPipeline(pipe, posterior, **kwargs)
 
     @torch.no_grad()
     def __call__(self, prompts: Tensor, config: UnmaskingConfig | None = None, *,

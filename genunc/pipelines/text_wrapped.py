@@ -1,0 +1,597 @@
+"""Uncertainty scores for the user's own masked-diffusion text pipeline (diffusers ``LLaDA2Pipeline``).
+
+    pipe = LLaDA2Pipeline(model=model, scheduler=BlockRefinementScheduler(), tokenizer=tok)
+    upipe = TextUncertaintyPipeline.from_pipe(pipe)          # -> WrappedTextPipeline
+    upipe.fit_posterior(["text", ...] or [("prompt", "answer"), ...])
+    out = upipe(prompt=["..."], gen_length=256, num_draws=8, generator=g,
+                scores=("mutual_information", "semantic"), extractor=answer_features)
+    out.sequences, out.texts       # what pipe(prompt=["..."], gen_length=256, generator=g) returns
+    out.scores["mutual_information"], out.token_scores["mutual_information"]
+
+Nothing of the pipeline is re-implemented: the wrapper calls ``pipe(...)`` itself with
+
+* a forward hook on the vocabulary head that keeps the head's input of the latest forward
+  (it returns nothing, so the pipeline's output is untouched and equal to a plain call's by
+  construction: same arguments, same generator, same model calls);
+* a forward pre-hook on the model that reads the first call's input once (where the prompt
+  ends, so that block positions map onto generated positions);
+* the pipeline's step callback (``callback_on_step_end`` with ``transfer_index``,
+  ``editing_transfer_index``, ``sampled_tokens``, ``sampled_probs``, ``block_x``), which says
+  which positions were committed at this step.  The M head draws are evaluated on the kept
+  head input of those positions only, in one batched op (:meth:`HeadDraws.apply`), and their
+  mutual information is recorded.  A callback the user passes is still called, after genunc's,
+  with the tensors it asked for.
+
+Token scores (one per generated position, ``NaN`` where nothing was ever committed):
+
+* ``mutual_information``: ``H[E_m p_m] - E_m H[p_m]`` over the M head draws at the step the
+  token was committed, where ``p_m`` is the distribution the pipeline samples from under draw m
+  (the scheduler's: softmax of the raw logits for greedy decoding; temperature, top-k and top-p
+  applied as the scheduler applies them for multinomial sampling).  ``LLaDA2Pipeline`` does not
+  suppress the mask token, so neither does genunc: its probability counts like any other.
+* ``confidence``: the pipeline's own ``sampled_probs`` of the committed token (MAP).
+
+A token that the pipeline later edits (``editing_threshold``) or commits again keeps the scores
+of its *last* commit: the one that put the final token there.  Per-sequence scores average
+(``mutual_information``, ``low_confidence``) or take the maximum (``mutual_information_max``)
+over the scored positions: committed generated positions up to and including the first EOS
+(what the decoded text shows; a sequence without EOS uses all of them).
+
+``semantic`` runs the pipeline M more times, each with a head hook that replaces the head's
+output by draw m's and a fresh copy of the generator's state from before the MAP call (or of
+the global RNG state when no generator is passed), so a posterior collapsed to its mean gives
+the MAP generation again; the texts of the M+1 generations go through a user ``extractor``
+(``list[str] -> (B, D)`` features) and the score is the entropy of a diagonal Gaussian over
+them (:func:`genunc.scores.gaussian_entropy`).  The user's generator ends where a plain call
+leaves it.
+
+Tied heads (the vocabulary head sharing its weight with the input embedding) need nothing:
+draws are applied functionally to the captured head input, so no weight is ever written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from genunc import streams
+from genunc._seed import as_generator
+from genunc.adapters.base import resolve_module
+from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
+from genunc.posterior import HeadDraws, HeadPosterior
+from genunc.scores import feature_scale, gaussian_entropy, random_scores
+from genunc.scores.tokens import mutual_information
+
+#: ``texts -> (B, D)`` features for the semantic score
+Extractor = Callable[[list[str]], Tensor | np.ndarray]
+
+#: tensors genunc reads from the pipeline's step callback
+_CALLBACK_INPUTS = ("block_x", "transfer_index", "editing_transfer_index", "sampled_tokens",
+                    "sampled_probs")
+#: sampling arguments of the pipeline that shape the distribution it samples from
+_SAMPLING_ARGS = ("temperature", "top_k", "top_p", "sampling_method")
+
+
+@dataclass
+class WrappedTextOutput:
+    """The pipeline's own output plus genunc's scores (lower = more certain).
+
+    Attributes:
+        sequences, texts: what the pipeline returned (``texts`` None for ``output_type="seq"``).
+        pipeline_output: the pipeline's return value itself (output object or tuple).
+        scores: score name -> ``(B,)`` float64.
+        token_scores: ``mutual_information`` / ``confidence`` -> ``(B, gen_length)`` float64 at
+            each position's last commit (NaN where nothing was committed).
+        committed_at: ``(B, gen_length)`` the pipeline step (its ``global_step``) of each
+            position's last commit, -1 where none.
+        scored: ``(B, gen_length)`` the positions the per-sequence scores reduce over.
+        draw_sequences, draw_texts: with ``semantic``, the M perturbed generations
+            ``(M, B, gen_length)`` and their texts.
+    """
+
+    sequences: Tensor
+    texts: list[str] | None
+    pipeline_output: Any
+    scores: dict[str, np.ndarray]
+    token_scores: dict[str, Tensor]
+    committed_at: Tensor
+    scored: Tensor
+    num_draws: int
+    seed: int
+    draw_sequences: Tensor | None = None
+    draw_texts: list[list[str]] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def sampling_logits(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None, sampling_method: str = "multinomial") -> Tensor:
+    """Logits whose softmax is the distribution ``BlockRefinementScheduler`` samples from.
+
+    Greedy decoding (temperature 0, or ``sampling_method="greedy"``) takes the argmax of the raw
+    logits and reports their softmax as confidence; multinomial sampling divides by the
+    temperature, then keeps the top-k, then the top-p nucleus (removed entries get the dtype's
+    lowest value, as the scheduler does).  Broadcasts over leading axes (e.g. draws).
+    """
+    multinomial = sampling_method == "multinomial" or (sampling_method == "auto" and temperature != 0)
+    if temperature == 0 or not multinomial:
+        return logits
+    out = logits / temperature if temperature != 1 else logits
+    lowest = torch.finfo(out.dtype).min
+    if top_k is not None and 0 < top_k < out.shape[-1]:
+        kth = out.topk(top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, lowest)
+    if top_p is not None and top_p < 1:
+        ordered, order = out.sort(dim=-1, descending=True)
+        cumulative = ordered.float().softmax(-1).cumsum(-1)
+        drop = cumulative > top_p
+        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
+        drop[..., 0] = False
+        out = out.scatter(-1, order, ordered.masked_fill(drop, lowest))
+    return out
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise GenuncError(f"the head {type(module).__name__} is not a submodule of the pipeline's model")
+
+
+class _Recorder:
+    """Per-call state: the head input of the latest forward and what each commit scored."""
+
+    def __init__(self, draws: HeadDraws | None, sampling: dict[str, Any], mask_token_id: int | None,
+                 gen_length: int, user_callback: Any, user_inputs: Sequence[str]) -> None:
+        self.draws = draws
+        self.sampling = sampling
+        self.mask_token_id = mask_token_id
+        self.gen_length = gen_length
+        self.user_callback = user_callback
+        self.user_inputs = tuple(user_inputs)
+        self.features: Tensor | None = None
+        self.prompt_length: int | None = None
+        self.mi: Tensor | None = None
+        self.confidence: Tensor | None = None
+        self.tokens: Tensor | None = None
+        self.step: Tensor | None = None
+
+    # ---------------------------------------------------------------- hooks
+    def head_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        if not args or not isinstance(args[0], Tensor):
+            raise HeadNotCalledError("the head must take its features as its first positional tensor")
+        self.features = args[0].detach()
+
+    def model_pre_hook(self, module: nn.Module, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> None:
+        if self.prompt_length is not None:
+            return
+        ids = args[0] if args else kwargs.get("input_ids")
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise GenuncError("the pipeline's model must be called with (B, L) input ids first")
+        if self.mask_token_id is None:
+            raise GenuncError("the pipeline has no mask token id: pass mask_token_id=")
+        # the first call sees the prompt followed by nothing but mask tokens
+        masked = (ids == self.mask_token_id).all(0).flip(0).long()
+        trailing = int(masked.cumprod(0).sum())
+        self.prompt_length = ids.shape[1] - trailing
+
+    # ---------------------------------------------------------------- step callback
+    def callback(self, pipe: Any, step: int, timestep: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.record(step, kwargs)
+        if self.user_callback is None:
+            return kwargs
+        mine = {k: kwargs[k] for k in self.user_inputs if k in kwargs}
+        return self.user_callback(pipe, step, timestep, mine)
+
+    @torch.no_grad()
+    def record(self, step: int, kw: dict[str, Any]) -> None:
+        block_x, sampled = kw["block_x"], kw["sampled_tokens"]
+        length = sampled.shape[1]
+        # committed = what the pipeline wrote: rows finished at EOS write nothing
+        committed = ((kw["transfer_index"] | kw["editing_transfer_index"])
+                     & (block_x[:, -length:] == sampled))
+        batch = block_x.shape[0]
+        if self.mi is None:
+            shape = (batch, self.gen_length)
+            self.mi = torch.full(shape, math.nan, dtype=torch.float64)
+            self.confidence = torch.full(shape, math.nan, dtype=torch.float64)
+            self.tokens = torch.full(shape, -1, dtype=torch.long)
+            self.step = torch.full(shape, -1, dtype=torch.long)
+        if self.prompt_length is None:
+            raise HeadNotCalledError("the step callback ran before the model was called")
+        offset = block_x.shape[1] - length - self.prompt_length  # generated index of block start
+        rows, cols = torch.nonzero(committed, as_tuple=True)
+        gen = cols + offset
+        keep = (gen >= 0) & (gen < self.gen_length)  # the block-aligned tail is not returned
+        rows, cols, gen = rows[keep], cols[keep], gen[keep]
+        if not len(rows):
+            return
+        rows_cpu, gen_cpu = rows.cpu(), gen.cpu()
+        self.tokens[rows_cpu, gen_cpu] = sampled[rows, cols].cpu()
+        self.confidence[rows_cpu, gen_cpu] = kw["sampled_probs"][rows, cols].double().cpu()
+        self.step[rows_cpu, gen_cpu] = step
+        if self.draws is None:
+            return
+        features = self.features
+        if features is None or features.dim() != 3 or features.shape[:2] != block_x.shape[:2]:
+            raise ShapeMismatchError(
+                f"the head's input {None if features is None else tuple(features.shape)} does not "
+                f"line up with the model's input {tuple(block_x.shape)}: genunc needs the head "
+                "applied once per forward to (B, L, hidden) features")
+        # (K, hidden): committed positions only, in the draws' precision (float32 for bf16 models)
+        phi = features[:, -length:][rows, cols].to(_dtype(self.draws))
+        logits = sampling_logits(self.draws.apply(phi), **self.sampling)  # (M, K, V)
+        self.mi[rows_cpu, gen_cpu] = mutual_information(logits).cpu()
+
+
+class WrappedTextPipeline:
+    """A diffusers masked-diffusion text pipeline (``LLaDA2Pipeline``) with a head posterior.
+
+    Build it with :meth:`TextUncertaintyPipeline.from_pipe`.  ``head``: the vocabulary head,
+    as a module or its name in ``pipe.model`` (default: ``model.get_output_embeddings()``).
+    ``extractor``: ``texts -> (B, D)`` features for the semantic score.
+    """
+
+    #: score name -> the fewest head draws it needs (None: no posterior)
+    SCORES = {"mutual_information": 2, "mutual_information_max": 2, "semantic": 1,
+              "low_confidence": None, "random": None}
+
+    def __init__(self, pipe: Any, posterior: HeadPosterior | None = None, *,
+                 head: nn.Module | str | None = None, extractor: Extractor | None = None) -> None:
+        model = getattr(pipe, "model", None)
+        if not isinstance(model, nn.Module):
+            raise GenuncError(f"{type(pipe).__name__} has no torch model at .model; genunc wraps "
+                              "pipelines that call pipe.model(...)")
+        if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
+            raise GenuncError(f"{type(pipe).__name__} takes no callback_on_step_end: genunc cannot "
+                              "see which tokens it commits")
+        allowed = getattr(pipe, "_callback_tensor_inputs", None)
+        missing = [k for k in _CALLBACK_INPUTS if allowed is not None and k not in allowed]
+        if missing:
+            raise GenuncError(f"{type(pipe).__name__}'s step callback does not expose {missing}: "
+                              "genunc cannot see which tokens it commits (LLaDA2Pipeline does)")
+        self.pipe = pipe
+        if head is None:
+            getter = getattr(model, "get_output_embeddings", None)
+            module = getter() if callable(getter) else None
+            if module is None:
+                raise GenuncError("the model has no get_output_embeddings(); name its head: head=")
+            self.head_name = _module_name(model, module)
+        elif isinstance(head, str):
+            resolve_module(model, head)
+            self.head_name = head
+        else:
+            self.head_name = _module_name(model, head)
+        self.extractor = extractor
+        self.feature_scale: np.ndarray | None = None
+        self._posterior: HeadPosterior | None = None
+        self.posterior = posterior
+
+    @property
+    def model(self) -> nn.Module:
+        return self.pipe.model
+
+    @property
+    def head(self) -> nn.Module:
+        return resolve_module(self.model, self.head_name)
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.pipe, "tokenizer", None)
+
+    @property
+    def posterior(self) -> HeadPosterior | None:
+        return self._posterior
+
+    @posterior.setter
+    def posterior(self, posterior: HeadPosterior | None) -> None:
+        """Attach a posterior, refusing one fitted on another head (or other weights)."""
+        if posterior is not None:
+            posterior.check_matches(self.model)
+        self._posterior = posterior
+
+    def set_feature_scale(self, real_features: Tensor | np.ndarray | None) -> np.ndarray | None:
+        """Measure semantic spread in units of real data's per-dimension SD (``(N, D)``)."""
+        self.feature_scale = None if real_features is None else feature_scale(real_features)
+        return self.feature_scale
+
+    # ------------------------------------------------------------------ posterior
+    def _encode(self, item: str | tuple[str, str], use_chat_template: bool) -> tuple[Tensor, Tensor]:
+        """Token ids ``(L,)`` and which of them may be masked (the answer, or the whole text)."""
+        tok = self.tokenizer
+        if tok is None:
+            raise GenuncError("fitting from text needs the pipeline's tokenizer")
+        if isinstance(item, str):
+            ids = list(tok(item)["input_ids"])
+            return torch.tensor(ids, dtype=torch.long), torch.ones(len(ids), dtype=torch.bool)
+        prompt, answer = item
+        if use_chat_template and getattr(tok, "chat_template", None):  # as the pipeline encodes
+            encoded = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                              add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)
+            prompt_ids = list(encoded["input_ids"])
+        else:
+            prompt_ids = list(tok(prompt)["input_ids"])
+        answer_ids = list(tok(answer, add_special_tokens=False)["input_ids"])
+        if getattr(tok, "eos_token_id", None) is not None:
+            answer_ids.append(tok.eos_token_id)  # the pipeline generates an EOS after the answer
+        ids = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)
+        free = torch.zeros(len(ids), dtype=torch.bool)
+        free[len(prompt_ids):] = True
+        return ids, free
+
+    @torch.no_grad()
+    def collect_head_data(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
+                          seed: int = 0, batch_size: int = 16,
+                          use_chat_template: bool = True) -> tuple[Tensor, Tensor]:
+        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` at masked answer positions.
+
+        Each example is masked `repeats` times at a random level ``t ~ U(1/L, 1)`` over its
+        maskable tokens (at least one), the convention of
+        :meth:`MaskedDiffusionLMAdapter.training_pairs`, and the model is called as the pipeline
+        calls it (2-D attention mask, position ids).  Examples of one length are batched.
+        """
+        mask_id = getattr(self.pipe, "mask_token_id", None)
+        if mask_id is None:
+            raise GenuncError("the pipeline has no mask_token_id (set it on the tokenizer)")
+        encoded = [self._encode(item, use_chat_template) for item in data]
+        if not encoded:
+            raise ShapeMismatchError("no examples to fit on")
+        if any(not free.any() for _, free in encoded):
+            raise GenuncError("every example needs at least one answer token to mask")
+        by_length: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        for ids, free in encoded:
+            by_length.setdefault(len(ids), []).append((ids, free))
+        generator = as_generator(seed)
+        device = next(self.model.parameters()).device
+        head, feats, targets = self.head, [], []
+        kept: dict[str, Tensor] = {}
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            kept["features"] = args[0].detach()
+
+        was_training = self.model.training
+        self.model.eval()
+        handle = head.register_forward_hook(hook)
+        try:
+            for length in sorted(by_length):
+                group = by_length[length]
+                for start in range(0, len(group), batch_size):
+                    x0 = torch.stack([ids for ids, _ in group[start : start + batch_size]])
+                    free = torch.stack([f for _, f in group[start : start + batch_size]])
+                    for _ in range(repeats):
+                        b = x0.shape[0]
+                        t = torch.rand(b, 1, generator=generator).clamp_min(1.0 / length)
+                        masked = (torch.rand(b, length, generator=generator) < t) & free
+                        pick = torch.multinomial(free.float(), 1, generator=generator).squeeze(1)
+                        masked[torch.arange(b), pick] = True
+                        x_t = torch.where(masked, torch.full_like(x0, mask_id), x0).to(device)
+                        kept.clear()
+                        self.model(x_t, attention_mask=torch.ones_like(x_t),
+                                   position_ids=torch.arange(length, device=device).expand(b, -1))
+                        if "features" not in kept:
+                            raise HeadNotCalledError(f"head '{self.head_name}' was not called")
+                        phi = kept["features"]
+                        feats.append(phi[masked.to(device)].float().cpu())
+                        targets.append(x0[masked])
+        finally:
+            handle.remove()
+            self.model.train(was_training)
+        return torch.cat(feats), torch.cat(targets)
+
+    def fit_posterior(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
+                      seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
+                      **fit_kwargs: Any) -> HeadPosterior:
+        """Fit the head posterior on texts or ``(prompt, answer)`` pairs.
+
+        Tokenised with the pipeline's tokenizer (the prompt as the pipeline encodes it, the
+        answer followed by EOS); answer tokens are masked (see :meth:`collect_head_data`) and the
+        head is fitted with the classification likelihood on the head's inputs there.
+        ``fit_kwargs`` go to :meth:`HeadPosterior.fit_features` (structure, prior_precision,
+        ``unseen_classes``: by default vocabulary rows no target names stay at their values).
+        """
+        features, targets = self.collect_head_data(data, repeats=repeats, seed=seed,
+                                                   batch_size=batch_size,
+                                                   use_chat_template=use_chat_template)
+        self.posterior = HeadPosterior.fit_features(self.head, (features, targets),
+                                                    likelihood="classification",
+                                                    head_name=self.head_name, **fit_kwargs)
+        return self.posterior
+
+    # ------------------------------------------------------------------ calls
+    def _check(self, scores: tuple[str, ...], num_draws: int, draws: HeadDraws | None,
+               extractor: Extractor | None, output_type: str) -> int | None:
+        """Check a call; return the fewest draws its scores need (None: no posterior)."""
+        if isinstance(scores, str):
+            raise GenuncError(f"scores must be a list of names, got the string {scores!r}")
+        unknown = [s for s in scores if s not in self.SCORES]
+        if unknown:
+            raise GenuncError(f"unknown scores {unknown}; choose from {list(self.SCORES)}")
+        needed = [self.SCORES[s] for s in scores if self.SCORES[s] is not None]
+        if not needed:
+            return None
+        m = len(draws) if draws is not None else num_draws
+        if m < max(needed):
+            raise GenuncError(f"{[s for s in scores if (self.SCORES[s] or 0) > m]} need "
+                              f"num_draws >= {max(needed)}, got {m}")
+        if draws is None and self.posterior is None:
+            raise GenuncError("no posterior: call fit_posterior(...) or pass posterior= first")
+        if "semantic" in scores:
+            if extractor is None:
+                raise GenuncError("the semantic score needs extractor= (texts -> (B, D) features), "
+                                  "e.g. an answer parser or genunc.features.text embeddings")
+            if output_type != "text" or self.tokenizer is None:
+                raise GenuncError("the semantic score embeds texts: keep output_type='text' and a "
+                                  "tokenizer on the pipeline")
+        return max(needed)
+
+    def __call__(self, *args: Any, num_draws: int = 8,
+                 scores: Sequence[str] = ("mutual_information",), seed: int = 0,
+                 draws: HeadDraws | None = None, extractor: Extractor | None = None,
+                 **kwargs: Any) -> WrappedTextOutput:
+        """Run ``pipe(*args, **kwargs)`` and score every sequence (see the module docstring).
+
+        Args:
+            num_draws: M head draws (from the posterior's ``head_draws`` stream of `seed`).
+            scores: names from :attr:`SCORES`.
+            seed: seeds the head draws and the ``random`` baseline; the pipeline's own
+                randomness comes from its ``generator`` argument, as in a plain call.
+            draws: M head draws to use instead of drawing them (e.g. shared across calls).
+            extractor: overrides the wrapper's for this call.
+            kwargs: the pipeline's own arguments, passed through unchanged.
+        """
+        signature = inspect.signature(self.pipe.__call__)
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        call = {name: (bound[name] if name in bound else p.default)
+                for name, p in signature.parameters.items()
+                if name in bound or p.default is not inspect.Parameter.empty}
+        scores = tuple(scores)
+        extractor = extractor or self.extractor
+        needed = self._check(scores, num_draws, draws, extractor, call.get("output_type", "text"))
+        if needed is not None and draws is None:
+            generator = streams.torch_generator(int(seed), "head_draws",
+                                                device=self.posterior.mean.device)
+            draws = self.posterior.sample(num_draws, seed=generator)
+        if draws is not None:  # moved once, not at every step (a vocabulary head's draws are large)
+            draws = draws.to(device=next(self.head.parameters()).device)
+        mi_wanted = any(s.startswith("mutual_information") for s in scores)
+        sampling = {k: call[k] for k in _SAMPLING_ARGS if k in call}
+        user_callback = call.pop("callback_on_step_end", None)
+        user_inputs = call.pop("callback_on_step_end_tensor_inputs", None)
+        user_inputs = getattr(user_callback, "tensor_inputs", None) or user_inputs or ["block_x"]
+        mask_id = call.get("mask_token_id")
+        mask_id = getattr(self.pipe, "mask_token_id", None) if mask_id is None else mask_id
+        eos_id = call.get("eos_token_id")
+        eos_id = getattr(self.pipe, "eos_token_id", None) if eos_id is None else eos_id
+        recorder = _Recorder(draws if mi_wanted else None, sampling, mask_id,
+                             int(call["gen_length"]), user_callback, user_inputs)
+        generator = call.get("generator")
+        semantic = "semantic" in scores
+        start_state = generator.get_state() if isinstance(generator, torch.Generator) else None
+        global_state = _rng_states() if semantic and generator is None else None
+
+        inputs = sorted(set(_CALLBACK_INPUTS) | set(user_inputs))
+        with ExitStack() as stack:
+            stack.enter_context(_hook(self.head.register_forward_hook(recorder.head_hook)))
+            stack.enter_context(_hook(self.model.register_forward_pre_hook(
+                recorder.model_pre_hook, with_kwargs=True)))
+            result = self.pipe(**call, callback_on_step_end=recorder.callback,
+                               callback_on_step_end_tensor_inputs=inputs)
+        sequences, texts = _unpack(result)
+        if recorder.tokens is None:
+            raise HeadNotCalledError("the pipeline committed no tokens (its step callback never ran)")
+        committed = recorder.step >= 0
+        seq_cpu = sequences.cpu()
+        if not torch.equal(recorder.tokens[committed], seq_cpu[committed]):
+            warnings.warn("some returned tokens differ from those the pipeline committed (a step "
+                          "callback rewrote them?): their scores describe the committed tokens",
+                          stacklevel=2)
+        scored = committed & _through_first_eos(seq_cpu, eos_id)
+        out_scores: dict[str, np.ndarray] = {}
+        if "mutual_information" in scores:
+            out_scores["mutual_information"] = _reduce(recorder.mi, scored, "mean")
+        if "mutual_information_max" in scores:
+            out_scores["mutual_information_max"] = _reduce(recorder.mi, scored, "max")
+        if "low_confidence" in scores:
+            out_scores["low_confidence"] = 1 - _reduce(recorder.confidence, scored, "mean")
+        if "random" in scores:
+            out_scores["random"] = random_scores(int(seed), range(len(sequences)))
+        token_scores = {"confidence": recorder.confidence}
+        if mi_wanted:
+            token_scores["mutual_information"] = recorder.mi
+        output = WrappedTextOutput(sequences=sequences, texts=texts, pipeline_output=result,
+                                   scores=out_scores, token_scores=token_scores,
+                                   committed_at=recorder.step, scored=scored,
+                                   num_draws=0 if draws is None else len(draws), seed=int(seed))
+        if semantic:
+            end_state = _rng_states() if global_state is not None else None
+            draw_seqs, draw_texts = [], []
+            for m in range(len(draws)):
+                run = dict(call, return_dict=True)
+                if start_state is not None:
+                    run["generator"] = torch.Generator(device=generator.device).set_state(start_state)
+                else:
+                    _set_rng_states(global_state)
+                hook = self.head.register_forward_hook(_replace_output(draws[m]))
+                with _hook(hook):
+                    drawn = self.pipe(**run)
+                draw_seqs.append(drawn.sequences)
+                draw_texts.append(list(drawn.texts))
+            if end_state is not None:
+                _set_rng_states(end_state)  # the global stream continues as after a plain call
+            feats = torch.stack([torch.as_tensor(np.asarray(extractor(list(t))), dtype=torch.float64)
+                                 for t in [list(texts), *draw_texts]])
+            output.scores["semantic"] = gaussian_entropy(feats, scale=self.feature_scale)
+            output.draw_sequences = torch.stack(draw_seqs)
+            output.draw_texts = draw_texts
+        return output
+
+
+# ---------------------------------------------------------------------- helpers
+@contextmanager
+def _hook(handle: Any):
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def _replace_output(draw: HeadDraws) -> Callable[..., Tensor]:
+    """A forward hook making the head compute draw `draw` (one draw) on its own input."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        return draw.apply(args[0].to(_dtype(draw)))[0].to(output.dtype)
+
+    return hook
+
+
+def _dtype(draws: HeadDraws) -> torch.dtype:
+    return next(iter(draws.params.values())).dtype
+
+
+def _unpack(result: Any) -> tuple[Tensor, list[str] | None]:
+    if isinstance(result, tuple):
+        return result[0], result[1] if len(result) > 1 else None
+    return result.sequences, getattr(result, "texts", None)
+
+
+def _through_first_eos(sequences: Tensor, eos_token_id: int | None) -> Tensor:
+    """``(B, L)`` True up to and including each row's first EOS (everywhere without one)."""
+    if eos_token_id is None:
+        return torch.ones_like(sequences, dtype=torch.bool)
+    is_eos = (sequences == eos_token_id).long()
+    before = is_eos.cumsum(1) - is_eos  # EOS tokens strictly before each position
+    return before == 0
+
+
+def _reduce(values: Tensor, mask: Tensor, how: str) -> np.ndarray:
+    """Mean or max of `values` over `mask` per row; NaN for a row with nothing to reduce."""
+    v = values.double()
+    if how == "mean":
+        count = mask.sum(1)
+        total = torch.where(mask, v, torch.zeros_like(v)).sum(1)
+        out = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
+    else:
+        out = torch.where(mask, v, torch.full_like(v, -math.inf)).amax(1)
+        out = torch.where(mask.any(1), out, torch.full_like(out, math.nan))
+    return out.numpy()
+
+
+def _rng_states() -> tuple[Tensor, list[Tensor]]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_states(states: tuple[Tensor, list[Tensor]]) -> None:
+    torch.set_rng_state(states[0])
+    if states[1]:
+        torch.cuda.set_rng_state_all(states[1])
