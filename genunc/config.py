@@ -58,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
         "threshold": 0.9,  # text: confidence threshold of the threshold / remask samplers
         "variability_steps": None,  # image/molecule: step indices where variability is measured (all)
         "nll_levels": 10,  # molecule: noise levels of the denoising_loss baseline
+        # the backbone's precision: float32, or bfloat16 / float16 autocast (GPUs); head draws,
+        # variances and scores stay in full precision
+        "precision": "float32",
         "seed": 0,
         "chunk_size": 64,
         "out": "outputs/export",
@@ -149,6 +152,7 @@ RULES: dict[str, Rule] = {
     "generate.block_length": Rule(int, minimum=1, nullable=True),
     "generate.threshold": Rule(float, minimum=0, maximum=1),
     "generate.variability_steps": Rule(list, item=int, nullable=True),
+    "generate.precision": Rule(str, choices=("float32", "bfloat16", "float16")),
     "generate.nll_levels": COUNT, "generate.seed": SEED, "generate.chunk_size": COUNT,
     "generate.out": TEXT,
 }

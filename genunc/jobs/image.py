@@ -99,7 +99,7 @@ class ImageJob(Job):
                     branch_at=g["branch_at"], score_steps=g["score_steps"],
                     variability_steps=g["variability_steps"], variance=g["variance"],
                     variability_target=g["variability_target"], seed=g["seed"],
-                    first_sample=start, chunk_size=n, progress=False)
+                    first_sample=start, chunk_size=n, precision=g["precision"], progress=False)
 
     def records(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any], out: Any,
                 ids: list[str]) -> list[ChunkRecord]:

@@ -74,7 +74,7 @@ class MoleculeJob(Job):
                     sampler=g["sampler"], variability_steps=g["variability_steps"],
                     variance=g["variance"], variability_target=g["variability_target"],
                     nll_levels=g["nll_levels"], seed=g["seed"], first_sample=int(ids[0]),
-                    chunk_size=len(ids), progress=False)
+                    chunk_size=len(ids), precision=g["precision"], progress=False)
 
     def records(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any], out: Any,
                 ids: list[str]) -> list[ChunkRecord]:

@@ -87,7 +87,7 @@ class TextJob(Job):
         pairs = test[order[(index // g["candidates"]) % len(test)]]
         return dict(prompts=task.prompts(pairs), config=unmasking_config(g),
                     num_draws=g["num_draws"], scores=tuple(g["scores"]), seed=g["seed"],
-                    first_sample=int(ids[0]), progress=False)
+                    first_sample=int(ids[0]), precision=g["precision"], progress=False)
 
     def records(self, pipe: TextUncertaintyPipeline, config: dict[str, Any], out: Any,
                 ids: list[str]) -> list[ChunkRecord]:

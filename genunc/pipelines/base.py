@@ -43,6 +43,7 @@ from genunc.errors import GenuncError, MissingFileError
 from genunc.posterior import POSTERIOR_DIR, HeadDraws, HeadPosterior
 from genunc.posterior.variance import ExactVariance, MonteCarloVariance
 from genunc.sampling.diffusers_loop import HeadVariance
+from genunc.sampling.precision import PRECISIONS
 from genunc.scores import (
     VARIABILITY_TARGETS,
     VariabilityTarget,
@@ -257,13 +258,15 @@ class UncertaintyPipeline:
                  check_only: bool = False, *, num_samples: int, first_sample: int = 0,
                  variance: VarianceEstimate = "exact",
                  variability_target: VariabilityTarget = "noise",
+                 precision: str = "float32",
                  **counts: int | None) -> Request:
         """Check a call's arguments and draw the head draws its scores need.
 
         ``counts`` are further positive integers to check by name (``num_inference_steps=50``).
         ``check_only``: the arguments alone (a posterior may still be fitted before the call).
         ``variance``: how ``variability`` is estimated (exact: no draws; Monte Carlo: two);
-        ``variability_target``: the variance of the predicted noise or of the clean sample.
+        ``variability_target``: the variance of the predicted noise or of the clean sample;
+        ``precision``: the backbone's (:mod:`genunc.sampling.precision`).
         """
         if isinstance(scores, str):
             raise GenuncError(f"scores must be a list of names, got the string {scores!r}")
@@ -284,6 +287,11 @@ class UncertaintyPipeline:
         if variability_target not in VARIABILITY_TARGETS:
             raise GenuncError(f"variability_target must be one of {VARIABILITY_TARGETS}, got "
                               f"{variability_target!r}")
+        if precision not in PRECISIONS:
+            raise GenuncError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision != "float32" and not getattr(self.model, "supports_autocast", True):
+            raise GenuncError(f"{type(self.model).__name__} cannot run under autocast "
+                              f"(precision={precision!r}); use float32, or cast the model itself")
         minimum = {s: self.SCORES[s] for s in scores}
         if "variability" in minimum and variance == "monte_carlo":
             minimum["variability"] = 2

@@ -133,6 +133,7 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
         variability_steps: list[int] | None = None,
         variance: VarianceEstimate = "exact",
         variability_target: VariabilityTarget = "noise",
+        precision: str = "float32",
         seed: int = 0,
         first_sample: int = 0,
         chunk_size: int = 64,
@@ -159,11 +160,14 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
             first_sample: global index of the first sample: sample ``i`` draws its initial and
                 sampler noise from the streams of index ``first_sample + i``, so a run split
                 into calls gives the samples of one call.
+            precision: the backbone's precision: ``float32``, or ``bfloat16`` / ``float16``
+                autocast (the GPU speed-up); head draws, variances, scores and sampler states
+                stay in full precision.
             check_only: check the arguments and return None, generating nothing.
         """
         request = self._request(scores, num_draws, seed, check_only, num_samples=num_samples,
                                 first_sample=first_sample, variance=variance,
-                                variability_target=variability_target,
+                                variability_target=variability_target, precision=precision,
                                 num_inference_steps=num_inference_steps, chunk_size=chunk_size,
                                 score_steps=score_steps)
         self.check_feature_extractor(request)
@@ -201,14 +205,14 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
                     num_inference_steps=num_inference_steps, trajectory_draws=with_map,
                     branch_at=branch_at, variability=head_variance,
                     variability_steps=variability_steps,
-                    generator=request.generators("sampler_noise", sl))
+                    generator=request.generators("sampler_noise", sl), precision=precision)
                 collected.backbone_rows += out.backbone_rows
                 chunk_draws = out.draw_samples
                 if scoring_run is not None:
                     side = run_trajectory(
                         self.adapter, self.sampling_scheduler, x_T[sl].to(device), cond,
                         num_inference_steps=score_steps, trajectory_draws=scoring_run,
-                        generator=request.generators("sampler_noise", sl))
+                        generator=request.generators("sampler_noise", sl), precision=precision)
                     collected.backbone_rows += side.backbone_rows
                     chunk_draws = side.draw_samples
                     scoring_maps.append(side.samples.cpu())

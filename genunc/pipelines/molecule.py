@@ -172,8 +172,8 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                  variance: VarianceEstimate = "exact",
                  variability_target: VariabilityTarget = "noise",
                  n_atoms: np.ndarray | None = None, nll_levels: int = 10, seed: int = 0,
-                 first_sample: int = 0, chunk_size: int = 64, progress: bool = True,
-                 check_only: bool = False) -> MoleculeUncertaintyOutput | None:
+                 first_sample: int = 0, chunk_size: int = 64, precision: str = "float32",
+                 progress: bool = True, check_only: bool = False) -> MoleculeUncertaintyOutput | None:
         """Generate ``num_samples`` molecules and score them.
 
         Args:
@@ -190,11 +190,14 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
             nll_levels: noise levels averaged by the ``denoising_loss`` baseline.
             seed, first_sample: the run's seed and the global index of the first molecule
                 (molecule ``i`` draws from the streams of index ``first_sample + i``).
+            precision: the backbone's precision: ``float32``, or ``bfloat16`` / ``float16``
+                autocast (the GPU speed-up); head draws, variances, scores and sampler states
+                stay in full precision.
             check_only: check the arguments and return None, generating nothing.
         """
         request = self._request(scores, num_draws, seed, check_only, num_samples=num_samples,
                                 first_sample=first_sample, variance=variance,
-                                variability_target=variability_target,
+                                variability_target=variability_target, precision=precision,
                                 num_inference_steps=num_inference_steps, chunk_size=chunk_size,
                                 nll_levels=nll_levels)
         if n_atoms is not None and len(n_atoms) != num_samples:
@@ -224,7 +227,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                     num_inference_steps=num_inference_steps,
                     trajectory_draws=request.draws if semantic else None,
                     variability=head_variance, variability_steps=variability_steps,
-                    generator=request.generators("sampler_noise", sl))
+                    generator=request.generators("sampler_noise", sl), precision=precision)
             collected.backbone_rows += out.backbone_rows
             chunk_molecules = layout.decode(out.samples, mask)
             molecules += chunk_molecules

@@ -135,7 +135,8 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
                  num_draws: int = 5, num_inference_steps: int | None = None,
                  scores: tuple[str, ...] = ("mutual_information",), span: Tensor | None = None,
                  seed: int = 0, first_sample: int = 0, chunk_size: int = 512,
-                 progress: bool = True, check_only: bool = False) -> TextUncertaintyOutput | None:
+                 precision: str = "float32", progress: bool = True,
+                 check_only: bool = False) -> TextUncertaintyOutput | None:
         """Fill the masked positions of ``prompts`` ``(B, L)`` and score every sequence.
 
         Args:
@@ -145,13 +146,16 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
             seed, first_sample: the run's seed and the global index of the first sequence
                 (sequence ``i`` draws its sampling noise from the streams of index
                 ``first_sample + i``; the head draws are the run's).
+            precision: the backbone's precision: ``float32``, or ``bfloat16`` / ``float16``
+                autocast (the GPU speed-up); head draws, variances, scores and sampler states
+                stay in full precision.
             check_only: check the arguments and return None, generating nothing.
         """
         if prompts.dim() != 2:
             raise ShapeMismatchError(f"prompts must be (B, L) token ids, got {tuple(prompts.shape)}")
         request = self._request(scores, num_draws, seed, check_only, num_samples=len(prompts),
                                 first_sample=first_sample, chunk_size=chunk_size,
-                                num_inference_steps=num_inference_steps)
+                                precision=precision, num_inference_steps=num_inference_steps)
         vocab = self.adapter.vocab_size
         if prompts.numel() and (int(prompts.min()) < 0 or int(prompts.max()) >= vocab):
             raise GenuncError(f"prompt token ids must lie in [0, {vocab}) (the mask id is "
@@ -174,7 +178,8 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
             with collected.timer("sampling"):
                 out = unmask(self.adapter, x, config, mi_draws=mi_draws,
                              trajectory_draws=request.draws if semantic else None, seed=seed,
-                             indices=request.indices[start : start + chunk_size])
+                             indices=request.indices[start : start + chunk_size],
+                             precision=precision)
             row_nfe.append(out.row_nfe.cpu().numpy())
             collected.backbone_rows += out.backbone_rows
             tokens.append(out.tokens.cpu())

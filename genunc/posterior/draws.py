@@ -18,6 +18,12 @@ from genunc.errors import ShapeMismatchError
 from genunc.posterior.heads import HeadOps, check_finite
 
 
+def full_precision(features: Tensor) -> Tensor:
+    """Half-precision features (a backbone run under autocast) in float32: draws, their outputs
+    and variances are never computed in reduced precision."""
+    return features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+
+
 @dataclass(frozen=True)
 class HeadDraws:
     """M parameter sets for one head, each tensor with a leading draw axis ``(M, *shape)``.
@@ -57,7 +63,7 @@ class HeadDraws:
         leading draw axis ``(M, B, ...)`` (one trajectory per draw).
         """
         check_finite(features, "head features")
-        return self.ops.apply(features, self.params, per_draw=per_draw)
+        return self.ops.apply(full_precision(features), self.params, per_draw=per_draw)
 
     def __len__(self) -> int:
         return next(iter(self.params.values())).shape[0]

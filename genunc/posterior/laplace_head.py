@@ -26,7 +26,7 @@ from genunc.adapters.base import DenoiserAdapter, Likelihood, resolve_module
 from genunc.errors import GenuncError, ShapeMismatchError
 from genunc.posterior.capture import HeadData, collect_head_data
 from genunc.posterior.curvature import LinearHeadGGN
-from genunc.posterior.draws import HeadDraws
+from genunc.posterior.draws import HeadDraws, full_precision
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import HeadOps, check_finite, head_ops_for
 from genunc.posterior.io import load_posterior, save_posterior
@@ -420,6 +420,7 @@ class HeadPosterior:
                 f"{self.structure!r} (use sample() + apply())"
             )
         check_finite(features, "features")
+        features = full_precision(features)
         variances = HeadDraws.from_flat(self.posterior_variance.unsqueeze(0), self.ops)
         return self.ops.output_variance(features, {k: v[0] for k, v in variances.params.items()},
                                         post)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import GenuncError
+from genunc.sampling.precision import backbone_autocast, full_precision
 
 if TYPE_CHECKING:
     from genunc.posterior.draws import HeadDraws
@@ -116,6 +117,7 @@ def run_trajectory(
     variability_steps: list[int] | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = False,
+    precision: str = "float32",
 ) -> TrajectoryOutput:
     """Run the sampler from ``x_T``; optionally fork perturbed trajectories and score variability.
 
@@ -128,6 +130,8 @@ def run_trajectory(
         variability: the head-output variance given the MAP features
             (:class:`~genunc.posterior.variance.ExactVariance` or ``MonteCarloVariance``),
             recorded at ``variability_steps`` (default: every step).
+        precision: the backbone's precision (``float32``, ``bfloat16``, ``float16``: autocast);
+            head draws, variances and sampler states stay in full precision.
     """
     cond = {k: v for k, v in (cond or {}).items() if v is not None}
     include_map = trajectory_draws is None or trajectory_draws.includes_map
@@ -157,7 +161,8 @@ def run_trajectory(
         if groups == 1 and include_map:
             return None  # the model's own head is the MAP head
         per_draw = phi.reshape(groups, batch, *phi.shape[1:])
-        out = fork_heads.apply(per_draw, per_draw=True)
+        with full_precision(phi.device):
+            out = fork_heads.apply(per_draw, per_draw=True)
         return out.reshape(output.shape).to(output.dtype)
 
     x = adapter.project(x_T * scheduler.init_noise_sigma, cond)
@@ -180,7 +185,9 @@ def run_trajectory(
                 stepper.fork(groups)
             model_in = scheduler.scale_model_input(x, t)
             t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
-            out = adapter.denoise(x=model_in, t=t_batch, **current_cond)
+            with backbone_autocast(precision, x.device):
+                out = adapter.denoise(x=model_in, t=t_batch, **current_cond)
+            out = out.to(x.dtype)
             rows += x.shape[0]
             if variability is not None and i in vsteps:
                 inputs = {"x": model_in[:batch], "t": t_batch[:batch], **cond}

@@ -37,6 +37,7 @@ from torch import Tensor
 from genunc import streams
 from genunc.adapters.text import MaskedDiffusionLMAdapter, check_layout
 from genunc.errors import GenuncError, ShapeMismatchError
+from genunc.sampling.precision import backbone_autocast, full_precision
 from genunc.scores.tokens import (
     confidence,
     margin,
@@ -152,6 +153,7 @@ def unmask(
     trajectory_draws: HeadDraws | None = None,
     seed: int = 0,
     indices: Sequence[int] | None = None,
+    precision: str = "float32",
 ) -> UnmaskingOutput:
     """Fill every ``mask_id`` position of ``x`` ``(B, L)``; see the module docstring.
 
@@ -189,7 +191,8 @@ def unmask(
         sets = phi.shape[0] // (groups * b)
         rest = phi.shape[1:]
         per_group = phi.reshape(sets, groups, b, *rest).transpose(0, 1).reshape(groups, sets * b, *rest)
-        out = heads.apply(per_group, per_draw=True)
+        with full_precision(phi.device):
+            out = heads.apply(per_group, per_draw=True)
         out = out.reshape(groups, sets, b, *out.shape[2:]).transpose(0, 1)
         return out.reshape(output.shape).to(output.dtype)
 
@@ -220,7 +223,8 @@ def unmask(
                 if verify:  # the same rows with this block's drafts hidden again
                     drafts = filled_by_sampler & in_block
                     inputs = torch.cat([xs, xs.masked_fill(drafts, adapter.mask_id)], 0)
-                logits_all = adapter.denoise(inputs)
+                with backbone_autocast(precision, device):
+                    logits_all = adapter.denoise(inputs).float()
                 nfe += 1
                 row_nfe += masked[:b].any(-1)
                 rows += inputs.shape[0]

@@ -92,6 +92,10 @@ class EquivariantDenoiser(Pretrained, nn.Module):
         self.irreps_hidden = irreps
         self.head = o3.Linear(irreps, f"1x1o + {n_features}x0e")
 
+    #: e3nn's generated kernels (``o3.Linear``'s tensordot) do not follow autocast's casts, so
+    #: this model runs in its own precision only (genunc refuses ``precision="bfloat16"``)
+    supports_autocast = False
+
     #: On CPU the backbone runs over chunks of at most this many (padded) atoms: the per-edge
     #: tensors of a large batch fall out of the cache and cost grows faster than the batch
     #: (measured: 8 ms/molecule at 16 molecules, 18 ms at 384).  The head still runs once over

@@ -190,3 +190,31 @@ def test_unet2d_condition_model_with_encoder_states():
     assert out.scores["semantic"].shape == (4,) and np.isfinite(out.scores["variability"]).all()
     with pytest.raises(ValueError, match="encoder_hidden_states must have 4 rows"):
         pipe(4, encoder_hidden_states=ctx[:3], num_draws=2, num_inference_steps=3, progress=False)
+
+
+def test_a_bfloat16_backbone_keeps_draws_and_scores_in_full_precision(pipe):
+    """Autocast covers the backbone alone: the images stay close to float32's, and the scores
+    are those of the (reduced-precision) features in full precision."""
+    kwargs = dict(num_draws=3, num_inference_steps=STEPS, progress=False, seed=2,
+                  scores=("semantic", "variability", "pixel_variance"))
+    full = pipe(6, **kwargs)
+    half = pipe(6, precision="bfloat16", **kwargs)
+    assert half.images.dtype == torch.float32
+    assert (half.images - full.images).abs().max() < 0.1  # bfloat16 keeps ~3 digits
+    for name in kwargs["scores"]:
+        assert np.isfinite(half.scores[name]).all()
+    np.testing.assert_allclose(half.scores["variability"], full.scores["variability"], rtol=0.05)
+    with pytest.raises(GenuncError, match="precision must be one of"):
+        pipe(2, precision="float8", **kwargs)
+
+
+def test_draws_on_half_precision_features_are_computed_in_float32(pipe):
+    draws = pipe.posterior.sample(3, seed=0)
+    features = torch.randn(2, 8, 8, 8)
+    half = features.to(torch.bfloat16)
+    out = draws.apply(half)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, draws.apply(half.float()), rtol=0, atol=0)
+    variance = pipe.posterior.output_variance(half)
+    assert variance.dtype == torch.float32
+    torch.testing.assert_close(variance, pipe.posterior.output_variance(half.float()))

@@ -140,3 +140,11 @@ def test_random_baseline_is_independent_of_molecule_size(qm9_slice, tiny_pipelin
     sampler = tiny_pipeline(timesteps=10)
     out = sampler(300, num_inference_steps=1, scores=("random",), chunk_size=300, seed=0, progress=False)
     assert abs(spearman(out.scores["random"], out.n_atoms)) < 0.2
+
+
+def test_the_e3nn_model_refuses_autocast_clearly(qm9_slice, tiny_pipeline):
+    """e3nn's generated kernels do not follow autocast's casts: refused before anything runs."""
+    sampler = tiny_pipeline()
+    with pytest.raises(GenuncError, match="cannot run under autocast"):
+        sampler(2, num_inference_steps=2, scores=("random",), num_draws=0, precision="bfloat16",
+                progress=False)
