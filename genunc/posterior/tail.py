@@ -170,6 +170,7 @@ class Tail:
                     raise GenuncError(f"tail modules nest: '{b}' lies inside '{a}'")
         self.model = model
         self.names = names
+        self._reruns = 0  # > 0 while the tail re-runs itself: recording hooks stand aside
         self.modules = [resolve_module(model, n) for n in names]
         #: ``"<module>.<param>"`` -> shape, in the order of the flat posterior vector
         self.param_shapes: dict[str, tuple[int, ...]] = {}
@@ -238,6 +239,8 @@ class Tail:
         for k, module in enumerate(self.modules):
             def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                      k: int = k) -> None:
+                if self.rerunning:
+                    return
                 if not args or not isinstance(args[0], Tensor):
                     raise HeadNotCalledError(
                         f"tail module '{self.names[k]}' must get its input as the first "
@@ -265,9 +268,21 @@ class Tail:
         return TailInputs([list(c) for c in recorder.calls], rows)
 
     # ---------------------------------------------------------------- re-run
+    @property
+    def rerunning(self) -> bool:
+        """True while :meth:`run` executes: hooks on tail modules must then leave it alone."""
+        return self._reruns > 0
+
     def run(self, params: Mapping[str, Tensor] | None, inputs: TailInputs) -> Tensor:
         """The tail's output (the head's output) on recorded inputs, under `params` (key ->
         tensor; missing keys, or None, use the model's own weights)."""
+        self._reruns += 1
+        try:
+            return self._run(params, inputs)
+        finally:
+            self._reruns -= 1
+
+    def _run(self, params: Mapping[str, Tensor] | None, inputs: TailInputs) -> Tensor:
         per_module = self._per_module(params or {})
         outs: list[Tensor] = []
         for k, (module, calls) in enumerate(zip(self.modules, inputs.calls)):
