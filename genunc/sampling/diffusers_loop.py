@@ -38,8 +38,7 @@ from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import GenuncError
 
 if TYPE_CHECKING:
-    from genunc.posterior.draws import HeadDraws
-    from genunc.posterior.tail import Tail, TailDraws
+    from genunc.posterior.draws import HeadDraws, Tail, TailDraws, TailInputs
 
 #: ``(phi, inputs) -> (B, ...)``: the variance of the model output under the head posterior,
 #: given the backbone features of the MAP trajectory (:mod:`genunc.posterior.variance`)
@@ -235,8 +234,6 @@ def _run_tail(adapter: DenoiserAdapter, tail: Tail, scheduler: Any, stepper: _Gr
               include_map: bool, branch_at: int, variability: HeadVariance | None,
               vsteps: set[int], progress: bool) -> TrajectoryOutput:
     """:func:`run_trajectory` with tail draws (see there)."""
-    from genunc.posterior.tail import TailInputs
-
     batch = x_T.shape[0]
     draws = None if draws is None else draws.to(x_T.device)
     groups = 1
