@@ -65,7 +65,7 @@ def bench(name: str, model: torch.nn.Module, forward, head_name: str, draws: int
                          timed(lambda t=tail, p=params, i=inputs: t.apply(p, i), repeats)))
             if label == "head":
                 ops = head_ops_for(tail.modules[0])
-                phi = inputs.calls[0][0][0]
+                phi = inputs.calls[0][0][0][0]  # first call, its args, the first one
                 head_params = {k.removeprefix(f"{head_name}."): v for k, v in params.items()}
                 rows.append((name, f"{draws} draws: head (genunc head op)", tail.n_params,
                              timed(lambda o=ops, f=phi, p=head_params: o.apply(f, p), repeats)))
