@@ -41,7 +41,8 @@ from genunc import streams
 from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import GenuncError, MissingFileError
 from genunc.posterior import POSTERIOR_DIR, HeadDraws, HeadPosterior
-from genunc.posterior.variance import ExactVariance, MonteCarloVariance
+from genunc.posterior.laplace_tail import TailPosterior, default_tail
+from genunc.posterior.variance import ExactVariance, MonteCarloTailVariance, MonteCarloVariance
 from genunc.sampling.diffusers_loop import HeadVariance
 from genunc.sampling.precision import PRECISIONS
 from genunc.scores import (
@@ -122,13 +123,24 @@ class ScoreCollector:
         self.parts.setdefault(name, []).append(array)
 
     def add_variability(self, per_step: Mapping[str, Tensor], timesteps: Tensor,
-                        alphas_cumprod: Tensor, target: VariabilityTarget) -> None:
-        """One chunk's per-step variability ``name -> (S, B)``: kept, and reduced to scores."""
+                        alphas_cumprod: Tensor, target: VariabilityTarget,
+                        replicates: Mapping[str, Tensor] | None = None) -> None:
+        """One chunk's per-step variability ``name -> (S, B)``: kept, and reduced to scores.
+
+        ``replicates`` (name -> ``(S, M, B)`` leave-one-draw-out per-step values, from a
+        Monte-Carlo tail variance) add ``<name>_se``: the jackknife standard error of the score.
+        """
         self.timesteps = timesteps.cpu().numpy()
         for name, values in per_step.items():
             values = values.detach().double().cpu().numpy()
             self.per_step.setdefault(name, []).append(values)
             self.add(name, variability_score(values, timesteps, alphas_cumprod, target))
+        for name, reps in (replicates or {}).items():
+            reps = reps.detach().double().cpu().numpy()
+            m = reps.shape[1]
+            loo = np.stack([variability_score(reps[:, i], timesteps, alphas_cumprod, target)
+                            for i in range(m)])
+            self.add(f"{name}_se", np.sqrt((m - 1) / m * ((loo - loo.mean(0)) ** 2).sum(0)))
 
     def variability(self) -> dict[str, np.ndarray] | None:
         return {k: np.concatenate(v, axis=1) for k, v in self.per_step.items()} or None
@@ -166,9 +178,10 @@ class UncertaintyPipeline:
     #: how often each clean example is noised when fitting the posterior
     FIT_REPEATS: ClassVar[int] = 1
 
-    def __init__(self, adapter: DenoiserAdapter, posterior: HeadPosterior | None = None) -> None:
+    def __init__(self, adapter: DenoiserAdapter,
+                 posterior: HeadPosterior | TailPosterior | None = None) -> None:
         self.adapter = adapter
-        self._posterior: HeadPosterior | None = None
+        self._posterior: HeadPosterior | TailPosterior | None = None
         self.posterior = posterior
         #: per-dimension unit of the semantic score's features (see :meth:`set_feature_scale`)
         self.feature_scale: np.ndarray | None = None
@@ -178,11 +191,11 @@ class UncertaintyPipeline:
         return self.adapter.model
 
     @property
-    def posterior(self) -> HeadPosterior | None:
+    def posterior(self) -> HeadPosterior | TailPosterior | None:
         return self._posterior
 
     @posterior.setter
-    def posterior(self, posterior: HeadPosterior | None) -> None:
+    def posterior(self, posterior: HeadPosterior | TailPosterior | None) -> None:
         """Attach a posterior, refusing one fitted on a different head."""
         if posterior is not None:
             posterior.check_matches(self.model)
@@ -223,11 +236,23 @@ class UncertaintyPipeline:
         return data
 
     def fit_posterior(self, data: Any, *, batch_size: int = 64, repeats: int | None = None,
-                      seed: int = 0, progress: bool = True, **fit_kwargs: Any) -> HeadPosterior:
+                      seed: int = 0, progress: bool = True, tail: int | list[str] | None = None,
+                      **fit_kwargs: Any) -> HeadPosterior | TailPosterior:
         """Fit the head posterior on clean data (see each pipeline for the forms it accepts).
 
-        ``fit_kwargs`` go to :meth:`HeadPosterior.fit_features` (structure, prior_precision, ...).
+        ``tail``: a posterior over a block instead of the head alone: the last `tail` blocks
+        (:func:`~genunc.posterior.default_tail`) or the tail's module names
+        (:class:`TailPosterior`; its variability is Monte Carlo).
+        ``fit_kwargs`` go to :meth:`HeadPosterior.fit_features` (structure, prior_precision, ...)
+        or :meth:`TailPosterior.fit_data` (also ``curvature``, ``mc_samples``).
         """
+        if tail is not None:
+            names = default_tail(self.model, tail) if isinstance(tail, int) else list(tail)
+            self.posterior = TailPosterior.fit(
+                self.adapter, self._fit_batches(data, batch_size), names,
+                repeats=self.FIT_REPEATS if repeats is None else repeats, seed=seed,
+                progress=progress, **fit_kwargs)
+            return self.posterior
         self.posterior = HeadPosterior.fit(
             self.adapter, self._fit_batches(data, batch_size),
             repeats=self.FIT_REPEATS if repeats is None else repeats, seed=seed,
@@ -236,7 +261,7 @@ class UncertaintyPipeline:
 
     def load_or_fit_posterior(self, directory: str | os.PathLike[str], data: Any = None, *,
                               stale: Literal["error", "refit"] = "error",
-                              **fit_kwargs: Any) -> HeadPosterior | None:
+                              **fit_kwargs: Any) -> HeadPosterior | TailPosterior | None:
         """The one persistence policy: use the posterior saved in `directory`; where none was
         saved, fit one on `data` and save it there (no `data`: leave the pipeline without one).
 
@@ -317,6 +342,12 @@ class UncertaintyPipeline:
         """The variability score's variance estimator, or None when it was not asked for."""
         if not request.wants("variability"):
             return None
+        if isinstance(self.posterior, TailPosterior):
+            if variance != "monte_carlo":
+                raise GenuncError("a tail posterior has no closed-form output variance (its "
+                                  "weights pass through nonlinearities): use "
+                                  "variance='monte_carlo'")
+            return MonteCarloTailVariance(self.adapter, request.perturbed)
         if variance == "monte_carlo":
             return MonteCarloVariance(self.adapter, request.perturbed)
         return ExactVariance(self.adapter, self.posterior)

@@ -32,7 +32,7 @@ from genunc.pipelines.base import (
 )
 from genunc.pipelines.image_scores import ImageScoring
 from genunc.pipelines.wrapped import WrappedImagePipeline
-from genunc.posterior import HeadPosterior
+from genunc.posterior import HeadPosterior, TailPosterior
 from genunc.sampling.diffusers_loop import run_trajectory
 from genunc.scores import VariabilityTarget
 from genunc.streams import randn_rows
@@ -66,7 +66,7 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
         self,
         unet: nn.Module,
         scheduler: Any,
-        posterior: HeadPosterior | None = None,
+        posterior: HeadPosterior | TailPosterior | None = None,
         feature_extractor: FeatureExtractor | None = None,
         sampling_scheduler: Any | None = None,
     ) -> None:
@@ -99,7 +99,7 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
         return cls(unet, DDPMScheduler.from_pretrained(sched_dir), feature_extractor=feature_extractor)
 
     @classmethod
-    def from_pipe(cls, pipe: Any, *, posterior: HeadPosterior | None = None,
+    def from_pipe(cls, pipe: Any, *, posterior: HeadPosterior | TailPosterior | None = None,
                   feature_extractor: FeatureExtractor | None = None,
                   head_name: str | None = None) -> WrappedImagePipeline:
         """Wrap a diffusers pipeline the user already has (any scheduler, guidance, options):
@@ -221,7 +221,8 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
                 draw_images.append(chunk_draws.cpu())
             if out.variability_per_step is not None:
                 collected.add_variability(out.variability_per_step, out.variability_timesteps,
-                                          self.adapter.alphas_cumprod, variability_target)
+                                          self.adapter.alphas_cumprod, variability_target,
+                                          out.variability_replicates)
 
         images_t = torch.cat(images)
         draws_t = torch.cat(draw_images, dim=1) if draw_images else None

@@ -233,7 +233,8 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
             molecules += chunk_molecules
             if out.variability_per_step is not None:
                 collected.add_variability(out.variability_per_step, out.variability_timesteps,
-                                          self.adapter.alphas_cumprod, variability_target)
+                                          self.adapter.alphas_cumprod, variability_target,
+                                          out.variability_replicates)
             if semantic:
                 generations = [chunk_molecules] + [layout.decode(d, mask) for d in out.draw_samples]
                 for m, generation in enumerate(generations[1:]):

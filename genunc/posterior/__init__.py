@@ -19,6 +19,8 @@ from genunc.posterior.heads import (
 )
 from genunc.posterior.io import POSTERIOR_DIR, load_posterior, save_posterior
 from genunc.posterior.laplace_head import STRUCTURES, HeadPosterior
+from genunc.posterior.laplace_tail import TailData, TailPosterior, collect_tail_data, default_tail
+from genunc.posterior.tail import Tail, TailDraws, TailInputs
 
 __all__ = [
     "POSTERIOR_DIR",
@@ -38,4 +40,11 @@ __all__ = [
     "load_posterior",
     "register_head_ops",
     "save_posterior",
+    "Tail",
+    "TailData",
+    "TailDraws",
+    "TailInputs",
+    "TailPosterior",
+    "collect_tail_data",
+    "default_tail",
 ]

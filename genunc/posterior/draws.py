@@ -16,6 +16,10 @@ from torch import Tensor
 
 from genunc.errors import ShapeMismatchError
 from genunc.posterior.heads import HeadOps, check_finite
+from genunc.posterior.tail import Tail, TailDraws, TailInputs
+
+#: the draws of a posterior over a tail (a block ending at the head) keep the same contract
+__all__ = ["HeadDraws", "Tail", "TailDraws", "TailInputs"]
 
 
 def full_precision(features: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from genunc.adapters.base import DenoiserAdapter
@@ -54,3 +55,31 @@ class ExactVariance:
 
     def __call__(self, phi: Tensor, inputs: Mapping[str, Any]) -> Tensor:
         return self.adapter.head_output_variance(self.posterior, phi, inputs).double()
+
+
+class MonteCarloTailVariance:
+    """Variance of the model output under a *tail* posterior, over M >= 3 draws.
+
+    A tail passes its weights through nonlinearities, so there is no closed form: the tail is
+    re-run under the M draws on the MAP trajectory's recorded tail inputs (one batched call) and
+    the sample variance of the M outputs (after ``post_head``) is returned, stacked with its M
+    leave-one-draw-out (jackknife) replicates: ``(1 + M, B, ...)``.  The loop reduces each,
+    and the pipelines report the jackknife standard error of the score beside it.
+    """
+
+    replicates = True
+
+    def __init__(self, adapter: DenoiserAdapter, draws: Any) -> None:
+        if len(draws) < 3:
+            raise GenuncError("a Monte-Carlo tail variance with its standard error needs "
+                              "num_draws >= 3")
+        if draws.includes_map:
+            raise GenuncError("pass the perturbed draws only (without the MAP)")
+        self.adapter, self.draws, self.tail = adapter, draws, draws.tail
+
+    def __call__(self, inputs: Any, model_inputs: Mapping[str, Any]) -> Tensor:
+        out = self.adapter.post_head(self.draws.apply(inputs), model_inputs).double()
+        m = out.shape[0]
+        keep = ~torch.eye(m, dtype=torch.bool, device=out.device)
+        loo = torch.stack([out[keep[i]].var(0) for i in range(m)])
+        return torch.cat([out.var(0).unsqueeze(0), loo])

@@ -39,7 +39,7 @@ from genunc.errors import GenuncError
 from genunc.sampling.precision import backbone_autocast, full_precision
 
 if TYPE_CHECKING:
-    from genunc.posterior.draws import HeadDraws
+    from genunc.posterior.draws import HeadDraws, Tail, TailDraws, TailInputs
 
 #: ``(phi, inputs) -> (B, ...)``: the variance of the model output under the head posterior,
 #: given the backbone features of the MAP trajectory (:mod:`genunc.posterior.variance`)
@@ -57,6 +57,9 @@ class TrajectoryOutput:
     #: the scheduler timestep of each row of ``variability_per_step``
     variability_timesteps: Tensor | None = None
     backbone_rows: int = 0  # rows pushed through the backbone (cost in units of one sample-step)
+    #: with a Monte-Carlo tail variance: name -> (S, M, B) per-step jackknife (leave-one-draw-out)
+    #: replicates of ``variability_per_step``, for the score's standard error
+    variability_replicates: dict[str, Tensor] | None = None
 
 
 def repeat_batch(value: Any, reps: int) -> Any:
@@ -111,7 +114,7 @@ def run_trajectory(
     cond: Mapping[str, Any] | None = None,
     *,
     num_inference_steps: int = 50,
-    trajectory_draws: HeadDraws | None = None,
+    trajectory_draws: HeadDraws | TailDraws | None = None,
     branch_at: int = 0,
     variability: HeadVariance | None = None,
     variability_steps: list[int] | None = None,
@@ -132,6 +135,14 @@ def run_trajectory(
             recorded at ``variability_steps`` (default: every step).
         precision: the backbone's precision (``float32``, ``bfloat16``, ``float16``: autocast);
             head draws, variances and sampler states stay in full precision.
+
+    Tail draws (:class:`~genunc.posterior.tail.TailDraws`, a posterior over a block that ends at
+    the head) run the same way: the body runs on every trajectory's rows (the draws' states
+    differ from the MAP's once they fork), and the tail is re-run per trajectory group on that
+    group's recorded inputs, batched over the draws; for graph models whose recorded inputs do
+    not split into row groups, each group runs the model with its draw's tail weights swapped
+    in.  Variability needs only the MAP trajectory: its recorded tail inputs, the tail re-run
+    under M draws (``MonteCarloTailVariance``).
     """
     cond = {k: v for k, v in (cond or {}).items() if v is not None}
     include_map = trajectory_draws is None or trajectory_draws.includes_map
@@ -150,6 +161,13 @@ def run_trajectory(
     stepper = _GroupStepper(scheduler, generator)
 
     batch = x_T.shape[0]
+    tail = _tail_of(trajectory_draws, variability)
+    if tail is not None:
+        if precision != "float32":
+            raise GenuncError("a posterior over a block runs the backbone in float32 for now; "
+                              f"precision={precision!r} needs a head posterior")
+        return _run_tail(adapter, tail, scheduler, stepper, x_T, cond, timesteps, trajectory_draws,
+                         include_map, branch_at, variability, vsteps, progress)
     head = adapter.head
     fork_heads = None if trajectory_draws is None else trajectory_draws.to(x_T.device)
     groups = 1  # trajectories currently in the batch (MAP first, then draws)
@@ -214,3 +232,126 @@ def run_trajectory(
         variability_timesteps=torch.stack(measured_at) if measured_at else None,
         backbone_rows=rows,
     )
+
+
+def _tail_of(draws: Any, variability: Any) -> Tail | None:
+    tail = getattr(draws, "tail", None)
+    return tail if tail is not None else getattr(variability, "tail", None)
+
+
+def _run_tail(adapter: DenoiserAdapter, tail: Tail, scheduler: Any, stepper: _GroupStepper,
+              x_T: Tensor, cond: dict[str, Any], timesteps: Tensor, draws: TailDraws | None,
+              include_map: bool, branch_at: int, variability: HeadVariance | None,
+              vsteps: set[int], progress: bool) -> TrajectoryOutput:
+    """:func:`run_trajectory` with tail draws (see there)."""
+    batch = x_T.shape[0]
+    draws = None if draws is None else draws.to(x_T.device)
+    groups = 1
+    x = adapter.project(x_T * scheduler.init_noise_sigma, cond)
+    current_cond = cond
+    separable = True
+    if draws is not None:  # do the recorded inputs split into trajectory groups? (one probe)
+        with tail.capture() as probe:
+            two = repeat_batch(x[:1], 2)
+            adapter.denoise(x=scheduler.scale_model_input(two, timesteps[0]),
+                            t=timesteps[0].reshape(1).expand(2).to(x.device),
+                            **repeat_batch({k: _rows(v, 1) for k, v in cond.items()}, 2))
+            separable = tail.inputs_of(probe, 2).separable
+    per_step: dict[str, list[Tensor]] = {}
+    replicas: dict[str, list[Tensor]] = {}
+    measured_at: list[Tensor] = []
+    rows = 0
+    map_inputs: dict[str, TailInputs | None] = {"inputs": None}
+
+    def replace_output(module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        if (groups == 1 and include_map) or tail.rerunning:
+            return None
+        inputs = tail.inputs_of(recorder, groups * batch)
+        out = draws.apply(inputs, per_draw=True)
+        return out.reshape(output.shape).to(output.dtype)
+
+    if not include_map:
+        groups = len(draws)
+        x = repeat_batch(x, groups)
+        current_cond = repeat_batch(cond, groups)
+        stepper.fork(groups)
+    with tail.capture() as recorder:
+        handle = tail.modules[-1].register_forward_hook(replace_output) if separable else None
+        try:
+            for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress,
+                                       leave=False)):
+                if draws is not None and include_map and groups == 1 and i == branch_at:
+                    groups = len(draws)
+                    x = repeat_batch(x, groups)
+                    current_cond = repeat_batch(cond, groups)
+                    stepper.fork(groups)
+                model_in = scheduler.scale_model_input(x, t)
+                t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
+                if separable or groups == 1:
+                    recorder.reset()
+                    out = adapter.denoise(x=model_in, t=t_batch, **current_cond)
+                    if groups == 1:
+                        map_inputs["inputs"] = tail.inputs_of(recorder, batch)
+                    elif include_map and variability is not None and i in vsteps:
+                        map_inputs["inputs"] = tail.inputs_of(recorder, groups * batch) \
+                            .select(slice(0, batch))
+                else:  # graph models: one body pass per trajectory group, its draw swapped in
+                    parts = []
+                    for g in range(groups):
+                        recorder.reset()
+                        sl = slice(g * batch, (g + 1) * batch)
+                        group_cond = {k: _rows(v, batch, g) for k, v in current_cond.items()}
+                        if g == 0 and include_map:
+                            parts.append(adapter.denoise(x=model_in[sl], t=t_batch[sl],
+                                                         **group_cond))
+                            map_inputs["inputs"] = tail.inputs_of(recorder, batch)
+                        else:
+                            with tail.swapped(draws.draw(g)):
+                                parts.append(adapter.denoise(x=model_in[sl], t=t_batch[sl],
+                                                             **group_cond))
+                    out = torch.cat(parts)
+                rows += x.shape[0]
+                if variability is not None and i in vsteps:
+                    inputs = {"x": model_in[:batch], "t": t_batch[:batch], **cond}
+                    variance = variability(map_inputs["inputs"], inputs)
+                    if getattr(variability, "replicates", False):
+                        for name, value in adapter.reduce_variance(variance[0], inputs).items():
+                            per_step.setdefault(name, []).append(value)
+                        reduced = [adapter.reduce_variance(v, inputs) for v in variance[1:]]
+                        for name in reduced[0]:
+                            replicas.setdefault(name, []).append(
+                                torch.stack([r[name] for r in reduced]))
+                    else:
+                        for name, value in adapter.reduce_variance(variance, inputs).items():
+                            per_step.setdefault(name, []).append(value)
+                    measured_at.append(t.reshape(()).cpu())
+                x = adapter.project(stepper.step(out, t, x), current_cond)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    if groups > 1 or not include_map:
+        grouped = x.reshape(groups, batch, *x.shape[1:])
+        samples = grouped[0] if include_map else None
+        draw_samples = grouped[1:] if include_map else grouped
+    elif draws is not None:
+        samples, draw_samples = x, x.unsqueeze(0).repeat(len(draws) - 1, *([1] * x.dim()))
+    else:
+        samples, draw_samples = x, None
+    return TrajectoryOutput(
+        samples=samples,
+        draw_samples=draw_samples,
+        variability_per_step={k: torch.stack(v) for k, v in per_step.items()} or None,
+        variability_timesteps=torch.stack(measured_at) if measured_at else None,
+        backbone_rows=rows,
+        variability_replicates={k: torch.stack(v) for k, v in replicas.items()} or None,
+    )
+
+
+def _rows(value: Any, size: int, group: int = 0) -> Any:
+    """Rows ``[group*size, (group+1)*size)`` of a batched conditioning value."""
+    if isinstance(value, Tensor) and value.dim():
+        return value[group * size : (group + 1) * size]
+    if isinstance(value, Mapping):
+        return {k: _rows(v, size, group) for k, v in value.items()}
+    return value

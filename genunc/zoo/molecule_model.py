@@ -58,8 +58,9 @@ class _Interaction(nn.Module):
 
     def forward(self, h: Tensor, src: Tensor, dst: Tensor, sh: Tensor, radial: Tensor) -> Tensor:
         messages = self.tp(h[src], sh, self.radial(radial))
-        agg = torch.zeros(h.shape[0], messages.shape[1], dtype=h.dtype, device=h.device)
-        agg.index_add_(0, dst, messages)
+        # out of place, so that torch.func.vmap can batch a posterior's draws of this layer
+        agg = torch.zeros(h.shape[0], messages.shape[1], dtype=h.dtype, device=h.device) \
+            .index_add(0, dst, messages)
         # the 1/sqrt(2) keeps the residual sum at unit scale, so depth does not blow up activations
         return (self.gate(self.mix(agg * self.norm)) + self.self_connection(h)) * _SQRT_HALF
 

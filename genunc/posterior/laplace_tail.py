@@ -1,0 +1,650 @@
+"""A Laplace posterior over a *tail* of a denoiser (a chain of modules ending at the head).
+
+laplace-torch sees the tail as a model whose input is an index into recorded tail inputs
+(:class:`~genunc.posterior.tail.TailInputs`, captured on the same noisy training pairs the head
+fit uses) and whose output is the head's output flattened per sample.  Rows are samples: one
+row per sample of a row-separable pass (UNets, transformers), one body pass per sample
+otherwise (graph models).
+
+Curvature (the GGN; regression likelihood):
+
+* ``curvature="exact"``: laplace-torch's own backend (``CurvlinopsGGN``).  Its diagonal comes from
+  full Jacobians, ``(rows, D, P)`` with D the output size of one sample (``C*H*W`` for an image),
+  and ``jacrev`` costs one backward pass per output: fine for small tails and outputs.
+* ``curvature="mc"``: the GGN diagonal as ``E_v[(J^T v)^2]`` with ``v ~ N(0, I)`` per row
+  (:class:`MonteCarloDiagGGN`): ``mc_samples`` vector-Jacobian products per row, memory
+  ``(mc_samples, P)``, unbiased for the exact diagonal; ``kron`` uses curvlinops' Monte-Carlo
+  KFAC (laplace-torch's ``stochastic=True``).
+* ``"auto"`` (default): exact where ``D * P <= 2**22`` (16 MiB of Jacobian per row), else mc.
+
+KFAC covers ``nn.Linear`` and ``nn.Conv2d`` parameters only: a ``kron`` posterior over a tail
+with any other parameter (GroupNorm, LayerNorm, attention projections held by
+``MultiheadAttention``, e3nn modules) is refused; use ``diag``.  ``full`` is for small tails
+(``P x P``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from laplace import Laplace
+from laplace.curvature import CurvlinopsGGN
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from genunc._io import atomic_write
+from genunc._seed import as_generator
+from genunc._version import __version__
+from genunc.adapters.base import DenoiserAdapter
+from genunc.errors import FingerprintMismatchError, GenuncError, MissingFileError, ShapeMismatchError
+from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
+from genunc.posterior.heads import check_finite
+from genunc.posterior.laplace_head import STRUCTURES, Structure, _optimise_marglik
+from genunc.posterior.tail import Tail, TailDraws, TailInputs
+
+Curvature = Literal["auto", "exact", "mc"]
+TAIL_FORMAT_VERSION = 1
+TENSORS_FILE = "genunc_tail_posterior.safetensors"
+META_FILE = "genunc_tail_posterior.json"
+_EXACT_LIMIT = 2**22
+
+
+# ---------------------------------------------------------------------- fitting data
+class TailData:
+    """Recorded tail inputs and regression targets, one row per sample.
+
+    ``chunks``: recorded passes; ``targets[i]`` ``(rows_i, *out_shape)`` and ``masks[i]``
+    (broadcastable to it, or None) are the targets of chunk i in head-output space and which of
+    their elements are data (real atoms).
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[TailInputs] = []
+        self.targets: list[Tensor] = []
+        self.masks: list[Tensor | None] = []
+
+    def add(self, inputs: TailInputs, target: Tensor, mask: Tensor | None = None) -> None:
+        if target.shape[0] != inputs.rows:
+            raise ShapeMismatchError(f"{inputs.rows} recorded rows but {target.shape[0]} targets")
+        check_finite(target, "targets")
+        self.chunks.append(inputs)
+        self.targets.append(target)
+        self.masks.append(mask)
+
+    def __len__(self) -> int:
+        return sum(c.rows for c in self.chunks)
+
+
+class _TailModel(nn.Module):
+    """The tail as laplace-torch's model: row indices -> head output flattened per row.
+
+    Its parameters are copies of the tail's (module ``k``'s are ``mods.k.*``: the order of the
+    flat posterior vector, and real ``Linear``/``Conv2d`` modules for KFAC).  Outputs are divided
+    column-wise by ``output_scale`` (one noise scale per output group), zero-padded to the
+    longest row and multiplied by the row's data mask (padding atoms carry no data).
+    """
+
+    def __init__(self, tail: Tail, dtype: torch.dtype, data: TailData | None = None,
+                 output_scale: Tensor | None = None) -> None:
+        super().__init__()
+        self.tail = tail
+        self.mods = nn.ModuleList(copy.deepcopy(m).to(dtype).eval() for m in tail.modules)
+        for m in self.mods:
+            m._forward_pre_hooks.clear()
+            m._forward_hooks.clear()
+            for p in m.parameters():
+                p.requires_grad_(True)
+        self.dtype = dtype
+        self.output_scale: Tensor | None
+        self.register_buffer("output_scale", output_scale)
+        self.data = data
+        self.width = 0
+        self.chunk_of: Tensor | None = None
+        if data is not None:
+            self.width = max(int(t[0].numel()) for t in data.targets)
+            sizes = torch.tensor([c.rows for c in data.chunks])
+            self.chunk_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+            self.local = torch.cat([torch.arange(int(s)) for s in sizes])
+
+    def run(self, inputs: TailInputs) -> Tensor:
+        """The copies' output on recorded inputs (the tail's chain, with these modules)."""
+        shadow = copy.copy(self.tail)
+        shadow.modules = list(self.mods)
+        return shadow.run(None, inputs)
+
+    def forward(self, index: Tensor) -> Tensor:
+        if self.data is None:
+            raise GenuncError("a loaded tail posterior holds no fitting data")
+        index = index.reshape(-1).long().cpu()
+        chunks, local = self.chunk_of[index], self.local[index]
+        out = []
+        start = 0
+        while start < len(index):  # consecutive rows of one chunk run together
+            c = int(chunks[start])
+            stop = start
+            while stop < len(index) and int(chunks[stop]) == c:
+                stop += 1
+            inputs = self.data.chunks[c]
+            if inputs.separable:
+                inputs = inputs.select(local[start:stop])
+            rows = self.run(_floating(inputs, self.dtype))
+            mask = self.data.masks[c]
+            if mask is not None:
+                mask = mask[local[start:stop]]
+                rows = rows * mask.to(rows)
+            if self.output_scale is not None:
+                rows = rows / self.output_scale
+            rows = rows.flatten(1)
+            if rows.shape[1] < self.width:
+                rows = nn.functional.pad(rows, (0, self.width - rows.shape[1]))
+            out.append(rows)
+            start = stop
+        return torch.cat(out)
+
+    def targets(self) -> Tensor:
+        assert self.data is not None
+        rows = []
+        for target, mask in zip(self.data.targets, self.data.masks):
+            t = target.to(self.dtype)
+            if mask is not None:
+                t = t * mask.to(t)
+            if self.output_scale is not None:
+                t = t / self.output_scale.to(t.device)
+            t = t.flatten(1)
+            rows.append(nn.functional.pad(t, (0, self.width - t.shape[1])))
+        return torch.cat(rows)
+
+    def element_mask(self) -> Tensor:
+        """Which flat output elements are data, ``(rows, width)``."""
+        assert self.data is not None
+        rows = []
+        for target, mask in zip(self.data.targets, self.data.masks):
+            m = torch.ones_like(target, dtype=torch.bool) if mask is None \
+                else mask.to(target.device).bool().expand_as(target)
+            m = m.flatten(1)
+            rows.append(nn.functional.pad(m, (0, self.width - m.shape[1])))
+        return torch.cat(rows)
+
+
+def _floating(inputs: TailInputs, dtype: torch.dtype) -> TailInputs:
+    return inputs._map(lambda x: x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point()
+                       else x)
+
+
+class MonteCarloDiagGGN(CurvlinopsGGN):
+    """laplace-torch backend whose ``diag`` is the GGN diagonal estimated by random projections:
+    for each row, ``mc_samples`` vectors ``v ~ N(0, I)`` over the outputs and the squared
+    vector-Jacobian products ``(J^T v)^2`` (one batched backward pass per row), averaged.
+    Unbiased; memory ``(mc_samples, P)`` instead of the ``(rows, D, P)`` Jacobians.  Everything
+    else is ``CurvlinopsGGN`` (``kron``: Monte-Carlo KFAC)."""
+
+    mc_samples: int = 8
+    seed: int = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("stochastic", True)
+        super().__init__(*args, **kwargs)
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def diag(self, x: Tensor, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if self.likelihood != "regression":
+            return super().diag(x, y, **kwargs)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        k = self.mc_samples
+        total = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
+                            device=params[0].device)
+        loss = torch.zeros((), dtype=total.dtype, device=total.device)
+        for n in range(x.shape[0]):
+            with torch.enable_grad():
+                f = self.model(x[n : n + 1])
+            loss = loss + self.factor * self.lossfunc(f.detach(), y[n : n + 1])
+            v = torch.randn((k, *f.shape), generator=self._generator, dtype=torch.float64)
+            v = v.to(f)
+            try:
+                grads = torch.autograd.grad(f, params, grad_outputs=v, is_grads_batched=True)
+                flat = torch.cat([g.reshape(k, -1) for g in grads], dim=1)
+            except (RuntimeError, NotImplementedError):  # vmap over the backward failed
+                flat = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+                    f, params, grad_outputs=v[s], retain_graph=s < k - 1)]) for s in range(k)])
+            total += flat.square().mean(0).detach()
+        return loss.detach(), total
+
+
+def _kron_ready(tail: Tail) -> None:
+    bad = sorted({f"{name}.{sub} ({type(m).__name__})"
+                  for name, module in zip(tail.names, tail.modules)
+                  for sub, m in module.named_modules()
+                  if any(True for _ in m.parameters(recurse=False))
+                  and type(m) not in (nn.Linear, nn.Conv2d)})
+    if bad:
+        raise GenuncError(f"kron (KFAC) covers Linear and Conv2d parameters only; this tail also "
+                          f"has parameters in {bad}: use structure='diag'")
+
+
+# ---------------------------------------------------------------------- the posterior
+class TailPosterior:
+    """Gaussian posterior over the weights of a tail: fit, sample M draws, apply them batched.
+
+    The same draw/apply contract as :class:`~genunc.posterior.HeadPosterior`:
+    ``sample(M, seed, include_map=)`` returns :class:`~genunc.posterior.tail.TailDraws`, whose
+    ``apply(inputs)`` re-runs the tail under every draw, and ``includes_map``.
+    """
+
+    def __init__(self, laplace: Any, tail: Tail, structure: str, fingerprint: dict[str, Any],
+                 info: dict[str, Any] | None = None) -> None:
+        self.laplace = laplace
+        self.tail = tail
+        self.structure = structure
+        self.likelihood = "regression"
+        self.fingerprint = fingerprint
+        self.info = dict(info or {})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tail.names)
+
+    @property
+    def head_name(self) -> str:
+        return self.tail.names[-1]
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(cls, adapter: DenoiserAdapter, batches: Iterable[Any], tail: Sequence[str] | Tail, *,
+            repeats: int = 1, max_rows: int | None = None, seed: int | torch.Generator | None = 0,
+            progress: bool = False, noise_groups: bool = True, tied: str = "untie",
+            **fit_kwargs: Any) -> "TailPosterior":
+        """Record the tail's inputs on the adapter's noisy training pairs of `batches` (as the
+        head fit does), then Laplace over the tail's weights (``fit_kwargs``: see
+        :meth:`fit_data`)."""
+        tail = tail if isinstance(tail, Tail) else Tail(adapter.model, tail, tied=tied)
+        data = collect_tail_data(adapter, tail, batches, repeats=repeats, max_rows=max_rows,
+                                 seed=seed, progress=progress)
+        groups = adapter.output_groups if noise_groups else None
+        return cls.fit_data(tail, data, output_groups=groups, **fit_kwargs)
+
+    @classmethod
+    def fit_data(cls, tail: Tail, data: TailData, *, structure: Structure = "diag",
+                 prior_precision: float | Literal["marglik"] = "marglik",
+                 sigma_noise: float | Literal["mle", "marglik"] = "mle",
+                 curvature: Curvature = "auto", mc_samples: int = 8, batch_size: int = 16,
+                 output_groups: Mapping[str, slice] | None = None,
+                 seed: int = 0) -> "TailPosterior":
+        """Laplace (regression) over the tail's weights given recorded inputs and targets.
+
+        ``prior_precision`` and ``sigma_noise`` as for the head (``"marglik"``: maximise
+        laplace-torch's marginal likelihood; ``"mle"``: the RMS residual, per output group).
+        """
+        if structure not in STRUCTURES:
+            raise GenuncError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        if curvature not in ("auto", "exact", "mc"):
+            raise GenuncError(f"curvature must be auto, exact or mc, got {curvature!r}")
+        if structure == "kron":
+            _kron_ready(tail)
+        if len(data) == 0:
+            raise ShapeMismatchError("no rows to fit on")
+        dtype = torch.float64 if next(iter(tail.parameters().values())).dtype == torch.float64 \
+            else torch.float32
+        model = _TailModel(tail, dtype, data)
+        masked = any(m is not None for m in data.masks)
+        if sigma_noise == "marglik" and masked:
+            raise GenuncError("sigma_noise='marglik' counts padded outputs as data; use 'mle' or "
+                              "a number for masked (padded) outputs")
+        index = torch.arange(len(data))
+        targets = model.targets()
+        with torch.no_grad():
+            residual = torch.cat([model(index[i : i + batch_size]) for i in
+                                  range(0, len(data), batch_size)]) - targets
+        elements = model.element_mask()
+        info: dict[str, Any] = {}
+        sigma0 = 1.0
+        if output_groups and sigma_noise == "mle":
+            width = data.targets[0].shape[-1]
+            scale = torch.ones(width, dtype=dtype)
+            res = residual.reshape(len(data), -1)
+            groups = {}
+            for name, part in output_groups.items():
+                cols = torch.zeros(width, dtype=torch.bool)
+                cols[part] = True
+                # which flat elements belong to the group: the last axis repeats
+                reps = model.width // width
+                sel = cols.repeat(reps) & elements.reshape(len(data), -1)
+                value = float(res[sel].double().square().mean().sqrt()) if sel.any() else 1.0
+                groups[name] = max(value, 1e-6)
+                scale[part] = groups[name]
+            model.output_scale = scale
+            targets = model.targets()
+            info["sigma_noise_groups"] = groups
+            n_elements = elements.reshape(len(data), -1, width).sum((0, 1)).double()
+            info["log_lik_offset"] = -float((n_elements * scale.double().log()).sum())
+        elif isinstance(sigma_noise, str):
+            if sigma_noise not in ("mle", "marglik"):
+                raise GenuncError(f"sigma_noise must be a number, 'mle' or 'marglik', got "
+                                  f"{sigma_noise!r}")
+            sigma0 = max(float(residual[elements].double().square().mean().sqrt()), 1e-6)
+        else:
+            if sigma_noise <= 0:
+                raise GenuncError(f"sigma_noise must be positive, got {sigma_noise}")
+            sigma0 = float(sigma_noise)
+        prior0 = 1.0 if prior_precision == "marglik" else float(prior_precision)
+        if prior0 <= 0:
+            raise GenuncError(f"prior precision must be positive, got {prior0}")
+
+        width = model.width
+        if curvature == "auto":
+            curvature = "exact" if width * tail.n_params <= _EXACT_LIMIT else "mc"
+        if curvature == "mc" and structure == "full":
+            raise GenuncError("structure='full' needs curvature='exact' (a P x P GGN is for small "
+                              "tails)")
+        backend: type = CurvlinopsGGN
+        backend_kwargs: dict[str, Any] = {}
+        if curvature == "mc":
+            backend = type("MonteCarloDiagGGN", (MonteCarloDiagGGN,),
+                           {"mc_samples": mc_samples, "seed": seed})
+            backend_kwargs = {"stochastic": True}
+        la = Laplace(model, "regression", subset_of_weights="all", hessian_structure=structure,
+                     sigma_noise=sigma0, prior_precision=prior0, backend=backend,
+                     backend_kwargs=backend_kwargs)
+        loader = DataLoader(TensorDataset(index, targets), batch_size=batch_size)
+        la.fit(loader, progress_bar=False)
+        tune_prior = prior_precision == "marglik"
+        tune_sigma = sigma_noise == "marglik"
+        if tune_prior or tune_sigma:
+            _optimise_marglik(la, tune_prior, tune_sigma)
+        info.update({
+            "tail": tail.names, "n_rows": len(data), "output_width": width,
+            "curvature": curvature, "mc_samples": mc_samples if curvature == "mc" else None,
+            "backend": backend.__name__, "tied": tail.tied,
+            "prior_precision_method": "marglik" if tune_prior else "fixed",
+            "sigma_noise_method": sigma_noise if isinstance(sigma_noise, str) else "fixed",
+        })
+        posterior = cls(la, tail, structure, tail_fingerprint(tail), info)
+        posterior.info["log_marglik"] = posterior.log_marginal_likelihood()
+        return posterior
+
+    # ------------------------------------------------------------------ quantities
+    @property
+    def n_params(self) -> int:
+        return int(self.laplace.n_params)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.laplace.mean.detach()
+
+    @property
+    def prior_precision(self) -> float:
+        return float(self.laplace.prior_precision.reshape(-1)[0])
+
+    @property
+    def sigma_noise(self) -> float | dict[str, float]:
+        groups = self.info.get("sigma_noise_groups")
+        if groups:
+            return dict(groups)
+        return float(torch.as_tensor(self.laplace.sigma_noise).reshape(-1)[0])
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        if self.structure == "diag":
+            return self.laplace.posterior_variance.detach()
+        if self.structure == "full":
+            return torch.diagonal(self.laplace.posterior_covariance).detach()
+        return self.laplace.posterior_precision.diag(exponent=-1).detach()
+
+    def log_marginal_likelihood(self) -> float:
+        with torch.no_grad():
+            return float(self.laplace.log_marginal_likelihood()) + self.info.get("log_lik_offset", 0.0)
+
+    def sample(self, n_draws: int, seed: int | torch.Generator | None = 0, *,
+               include_map: bool = False) -> TailDraws:
+        """`n_draws` tail weight sets (``include_map``: the posterior mean first)."""
+        if n_draws < 1:
+            raise GenuncError(f"n_draws must be at least 1, got {n_draws}")
+        generator = as_generator(seed, device=self.mean.device)
+        with torch.no_grad():
+            flat = self.laplace.sample(n_draws, generator=generator).detach()
+        if include_map:
+            flat = torch.cat([self.mean.unsqueeze(0).to(flat), flat])
+        device = next(iter(self.tail.parameters().values())).device
+        return TailDraws.from_flat(flat.to(device), self.tail, includes_map=include_map)
+
+    def summary(self) -> dict[str, Any]:
+        mean, var = self.mean, self.posterior_variance
+        return {
+            "tail": self.names, "structure": self.structure, "n_params": self.n_params,
+            "n_data_rows": int(self.laplace.n_data), "prior_precision": self.prior_precision,
+            "sigma_noise": self.sigma_noise, "log_marglik": self.info.get("log_marglik"),
+            "curvature": self.info.get("curvature"), "tied": self.info.get("tied"),
+            "relative_perturbation": float(var.sum().sqrt() / mean.norm().clamp_min(1e-12)),
+        }
+
+    def digest(self) -> str:
+        state = self.laplace.state_dict()
+        h = hashlib.sha256(self.structure.encode())
+        hessian = state["H"] if self.structure != "kron" else [f for g in state["H"] for f in g]
+        for value in [state["mean"], state["prior_precision"], state["sigma_noise"],
+                      *(hessian if isinstance(hessian, list) else [hessian])]:
+            h.update(torch.as_tensor(value).detach().to("cpu", torch.float64).numpy().tobytes())
+        h.update(json.dumps(self.names).encode())
+        return h.hexdigest()
+
+    def check_matches(self, model: nn.Module | DenoiserAdapter, check_weights: bool = True) -> None:
+        """Raise :class:`FingerprintMismatchError` unless `model` has this tail, with the weights
+        fitted at."""
+        module = model.model if isinstance(model, DenoiserAdapter) else model
+        check_tail_fingerprint(self.fingerprint, tail_fingerprint(Tail(module, self.names)),
+                               check_weights)
+
+    def bind(self, model: nn.Module) -> "TailPosterior":
+        """This posterior on another copy of the model it was fitted on (checked)."""
+        self.check_matches(model)
+        other = copy.copy(self)
+        other.tail = Tail(model, self.names)
+        return other
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self.laplace.state_dict()
+        tensors: dict[str, Tensor] = {
+            "mean": state["mean"],
+            "prior_precision": torch.as_tensor(state["prior_precision"]).reshape(-1),
+            "sigma_noise": torch.as_tensor(state["sigma_noise"], dtype=torch.float64).reshape(-1),
+            "prior_mean": torch.as_tensor(state["prior_mean"]).reshape(-1),
+        }
+        kron_layout = None
+        if self.structure == "kron":
+            kron_layout = [len(group) for group in state["H"]]
+            for i, group in enumerate(state["H"]):
+                for j, factor in enumerate(group):
+                    tensors[f"H.{i}.{j}"] = factor
+        else:
+            tensors["H"] = state["H"]
+        if self.laplace.model.output_scale is not None:
+            tensors["output_scale"] = self.laplace.model.output_scale
+        meta = {
+            "format_version": TAIL_FORMAT_VERSION, "genunc_version": __version__,
+            "kind": "tail", "structure": self.structure, "tail": self.names,
+            "fingerprint": self.fingerprint, "kron_layout": kron_layout,
+            "laplace": {"cls_name": state["cls_name"], "loss": float(state["loss"]),
+                        "n_data": int(state["n_data"]), "n_outputs": int(state["n_outputs"]),
+                        "temperature": float(state["temperature"])},
+            "info": self.info,
+        }
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, str(p)))
+        atomic_write(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], model: nn.Module | DenoiserAdapter, *,
+             missing: Literal["error", "none"] = "error", stale: Literal["error", "none"] = "error",
+             check_weights: bool = True) -> "TailPosterior | None":
+        """Load a tail posterior onto `model`, refusing one fitted on another tail or weights
+        (``stale="none"``: return None instead; ``missing="none"``: None where none was saved)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
+        if not meta_path.exists() and not tensor_path.exists() and missing == "none":
+            return None
+        if not meta_path.exists() or not tensor_path.exists():
+            raise MissingFileError(f"no complete genunc tail posterior in {directory} (expected "
+                                   f"{META_FILE} and {TENSORS_FILE})")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != TAIL_FORMAT_VERSION or meta.get("kind") != "tail":
+            raise GenuncError(f"{meta_path} is not a tail posterior this genunc reads")
+        module = model.model if isinstance(model, DenoiserAdapter) else model
+        try:
+            tail = Tail(module, meta["tail"])
+            check_tail_fingerprint(meta["fingerprint"], tail_fingerprint(tail), check_weights)
+        except (FingerprintMismatchError, GenuncError) as err:
+            if stale == "none":
+                return None
+            if isinstance(err, FingerprintMismatchError):
+                raise
+            raise FingerprintMismatchError(f"this posterior was fitted on another tail: {err}") \
+                from None
+        tensors = load_file(str(tensor_path))
+        device = next(iter(tail.parameters().values())).device
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+        lap_model = _TailModel(tail, tensors["mean"].dtype, None, tensors.get("output_scale"))
+        la = Laplace(lap_model, "regression", subset_of_weights="all",
+                     hessian_structure=meta["structure"], backend=CurvlinopsGGN)
+        if meta["structure"] == "kron":
+            hessian: Any = [[tensors[f"H.{i}.{j}"] for j in range(n)]
+                            for i, n in enumerate(meta["kron_layout"])]
+        else:
+            hessian = tensors["H"]
+        lap = meta["laplace"]
+        la.load_state_dict({
+            "mean": tensors["mean"], "H": hessian, "loss": lap["loss"],
+            "prior_mean": tensors["prior_mean"] if tensors["prior_mean"].numel() > 1
+            else float(tensors["prior_mean"]),
+            "prior_precision": tensors["prior_precision"],
+            "sigma_noise": float(tensors["sigma_noise"]), "n_data": lap["n_data"],
+            "n_outputs": lap["n_outputs"], "likelihood": "regression",
+            "temperature": lap["temperature"], "enable_backprop": False,
+            "cls_name": lap["cls_name"],
+        })
+        return cls(la, tail, meta["structure"], meta["fingerprint"], meta.get("info"))
+
+    def __repr__(self) -> str:
+        return (f"TailPosterior(tail={self.names}, structure={self.structure!r}, "
+                f"n_params={self.n_params}, prior_precision={self.prior_precision:.4g})")
+
+
+# ---------------------------------------------------------------------- fingerprints
+def tail_fingerprint(tail: Tail) -> dict[str, Any]:
+    """Names, classes, parameter shapes and weight hashes of every tail module."""
+    return {"tail": list(tail.names),
+            "modules": [head_fingerprint(n, m) for n, m in zip(tail.names, tail.modules)]}
+
+
+def check_tail_fingerprint(saved: dict[str, Any], current: dict[str, Any],
+                           check_weights: bool = True) -> None:
+    if saved["tail"] != current["tail"]:
+        raise FingerprintMismatchError(f"this posterior was fitted on the tail {saved['tail']}, "
+                                       f"not {current['tail']}")
+    for s, c in zip(saved["modules"], current["modules"]):
+        check_fingerprint(s, c, check_weights)
+
+
+# ---------------------------------------------------------------------- collection
+def _rows_of(value: Any, index: slice, rows: int) -> Any:
+    if isinstance(value, Tensor) and value.dim() and value.shape[0] == rows:
+        return value[index]
+    if isinstance(value, Mapping):
+        return {k: _rows_of(v, index, rows) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def collect_tail_data(adapter: DenoiserAdapter, tail: Tail, batches: Iterable[Any], *,
+                      repeats: int = 1, max_rows: int | None = None,
+                      seed: int | torch.Generator | None = 0, progress: bool = False) -> TailData:
+    """Record the tail's inputs on noisy versions of clean `batches` (one row per sample).
+
+    A row-separable pass is recorded once per batch; otherwise every sample gets a body pass of
+    its own, so that each row's recorded inputs are its alone.
+    """
+    generator = as_generator(seed)
+    data = TailData()
+    was_training = adapter.model.training
+    adapter.model.eval()
+    bar = tqdm(desc="recording tail inputs", unit="row", disable=not progress, total=max_rows)
+    try:
+        for batch in batches:
+            for _ in range(repeats):
+                pairs = adapter.training_pairs(batch, generator)
+                b = pairs.target.shape[0]
+                with tail.capture() as rec:
+                    adapter.denoise(**pairs.inputs)
+                    inputs = tail.inputs_of(rec, b)
+                    parts = [(inputs, slice(0, b))]
+                    if not inputs.separable:
+                        parts = []
+                        for i in range(b):
+                            rec.reset()
+                            adapter.denoise(**_rows_of(pairs.inputs, slice(i, i + 1), b))
+                            parts.append((tail.inputs_of(rec, 1), slice(i, i + 1)))
+                for part, rows in parts:
+                    mask = None
+                    if pairs.mask is not None:
+                        mask = pairs.mask[rows].to(pairs.target.device)
+                        mask = mask.reshape(*mask.shape, *([1] * (pairs.target.dim() - mask.dim())))
+                    data.add(part.to("cpu"), pairs.target[rows].cpu(),
+                             None if mask is None else mask.cpu())
+                bar.update(b)
+                if max_rows is not None and len(data) >= max_rows:
+                    return data
+    finally:
+        bar.close()
+        adapter.model.train(was_training)
+    if not data.chunks:
+        raise ShapeMismatchError("no data: the batch iterable was empty")
+    return data
+
+
+def default_tail(model: nn.Module, blocks: int = 1, head_name: str | None = None) -> list[str]:
+    """The last `blocks` blocks and what follows them, for genunc's model families:
+    diffusers UNets (``up_blocks``), the text transformer (``blocks.layers``) and the e3nn
+    molecule denoiser (``layers``)."""
+    if blocks < 1:
+        raise GenuncError(f"blocks must be at least 1, got {blocks}")
+    families = [("up_blocks", ["conv_norm_out", "conv_act", "conv_out"]),
+                ("blocks.layers", ["norm", "head"]),
+                ("layers", ["head"])]
+    for container, after in families:
+        try:
+            seq = model.get_submodule(container)
+        except AttributeError:
+            continue
+        n = len(seq)
+        if blocks > n:
+            raise GenuncError(f"{container} has {n} blocks, asked for the last {blocks}")
+        names = [f"{container}.{i}" for i in range(n - blocks, n)]
+        after = [a for a in after if _has(model, a)]
+        return names + after
+    raise GenuncError(f"no default tail for {type(model).__name__}: name its modules")
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+__all__ = ["MonteCarloDiagGGN", "TailData", "TailPosterior", "check_tail_fingerprint",
+           "collect_tail_data", "default_tail", "tail_fingerprint"]

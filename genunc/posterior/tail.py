@@ -1,0 +1,419 @@
+"""A *tail* of a network: an ordered chain of named modules that ends at the head.
+
+A posterior over a tail's weights keeps the speed of the head construction: what enters each
+tail module during one forward pass is recorded by forward pre-hooks (:meth:`Tail.capture`), and
+the tail alone is then re-run under M weight draws in one batched call
+(``torch.func.vmap`` over ``torch.func.functional_call``, :meth:`TailDraws.apply`).
+
+How the chain is re-run (:meth:`Tail.run`): module ``k`` gets the arguments it was called with,
+except its first positional argument, which is the output of module ``k - 1`` (reshaped to the
+recorded shape: the e3nn denoiser reshapes its last layer's ``(B*N, C)`` output to ``(B, N, C)``
+before the head).  Every other argument (a UNet up-block's skip tensors and time embedding, a
+graph's edges, attention masks) comes from the body and is reused as recorded, so the tail must
+be a *chain*: its modules exchange data only through that first argument, and nothing the body
+computes after the first tail module may depend on tail weights.  A module called several times
+in one pass (a backbone that runs its last layer once per chunk of atoms) is re-run once per
+recorded call; the outputs are concatenated along dim 0 when the next module is called once.
+
+The head of today's posteriors is the special case "tail of one module".
+
+*Rows*: a recorded pass is **row-separable** when every tensor it recorded has the batch's rows
+on its leading axis (UNets, transformers).  Its rows can then be selected (fitting one row per
+sample) and split into the row groups of a batched run of several trajectories (the semantic
+score: draw ``g`` re-runs the tail on group ``g``'s own recorded inputs).  Graph models that
+flatten atoms and edges are not; for them a trajectory group runs the model with the draw's
+tail weights swapped in (:meth:`Tail.swapped`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from genunc.adapters.base import resolve_module
+from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
+from genunc.posterior.heads import check_finite
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Stands for a recorded first argument that the previous tail module's output replaces:
+    only its shape is kept."""
+
+    shape: tuple[int, ...]
+
+
+@dataclass
+class TailInputs:
+    """What entered every tail module during one forward pass.
+
+    ``calls[k]`` lists ``(args, kwargs)`` of each call of tail module ``k``; for ``k > 0`` the
+    first positional argument is a :class:`_Slot` (only its shape), since the re-run feeds the
+    previous module's output there.  ``rows``: the leading size of the model input (the batch).
+    """
+
+    calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]]
+    rows: int
+
+    # ---------------------------------------------------------------- row structure
+    def _leaves(self) -> list[Any]:
+        return tree_flatten(self.calls)[0]
+
+    @property
+    def separable(self) -> bool:
+        """Every recorded tensor (and slot) has the rows on its leading axis, and every module
+        was called once."""
+        if any(len(c) != 1 for c in self.calls):
+            return False
+        for leaf in self._leaves():
+            shape = leaf.shape if isinstance(leaf, (Tensor, _Slot)) else None
+            if shape is not None and (len(shape) == 0 or shape[0] != self.rows):
+                return False
+        return True
+
+    def _require_separable(self, what: str) -> None:
+        if not self.separable:
+            raise ShapeMismatchError(
+                f"{what} needs row-separable tail inputs (every recorded tensor with the "
+                f"{self.rows} rows on its leading axis, each module called once); this tail's "
+                "are not (a graph model flattens atoms and edges)")
+
+    def _map(self, fn: Any) -> "TailInputs":
+        leaves, spec = tree_flatten(self.calls)
+        return replace(self, calls=tree_unflatten([fn(x) for x in leaves], spec))
+
+    def select(self, rows: Tensor | Sequence[int] | slice) -> "TailInputs":
+        """The recorded inputs of some rows (a row-separable pass)."""
+        self._require_separable("selecting rows")
+        index = torch.arange(self.rows)[rows] if isinstance(rows, slice) else torch.as_tensor(rows)
+        index = index.reshape(-1)
+
+        def pick(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                return x.index_select(0, index.to(x.device))
+            if isinstance(x, _Slot):
+                return _Slot((len(index), *x.shape[1:]))
+            return x
+
+        out = self._map(pick)
+        out.rows = len(index)
+        return out
+
+    def split(self, groups: int) -> "TailInputs":
+        """``(G*B, ...)`` leaves -> ``(G, B, ...)``: one row group per trajectory (vmap's axis)."""
+        self._require_separable("splitting into trajectory groups")
+        if self.rows % groups:
+            raise ShapeMismatchError(f"{self.rows} rows do not split into {groups} groups")
+
+        def cut(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                return x.reshape(groups, self.rows // groups, *x.shape[1:])
+            if isinstance(x, _Slot):
+                return _Slot((self.rows // groups, *x.shape[1:]))
+            return x
+
+        out = self._map(cut)
+        out.rows = self.rows // groups
+        return out
+
+    def to(self, *args: Any, **kwargs: Any) -> "TailInputs":
+        return self._map(lambda x: x.to(*args, **kwargs) if isinstance(x, Tensor) else x)
+
+    def tensor_leaves(self) -> tuple[list[Any], Any, list[int]]:
+        """Flat leaves, their structure, and the positions of the tensors among them."""
+        leaves, spec = tree_flatten(self.calls)
+        return leaves, spec, [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
+
+
+@dataclass
+class _Recorder:
+    """Filled by the pre-hooks during a forward pass."""
+
+    n_modules: int
+    calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = field(default_factory=list)
+    rows: int = 0
+
+    def reset(self) -> None:
+        self.calls = [[] for _ in range(self.n_modules)]
+
+
+class Tail:
+    """An ordered chain of named modules of `model`, the last one the head.
+
+    Args:
+        model: the denoiser.
+        names: the tail's module names, in call order (``["up_blocks.2", "conv_norm_out",
+            "conv_act", "conv_out"]``); modules without parameters (activations) may be named.
+        tied: what to do with a tail parameter that a body module also uses (tied embeddings):
+            ``"untie"`` (default) perturbs it in the tail only, the body keeps its pretrained
+            value; ``"error"`` refuses the tail.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], *, tied: str = "untie") -> None:
+        names = list(names)
+        if not names:
+            raise GenuncError("a tail names at least one module")
+        if tied not in ("untie", "error"):
+            raise GenuncError(f"tied must be 'untie' or 'error', got {tied!r}")
+        if len(set(names)) != len(names):
+            raise GenuncError(f"tail modules repeat: {names}")
+        for a in names:
+            for b in names:
+                if a != b and b.startswith(a + "."):
+                    raise GenuncError(f"tail modules nest: '{b}' lies inside '{a}'")
+        self.model = model
+        self.names = names
+        self._reruns = 0  # > 0 while the tail re-runs itself: recording hooks stand aside
+        self.modules = [resolve_module(model, n) for n in names]
+        #: ``"<module>.<param>"`` -> shape, in the order of the flat posterior vector
+        self.param_shapes: dict[str, tuple[int, ...]] = {}
+        seen: dict[int, str] = {}
+        for name, module in zip(names, self.modules):
+            for pname, p in module.named_parameters():
+                key = f"{name}.{pname}"
+                if id(p) in seen:
+                    raise GenuncError(f"tail parameters '{seen[id(p)]}' and '{key}' are one tensor; "
+                                      "name a tail whose modules share no weights")
+                seen[id(p)] = key
+                self.param_shapes[key] = tuple(p.shape)
+        if not self.param_shapes:
+            raise GenuncError(f"tail {names} has no parameters to perturb")
+        inside = set(seen)
+        tail_ids = {id(m) for module in self.modules for m in module.modules()}
+        #: tail parameters the body uses too (perturbed in the tail only)
+        self.tied = sorted({seen[id(p)] for m in model.modules() if id(m) not in tail_ids
+                            for p in m.parameters(recurse=False) if id(p) in inside})
+        if self.tied and tied == "error":
+            raise GenuncError(f"tail parameters {self.tied} are shared with the body (tied "
+                              "weights); untie them (tied='untie': the body keeps the pretrained "
+                              "value, draws perturb the tail's use only) or choose another tail")
+
+    # ---------------------------------------------------------------- parameters
+    @property
+    def n_params(self) -> int:
+        return sum(int(torch.Size(s).numel()) for s in self.param_shapes.values())
+
+    def parameters(self) -> dict[str, Tensor]:
+        """The tail's own (pretrained) parameters, by key."""
+        return {f"{name}.{pname}": p for name, module in zip(self.names, self.modules)
+                for pname, p in module.named_parameters()}
+
+    def flat_parameters(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters().values()])
+
+    def split_flat(self, flat: Tensor) -> dict[str, Tensor]:
+        """``(M, P)`` -> key -> ``(M, *shape)``."""
+        out, offset = {}, 0
+        for key, shape in self.param_shapes.items():
+            size = int(torch.Size(shape).numel())
+            out[key] = flat[:, offset : offset + size].reshape(flat.shape[0], *shape)
+            offset += size
+        if offset != flat.shape[1]:
+            raise ShapeMismatchError(f"flat draws have {flat.shape[1]} columns, the tail has {offset}")
+        return out
+
+    def _per_module(self, params: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
+        out: list[dict[str, Tensor]] = [{} for _ in self.modules]
+        for i, name in enumerate(self.names):
+            prefix = name + "."
+            for key, value in params.items():
+                if key.startswith(prefix) and key in self.param_shapes:
+                    out[i][key[len(prefix):]] = value
+        return out
+
+    # ---------------------------------------------------------------- capture
+    @contextmanager
+    def capture(self) -> Iterator[_Recorder]:
+        """Record what enters every tail module while the model runs (reset per forward pass
+        by the caller with ``recorder.reset()``; starts reset)."""
+        recorder = _Recorder(len(self.modules))
+        recorder.reset()
+        handles = []
+        for k, module in enumerate(self.modules):
+            def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     k: int = k) -> None:
+                if self.rerunning:
+                    return
+                if not args or not isinstance(args[0], Tensor):
+                    raise HeadNotCalledError(
+                        f"tail module '{self.names[k]}' must get its input as the first "
+                        "positional tensor argument")
+                args = tuple(_detach(a) for a in args)
+                if k > 0:
+                    args = (_Slot(tuple(args[0].shape)), *args[1:])
+                recorder.calls[k].append((args, {n: _detach(v) for n, v in kwargs.items()}))
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield recorder
+        finally:
+            for h in handles:
+                h.remove()
+
+    def inputs_of(self, recorder: _Recorder, rows: int) -> TailInputs:
+        """The recorded calls of one forward pass, checked."""
+        for name, calls in zip(self.names, recorder.calls):
+            if not calls:
+                raise HeadNotCalledError(f"tail module '{name}' was not called during the forward "
+                                         "pass: it is not on the path from input to output")
+        first = recorder.calls[0]
+        for args, _ in first:
+            check_finite(args[0], f"input of tail module '{self.names[0]}'")
+        return TailInputs([list(c) for c in recorder.calls], rows)
+
+    # ---------------------------------------------------------------- re-run
+    @property
+    def rerunning(self) -> bool:
+        """True while :meth:`run` executes: hooks on tail modules must then leave it alone."""
+        return self._reruns > 0
+
+    def run(self, params: Mapping[str, Tensor] | None, inputs: TailInputs) -> Tensor:
+        """The tail's output (the head's output) on recorded inputs, under `params` (key ->
+        tensor; missing keys, or None, use the model's own weights)."""
+        self._reruns += 1
+        try:
+            return self._run(params, inputs)
+        finally:
+            self._reruns -= 1
+
+    def _run(self, params: Mapping[str, Tensor] | None, inputs: TailInputs) -> Tensor:
+        per_module = self._per_module(params or {})
+        outs: list[Tensor] = []
+        for k, (module, calls) in enumerate(zip(self.modules, inputs.calls)):
+            if k == 0:
+                feeds: list[Tensor | None] = [None] * len(calls)
+            elif len(outs) == len(calls):
+                feeds = list(outs)
+            elif len(calls) == 1:
+                feeds = [torch.cat(outs)]
+            else:
+                raise ShapeMismatchError(
+                    f"tail module '{self.names[k - 1]}' was called {len(outs)} times and "
+                    f"'{self.names[k]}' {len(calls)} times: genunc re-runs a chain whose calls "
+                    "pair up one to one, or many to one")
+            new = []
+            for feed, (args, kwargs) in zip(feeds, calls):
+                if feed is not None:
+                    shape = args[0].shape
+                    args = (feed if tuple(feed.shape) == tuple(shape) else feed.reshape(shape),
+                            *args[1:])
+                new.append(functional_call(module, per_module[k], args, kwargs, strict=False,
+                                           tie_weights=False))
+            outs = new
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def apply(self, params: Mapping[str, Tensor], inputs: TailInputs,
+              per_draw: bool = False) -> Tensor:
+        """The tail under M parameter sets (key -> ``(M, *shape)``) in one batched call,
+        ``(M, B, ...)``; ``per_draw``: `inputs` are ``split`` into M row groups, group m re-run
+        under draw m."""
+        keys = list(self.param_shapes)
+        stacked = tuple(params[k] for k in keys)
+        n = stacked[0].shape[0]
+        if per_draw:
+            inputs = inputs.split(n)
+        leaves, spec, tensor_pos = inputs.tensor_leaves()
+        batched = tuple(leaves[i] for i in tensor_pos)
+
+        def one(p: tuple[Tensor, ...], xs: tuple[Tensor, ...]) -> Tensor:
+            flat = list(leaves)
+            for i, x in zip(tensor_pos, xs):
+                flat[i] = x
+            return self.run(dict(zip(keys, p)),
+                            TailInputs(tree_unflatten(flat, spec), inputs.rows))
+
+        try:
+            return vmap(one, in_dims=(0, 0 if per_draw else None))(stacked, batched)
+        except (RuntimeError, NotImplementedError):  # ops vmap cannot batch: one call per draw
+            return self._loop(params, inputs, per_draw)
+
+    def loop_apply(self, params: Mapping[str, Tensor], inputs: TailInputs,
+                   per_draw: bool = False) -> Tensor:
+        """One re-run per draw: the reference the batched path is tested against."""
+        n = next(iter(params.values())).shape[0]
+        return self._loop(params, inputs.split(n) if per_draw else inputs, per_draw)
+
+    def _loop(self, params: Mapping[str, Tensor], inputs: TailInputs, per_draw: bool) -> Tensor:
+        n = next(iter(params.values())).shape[0]
+        outs = []
+        for m in range(n):
+            x = inputs._map(lambda t, m=m: t[m] if isinstance(t, Tensor) else t) if per_draw \
+                else inputs
+            outs.append(self.run({k: v[m] for k, v in params.items()}, x))
+        return torch.stack(outs)
+
+    @contextmanager
+    def swapped(self, params: Mapping[str, Tensor]) -> Iterator[None]:
+        """Run the model with one draw's tail weights (key -> tensor) in place of its own; the
+        body, tied weights included, keeps the pretrained values."""
+        saved = []
+        try:
+            for i, mp in enumerate(self._per_module(params)):
+                for pname, value in mp.items():
+                    owner = self.modules[i].get_submodule(pname.rpartition(".")[0]) \
+                        if "." in pname else self.modules[i]
+                    leaf = pname.rpartition(".")[2]
+                    saved.append((owner, leaf, owner._parameters[leaf]))
+                    owner._parameters[leaf] = value.to(owner._parameters[leaf])
+            yield
+        finally:
+            for owner, leaf, param in reversed(saved):
+                owner._parameters[leaf] = param
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class TailDraws:
+    """M parameter sets for a tail (key -> ``(M, *shape)``), which apply themselves.
+
+    The same contract as :class:`~genunc.posterior.draws.HeadDraws`: ``apply(inputs)`` re-runs
+    the tail under every draw in one batched call, ``includes_map`` says whether draw 0 is the
+    posterior mean; the inputs are recorded :class:`TailInputs` instead of head features.
+    """
+
+    params: Mapping[str, Tensor]
+    tail: Tail
+    includes_map: bool = False
+
+    @classmethod
+    def from_flat(cls, flat: Tensor, tail: Tail, includes_map: bool = False) -> "TailDraws":
+        return cls(tail.split_flat(flat), tail, includes_map)
+
+    @property
+    def flat(self) -> Tensor:
+        return torch.cat([p.reshape(p.shape[0], -1) for p in self.params.values()], dim=1)
+
+    def apply(self, inputs: TailInputs, per_draw: bool = False) -> Tensor:
+        """Tail outputs under every draw, ``(M, B, ...)``; ``per_draw``: the inputs hold M row
+        groups (one trajectory per draw), group m re-run under draw m."""
+        return self.tail.apply(self.params, inputs, per_draw)
+
+    def draw(self, m: int) -> dict[str, Tensor]:
+        return {k: v[m] for k, v in self.params.items()}
+
+    def __len__(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def __getitem__(self, index: int | slice) -> "TailDraws":
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        keeps_map = self.includes_map and index.indices(len(self))[0] == 0
+        return TailDraws({k: v[index] for k, v in self.params.items()}, self.tail, keeps_map)
+
+    def to(self, *args: Any, **kwargs: Any) -> "TailDraws":
+        return replace(self, params={k: v.to(*args, **kwargs) for k, v in self.params.items()})

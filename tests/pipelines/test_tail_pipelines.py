@@ -1,0 +1,74 @@
+"""The image and molecule pipelines with a posterior over a block (a tail) instead of the head."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from genunc.errors import GenuncError
+from genunc.features import flatten_pixels
+from genunc.pipelines import ImageUncertaintyPipeline, MoleculeUncertaintyPipeline
+from genunc.posterior import TailPosterior
+from genunc.sampling.diffusers_loop import run_trajectory
+from genunc.streams import randn_rows
+
+
+def _image_pipe(tiny_unet):
+    pipe = ImageUncertaintyPipeline(tiny_unet(), DDPMScheduler(num_train_timesteps=100),
+                                    feature_extractor=flatten_pixels)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 1, 8, 8, generator=g).clamp(-1, 1)
+    pipe.fit_posterior((images, torch.randint(0, 3, (16,), generator=g)), tail=1, repeats=1,
+                       progress=False, curvature="mc", mc_samples=2)
+    return pipe
+
+
+def test_image_pipeline_with_a_tail_posterior(tiny_unet):
+    pipe = _image_pipe(tiny_unet)
+    assert isinstance(pipe.posterior, TailPosterior)
+    assert pipe.posterior.names == ["up_blocks.1", "conv_norm_out", "conv_act", "conv_out"]
+    kwargs = dict(num_draws=3, num_inference_steps=4, seed=2, progress=False, chunk_size=3,
+                  variance="monte_carlo", keep_draw_images=True)
+    out = pipe(5, scores=("semantic", "variability", "pixel_variance"), **kwargs)
+    assert set(out.scores) == {"semantic", "variability", "variability_se", "pixel_variance"}
+    for name, values in out.scores.items():
+        assert values.shape == (5,) and np.isfinite(values).all(), name
+    assert (out.scores["variability_se"] > 0).all()
+    assert (out.scores["variability_se"] < out.scores["variability"]).all()
+    # the batched draws' trajectories are the trajectories of the model with that draw's tail
+    draws = pipe._request(("semantic",), 3, 2, num_samples=5).draws
+    x_T = randn_rows(pipe.adapter.sample_shape, pipe._request(("random",), 3, 2, num_samples=5)
+                     .generators("initial_noise"))
+    cond = {"class_labels": torch.arange(5) % 3}
+    for m in (1, 3):
+        with pipe.posterior.tail.swapped(draws.draw(m)):
+            alone = run_trajectory(pipe.adapter, pipe.sampling_scheduler, x_T, cond,
+                                   num_inference_steps=4).samples
+        assert (alone - out.draw_images[m - 1]).abs().max() < 1e-4
+    # the MAP images are those of the plain model; variability is Monte Carlo only
+    plain = pipe(5, scores=("random",), **{**kwargs, "variance": "exact"})
+    torch.testing.assert_close(plain.images, out.images)
+    with pytest.raises(GenuncError, match="monte_carlo"):
+        pipe(2, scores=("variability",), **{**kwargs, "variance": "exact"})
+
+
+def test_molecule_pipeline_with_a_tail_posterior(qm9_slice, tiny_molecule_model):
+    model = tiny_molecule_model(n_layers=2)
+    model.cpu_chunk_atoms = 60  # the last layer runs once per chunk of molecules
+    pipe = MoleculeUncertaintyPipeline(model, qm9_slice.atom_count_histogram(), timesteps=30)
+    pipe.fit_posterior([pipe.adapter.encode(qm9_slice, np.arange(i, i + 6)) for i in (0, 6)],
+                       tail=1, repeats=1, progress=False, mc_samples=2)
+    assert pipe.posterior.names == ["layers.1", "head"]
+    out = pipe(4, num_draws=3, num_inference_steps=4, scores=("semantic", "variability"),
+               variance="monte_carlo", sampler="ddim", seed=1, progress=False)
+    assert {"semantic", "variability", "variability_se", "variability_pos_se"} <= set(out.scores)
+    for name, values in out.scores.items():
+        assert values.shape == (4,) and np.isfinite(values).all(), name
+    assert (out.scores["variability_se"] > 0).all()
+    assert len(out.draw_molecules) == 3 and len(out.molecules) == 4
+    # the MAP molecules do not depend on the draws running beside them
+    plain = pipe(4, num_draws=3, num_inference_steps=4, scores=("random",), sampler="ddim",
+                 seed=1, progress=False)
+    for (pa, ta), (pb, tb) in zip(out.molecules, plain.molecules):
+        np.testing.assert_allclose(pa, pb, atol=1e-5)
+        np.testing.assert_array_equal(ta, tb)
