@@ -100,7 +100,7 @@ def sampler_dir(tmp_path, tiny_text_model):
     return directory
 
 
-def test_a_text_run_in_two_processes_equals_one(sampler_dir, tmp_path, monkeypatch):
+def _text_config(sampler_dir, tmp_path):
     config = {
         "modality": "text", "model": str(sampler_dir), "features": "answer", "quality": "checker",
         "posterior": {"dir": str(tmp_path / "posterior"), "data": "zoo:arith_train",
@@ -111,6 +111,11 @@ def test_a_text_run_in_two_processes_equals_one(sampler_dir, tmp_path, monkeypat
                      "out": str(tmp_path / "export")}}
     path = tmp_path / "text.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_text_run_in_two_processes_equals_one(sampler_dir, tmp_path, monkeypatch):
+    path = _text_config(sampler_dir, tmp_path)
     assert main(["fit", "-c", str(path)]) == 0
     assert main(["generate", "-c", str(path), "--set", f"generate.out={tmp_path / 'single'}"]) == 0
     for rank in (0, 1):
@@ -180,18 +185,26 @@ def test_merge_refuses_shards_of_different_runs(tiny_image_config, tmp_path, mon
         merge_shards(tmp_path / "export")
 
 
-def test_torchrun_launch(tiny_image_config, tmp_path):
-    """The real launcher: two processes, environment set by torchrun."""
-    path = _image_config(tiny_image_config)
-    assert main(["fit", "-c", str(path)]) == 0
-    assert main(["generate", "-c", str(path), "--set", f"generate.out={tmp_path / 'single'}"]) == 0
+@pytest.mark.parametrize("modality", ["image", "molecule", "text"])
+def test_torchrun_launch(modality, request, tmp_path):
+    """The real launcher: two concurrent processes, environment set by torchrun, rank 1 waiting
+    for rank 0's posterior fit; the merged export equals a 1-process run's."""
+    if modality == "image":
+        path = _image_config(request.getfixturevalue("tiny_image_config"))
+        columns = ("semantic", "variability", "random")
+    elif modality == "molecule":
+        path = _molecule_config(request.getfixturevalue("tiny_molecule_folder"), tmp_path)
+        columns = ("semantic", "variability", "denoising_loss", "random")
+    else:
+        path = _text_config(request.getfixturevalue("sampler_dir"), tmp_path)
+        columns = ("mutual_information", "semantic", "random")
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "genunc", "generate", "-c", str(path)],
         capture_output=True, text=True, timeout=300, env={**_quiet_env(), "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
-    _same_export(Export(tmp_path / "export"), Export(tmp_path / "single"),
-                 ("semantic", "variability", "random"))
+    assert main(["generate", "-c", str(path), "--set", f"generate.out={tmp_path / 'single'}"]) == 0
+    _same_export(Export(tmp_path / "export"), Export(tmp_path / "single"), columns)
 
 
 def _quiet_env():
