@@ -36,6 +36,9 @@ DEFAULTS: dict[str, Any] = {
         # regression: one noise scale per output group the adapter declares (molecules: positions
         # and atom features) when sigma_noise is mle; false pools them into one
         "noise_groups": True,
+        # image / molecule: a posterior over the last `tail` blocks and the head (Monte-Carlo
+        # variability, generate.variance: monte_carlo); null: the head alone
+        "tail": None,
         "repeats": 4,
         "batch_size": 64,
         "seed": 0,
@@ -140,6 +143,7 @@ RULES: dict[str, Rule] = {
     "posterior.prior_precision": Rule(float, positive=True, words=("marglik",)),
     "posterior.sigma_noise": Rule(float, positive=True, words=("mle", "marglik")),
     "posterior.noise_groups": Rule(bool),
+    "posterior.tail": Rule(int, minimum=1, nullable=True),
     "posterior.repeats": COUNT, "posterior.batch_size": COUNT, "posterior.seed": SEED,
     "generate.n_samples": COUNT, "generate.num_draws": SEED,
     "generate.steps": Rule(int, minimum=1, nullable=True),

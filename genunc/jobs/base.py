@@ -25,7 +25,7 @@ from genunc.jobs.shards import ProcessShard, merge_shards, shard_complete, shard
 from genunc.pipelines.base import UncertaintyPipeline
 from genunc.posterior import POSTERIOR_DIR, HeadPosterior
 from genunc.posterior.fingerprint import weights_digest
-from genunc.posterior.io import META_FILE, TENSORS_FILE
+from genunc.posterior.saved import FILES, remove_saved, saved_kind
 
 #: one sample of a chunk: (sample id, payload for the export's file, manifest record)
 ChunkRecord = tuple[str, Any, dict[str, Any]]
@@ -60,7 +60,8 @@ class Job(ABC):
         p = config["posterior"]
         return {"batch_size": p["batch_size"], "repeats": p["repeats"], "seed": p["seed"],
                 "structure": p["structure"], "prior_precision": p["prior_precision"],
-                "sigma_noise": p["sigma_noise"], "noise_groups": p["noise_groups"]}
+                "sigma_noise": p["sigma_noise"], "noise_groups": p["noise_groups"],
+                **({"tail": p["tail"]} if p["tail"] is not None else {})}
 
     def prepare_scores(self, pipe: UncertaintyPipeline, config: dict[str, Any]) -> None:
         """Whatever the scores need besides the posterior (e.g. the semantic score's unit)."""
@@ -108,6 +109,8 @@ class Job(ABC):
         pipe = self.load_pipeline(self.model_dir(config), config)
         if posterior != "none":
             saved = pipe.load_or_fit_posterior(posterior_dir(config))
+            if saved is not None:
+                _check_kind(posterior_dir(config), config)
             if saved is None and posterior == "load_or_fit":
                 self.fit_posterior(pipe, config, progress=progress)
         return pipe
@@ -117,6 +120,7 @@ class Job(ABC):
         """Fit anew (``genunc fit``) and save to the config's posterior folder."""
         posterior = pipe.fit_posterior(self.fit_data(pipe, config), progress=progress,
                                        **self.fit_options(config))
+        remove_saved(posterior_dir(config))  # a posterior of the other kind is replaced
         posterior.save(posterior_dir(config))
         return posterior
 
@@ -146,7 +150,8 @@ class Job(ABC):
             pipe(**self.call_args(pipe, config, first), check_only=True)
         if pipe.posterior is None and shard.rank > 0:  # rank 0 fits it; the others wait
             directory = posterior_dir(config)
-            wait_for([directory / TENSORS_FILE, directory / META_FILE], POSTERIOR_WAIT_S,
+            kind = "tail" if config["posterior"]["tail"] is not None else "head"
+            wait_for([directory / name for name in FILES[kind]], POSTERIOR_WAIT_S,
                      "rank 0's posterior fit")
             pipe.load_or_fit_posterior(directory)
         if pipe.posterior is None:
@@ -202,6 +207,16 @@ def shared_samples(first: dict[str, Any], second: dict[str, Any]) -> int:
     if any(a.get(k) != b.get(k) for k in rest if k not in _SAMPLE_FREE):
         return 0
     return min(a["generate.n_samples"], b["generate.n_samples"])
+
+
+def _check_kind(directory: Path, config: dict[str, Any]) -> None:
+    """A saved posterior must be the kind the config asks for (head, or a block: posterior.tail)."""
+    wanted = "head" if config["posterior"]["tail"] is None else "tail"
+    if saved_kind(directory) != wanted:
+        raise ConfigError(f"{directory} holds a posterior over the {saved_kind(directory)} but the "
+                          f"config asks for one over the {'block' if wanted == 'tail' else 'head'} "
+                          f"(posterior.tail={config['posterior']['tail']}); run genunc fit to "
+                          "replace it, or set posterior.dir to another folder")
 
 
 def posterior_dir(config: dict[str, Any]) -> Path:

@@ -72,6 +72,9 @@ class TextJob(Job):
                 for i in range(0, len(pairs), size)]
 
     def fit_options(self, config: dict[str, Any]) -> dict[str, Any]:
+        if config["posterior"]["tail"] is not None:
+            raise ConfigError("text posteriors cover the vocabulary head only for now "
+                              "(posterior.tail must be null)")
         options = super().fit_options(config)
         del options["sigma_noise"], options["noise_groups"]  # a categorical likelihood has no noise
         return options

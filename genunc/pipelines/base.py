@@ -42,6 +42,7 @@ from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import GenuncError, MissingFileError
 from genunc.posterior import POSTERIOR_DIR, HeadDraws, HeadPosterior
 from genunc.posterior.laplace_tail import TailPosterior, default_tail
+from genunc.posterior.saved import load_saved, remove_saved, saved_kind
 from genunc.posterior.variance import ExactVariance, MonteCarloTailVariance, MonteCarloVariance
 from genunc.sampling.diffusers_loop import HeadVariance
 from genunc.sampling.precision import PRECISIONS
@@ -218,9 +219,9 @@ class UncertaintyPipeline:
             raise MissingFileError(f"model folder {path} does not exist")
         pipe = cls._load(path, device=device, **kwargs)
         if posterior == "auto":
-            pipe.posterior = HeadPosterior.load(path / POSTERIOR_DIR, pipe.model, missing="none")
+            pipe.posterior = load_saved(path / POSTERIOR_DIR, pipe.model, missing="none")
         elif isinstance(posterior, (str, os.PathLike)):
-            pipe.posterior = HeadPosterior.load(posterior, pipe.model)
+            pipe.posterior = load_saved(posterior, pipe.model)
         else:
             pipe.posterior = posterior
         return pipe
@@ -269,12 +270,20 @@ class UncertaintyPipeline:
         retrained): ``"error"`` refuses it (exports and CLI jobs, where silently refitting would
         change results), ``"refit"`` fits anew over it (scripts that merely cache a fit).
         """
-        saved = HeadPosterior.load(directory, self.model, missing="none",
-                                   stale="none" if stale == "refit" else "error")
+        saved = load_saved(directory, self.model, missing="none",
+                           stale="none" if stale == "refit" else "error")
+        wanted = "tail" if fit_kwargs.get("tail") is not None else "head"
+        if saved is not None and data is not None and saved_kind(directory) != wanted:
+            if stale == "error":
+                raise GenuncError(f"{directory} holds a posterior over the {saved_kind(directory)}"
+                                  f", not over the {'block' if wanted == 'tail' else 'head'} "
+                                  "asked for; fit it again (genunc fit) or use another folder")
+            saved = None  # refit: the other kind is replaced below
         if saved is not None or data is None:
             self.posterior = saved
             return saved
         posterior = self.fit_posterior(data, **fit_kwargs)
+        remove_saved(directory)
         posterior.save(directory)
         return posterior
 

@@ -78,7 +78,8 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
     """An equivariant denoiser + atom-count distribution + head posterior."""
 
     SCORES = {"variability": 0, "semantic": 1, "denoising_loss": None, "random": None}
-    EXTRA_SCORE_COLUMNS = ("variability_pos", "variability_type")
+    EXTRA_SCORE_COLUMNS = ("variability_pos", "variability_type", "variability_se",
+                           "variability_pos_se", "variability_type_se")
     FIT_REPEATS = 2
 
     def __init__(self, model: EquivariantDenoiser, atom_histogram: Mapping[int, int],

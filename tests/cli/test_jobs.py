@@ -151,3 +151,25 @@ def test_a_stale_posterior_is_refused_by_generate_and_replaced_by_fit(config_fil
     assert not (tmp_path / "export").exists()
     assert main(["fit", "-c", str(config_file)]) == 0  # refits over the stale one
     assert main(["generate", "-c", str(config_file)]) == 0
+
+
+def test_a_block_posterior_through_the_cli(config_file, tmp_path, capsys):
+    """posterior.tail fits a posterior over the last block; the export carries the Monte-Carlo
+    variability with its standard error; a config asking for the head is refused that folder."""
+    tail = ["--set", "posterior.tail=1", "--set", "generate.variance=monte_carlo",
+            "--set", "generate.num_draws=3"]
+    assert main(["fit", "-c", str(config_file), *tail]) == 0
+    folder = tmp_path / "model" / "genunc_posterior"
+    assert (folder / "genunc_tail_posterior.json").exists()
+    assert not (folder / "genunc_posterior.json").exists()
+    assert main(["generate", "-c", str(config_file), *tail]) == 0
+    export = Export(tmp_path / "export")
+    se, score = export.column("variability_se"), export.column("variability")
+    assert np.all(np.isfinite(se)) and np.all(se > 0) and np.all(se < score)
+    assert main(["generate", "-c", str(config_file), "--set",
+                 f"generate.out={tmp_path / 'head'}"]) == 2
+    assert "holds a posterior over the tail but the config asks for one over the head" in \
+        capsys.readouterr().err
+    assert main(["fit", "-c", str(config_file)]) == 0  # a head fit replaces the block posterior
+    assert (folder / "genunc_posterior.json").exists()
+    assert not (folder / "genunc_tail_posterior.json").exists()
