@@ -11,11 +11,11 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from laplace import Laplace
-from torch import Tensor, nn
+from torch import nn
 
 from genunc._io import atomic_write
 from genunc._version import __version__
@@ -23,6 +23,7 @@ from genunc.adapters.base import DenoiserAdapter, resolve_module
 from genunc.errors import FingerprintMismatchError, GenuncError, MissingFileError
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import head_ops_for
+from genunc.posterior.laplace_state import laplace_tensors, restore_laplace
 
 if TYPE_CHECKING:
     from genunc.posterior.laplace_head import HeadPosterior
@@ -40,21 +41,7 @@ def save_posterior(posterior: "HeadPosterior", directory: str | os.PathLike[str]
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = posterior.laplace.state_dict()
-    tensors: dict[str, Tensor] = {
-        "mean": state["mean"],
-        "prior_precision": torch.as_tensor(state["prior_precision"]).reshape(-1),
-        "sigma_noise": torch.as_tensor(state["sigma_noise"], dtype=torch.float64).reshape(-1),
-        "prior_mean": torch.as_tensor(state["prior_mean"]).reshape(-1),
-    }
-    kron_layout = None
-    if posterior.structure == "kron":
-        kron_layout = [len(group) for group in state["H"]]
-        for i, group in enumerate(state["H"]):
-            for j, factor in enumerate(group):
-                tensors[f"H.{i}.{j}"] = factor
-    else:
-        tensors["H"] = state["H"]
+    tensors, laplace_meta = laplace_tensors(posterior.laplace, posterior.structure)
     if posterior.subset is not None:  # a posterior over some of the head's rows
         tensors["subset"] = posterior.subset.to(torch.uint8)
         tensors["full_mean"] = posterior.mean
@@ -69,14 +56,7 @@ def save_posterior(posterior: "HeadPosterior", directory: str | os.PathLike[str]
         "head_name": posterior.head_name,
         "row_wise": posterior.ops.row_wise,
         "fingerprint": posterior.fingerprint,
-        "kron_layout": kron_layout,
-        "laplace": {
-            "cls_name": state["cls_name"],
-            "loss": float(state["loss"]),
-            "n_data": int(state["n_data"]),
-            "n_outputs": int(state["n_outputs"]),
-            "temperature": float(state["temperature"]),
-        },
+        **laplace_meta,
         "info": posterior.info,
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -156,31 +136,7 @@ def load_posterior(
         subset_of_weights="all",
         hessian_structure=meta["structure"],
     )
-    if meta["structure"] == "kron":
-        hessian: Any = [
-            [tensors[f"H.{i}.{j}"] for j in range(n)]
-            for i, n in enumerate(meta["kron_layout"])
-        ]
-    else:
-        hessian = tensors["H"]
-    lap = meta["laplace"]
-    la.load_state_dict(
-        {
-            "mean": tensors["mean"],
-            "H": hessian,
-            "loss": lap["loss"],
-            "prior_mean": tensors["prior_mean"] if tensors["prior_mean"].numel() > 1
-            else float(tensors["prior_mean"]),
-            "prior_precision": tensors["prior_precision"],
-            "sigma_noise": float(tensors["sigma_noise"]),
-            "n_data": lap["n_data"],
-            "n_outputs": lap["n_outputs"],
-            "likelihood": meta["likelihood"],
-            "temperature": lap["temperature"],
-            "enable_backprop": False,
-            "cls_name": lap["cls_name"],
-        }
-    )
+    restore_laplace(la, tensors, meta, meta["structure"], meta["likelihood"])
     return HeadPosterior(
         la, ops, meta["head_name"], meta["structure"], meta["likelihood"],
         meta["fingerprint"], meta.get("info"), subset=subset,

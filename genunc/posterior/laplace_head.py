@@ -9,7 +9,6 @@ gets a full-network Laplace over exactly the head's weights.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from genunc.posterior.draws import HeadDraws, full_precision
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import HeadOps, check_finite, head_ops_for
 from genunc.posterior.io import load_posterior, save_posterior
+from genunc.posterior.laplace_state import LaplaceQuantities
 
 Structure = Literal["diag", "kron", "full"]
 STRUCTURES: tuple[str, ...] = ("diag", "kron", "full")
@@ -110,7 +110,7 @@ def _fit_dtype(head: nn.Module) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class HeadPosterior:
+class HeadPosterior(LaplaceQuantities):
     """Gaussian posterior over a head's weights: fit, sample M draws, apply them in one op.
 
     Build it with :meth:`fit` (from an adapter and clean data), :meth:`fit_features` (from cached
@@ -333,27 +333,9 @@ class HeadPosterior:
         return full
 
     @property
-    def prior_precision(self) -> float:
-        return float(self.laplace.prior_precision.reshape(-1)[0])
-
-    @property
-    def sigma_noise(self) -> float | dict[str, float]:
-        """The regression noise scale, or one per output group (see ``output_groups``)."""
-        groups = self.info.get("sigma_noise_groups")
-        if groups:
-            return dict(groups)
-        return float(torch.as_tensor(self.laplace.sigma_noise).reshape(-1)[0])
-
-    @property
     def posterior_variance(self) -> Tensor:
-        """Marginal variances of every head weight (flat), for any structure."""
-        if self.structure == "diag":
-            var = self.laplace.posterior_variance.detach()
-        elif self.structure == "full":
-            var = torch.diagonal(self.laplace.posterior_covariance).detach()
-        else:
-            var = self.laplace.posterior_precision.diag(exponent=-1).detach()
-        return self._expand(var, 0.0)
+        """Marginal variances of every head weight (flat; frozen rows 0), for any structure."""
+        return self._expand(self._laplace_variance(), 0.0)
 
     @property
     def posterior_covariance(self) -> Tensor:
@@ -386,10 +368,6 @@ class HeadPosterior:
                               self.fingerprint, info, subset=self.subset, full_mean=self._full_mean)
         other.info["log_marglik"] = other.log_marginal_likelihood()
         return other
-
-    def log_marginal_likelihood(self) -> float:
-        with torch.no_grad():
-            return float(self.laplace.log_marginal_likelihood()) + self.info.get("log_lik_offset", 0.0)
 
     # ------------------------------------------------------------------ draws
     def sample(self, n_draws: int, seed: int | torch.Generator | None = 0, *,
@@ -428,16 +406,9 @@ class HeadPosterior:
     def digest(self) -> str:
         """SHA-256 of everything the draws depend on (mean, curvature, prior, noise scale): two
         fits that could draw differently never share a digest."""
-        state = self.laplace.state_dict()
-        h = hashlib.sha256(self.structure.encode())
-        hessian = state["H"] if self.structure != "kron" else [f for g in state["H"] for f in g]
-        for value in [state["mean"], state["prior_precision"], state["sigma_noise"],
-                      state["prior_mean"], *(hessian if isinstance(hessian, list) else [hessian])]:
-            h.update(torch.as_tensor(value).detach().to("cpu", torch.float64).numpy().tobytes())
+        h = self._state_digest()
         if self.subset is not None:
             h.update(self.subset.cpu().numpy().tobytes())
-        if self.info.get("sigma_noise_groups"):  # the scales only enter through the curvature
-            h.update(repr(sorted(self.info["sigma_noise_groups"].items())).encode())
         return h.hexdigest()
 
     def summary(self) -> dict[str, Any]:

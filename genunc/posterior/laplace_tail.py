@@ -26,7 +26,6 @@ with any other parameter (GroupNorm, LayerNorm, attention projections held by
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,6 +47,7 @@ from genunc.errors import FingerprintMismatchError, GenuncError, MissingFileErro
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import check_finite
 from genunc.posterior.laplace_head import STRUCTURES, Structure, _optimise_marglik
+from genunc.posterior.laplace_state import LaplaceQuantities, laplace_tensors, restore_laplace
 from genunc.posterior.tail import Tail, TailDraws, TailInputs
 
 Curvature = Literal["auto", "exact", "mc"]
@@ -230,7 +230,7 @@ def _kron_ready(tail: Tail) -> None:
 
 
 # ---------------------------------------------------------------------- the posterior
-class TailPosterior:
+class TailPosterior(LaplaceQuantities):
     """Gaussian posterior over the weights of a tail: fit, sample M draws, apply them batched.
 
     The same draw/apply contract as :class:`~genunc.posterior.HeadPosterior`:
@@ -379,27 +379,9 @@ class TailPosterior:
         return self.laplace.mean.detach()
 
     @property
-    def prior_precision(self) -> float:
-        return float(self.laplace.prior_precision.reshape(-1)[0])
-
-    @property
-    def sigma_noise(self) -> float | dict[str, float]:
-        groups = self.info.get("sigma_noise_groups")
-        if groups:
-            return dict(groups)
-        return float(torch.as_tensor(self.laplace.sigma_noise).reshape(-1)[0])
-
-    @property
     def posterior_variance(self) -> Tensor:
-        if self.structure == "diag":
-            return self.laplace.posterior_variance.detach()
-        if self.structure == "full":
-            return torch.diagonal(self.laplace.posterior_covariance).detach()
-        return self.laplace.posterior_precision.diag(exponent=-1).detach()
-
-    def log_marginal_likelihood(self) -> float:
-        with torch.no_grad():
-            return float(self.laplace.log_marginal_likelihood()) + self.info.get("log_lik_offset", 0.0)
+        """Marginal variances of every tail weight (flat), for any structure."""
+        return self._laplace_variance()
 
     def sample(self, n_draws: int, seed: int | torch.Generator | None = 0, *,
                include_map: bool = False) -> TailDraws:
@@ -425,12 +407,7 @@ class TailPosterior:
         }
 
     def digest(self) -> str:
-        state = self.laplace.state_dict()
-        h = hashlib.sha256(self.structure.encode())
-        hessian = state["H"] if self.structure != "kron" else [f for g in state["H"] for f in g]
-        for value in [state["mean"], state["prior_precision"], state["sigma_noise"],
-                      *(hessian if isinstance(hessian, list) else [hessian])]:
-            h.update(torch.as_tensor(value).detach().to("cpu", torch.float64).numpy().tobytes())
+        h = self._state_digest()
         h.update(json.dumps(self.names).encode())
         return h.hexdigest()
 
@@ -454,30 +431,13 @@ class TailPosterior:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = self.laplace.state_dict()
-        tensors: dict[str, Tensor] = {
-            "mean": state["mean"],
-            "prior_precision": torch.as_tensor(state["prior_precision"]).reshape(-1),
-            "sigma_noise": torch.as_tensor(state["sigma_noise"], dtype=torch.float64).reshape(-1),
-            "prior_mean": torch.as_tensor(state["prior_mean"]).reshape(-1),
-        }
-        kron_layout = None
-        if self.structure == "kron":
-            kron_layout = [len(group) for group in state["H"]]
-            for i, group in enumerate(state["H"]):
-                for j, factor in enumerate(group):
-                    tensors[f"H.{i}.{j}"] = factor
-        else:
-            tensors["H"] = state["H"]
+        tensors, laplace_meta = laplace_tensors(self.laplace, self.structure)
         if self.laplace.model.output_scale is not None:
             tensors["output_scale"] = self.laplace.model.output_scale
         meta = {
             "format_version": TAIL_FORMAT_VERSION, "genunc_version": __version__,
             "kind": "tail", "structure": self.structure, "tail": self.names,
-            "fingerprint": self.fingerprint, "kron_layout": kron_layout,
-            "laplace": {"cls_name": state["cls_name"], "loss": float(state["loss"]),
-                        "n_data": int(state["n_data"]), "n_outputs": int(state["n_outputs"]),
-                        "temperature": float(state["temperature"])},
+            "fingerprint": self.fingerprint, **laplace_meta,
             "info": self.info,
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -520,22 +480,7 @@ class TailPosterior:
         lap_model = _TailModel(tail, tensors["mean"].dtype, None, tensors.get("output_scale"))
         la = Laplace(lap_model, "regression", subset_of_weights="all",
                      hessian_structure=meta["structure"], backend=CurvlinopsGGN)
-        if meta["structure"] == "kron":
-            hessian: Any = [[tensors[f"H.{i}.{j}"] for j in range(n)]
-                            for i, n in enumerate(meta["kron_layout"])]
-        else:
-            hessian = tensors["H"]
-        lap = meta["laplace"]
-        la.load_state_dict({
-            "mean": tensors["mean"], "H": hessian, "loss": lap["loss"],
-            "prior_mean": tensors["prior_mean"] if tensors["prior_mean"].numel() > 1
-            else float(tensors["prior_mean"]),
-            "prior_precision": tensors["prior_precision"],
-            "sigma_noise": float(tensors["sigma_noise"]), "n_data": lap["n_data"],
-            "n_outputs": lap["n_outputs"], "likelihood": "regression",
-            "temperature": lap["temperature"], "enable_backprop": False,
-            "cls_name": lap["cls_name"],
-        })
+        restore_laplace(la, tensors, meta, meta["structure"], "regression")
         return cls(la, tail, meta["structure"], meta["fingerprint"], meta.get("info"))
 
     def __repr__(self) -> str:
