@@ -87,11 +87,16 @@ def main() -> None:
     parser.add_argument("--boot", type=int, default=1000)
     parser.add_argument("--cost-n", type=int, default=64)
     parser.add_argument("--out", default="outputs/eval_image")
+    parser.add_argument("--tail", type=int, default=None,
+                        help="a posterior over the last TAIL up-blocks and the head (Monte-Carlo "
+                        "variability over the draws); use another --out")
     parser.add_argument("--variant", action="append", choices=["branch", "score_steps"], default=[],
                         help="also score the test digits with a cheap semantic variant (repeatable)")
     args = parser.parse_args()
 
-    pipe = load_reference_pipeline(args.out, progress=False)
+    pipe = load_reference_pipeline(args.out, progress=False, tail=args.tail)
+    # a block posterior has no closed-form variance: variability over the M draws
+    tail_extra = {"variance": "monte_carlo"} if args.tail else {}
     judge = DigitsJudgeEvaluator()
     real = judge.features(load_digits_tensor()[0])
     post = pipe.posterior.summary()
@@ -101,7 +106,7 @@ def main() -> None:
     runs = {}
     for name, seed, n in (("validation", VAL_SEED, args.n_val), ("test", TEST_SEED, args.n_test)):
         start = time.perf_counter()
-        out = cached_run(pipe, Path(args.out), n, seed, args)
+        out = cached_run(pipe, Path(args.out), n, seed, args, **tail_extra)
         wrong = ~judge.agrees(out.images, out.class_labels)
         runs[name] = (out, wrong)
         print(f"{name}: seed {seed}, {n} digits, judge disagrees with {wrong.mean():.1%} "
@@ -157,6 +162,9 @@ def main() -> None:
         kept_share = [np.isin(np.flatnonzero(labels == c), keep).mean() for c in np.unique(labels)]
         print(f"|   class mix kept globally: {min(kept_share):.0%} to {max(kept_share):.0%} per class "
               f"| | | | | | | | | |")
+    if args.tail and (args.variant or args.cost_n > 0):
+        print("(variants and the cost table are for head posteriors: skipped with --tail)")
+        return
     if args.variant:
         variants_table(pipe, args, test, good, rand)
     if args.cost_n > 0:

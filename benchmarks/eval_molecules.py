@@ -42,12 +42,14 @@ SCORES = ("variability", "variability_pos", "variability_type", "denoising_loss"
 MIN_BIN = 20
 
 
-def load_sampler(model: Path, out: Path, train, n_fit: int) -> MoleculeUncertaintyPipeline:
-    """The model with the posterior cached in `out` (fitted there on `n_fit` training molecules)."""
+def load_sampler(model: Path, out: Path, train, n_fit: int,
+                 tail: int | None = None) -> MoleculeUncertaintyPipeline:
+    """The model with the posterior cached in `out` (fitted there on `n_fit` training molecules;
+    ``tail``: over the last `tail` interactions and the head)."""
     pipe = MoleculeUncertaintyPipeline.from_pretrained(model, posterior=None)
     batches = [pipe.adapter.encode(train, np.arange(i, min(i + 64, n_fit)))
                for i in range(0, n_fit, 64)]
-    pipe.load_or_fit_posterior(out / "posterior", batches, stale="refit")
+    pipe.load_or_fit_posterior(out / "posterior", batches, stale="refit", tail=tail)
     return pipe
 
 
@@ -85,6 +87,9 @@ def main() -> None:
     parser.add_argument("--cost-n", type=int, default=32, help="molecules for the cost table (0: skip)")
     parser.add_argument("--draws", type=int, default=5, help="M for the Monte-Carlo cost row and "
                         "the semantic score")
+    parser.add_argument("--tail", type=int, default=None,
+                        help="a posterior over the last TAIL interactions and the head (Monte-Carlo "
+                        "variability over --draws draws); use another --out")
     parser.add_argument("--semantic-n", type=int, default=150,
                         help="first test molecules also scored by the semantic score (0: skip)")
     parser.add_argument("--out", default="outputs/eval_molecules")
@@ -95,7 +100,9 @@ def main() -> None:
     split = edm_split(len(data))
     train = data.subset(split["train"])
     train_smiles = canonical_training_smiles(train.smiles)
-    sampler = load_sampler(Path(args.model), out, train, args.n_fit)
+    sampler = load_sampler(Path(args.model), out, train, args.n_fit, tail=args.tail)
+    # a block posterior has no closed-form variance: variability over the M draws
+    tail_extra = {"variance": "monte_carlo", "num_draws": args.draws} if args.tail else {}
     summary = sampler.posterior.summary()
     print(f"posterior: prior precision {summary['prior_precision']:.4g}, sigma "
           f"{summary.get('sigma_noise')}, relative perturbation {summary['relative_perturbation']:.3%}")
@@ -104,7 +111,8 @@ def main() -> None:
     for name, seed, n in (("validation", VAL_SEED, args.n_val), ("test", TEST_SEED, args.n_test)):
         start = time.perf_counter()
         res = sampler(n, num_inference_steps=args.steps, sampler=args.sampler, seed=seed,
-                      scores=("variability", "denoising_loss", "random"), progress=False)
+                      scores=("variability", "denoising_loss", "random"), progress=False,
+                      **tail_extra)
         report = evaluate_molecules(res.molecules, train_smiles)
         runs[name] = (res, report)
         print(f"{name}: seed {seed}, {n} molecules ({time.perf_counter() - start:.0f} s)")
@@ -168,7 +176,7 @@ def main() -> None:
 
     if args.semantic_n > 0:
         semantic_table(sampler, res, scores, quality, train, args)
-    if args.cost_n > 0:
+    if args.cost_n > 0 and not args.tail:
         cost_table(sampler, args)
 
 

@@ -41,19 +41,20 @@ SCORE_LABELS = {
 
 
 def load_reference_pipeline(out_dir: Path | None = None, progress: bool = True,
-                            device: str = "cpu") -> ImageUncertaintyPipeline:
+                            device: str = "cpu", tail: int | None = None) -> ImageUncertaintyPipeline:
     """Shipped DDPM + classifier features; posterior reloaded from `out_dir` or fitted there
-    (a cached posterior of other weights is refitted: the demo only caches its own fit)."""
+    (a cached posterior of other weights is refitted: the demo only caches its own fit).
+    ``tail``: a posterior over the last `tail` up-blocks and the head instead of the head."""
     pipe = ImageUncertaintyPipeline.from_pretrained(
         digits.DDPM_DIR, feature_extractor=DigitsFeatures(device=device), posterior=None,
         device=device)
     train = digits.split_digits()["train"]
     pipe.fit_feature_scale(train[0])
     if out_dir is None:
-        pipe.fit_posterior(train, progress=progress)
+        pipe.fit_posterior(train, progress=progress, tail=tail)
     else:
         pipe.load_or_fit_posterior(Path(out_dir) / "posterior", train, stale="refit",
-                                   progress=progress)
+                                   progress=progress, tail=tail)
     return pipe
 
 
