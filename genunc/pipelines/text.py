@@ -122,8 +122,10 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
     @classmethod
     def from_pipe(cls, pipe: Any, posterior: HeadPosterior | None = None,
                   **kwargs: Any) -> "WrappedTextPipeline":
-        """Wrap the user's own diffusers text pipeline (``LLaDA2Pipeline``): calls run it with
-        hooks and return exactly its output plus scores (see :mod:`genunc.pipelines.text_wrapped`).
+        """Wrap the user's own diffusers text pipeline (``LLaDA2Pipeline``, or
+        ``DiffusionGemmaPipeline`` with ``BlockRefinementScheduler``, ``EntropyBoundScheduler`` or
+        ``DiscreteDDIMScheduler``): calls run it with hooks and return exactly its output plus
+        scores (see :mod:`genunc.pipelines.text_wrapped` and :mod:`genunc.pipelines.text_canvas`).
         ``kwargs``: ``head`` (module or name; default ``model.get_output_embeddings()``),
         ``extractor`` (texts -> features, for ``semantic``)."""
         from genunc.pipelines.text_wrapped import WrappedTextPipeline

@@ -67,6 +67,7 @@ from genunc import streams
 from genunc._seed import as_generator
 from genunc.adapters.base import resolve_module
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
+from genunc.pipelines.text_canvas import CanvasRecorder, scheduler_kind, wrapped_scheduler
 from genunc.posterior import HeadDraws, HeadPosterior
 from genunc.scores import feature_scale, gaussian_entropy, random_scores
 from genunc.scores.tokens import mutual_information
@@ -234,7 +235,8 @@ class _Recorder:
 
 
 class WrappedTextPipeline:
-    """A diffusers masked-diffusion text pipeline (``LLaDA2Pipeline``) with a head posterior.
+    """A diffusers diffusion text pipeline (``LLaDA2Pipeline``, or ``DiffusionGemmaPipeline``
+    through :mod:`genunc.pipelines.text_canvas`) with a head posterior.
 
     Build it with :meth:`TextUncertaintyPipeline.from_pipe`.  ``head``: the vocabulary head,
     as a module or its name in ``pipe.model`` (default: ``model.get_output_embeddings()``).
@@ -255,10 +257,22 @@ class WrappedTextPipeline:
             raise GenuncError(f"{type(pipe).__name__} takes no callback_on_step_end: genunc cannot "
                               "see which tokens it commits")
         allowed = getattr(pipe, "_callback_tensor_inputs", None)
-        missing = [k for k in _CALLBACK_INPUTS if allowed is not None and k not in allowed]
-        if missing:
-            raise GenuncError(f"{type(pipe).__name__}'s step callback does not expose {missing}: "
-                              "genunc cannot see which tokens it commits (LLaDA2Pipeline does)")
+        #: "block": LLaDA2Pipeline (commits in its callback); "canvas": DiffusionGemmaPipeline
+        #: (commits read from its scheduler, see genunc.pipelines.text_canvas)
+        self.kind = "block"
+        if allowed is not None and "canvas" in allowed and "transfer_index" not in allowed:
+            config = getattr(model, "config", None)
+            if getattr(config, "canvas_length", None) is None or not hasattr(pipe, "scheduler"):
+                raise GenuncError(f"{type(pipe).__name__}'s callback sees only the canvas: genunc reads "
+                                  "commits from DiffusionGemmaPipeline's scheduler, which needs "
+                                  "pipe.scheduler and a model with config.canvas_length")
+            scheduler_kind(pipe.scheduler)
+            self.kind = "canvas"
+        else:
+            missing = [k for k in _CALLBACK_INPUTS if allowed is not None and k not in allowed]
+            if missing:
+                raise GenuncError(f"{type(pipe).__name__}'s step callback does not expose {missing}: "
+                                  "genunc cannot see which tokens it commits (LLaDA2Pipeline does)")
         self.pipe = pipe
         if head is None:
             getter = getattr(model, "get_output_embeddings", None)
@@ -286,7 +300,11 @@ class WrappedTextPipeline:
 
     @property
     def tokenizer(self) -> Any:
-        return getattr(self.pipe, "tokenizer", None)
+        """The pipeline's tokenizer (``DiffusionGemmaPipeline``: its processor's, or the processor)."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None and getattr(self.pipe, "processor", None) is not None:
+            tokenizer = getattr(self.pipe.processor, "tokenizer", self.pipe.processor)
+        return tokenizer
 
     @property
     def posterior(self) -> HeadPosterior | None:
@@ -340,6 +358,11 @@ class WrappedTextPipeline:
         :meth:`MaskedDiffusionLMAdapter.training_pairs`, and the model is called as the pipeline
         calls it (2-D attention mask, position ids).  Examples of one length are batched.
         """
+        if self.kind == "canvas":
+            raise GenuncError("fit_posterior does not yet build DiffusionGemma's uniform-corruption "
+                              "canvases: fit with HeadPosterior.fit_features(pipe.model.lm_head, "
+                              "(head inputs, target ids), likelihood='classification', "
+                              "head_name='lm_head') and pass posterior=")
         mask_id = getattr(self.pipe, "mask_token_id", None)
         if mask_id is None:
             raise GenuncError("the pipeline has no mask_token_id (set it on the tokenizer)")
@@ -467,50 +490,72 @@ class WrappedTextPipeline:
         sampling = {k: call[k] for k in _SAMPLING_ARGS if k in call}
         user_callback = call.pop("callback_on_step_end", None)
         user_inputs = call.pop("callback_on_step_end_tensor_inputs", None)
-        user_inputs = getattr(user_callback, "tensor_inputs", None) or user_inputs or ["block_x"]
+        default_inputs = ["canvas"] if self.kind == "canvas" else ["block_x"]
+        user_inputs = getattr(user_callback, "tensor_inputs", None) or user_inputs or default_inputs
         mask_id = call.get("mask_token_id")
         mask_id = getattr(self.pipe, "mask_token_id", None) if mask_id is None else mask_id
         eos_id = call.get("eos_token_id")
         eos_id = getattr(self.pipe, "eos_token_id", None) if eos_id is None else eos_id
-        recorder = _Recorder(draws if mi_wanted else None, sampling, mask_id,
-                             int(call["gen_length"]), user_callback, user_inputs)
         generator = call.get("generator")
         semantic = "semantic" in scores
         start_state = generator.get_state() if isinstance(generator, torch.Generator) else None
         global_state = _rng_states() if semantic and generator is None else None
 
-        inputs = sorted(set(_CALLBACK_INPUTS) | set(user_inputs))
-        with ExitStack() as stack:
-            stack.enter_context(_hook(self.head.register_forward_hook(recorder.head_hook)))
-            stack.enter_context(_hook(self.model.register_forward_pre_hook(
-                recorder.model_pre_hook, with_kwargs=True)))
-            result = self.pipe(**call, callback_on_step_end=recorder.callback,
-                               callback_on_step_end_tensor_inputs=inputs)
-        sequences, texts = _unpack(result)
-        if recorder.tokens is None:
-            raise HeadNotCalledError("the pipeline committed no tokens (its step callback never ran)")
-        committed = recorder.step >= 0
+        if self.kind == "canvas":
+            recorder = CanvasRecorder(draws if mi_wanted else None, self.pipe.scheduler,
+                                      cap=getattr(self.model, "final_logit_softcapping", None),
+                                      stability_threshold=call.get("stability_threshold", 1),
+                                      confidence_threshold=call.get("confidence_threshold"),
+                                      user_callback=user_callback, user_inputs=user_inputs)
+            inputs = sorted({"canvas"} | set(user_inputs))
+            with ExitStack() as stack:
+                stack.enter_context(_hook(self.head.register_forward_hook(recorder.head_hook)))
+                stack.enter_context(wrapped_scheduler(self.pipe.scheduler, recorder))
+                result = self.pipe(**call, callback_on_step_end=recorder.callback,
+                                   callback_on_step_end_tensor_inputs=inputs)
+            sequences, texts = _unpack(result)
+            mi, confidence, step = recorder.finish(sequences)
+            if recorder.outside_changes:
+                warnings.warn(f"{recorder.outside_changes} canvas token(s) were changed by something "
+                              "genunc does not model (a step callback?): those lost their record",
+                              stacklevel=2)
+        else:
+            recorder = _Recorder(draws if mi_wanted else None, sampling, mask_id,
+                                 int(call["gen_length"]), user_callback, user_inputs)
+            inputs = sorted(set(_CALLBACK_INPUTS) | set(user_inputs))
+            with ExitStack() as stack:
+                stack.enter_context(_hook(self.head.register_forward_hook(recorder.head_hook)))
+                stack.enter_context(_hook(self.model.register_forward_pre_hook(
+                    recorder.model_pre_hook, with_kwargs=True)))
+                result = self.pipe(**call, callback_on_step_end=recorder.callback,
+                                   callback_on_step_end_tensor_inputs=inputs)
+            sequences, texts = _unpack(result)
+            if recorder.tokens is None:
+                raise HeadNotCalledError("the pipeline committed no tokens (its step callback never ran)")
+            committed = recorder.step >= 0
+            if not torch.equal(recorder.tokens[committed], sequences.cpu()[committed]):
+                warnings.warn("some returned tokens differ from those the pipeline committed (a step "
+                              "callback rewrote them?): their scores describe the committed tokens",
+                              stacklevel=2)
+            mi, confidence, step = recorder.mi, recorder.confidence, recorder.step
+        committed = step >= 0
         seq_cpu = sequences.cpu()
-        if not torch.equal(recorder.tokens[committed], seq_cpu[committed]):
-            warnings.warn("some returned tokens differ from those the pipeline committed (a step "
-                          "callback rewrote them?): their scores describe the committed tokens",
-                          stacklevel=2)
         scored = committed & _through_first_eos(seq_cpu, eos_id)
         out_scores: dict[str, np.ndarray] = {}
         if "mutual_information" in scores:
-            out_scores["mutual_information"] = _reduce(recorder.mi, scored, "mean")
+            out_scores["mutual_information"] = _reduce(mi, scored, "mean")
         if "mutual_information_max" in scores:
-            out_scores["mutual_information_max"] = _reduce(recorder.mi, scored, "max")
+            out_scores["mutual_information_max"] = _reduce(mi, scored, "max")
         if "low_confidence" in scores:
-            out_scores["low_confidence"] = 1 - _reduce(recorder.confidence, scored, "mean")
+            out_scores["low_confidence"] = 1 - _reduce(confidence, scored, "mean")
         if "random" in scores:
             out_scores["random"] = random_scores(int(seed), range(len(sequences)))
-        token_scores = {"confidence": recorder.confidence}
+        token_scores = {"confidence": confidence}
         if mi_wanted:
-            token_scores["mutual_information"] = recorder.mi
+            token_scores["mutual_information"] = mi
         output = WrappedTextOutput(sequences=sequences, texts=texts, pipeline_output=result,
                                    scores=out_scores, token_scores=token_scores,
-                                   committed_at=recorder.step, scored=scored,
+                                   committed_at=step, scored=scored,
                                    num_draws=0 if draws is None else len(draws), seed=int(seed))
         if semantic:
             end_state = _rng_states() if global_state is not None else None

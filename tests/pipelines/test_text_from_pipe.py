@@ -278,12 +278,18 @@ def test_the_llada2_example_runs(repo):
 
 
 def test_a_pipeline_whose_callback_hides_the_commits_is_refused():
-    class CanvasOnly:  # DiffusionGemmaPipeline's callback sees the canvas and logits only
+    class CanvasOnly:  # a callback that sees the canvas only, but no DiffusionGemma model/scheduler
         _callback_tensor_inputs = ["canvas", "logits"]
         model = TinyLLaDA()
 
         def __call__(self, prompt=None, callback_on_step_end=None):
             raise AssertionError("never called")
 
-    with pytest.raises(GenuncError, match="transfer_index"):
+    with pytest.raises(GenuncError, match="canvas_length"):
         TextUncertaintyPipeline.from_pipe(CanvasOnly())
+
+    class BlockOnly(CanvasOnly):
+        _callback_tensor_inputs = ["block_x"]
+
+    with pytest.raises(GenuncError, match="transfer_index"):
+        TextUncertaintyPipeline.from_pipe(BlockOnly())

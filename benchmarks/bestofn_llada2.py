@@ -1,0 +1,168 @@
+"""Best-of-N on the arithmetic task through diffusers' own ``LLaDA2Pipeline`` (``from_pipe``).
+
+The shipped arithmetic model behind ``LLaDA2Pipeline`` + ``BlockRefinementScheduler``
+(:func:`genunc.zoo.arith_llada2.arith_llada2_pipeline`), wrapped with
+``TextUncertaintyPipeline.from_pipe``; the head posterior is fitted with ``upipe.fit_posterior``
+on training (prompt, answer) pairs.  For each held-out prompt (the first `--prompts` of the
+prompt-order stream of the test seed: the prompts ``bestofn_text.py`` uses) the pipeline draws N
+candidates in one call (multinomial sampling at `--temperature`; ``threshold`` above 1 and
+``editing_threshold=None``, so each step commits the scheduler's quota of most confident sampled
+tokens: with ``block_length=5`` and 4 steps, 2, 1, 1 of the 4 answer tokens, then one more model
+call that finds no mask left), with the generator of that prompt's own
+``sampler`` stream.  The M head draws come from the run's ``head_draws`` stream and are shared by
+every call.  Prints:
+
+1. accuracy, model calls per sequence (counted with a hook on the model), wall time of the plain
+   pipeline and of the wrapped one (and that their sequences agree token for token);
+2. accuracy of the selected candidate vs N, majority vote, oracle;
+3. AUROC(wrong) over all candidates and within a prompt, best of N, with percentile bootstrap 95%
+   intervals over prompts (1,000 resamples), next to genunc's own sampler's figures
+   (``bestofn_text.py``, README "Text: best-of-N").
+
+Nothing is tuned: every figure is on the test seed (2000).
+
+Usage:  OMP_NUM_THREADS=1 python benchmarks/bestofn_llada2.py [--prompts 400] [--n 16] [--draws 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+from protocol import TEST_SEED  # benchmarks/protocol.py
+
+from genunc import filtering, streams
+from genunc.metrics.stats import bootstrap_interval
+from genunc.pipelines import TextUncertaintyPipeline
+from genunc.scores import random_scores
+from genunc.tasks import ArithmeticTask
+from genunc.zoo.arith import ARITH_DIR
+from genunc.zoo.arith_llada2 import arith_llada2_pipeline
+from genunc.zoo.pretrained import read_config
+
+SCORES = ("mutual_information", "mutual_information_max", "low_confidence", "random")
+#: genunc's own sampler on the same task (bestofn_text.py --prompts 400 --n 16 --draws 8; README)
+OWN_SAMPLER = {"mutual_information": ("0.673 [0.628, 0.715]", "0.452 [0.419, 0.483]"),
+               "mutual_information_max": ("0.649 [0.600, 0.690]", "0.487 [0.455, 0.518]"),
+               "low_confidence": ("0.668 [0.622, 0.709]", "0.489 [0.431, 0.547]"),
+               "random": ("0.501 [0.486, 0.516]", "0.523 [0.494, 0.551]")}
+
+
+def _ci(interval: tuple[float, float, float], pct: bool = False) -> str:
+    est, low, high = interval
+    if pct:
+        return f"{est:.1%} [{low:.1%}, {high:.1%}]"
+    return f"{est:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=400)
+    parser.add_argument("--n", type=int, default=16, help="candidates per prompt")
+    parser.add_argument("--draws", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--block-length", type=int, default=5,
+                        help="5 or 10 (must divide the 10 positions: the model has no padding)")
+    parser.add_argument("--n-fit", type=int, default=4000, help="training pairs the posterior sees")
+    parser.add_argument("--seed", type=int, default=TEST_SEED, help="the test seed")
+    parser.add_argument("--boot", type=int, default=1000)
+    args = parser.parse_args()
+
+    config = read_config(ARITH_DIR)
+    task = ArithmeticTask(config["task"]["op"], config["task"]["digits"])
+    pipe = arith_llada2_pipeline()
+    upipe = TextUncertaintyPipeline.from_pipe(pipe)
+    split = task.split()
+    tic = time.perf_counter()
+    upipe.fit_posterior([(task.problem_text(a, b), task.answer_text(task.solve(a, b)))
+                         for a, b in split["train"][: args.n_fit]], repeats=2, seed=args.seed)
+    print(f"posterior ({time.perf_counter() - tic:.0f} s): {upipe.posterior.summary()}")
+    draws = upipe.posterior.sample(args.draws, seed=streams.torch_generator(args.seed, "head_draws"))
+
+    pairs = split["test"]
+    pairs = pairs[streams.numpy_generator(args.seed, "prompt_order").permutation(len(pairs))[: args.prompts]]
+    p, n = len(pairs), args.n
+    texts = [task.problem_text(a, b) for a, b in pairs]
+    call = dict(gen_length=task.answer_digits, block_length=args.block_length,
+                num_inference_steps=task.answer_digits, temperature=args.temperature,
+                threshold=1.01, editing_threshold=None, use_chat_template=False)
+
+    calls = [0]
+    counter = pipe.model.register_forward_pre_hook(lambda module, inputs: calls.__setitem__(0, calls[0] + 1))
+    try:
+        tic = time.perf_counter()
+        plain = [pipe(prompt=[t] * n, generator=streams.torch_generator(args.seed, "sampler_noise", i),
+                      **call).sequences for i, t in enumerate(texts)]
+        t_plain, nfe_plain = time.perf_counter() - tic, calls[0]
+        calls[0] = 0
+        tic = time.perf_counter()
+        outs = [upipe(prompt=[t] * n, generator=streams.torch_generator(args.seed, "sampler_noise", i),
+                      draws=draws, scores=SCORES[:-1], **call) for i, t in enumerate(texts)]
+        t_wrapped, nfe_wrapped = time.perf_counter() - tic, calls[0]
+    finally:
+        counter.remove()
+    same = all(torch.equal(a, o.sequences) for a, o in zip(plain, outs))
+
+    full = torch.cat([torch.cat([task.prompts(pairs[i : i + 1]).repeat(n, 1)[:, : task.prompt_length],
+                                 o.sequences], 1) for i, o in enumerate(outs)])
+    correct = task.check(full).reshape(p, n)
+    answers = np.array([task.decode(t[task.prompt_length :]) for t in full]).reshape(p, n)
+    scores = {k: np.concatenate([o.scores[k] for o in outs]).reshape(p, n) for k in SCORES[:-1]}
+    scores["random"] = random_scores(args.seed, range(p * n)).reshape(p, n)
+
+    print(f"\n{p} held-out prompts x {n} candidates through LLaDA2Pipeline + BlockRefinementScheduler "
+          f"(multinomial, temperature {args.temperature}); M = {args.draws}")
+    print(f"single-sample accuracy: {correct.mean():.1%} (genunc's own sampler: 28.7%, 400 x 16)")
+    schedule = pipe.scheduler.get_num_transfer_tokens(args.block_length, task.answer_digits).tolist()
+    print(f"model calls per sequence (NFE; one call serves the {n} rows of a prompt): plain "
+          f"{nfe_plain / p:.2f}, wrapped {nfe_wrapped / p:.2f}; block_length {args.block_length}, "
+          f"commit quota per step {schedule}")
+    print(f"wall time ({torch.get_num_threads()} thread(s)): plain pipeline {t_plain:.1f} s, wrapped "
+          f"with MI {t_wrapped:.1f} s ({t_wrapped / t_plain:.2f}x); sequences equal token for token: {same}")
+
+    ns = [k for k in (1, 2, 4, 8, 16, 32) if k <= n]
+    print("\naccuracy of the selected candidate vs N")
+    print(f"{'selector':<26}" + "".join(f"{'N=' + str(k):>8}" for k in ns))
+    for name in SCORES:
+        accs = [correct[np.arange(p), scores[name][:, :k].argmin(1)].mean() for k in ns]
+        print(f"{name:<26}" + "".join(f"{a:>8.1%}" for a in accs))
+    vote = []
+    for k in ns:
+        hits = []
+        for i in range(p):
+            top = Counter(answers[i, :k]).most_common(1)[0][0]
+            hits.append(correct[i, list(answers[i, :k]).index(top)])
+        vote.append(np.mean(hits))
+    print(f"{'majority vote':<26}" + "".join(f"{a:>8.1%}" for a in vote))
+    print(f"{'oracle (any right)':<26}" + "".join(f"{correct[:, :k].any(1).mean():>8.1%}" for k in ns))
+
+    mixed = np.flatnonzero(correct.any(1) & ~correct.all(1))
+    flat_correct = correct.ravel()
+    prompt_ids = np.arange(p)
+    print(f"\nAUROC(wrong) over all candidates and within a prompt ({len(mixed)} prompts with right and "
+          f"wrong candidates); genunc's own sampler (400 x 16) alongside")
+    print(f"| score | AUROC(wrong) | within prompt | best of {n} | acc kept 50% | own sampler: AUROC | "
+          "own: within prompt |")
+    print("|---|---|---|---|---:|---|---|")
+    for name in SCORES:
+        sc = scores[name]
+        kept50 = flat_correct[filtering.keep_fraction(sc.ravel(), 0.5)].mean()
+        overall = bootstrap_interval(
+            lambda i, sc=sc: filtering.auroc(sc[i].ravel(), ~correct[i].ravel()), prompt_ids,
+            n_boot=args.boot)
+        within = bootstrap_interval(
+            lambda i, sc=sc: np.mean([filtering.auroc(sc[j], ~correct[j]) for j in i]), mixed,
+            n_boot=args.boot)
+        best = bootstrap_interval(
+            lambda i, sc=sc: correct[i][np.arange(len(i)), sc[i].argmin(1)].mean(), prompt_ids,
+            n_boot=args.boot)
+        own = OWN_SAMPLER[name]
+        print(f"| {name} | {_ci(overall)} | {_ci(within)} | {_ci(best, pct=True)} | {kept50:.1%} "
+              f"| {own[0]} | {own[1]} |")
+
+
+if __name__ == "__main__":
+    main()

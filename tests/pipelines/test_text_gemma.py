@@ -1,0 +1,264 @@
+"""TextUncertaintyPipeline.from_pipe on diffusers' DiffusionGemmaPipeline: commits read from the
+user's own scheduler (genunc.pipelines.text_canvas).
+
+A tiny random ``DiffusionGemmaForBlockDiffusion`` (2 layers, 2 experts, hidden 16, canvas 4,
+final-logit softcapping 30, LM head tied to the embeddings) built from a config, and a word-level
+tokenizer with a one-line chat template: no hub, seconds.
+"""
+
+import functools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
+    pytest.skip("transformers without DiffusionGemma", allow_module_level=True)
+from diffusers import (  # noqa: E402
+    BlockRefinementScheduler,
+    DiffusionGemmaPipeline,
+    DiscreteDDIMScheduler,
+    EntropyBoundScheduler,
+)
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    DiffusionGemmaConfig,
+    DiffusionGemmaForBlockDiffusion,
+    PreTrainedTokenizerFast,
+)
+
+from genunc.errors import GenuncError  # noqa: E402
+from genunc.pipelines.text import TextUncertaintyPipeline  # noqa: E402
+from genunc.pipelines.text_canvas import softcap  # noqa: E402
+from genunc.posterior import HeadDraws, HeadPosterior  # noqa: E402
+from genunc.scores.tokens import mutual_information  # noqa: E402
+
+WORDS = ["<pad>", "<eos>", "<bos>", "<unk>", *map(str, range(10)), "+", "=", "a", "b", "c", "d"]
+PROMPTS = ["1 + 2 =", "3 + 4 ="]
+CALL = dict(gen_length=8, num_inference_steps=8)
+HIDDEN = 16
+
+
+def tokenizer():
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="<eos>",
+                                  bos_token="<bos>", unk_token="<unk>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tok
+
+
+def tiny_model(seed=0):
+    text = dict(vocab_size=len(WORDS), hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, global_head_dim=8,
+                sliding_window=8, max_position_embeddings=128,
+                layer_types=["sliding_attention", "full_attention"], num_experts=2, top_k_experts=1,
+                moe_intermediate_size=16)
+    torch.manual_seed(seed)
+    return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=text, canvas_length=4)).eval()
+
+
+def pipeline(scheduler=None, seed=0):
+    pipe = DiffusionGemmaPipeline(model=tiny_model(seed), scheduler=scheduler or BlockRefinementScheduler(),
+                                  processor=tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A wrapper with a diagonal posterior fitted on the head's inputs of a plain run (argmax targets)."""
+    pipe = pipeline()
+    kept = []
+    handle = pipe.model.lm_head.register_forward_hook(
+        lambda m, a, o: kept.append((a[0].reshape(-1, HIDDEN), o.reshape(-1, o.shape[-1]).argmax(-1))))
+    pipe(prompt=["1 + 2 =", "3 + 4 =", "5 + 5 ="], generator=gen(1), temperature=1.0, **CALL)
+    handle.remove()
+    features, targets = (torch.cat(t).detach() for t in zip(*kept))
+    posterior = HeadPosterior.fit_features(pipe.model.lm_head, (features, targets),
+                                           likelihood="classification", head_name="lm_head",
+                                           prior_precision=1.0)
+    return TextUncertaintyPipeline.from_pipe(pipe, posterior=posterior)
+
+
+def calls_of(pipe, fn):
+    count = [0]
+    handle = pipe.model.register_forward_pre_hook(lambda m, a: count.__setitem__(0, count[0] + 1))
+    try:
+        return fn(), count[0]
+    finally:
+        handle.remove()
+
+
+SCHEDULERS = [BlockRefinementScheduler, EntropyBoundScheduler, DiscreteDDIMScheduler,
+              lambda: DiscreteDDIMScheduler(corrector_steps=2, corrector_k=2)]
+OPTIONS = [dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.7, confidence_threshold=None),
+           dict(temperature=1.0, confidence_threshold=10.0),  # the adaptive stop fires (DDIM)
+           dict(temperature=1.0, confidence_threshold=2.9, stability_threshold=2)]
+
+
+@pytest.mark.parametrize("make", SCHEDULERS,
+                         ids=["block_refinement", "entropy_bound", "ddim", "ddim_corrector"])
+def test_output_equals_the_plain_pipeline(fitted, make):
+    pipe = fitted.pipe
+    pipe.scheduler = make()
+    try:
+        for options in OPTIONS:
+            g_plain, g_wrapped = gen(3), gen(3)
+            plain, n_plain = calls_of(pipe, functools.partial(
+                pipe, prompt=PROMPTS, generator=g_plain, **CALL, **options))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # genunc's mirror of the pipeline saw every change
+                out, n_wrapped = calls_of(pipe, functools.partial(
+                    fitted, prompt=PROMPTS, generator=g_wrapped, num_draws=4, **CALL, **options,
+                    scores=("mutual_information", "mutual_information_max", "low_confidence")))
+            assert torch.equal(out.sequences, plain.sequences) and out.texts == plain.texts
+            assert torch.equal(g_plain.get_state(), g_wrapped.get_state()) and n_plain == n_wrapped
+            mi, committed = out.token_scores["mutual_information"], out.committed_at >= 0
+            assert mi.shape == out.sequences.shape
+            assert torch.isfinite(mi[committed]).all() and torch.isnan(mi[~committed]).all()
+            assert (mi[committed] > 0).all()
+            conf = out.token_scores["confidence"][committed]
+            assert ((conf > 0) & (conf <= 1)).all()
+            assert np.isfinite(out.scores["mutual_information"]).all()
+            assert "step" not in vars(pipe.scheduler) and "step_correct" not in vars(pipe.scheduler)
+    finally:
+        pipe.scheduler = BlockRefinementScheduler()
+
+
+def test_block_refinement_commits_every_position_once(fitted):
+    """BlockRefinement commits each canvas position exactly once: every returned token is scored,
+    at the step the scheduler's transfer_index named it."""
+    seen = []
+    original = fitted.pipe.scheduler.step
+
+    @functools.wraps(original)  # the pipeline passes only the arguments step's signature names
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out.transfer_index.clone())
+        return out
+
+    fitted.pipe.scheduler.step = spy
+    try:
+        out = fitted(prompt=PROMPTS, generator=gen(4), num_draws=3, temperature=1.0,
+                     confidence_threshold=None, **CALL)
+    finally:
+        del fitted.pipe.scheduler.step
+    assert fitted.pipe.scheduler.step == original  # the user's own wrapper was left as found
+    assert (out.committed_at >= 0).all()
+    for step, transfer in enumerate(seen):
+        canvas = step // CALL["num_inference_steps"]
+        block = out.committed_at[:, canvas * 4 : (canvas + 1) * 4]
+        assert torch.equal(block == step, transfer)
+
+
+def test_commit_time_mi_recomputed_by_hand_through_the_softcap(fitted):
+    """The first step's commits: MI of the draws on that call's head input, softcapped as the model
+    does, at the scheduler's temperature; the MAP through genunc's transform is the model's logits."""
+    draws = fitted.posterior.sample(4, seed=1)
+    kept = []
+    handle = fitted.model.lm_head.register_forward_hook(lambda m, a, o: kept.append(a[0].detach()))
+    logits = []
+    original = fitted.pipe.scheduler.step
+
+    @functools.wraps(original)
+    def spy(*args, **kwargs):
+        logits.append(kwargs["model_output"])
+        return original(*args, **kwargs)
+
+    fitted.pipe.scheduler.step = spy
+    try:
+        out = fitted(prompt=PROMPTS, generator=gen(2), draws=draws, temperature=0.5,
+                     confidence_threshold=None, **CALL)
+    finally:
+        handle.remove()
+        del fitted.pipe.scheduler.step
+    assert fitted.model.final_logit_softcapping == 30.0
+    torch.testing.assert_close(softcap(fitted.model.lm_head(kept[0]), 30.0), logits[0])
+    expected = mutual_information(softcap(draws.apply(kept[0]), 30.0) / 0.5)  # (2, 4)
+    first = out.committed_at[:, :4] == 0
+    assert first.any()
+    torch.testing.assert_close(out.token_scores["mutual_information"][:, :4][first], expected[first])
+
+
+def test_collapsed_posterior_gives_zero_mi_and_leaves_the_tied_embedding_alone(fitted):
+    model = fitted.model
+    before = model.model.decoder.embed_tokens.weight.detach().clone()
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    mean = HeadDraws.from_flat(fitted.posterior.mean.repeat(3, 1), fitted.posterior.ops)
+    out = fitted(prompt=PROMPTS, generator=gen(5), draws=mean, temperature=1.0, **CALL,
+                 scores=("mutual_information", "semantic"), extractor=bag_of_words)
+    committed = out.committed_at >= 0
+    assert (out.token_scores["mutual_information"][committed] < 1e-12).all()
+    for m in range(3):
+        assert torch.equal(out.draw_sequences[m], out.sequences)  # same generator state, MAP head
+    tight = fitted.posterior.with_prior_precision(1e12)
+    out = fitted(prompt=PROMPTS, generator=gen(5), draws=tight.sample(3), temperature=1.0, **CALL)
+    assert out.scores["mutual_information"].max() < 1e-8
+    wide = fitted.posterior.with_prior_precision(1e-3)
+    out = fitted(prompt=PROMPTS, generator=gen(5), draws=wide.sample(3, seed=2), temperature=1.0, **CALL,
+                 scores=("mutual_information", "semantic"), extractor=bag_of_words)
+    assert out.scores["mutual_information"].min() > 1e-4 and np.isfinite(out.scores["semantic"]).all()
+    assert torch.equal(model.model.decoder.embed_tokens.weight, before)  # bit for bit
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+
+
+def bag_of_words(texts):
+    return np.array([[text.split().count(w) for w in WORDS] for text in texts], dtype=float)
+
+
+def test_reproducible_and_the_user_callback_still_runs(fitted):
+    a, b = (fitted(prompt=PROMPTS, generator=gen(9), num_draws=3, seed=4, temperature=1.0, **CALL)
+            for _ in range(2))
+    assert torch.equal(a.sequences, b.sequences)
+    np.testing.assert_array_equal(a.scores["mutual_information"], b.scores["mutual_information"])
+    c = fitted(prompt=PROMPTS, generator=gen(9), num_draws=3, seed=5, temperature=1.0, **CALL)
+    assert not np.array_equal(c.scores["mutual_information"], a.scores["mutual_information"])
+    seen = []
+
+    def callback(pipe, step, timestep, kwargs):
+        seen.append(sorted(kwargs))
+        return kwargs
+
+    out = fitted(PROMPTS, generator=gen(9), num_draws=2, temperature=1.0, callback_on_step_end=callback,
+                 callback_on_step_end_tensor_inputs=["logits"], **CALL)
+    assert seen and all(keys == ["logits"] for keys in seen)
+    assert torch.equal(out.sequences, a.sequences)
+
+
+def test_a_callback_that_edits_the_canvas_loses_those_records(fitted):
+    def edit(pipe, step, timestep, kwargs):
+        canvas = kwargs["canvas"].clone()
+        canvas[:, 0] = 5  # the digit "1" at every canvas's first position
+        return {"canvas": canvas}
+
+    plain = fitted.pipe(PROMPTS, generator=gen(6), temperature=1.0, confidence_threshold=None,
+                        callback_on_step_end=edit, **CALL)
+    with pytest.warns(UserWarning, match="changed by something genunc does not model"):
+        out = fitted(PROMPTS, generator=gen(6), num_draws=2, temperature=1.0, confidence_threshold=None,
+                     callback_on_step_end=edit, **CALL)
+    assert torch.equal(out.sequences, plain.sequences)
+    assert (out.sequences[:, ::4] == 5).all()
+    # a position keeps its record only where the scheduler itself committed the token the callback forces
+    assert torch.isnan(out.token_scores["mutual_information"][:, ::4]).any()
+    assert torch.isfinite(out.token_scores["mutual_information"][:, 1::4]).all()
+
+
+def test_unsupported_scheduler_and_fitting_are_refused(fitted):
+    class OtherScheduler:
+        def step(self, model_output, timestep, sample):
+            raise AssertionError("never called")
+
+    pipe = pipeline()
+    pipe.scheduler = OtherScheduler()
+    with pytest.raises(GenuncError, match="BlockRefinementScheduler"):
+        TextUncertaintyPipeline.from_pipe(pipe)
+    with pytest.raises(GenuncError, match="fit_features"):
+        fitted.fit_posterior([("1 + 2 =", "3")])
