@@ -120,7 +120,7 @@ def main() -> None:
     print(f"chosen: {window}, target {target}")
 
     test, wrong = runs["test"]
-    scores = dict(test.scores)
+    scores = {k: v for k, v in test.scores.items() if not k.endswith("_se")}  # not scores
     scores["variability (paper: all steps, noise)"] = scores.pop("variability")
     scores[f"variability ({window}, {target}; val.)"] = windowed_variability(
         test, pipe.adapter.alphas_cumprod, windows(args.steps)[window], target)
