@@ -35,6 +35,13 @@ then through what the scheduler applies before sampling):
 A position whose token changed without a commit (renoised, corrector, a user callback's edit)
 loses its record.  Each canvas's expected final tokens are checked against what the pipeline
 returns; a position that differs gets NaN and a warning.
+
+Fitting (:func:`collect_canvas_head_data`, behind ``WrappedTextPipeline.fit_posterior``): the prompt
+is encoded into the encoder's KV cache and ``pipe.model`` is called on a canvas exactly as the
+pipeline calls them for a first canvas; the clean canvas (answer, EOS, pad) is corrupted by the
+uniform kernel the schedulers invert (``DiscreteDDIMScheduler``: survival ``alpha = 1 - t``, else
+a uniformly random vocabulary token, as the pipeline's ``torch.randint`` canvas noise), and the
+likelihood is on the softcapped logits.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
@@ -290,3 +298,103 @@ def _block_refinement_sampling(kwargs: dict[str, Any]) -> Any:
     return functools.partial(sampling_logits, temperature=float(kwargs.get("temperature", 0.0)),
                              top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
                              sampling_method=kwargs.get("sampling_method", "auto"))
+
+
+# ---------------------------------------------------------------------- fitting data
+def canvas_prompt_ids(processor: Any, prompt: str) -> tuple[Tensor, Tensor]:
+    """``(P,)`` prompt ids and attention mask as ``DiffusionGemmaPipeline(prompt=prompt)`` encodes
+    them: one user turn through the processor's chat template, generation prompt added."""
+    encoded = processor.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, tokenize=True,
+                                            return_tensors="pt", return_dict=True)
+    ids = torch.as_tensor(encoded["input_ids"]).reshape(-1)
+    mask = encoded.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(-1)
+    return ids.long(), mask.long()
+
+
+def uniform_corruption(clean: Tensor, vocab_size: int, generator: torch.Generator) -> Tensor:
+    """``x_t ~ Cat(alpha x_0 + (1 - alpha) / K)`` per position, ``alpha = 1 - t``, ``t ~ U(0, 1)``
+    per row: each token survives with probability alpha, otherwise it is replaced by a token drawn
+    uniformly from the whole vocabulary (which may be the clean one again).  The forward process
+    of ``DiscreteDDIMScheduler`` (linear schedule) and of the pipeline's canvas, whose noise is
+    ``torch.randint(0, vocab_size)``."""
+    batch, length = clean.shape
+    alpha = 1 - torch.rand(batch, 1, generator=generator)
+    keep = torch.rand(batch, length, generator=generator) < alpha
+    noise = torch.randint(0, vocab_size, (batch, length), generator=generator)
+    return torch.where(keep, clean, noise)
+
+
+@torch.no_grad()
+def collect_canvas_head_data(model: nn.Module, head: nn.Module,
+                             examples: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]], *,
+                             repeats: int, generator: torch.Generator, batch_size: int,
+                             self_conditioning: float, corrupted_only: bool) -> tuple[Tensor, Tensor]:
+    """Head inputs ``(N, hidden)`` and clean target ids ``(N,)`` on corrupted canvases.
+
+    `examples`: ``(prompt ids (P,), prompt attention (P,), clean canvas (C,), target positions
+    (C,) bool)``.  Examples with prompts of one length are batched.  Per batch the prompt is
+    encoded once into a ``DynamicCache`` and the decoder is called against it exactly as
+    ``DiffusionGemmaPipeline`` calls ``pipe.model`` on a first canvas (same keyword arguments, mask
+    built by the decoder's ``create_diffusion_decoder_attention_mask``, positions after the
+    prompt); each repeat corrupts the canvas (:func:`uniform_corruption`).  A row's head input
+    comes from the call without self-conditioning (the pipeline's first step) or, with probability
+    `self_conditioning`, from a second call conditioned on the first call's logits (its later
+    steps, which feed the previous logits back).
+    """
+    from transformers import DynamicCache
+
+    kept: dict[str, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        kept["features"] = args[0].detach()
+
+    def call(canvas: Tensor, cache: Any, mask: Any, positions: Tensor, sc: Tensor | None) -> Any:
+        kept.clear()
+        out = model(decoder_input_ids=canvas, past_key_values=cache, self_conditioning_logits=sc,
+                    decoder_attention_mask=mask, decoder_position_ids=positions)
+        if "features" not in kept:
+            raise HeadNotCalledError("the vocabulary head was not called by the model's forward")
+        return out.logits, kept["features"]
+
+    text_config = model.config.get_text_config(decoder=True)
+    vocab_size = int(text_config.vocab_size)
+    device = next(model.parameters()).device
+    by_length: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+    for example in examples:
+        by_length.setdefault(len(example[0]), []).append(example)
+    feats, targets = [], []
+    was_training = model.training
+    model.eval()
+    handle = head.register_forward_hook(hook)
+    try:
+        for length in sorted(by_length):
+            group = by_length[length]
+            for start in range(0, len(group), batch_size):
+                chunk = group[start : start + batch_size]
+                prompt, attention, clean, target = (torch.stack(t) for t in zip(*chunk))
+                batch, canvas_length = clean.shape
+                prompt, attention = prompt.to(device), attention.to(device)
+                cache = DynamicCache(config=text_config)
+                model.model.encoder(input_ids=prompt, attention_mask=attention, past_key_values=cache,
+                                    position_ids=torch.arange(0, length, device=device).unsqueeze(0))
+                decoder_attention = F.pad(attention.bool(), (0, canvas_length), value=True)
+                mask = model.model.decoder.create_diffusion_decoder_attention_mask(
+                    config=model.config, inputs_embeds=torch.empty((batch, canvas_length, 0), device=device),
+                    past_key_values=cache, decoder_attention_mask=decoder_attention)
+                positions = torch.arange(length, length + canvas_length, device=device).unsqueeze(0)
+                for _ in range(repeats):
+                    x_t = uniform_corruption(clean, vocab_size, generator)
+                    conditioned = torch.rand(batch, generator=generator) < self_conditioning
+                    logits, phi = call(x_t.to(device), cache, mask, positions, None)
+                    if conditioned.any():
+                        _, phi_sc = call(x_t.to(device), cache, mask, positions, logits)
+                        phi = torch.where(conditioned.to(device)[:, None, None], phi_sc, phi)
+                    rows = target & (x_t != clean) if corrupted_only else target
+                    feats.append(phi[rows.to(device)].float().cpu())
+                    targets.append(clean[rows])
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(targets)

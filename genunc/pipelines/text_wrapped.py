@@ -347,22 +347,91 @@ class WrappedTextPipeline:
         free[len(prompt_ids):] = True
         return ids, free
 
+    def _canvas_examples(self, data: Iterable[str | tuple[str, str]],
+                         use_chat_template: bool) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``(prompt ids, prompt attention, clean canvas, target positions)`` per example.
+
+        The prompt as ``DiffusionGemmaPipeline(prompt=...)`` encodes it (the processor's chat
+        template, generation prompt added); a plain string is an answer to the empty prompt.  The
+        canvas: the answer's tokens, EOS, then the pad token up to ``config.canvas_length`` (what
+        transformers' DiffusionGemma ``generate`` writes after EOS); targets: answer and EOS.
+        """
+        if not use_chat_template:
+            raise GenuncError("DiffusionGemmaPipeline always encodes prompts with the chat template; "
+                              "fit with use_chat_template=True")
+        processor, tok = getattr(self.pipe, "processor", None), self.tokenizer
+        if processor is None or tok is None:
+            raise GenuncError("fitting from text needs the pipeline's processor")
+        canvas_length = int(self.model.config.canvas_length)
+        text_config = self.model.config.get_text_config(decoder=True)
+        eos = getattr(self.pipe, "eos_token_id", None)
+        eos = getattr(tok, "eos_token_id", None) if eos is None else eos
+        if eos is None:
+            raise GenuncError("the pipeline's tokenizer has no EOS token: an answer's end cannot be marked")
+        pad = getattr(tok, "pad_token_id", None)
+        pad = getattr(text_config, "pad_token_id", None) if pad is None else pad
+        pad = eos if pad is None else pad
+        from genunc.pipelines.text_canvas import canvas_prompt_ids
+
+        examples = []
+        for i, item in enumerate(data):
+            prompt, answer = ("", item) if isinstance(item, str) else item
+            ids, attention = canvas_prompt_ids(processor, prompt)
+            if not len(ids):
+                raise ShapeMismatchError(f"example {i}: the prompt {prompt!r} encodes to no tokens, "
+                                         "so the encoder has nothing to read (the pipeline fails on it too)")
+            answer_ids = [*tok(answer, add_special_tokens=False)["input_ids"], int(eos)]
+            if len(answer_ids) > canvas_length:
+                raise ShapeMismatchError(
+                    f"example {i}: the answer and its EOS take {len(answer_ids)} tokens, more than one "
+                    f"canvas ({canvas_length}); genunc fits one canvas per example: shorten the answer")
+            clean = torch.full((canvas_length,), int(pad), dtype=torch.long)
+            clean[: len(answer_ids)] = torch.tensor(answer_ids, dtype=torch.long)
+            target = torch.zeros(canvas_length, dtype=torch.bool)
+            target[: len(answer_ids)] = True
+            examples.append((ids, attention, clean, target))
+        if not examples:
+            raise ShapeMismatchError("no examples to fit on")
+        return examples
+
     @torch.no_grad()
     def collect_head_data(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
-                          seed: int = 0, batch_size: int = 16,
-                          use_chat_template: bool = True) -> tuple[Tensor, Tensor]:
-        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` at masked answer positions.
+                          seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
+                          self_conditioning: float | None = None,
+                          corrupted_only: bool = False) -> tuple[Tensor, Tensor]:
+        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` on corrupted answers.
 
-        Each example is masked `repeats` times at a random level ``t ~ U(1/L, 1)`` over its
-        maskable tokens (at least one), the convention of
+        ``LLaDA2Pipeline``: each example is masked `repeats` times at a random level
+        ``t ~ U(1/L, 1)`` over its maskable tokens (at least one), the convention of
         :meth:`MaskedDiffusionLMAdapter.training_pairs`, and the model is called as the pipeline
-        calls it (2-D attention mask, position ids).  Examples of one length are batched.
+        calls it (2-D attention mask, position ids); targets at masked positions.  Examples of one
+        length are batched.
+
+        ``DiffusionGemmaPipeline`` (see :meth:`_canvas_examples` and
+        :func:`~genunc.pipelines.text_canvas.collect_canvas_head_data`): the prompt goes through
+        the model's encoder into a KV cache as the pipeline encodes it; the answer and its EOS
+        are the clean decoder canvas (the rest of the canvas filled with the pad token), corrupted
+        `repeats` times by the uniform kernel at ``alpha = 1 - t``, ``t ~ U(0, 1)``; targets are
+        the clean answer and EOS tokens at every answer position, corrupted or not (the denoiser
+        predicts the clean token everywhere, and the pipeline samples every canvas position from
+        its logits); ``corrupted_only=True`` keeps only positions whose token the noise changed.
+        A row's head input comes from the pipeline's first-step call (no self-conditioning) or,
+        with probability ``self_conditioning`` (default 0.5), from a second call conditioned on
+        the first call's logits, as the pipeline's later steps are.
         """
         if self.kind == "canvas":
-            raise GenuncError("fit_posterior does not yet build DiffusionGemma's uniform-corruption "
-                              "canvases: fit with HeadPosterior.fit_features(pipe.model.lm_head, "
-                              "(head inputs, target ids), likelihood='classification', "
-                              "head_name='lm_head') and pass posterior=")
+            from genunc.pipelines.text_canvas import collect_canvas_head_data
+
+            examples = self._canvas_examples(data, use_chat_template)
+            p = 0.5 if self_conditioning is None else float(self_conditioning)
+            if not 0 <= p <= 1:
+                raise GenuncError(f"self_conditioning is a probability, got {self_conditioning}")
+            return collect_canvas_head_data(self.model, self.head, examples, repeats=repeats,
+                                            generator=as_generator(seed), batch_size=batch_size,
+                                            self_conditioning=p, corrupted_only=corrupted_only)
+        if self_conditioning is not None or corrupted_only:
+            raise GenuncError("self_conditioning and corrupted_only describe DiffusionGemma's canvases; "
+                              "LLaDA2Pipeline's targets are its masked positions")
         mask_id = getattr(self.pipe, "mask_token_id", None)
         if mask_id is None:
             raise GenuncError("the pipeline has no mask_token_id (set it on the tokenizer)")
@@ -413,18 +482,26 @@ class WrappedTextPipeline:
 
     def fit_posterior(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
                       seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
+                      self_conditioning: float | None = None, corrupted_only: bool = False,
                       **fit_kwargs: Any) -> HeadPosterior:
         """Fit the head posterior on texts or ``(prompt, answer)`` pairs.
 
         Tokenised with the pipeline's tokenizer (the prompt as the pipeline encodes it, the
-        answer followed by EOS); answer tokens are masked (see :meth:`collect_head_data`) and the
-        head is fitted with the classification likelihood on the head's inputs there.
+        answer followed by EOS); answers are corrupted as the model is trained (masked for
+        LLaDA2, uniform noise on the canvas for DiffusionGemma, see :meth:`collect_head_data`)
+        and the head is fitted with the classification likelihood on the head's inputs there.
+        DiffusionGemma's likelihood is on its softcapped logits (``final_logit_softcapping``, as
+        it samples from them; ``output_softcap`` of :meth:`HeadPosterior.fit_features`).
         ``fit_kwargs`` go to :meth:`HeadPosterior.fit_features` (structure, prior_precision,
         ``unseen_classes``: by default vocabulary rows no target names stay at their values).
         """
         features, targets = self.collect_head_data(data, repeats=repeats, seed=seed,
                                                    batch_size=batch_size,
-                                                   use_chat_template=use_chat_template)
+                                                   use_chat_template=use_chat_template,
+                                                   self_conditioning=self_conditioning,
+                                                   corrupted_only=corrupted_only)
+        if self.kind == "canvas":
+            fit_kwargs.setdefault("output_softcap", getattr(self.model, "final_logit_softcapping", None))
         self.posterior = HeadPosterior.fit_features(self.head, (features, targets),
                                                     likelihood="classification",
                                                     head_name=self.head_name, **fit_kwargs)

@@ -41,14 +41,18 @@ class LinearHeadGGN(CurvlinopsGGN):
         """Diagonal of the likelihood's Hessian w.r.t. the head's own outputs, per row.
 
         The model may rescale the head's outputs (one noise scale per output group) or compute
-        some of its outputs without parameters (frozen classes): the chain rule then scales by
-        1/scale^2 and keeps the head's own columns.
+        some of its outputs without parameters (frozen classes), or cap them
+        (``f = c tanh(z / c)``): the chain rule then scales by 1/scale^2, by
+        ``(dz f)^2 = (1 - (f / c)^2)^2``, and keeps the head's own columns.
         """
         if self.likelihood == "regression":
             lam = torch.ones_like(f)
         else:  # softmax cross-entropy: the output Hessian's diagonal is p (1 - p)
             p = torch.softmax(f, dim=-1)
             lam = p * (1 - p)
+        cap = getattr(self.model, "softcap", None)
+        if cap is not None:
+            lam = lam * (1 - (f / cap).square()).square()
         scale = getattr(self.model, "output_scale", None)
         if scale is not None:
             lam = lam / scale.square()
@@ -70,7 +74,8 @@ class LinearHeadGGN(CurvlinopsGGN):
 
     def kron(self, x: Tensor, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
         head = self._closed_form_head()
-        if head is None or self.likelihood != "regression" or getattr(head, "groups", 1) != 1:
+        if (head is None or self.likelihood != "regression" or getattr(head, "groups", 1) != 1
+                or getattr(self.model, "softcap", None) is not None):
             return super().kron(x, y, N=N, **kwargs)
         with torch.no_grad():
             f = self.model(x)

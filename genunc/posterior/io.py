@@ -55,6 +55,7 @@ def save_posterior(posterior: "HeadPosterior", directory: str | os.PathLike[str]
         "likelihood": posterior.likelihood,
         "head_name": posterior.head_name,
         "row_wise": posterior.ops.row_wise,
+        "output_softcap": getattr(model, "softcap", None),
         "fingerprint": posterior.fingerprint,
         **laplace_meta,
         "info": posterior.info,
@@ -131,7 +132,7 @@ def load_posterior(
         kept = torch.unique(rows.to(device)[subset])
     la = Laplace(
         _RowModel(head_copy, meta["row_wise"], output_scale=tensors.get("output_scale"),
-                  kept_outputs=kept),
+                  kept_outputs=kept, softcap=meta.get("output_softcap")),
         meta["likelihood"],
         subset_of_weights="all",
         hessian_structure=meta["structure"],

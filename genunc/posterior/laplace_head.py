@@ -46,12 +46,21 @@ class _RowModel(nn.Module):
     * ``kept_outputs`` makes only those output rows of a Linear head parameters; the others
       become buffers at their pretrained values, so classes no target ever names (a masked
       model's mask token) stay out of the posterior instead of sitting at the prior.
+
+    ``softcap`` puts the outputs through ``softcap * tanh(out / softcap)`` (a model's final-logit
+    softcapping, as DiffusionGemma's): the likelihood is then on the capped outputs, while the
+    posterior stays one over the head's weights (draws give the head's raw outputs).
     """
 
     def __init__(self, head: nn.Module, row_wise: bool, output_scale: Tensor | None = None,
-                 kept_outputs: Tensor | None = None) -> None:
+                 kept_outputs: Tensor | None = None, softcap: float | None = None) -> None:
         super().__init__()
         self.row_wise = row_wise
+        if softcap is not None and not softcap > 0:
+            raise GenuncError(f"softcap must be positive, got {softcap}")
+        if softcap is not None and output_scale is not None:
+            raise GenuncError("a softcapped head takes no per-output noise scales")
+        self.softcap = None if softcap is None else float(softcap)
         self.kept_outputs: Tensor | None
         if kept_outputs is not None:
             head = self._keep_rows(head, kept_outputs)
@@ -91,6 +100,8 @@ class _RowModel(nn.Module):
         if self.kept_outputs is not None:
             frozen = nn.functional.linear(rows, self.frozen_weight, self.frozen_bias)
             out = torch.cat([out, frozen], -1).index_select(-1, self.order)
+        if self.softcap is not None:
+            out = torch.tanh(out / self.softcap) * self.softcap
         if self.output_scale is not None:
             out = out / self.output_scale
         return out if self.row_wise else out.flatten(1)
@@ -196,6 +207,7 @@ class HeadPosterior(LaplaceQuantities):
         progress: bool = False,
         output_groups: Mapping[str, slice] | None = None,
         unseen_classes: Literal["freeze", "prior"] = "freeze",
+        output_softcap: float | None = None,
     ) -> "HeadPosterior":
         """Laplace over `head`'s weights given its input rows and targets.
 
@@ -237,7 +249,10 @@ class HeadPosterior(LaplaceQuantities):
         for p in head_copy.parameters():
             p.requires_grad_(True)
         ops = head_ops_for(head_copy)
-        model = _RowModel(head_copy, ops.row_wise)
+        if output_softcap is not None and output_groups and likelihood == "regression":
+            raise GenuncError("output_softcap does not combine with per-group noise scales")
+        cap = None if output_softcap is None else float(output_softcap)
+        model = _RowModel(head_copy, ops.row_wise, softcap=cap)
 
         features = features.to(device, dtype)
         targets = targets.to(device, dtype if likelihood == "regression" else torch.long)
@@ -254,7 +269,7 @@ class HeadPosterior(LaplaceQuantities):
             info["unseen_classes"] = "prior"
             if len(unseen) and unseen_classes == "freeze" and type(head_copy) is nn.Linear:
                 kept = torch.nonzero(counts > 0).flatten().to(device)
-                model = _RowModel(head_copy, ops.row_wise, kept_outputs=kept)
+                model = _RowModel(head_copy, ops.row_wise, kept_outputs=kept, softcap=cap)
                 info["unseen_classes"] = "freeze"
         groups = None
         if output_groups and likelihood == "regression" and sigma_noise == "mle":
@@ -292,6 +307,7 @@ class HeadPosterior(LaplaceQuantities):
                 tune_sigma=sigma_noise == "marglik" and likelihood == "regression",
             )
         info.update({
+            "output_softcap": cap,
             "n_rows": int(features.shape[0]),
             "prior_precision_method": "marglik" if prior_precision == "marglik" else "fixed",
             "sigma_noise_method": sigma_noise if isinstance(sigma_noise, str) else "fixed",

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
     DiffusionGemmaConfig,
     DiffusionGemmaForBlockDiffusion,
+    DynamicCache,
     PreTrainedTokenizerFast,
 )
 
@@ -251,7 +252,7 @@ def test_a_callback_that_edits_the_canvas_loses_those_records(fitted):
     assert torch.isfinite(out.token_scores["mutual_information"][:, 1::4]).all()
 
 
-def test_unsupported_scheduler_and_fitting_are_refused(fitted):
+def test_unsupported_scheduler_is_refused():
     class OtherScheduler:
         def step(self, model_output, timestep, sample):
             raise AssertionError("never called")
@@ -260,5 +261,158 @@ def test_unsupported_scheduler_and_fitting_are_refused(fitted):
     pipe.scheduler = OtherScheduler()
     with pytest.raises(GenuncError, match="BlockRefinementScheduler"):
         TextUncertaintyPipeline.from_pipe(pipe)
-    with pytest.raises(GenuncError, match="fit_features"):
-        fitted.fit_posterior([("1 + 2 =", "3")])
+
+
+# ---------------------------------------------------------------------- fit_posterior
+FIT_DATA = [("1 + 2 =", "3"), ("3 + 4 =", "7"), ("5 + 5 =", "1 0"), ("2 + 2 =", "4"), ("1 + 1 =", "2"),
+            ("4 + 4 =", "8")]
+ANSWER_IDS = {WORDS.index(w) for w in "3710482"} | {WORDS.index("<eos>")}
+
+
+@pytest.fixture(scope="module")
+def self_fitted():
+    """A wrapper whose posterior fit_posterior fitted on (prompt, answer) pairs."""
+    upipe = TextUncertaintyPipeline.from_pipe(pipeline())
+    embedding = upipe.model.model.decoder.embed_tokens.weight.detach().clone()
+    upipe.fit_posterior(FIT_DATA, repeats=3, prior_precision=1.0)
+    assert torch.equal(upipe.model.model.decoder.embed_tokens.weight, embedding)  # the tied head untouched
+    assert upipe.model.lm_head.weight is upipe.model.model.decoder.embed_tokens.weight
+    return upipe
+
+
+def test_fit_posterior_on_pairs(self_fitted):
+    posterior = self_fitted.posterior
+    posterior.check_matches(self_fitted.model)  # fingerprint of the wrapped model's head
+    TextUncertaintyPipeline.from_pipe(self_fitted.pipe, posterior=posterior)
+    summary = posterior.summary()
+    assert summary["likelihood"] == "classification" and summary["head"] == "lm_head"
+    assert all(np.isfinite(summary[k]) for k in ("log_marglik", "relative_perturbation", "n_params"))
+    assert posterior.info["output_softcap"] == 30.0  # the likelihood is on the logits the model samples
+    # vocabulary rows no target names stay at their pretrained values in every draw
+    unseen = set(posterior.info["classes_without_data"])
+    assert posterior.info["unseen_classes"] == "freeze"
+    assert unseen == set(range(len(WORDS))) - ANSWER_IDS
+    assert summary["n_params"] == len(ANSWER_IDS) * HIDDEN
+    weight = posterior.sample(3, seed=1).params["weight"]  # (3, V, hidden)
+    frozen = sorted(unseen)
+    assert torch.equal(weight[:, frozen], self_fitted.model.lm_head.weight[frozen].expand(3, -1, -1))
+    seen = sorted(ANSWER_IDS)
+    assert not torch.equal(weight[0, seen], self_fitted.model.lm_head.weight[seen])
+
+
+def test_fitted_posterior_wrapped_call_equals_the_plain_pipeline(self_fitted):
+    pipe = self_fitted.pipe
+    plain_gen, wrapped_gen = gen(3), gen(3)
+    plain = pipe(prompt=PROMPTS, generator=plain_gen, temperature=1.0, **CALL)
+    out = self_fitted(prompt=PROMPTS, generator=wrapped_gen, num_draws=4, temperature=1.0, **CALL,
+                      scores=("mutual_information", "semantic"), extractor=bag_of_words)
+    assert torch.equal(out.sequences, plain.sequences) and out.texts == plain.texts
+    assert torch.equal(plain_gen.get_state(), wrapped_gen.get_state())
+    committed = out.committed_at >= 0
+    mi = out.token_scores["mutual_information"]
+    assert committed.any() and torch.isfinite(mi[committed]).all() and (mi[committed] > 0).all()
+    assert np.isfinite(out.scores["mutual_information"]).all() and np.isfinite(out.scores["semantic"]).all()
+
+
+class _Calls:
+    """Records, by pre-hooks, what the model and its encoder are called with, and the head's input."""
+
+    def __init__(self, model):
+        self.model_calls, self.encoder_calls, self.head_inputs = [], [], []
+        self.handles = [
+            model.register_forward_pre_hook(lambda m, a, kw: self.model_calls.append(dict(kw)),
+                                            with_kwargs=True),
+            model.model.encoder.register_forward_pre_hook(
+                lambda m, a, kw: self.encoder_calls.append(dict(kw)), with_kwargs=True),
+            model.lm_head.register_forward_hook(lambda m, a, o: self.head_inputs.append(a[0].detach())),
+        ]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("self_conditioning", [0.0, 1.0])
+def test_captured_features_are_the_pipeline_call_at_the_head_input(self_fitted, self_conditioning):
+    """The fit encodes the prompt and calls pipe.model as the pipeline does; a manual forward on the
+    canvas it corrupted gives the head inputs it kept, at the answer's positions."""
+    pipe, model = self_fitted.pipe, self_fitted.model
+    prompt, answer = FIT_DATA[2]  # "1 0": two answer tokens, EOS, one pad
+    calls = _Calls(model)
+    try:
+        features, targets = self_fitted.collect_head_data([(prompt, answer)], repeats=1, seed=7,
+                                                          self_conditioning=self_conditioning)
+        fit_model, fit_encoder = calls.model_calls, calls.encoder_calls
+        calls.model_calls, calls.encoder_calls = [], []
+        pipe(prompt=[prompt], generator=gen(0), temperature=1.0, confidence_threshold=None, **CALL)
+        pipe_model, pipe_encoder = calls.model_calls, calls.encoder_calls
+    finally:
+        calls.remove()
+    assert len(fit_model) == (2 if self_conditioning else 1) and len(fit_encoder) == 1
+    # the same encoder input and the same model call signature as the pipeline's first canvas
+    assert fit_encoder[0].keys() == pipe_encoder[0].keys()
+    for key in ("input_ids", "attention_mask", "position_ids"):
+        assert torch.equal(fit_encoder[0][key], pipe_encoder[0][key]), key
+    assert all(call.keys() == pipe_model[0].keys() for call in fit_model)
+    assert torch.equal(fit_model[0]["decoder_position_ids"], pipe_model[0]["decoder_position_ids"])
+    assert fit_model[0]["self_conditioning_logits"] is None
+    canvas = fit_model[0]["decoder_input_ids"]
+    ids = [WORDS.index(w) for w in answer.split()] + [WORDS.index("<eos>")]
+    assert torch.equal(targets, torch.tensor(ids))  # every answer position, EOS, no pad
+    # a manual forward, written as the pipeline's own lines, on that canvas
+    prompt_ids, attention, _ = pipe._prepare_inputs(prompt=[prompt], messages=None, image=None,
+                                                    add_generation_prompt=True)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    kept = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, o: kept.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            model.model.encoder(input_ids=prompt_ids, attention_mask=attention, past_key_values=cache,
+                                position_ids=torch.arange(prompt_ids.shape[1]).unsqueeze(0))
+            mask = model.model.decoder.create_diffusion_decoder_attention_mask(
+                config=model.config, inputs_embeds=torch.empty((1, 4, 0)), past_key_values=cache,
+                decoder_attention_mask=torch.nn.functional.pad(attention.bool(), (0, 4), value=True))
+            positions = torch.arange(prompt_ids.shape[1], prompt_ids.shape[1] + 4).unsqueeze(0)
+            logits = model(decoder_input_ids=canvas, past_key_values=cache, self_conditioning_logits=None,
+                           decoder_attention_mask=mask, decoder_position_ids=positions).logits
+            if self_conditioning:
+                model(decoder_input_ids=canvas, past_key_values=cache, self_conditioning_logits=logits,
+                      decoder_attention_mask=mask, decoder_position_ids=positions)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(features, kept[-1][0, : len(ids)], rtol=1e-5, atol=1e-6)
+    if self_conditioning:
+        assert not torch.allclose(kept[0], kept[1])  # the second call is the self-conditioned one
+
+
+def test_uniform_corruption_and_corrupted_only(self_fitted):
+    """Canvas tokens survive with probability alpha = 1 - t, else are uniform over the vocabulary;
+    corrupted_only keeps the answer positions whose token the noise changed."""
+    calls = _Calls(self_fitted.model)
+    try:
+        features, targets = self_fitted.collect_head_data(FIT_DATA, repeats=20, seed=3,
+                                                          self_conditioning=0.0, corrupted_only=True)
+    finally:
+        calls.remove()
+    canvases = torch.cat([call["decoder_input_ids"] for call in calls.model_calls])
+    clean = torch.tensor([[WORDS.index(w) for w in a.split()] + [1] + [0] * (3 - len(a.split()))
+                          for _, a in FIT_DATA]).repeat(20, 1)
+    assert canvases.shape == clean.shape and (canvases < len(WORDS)).all()
+    changed = canvases != clean
+    assert 0.3 < changed.float().mean() < 0.7  # E[t] (1 - 1/K) with t ~ U(0, 1)
+    answer = clean != 0
+    assert len(targets) == int((changed & answer).sum()) and features.shape == (len(targets), HIDDEN)
+    assert torch.equal(targets, clean[changed & answer])
+
+
+def test_fit_errors_are_clear(self_fitted):
+    with pytest.raises(GenuncError, match="no examples"):
+        self_fitted.fit_posterior([])
+    with pytest.raises(GenuncError, match="more than one canvas"):
+        self_fitted.fit_posterior([("1 + 2 =", "1 2 3 4")])  # 4 tokens and EOS in a canvas of 4
+    with pytest.raises(GenuncError, match="chat template"):
+        self_fitted.fit_posterior(FIT_DATA, use_chat_template=False)
+    with pytest.raises(GenuncError, match="probability"):
+        self_fitted.fit_posterior(FIT_DATA, self_conditioning=2.0)
+    with pytest.raises(GenuncError, match="encodes to no tokens"):
+        self_fitted.fit_posterior(["3"])  # a plain text is an answer to the empty prompt

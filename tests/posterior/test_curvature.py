@@ -63,3 +63,33 @@ def test_closed_form_kron_equals_curvlinops_kfac_for_linear():
     slow = _fit(head, x, "regression", "kron", backend=CurvlinopsGGN)
     torch.testing.assert_close(fast.posterior_covariance, slow.posterior_covariance,
                                rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("unseen", ["freeze", "prior"])
+def test_softcapped_classification_diag_equals_jacobian_ggn(tmp_path, unseen):
+    """Final-logit softcapping (c tanh(z / c)) after a Linear head: the closed-form diagonal
+    carries (1 - tanh^2)^2 and matches the Jacobian GGN through the cap; the loss is on the
+    capped logits; the cap survives save/load."""
+    torch.manual_seed(0)
+    head = nn.Linear(5, 6, bias=False)
+    with torch.no_grad():
+        head.weight.mul_(8)  # logits of tens: the cap bends them
+    x = torch.randn(40, 5)
+    y = torch.randint(0, 4, (40,))  # classes 4, 5 named by no target
+    fits = [HeadPosterior.fit_features(head, (x, y), likelihood="classification", prior_precision=1.0,
+                                       output_softcap=3.0, backend=backend, unseen_classes=unseen)
+            for backend in (None, CurvlinopsGGN)]
+    fast, slow = fits
+    torch.testing.assert_close(fast.laplace.H, slow.laplace.H, rtol=1e-4, atol=1e-6)
+    capped = torch.tanh(head(x) / 3.0) * 3.0
+    loss = nn.functional.cross_entropy(capped, y, reduction="sum")
+    assert float(fast.laplace.loss) == pytest.approx(float(loss), rel=1e-5)
+    raw = HeadPosterior.fit_features(head, (x, y), likelihood="classification", prior_precision=1.0,
+                                     unseen_classes=unseen)
+    assert not torch.allclose(raw.laplace.H, fast.laplace.H)
+    assert fast.info["output_softcap"] == 3.0 and raw.info["output_softcap"] is None
+    fast.save(tmp_path)
+    holder = nn.Module()
+    holder.head = head
+    loaded = HeadPosterior.load(tmp_path, holder)
+    assert loaded.laplace.model.softcap == 3.0 and loaded.digest() == fast.digest()
