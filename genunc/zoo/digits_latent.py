@@ -92,8 +92,10 @@ def build_transformer(recipe: LatentRecipe):
 def build_scheduler(recipe: LatentRecipe):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=recipe.num_train_timesteps,
-                         beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+    # latents have unit variance, not the [-1, 1] range of pixels: no clipping of the predicted
+    # clean sample (diffusers' default clip_sample=True ruins latent samples, as SD's config knows)
+    return DDPMScheduler(num_train_timesteps=recipe.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="epsilon", clip_sample=False)
 
 
 def build_pipeline(transformer, vae, scheduler):
