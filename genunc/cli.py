@@ -50,14 +50,17 @@ def _zoo_train(args: argparse.Namespace) -> int:
     overwritten only with --overwrite."""
     import json
 
-    from genunc.zoo import arith, digits, judge, qm9
+    from genunc.zoo import arith, digits, digits_latent, judge, qm9
 
     shipped = {"digits-ddpm": digits.DDPM_DIR, "digits-classifier": digits.CLASSIFIER_DIR,
-               "digits-judge": judge.JUDGE_DIR, "qm9-edm": qm9.QM9_DIR, "arith-mdlm": arith.ARITH_DIR}
+               "digits-judge": judge.JUDGE_DIR, "qm9-edm": qm9.QM9_DIR, "arith-mdlm": arith.ARITH_DIR,
+               "digits-latent": digits_latent.LATENT_DIR}
     out = Path(args.out or Path("outputs") / "zoo" / args.model)
     if out.resolve() == shipped[args.model].resolve() and not args.overwrite:
         raise GenuncError(f"{out} holds the shipped {args.model} weights; pass --overwrite to "
                           "replace them, or train into another --out")
+    if args.vae_steps and args.model != "digits-latent":
+        raise GenuncError("--vae-steps applies to digits-latent only")
     if args.max_minutes and args.model != "qm9-edm":
         raise GenuncError("--max-minutes applies to qm9-edm only (the others finish in minutes)")
     given = {"steps": args.steps, "batch_size": args.batch_size, "max_minutes": args.max_minutes}
@@ -74,6 +77,11 @@ def _zoo_train(args: argparse.Namespace) -> int:
         report = digits.train_classifier(digits.ClassifierRecipe(**seed, **epochs), out)
     elif args.model == "digits-judge":
         report = judge.train_judge(judge.JudgeRecipe(**seed, **epochs), out)
+    elif args.model == "digits-latent":
+        overrides = {k: v for k, v in given.items() if v and k != "max_minutes"}
+        vae_steps = {"vae_steps": args.vae_steps} if args.vae_steps else {}
+        report = digits_latent.train_latent(digits_latent.LatentRecipe(**seed, **overrides, **vae_steps),
+                                            out, device=args.device)
     else:
         overrides = {k: v for k, v in given.items() if v and k != "max_minutes"}
         report = digits.train_ddpm(digits.DDPMRecipe(**seed, **overrides), out,
@@ -394,12 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: genunc zoo train digits-ddpm --steps 4000 --batch-size 48",
     )
     train.add_argument("model", choices=["digits-ddpm", "digits-classifier", "digits-judge", "qm9-edm",
-                                         "arith-mdlm"])
+                                         "arith-mdlm", "digits-latent"])
     train.add_argument("--out", help="output directory (default: outputs/zoo/<model>)")
     train.add_argument("--overwrite", action="store_true",
                        help="allow --out to be the shipped weights folder (replaces them)")
     train.add_argument("--steps", type=int, help="optimiser steps (diffusion models)")
     train.add_argument("--batch-size", type=int, help="batch size (diffusion models)")
+    train.add_argument("--vae-steps", type=int, help="autoencoder optimiser steps (digits-latent)")
     train.add_argument("--epochs", type=int, help="epochs (digits classifier and judge)")
     train.add_argument("--max-minutes", type=float,
                        help="stop after this many minutes, checkpointed; rerun to continue (qm9-edm)")
