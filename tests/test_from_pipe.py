@@ -458,3 +458,27 @@ def test_the_stable_diffusion_example_fits_saves_and_reloads(tmp_path):
     assert first == again and all(len(v) == 2 for v in first.values())
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == \
         ["0000.png", "0001.png", "scores.csv", "scores.json"]
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_both_halves_of_a_guided_batch_share_one_draw(fitted, monkeypatch, kind):
+    """Under classifier-free guidance every head call of a draw's generation sees the whole
+    [uncond; cond] batch and applies one parameter set to it: the halves cannot differ."""
+    from genunc.posterior import HeadDraws
+
+    pipe, upipe, call = fitted(kind)
+    seen = []
+    apply = HeadDraws.apply
+
+    def spy(self, features, per_draw=False):
+        seen.append((len(self), features.shape[0]))
+        return apply(self, features, per_draw=per_draw)
+
+    monkeypatch.setattr(HeadDraws, "apply", spy)
+    upipe(generator=_g(0), num_draws=2, scores=("semantic",), output_type="np", **call)
+    n = len(call.get("prompt", call.get("class_labels")))
+    assert seen, "the draws were never applied"
+    rows = {r for _, r in seen}
+    assert {m for m, _ in seen} == {1}  # one parameter set per head call
+    # a UNet head sees one row per image, a token head one row per image's tokens: both halves
+    assert all(r % (2 * n) == 0 for r in rows)
