@@ -6,6 +6,7 @@ Any callable ``images (B, C, H, W) -> features (B, D)`` works.  Shipped:
   digits reference model);
 * :class:`ClipFeatures`: CLIP image embeddings via ``transformers``, from a local checkpoint
   directory (the paper's choice; needs the weights on disk);
+* :class:`VisionModelFeatures`: any ``transformers`` vision model from a local folder;
 * :func:`flatten_pixels`: raw pixels, a no-model fallback.
 """
 
@@ -71,6 +72,41 @@ class ClipFeatures:
         batch = self.processor(images=list(pixels.cpu()), return_tensors="pt")
         device = next(self.model.parameters()).device
         return self.model(pixel_values=batch["pixel_values"].to(device)).image_embeds
+
+
+class VisionModelFeatures:
+    """Features of any ``transformers`` vision model saved in a local folder (ViT, DINOv2,
+    ConvNeXt, SigLIP's vision tower, ...), with the image processor saved beside it.
+
+    The feature is the model's pooled output where it has one (``pooler_output`` or
+    ``image_embeds``), else the mean of its last hidden states over tokens / positions.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
+        try:
+            from transformers import AutoImageProcessor, AutoModel
+        except ImportError as err:  # pragma: no cover - optional dependency
+            raise GenuncError("VisionModelFeatures needs transformers: pip install 'genunc[clip]'") \
+                from err
+        if not Path(path).is_dir():
+            raise GenuncError(f"no model folder at {path}")
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if pixels.shape[1] == 1:
+            pixels = pixels.repeat(1, 3, 1, 1)
+        batch = self.processor(images=list(pixels.cpu()), return_tensors="pt")
+        device = next(self.model.parameters()).device
+        out = self.model(pixel_values=batch["pixel_values"].to(device))
+        for name in ("image_embeds", "pooler_output"):
+            pooled = getattr(out, name, None)
+            if pooled is not None:
+                return pooled.flatten(1)
+        hidden = out.last_hidden_state
+        return hidden.mean(1) if hidden.dim() == 3 else hidden.flatten(2).mean(-1)
 
 
 def extract_in_batches(extractor: FeatureExtractor, images: Tensor, batch_size: int = 512) -> Tensor:
