@@ -13,10 +13,12 @@ from typing import Any
 from genunc.errors import ConfigError
 from genunc.tasks.addition import AdditionTask
 from genunc.tasks.arithmetic import ArithmeticTask
+from genunc.tasks.sorting import SortTask
 from genunc.tasks.sudoku import SudokuTask
 
-Task = ArithmeticTask | AdditionTask | SudokuTask
-TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "addition": AdditionTask, "sudoku": SudokuTask}
+Task = ArithmeticTask | AdditionTask | SortTask | SudokuTask
+TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "addition": AdditionTask, "sort": SortTask,
+                          "sudoku": SudokuTask}
 
 
 def task_from_spec(spec: dict[str, Any] | None) -> Task:
@@ -31,4 +33,4 @@ def task_from_spec(spec: dict[str, Any] | None) -> Task:
         raise ConfigError(f"task {name!r}: {err}") from None
 
 
-__all__ = ["AdditionTask", "ArithmeticTask", "SudokuTask", "TASKS", "Task", "task_from_spec"]
+__all__ = ["AdditionTask", "ArithmeticTask", "SortTask", "SudokuTask", "TASKS", "Task", "task_from_spec"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from genunc.errors import ConfigError, GenuncError
-from genunc.tasks import AdditionTask, ArithmeticTask, SudokuTask, task_from_spec
+from genunc.tasks import AdditionTask, ArithmeticTask, SortTask, SudokuTask, task_from_spec
 from genunc.tasks.sudoku import all_grids, is_valid_grid, solve
 
 SMALL4 = SudokuTask(2, min_givens=4, max_givens=8, train_size=300, test_size=100)
@@ -85,8 +85,25 @@ def test_addition_task_is_long_disjoint_and_checked():
     assert task.check(torch.tensor([task.encode("999999+100001=1100000")]))[0]
 
 
+def test_sort_task_is_disjoint_by_multiset_and_checked():
+    task = SortTask(8, train_size=3000, test_size=300)
+    assert task.answer_length == 8 and task.length == 17
+    split = task.split(seed=0)
+    assert len(split["train"]) == 3000 and len(split["test"]) == 300
+    multisets = lambda rows: {np.sort(r).tobytes() for r in rows}  # noqa: E731
+    assert not multisets(split["train"]) & multisets(split["test"])
+    assert np.array_equal(task.split(seed=0)["test"], split["test"])
+    solved = task.sequences(split["test"])
+    assert task.check(solved).all()
+    assert task.decode(task.sequences(np.array([[3, 1, 2, 1, 0, 9, 9, 5]]))[0]) == "31210995=01123599"
+    wrong = solved.clone()
+    wrong[:, -1] = (wrong[:, -1] + 1) % 10  # the largest digit changed
+    assert not task.check(wrong).any()
+    assert not task.check(task.prompts(split["test"])).any()
+
+
 def test_task_from_spec_round_trips():
-    for task in (ArithmeticTask("+", 3), AdditionTask(digits=5, train_size=10), SMALL4):
+    for task in (ArithmeticTask("+", 3), AdditionTask(digits=5, train_size=10), SMALL4, SortTask(6)):
         assert task_from_spec(task.spec()) == task
     with pytest.raises(ConfigError):
         task_from_spec({"name": "chess"})
