@@ -47,9 +47,9 @@ class TextJob(Job):
 
     def shipped_models(self) -> dict[str, Path]:
         from genunc.zoo.arith import ARITH_DIR
-        from genunc.zoo.order_tasks import ADDITION_DIR, SUDOKU4_DIR
+        from genunc.zoo.order_tasks import SORT_DIR, SUDOKU4_DIR
 
-        return {"arith_mdlm": ARITH_DIR, "sudoku4_mdlm": SUDOKU4_DIR, "addition_mdlm": ADDITION_DIR}
+        return {"arith_mdlm": ARITH_DIR, "sudoku4_mdlm": SUDOKU4_DIR, "sort_mdlm": SORT_DIR}
 
     def load_pipeline(self, model_dir: Path, config: dict[str, Any]) -> TextUncertaintyPipeline:
         if config["generate"]["candidates"] < 1:
