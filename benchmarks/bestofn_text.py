@@ -1,4 +1,4 @@
-"""Best-of-N selection on the arithmetic task: does head-posterior uncertainty pick right answers?
+"""Best-of-N selection on a text task: does head-posterior uncertainty pick right answers?
 
 Prints:
 
@@ -13,7 +13,8 @@ Nothing here is tuned, so every figure is on the test seed (2000: the prompts dr
 sampling noise); AUROCs and best-of-16 accuracies carry percentile bootstrap 95% intervals over
 prompts (1,000 resamples).
 
-Usage:  python benchmarks/bestofn_text.py [--prompts 400] [--n 16] [--draws 8]
+Usage:  python benchmarks/bestofn_text.py [--task arith|sudoku4|sort] [--prompts 400] [--n 16]
+            [--draws 8]
 """
 
 from __future__ import annotations
@@ -31,14 +32,18 @@ from genunc import filtering, streams
 from genunc.metrics.stats import bootstrap_interval
 from genunc.pipelines import TextUncertaintyPipeline
 from genunc.sampling.masked import UnmaskingConfig
-from genunc.tasks import ArithmeticTask
+from genunc.tasks import Task, task_from_spec
 from genunc.zoo.arith import ARITH_DIR
+from genunc.zoo.order_tasks import SORT_DIR, SUDOKU4_DIR
+
+#: --task: the shipped model of each task
+MODELS = {"arith": ARITH_DIR, "sudoku4": SUDOKU4_DIR, "sort": SORT_DIR}
 
 SCORES = ("mutual_information", "mutual_information_max", "low_posterior_confidence", "semantic",
           "low_confidence", "low_margin", "low_self_certainty", "random")
 
 
-def load(model: Path, out: Path, task: ArithmeticTask, n_fit: int) -> TextUncertaintyPipeline:
+def load(model: Path, out: Path, task: Task, n_fit: int) -> TextUncertaintyPipeline:
     """The model with the posterior cached in `out` (fitted there on training problems)."""
     pipe = TextUncertaintyPipeline.from_pretrained(model, posterior=None)
     pairs = task.split()["train"][:n_fit]
@@ -56,46 +61,14 @@ def _ci(interval: tuple[float, float, float], pct: bool = False) -> str:
     return f"{est:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", default=str(ARITH_DIR))
-    parser.add_argument("--prompts", type=int, default=400)
-    parser.add_argument("--n", type=int, default=16, help="candidates per prompt")
-    parser.add_argument("--draws", type=int, default=8)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--n-fit", type=int, default=4000)
-    parser.add_argument("--seed", type=int, default=TEST_SEED, help="the test seed")
-    parser.add_argument("--boot", type=int, default=1000)
-    parser.add_argument("--out", default="outputs/bestofn_text")
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
-
-    probe = TextUncertaintyPipeline.from_pretrained(args.model, posterior=None)
-    spec = probe.metadata["task"]
-    task = ArithmeticTask(spec["op"], spec["digits"])
-    sampler = load(Path(args.model), Path(args.out), task, args.n_fit)
-    print(f"posterior: {sampler.posterior.summary()}")
-    pairs = task.split()["test"]
-    pairs = pairs[streams.numpy_generator(args.seed, "prompt_order").permutation(len(pairs))[: args.prompts]]
-    p, n = len(pairs), args.n
-
-    # ------------------------------------------------------------ N candidates per prompt
-    prompts = task.prompts(pairs).repeat_interleave(n, 0)  # prompt-major: (p * n, L)
-    config = UnmaskingConfig("low_confidence", temperature=args.temperature)
-    tic = time.perf_counter()
-    out = sampler(prompts, config, num_draws=args.draws, scores=SCORES, seed=args.seed)
-    seconds = time.perf_counter() - tic
-    correct = task.check(out.tokens).reshape(p, n)
-    answers = np.array([task.decode(t[task.prompt_length :]) for t in out.tokens]).reshape(p, n)
-    scores = {k: v.reshape(p, n) for k, v in out.scores.items()}
-    print(f"\n{p} held-out prompts x {n} candidates ({config.strategy}, temperature "
-          f"{args.temperature}); M = {args.draws}; {seconds:.0f} s")
-    print(f"single-sample accuracy: {correct.mean():.1%}")
-
+def report_selection(correct: np.ndarray, scores: dict[str, np.ndarray], answers: np.ndarray,
+                     boot: int) -> None:
+    """Accuracy of the selected candidate vs N, and AUROC tables, for ``(p, n)`` candidates."""
+    p, n = correct.shape
     ns = [k for k in (1, 2, 4, 8, 16, 32) if k <= n]
     print("\naccuracy of the selected candidate vs N")
     print(f"{'selector':<26}" + "".join(f"{'N=' + str(k):>8}" for k in ns))
-    for name in SCORES:
+    for name in scores:
         accs = [correct[np.arange(p), scores[name][:, :k].argmin(1)].mean() for k in ns]
         print(f"{name:<26}" + "".join(f"{a:>8.1%}" for a in accs))
     vote = []
@@ -115,7 +88,7 @@ def main() -> None:
     print(f"| score | AUROC(wrong) | within prompt | best of {n} | acc kept 50% | acc kept 80% |")
     print("|---|---|---|---|---:|---:|")
     prompt_ids = np.arange(p)
-    for name in SCORES:
+    for name in scores:
         s = scores[name].ravel()
         kept50 = flat_correct[filtering.keep_fraction(s, 0.5)].mean()
         kept80 = flat_correct[filtering.keep_fraction(s, 0.8)].mean()
@@ -123,15 +96,58 @@ def main() -> None:
         sc = scores[name]
         overall = bootstrap_interval(
             lambda i, sc=sc: filtering.auroc(sc[i].ravel(), ~correct[i].ravel()), prompt_ids,
-            n_boot=args.boot)
+            n_boot=boot)
         within = bootstrap_interval(
             lambda i, sc=sc: np.mean([filtering.auroc(sc[j], ~correct[j]) for j in i]), mixed,
-            n_boot=args.boot)
+            n_boot=boot) if len(mixed) >= 2 else (float("nan"),) * 3
         best = bootstrap_interval(
             lambda i, sc=sc: correct[i][np.arange(len(i)), sc[i].argmin(1)].mean(), prompt_ids,
-            n_boot=args.boot)
+            n_boot=boot)
         print(f"| {name} | {_ci(overall)} | {_ci(within)} | {_ci(best, pct=True)} | {kept50:.1%} "
               f"| {kept80:.1%} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--task", choices=sorted(MODELS), default="arith",
+                        help="the shipped model of this task (or give --model)")
+    parser.add_argument("--model", help="a model folder (default: the --task's shipped model)")
+    parser.add_argument("--prompts", type=int, default=400)
+    parser.add_argument("--n", type=int, default=16, help="candidates per prompt")
+    parser.add_argument("--draws", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--n-fit", type=int, default=4000)
+    parser.add_argument("--seed", type=int, default=TEST_SEED, help="the test seed")
+    parser.add_argument("--boot", type=int, default=1000)
+    parser.add_argument("--out", help="posterior cache (default outputs/bestofn_text[_<task>])")
+    args = parser.parse_args()
+    args.model = args.model or str(MODELS[args.task])
+    args.out = args.out or ("outputs/bestofn_text" if args.task == "arith" else
+                            f"outputs/bestofn_text_{args.task}")
+    torch.manual_seed(args.seed)
+
+    probe = TextUncertaintyPipeline.from_pretrained(args.model, posterior=None)
+    task = task_from_spec(probe.metadata["task"])
+    sampler = load(Path(args.model), Path(args.out), task, args.n_fit)
+    print(f"posterior: {sampler.posterior.summary()}")
+    pairs = task.split()["test"]
+    pairs = pairs[streams.numpy_generator(args.seed, "prompt_order").permutation(len(pairs))[: args.prompts]]
+    p, n = len(pairs), args.n
+
+    # ------------------------------------------------------------ N candidates per prompt
+    prompts = task.prompts(pairs).repeat_interleave(n, 0)  # prompt-major: (p * n, L)
+    config = UnmaskingConfig("low_confidence", temperature=args.temperature)
+    tic = time.perf_counter()
+    out = sampler(prompts, config, num_draws=args.draws, scores=SCORES, seed=args.seed)
+    seconds = time.perf_counter() - tic
+    correct = task.check(out.tokens).reshape(p, n)
+    answers = np.array([task.decode(t[task.prompt_length :]) for t in out.tokens]).reshape(p, n)
+    scores = {k: v.reshape(p, n) for k, v in out.scores.items()}
+    print(f"\n{p} held-out prompts x {n} candidates ({config.strategy}, temperature "
+          f"{args.temperature}); M = {args.draws}; {seconds:.0f} s")
+    print(f"single-sample accuracy: {correct.mean():.1%}")
+
+    report_selection(correct, {k: scores[k] for k in SCORES}, answers, args.boot)
 
     if "mutual_information_mc_error" in out.scores:
         mi, err = out.scores["mutual_information"], out.scores["mutual_information_mc_error"]
@@ -145,15 +161,15 @@ def main() -> None:
     samplers = [
         ("random, 1 token/step", UnmaskingConfig("random")),
         ("low_confidence, 1 token/step", UnmaskingConfig("low_confidence")),
-        (f"low_confidence, {max(1, task.answer_digits // 2)} steps",
-         UnmaskingConfig("low_confidence", steps=max(1, task.answer_digits // 2))),
+        (f"low_confidence, {max(1, task.answer_length // 2)} steps",
+         UnmaskingConfig("low_confidence", steps=max(1, task.answer_length // 2))),
         ("threshold 0.9", UnmaskingConfig("threshold", threshold=0.9)),
         ("threshold 0.7", UnmaskingConfig("threshold", threshold=0.7)),
         ("threshold 0.5", UnmaskingConfig("threshold", threshold=0.5)),
         ("threshold 0.3", UnmaskingConfig("threshold", threshold=0.3)),
         ("remask 0.9 / 0.5", UnmaskingConfig("remask", threshold=0.9, remask_threshold=0.5)),
     ]
-    print(f"\nsamplers, greedy tokens, {p} prompts ({task.answer_digits} answer tokens)")
+    print(f"\nsamplers, greedy tokens, {p} prompts ({task.answer_length} answer tokens)")
     print(f"{'sampler':<32}{'accuracy':>10}{'NFE/seq':>9}{'rows/seq':>10}{'AUROC MI':>10}")
     for name, cfg in samplers:
         res = sampler(base, cfg, num_draws=args.draws, scores=("mutual_information",), seed=args.seed)

@@ -50,11 +50,13 @@ def _zoo_train(args: argparse.Namespace) -> int:
     overwritten only with --overwrite."""
     import json
 
-    from genunc.zoo import arith, digits, digits_latent, judge, qm9
+    from genunc.zoo import arith, digits, digits_latent, judge, order_tasks, qm9
 
     shipped = {"digits-ddpm": digits.DDPM_DIR, "digits-classifier": digits.CLASSIFIER_DIR,
                "digits-judge": judge.JUDGE_DIR, "qm9-edm": qm9.QM9_DIR, "arith-mdlm": arith.ARITH_DIR,
-               "digits-latent": digits_latent.LATENT_DIR}
+               "digits-latent": digits_latent.LATENT_DIR,
+               "sudoku4-mdlm": order_tasks.SUDOKU4_DIR, "sort-mdlm": order_tasks.SORT_DIR,
+               "addition-mdlm": order_tasks.ADDITION_DIR}
     out = Path(args.out or Path("outputs") / "zoo" / args.model)
     if out.resolve() == shipped[args.model].resolve() and not args.overwrite:
         raise GenuncError(f"{out} holds the shipped {args.model} weights; pass --overwrite to "
@@ -70,6 +72,13 @@ def _zoo_train(args: argparse.Namespace) -> int:
         overrides = {k: v for k, v in given.items() if v and k != "max_minutes"}
         report = arith.train_arith(arith.ArithRecipe(**seed, **overrides), out,
                                    device=args.device)
+    elif args.model in ("sudoku4-mdlm", "sort-mdlm", "addition-mdlm"):
+        overrides = {k: v for k, v in given.items() if v and k != "max_minutes"}
+        recipe, train = {"sudoku4-mdlm": (order_tasks.Sudoku4Recipe, order_tasks.train_sudoku4),
+                         "sort-mdlm": (order_tasks.SortRecipe, order_tasks.train_sort),
+                         "addition-mdlm": (order_tasks.AdditionRecipe, order_tasks.train_addition),
+                         }[args.model]
+        report = train(recipe(**seed, **overrides), out, device=args.device)
     elif args.model == "qm9-edm":
         overrides = {k: v for k, v in given.items() if v}
         report = qm9.train_qm9(qm9.QM9Recipe(**seed, **overrides), out, device=args.device)
@@ -402,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: genunc zoo train digits-ddpm --steps 4000 --batch-size 48",
     )
     train.add_argument("model", choices=["digits-ddpm", "digits-classifier", "digits-judge", "qm9-edm",
-                                         "arith-mdlm", "digits-latent"])
+                                         "arith-mdlm", "digits-latent", "sudoku4-mdlm", "sort-mdlm",
+                                         "addition-mdlm"])
     train.add_argument("--out", help="output directory (default: outputs/zoo/<model>)")
     train.add_argument("--overwrite", action="store_true",
                        help="allow --out to be the shipped weights folder (replaces them)")

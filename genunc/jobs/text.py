@@ -1,4 +1,4 @@
-"""The text job: a masked-diffusion LM folder (or the shipped arithmetic model) to a JSONL export.
+"""The text job: a masked-diffusion LM folder (or a shipped task model) to a JSONL export.
 
 ``generate`` answers held-out prompts of the model's task with ``candidates`` samples each and
 writes the completion, the checker's verdict, every score and the NFE per sample; the prompt is
@@ -19,14 +19,18 @@ from genunc.jobs.base import ChunkRecord, Job, scored_records
 from genunc.jobs.shards import process_device
 from genunc.pipelines.text import TextUncertaintyPipeline
 from genunc.sampling.masked import UnmaskingConfig
-from genunc.tasks import ArithmeticTask
+from genunc.tasks import Task, task_from_spec
+
+#: the posterior data that means "the model's own task, training split"
+TASK_TRAIN = ("zoo:task_train", "zoo:arith_train")
 
 
-def task_of(pipe: TextUncertaintyPipeline) -> ArithmeticTask:
+def task_of(pipe: TextUncertaintyPipeline) -> Task:
     spec = pipe.metadata.get("task") or {}
-    if spec.get("name") != "arithmetic":
-        raise ConfigError(f"the model folder names no known task (got {spec!r})")
-    return ArithmeticTask(spec["op"], spec["digits"])
+    try:
+        return task_from_spec(spec)
+    except ConfigError:
+        raise ConfigError(f"the model folder names no known task (got {spec!r})") from None
 
 
 def unmasking_config(g: dict[str, Any]) -> UnmaskingConfig:
@@ -43,8 +47,9 @@ class TextJob(Job):
 
     def shipped_models(self) -> dict[str, Path]:
         from genunc.zoo.arith import ARITH_DIR
+        from genunc.zoo.order_tasks import SORT_DIR, SUDOKU4_DIR
 
-        return {"arith_mdlm": ARITH_DIR}
+        return {"arith_mdlm": ARITH_DIR, "sudoku4_mdlm": SUDOKU4_DIR, "sort_mdlm": SORT_DIR}
 
     def load_pipeline(self, model_dir: Path, config: dict[str, Any]) -> TextUncertaintyPipeline:
         if config["generate"]["candidates"] < 1:
@@ -62,8 +67,9 @@ class TextJob(Job):
     def fit_data(self, pipe: TextUncertaintyPipeline, config: dict[str, Any]) -> list[dict]:
         """The task's training problems as sequences with their prompt masks."""
         p = config["posterior"]
-        if p["data"] != "zoo:arith_train":
-            raise ConfigError(f"text posterior data is 'zoo:arith_train', got {p['data']!r}")
+        if p["data"] not in TASK_TRAIN:
+            raise ConfigError(f"text posterior data is one of {TASK_TRAIN} (the model's task's "
+                              f"training problems), got {p['data']!r}")
         task = task_of(pipe)
         pairs = task.split()["train"][: p["max_samples"] or 4000]
         size = p["batch_size"]

@@ -14,8 +14,18 @@ within a block, each step runs the backbone once and commits some masked positio
 
 ``k`` follows LLaDA's schedule: a block of ``n`` positions and ``s`` steps commits ``n // s``
 tokens per step, the remainder spread over the first steps.  ``temperature`` samples tokens
-(Gumbel-max; 0 = greedy); ``position_temperature`` adds Gumbel noise to the log-confidence
-used for ranking positions.
+(Gumbel-max; 0 = greedy).
+
+``position_temperature`` τ tempers the choice of *which positions* to commit (0 = the hard
+heuristics above):
+
+* ``low_confidence``: Gumbel-top-k over ``log(confidence) / τ``, i.e. ``k`` positions drawn
+  without replacement with probability proportional to ``confidence ** (1 / τ)``;
+* ``threshold`` / ``remask``: each masked position is committed with probability
+  ``sigmoid((confidence - threshold) / τ)`` (at least one: the Gumbel-top-1 of the
+  ``low_confidence`` rule), and ``remask`` re-masks a draft with probability
+  ``sigmoid((remask_threshold - confidence) / τ)``: the hard thresholds as τ -> 0, per-position
+  Bernoulli "unmask now" decisions (the form an RL unmasking policy takes) for τ > 0.
 
 Uncertainty, at no extra backbone cost: the head's input features are captured by a hook, the M
 head draws are applied to them in one op, and for each position the epistemic mutual
@@ -256,7 +266,12 @@ def unmask(
                 elif step >= cap - 1:
                     commit = masked  # safety cap reached: fill the rest
                 else:
-                    commit = masked & (conf > config.threshold)
+                    if config.position_temperature > 0:
+                        coin = noise_now.uniforms(length).to(device).repeat(groups, 1)
+                        soft = torch.sigmoid((conf - config.threshold) / config.position_temperature)
+                        commit = masked & (coin < soft)
+                    else:
+                        commit = masked & (conf > config.threshold)
                     best = rank.argmax(-1, keepdim=True)
                     has_masked = masked.any(-1, keepdim=True)
                     commit.scatter_(1, best, has_masked | commit.gather(1, best))
@@ -285,7 +300,15 @@ def unmask(
                 if verify:
                     check = logits_all[groups * b :].double()
                     check_conf = confidence(check, xs)
-                    remask = drafts & ~commit & (check_conf < config.remask_threshold)
+                    if config.position_temperature > 0:
+                        coin = noise_now.uniforms(length).to(device)
+                        soft = torch.sigmoid((config.remask_threshold - check_conf)
+                                             / config.position_temperature)
+                        low = coin.repeat(groups, 1) < soft
+                    else:
+                        low = check_conf < config.remask_threshold
+                    # only rows still unmasking: a finished row would have stopped on its own
+                    remask = drafts & ~commit & low & masked.any(-1, keepdim=True)
                     xs = xs.masked_fill(remask, adapter.mask_id)
                     filled_by_sampler &= ~remask
                 filled_by_sampler |= commit

@@ -31,6 +31,14 @@ class ArithmeticTask:
         if not 1 <= self.digits <= 6:
             raise GenuncError(f"digits must lie in 1..6, got {self.digits}")
 
+    @property
+    def name(self) -> str:
+        return "arithmetic"
+
+    def spec(self) -> dict:
+        """What :func:`genunc.tasks.task_from_spec` rebuilds the task from (saved with a model)."""
+        return {"name": self.name, "op": self.op, "digits": self.digits}
+
     # ------------------------------------------------------------------ vocabulary and layout
     @property
     def mask_id(self) -> int:
@@ -43,6 +51,10 @@ class ArithmeticTask:
     @property
     def answer_digits(self) -> int:
         return self.digits + 1 if self.op == "+" else 2 * self.digits
+
+    @property
+    def answer_length(self) -> int:
+        return self.answer_digits
 
     @property
     def prompt_length(self) -> int:
