@@ -29,11 +29,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from protocol import TEST_SEED, VAL_SEED, windowed_variability, windows  # benchmarks/protocol.py
+from protocol import (  # benchmarks/protocol.py
+    TEST_SEED,
+    VAL_SEED,
+    fmt,
+    image_selection_table,
+    windowed_variability,
+    windows,
+)
 
 from genunc import filtering
 from genunc.demos.digits import load_reference_pipeline
-from genunc.metrics.image import frechet_distance, precision_recall
 from genunc.metrics.stats import bootstrap_interval, spearman
 from genunc.zoo.digits import load_digits_tensor
 from genunc.zoo.judge import DigitsJudgeEvaluator
@@ -73,9 +79,6 @@ def choose_variability(pipe, val, wrong: np.ndarray, steps: int) -> tuple[str, s
     best = max(table, key=table.get)
     return best[0], best[1], table
 
-
-def fmt(est: float, low: float, high: float, digits: int = 3) -> str:
-    return f"{est:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def main() -> None:
@@ -138,41 +141,12 @@ def main() -> None:
           "bootstrap resamples (a FID of a resample is biased upwards; the difference much less). "
           "FID intervals are basic bootstrap intervals (reflected about the estimate), "
           f"{args.boot // 5} resamples.")
-    print("| score | AUROC (judge disagrees) | judge agrees, kept 80% | Delta vs random | FID, kept 80% "
-          "| Delta FID vs random | precision | recall | judge agrees, 80% per class | Delta vs random |")
-    print("|---|---|---|---|---:|---|---:|---:|---|---|")
-    p, r = precision_recall(real, feats)
-    print(f"| all samples (100%) | | {good.mean():.3f} | | {frechet_distance(real, feats):.2f} | "
-          f"| {p:.3f} | {r:.3f} | | |")
-    rand = scores["random"]
-    keep_g = lambda s: filtering.keep_fraction(s, args.keep)  # noqa: E731
-    within = lambda s, g, c: g[filtering.keep_fraction_within(s, c, args.keep)].mean()  # noqa: E731
-    for name, values in scores.items():
-        keep = keep_g(values)
-        auroc = bootstrap_interval(filtering.auroc, values, wrong, n_boot=args.boot)
-        agree = bootstrap_interval(lambda s, g: g[keep_g(s)].mean(), values, good, n_boot=args.boot)
-        d_agree = bootstrap_interval(lambda s, q, g: g[keep_g(s)].mean() - g[keep_g(q)].mean(),
-                                     values, rand, good, n_boot=args.boot)
-        fid = bootstrap_interval(lambda s, f: frechet_distance(real, f[keep_g(s)]), values, feats,
-                                 n_boot=args.boot // 5, method="basic")
-        d_fid = bootstrap_interval(
-            lambda s, q, f: frechet_distance(real, f[keep_g(s)]) - frechet_distance(real, f[keep_g(q)]),
-            values, rand, feats, n_boot=args.boot // 5)
-        agree_within = bootstrap_interval(within, values, good, labels, n_boot=args.boot)
-        d_within = bootstrap_interval(lambda s, q, g, c: within(s, g, c) - within(q, g, c),
-                                      values, rand, good, labels, n_boot=args.boot)
-        p, r = precision_recall(real, feats[keep])
-        print(f"| {name} | {fmt(*auroc)} | {fmt(*agree)} | {fmt(*d_agree)} "
-              f"| {fmt(*fid, 2)} | {fmt(*d_fid, 2)} | {p:.3f} | {r:.3f} "
-              f"| {fmt(*agree_within)} | {fmt(*d_within)} |")
-        kept_share = [np.isin(np.flatnonzero(labels == c), keep).mean() for c in np.unique(labels)]
-        print(f"|   class mix kept globally: {min(kept_share):.0%} to {max(kept_share):.0%} per class "
-              f"| | | | | | | | | |")
+    image_selection_table(scores, wrong, feats, real, labels, args.keep, args.boot)
     if args.tail and (args.variant or args.cost_n > 0):
         print("(variants and the cost table are for head posteriors: skipped with --tail)")
         return
     if args.variant:
-        variants_table(pipe, args, test, good, rand)
+        variants_table(pipe, args, test, good, scores["random"])
     if args.cost_n > 0:
         cost_table(pipe, args)
 

@@ -38,12 +38,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from protocol import TEST_SEED, VAL_SEED, windows  # benchmarks/protocol.py
+from protocol import TEST_SEED, VAL_SEED, image_selection_table, windows  # benchmarks/protocol.py
 
 from genunc import filtering, streams
 from genunc.features import DigitsFeatures
-from genunc.metrics.image import frechet_distance, precision_recall
-from genunc.metrics.stats import bootstrap_interval
 from genunc.pipelines import ImageUncertaintyPipeline
 from genunc.scores import variability_score
 from genunc.scores.semantic import random_scores
@@ -104,9 +102,6 @@ def windowed(out, alphas_cumprod, rows, target: str) -> np.ndarray:
     return variability_score(out.per_step[rows], out.timesteps[rows], alphas_cumprod, target)
 
 
-def fmt(est: float, low: float, high: float, digits: int = 3) -> str:
-    return f"{est:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -161,40 +156,10 @@ def main() -> None:
     scores["random"] = scores.pop("random")
     feats = judge.features(test.images)
     labels = test.class_labels
-    good = ~wrong
     print(f"\nTEST seed {TEST_SEED}: {len(wrong)} digits, 95% bootstrap intervals ({args.boot} resamples; "
           f"FID: {args.boot // 5}, basic intervals). Delta: kept set by the score minus kept set by "
           "the random score, paired on the same resamples.")
-    print("| score | AUROC (judge disagrees) | judge agrees, kept 80% | Delta vs random | FID, kept 80% "
-          "| Delta FID vs random | precision | recall | judge agrees, 80% per class | Delta vs random |")
-    print("|---|---|---|---|---:|---|---:|---:|---|---|")
-    p, r = precision_recall(real, feats)
-    print(f"| all samples (100%) | | {good.mean():.3f} | | {frechet_distance(real, feats):.2f} | "
-          f"| {p:.3f} | {r:.3f} | | |")
-    rand = scores["random"]
-    keep_g = lambda s: filtering.keep_fraction(s, args.keep)  # noqa: E731
-    within = lambda s, g, c: g[filtering.keep_fraction_within(s, c, args.keep)].mean()  # noqa: E731
-    for name, values in scores.items():
-        keep = keep_g(values)
-        auroc = bootstrap_interval(filtering.auroc, values, wrong, n_boot=args.boot)
-        agree = bootstrap_interval(lambda s, g: g[keep_g(s)].mean(), values, good, n_boot=args.boot)
-        d_agree = bootstrap_interval(lambda s, q, g: g[keep_g(s)].mean() - g[keep_g(q)].mean(),
-                                     values, rand, good, n_boot=args.boot)
-        fid = bootstrap_interval(lambda s, f: frechet_distance(real, f[keep_g(s)]), values, feats,
-                                 n_boot=args.boot // 5, method="basic")
-        d_fid = bootstrap_interval(
-            lambda s, q, f: frechet_distance(real, f[keep_g(s)]) - frechet_distance(real, f[keep_g(q)]),
-            values, rand, feats, n_boot=args.boot // 5)
-        agree_within = bootstrap_interval(within, values, good, labels, n_boot=args.boot)
-        d_within = bootstrap_interval(lambda s, q, g, c: within(s, g, c) - within(q, g, c),
-                                      values, rand, good, labels, n_boot=args.boot)
-        p, r = precision_recall(real, feats[keep])
-        print(f"| {name} | {fmt(*auroc)} | {fmt(*agree)} | {fmt(*d_agree)} "
-              f"| {fmt(*fid, 2)} | {fmt(*d_fid, 2)} | {p:.3f} | {r:.3f} "
-              f"| {fmt(*agree_within)} | {fmt(*d_within)} |")
-        kept_share = [np.isin(np.flatnonzero(labels == c), keep).mean() for c in np.unique(labels)]
-        print(f"|   class mix kept globally: {min(kept_share):.0%} to {max(kept_share):.0%} per class "
-              f"| | | | | | | | | |")
+    image_selection_table(scores, wrong, feats, real, labels, args.keep, args.boot)
     print(f"\nwall time {time.perf_counter() - begin:.0f} s")
 
 
