@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from genunc.errors import GenuncError
+from genunc.tasks.base import FillInTask
 
 SYMBOLS = "0123456789+*="
 
 
 @dataclass(frozen=True)
-class ArithmeticTask:
+class ArithmeticTask(FillInTask):
     op: str = "*"
     digits: int = 2
 
@@ -102,23 +103,10 @@ class ArithmeticTask:
                 for a, b in np.asarray(pairs)]
         return torch.tensor(rows, dtype=torch.long)
 
-    def prompts(self, pairs: np.ndarray) -> Tensor:
-        """Prompts with the answer positions masked, ``(N, length)``."""
-        x = self.sequences(pairs)
-        x[:, self.prompt_length :] = self.mask_id
-        return x
-
-    def prompt_mask(self, n: int) -> Tensor:
-        mask = torch.zeros(n, self.length, dtype=torch.bool)
-        mask[:, : self.prompt_length] = True
-        return mask
-
     # ------------------------------------------------------------------ checking
     def check(self, tokens: Tensor) -> np.ndarray:
         """Whether each completed sequence ``(N, length)`` states a correct answer."""
-        tokens = torch.as_tensor(tokens)
-        if tokens.dim() != 2 or tokens.shape[1] != self.length:
-            raise GenuncError(f"expected (N, {self.length}) token sequences, got {tuple(tokens.shape)}")
+        tokens = self._token_rows(tokens)
         out = np.zeros(len(tokens), dtype=bool)
         for i, row in enumerate(tokens.tolist()):
             text = self.decode(row)

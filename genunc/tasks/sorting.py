@@ -19,12 +19,13 @@ import torch
 from torch import Tensor
 
 from genunc.errors import GenuncError
+from genunc.tasks.base import FillInTask
 
 SYMBOLS = "0123456789="
 
 
 @dataclass(frozen=True)
-class SortTask:
+class SortTask(FillInTask):
     size: int = 8
     train_size: int = 100_000
     test_size: int = 2_000
@@ -98,22 +99,10 @@ class SortTask:
         return torch.as_tensor(np.concatenate([problems, eq, np.sort(problems, 1)], 1),
                                dtype=torch.long)
 
-    def prompts(self, problems: np.ndarray) -> Tensor:
-        x = self.sequences(problems)
-        x[:, self.prompt_length :] = self.mask_id
-        return x
-
-    def prompt_mask(self, n: int) -> Tensor:
-        mask = torch.zeros(n, self.length, dtype=torch.bool)
-        mask[:, : self.prompt_length] = True
-        return mask
-
     # ------------------------------------------------------------------ checking
     def check(self, tokens: Tensor) -> np.ndarray:
         """Whether each answer lists the prompt's digits in non-decreasing order."""
-        tokens = torch.as_tensor(tokens)
-        if tokens.dim() != 2 or tokens.shape[1] != self.length:
-            raise GenuncError(f"expected (N, {self.length}) token sequences, got {tuple(tokens.shape)}")
+        tokens = self._token_rows(tokens)
         rows = tokens.cpu().numpy()
         digits, answer = rows[:, : self.size], rows[:, self.prompt_length :]
         valid = (digits <= 9).all(1) & (rows[:, self.size] == SYMBOLS.index("="))

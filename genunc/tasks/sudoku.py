@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from genunc.errors import GenuncError
+from genunc.tasks.base import FillInTask
 
 BLANK = "."
 
@@ -137,7 +138,7 @@ def _split(task: SudokuTask, seed: int) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------- the task
 @dataclass(frozen=True)
-class SudokuTask:
+class SudokuTask(FillInTask):
     """``box=2``: 4x4 (trains on a CPU); ``box=3``: 9x9 (generator and checker).
 
     Given-cell counts are uniform over ``min_givens..max_givens`` (fewer = harder; a 4x4 puzzle
@@ -271,16 +272,6 @@ class SudokuTask:
         problems = np.asarray(problems).reshape(-1, 2 * self.cells)
         return torch.as_tensor(problems, dtype=torch.long).clone()  # symbol index == digit
 
-    def prompts(self, problems: np.ndarray) -> Tensor:
-        x = self.sequences(problems)
-        x[:, self.prompt_length :] = self.mask_id
-        return x
-
-    def prompt_mask(self, n: int) -> Tensor:
-        mask = torch.zeros(n, self.length, dtype=torch.bool)
-        mask[:, : self.prompt_length] = True
-        return mask
-
     def givens(self, problems: np.ndarray) -> np.ndarray:
         """Given-cell count of each puzzle (its difficulty)."""
         return (np.asarray(problems)[:, 0] != 0).sum(1)
@@ -288,9 +279,7 @@ class SudokuTask:
     # ------------------------------------------------------------------ checking
     def check(self, tokens: Tensor) -> np.ndarray:
         """Whether each completed sequence's answer is a valid sudoku that keeps the givens."""
-        tokens = torch.as_tensor(tokens)
-        if tokens.dim() != 2 or tokens.shape[1] != self.length:
-            raise GenuncError(f"expected (N, {self.length}) token sequences, got {tuple(tokens.shape)}")
+        tokens = self._token_rows(tokens)
         rows = tokens.cpu().numpy()
         puzzle, answer = rows[:, : self.cells], rows[:, self.cells :]
         digits = ((answer >= 1) & (answer <= self.n)).all(1)
