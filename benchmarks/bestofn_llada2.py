@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
 
 import numpy as np
 import torch
+from bestofn_text import accuracy_vs_n, mixed_prompts, selection_cells  # benchmarks/
 from protocol import TEST_SEED  # benchmarks/protocol.py
 
-from genunc import filtering, streams
-from genunc.metrics.stats import bootstrap_interval
+from genunc import streams
 from genunc.pipelines import TextUncertaintyPipeline
 from genunc.scores import random_scores
 from genunc.tasks import ArithmeticTask
@@ -49,13 +48,6 @@ OWN_SAMPLER = {"mutual_information": ("0.673 [0.628, 0.715]", "0.452 [0.419, 0.4
                "mutual_information_max": ("0.649 [0.600, 0.690]", "0.487 [0.455, 0.518]"),
                "low_confidence": ("0.668 [0.622, 0.709]", "0.489 [0.431, 0.547]"),
                "random": ("0.501 [0.486, 0.516]", "0.523 [0.494, 0.551]")}
-
-
-def _ci(interval: tuple[float, float, float], pct: bool = False) -> str:
-    est, low, high = interval
-    if pct:
-        return f"{est:.1%} [{low:.1%}, {high:.1%}]"
-    return f"{est:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def main() -> None:
@@ -123,45 +115,16 @@ def main() -> None:
     print(f"wall time ({torch.get_num_threads()} thread(s)): plain pipeline {t_plain:.1f} s, wrapped "
           f"with MI {t_wrapped:.1f} s ({t_wrapped / t_plain:.2f}x); sequences equal token for token: {same}")
 
-    ns = [k for k in (1, 2, 4, 8, 16, 32) if k <= n]
-    print("\naccuracy of the selected candidate vs N")
-    print(f"{'selector':<26}" + "".join(f"{'N=' + str(k):>8}" for k in ns))
-    for name in SCORES:
-        accs = [correct[np.arange(p), scores[name][:, :k].argmin(1)].mean() for k in ns]
-        print(f"{name:<26}" + "".join(f"{a:>8.1%}" for a in accs))
-    vote = []
-    for k in ns:
-        hits = []
-        for i in range(p):
-            top = Counter(answers[i, :k]).most_common(1)[0][0]
-            hits.append(correct[i, list(answers[i, :k]).index(top)])
-        vote.append(np.mean(hits))
-    print(f"{'majority vote':<26}" + "".join(f"{a:>8.1%}" for a in vote))
-    print(f"{'oracle (any right)':<26}" + "".join(f"{correct[:, :k].any(1).mean():>8.1%}" for k in ns))
-
-    mixed = np.flatnonzero(correct.any(1) & ~correct.all(1))
-    flat_correct = correct.ravel()
-    prompt_ids = np.arange(p)
-    print(f"\nAUROC(wrong) over all candidates and within a prompt ({len(mixed)} prompts with right and "
-          f"wrong candidates); genunc's own sampler (400 x 16) alongside")
+    accuracy_vs_n(correct, {name: scores[name] for name in SCORES}, answers)
+    print(f"\nAUROC(wrong) over all candidates and within a prompt ({len(mixed_prompts(correct))} "
+          "prompts with right and wrong candidates); genunc's own sampler (400 x 16) alongside")
     print(f"| score | AUROC(wrong) | within prompt | best of {n} | acc kept 50% | own sampler: AUROC | "
           "own: within prompt |")
     print("|---|---|---|---|---:|---|---|")
     for name in SCORES:
-        sc = scores[name]
-        kept50 = flat_correct[filtering.keep_fraction(sc.ravel(), 0.5)].mean()
-        overall = bootstrap_interval(
-            lambda i, sc=sc: filtering.auroc(sc[i].ravel(), ~correct[i].ravel()), prompt_ids,
-            n_boot=args.boot)
-        within = bootstrap_interval(
-            lambda i, sc=sc: np.mean([filtering.auroc(sc[j], ~correct[j]) for j in i]), mixed,
-            n_boot=args.boot)
-        best = bootstrap_interval(
-            lambda i, sc=sc: correct[i][np.arange(len(i)), sc[i].argmin(1)].mean(), prompt_ids,
-            n_boot=args.boot)
+        cells = selection_cells(correct, scores[name], args.boot)[:4]
         own = OWN_SAMPLER[name]
-        print(f"| {name} | {_ci(overall)} | {_ci(within)} | {_ci(best, pct=True)} | {kept50:.1%} "
-              f"| {own[0]} | {own[1]} |")
+        print(f"| {name} | " + " | ".join(cells) + f" | {own[0]} | {own[1]} |")
 
 
 if __name__ == "__main__":

@@ -61,9 +61,9 @@ def _ci(interval: tuple[float, float, float], pct: bool = False) -> str:
     return f"{est:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def report_selection(correct: np.ndarray, scores: dict[str, np.ndarray], answers: np.ndarray,
-                     boot: int) -> None:
-    """Accuracy of the selected candidate vs N, and AUROC tables, for ``(p, n)`` candidates."""
+def accuracy_vs_n(correct: np.ndarray, scores: dict[str, np.ndarray], answers: np.ndarray) -> None:
+    """Accuracy of the candidate each score selects among the first N, with majority vote and
+    the oracle, for ``(p, n)`` candidates."""
     p, n = correct.shape
     ns = [k for k in (1, 2, 4, 8, 16, 32) if k <= n]
     print("\naccuracy of the selected candidate vs N")
@@ -81,30 +81,43 @@ def report_selection(correct: np.ndarray, scores: dict[str, np.ndarray], answers
     print(f"{'majority vote':<26}" + "".join(f"{a:>8.1%}" for a in vote))
     print(f"{'oracle (any right)':<26}" + "".join(f"{correct[:, :k].any(1).mean():>8.1%}" for k in ns))
 
-    flat_correct = correct.ravel()
-    mixed = np.flatnonzero(correct.any(1) & ~correct.all(1))
-    print(f"\nAUROC(wrong) over all candidates, and within a prompt (mean over the {len(mixed)} "
-          f"prompts with right and wrong candidates: what best-of-N needs)")
+
+def mixed_prompts(correct: np.ndarray) -> np.ndarray:
+    """Prompts with both right and wrong candidates: the ones best-of-N can help."""
+    return np.flatnonzero(correct.any(1) & ~correct.all(1))
+
+
+def selection_cells(correct: np.ndarray, values: np.ndarray, boot: int) -> list[str]:
+    """AUROC(wrong) over all candidates, within a prompt, best-of-n accuracy (intervals over
+    prompts, resampled with their candidates, which are not independent), accuracy of the kept
+    50% and 80%: one score's ``(p, n)`` values as table cells."""
+    p, _ = correct.shape
+    flat_correct, prompt_ids, mixed = correct.ravel(), np.arange(p), mixed_prompts(correct)
+    kept50 = flat_correct[filtering.keep_fraction(values.ravel(), 0.5)].mean()
+    kept80 = flat_correct[filtering.keep_fraction(values.ravel(), 0.8)].mean()
+    overall = bootstrap_interval(
+        lambda i: filtering.auroc(values[i].ravel(), ~correct[i].ravel()), prompt_ids, n_boot=boot)
+    within = bootstrap_interval(
+        lambda i: np.mean([filtering.auroc(values[j], ~correct[j]) for j in i]), mixed,
+        n_boot=boot) if len(mixed) >= 2 else (float("nan"),) * 3
+    best = bootstrap_interval(
+        lambda i: correct[i][np.arange(len(i)), values[i].argmin(1)].mean(), prompt_ids,
+        n_boot=boot)
+    return [_ci(overall), _ci(within), _ci(best, pct=True), f"{kept50:.1%}", f"{kept80:.1%}"]
+
+
+def report_selection(correct: np.ndarray, scores: dict[str, np.ndarray], answers: np.ndarray,
+                     boot: int) -> None:
+    """Accuracy of the selected candidate vs N, and AUROC tables, for ``(p, n)`` candidates."""
+    n = correct.shape[1]
+    accuracy_vs_n(correct, scores, answers)
+    print(f"\nAUROC(wrong) over all candidates, and within a prompt (mean over the "
+          f"{len(mixed_prompts(correct))} prompts with right and wrong candidates: what best-of-N "
+          "needs)")
     print(f"| score | AUROC(wrong) | within prompt | best of {n} | acc kept 50% | acc kept 80% |")
     print("|---|---|---|---|---:|---:|")
-    prompt_ids = np.arange(p)
     for name in scores:
-        s = scores[name].ravel()
-        kept50 = flat_correct[filtering.keep_fraction(s, 0.5)].mean()
-        kept80 = flat_correct[filtering.keep_fraction(s, 0.8)].mean()
-        # resample prompts (with their candidates): candidates of one prompt are not independent
-        sc = scores[name]
-        overall = bootstrap_interval(
-            lambda i, sc=sc: filtering.auroc(sc[i].ravel(), ~correct[i].ravel()), prompt_ids,
-            n_boot=boot)
-        within = bootstrap_interval(
-            lambda i, sc=sc: np.mean([filtering.auroc(sc[j], ~correct[j]) for j in i]), mixed,
-            n_boot=boot) if len(mixed) >= 2 else (float("nan"),) * 3
-        best = bootstrap_interval(
-            lambda i, sc=sc: correct[i][np.arange(len(i)), sc[i].argmin(1)].mean(), prompt_ids,
-            n_boot=boot)
-        print(f"| {name} | {_ci(overall)} | {_ci(within)} | {_ci(best, pct=True)} | {kept50:.1%} "
-              f"| {kept80:.1%} |")
+        print(f"| {name} | " + " | ".join(selection_cells(correct, scores[name], boot)) + " |")
 
 
 def main() -> None:
