@@ -19,23 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import numpy as np
 import torch
+from protocol import timed  # benchmarks/protocol.py
 
 from genunc.posterior import Tail, default_tail, head_ops_for
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def perturbed(tail: Tail, draws: int) -> dict[str, torch.Tensor]:

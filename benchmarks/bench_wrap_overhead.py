@@ -12,27 +12,16 @@ Usage:  OMP_NUM_THREADS=1 python benchmarks/bench_wrap_overhead.py [--draws 5] [
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from protocol import timed  # benchmarks/protocol.py
 
 from genunc.features import flatten_pixels
 from genunc.pipelines import ImageUncertaintyPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def tiny(kind: str, folder: Path):

@@ -4,6 +4,10 @@ numbers are made")."""
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import numpy as np
 
 from genunc.scores import variability_score
@@ -80,3 +84,14 @@ def image_selection_table(scores: dict[str, np.ndarray], wrong: np.ndarray, feat
         kept_share = [np.isin(np.flatnonzero(labels == c), kept).mean() for c in np.unique(labels)]
         print(f"|   class mix kept globally: {min(kept_share):.0%} to {max(kept_share):.0%} per class "
               f"| | | | | | | | | |")
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `repeats` calls of `fn` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

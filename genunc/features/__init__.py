@@ -28,6 +28,14 @@ def flatten_pixels(images: Tensor) -> Tensor:
     return images.flatten(1)
 
 
+def _rgb_uint8(images: Tensor) -> list[Tensor]:
+    """Images in [-1, 1] as the uint8 RGB images ``transformers`` image processors expect."""
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if pixels.shape[1] == 1:
+        pixels = pixels.repeat(1, 3, 1, 1)
+    return list(pixels.cpu())
+
+
 class DigitsFeatures:
     """64-d features of the shipped digits classifier; also exposes its class probabilities."""
 
@@ -66,10 +74,7 @@ class ClipFeatures:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
-        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        if pixels.shape[1] == 1:
-            pixels = pixels.repeat(1, 3, 1, 1)
-        batch = self.processor(images=list(pixels.cpu()), return_tensors="pt")
+        batch = self.processor(images=_rgb_uint8(images), return_tensors="pt")
         device = next(self.model.parameters()).device
         return self.model(pixel_values=batch["pixel_values"].to(device)).image_embeds
 
@@ -95,10 +100,7 @@ class VisionModelFeatures:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
-        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        if pixels.shape[1] == 1:
-            pixels = pixels.repeat(1, 3, 1, 1)
-        batch = self.processor(images=list(pixels.cpu()), return_tensors="pt")
+        batch = self.processor(images=_rgb_uint8(images), return_tensors="pt")
         device = next(self.model.parameters()).device
         out = self.model(pixel_values=batch["pixel_values"].to(device))
         for name in ("image_embeds", "pooler_output"):

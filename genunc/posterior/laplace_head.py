@@ -324,11 +324,6 @@ class HeadPosterior(LaplaceQuantities):
 
     # ------------------------------------------------------------------ quantities
     @property
-    def n_params(self) -> int:
-        """Weights the posterior covers (rows frozen at their pretrained values not counted)."""
-        return int(self.laplace.n_params)
-
-    @property
     def n_data(self) -> int:
         return int(self.laplace.n_data)
 

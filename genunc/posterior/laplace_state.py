@@ -19,6 +19,11 @@ class LaplaceQuantities:
     info: dict[str, Any]
 
     @property
+    def n_params(self) -> int:
+        """Weights the posterior covers (rows frozen at their pretrained values not counted)."""
+        return int(self.laplace.n_params)
+
+    @property
     def prior_precision(self) -> float:
         return float(self.laplace.prior_precision.reshape(-1)[0])
 

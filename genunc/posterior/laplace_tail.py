@@ -371,10 +371,6 @@ class TailPosterior(LaplaceQuantities):
 
     # ------------------------------------------------------------------ quantities
     @property
-    def n_params(self) -> int:
-        return int(self.laplace.n_params)
-
-    @property
     def mean(self) -> Tensor:
         return self.laplace.mean.detach()
 
