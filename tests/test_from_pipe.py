@@ -482,3 +482,94 @@ def test_both_halves_of_a_guided_batch_share_one_draw(fitted, monkeypatch, kind)
     assert {m for m, _ in seen} == {1}  # one parameter set per head call
     # a UNet head sees one row per image, a token head one row per image's tokens: both halves
     assert all(r % (2 * n) == 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- variability options
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_monte_carlo_variability_agrees_with_the_exact_one_and_reports_its_error(fitted, kind):
+    pipe, upipe, call = fitted(kind)
+    kwargs = {**call, "output_type": "np"}
+    exact = upipe(generator=_g(1), num_draws=1, scores=("variability",), **kwargs)
+    mc = upipe(generator=_g(1), num_draws=400, scores=("variability",), variance="monte_carlo",
+               **kwargs)
+    # the MAP trajectory is the same, only the estimator differs
+    np.testing.assert_array_equal(exact.images, mc.images)
+    np.testing.assert_allclose(mc.scores["variability"], exact.scores["variability"], rtol=0.25)
+    se = mc.scores["variability_se"]
+    assert np.all(np.isfinite(se)) and np.all(se > 0)
+    few = upipe(generator=_g(1), num_draws=4, scores=("variability",), variance="monte_carlo",
+                **kwargs)
+    assert np.all(few.scores["variability_se"] > se)  # fewer draws, larger error
+
+
+def test_monte_carlo_variability_covers_a_kron_posterior(fitted):
+    pipe, upipe, call = fitted("ddpm")
+    wrapped = ImageUncertaintyPipeline.from_pipe(pipe)
+    wrapped.fit_posterior(torch.rand(8, 1, 8, 8) * 2 - 1, structure="kron", progress=False)
+    with pytest.raises(GenuncError, match="monte_carlo"):
+        wrapped(generator=_g(0), num_draws=3, scores=("variability",), **call)
+    out = wrapped(generator=_g(0), num_draws=3, scores=("variability",), variance="monte_carlo",
+                  **call)
+    assert out.scores["variability"].shape == (2,) and np.all(out.scores["variability"] > 0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_clean_factors_are_the_schedulers_own_x0_sensitivity(prediction_type):
+    """DDIM's own step computes the clean sample it implies: perturbing the model output by d
+    moves it by sqrt(factor) * d (the relation is linear), independently of genunc's formula."""
+    from genunc.adapters.pipeline import DiffusersPipelineAdapter
+
+    scheduler = DDIMScheduler(num_train_timesteps=100, prediction_type=prediction_type,
+                              clip_sample=False)
+    scheduler.set_timesteps(5)
+    pipe = DDIMPipeline(unet=_unet2d(), scheduler=scheduler)
+    adapter = DiffusersPipelineAdapter(pipe)
+    x_t, output, delta = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    for t in scheduler.timesteps:
+        a = scheduler.step(output, t, x_t).pred_original_sample
+        b = scheduler.step(output + delta, t, x_t).pred_original_sample
+        ratio = float(((b - a) / delta).abs().mean())
+        assert ratio**2 == pytest.approx(float(adapter.clean_factors(t.reshape(1))[0]), rel=1e-4)
+    # fractional timesteps interpolate the schedule between its neighbours
+    mid = float(adapter.clean_factors(torch.tensor([10.5]))[0])
+    low, high = adapter.clean_factors(torch.tensor([10.0, 11.0]))
+    assert min(low, high) < mid < max(low, high)
+
+
+def test_clean_target_rescales_each_evaluation(fitted):
+    for kind in ("sd", "sd3"):
+        pipe, upipe, call = fitted(kind)
+        noise = upipe(generator=_g(2), num_draws=1, scores=("variability",), output_type="np",
+                      **call)
+        clean = upipe(generator=_g(2), num_draws=1, scores=("variability",), output_type="np",
+                      variability_target="clean", **call)
+        per_step = noise.variability_per_step["variability"]  # (S, B)
+        t = torch.as_tensor(noise.variability_timesteps)
+        if kind == "sd3":  # flow matching: x0 = x_t - sigma v, sigma the scheduler's own
+            sigmas = pipe.scheduler.sigmas[: len(t)].double()
+            factors = sigmas**2
+            np.testing.assert_allclose(t.numpy() / 1000.0, sigmas.numpy(), rtol=1e-5)
+        else:
+            abar = pipe.scheduler.alphas_cumprod.double()[t.long()]
+            factors = (1 - abar) / abar
+        expected = (per_step * factors.numpy()[:, None]).mean(0)
+        np.testing.assert_allclose(clean.scores["variability"], expected, rtol=1e-6)
+
+
+def test_first_sample_keys_the_random_baseline_and_check_only_runs_nothing(fitted):
+    from genunc.scores.semantic import random_scores
+
+    pipe, upipe, call = fitted("dit")
+    out = upipe(generator=_g(0), num_draws=1, scores=("random",), first_sample=7, seed=3,
+                output_type="np", **call)
+    np.testing.assert_array_equal(out.scores["random"], random_scores(3, range(7, 9)))
+    calls = []
+    original = type(pipe).__call__
+    try:
+        type(pipe).__call__ = lambda self, *a, **k: calls.append(1)
+        assert upipe(num_draws=2, scores=("variability",), check_only=True, **call) is None
+        with pytest.raises(GenuncError, match="num_draws"):
+            upipe(num_draws=0, scores=("semantic",), check_only=True, **call)
+    finally:
+        type(pipe).__call__ = original
+    assert calls == []

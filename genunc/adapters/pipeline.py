@@ -129,6 +129,38 @@ class DiffusersPipelineAdapter(DenoiserAdapter):
         cond, uncond = (first, second) if self.cond_first else (second, first)
         return uncond + scale * (cond - uncond)
 
+    def clean_factors(self, timesteps: Tensor) -> Tensor:
+        """Per denoiser evaluation at `timesteps` (what the denoiser was given), the factor that
+        turns the prediction's variance into that of the clean sample it implies, under the
+        scheduler the pipeline holds now (a swapped one included):
+
+        * epsilon: ``x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)``, factor ``(1 - abar) / abar``;
+        * v-prediction: ``x0 = sqrt(abar) x_t - sqrt(1 - abar) v``, factor ``1 - abar``;
+        * flow matching: ``x0 = x_t - sigma v`` with ``sigma = t / num_train_timesteps`` (the
+          timestep flow pipelines pass), factor ``sigma ** 2``;
+        * sample prediction: 1.
+
+        ``abar`` is the training schedule's, linearly interpolated at fractional timesteps
+        (Karras-sigma samplers).
+        """
+        t = torch.as_tensor(timesteps, dtype=torch.float64).cpu()
+        scheduler = self.pipe.scheduler
+        kind = _prediction_type(scheduler)
+        if kind == "flow":
+            return (t / float(scheduler.config.num_train_timesteps)) ** 2
+        if kind == "sample":
+            return torch.ones_like(t)
+        abar_table = getattr(scheduler, "alphas_cumprod", None)
+        if abar_table is None:
+            raise GenuncError(f"{type(scheduler).__name__} has no alphas_cumprod: genunc cannot "
+                              "express the clean sample's variance; use variability_target='noise'")
+        table = torch.as_tensor(abar_table, dtype=torch.float64).cpu()
+        position = t.clamp(0, len(table) - 1)
+        low = position.floor().long()
+        high = (low + 1).clamp(max=len(table) - 1)
+        abar = torch.lerp(table[low], table[high], position - low)
+        return (1 - abar) / abar if kind == "epsilon" else 1 - abar
+
     # ------------------------------------------------------------------ fitting
     def denoise(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         if t.dim() == 0:

@@ -125,22 +125,25 @@ class ScoreCollector:
 
     def add_variability(self, per_step: Mapping[str, Tensor], timesteps: Tensor,
                         alphas_cumprod: Tensor, target: VariabilityTarget,
-                        replicates: Mapping[str, Tensor] | None = None) -> None:
+                        replicates: Mapping[str, Tensor] | None = None,
+                        clean_factors: Tensor | None = None) -> None:
         """One chunk's per-step variability ``name -> (S, B)``: kept, and reduced to scores.
 
         ``replicates`` (name -> ``(S, M, B)`` leave-one-draw-out per-step values, from a
-        Monte-Carlo tail variance) add ``<name>_se``: the jackknife standard error of the score.
+        Monte-Carlo variance) add ``<name>_se``: the jackknife standard error of the score.
+        ``clean_factors``: see :func:`~genunc.scores.variability_score`.
         """
         self.timesteps = timesteps.cpu().numpy()
         for name, values in per_step.items():
             values = values.detach().double().cpu().numpy()
             self.per_step.setdefault(name, []).append(values)
-            self.add(name, variability_score(values, timesteps, alphas_cumprod, target))
+            self.add(name, variability_score(values, timesteps, alphas_cumprod, target,
+                                             clean_factors=clean_factors))
         for name, reps in (replicates or {}).items():
             reps = reps.detach().double().cpu().numpy()
             m = reps.shape[1]
-            loo = np.stack([variability_score(reps[:, i], timesteps, alphas_cumprod, target)
-                            for i in range(m)])
+            loo = np.stack([variability_score(reps[:, i], timesteps, alphas_cumprod, target,
+                                              clean_factors=clean_factors) for i in range(m)])
             self.add(f"{name}_se", np.sqrt((m - 1) / m * ((loo - loo.mean(0)) ** 2).sum(0)))
 
     def variability(self) -> dict[str, np.ndarray] | None:

@@ -41,11 +41,18 @@ from genunc._seed import as_generator
 from genunc.adapters.pipeline import DiffusersPipelineAdapter
 from genunc.errors import GenuncError, ShapeMismatchError
 from genunc.features import FeatureExtractor
-from genunc.pipelines.base import ScoreCollector, UncertaintyOutput, UncertaintyPipeline
+from genunc.pipelines.base import (
+    ScoreCollector,
+    UncertaintyOutput,
+    UncertaintyPipeline,
+    VarianceEstimate,
+)
 from genunc.pipelines.image_scores import ImageScoring
 from genunc.posterior import HeadDraws, HeadPosterior
 from genunc.posterior.capture import capture_head
 from genunc.posterior.heads import check_finite, head_ops_for
+from genunc.posterior.variance import MonteCarloVariance
+from genunc.scores import VariabilityTarget
 
 Generators = torch.Generator | list[torch.Generator]
 
@@ -84,6 +91,8 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
     """
 
     SCORES = {"semantic": 1, "variability": 0, "pixel_variance": 1, "random": None}
+    #: with variance="monte_carlo": the jackknife standard error of the variability
+    EXTRA_SCORE_COLUMNS = ("variability_se",)
     FIT_REPEATS = 4
 
     def __init__(self, pipe: Any, posterior: HeadPosterior | None = None,
@@ -99,25 +108,45 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
     # ------------------------------------------------------------------ generation
     def __call__(self, *args: Any, num_draws: int = 5,
                  scores: Sequence[str] = ("semantic", "variability"), seed: int = 0,
-                 keep_draw_images: bool = False, progress: bool = True,
-                 **kwargs: Any) -> PipelineUncertaintyOutput:
+                 variance: VarianceEstimate = "exact",
+                 variability_target: VariabilityTarget = "noise", first_sample: int = 0,
+                 keep_draw_images: bool = False, progress: bool = True, check_only: bool = False,
+                 **kwargs: Any) -> PipelineUncertaintyOutput | None:
         """Run ``pipe(*args, **kwargs)`` and score every image it returns.
 
         Args:
             num_draws: posterior head draws M (semantic and pixel variance use the M+1
-                generations; the variability needs none).
+                generations; the exact variability needs none, the Monte-Carlo one M >= 2).
             scores: any of ``semantic``, ``variability``, ``pixel_variance``, ``random``.
             seed: fixes the head draws and the random baseline; without a ``generator`` in
                 `kwargs` it also fixes the pipeline's noise (genunc's initial-noise stream).
+            variance: the variability's estimator: ``exact`` (closed form, diagonal posterior)
+                or ``monte_carlo`` (sample variance of the M draws' guided predictions, any
+                posterior structure; its jackknife standard error is reported as
+                ``variability_se``).
+            variability_target: the variance of the prediction the sampler steps with
+                (``noise``: epsilon, v or velocity) or of the clean sample it implies
+                (``clean``; :meth:`DiffusersPipelineAdapter.clean_factors`).
+            first_sample: the global index of the first image (keys the random baseline; pass
+                per-image generators from :func:`genunc.streams.sample_generators` for noise
+                that does not depend on the batch).
             keep_draw_images: also return the M perturbed generations' images.
             progress: show a bar over the posterior draws (the pipeline keeps its own bar;
                 ``pipe.set_progress_bar_config(disable=True)`` silences it).
+            check_only: check genunc's arguments and return None without generating.
             kwargs: the pipeline's own arguments, passed through unchanged.
         """
-        request = self._request(scores, num_draws, seed, num_samples=1)
+        request = self._request(scores, num_draws, seed, check_only, num_samples=1,
+                                first_sample=first_sample, variance=variance,
+                                variability_target=variability_target)
         self.check_feature_extractor(request)
         if request.wants("variability"):
-            self._check_variability(kwargs)
+            self._check_variability(kwargs, variance)
+        if check_only:
+            return None
+        estimator = self._head_variance(request, variance)
+        if isinstance(estimator, MonteCarloVariance) and len(request.perturbed) >= 3:
+            estimator = MonteCarloVariance(self.adapter, request.perturbed, jackknife=True)
         generator = kwargs.pop("generator", None)
         if generator is None:
             generator = streams.torch_generator(request.seed, "initial_noise")
@@ -125,7 +154,7 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
 
         collected = ScoreCollector()
         steps: list[tuple[float, Tensor]] = []
-        with collected.timer("generation"), self._observe(steps, kwargs, request.wants("variability")):
+        with collected.timer("generation"), self._observe(steps, kwargs, estimator):
             output = self.pipe(*args, generator=generator, **kwargs)
         images = _images(output)
         generations = [images]
@@ -140,12 +169,7 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         as_tensors = [_image_tensor(g, kwargs.get("output_type")) for g in generations]
         request.num_samples = as_tensors[0].shape[0]
         if steps:
-            per_step = torch.stack([values for _, values in steps])
-            if per_step.shape[1] != request.num_samples:
-                raise ShapeMismatchError(f"the head saw {per_step.shape[1]} samples per step but "
-                                         f"the pipeline returned {request.num_samples} images")
-            timesteps = torch.tensor([t for t, _ in steps], dtype=torch.float64)
-            collected.add_variability({"variability": per_step}, timesteps, torch.zeros(0), "noise")
+            self._add_variability(collected, request, steps, variability_target)
         if len(as_tensors) > 1:
             self.add_generation_scores(collected, request, torch.stack(as_tensors))
         return PipelineUncertaintyOutput(
@@ -153,29 +177,44 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
             images=images, pipeline_output=output,
             draw_images=generations[1:] if keep_draw_images else None)
 
-    def _check_variability(self, kwargs: dict[str, Any]) -> None:
+    def _add_variability(self, collected: ScoreCollector, request: Any,
+                         steps: list[tuple[float, Tensor]], target: VariabilityTarget) -> None:
+        """Per-evaluation values ``(1 [+ M], B)`` (the variance, then its leave-one-draw-out
+        replicates) -> the score, and its jackknife standard error where replicates exist."""
+        per_step = torch.stack([values for _, values in steps])  # (S, 1 [+ M], B)
+        if per_step.shape[-1] != request.num_samples:
+            raise ShapeMismatchError(f"the head saw {per_step.shape[-1]} samples per step but "
+                                     f"the pipeline returned {request.num_samples} images")
+        timesteps = torch.tensor([t for t, _ in steps], dtype=torch.float64)
+        factors = self.adapter.clean_factors(timesteps) if target == "clean" else None
+        replicates = {"variability": per_step[:, 1:]} if per_step.shape[1] > 1 else None
+        collected.add_variability({"variability": per_step[:, 0]}, timesteps, torch.zeros(0),
+                                  target, replicates=replicates, clean_factors=factors)
+
+    def _check_variability(self, kwargs: dict[str, Any], variance: VarianceEstimate) -> None:
         """Options under which the guided prediction is no longer the head at one input."""
-        if self.posterior is not None and self.posterior.structure != "diag":
+        if variance == "exact" and self.posterior is not None and self.posterior.structure != "diag":
             raise GenuncError(f"the exact variability needs the diagonal posterior, not "
-                              f"{self.posterior.structure!r}")
+                              f"{self.posterior.structure!r}: use variance='monte_carlo'")
         if self.adapter.fourier:
             raise GenuncError("this UNet divides the head's output by the timestep (Fourier time "
                               "embedding); genunc's variability does not cover it")
         for option in ("guidance_rescale", "skip_guidance_layers"):
             if kwargs.get(option):
                 raise GenuncError(f"{option} makes the guided prediction nonlinear in the head's "
-                                  "output: the closed-form variability does not apply; leave it "
+                                  "output: the variability does not apply; leave it "
                                   "out or drop 'variability' from scores")
 
     @contextmanager
     def _observe(self, steps: list[tuple[float, Tensor]], kwargs: dict[str, Any],
-                 variability: bool) -> Iterator[None]:
+                 estimator: Any) -> Iterator[None]:
         """Record, per denoiser evaluation, the timestep and the guided prediction's variance
-        per sample; the head's output is left as it is."""
-        if not variability:
+        per sample (``(1 [+ M], B)``: with a Monte-Carlo estimator, its leave-one-draw-out
+        replicates follow); the head's output is left as it is."""
+        if estimator is None:
             yield
             return
-        adapter, posterior = self.adapter, self.posterior
+        adapter = self.adapter
         now: dict[str, float] = {}
 
         def timestep(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
@@ -184,9 +223,11 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
 
         def head(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
             phi = adapter.guided_features(args[0].detach().float(), adapter.guidance(kwargs))
-            variance = posterior.output_variance(phi)
-            steps.append((now.get("t", float("nan")),
-                          adapter.reduce_variance(variance, {})["variability"].cpu()))
+            variances = estimator(phi, {})
+            variances = variances if getattr(estimator, "replicates", False) else variances[None]
+            reduced = torch.stack([adapter.reduce_variance(v, {})["variability"]
+                                   for v in variances])
+            steps.append((now.get("t", float("nan")), reduced.cpu()))
 
         handles = [adapter.model.register_forward_pre_hook(timestep, with_kwargs=True),
                    adapter.head.register_forward_hook(head)]

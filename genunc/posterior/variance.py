@@ -31,17 +31,30 @@ if TYPE_CHECKING:
 
 
 class MonteCarloVariance:
-    """Sample variance of the predictions of M >= 2 head draws."""
+    """Sample variance of the predictions of M >= 2 head draws.
 
-    def __init__(self, adapter: DenoiserAdapter, draws: HeadDraws) -> None:
-        if len(draws) < 2:
-            raise GenuncError("a Monte-Carlo variance compares draws: it needs num_draws >= 2")
+    With ``jackknife=True`` (M >= 3) the call returns ``(1 + M, B, ...)``: the variance, then
+    its M leave-one-draw-out replicates, from which the pipelines report the jackknife standard
+    error of the score (``replicates`` tells the loop which form it gets).
+    """
+
+    def __init__(self, adapter: DenoiserAdapter, draws: HeadDraws | Any,
+                 jackknife: bool = False) -> None:
+        if len(draws) < (3 if jackknife else 2):
+            raise GenuncError("a Monte-Carlo variance compares draws: it needs num_draws >= 2 "
+                              "(>= 3 with its standard error)")
         if draws.includes_map:
             raise GenuncError("pass the perturbed draws only (without the MAP)")
-        self.adapter, self.draws = adapter, draws
+        self.adapter, self.draws, self.replicates = adapter, draws, jackknife
 
-    def __call__(self, phi: Tensor, inputs: Mapping[str, Any]) -> Tensor:
-        return self.adapter.post_head(self.draws.apply(phi), inputs).double().var(0)
+    def __call__(self, phi: Any, inputs: Mapping[str, Any]) -> Tensor:
+        out = self.adapter.post_head(self.draws.apply(phi), inputs).double()
+        if not self.replicates:
+            return out.var(0)
+        m = out.shape[0]
+        keep = ~torch.eye(m, dtype=torch.bool, device=out.device)
+        loo = torch.stack([out[keep[i]].var(0) for i in range(m)])
+        return torch.cat([out.var(0).unsqueeze(0), loo])
 
 
 class ExactVariance:
@@ -57,29 +70,15 @@ class ExactVariance:
         return self.adapter.head_output_variance(self.posterior, phi, inputs).double()
 
 
-class MonteCarloTailVariance:
+class MonteCarloTailVariance(MonteCarloVariance):
     """Variance of the model output under a *tail* posterior, over M >= 3 draws.
 
     A tail passes its weights through nonlinearities, so there is no closed form: the tail is
-    re-run under the M draws on the MAP trajectory's recorded tail inputs (one batched call) and
-    the sample variance of the M outputs (after ``post_head``) is returned, stacked with its M
-    leave-one-draw-out (jackknife) replicates: ``(1 + M, B, ...)``.  The loop reduces each,
-    and the pipelines report the jackknife standard error of the score beside it.
+    re-run under the M draws on the MAP trajectory's recorded tail inputs (one batched call),
+    and the sample variance of the M outputs (after ``post_head``) comes with its jackknife
+    replicates (:class:`MonteCarloVariance` with ``jackknife=True``).
     """
 
-    replicates = True
-
     def __init__(self, adapter: DenoiserAdapter, draws: Any) -> None:
-        if len(draws) < 3:
-            raise GenuncError("a Monte-Carlo tail variance with its standard error needs "
-                              "num_draws >= 3")
-        if draws.includes_map:
-            raise GenuncError("pass the perturbed draws only (without the MAP)")
-        self.adapter, self.draws, self.tail = adapter, draws, draws.tail
-
-    def __call__(self, inputs: Any, model_inputs: Mapping[str, Any]) -> Tensor:
-        out = self.adapter.post_head(self.draws.apply(inputs), model_inputs).double()
-        m = out.shape[0]
-        keep = ~torch.eye(m, dtype=torch.bool, device=out.device)
-        loo = torch.stack([out[keep[i]].var(0) for i in range(m)])
-        return torch.cat([out.var(0).unsqueeze(0), loo])
+        super().__init__(adapter, draws, jackknife=True)
+        self.tail = draws.tail

@@ -73,17 +73,27 @@ def aggregate_steps(per_step: Tensor | np.ndarray, how: Aggregate = "mean") -> n
 
 def variability_score(per_step: Tensor | np.ndarray, timesteps: Tensor | np.ndarray,
                       alphas_cumprod: Tensor | np.ndarray, target: VariabilityTarget = "noise",
-                      how: Aggregate = "mean") -> np.ndarray:
+                      how: Aggregate = "mean", *,
+                      clean_factors: Tensor | np.ndarray | None = None) -> np.ndarray:
     """Per-step variances ``(S, B)`` measured at `timesteps` -> one score per sample.
 
     ``target="clean"`` rescales each step's noise variance to the variance of the implied clean
-    sample (``(1 - abar_t) / abar_t``) before reducing over the steps.
+    sample (``(1 - abar_t) / abar_t``) before reducing over the steps.  ``clean_factors``
+    ``(S,)`` gives those factors directly, for predictions other than the noise (a velocity's
+    clean sample ``x_t - sigma v`` has factor ``sigma ** 2``) or schedules not indexed by an
+    integer timestep.
     """
     if target not in VARIABILITY_TARGETS:
         raise GenuncError(f"unknown variability target {target!r}; choose from {VARIABILITY_TARGETS}")
     values = np.asarray(per_step.detach().cpu().double() if isinstance(per_step, Tensor)
                         else per_step, dtype=np.float64)
-    if target == "clean":
+    if target == "clean" and clean_factors is not None:
+        factors = np.asarray(torch.as_tensor(clean_factors).double().cpu())
+        if values.ndim != 2 or factors.shape != (values.shape[0],):
+            raise ShapeMismatchError(f"per-step values {values.shape} and {factors.shape} clean "
+                                     "factors differ")
+        values = values * factors[:, None]
+    elif target == "clean":
         abar = np.asarray(torch.as_tensor(alphas_cumprod).double().cpu())[
             np.asarray(torch.as_tensor(timesteps).long().cpu())]
         if values.ndim != 2 or len(abar) != values.shape[0]:
