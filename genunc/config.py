@@ -54,7 +54,14 @@ DEFAULTS: dict[str, Any] = {
         "variability_target": "noise",  # variance of the predicted noise, or of the clean sample
         # molecule: ddpm (EDM's ancestral sampler, default) or ddim (EDM checkpoints: edm, default);
         # text: random | low_confidence (default) | threshold | remask
+        # image (diffusers pipeline folders): a diffusers scheduler class swapped in, e.g.
+        # DDIMScheduler or DPMSolverMultistepScheduler (null: the pipeline's own)
         "sampler": None,
+        # image (diffusers pipeline folders): classifier-free guidance scale (null: the
+        # pipeline's default) and the prompts of text-conditioned pipelines (sample i gets
+        # prompt i mod len(prompts))
+        "guidance_scale": None,
+        "prompts": None,
         "candidates": 1,  # text: samples per prompt (best-of-N: filter --best-of condition)
         "temperature": 0.0,  # text: token temperature (0 = greedy)
         "block_length": None,  # text: semi-autoregressive block length (default: one block)
@@ -152,6 +159,8 @@ RULES: dict[str, Rule] = {
     "generate.variance": Rule(str, choices=("exact", "monte_carlo")),
     "generate.variability_target": Rule(str, choices=("noise", "clean")),
     "generate.sampler": OPTIONAL_TEXT, "generate.candidates": COUNT,
+    "generate.guidance_scale": Rule(float, minimum=0, nullable=True),
+    "generate.prompts": Rule(list, item=str, nullable=True),
     "generate.temperature": Rule(float, minimum=0),
     "generate.block_length": Rule(int, minimum=1, nullable=True),
     "generate.threshold": Rule(float, minimum=0, maximum=1),

@@ -1,4 +1,10 @@
-"""The image job: a diffusers model folder (or the shipped digits DDPM) to a PNG export."""
+"""The image job: a diffusers model folder (or a shipped digits model) to a PNG export.
+
+A pixel DDPM/DDIM folder runs in genunc's own loop (late branching, fewer score steps); any other
+diffusers pipeline folder (latent, guided, transformer, flow matching) runs as the user's own
+pipeline with hooks (:class:`~genunc.pipelines.wrapped.WrappedImagePipeline`).  Either way sample
+i's noise comes from its own stream, so the export does not depend on the chunk size.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from genunc import streams
 from genunc.errors import ConfigError, MissingFileError
 from genunc.features import DigitsFeatures, FeatureExtractor, flatten_pixels
 from genunc.jobs.base import ChunkRecord, Job, scored_records
 from genunc.jobs.shards import process_device
 from genunc.pipelines.image import ImageUncertaintyPipeline
+from genunc.pipelines.wrapped import WrappedImagePipeline, _image_tensor
 
 
 def feature_extractor(spec: str | None, device: str) -> FeatureExtractor | None:
@@ -33,7 +41,8 @@ def feature_extractor(spec: str | None, device: str) -> FeatureExtractor | None:
 
 
 def training_data(spec: str) -> Any:
-    """``zoo:digits_train``, a ``.npy`` of images, or a ``.pt`` of images / ``{x, class_labels}``."""
+    """``zoo:digits_train``, a ``.npy`` of images, or a ``.pt`` of images, ``{x, class_labels}``
+    or ``{x, prompts}`` (images in [-1, 1], ``(N, C, H, W)``)."""
     from genunc.zoo import digits
 
     if spec == "zoo:digits_train":
@@ -45,6 +54,8 @@ def training_data(spec: str) -> Any:
         return torch.from_numpy(np.load(path)).float()
     data = torch.load(path, weights_only=True)
     if isinstance(data, dict):
+        if "prompts" in data:
+            return data["x"], list(data["prompts"])
         return data["x"], data["class_labels"]
     return data
 
@@ -71,14 +82,29 @@ class ImageJob(Job):
 
     def shipped_models(self) -> dict[str, Path]:
         from genunc.zoo import digits
+        from genunc.zoo.digits_latent import LATENT_DIR
 
-        return {"digits_ddpm": digits.DDPM_DIR}
+        return {"digits_ddpm": digits.DDPM_DIR, "digits_latent": LATENT_DIR}
 
-    def load_pipeline(self, model_dir: Path, config: dict[str, Any]) -> ImageUncertaintyPipeline:
+    def load_pipeline(self, model_dir: Path, config: dict[str, Any]) -> Any:
         device = process_device(config["device"])
-        return ImageUncertaintyPipeline.from_pretrained(
+        pipe = ImageUncertaintyPipeline.from_pretrained(
             model_dir, feature_extractor=feature_extractor(config["features"], device),
             posterior=None, device=device)
+        g = config["generate"]
+        if isinstance(pipe, WrappedImagePipeline):
+            _check_wrapped_options(g)
+            if g["sampler"]:
+                pipe.pipe.scheduler = _scheduler(g["sampler"], pipe.pipe.scheduler.config)
+            pipe.pipe.set_progress_bar_config(disable=True)
+        else:
+            own = {"sampler": g["sampler"], "guidance_scale": g["guidance_scale"],
+                   "prompts": g["prompts"]}
+            given = [f"generate.{k}" for k, v in own.items() if v is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)} apply to diffusers pipeline folders only; "
+                                  f"{model_dir} runs in genunc's own loop (DDIM, unguided)")
+        return pipe
 
     def fit_data(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any]) -> Any:
         return training_data(config["posterior"]["data"])
@@ -88,8 +114,9 @@ class ImageJob(Job):
         if "semantic" in config["generate"]["scores"] and pipe.feature_extractor is not None:
             pipe.fit_feature_scale(_images(training_data(config["posterior"]["data"])))
 
-    def call_args(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any],
-                  ids: list[str]) -> dict[str, Any]:
+    def call_args(self, pipe: Any, config: dict[str, Any], ids: list[str]) -> dict[str, Any]:
+        if isinstance(pipe, WrappedImagePipeline):
+            return _wrapped_call_args(pipe, config, ids)
         g = config["generate"]
         n_classes = pipe.adapter.num_classes
         start, n = int(ids[0]), len(ids)
@@ -101,14 +128,83 @@ class ImageJob(Job):
                     variability_target=g["variability_target"], seed=g["seed"],
                     first_sample=start, chunk_size=n, precision=g["precision"], progress=False)
 
-    def records(self, pipe: ImageUncertaintyPipeline, config: dict[str, Any], out: Any,
+    def records(self, pipe: Any, config: dict[str, Any], out: Any,
                 ids: list[str]) -> list[ChunkRecord]:
-        n, labels = len(ids), out.class_labels
+        n = len(ids)
+        if isinstance(pipe, WrappedImagePipeline):
+            images = _image_tensor(out.images, "pt")
+            call = _wrapped_call_args(pipe, config, ids)
+            labels = call.get("class_labels")
+            labels = None if labels is None else torch.as_tensor(labels)
+            condition = call.get("prompt", [None] * n) if labels is None else labels.tolist()
+        else:
+            images, labels = out.images, out.class_labels
+            condition = [None] * n if labels is None else labels.tolist()
+        if len(images) != n:
+            raise ConfigError(f"the pipeline returned {len(images)} images for {n} samples "
+                              "(num_images_per_prompt is not a job option)")
         trailing: dict[str, Any] = {}
         if config["quality"] and labels is not None:
-            probs = _judge(process_device(config["device"])).probabilities(out.images)
+            probs = _judge(process_device(config["device"])).probabilities(images)
             trailing["p_class"] = probs[np.arange(n), labels.numpy()]
             trailing["judge_agrees"] = probs.argmax(1) == labels.numpy()
-        condition = [None] * n if labels is None else labels.tolist()
         records = scored_records(n, out.scores, {"condition": condition}, trailing)
-        return list(zip(ids, out.images, records))
+        return list(zip(ids, images, records))
+
+
+#: options of genunc's own loop that a wrapped pipeline (its own loop) cannot honour
+_OWN_LOOP_ONLY = {"branch_at": 0, "score_steps": None, "variability_steps": None}
+
+
+def _check_wrapped_options(g: dict[str, Any]) -> None:
+    bad = [f"generate.{k}" for k, default in _OWN_LOOP_ONLY.items() if g[k] != default]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)} need genunc's own sampling loop (pixel DDPM/DDIM "
+                          "folders); a diffusers pipeline folder runs its own loop")
+    if g["precision"] != "float32":
+        raise ConfigError("generate.precision applies to genunc's own loop; load a wrapped "
+                          "pipeline in the dtype you want instead")
+
+
+def _scheduler(name: str, config: Any) -> Any:
+    """A diffusers scheduler class by name, built from the pipeline's scheduler config."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        raise ConfigError(f"generate.sampler {name!r} is not a diffusers scheduler class "
+                          "(e.g. DDIMScheduler, DPMSolverMultistepScheduler)")
+    return cls.from_config(config)
+
+
+def _wrapped_call_args(pipe: WrappedImagePipeline, config: dict[str, Any],
+                       ids: list[str]) -> dict[str, Any]:
+    """The wrapped pipeline's call for samples `ids`: one generator per sample from its own
+    initial-noise stream, class labels (``i mod num_classes``) or prompts (``i mod
+    len(prompts)``) by global index, and genunc's score arguments."""
+    import inspect
+
+    g = config["generate"]
+    start, n = int(ids[0]), len(ids)
+    indices = range(start, start + n)
+    accepts = inspect.signature(type(pipe.pipe).__call__).parameters
+    args: dict[str, Any] = dict(
+        num_inference_steps=g["steps"], output_type="pt", num_draws=g["num_draws"],
+        scores=tuple(g["scores"]), seed=g["seed"], first_sample=start, variance=g["variance"],
+        variability_target=g["variability_target"], progress=False,
+        generator=streams.sample_generators(g["seed"], "initial_noise", indices))
+    if g["guidance_scale"] is not None:
+        args["guidance_scale"] = g["guidance_scale"]
+    if "class_labels" in accepts:
+        # the classes the pipeline names (DiT's id2label), else its label embedding's size
+        named = set((getattr(pipe.pipe, "labels", None) or {}).values())
+        classes = len(named) or int(pipe.adapter.model.config.get("num_embeds_ada_norm") or 1000)
+        args["class_labels"] = [i % classes for i in indices]
+    elif "prompt" in accepts:
+        if not g["prompts"]:
+            raise ConfigError(f"{type(pipe.pipe).__name__} is text-conditioned: give "
+                              "generate.prompts (a list; sample i gets prompt i mod len)")
+        args["prompt"] = [g["prompts"][i % len(g["prompts"])] for i in indices]
+    else:
+        args["batch_size"] = n
+    return args

@@ -37,6 +37,9 @@ from genunc.sampling.diffusers_loop import run_trajectory
 from genunc.scores import VariabilityTarget
 from genunc.streams import randn_rows
 
+#: pipeline folders genunc's own loop runs (late branching, fewer score steps); others are wrapped
+OWN_LOOP = ("DDPMPipeline", "DDIMPipeline")
+
 
 @dataclass
 class ImageUncertaintyOutput(UncertaintyOutput):
@@ -86,11 +89,20 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def _load(cls, path: Path, *, device: str,
-              feature_extractor: FeatureExtractor | None = None) -> "ImageUncertaintyPipeline":
-        """A UNet + scheduler saved by diffusers (a pipeline folder or one model folder)."""
+    def _load(cls, path: Path, *, device: str, feature_extractor: FeatureExtractor | None = None
+              ) -> "ImageUncertaintyPipeline | WrappedImagePipeline":
+        """A pixel UNet + scheduler saved by diffusers (a DDPM/DDIM pipeline folder or one
+        model folder) runs in genunc's own loop; any other pipeline folder (latent, guided,
+        transformer, flow matching: ``model_index.json`` names its class) is loaded with
+        diffusers' ``DiffusionPipeline.from_pretrained`` and wrapped (:meth:`from_pipe`)."""
         from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
+        index = path / "model_index.json"
+        if index.exists() and json.loads(index.read_text()).get("_class_name") not in OWN_LOOP:
+            from diffusers import DiffusionPipeline
+
+            pipe = DiffusionPipeline.from_pretrained(path).to(device)
+            return cls.from_pipe(pipe, feature_extractor=feature_extractor)
         unet_dir = path / "unet" if (path / "unet").is_dir() else path
         sched_dir = path / "scheduler" if (path / "scheduler").is_dir() else path
         if not (unet_dir / "config.json").exists():

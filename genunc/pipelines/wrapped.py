@@ -251,12 +251,14 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
             handle.remove()
 
     # ------------------------------------------------------------------ posterior
-    def fit_posterior(self, images: Tensor, *, prompts: Sequence[str] | None = None,
+    def fit_posterior(self, images: Tensor | tuple[Tensor, Any], *,
+                      prompts: Sequence[str] | None = None,
                       class_labels: Tensor | Sequence[int] | None = None,
                       conditioning: dict[str, Any] | None = None, batch_size: int = 16,
                       repeats: int | None = None, max_rows: int | None = None, seed: int = 0,
                       progress: bool = True, **fit_kwargs: Any) -> HeadPosterior:
-        """Fit the head posterior on clean `images` ``(N, C, H, W)`` in [-1, 1].
+        """Fit the head posterior on clean `images` ``(N, C, H, W)`` in [-1, 1] (or an
+        ``(images, class_labels | prompts)`` pair, the form genunc's jobs read).
 
         The images are encoded with the pipeline's VAE (where it has one), captions embedded
         with its own text encoders, and each batch is noised `repeats` times at random training
@@ -266,6 +268,16 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         sample's feature map; a Linear head's, one token).
         ``fit_kwargs`` go to :meth:`HeadPosterior.fit_features`.
         """
+        if isinstance(images, tuple) and len(images) == 2:
+            images, labels = images
+            if isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], str):
+                prompts = list(labels) if prompts is None else prompts
+            elif class_labels is None:
+                class_labels = labels
+        if fit_kwargs.pop("tail", None) is not None:
+            raise GenuncError("a posterior over a block is not available for wrapped diffusers "
+                              "pipelines yet; fit the head (leave tail out)")
+        fit_kwargs.pop("noise_groups", None)  # an image denoiser's output is one group
         adapter = self.adapter
         n = images.shape[0]
         generator = as_generator(seed)

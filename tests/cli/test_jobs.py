@@ -111,7 +111,7 @@ def test_config_overrides_and_typos(config_file):
 
 def test_shipped_configs_name_shipped_models_and_known_scores(repo):
     paths = sorted(repo.glob("configs/*.yaml"))
-    assert [p.stem for p in paths] == ["arith", "digits", "qm9"]
+    assert [p.stem for p in paths] == ["arith", "digits", "digits_latent", "qm9"]
     for path in paths:
         config = load_config(path)
         job = job_for(config["modality"])
