@@ -573,3 +573,31 @@ def test_first_sample_keys_the_random_baseline_and_check_only_runs_nothing(fitte
     finally:
         type(pipe).__call__ = original
     assert calls == []
+
+
+# ----------------------------------------------------------------------------- one mechanism
+@pytest.mark.parametrize("target", ["noise", "clean"])
+def test_genuncs_own_loop_gives_the_wrapped_ddim_pipelines_images_and_scores(target):
+    """For a plain call the own loop (kept for late branching, fewer score steps, step windows,
+    block posteriors) and the wrapper around diffusers' DDIMPipeline are the same computation:
+    same images, same scores, from the same per-sample streams."""
+    from genunc import streams
+
+    unet, ddpm = _unet2d(), DDPMScheduler(num_train_timesteps=100)
+    images = torch.rand(12, 1, 8, 8) * 2 - 1
+    own = ImageUncertaintyPipeline(unet, ddpm, feature_extractor=flatten_pixels)
+    own.fit_posterior(images, progress=False)
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(ddpm.config))
+    pipe.set_progress_bar_config(disable=True)
+    wrapped = ImageUncertaintyPipeline.from_pipe(pipe, posterior=own.posterior,
+                                                 feature_extractor=flatten_pixels)
+    common = dict(num_draws=3, scores=ALL_SCORES, seed=5, variability_target=target)
+    a = own(num_samples=3, num_inference_steps=6, first_sample=4, progress=False, **common)
+    b = wrapped(batch_size=3, num_inference_steps=6, output_type="np", first_sample=4,
+                generator=streams.sample_generators(5, "initial_noise", range(4, 7)), **common)
+    from genunc.pipelines.wrapped import _image_tensor
+
+    torch.testing.assert_close(_image_tensor(b.images, "np"), ((a.images + 1) / 2).clamp(0, 1) * 2 - 1,
+                               rtol=0, atol=1e-5)
+    for name in ALL_SCORES:
+        np.testing.assert_allclose(b.scores[name], a.scores[name], rtol=1e-4, err_msg=name)
