@@ -2,7 +2,7 @@
 
 Every pipeline is a tiny random-config model built here (no hub): DDPM, DDIM, Stable Diffusion
 (UNet + VAE + CLIP text encoder), DiT (learned sigma), PixArt-alpha (T5, learned sigma) and
-Stable Diffusion 3 (flow matching, two CLIP encoders, no T5).
+Stable Diffusion 3 (flow matching, two CLIP encoders, with and without the T5 encoder).
 """
 
 import json
@@ -140,7 +140,7 @@ def build(kind: str, seed: int = 0, folder: Path | None = None):
         call = dict(prompt=PROMPTS, guidance_scale=3.0, num_inference_steps=steps, height=8,
                     width=8, use_resolution_binning=False, clean_caption=False)
         fit = dict(images=torch.rand(8, 3, 8, 8) * 2 - 1, prompts=PROMPTS * 4)
-    elif kind == "sd3":
+    elif kind in ("sd3", "sd3_t5"):
         transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4,
                                             num_layers=1, attention_head_dim=8,
                                             num_attention_heads=2, joint_attention_dim=32,
@@ -151,7 +151,8 @@ def build(kind: str, seed: int = 0, folder: Path | None = None):
             vae=_vae(shift_factor=0.06, scaling_factor=1.5),
             text_encoder=_clip_text(True), tokenizer=_clip_tokenizer(folder / "1"),
             text_encoder_2=_clip_text(True), tokenizer_2=_clip_tokenizer(folder / "2"),
-            text_encoder_3=None, tokenizer_3=None)
+            **(dict(zip(("tokenizer_3", "text_encoder_3"), _t5())) if kind == "sd3_t5" else
+               dict(text_encoder_3=None, tokenizer_3=None)))
         call = dict(prompt=PROMPTS, guidance_scale=3.0, num_inference_steps=steps, height=8, width=8)
         fit = dict(images=torch.rand(8, 3, 8, 8) * 2 - 1, prompts=PROMPTS * 4)
     else:
@@ -160,7 +161,7 @@ def build(kind: str, seed: int = 0, folder: Path | None = None):
     return pipe, call, fit
 
 
-KINDS = ["ddpm", "ddim", "sd", "dit", "pixart", "sd3"]
+KINDS = ["ddpm", "ddim", "sd", "dit", "pixart", "sd3", "sd3_t5"]
 ALL_SCORES = ("semantic", "variability", "pixel_variance", "random")
 
 
@@ -601,3 +602,14 @@ def test_genuncs_own_loop_gives_the_wrapped_ddim_pipelines_images_and_scores(tar
                                rtol=0, atol=1e-5)
     for name in ALL_SCORES:
         np.testing.assert_allclose(b.scores[name], a.scores[name], rtol=1e-4, err_msg=name)
+
+
+def test_sd3_fits_through_its_t5_encoder_when_it_has_one(fitted):
+    """SD3's prompt embedding is [CLIP (padded) ; T5] along the sequence: with a T5 encoder the
+    T5 rows carry the prompt, without one they are zeros."""
+    for kind, has_t5 in (("sd3_t5", True), ("sd3", False)):
+        _, upipe, _ = fitted(kind)
+        cond = upipe.adapter.conditioning(2, prompts=PROMPTS)
+        clip_rows = upipe.pipe.tokenizer.model_max_length
+        t5_rows = cond["encoder_hidden_states"][:, clip_rows:]
+        assert t5_rows.shape[1] > 0 and bool(t5_rows.abs().sum() > 0) == has_t5, kind
