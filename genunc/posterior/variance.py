@@ -41,8 +41,9 @@ class MonteCarloVariance:
     def __init__(self, adapter: DenoiserAdapter, draws: HeadDraws | Any,
                  jackknife: bool = False) -> None:
         if len(draws) < (3 if jackknife else 2):
-            raise GenuncError("a Monte-Carlo variance compares draws: it needs num_draws >= 2 "
-                              "(>= 3 with its standard error)")
+            raise GenuncError("a Monte-Carlo variance with its standard error needs num_draws >= 3"
+                              if jackknife else
+                              "a Monte-Carlo variance compares draws: it needs num_draws >= 2")
         if draws.includes_map:
             raise GenuncError("pass the perturbed draws only (without the MAP)")
         self.adapter, self.draws, self.replicates = adapter, draws, jackknife

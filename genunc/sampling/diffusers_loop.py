@@ -15,6 +15,11 @@ serves both uncertainty signals:
   features (:mod:`genunc.posterior.variance`: exact, or over M draws), reduced per sample by the
   adapter.  This costs one head op per step on top of plain generation.
 
+Where the posterior sits is the loop's one variable (``_Site``): the head alone (a hook applies
+every group's head draw in one grouped op: the fast path) or a block that ends at the head (the
+tail re-run per group on what entered it, batched over the draws).  Sampling, forking, and the
+variability record are written once for both.
+
 The M+1 generations differ only by their heads, for every scheduler: once the batch forks, each
 trajectory steps with a scheduler copy of its own, and every copy draws the same step noise
 (the generator is rewound to the same state before each), so a posterior collapsed to its mean
@@ -26,7 +31,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -162,179 +168,54 @@ def run_trajectory(
 
     batch = x_T.shape[0]
     tail = _tail_of(trajectory_draws, variability)
-    if tail is not None:
-        if precision != "float32":
-            raise GenuncError("a posterior over a block runs the backbone in float32 for now; "
-                              f"precision={precision!r} needs a head posterior")
-        return _run_tail(adapter, tail, scheduler, stepper, x_T, cond, timesteps, trajectory_draws,
-                         include_map, branch_at, variability, vsteps, progress)
-    head = adapter.head
-    fork_heads = None if trajectory_draws is None else trajectory_draws.to(x_T.device)
-    groups = 1  # trajectories currently in the batch (MAP first, then draws)
-    state: dict[str, Tensor | None] = {"phi": None}
-
-    def hook(module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
-        phi = args[0]
-        state["phi"] = phi[:batch]
-        if groups == 1 and include_map:
-            return None  # the model's own head is the MAP head
-        per_draw = phi.reshape(groups, batch, *phi.shape[1:])
-        with full_precision(phi.device):
-            out = fork_heads.apply(per_draw, per_draw=True)
-        return out.reshape(output.shape).to(output.dtype)
-
+    if tail is not None and precision != "float32":
+        raise GenuncError("a posterior over a block runs the backbone in float32 for now; "
+                          f"precision={precision!r} needs a head posterior")
+    draws = None if trajectory_draws is None else trajectory_draws.to(x_T.device)
     x = adapter.project(x_T * scheduler.init_noise_sigma, cond)
+    site: _Site = _HeadSite(adapter, draws, batch, include_map) if tail is None else \
+        _TailSite(adapter, tail, draws, batch, include_map, scheduler, x, timesteps[0], cond)
     current_cond = cond
     if not include_map:
-        groups = len(fork_heads)
-        x = repeat_batch(x, groups)
-        current_cond = repeat_batch(cond, groups)
-        stepper.fork(groups)
-    per_step: dict[str, list[Tensor]] = {}
-    measured_at: list[Tensor] = []
-    rows = 0
-    handle = head.register_forward_hook(hook)
-    try:
-        for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
-            if fork_heads is not None and include_map and groups == 1 and i == branch_at:
-                groups = len(fork_heads)
-                x = repeat_batch(x, groups)
-                current_cond = repeat_batch(cond, groups)
-                stepper.fork(groups)
-            model_in = scheduler.scale_model_input(x, t)
-            t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
-            with backbone_autocast(precision, x.device):
-                out = adapter.denoise(x=model_in, t=t_batch, **current_cond)
-            out = out.to(x.dtype)
-            rows += x.shape[0]
-            if variability is not None and i in vsteps:
-                inputs = {"x": model_in[:batch], "t": t_batch[:batch], **cond}
-                variance = variability(state["phi"], inputs)
-                for name, value in adapter.reduce_variance(variance, inputs).items():
-                    per_step.setdefault(name, []).append(value)
-                measured_at.append(t.reshape(()).cpu())
-            x = adapter.project(stepper.step(out, t, x), current_cond)
-    finally:
-        handle.remove()
-
-    if groups > 1 or not include_map:
-        grouped = x.reshape(groups, batch, *x.shape[1:])
-        samples = grouped[0] if include_map else None
-        draw_samples = grouped[1:] if include_map else grouped
-    elif fork_heads is not None:  # branch_at == n_steps: the draws never left the MAP path
-        samples, draw_samples = x, x.unsqueeze(0).repeat(len(fork_heads) - 1, *([1] * x.dim()))
-    else:
-        samples, draw_samples = x, None
-    return TrajectoryOutput(
-        samples=samples,
-        draw_samples=draw_samples,
-        variability_per_step={k: torch.stack(v) for k, v in per_step.items()} or None,
-        variability_timesteps=torch.stack(measured_at) if measured_at else None,
-        backbone_rows=rows,
-    )
-
-
-def _tail_of(draws: Any, variability: Any) -> Tail | None:
-    tail = getattr(draws, "tail", None)
-    return tail if tail is not None else getattr(variability, "tail", None)
-
-
-def _run_tail(adapter: DenoiserAdapter, tail: Tail, scheduler: Any, stepper: _GroupStepper,
-              x_T: Tensor, cond: dict[str, Any], timesteps: Tensor, draws: TailDraws | None,
-              include_map: bool, branch_at: int, variability: HeadVariance | None,
-              vsteps: set[int], progress: bool) -> TrajectoryOutput:
-    """:func:`run_trajectory` with tail draws (see there)."""
-    batch = x_T.shape[0]
-    draws = None if draws is None else draws.to(x_T.device)
-    groups = 1
-    x = adapter.project(x_T * scheduler.init_noise_sigma, cond)
-    current_cond = cond
-    separable = True
-    if draws is not None:  # do the recorded inputs split into trajectory groups? (one probe)
-        with tail.capture() as probe:
-            two = repeat_batch(x[:1], 2)
-            adapter.denoise(x=scheduler.scale_model_input(two, timesteps[0]),
-                            t=timesteps[0].reshape(1).expand(2).to(x.device),
-                            **repeat_batch({k: _rows(v, 1) for k, v in cond.items()}, 2))
-            separable = tail.inputs_of(probe, 2).separable
+        site.groups = len(draws)
+        x = repeat_batch(x, site.groups)
+        current_cond = repeat_batch(cond, site.groups)
+        stepper.fork(site.groups)
     per_step: dict[str, list[Tensor]] = {}
     replicas: dict[str, list[Tensor]] = {}
     measured_at: list[Tensor] = []
     rows = 0
-    map_inputs: dict[str, TailInputs | None] = {"inputs": None}
+    with site.active():
+        for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
+            if draws is not None and include_map and site.groups == 1 and i == branch_at:
+                site.groups = len(draws)
+                x = repeat_batch(x, site.groups)
+                current_cond = repeat_batch(cond, site.groups)
+                stepper.fork(site.groups)
+            model_in = scheduler.scale_model_input(x, t)
+            t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
+            with backbone_autocast(precision, x.device):
+                out = site.denoise(model_in, t_batch, current_cond).to(x.dtype)
+            rows += x.shape[0]
+            if variability is not None and i in vsteps:
+                inputs = {"x": model_in[:batch], "t": t_batch[:batch], **cond}
+                variance = variability(site.map_features(), inputs)
+                if getattr(variability, "replicates", False):
+                    _append(per_step, adapter.reduce_variance(variance[0], inputs))
+                    reduced = [adapter.reduce_variance(v, inputs) for v in variance[1:]]
+                    _append(replicas, {name: torch.stack([r[name] for r in reduced])
+                                       for name in reduced[0]})
+                else:
+                    _append(per_step, adapter.reduce_variance(variance, inputs))
+                measured_at.append(t.reshape(()).cpu())
+            x = adapter.project(stepper.step(out, t, x), current_cond)
 
-    def replace_output(module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
-        if (groups == 1 and include_map) or tail.rerunning:
-            return None
-        inputs = tail.inputs_of(recorder, groups * batch)
-        out = draws.apply(inputs, per_draw=True)
-        return out.reshape(output.shape).to(output.dtype)
-
-    if not include_map:
-        groups = len(draws)
-        x = repeat_batch(x, groups)
-        current_cond = repeat_batch(cond, groups)
-        stepper.fork(groups)
-    with tail.capture() as recorder:
-        handle = tail.modules[-1].register_forward_hook(replace_output) if separable else None
-        try:
-            for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress,
-                                       leave=False)):
-                if draws is not None and include_map and groups == 1 and i == branch_at:
-                    groups = len(draws)
-                    x = repeat_batch(x, groups)
-                    current_cond = repeat_batch(cond, groups)
-                    stepper.fork(groups)
-                model_in = scheduler.scale_model_input(x, t)
-                t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
-                if separable or groups == 1:
-                    recorder.reset()
-                    out = adapter.denoise(x=model_in, t=t_batch, **current_cond)
-                    if groups == 1:
-                        map_inputs["inputs"] = tail.inputs_of(recorder, batch)
-                    elif include_map and variability is not None and i in vsteps:
-                        map_inputs["inputs"] = tail.inputs_of(recorder, groups * batch) \
-                            .select(slice(0, batch))
-                else:  # graph models: one body pass per trajectory group, its draw swapped in
-                    parts = []
-                    for g in range(groups):
-                        recorder.reset()
-                        sl = slice(g * batch, (g + 1) * batch)
-                        group_cond = {k: _rows(v, batch, g) for k, v in current_cond.items()}
-                        if g == 0 and include_map:
-                            parts.append(adapter.denoise(x=model_in[sl], t=t_batch[sl],
-                                                         **group_cond))
-                            map_inputs["inputs"] = tail.inputs_of(recorder, batch)
-                        else:
-                            with tail.swapped(draws.draw(g)):
-                                parts.append(adapter.denoise(x=model_in[sl], t=t_batch[sl],
-                                                             **group_cond))
-                    out = torch.cat(parts)
-                rows += x.shape[0]
-                if variability is not None and i in vsteps:
-                    inputs = {"x": model_in[:batch], "t": t_batch[:batch], **cond}
-                    variance = variability(map_inputs["inputs"], inputs)
-                    if getattr(variability, "replicates", False):
-                        for name, value in adapter.reduce_variance(variance[0], inputs).items():
-                            per_step.setdefault(name, []).append(value)
-                        reduced = [adapter.reduce_variance(v, inputs) for v in variance[1:]]
-                        for name in reduced[0]:
-                            replicas.setdefault(name, []).append(
-                                torch.stack([r[name] for r in reduced]))
-                    else:
-                        for name, value in adapter.reduce_variance(variance, inputs).items():
-                            per_step.setdefault(name, []).append(value)
-                    measured_at.append(t.reshape(()).cpu())
-                x = adapter.project(stepper.step(out, t, x), current_cond)
-        finally:
-            if handle is not None:
-                handle.remove()
-
+    groups = site.groups
     if groups > 1 or not include_map:
         grouped = x.reshape(groups, batch, *x.shape[1:])
         samples = grouped[0] if include_map else None
         draw_samples = grouped[1:] if include_map else grouped
-    elif draws is not None:
+    elif draws is not None:  # branch_at == n_steps: the draws never left the MAP path
         samples, draw_samples = x, x.unsqueeze(0).repeat(len(draws) - 1, *([1] * x.dim()))
     else:
         samples, draw_samples = x, None
@@ -346,6 +227,139 @@ def _run_tail(adapter: DenoiserAdapter, tail: Tail, scheduler: Any, stepper: _Gr
         backbone_rows=rows,
         variability_replicates={k: torch.stack(v) for k, v in replicas.items()} or None,
     )
+
+
+def _append(lists: dict[str, list[Tensor]], values: Mapping[str, Tensor]) -> None:
+    for name, value in values.items():
+        lists.setdefault(name, []).append(value)
+
+
+def _tail_of(draws: Any, variability: Any) -> Tail | None:
+    tail = getattr(draws, "tail", None)
+    return tail if tail is not None else getattr(variability, "tail", None)
+
+
+class _Site:
+    """Where the posterior sits, for the one loop above: how a batch of ``groups`` trajectories
+    (MAP first, then draws, ``batch`` rows each) runs through the denoiser with each group's
+    own draw, and what the MAP rows' features were (what a variance estimator takes)."""
+
+    def __init__(self, adapter: DenoiserAdapter, draws: Any, batch: int, include_map: bool) -> None:
+        self.adapter, self.draws, self.batch, self.include_map = adapter, draws, batch, include_map
+        self.groups = 1  # trajectories currently in the batch
+
+    @property
+    def unperturbed(self) -> bool:
+        """Only the MAP runs: the model's own weights are the MAP's."""
+        return self.groups == 1 and self.include_map
+
+    def active(self) -> Any:  # a context manager: the hooks live while the loop runs
+        raise NotImplementedError
+
+    def denoise(self, model_in: Tensor, t_batch: Tensor, cond: Mapping[str, Any]) -> Tensor:
+        return self.adapter.denoise(x=model_in, t=t_batch, **cond)
+
+    def map_features(self) -> Any:
+        raise NotImplementedError
+
+
+class _HeadSite(_Site):
+    """The head alone: a forward hook reads its input and, once the batch holds several
+    trajectories, applies every group's head draw in one grouped op (the fast path)."""
+
+    def __init__(self, adapter: DenoiserAdapter, draws: HeadDraws | None, batch: int,
+                 include_map: bool) -> None:
+        super().__init__(adapter, draws, batch, include_map)
+        self.phi: Tensor | None = None
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        def hook(module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+            phi = args[0]
+            self.phi = phi[: self.batch]
+            if self.unperturbed:
+                return None
+            per_draw = phi.reshape(self.groups, self.batch, *phi.shape[1:])
+            with full_precision(phi.device):
+                out = self.draws.apply(per_draw, per_draw=True)
+            return out.reshape(output.shape).to(output.dtype)
+
+        handle = self.adapter.head.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def map_features(self) -> Tensor:
+        return self.phi
+
+
+class _TailSite(_Site):
+    """A block that ends at the head: the body runs on every trajectory's rows (the draws'
+    states differ from the MAP's once they fork), what enters the tail is recorded, and the
+    head's output is replaced by the tail re-run per group under its draw, batched over the
+    draws.  Graph models whose recorded inputs do not split into row groups (one probe call
+    tells) run one body pass per group with that group's tail weights swapped in."""
+
+    def __init__(self, adapter: DenoiserAdapter, tail: Tail, draws: TailDraws | None, batch: int,
+                 include_map: bool, scheduler: Any, x: Tensor, t0: Tensor,
+                 cond: Mapping[str, Any]) -> None:
+        super().__init__(adapter, draws, batch, include_map)
+        self.tail = tail
+        self.separable = True
+        self.map_inputs: TailInputs | None = None
+        if draws is not None:  # do the recorded inputs split into trajectory groups?
+            with tail.capture() as probe:
+                two = repeat_batch(x[:1], 2)
+                adapter.denoise(x=scheduler.scale_model_input(two, t0),
+                                t=t0.reshape(1).expand(2).to(x.device),
+                                **repeat_batch({k: _rows(v, 1) for k, v in cond.items()}, 2))
+                self.separable = tail.inputs_of(probe, 2).separable
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        tail = self.tail
+
+        def replace_output(module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+            if self.unperturbed or tail.rerunning:
+                return None
+            inputs = tail.inputs_of(self.recorder, self.groups * self.batch)
+            return self.draws.apply(inputs, per_draw=True).reshape(output.shape).to(output.dtype)
+
+        with tail.capture() as self.recorder:
+            handle = tail.modules[-1].register_forward_hook(replace_output) \
+                if self.separable else None
+            try:
+                yield
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+    def denoise(self, model_in: Tensor, t_batch: Tensor, cond: Mapping[str, Any]) -> Tensor:
+        batch, tail, recorder = self.batch, self.tail, self.recorder
+        self.map_inputs = None
+        if self.separable or self.groups == 1:
+            recorder.reset()
+            return self.adapter.denoise(x=model_in, t=t_batch, **cond)
+        parts = []
+        for g in range(self.groups):
+            recorder.reset()
+            rows = slice(g * batch, (g + 1) * batch)
+            group_cond = {k: _rows(v, batch, g) for k, v in cond.items()}
+            if g == 0 and self.include_map:
+                parts.append(self.adapter.denoise(x=model_in[rows], t=t_batch[rows], **group_cond))
+                self.map_inputs = tail.inputs_of(recorder, batch)
+            else:
+                with tail.swapped(self.draws.draw(g)):
+                    parts.append(self.adapter.denoise(x=model_in[rows], t=t_batch[rows],
+                                                      **group_cond))
+        return torch.cat(parts)
+
+    def map_features(self) -> TailInputs:
+        if self.map_inputs is None:  # the MAP rows lead the last pass's recorded inputs
+            inputs = self.tail.inputs_of(self.recorder, self.groups * self.batch)
+            self.map_inputs = inputs if self.groups == 1 else inputs.select(slice(0, self.batch))
+        return self.map_inputs
 
 
 def _rows(value: Any, size: int, group: int = 0) -> Any:
