@@ -423,7 +423,7 @@ def test_clear_errors(fitted):
             num_draws=2, scores=("semantic",), **call)
     with pytest.raises(GenuncError, match="no posterior"):
         ImageUncertaintyPipeline.from_pipe(pipe)(num_draws=2, scores=("variability",), **call)
-    with pytest.raises(GenuncError, match="guidance_rescale"):
+    with pytest.raises(GenuncError, match="guidance_rescale .* use variance='monte_carlo'"):
         upipe(num_draws=2, scores=("variability",), guidance_rescale=0.7, **call)
     with pytest.raises(HeadNotFoundError, match="conv_outt"):
         ImageUncertaintyPipeline.from_pipe(pipe, head_name="conv_outt")
@@ -613,3 +613,31 @@ def test_sd3_fits_through_its_t5_encoder_when_it_has_one(fitted):
         clip_rows = upipe.pipe.tokenizer.model_max_length
         t5_rows = cond["encoder_hidden_states"][:, clip_rows:]
         assert t5_rows.shape[1] > 0 and bool(t5_rows.abs().sum() > 0) == has_t5, kind
+
+
+def test_rescaled_guidance_variability_is_the_variance_of_diffusers_own_rule(fitted):
+    """guidance_rescale is not affine in the head's output: the Monte-Carlo variance applies
+    diffusers' rescale_noise_cfg to every draw's halves; checked at one step with the same
+    draws (the run's head-draw stream) against the rule called directly."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from genunc import streams
+
+    pipe, upipe, call = fitted("sd")
+    kwargs = {**call, "num_inference_steps": 1, "output_type": "np", "guidance_rescale": 0.7}
+    with capture_head(upipe.adapter.head) as record:
+        pipe(generator=_g(0), **kwargs)
+    phi = record.features.float()
+    draws = upipe.posterior.sample(5, seed=streams.torch_generator(4, "head_draws"),
+                                   include_map=True)[1:]
+    outs = draws.apply(phi).double()  # (M, 2B, C, H, W), [uncond; cond]
+    uncond, cond = outs.chunk(2, dim=1)
+    guided = torch.stack([rescale_noise_cfg(u + 7.5 * (c - u), c, guidance_rescale=0.7)
+                          for u, c in zip(uncond, cond)])
+    expected = guided.var(0).flatten(1).mean(1)
+    out = upipe(generator=_g(0), num_draws=5, scores=("variability",), variance="monte_carlo",
+                seed=4, **kwargs)
+    np.testing.assert_allclose(out.scores["variability"], expected.numpy(), rtol=1e-5)
+    plain = upipe(generator=_g(0), num_draws=5, scores=("variability",), variance="monte_carlo",
+                  seed=4, **{**kwargs, "guidance_rescale": 0.0})
+    assert not np.allclose(plain.scores["variability"], out.scores["variability"], rtol=1e-3)

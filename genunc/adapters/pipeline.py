@@ -161,6 +161,28 @@ class DiffusersPipelineAdapter(DenoiserAdapter):
         abar = torch.lerp(table[low], table[high], position - low)
         return (1 - abar) / abar if kind == "epsilon" else 1 - abar
 
+    def guidance_rescale(self, call_kwargs: Mapping[str, Any]) -> float:
+        """The running call's ``guidance_rescale`` (0: none), read like :meth:`guidance`."""
+        pipe = self.pipe
+        if isinstance(getattr(type(pipe), "guidance_rescale", None), property):
+            return float(pipe.guidance_rescale or 0.0)
+        return float(call_kwargs.get("guidance_rescale") or 0.0)
+
+    def rescaled_guidance(self, outputs: Tensor, scale: float, rescale: float) -> Tensor:
+        """Head outputs ``(M, 2B, ...)`` of a guided batch -> the rescaled guided prediction
+        ``(M, B, ...)`` of each draw: ``g = u + s (c - u)``, then ``r g std(c) / std(g) +
+        (1 - r) g`` with the standard deviations over each sample's entries (diffusers'
+        ``rescale_noise_cfg``).  Not affine in the head's output, so only a Monte-Carlo variance
+        covers it."""
+        if self.learned_sigma:
+            raise GenuncError("guidance_rescale with a learned-variance output is not covered")
+        first, second = outputs.chunk(2, dim=1)
+        cond, uncond = (first, second) if self.cond_first else (second, first)
+        guided = uncond + scale * (cond - uncond)
+        ratio = cond.flatten(2).std(-1) / guided.flatten(2).std(-1)
+        ratio = ratio.reshape(*ratio.shape, *([1] * (guided.dim() - 2)))
+        return rescale * guided * ratio + (1 - rescale) * guided
+
     # ------------------------------------------------------------------ fitting
     def denoise(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         if t.dim() == 0:

@@ -145,8 +145,10 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         if check_only:
             return None
         estimator = self._head_variance(request, variance)
-        if isinstance(estimator, MonteCarloVariance) and len(request.perturbed) >= 3:
-            estimator = MonteCarloVariance(self.adapter, request.perturbed, jackknife=True)
+        if isinstance(estimator, MonteCarloVariance):
+            estimator = MonteCarloVariance(self.adapter, request.perturbed,
+                                           jackknife=len(request.perturbed) >= 3,
+                                           combine=self._rescaled_guidance(kwargs))
         generator = kwargs.pop("generator", None)
         if generator is None:
             generator = streams.torch_generator(request.seed, "initial_noise")
@@ -199,11 +201,30 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         if self.adapter.fourier:
             raise GenuncError("this UNet divides the head's output by the timestep (Fourier time "
                               "embedding); genunc's variability does not cover it")
-        for option in ("guidance_rescale", "skip_guidance_layers"):
-            if kwargs.get(option):
-                raise GenuncError(f"{option} makes the guided prediction nonlinear in the head's "
-                                  "output: the variability does not apply; leave it "
-                                  "out or drop 'variability' from scores")
+        if kwargs.get("guidance_rescale") and variance != "monte_carlo":
+            raise GenuncError("guidance_rescale makes the guided prediction nonlinear in the "
+                              "head's output: the closed form does not apply; use "
+                              "variance='monte_carlo'")
+        if kwargs.get("skip_guidance_layers"):
+            raise GenuncError("skip_guidance_layers adds a third denoiser call per step that "
+                              "genunc's variability does not follow; leave it out or drop "
+                              "'variability' from scores")
+
+    def _rescaled_guidance(self, kwargs: dict[str, Any]) -> Any:
+        """With ``guidance_rescale``: the map from the draws' outputs on the whole guided batch
+        to their rescaled guided predictions (scales read during the call); None otherwise."""
+        if not kwargs.get("guidance_rescale"):
+            return None
+        adapter = self.adapter
+
+        def combine(outputs: Tensor) -> Tensor:
+            scale = adapter.guidance(kwargs)
+            if scale is None:
+                return outputs
+            return adapter.rescaled_guidance(outputs, scale, adapter.guidance_rescale(kwargs))
+
+        combine.guides = True  # type: ignore[attr-defined]  # it wants both halves of the batch
+        return combine
 
     @contextmanager
     def _observe(self, steps: list[tuple[float, Tensor]], kwargs: dict[str, Any],
@@ -222,7 +243,9 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
             now["t"] = float(torch.as_tensor(t).reshape(-1)[0]) if t is not None else float("nan")
 
         def head(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            phi = adapter.guided_features(args[0].detach().float(), adapter.guidance(kwargs))
+            phi = args[0].detach().float()
+            if not getattr(getattr(estimator, "combine", None), "guides", False):
+                phi = adapter.guided_features(phi, adapter.guidance(kwargs))
             variances = estimator(phi, {})
             variances = variances if getattr(estimator, "replicates", False) else variances[None]
             reduced = torch.stack([adapter.reduce_variance(v, {})["variability"]

@@ -16,7 +16,7 @@ which the adapter reduces to per-sample numbers (:meth:`DenoiserAdapter.reduce_v
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,13 +33,17 @@ if TYPE_CHECKING:
 class MonteCarloVariance:
     """Sample variance of the predictions of M >= 2 head draws.
 
-    With ``jackknife=True`` (M >= 3) the call returns ``(1 + M, B, ...)``: the variance, then
-    its M leave-one-draw-out replicates, from which the pipelines report the jackknife standard
-    error of the score (``replicates`` tells the loop which form it gets).
+    ``combine`` maps the draws' outputs ``(M, rows, ...)`` to the predictions whose variance is
+    wanted (a guidance rule that is not affine in the head's output, such as rescaled
+    classifier-free guidance).  With ``jackknife=True`` (M >= 3) the call returns
+    ``(1 + M, B, ...)``: the variance, then its M leave-one-draw-out replicates, from which the
+    pipelines report the jackknife standard error of the score (``replicates`` tells the loop
+    which form it gets).
     """
 
     def __init__(self, adapter: DenoiserAdapter, draws: HeadDraws | Any,
-                 jackknife: bool = False) -> None:
+                 jackknife: bool = False,
+                 combine: Callable[[Tensor], Tensor] | None = None) -> None:
         if len(draws) < (3 if jackknife else 2):
             raise GenuncError("a Monte-Carlo variance with its standard error needs num_draws >= 3"
                               if jackknife else
@@ -47,9 +51,12 @@ class MonteCarloVariance:
         if draws.includes_map:
             raise GenuncError("pass the perturbed draws only (without the MAP)")
         self.adapter, self.draws, self.replicates = adapter, draws, jackknife
+        self.combine = combine
 
     def __call__(self, phi: Any, inputs: Mapping[str, Any]) -> Tensor:
         out = self.adapter.post_head(self.draws.apply(phi), inputs).double()
+        if self.combine is not None:  # e.g. a nonlinear guidance rule over the batch's halves
+            out = self.combine(out)
         if not self.replicates:
             return out.var(0)
         m = out.shape[0]
