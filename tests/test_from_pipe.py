@@ -641,3 +641,85 @@ def test_rescaled_guidance_variability_is_the_variance_of_diffusers_own_rule(fit
     plain = upipe(generator=_g(0), num_draws=5, scores=("variability",), variance="monte_carlo",
                   seed=4, **{**kwargs, "guidance_rescale": 0.0})
     assert not np.allclose(plain.scores["variability"], out.scores["variability"], rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- block posteriors
+@pytest.fixture(scope="module")
+def sd_tail(tmp_path_factory):
+    pipe, call, fit = build("sd", folder=tmp_path_factory.mktemp("sd_tail"))
+    upipe = ImageUncertaintyPipeline.from_pipe(pipe, feature_extractor=flatten_pixels)
+    images = fit.pop("images")
+    upipe.fit_posterior(images, progress=False, tail=1, **fit)
+    return pipe, upipe, call
+
+
+def test_a_block_posterior_through_from_pipe_keeps_the_images_and_collapses(sd_tail):
+    from genunc.posterior.tail import TailDraws
+
+    pipe, upipe, call = sd_tail
+    assert upipe.posterior.names[0] == "up_blocks.1" and upipe.posterior.head_name == "conv_out"
+    reference = pipe(generator=_g(3), output_type="np", **call).images
+    out = upipe(generator=_g(3), output_type="np", num_draws=3, scores=ALL_SCORES,
+                variance="monte_carlo", keep_draw_images=True, **call)
+    assert np.array_equal(out.images, reference)
+    assert all(np.isfinite(v).all() for v in out.scores.values())
+    assert not np.allclose(out.draw_images[0], reference)  # the block's draws do move
+    # the pipeline's own weights are restored after every draw
+    assert np.array_equal(pipe(generator=_g(3), output_type="np", **call).images, reference)
+    tail = upipe.posterior.tail
+    at_mean = TailDraws.from_flat(upipe.posterior.mean.repeat(3, 1), tail, includes_map=True)
+    upipe.posterior.sample = lambda n, seed=None, include_map=False: at_mean
+    try:
+        collapsed = upipe(generator=_g(3), output_type="np", num_draws=2,
+                          scores=("pixel_variance",), keep_draw_images=True, **call)
+    finally:
+        del upipe.posterior.sample
+    for draw in collapsed.draw_images:
+        np.testing.assert_allclose(draw, reference, atol=1e-6)
+
+
+def test_block_variability_is_the_variance_of_whole_model_runs_under_each_draw(sd_tail):
+    """At one guided step, the Monte-Carlo variability of a block posterior equals the variance
+    of the guided prediction of the *whole* denoiser run with each draw's block weights swapped
+    in (no recorded-input re-run involved), with the run's own head-draw stream."""
+    from genunc import streams
+
+    pipe, upipe, call = sd_tail
+    kwargs = {**call, "num_inference_steps": 1, "output_type": "np"}
+    seen = {}
+
+    def grab(module, args, kw):
+        seen.update(kw, sample=args[0] if args else kw["sample"], timestep=args[1]
+                    if len(args) > 1 else kw["timestep"])
+
+    handle = pipe.unet.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        pipe(generator=_g(0), **kwargs)
+    finally:
+        handle.remove()
+    draws = upipe.posterior.sample(4, seed=streams.torch_generator(2, "head_draws"),
+                                   include_map=True)[1:]
+    guided = []
+    with torch.no_grad():
+        for m in range(len(draws)):
+            with draws.tail.swapped(draws.draw(m)):
+                out = pipe.unet(seen["sample"], seen["timestep"],
+                                encoder_hidden_states=seen["encoder_hidden_states"],
+                                return_dict=False)[0].double()
+            uncond, cond = out.chunk(2)
+            guided.append(uncond + 7.5 * (cond - uncond))
+    expected = torch.stack(guided).var(0).flatten(1).mean(1)
+    out = upipe(generator=_g(0), num_draws=4, scores=("variability",), variance="monte_carlo",
+                seed=2, **kwargs)
+    np.testing.assert_allclose(out.scores["variability"], expected.numpy(), rtol=1e-4)
+    assert np.all(out.scores["variability_se"] > 0)
+    with pytest.raises(GenuncError, match="monte_carlo"):
+        upipe(generator=_g(0), num_draws=4, scores=("variability",), **kwargs)
+
+
+def test_block_posteriors_through_from_pipe_are_for_unets(fitted, tmp_path):
+    pipe, _, _ = build("dit", folder=tmp_path)
+    upipe = ImageUncertaintyPipeline.from_pipe(pipe)
+    with pytest.raises(GenuncError, match="covers UNet denoisers"):
+        upipe.fit_posterior(torch.rand(2, 3, 8, 8) * 2 - 1, class_labels=[0, 1], tail=1,
+                            progress=False)

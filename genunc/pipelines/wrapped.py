@@ -27,7 +27,7 @@ of the prediction the sampler steps with (epsilon, v, or the flow-matching veloc
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +48,12 @@ from genunc.pipelines.base import (
     VarianceEstimate,
 )
 from genunc.pipelines.image_scores import ImageScoring
-from genunc.posterior import HeadDraws, HeadPosterior
+from genunc.posterior import HeadDraws, HeadPosterior, TailPosterior
 from genunc.posterior.capture import capture_head
 from genunc.posterior.heads import check_finite, head_ops_for
-from genunc.posterior.variance import MonteCarloVariance
+from genunc.posterior.laplace_tail import default_tail
+from genunc.posterior.tail import TailDraws
+from genunc.posterior.variance import MonteCarloTailVariance, MonteCarloVariance
 from genunc.scores import VariabilityTarget
 
 Generators = torch.Generator | list[torch.Generator]
@@ -145,10 +147,13 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         if check_only:
             return None
         estimator = self._head_variance(request, variance)
-        if isinstance(estimator, MonteCarloVariance):
+        if isinstance(estimator, MonteCarloTailVariance):
+            estimator = MonteCarloTailVariance(self.adapter, request.perturbed,
+                                               combine=self._guidance_rule(kwargs, always=True))
+        elif isinstance(estimator, MonteCarloVariance):
             estimator = MonteCarloVariance(self.adapter, request.perturbed,
                                            jackknife=len(request.perturbed) >= 3,
-                                           combine=self._rescaled_guidance(kwargs))
+                                           combine=self._guidance_rule(kwargs))
         generator = kwargs.pop("generator", None)
         if generator is None:
             generator = streams.torch_generator(request.seed, "initial_noise")
@@ -165,7 +170,7 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
             with collected.timer("draws"):
                 for m in tqdm(range(len(draws)), desc="posterior draws", leave=False,
                               disable=not progress):
-                    with self._replace_head(draws[m]):
+                    with self._perturbed(draws[m]):
                         generations.append(_images(self.pipe(*args, generator=_snapshot(start),
                                                              **kwargs)))
         as_tensors = [_image_tensor(g, kwargs.get("output_type")) for g in generations]
@@ -210,10 +215,12 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
                               "genunc's variability does not follow; leave it out or drop "
                               "'variability' from scores")
 
-    def _rescaled_guidance(self, kwargs: dict[str, Any]) -> Any:
-        """With ``guidance_rescale``: the map from the draws' outputs on the whole guided batch
-        to their rescaled guided predictions (scales read during the call); None otherwise."""
-        if not kwargs.get("guidance_rescale"):
+    def _guidance_rule(self, kwargs: dict[str, Any], always: bool = False) -> Any:
+        """The map from the draws' outputs on the whole (guided) batch to each draw's guided
+        prediction, for what the guided-features shortcut cannot cover: ``guidance_rescale``
+        (not affine in the head's output) and block posteriors (not affine in the block's
+        input); None where the shortcut applies.  Scales are read during the call."""
+        if not (always or kwargs.get("guidance_rescale")):
             return None
         adapter = self.adapter
 
@@ -236,29 +243,44 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
             yield
             return
         adapter = self.adapter
+        tail = getattr(estimator, "tail", None)
+        guides = getattr(getattr(estimator, "combine", None), "guides", False)
         now: dict[str, float] = {}
+        with ExitStack() as stack:
+            recorder = None if tail is None else stack.enter_context(tail.capture())
 
-        def timestep(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-            t = kw.get("timestep", args[1] if len(args) > 1 else None)
-            now["t"] = float(torch.as_tensor(t).reshape(-1)[0]) if t is not None else float("nan")
+            def timestep(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+                t = kw.get("timestep", args[1] if len(args) > 1 else None)
+                now["t"] = float(torch.as_tensor(t).reshape(-1)[0]) if t is not None else float("nan")
+                if recorder is not None:
+                    recorder.reset()
 
-        def head(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            phi = args[0].detach().float()
-            if not getattr(getattr(estimator, "combine", None), "guides", False):
-                phi = adapter.guided_features(phi, adapter.guidance(kwargs))
-            variances = estimator(phi, {})
-            variances = variances if getattr(estimator, "replicates", False) else variances[None]
-            reduced = torch.stack([adapter.reduce_variance(v, {})["variability"]
-                                   for v in variances])
-            steps.append((now.get("t", float("nan")), reduced.cpu()))
+            def head(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+                if tail is not None and tail.rerunning:
+                    return  # the estimator's own re-run of the block
+                phi = args[0].detach().float()
+                if tail is not None:
+                    features = tail.inputs_of(recorder, phi.shape[0])
+                else:
+                    features = phi if guides else \
+                        adapter.guided_features(phi, adapter.guidance(kwargs))
+                variances = estimator(features, {})
+                variances = variances if getattr(estimator, "replicates", False) else variances[None]
+                reduced = torch.stack([adapter.reduce_variance(v, {})["variability"]
+                                       for v in variances])
+                steps.append((now.get("t", float("nan")), reduced.cpu()))
 
-        handles = [adapter.model.register_forward_pre_hook(timestep, with_kwargs=True),
-                   adapter.head.register_forward_hook(head)]
-        try:
+            for handle in (adapter.model.register_forward_pre_hook(timestep, with_kwargs=True),
+                           adapter.head.register_forward_hook(head)):
+                stack.callback(handle.remove)
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
+
+    def _perturbed(self, draw: HeadDraws | TailDraws) -> Any:
+        """A context in which the pipeline runs under one posterior draw: the head's output
+        replaced by a hook, or a block's weights swapped in (restored on exit)."""
+        if isinstance(draw, TailDraws):
+            return draw.tail.swapped(draw.draw(0))
+        return self._replace_head(draw)
 
     @contextmanager
     def _replace_head(self, draw: HeadDraws) -> Iterator[None]:
@@ -297,14 +319,17 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
                 prompts = list(labels) if prompts is None else prompts
             elif class_labels is None:
                 class_labels = labels
-        if fit_kwargs.pop("tail", None) is not None:
-            raise GenuncError("a posterior over a block is not available for wrapped diffusers "
-                              "pipelines yet; fit the head (leave tail out)")
+        tail = fit_kwargs.pop("tail", None)
         fit_kwargs.pop("noise_groups", None)  # an image denoiser's output is one group
         adapter = self.adapter
-        n = images.shape[0]
         generator = as_generator(seed)
         repeats = self.FIT_REPEATS if repeats is None else repeats
+        batches = self._clean_batches(images, prompts, class_labels, conditioning, batch_size,
+                                      generator)
+        if tail is not None:
+            return self._fit_tail(tail, batches, repeats, max_rows, generator, progress,
+                                  fit_kwargs)
+        n = images.shape[0]
         features, targets = [], []
         residual, count = 0.0, 0
         ops = head_ops_for(adapter.head)
@@ -312,17 +337,10 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         adapter.model.eval()
         try:
             with torch.no_grad():
-                for start in tqdm(range(0, n, batch_size), desc="collecting head features",
-                                  disable=not progress):
+                for batch in tqdm(batches, total=-(-n // batch_size),
+                                  desc="collecting head features", disable=not progress):
                     if max_rows is not None and sum(map(len, features)) >= max_rows:
                         break  # large heads: stop collecting, not just truncate afterwards
-                    part = slice(start, start + batch_size)
-                    rows = images[part].shape[0]
-                    cond = (_rows(conditioning, part) if conditioning is not None else
-                            adapter.conditioning(rows, None if prompts is None else prompts[part],
-                                                 None if class_labels is None else
-                                                 class_labels[part]))
-                    batch = {"x": adapter.encode(images[part], generator), **cond}
                     for _ in range(repeats):
                         pairs = adapter.training_pairs(batch, generator)
                         with capture_head(adapter.head, keep_output=True) as record:
@@ -347,6 +365,38 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         self.posterior = HeadPosterior.fit_features(
             adapter.head, (feats, targs), likelihood="regression", head_name=adapter.head_name,
             progress=progress, **fit_kwargs)
+        return self.posterior
+
+    def _clean_batches(self, images: Tensor, prompts: Sequence[str] | None,
+                       class_labels: Tensor | Sequence[int] | None,
+                       conditioning: dict[str, Any] | None, batch_size: int,
+                       generator: torch.Generator) -> Iterator[dict[str, Any]]:
+        """``{"x": what the denoiser diffuses, **conditioning}`` per batch of clean images."""
+        adapter = self.adapter
+        for start in range(0, images.shape[0], batch_size):
+            part = slice(start, start + batch_size)
+            rows = images[part].shape[0]
+            with torch.no_grad():  # never around the yield: the consumer's grad mode is its own
+                cond = (_rows(conditioning, part) if conditioning is not None else
+                        adapter.conditioning(rows, None if prompts is None else prompts[part],
+                                             None if class_labels is None else class_labels[part]))
+                batch = {"x": adapter.encode(images[part], generator), **cond}
+            yield batch
+
+    def _fit_tail(self, tail: int | Sequence[str], batches: Iterator[dict[str, Any]],
+                  repeats: int, max_rows: int | None, generator: torch.Generator, progress: bool,
+                  fit_kwargs: dict[str, Any]) -> TailPosterior:
+        """A posterior over a block that ends at the head (UNet denoisers: the last up-blocks
+        and ``conv_norm_out`` / ``conv_act`` / ``conv_out``), fitted on the same noisy pairs."""
+        adapter = self.adapter
+        if not isinstance(adapter.head, nn.Conv2d):
+            raise GenuncError(f"a posterior over a block through from_pipe covers UNet denoisers; "
+                              f"{type(adapter.model).__name__}'s layers after its last block do "
+                              "not form a chain (fit the head)")
+        names = default_tail(adapter.model, tail) if isinstance(tail, int) else list(tail)
+        self.posterior = TailPosterior.fit(adapter, batches, names, repeats=repeats,
+                                           max_rows=max_rows, seed=generator, progress=progress,
+                                           noise_groups=False, **fit_kwargs)
         return self.posterior
 
 

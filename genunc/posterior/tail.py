@@ -6,7 +6,8 @@ the tail alone is then re-run under M weight draws in one batched call
 (``torch.func.vmap`` over ``torch.func.functional_call``, :meth:`TailDraws.apply`).
 
 How the chain is re-run (:meth:`Tail.run`): module ``k`` gets the arguments it was called with,
-except its first positional argument, which is the output of module ``k - 1`` (reshaped to the
+except its first positional argument (or its first parameter, where the body passes it by
+keyword), which is the output of module ``k - 1`` (reshaped to the
 recorded shape: the e3nn denoiser reshapes its last layer's ``(B*N, C)`` output to ``(B, N, C)``
 before the head).  Every other argument (a UNet up-block's skip tensors and time embedding, a
 graph's edges, attention masks) comes from the body and is reused as recorded, so the tail must
@@ -27,6 +28,7 @@ tail weights swapped in (:meth:`Tail.swapped`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -241,6 +243,7 @@ class Tail:
                      k: int = k) -> None:
                 if self.rerunning:
                     return
+                args, kwargs = _input_first(mod, args, kwargs)
                 if not args or not isinstance(args[0], Tensor):
                     raise HeadNotCalledError(
                         f"tail module '{self.names[k]}' must get its input as the first "
@@ -365,6 +368,21 @@ class Tail:
         finally:
             for owner, leaf, param in reversed(saved):
                 owner._parameters[leaf] = param
+
+
+def _input_first(module: nn.Module, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A call that passes the module's input by keyword (diffusers' conditional UNets call
+    ``up_block(hidden_states=..., temb=...)``) recorded as if positional: the chain feeds the
+    previous module's output as the first positional argument."""
+    if args:
+        return args, kwargs
+    parameters = list(inspect.signature(module.forward).parameters)
+    first = parameters[0] if parameters else None
+    if first is None or not isinstance(kwargs.get(first), Tensor):
+        return args, kwargs
+    rest = dict(kwargs)
+    return (rest.pop(first),), rest
 
 
 def _detach(value: Any) -> Any:

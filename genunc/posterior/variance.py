@@ -87,6 +87,7 @@ class MonteCarloTailVariance(MonteCarloVariance):
     replicates (:class:`MonteCarloVariance` with ``jackknife=True``).
     """
 
-    def __init__(self, adapter: DenoiserAdapter, draws: Any) -> None:
-        super().__init__(adapter, draws, jackknife=True)
+    def __init__(self, adapter: DenoiserAdapter, draws: Any,
+                 combine: Callable[[Tensor], Tensor] | None = None) -> None:
+        super().__init__(adapter, draws, jackknife=True, combine=combine)
         self.tail = draws.tail
