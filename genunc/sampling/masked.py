@@ -182,7 +182,7 @@ def _policy_step(adapter: MaskedDiffusionLMAdapter, config: UnmaskingConfig, log
     masked = xs == adapter.mask_id
     features, time = policy_features(config.policy, logits, tokens, masked, in_block, draws_logits)
     tau = config.position_temperature
-    coins = noise.uniforms(xs.shape[1]).repeat(groups, 1) if tau > 0 else None
+    coins = noise.uniforms(2, xs.shape[1]).repeat(groups, 1, 1) if tau > 0 else None
     return policy_commit(config.policy, features, time, masked & in_block, coins, tau,
                          record=config.policy_record).to(xs.device)
 

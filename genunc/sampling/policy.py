@@ -10,10 +10,12 @@ trained with GRPO (:mod:`genunc.zoo.policy`).
 
 Features per position (:func:`policy_features`, all from the backbone call of the step):
 
-* ``masked``: 1 where the position is still masked, 0 elsewhere (prompt, committed tokens);
+* ``masked``: 1 where the position is still masked (in any block), 0 elsewhere (prompt,
+  committed tokens);
 * ``in_block``: 1 for the positions of the block being filled (semi-autoregressive mode);
 * ``top-k`` probabilities of the model's prediction at the position (sorted, ``top_k`` of them,
-  default 3): the confidence heuristics' raw material;
+  default 3): the confidence heuristics' raw material, and the top-1 probability once more as
+  ``-log10(1 - p + 1e-6) / 6`` (0 .. 1), which spreads out the confident end (0.9 vs 0.999);
 * with ``inputs="confidence+mi"`` also the epistemic ``mutual_information`` of the head draws
   (``mi_draws``; fed as ``log10(MI + 1e-6) / 6 + 1``, so 1e-6 .. 1 nats map to 0 .. 1) and the
   ``posterior_confidence`` (the draws' mean probability of the MAP token).
@@ -27,10 +29,12 @@ so decides from the features alone (the same weights serve any sequence length).
 Decisions (:func:`policy_commit`): with ``position_temperature`` τ = 0 (the default, as for
 the other strategies) a position is committed when its probability exceeds 0.5; with τ > 0 each
 position is a Bernoulli draw with probability ``sigmoid(logit / τ)`` from the sampler's own
-per-sequence stream (τ = 1: the policy as trained).  At least one position is committed per step
-(the most probable one), so every rollout ends.  The log-probability of a step is that of the
-Bernoulli draws over the active positions; the forced commit is a rule of the environment, not
-an action.
+per-sequence stream (τ = 1: the policy as trained).  At least one position is committed per step,
+so every rollout ends: when no draw says "unmask", one position is taken, the most probable
+(τ = 0) or one drawn from ``softmax(logit / τ)`` over the active positions (τ > 0, Gumbel-max on
+the same stream).  The log-probability of a step is that of the Bernoulli draws over the active
+positions, plus, when the fallback was used, the log-softmax of the position it took; so the
+fallback's choice is part of the policy and is trained too.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class PolicyConfig:
 
     @property
     def num_features(self) -> int:
-        return 2 + self.top_k + (2 if self.uses_mi else 0)
+        return 3 + self.top_k + (2 if self.uses_mi else 0)
 
 
 @dataclass
@@ -90,6 +94,7 @@ class PolicyStep:
     time: Tensor  # (R,) float32
     active: Tensor  # (R, L) bool: masked positions of the current block (the decisions taken)
     decisions: Tensor  # (R, L) bool: the Bernoulli draws ("unmask now"), False off active
+    forced: Tensor  # (R, L) bool: the fallback position, where no draw said "unmask"
     log_prob: Tensor  # (R,) float64: log-probability of the decisions at rollout time
     committed: Tensor  # (R, L) bool: what was committed (decisions plus the forced one)
 
@@ -154,14 +159,12 @@ class UnmaskingPolicy(nn.Module):
         return self.out(_modulate(self.final_norm(h), shift, scale)).squeeze(-1)
 
     def log_prob(self, features: Tensor, time: Tensor, active: Tensor, decisions: Tensor,
-                 temperature: float = 1.0) -> Tensor:
-        """``(R,)`` log-probability of `decisions` over the `active` positions, with gradients
-        (one batched pass over any number of recorded steps stacked as rows)."""
-        logits = self(features, time).double() / temperature
-        target = decisions.to(logits)
-        per_position = -nn.functional.binary_cross_entropy_with_logits(logits, target,
-                                                                       reduction="none")
-        return (per_position * active.to(logits)).sum(-1)
+                 forced: Tensor, temperature: float = 1.0) -> Tensor:
+        """``(R,)`` log-probability of a step's `decisions` and `forced` fallback over the
+        `active` positions, with gradients (one batched pass over any number of recorded steps
+        stacked as rows)."""
+        return step_log_prob(self(features, time).double() / temperature, active, decisions,
+                             forced)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike[str], half: bool = True,
@@ -201,6 +204,20 @@ class UnmaskingPolicy(nn.Module):
         return policy.to(device).eval()
 
 
+def step_log_prob(logits: Tensor, active: Tensor, decisions: Tensor, forced: Tensor) -> Tensor:
+    """Bernoulli log-probability of `decisions` over `active`, plus the log-softmax (over
+    `active`) of the `forced` position in rows that have one."""
+    target = decisions.to(logits)
+    bernoulli = -nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    total = (bernoulli * active.to(logits)).sum(-1)
+    has_forced = forced.any(-1)
+    if has_forced.any():
+        choice = torch.log_softmax(logits.masked_fill(~active, -torch.inf), -1)
+        picked = choice.masked_fill(~forced, 0).sum(-1)
+        total = total + torch.where(has_forced, picked, torch.zeros_like(picked))
+    return total
+
+
 def mi_feature(mi: Tensor) -> Tensor:
     """Mutual information (nats) on a 0..1 scale: ``log10(MI + 1e-6) / 6 + 1``."""
     return torch.log10(mi.clamp_min(0) + MI_FLOOR) / 6 + 1
@@ -225,7 +242,8 @@ def policy_features(policy: UnmaskingPolicy, logits: Tensor, tokens: Tensor, mas
     if k < policy.config.top_k:
         top = torch.cat([top, top.new_zeros(rows, length, policy.config.top_k - k)], -1)
     block = in_block.to(probs).expand(rows, length)
-    parts = [masked.to(probs).unsqueeze(-1), block.unsqueeze(-1), top]
+    sharp = -torch.log10(1 - top[..., :1] + 1e-6) / 6
+    parts = [masked.to(probs).unsqueeze(-1), block.unsqueeze(-1), top, sharp]
     if policy.uses_mi:
         mi = mutual_information(draws_logits)
         posterior_conf = confidence(draws_logits, tokens.expand(len(draws_logits), -1, -1)).mean(0)
@@ -239,25 +257,32 @@ def policy_features(policy: UnmaskingPolicy, logits: Tensor, tokens: Tensor, mas
 def policy_commit(policy: UnmaskingPolicy, features: Tensor, time: Tensor, active: Tensor,
                   uniforms: Tensor | None, temperature: float,
                   record: list[PolicyStep] | None = None) -> Tensor:
-    """The positions to commit ``(R, L)``: Bernoulli draws against `uniforms` (``(R, L)``, with
-    τ = `temperature` > 0) or ``p > 0.5`` (τ = 0), plus each row's most probable active
-    position, only ever among `active`.  Appends a :class:`PolicyStep` to `record`."""
+    """The positions to commit ``(R, L)``, only ever among `active` (module docstring).
+
+    τ = `temperature` > 0: `uniforms` ``(R, 2, L)`` from the sampler's stream, the first for
+    the Bernoulli draws, the second for the fallback's Gumbel-max; τ = 0: ``p > 0.5`` and the
+    most probable fallback.  Appends a :class:`PolicyStep` to `record`.
+    """
     logits = policy(features, time).double()
+    scaled = logits / temperature if temperature > 0 else logits
     if temperature > 0:
         if uniforms is None:
             raise GenuncError("a sampled policy step needs the sampler's uniforms")
-        decisions = active & (uniforms.to(logits.device) < torch.sigmoid(logits / temperature))
+        uniforms = uniforms.to(logits.device).double()
+        decisions = active & (uniforms[:, 0] < torch.sigmoid(scaled))
+        u = uniforms[:, 1].clamp(1e-12, 1 - 1e-12)
+        rank = scaled - torch.log(-torch.log(u))
     else:
         decisions = active & (logits > 0)
-    best = logits.masked_fill(~active, -torch.inf).argmax(-1, keepdim=True)
-    forced = torch.zeros_like(active).scatter_(1, best, True) & active.any(-1, keepdim=True)
+        rank = logits
+    best = rank.masked_fill(~active, -torch.inf).argmax(-1, keepdim=True)
+    needs = active.any(-1, keepdim=True) & ~decisions.any(-1, keepdim=True)
+    forced = torch.zeros_like(active).scatter_(1, best, True) & needs
     commit = (decisions | forced) & active
     if record is not None:
-        scaled = logits / (temperature if temperature > 0 else 1.0)
-        per_position = -nn.functional.binary_cross_entropy_with_logits(
-            scaled, decisions.double(), reduction="none")
         record.append(PolicyStep(features.cpu(), time.cpu(), active.cpu(), decisions.cpu(),
-                                 (per_position * active).sum(-1).cpu(), commit.cpu()))
+                                 forced.cpu(), step_log_prob(scaled, active, decisions, forced).cpu(),
+                                 commit.cpu()))
     return commit
 
 
@@ -266,5 +291,6 @@ def stack_record(record: list[PolicyStep]) -> PolicyStep:
     if not record:
         raise GenuncError("the record is empty: no policy step was taken")
     return PolicyStep(*(torch.cat([getattr(s, f) for s in record]) for f in
-                        ("features", "time", "active", "decisions", "log_prob", "committed")))
+                        ("features", "time", "active", "decisions", "forced", "log_prob",
+                         "committed")))
 

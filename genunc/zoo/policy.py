@@ -58,8 +58,8 @@ class PolicyRecipe:
     steps: int = 300
     prompts_per_batch: int = 8
     group: int = 8
-    alpha: float = 1.0
-    lr: float = 1e-3
+    alpha: float = 0.5
+    lr: float = 3e-4
     top_k: int = 3
     init_bias: float = -2.0
     num_draws: int = 8
@@ -108,7 +108,8 @@ def recompute_log_probs(policy: UnmaskingPolicy, record: list[PolicyStep]) -> to
     rows = len(record[0].time)
     device = next(policy.parameters()).device
     logp = policy.log_prob(stacked.features.to(device), stacked.time.to(device),
-                           stacked.active.to(device), stacked.decisions.to(device))
+                           stacked.active.to(device), stacked.decisions.to(device),
+                           stacked.forced.to(device))
     return logp.reshape(len(record), rows).sum(0)
 
 

@@ -117,15 +117,18 @@ def test_deterministic_policy_ignores_the_seed(fitted):
 
 
 @pytest.mark.parametrize("inputs", ["confidence", "confidence+mi"])
-def test_recomputed_log_probs_match_the_rollout(fitted, inputs):
+@pytest.mark.parametrize("bias", [0.0, -3.0])
+def test_recomputed_log_probs_match_the_rollout(fitted, inputs, bias):
     adapter, posterior = fitted
-    policy = random_policy(inputs)
+    policy = random_policy(inputs, bias=bias)
     record = []
     config = UnmaskingConfig("policy", policy=policy, block_length=4, position_temperature=1.0,
                              policy_record=record)
     unmask(adapter, prompts(5), config, seed=1,
            mi_draws=posterior.sample(3, seed=0) if inputs != "confidence" else None)
     at_rollout = torch.stack([s.log_prob for s in record]).sum(0)
+    if bias < 0:  # the fallback position was drawn, and its choice is in the log-probability
+        assert any(s.forced.any() for s in record)
     again = recompute_log_probs(policy, record)
     assert again.requires_grad
     assert torch.allclose(again.detach(), at_rollout, atol=1e-5)
