@@ -243,3 +243,46 @@ def test_saved_policy_loads_and_runs_in_the_pipeline(tmp_path, tiny_text_model, 
     assert torch.allclose(loaded(feats, t), policy(feats, t), atol=5e-2)
     replaced = dataclasses.replace(config, steps=4)
     assert replaced.policy is loaded
+
+
+SHIPPED = ["policy_sudoku4_conf", "policy_sudoku4_mi", "policy_sudoku4_conf_b4"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_policies_load_and_answer(name):
+    from genunc.tasks import task_from_spec
+    from genunc.zoo.order_tasks import WEIGHTS
+
+    folder = WEIGHTS / name
+    assert (folder / "policy.safetensors").stat().st_size < 1_000_000
+    policy = UnmaskingPolicy.from_pretrained(folder)
+    assert policy.metadata["command"].startswith("genunc zoo train unmask-policy --task sudoku4")
+    assert policy.metadata["training"]["rollouts"] > 0
+    pipe = TextUncertaintyPipeline.from_pretrained(WEIGHTS / policy.metadata["model"], posterior=None)
+    task = task_from_spec(pipe.metadata["task"])
+    assert task.spec() == policy.metadata["task"]
+    split = task.split()
+    x = task.prompts(split["test"][:16])
+    draws = None
+    if policy.uses_mi:
+        pipe.fit_posterior([{"x": task.sequences(split["train"][:256]),
+                             "prompt_mask": task.prompt_mask(256)}], progress=False)
+        draws = pipe.posterior.sample(3, seed=0)
+    config = UnmaskingConfig("policy", policy=policy, block_length=policy.metadata["block_length"])
+    out = unmask(pipe.adapter, x, config, mi_draws=draws)
+    assert (out.tokens != task.mask_id).all()
+    assert torch.equal(out.tokens[:, : task.prompt_length], x[:, : task.prompt_length])
+    assert out.nfe <= task.answer_length and task.check(out.tokens).mean() > 0
+
+
+def test_cli_policy_flags(tmp_path, capsys):
+    from genunc.cli import main
+
+    assert main(["zoo", "train", "sudoku4-mdlm", "--alpha", "1", "--out", str(tmp_path)]) == 2
+    assert "unmask-policy only" in capsys.readouterr().err
+    assert main(["zoo", "train", "unmask-policy", "--batch-size", "4", "--out", str(tmp_path)]) == 2
+    from genunc.zoo.policy import policy_dir
+
+    shipped = policy_dir("sudoku4", "confidence", None)
+    assert main(["zoo", "train", "unmask-policy", "--task", "sudoku4", "--out", str(shipped)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
