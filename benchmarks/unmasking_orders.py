@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,16 +68,25 @@ def samplers(answer_length: int) -> list[tuple[str, UnmaskingConfig, bool]]:
     ]
 
 
-def order_table(pipe: TextUncertaintyPipeline, task, problems: np.ndarray, args) -> None:
+Samplers = Callable[[int | None], list[tuple[str, UnmaskingConfig, bool]]]
+
+
+def order_table(pipe: TextUncertaintyPipeline, task, problems: np.ndarray, args,
+                samplers_for: Samplers | None = None) -> dict[tuple[str, str], np.ndarray]:
+    """Print the accuracy-vs-NFE table of each block mode; ``samplers_for(block_length)`` gives
+    the rows (default: :func:`samplers`).  Returns each (block_length, sampler)'s ``(prompts, answers)``
+    correctness and ``(prompts, answers)`` NFE, stacked as ``(2, p, reps)``."""
     p, k = len(problems), args.samples
     block = args.block_length or max(1, int(np.ceil(task.answer_length / 4)))
+    results = {}
     for mode, block_length in (("one block (full diffusion)", None),
                                (f"blocks of {block} (semi-autoregressive)", block)):
         print(f"\n### {mode}: greedy tokens, {p} prompts ({task.answer_length} answer tokens); "
               f"stochastic samplers x{k} answers per prompt")
         print(f"| sampler | accuracy | NFE/seq | pass@1 | pass@{k} | distinct/prompt | AUROC MI |")
         print("|---|---|---:|---:|---:|---:|---:|")
-        for name, cfg, stochastic in samplers(task.answer_length):
+        rows = samplers(task.answer_length) if samplers_for is None else samplers_for(block_length)
+        for name, cfg, stochastic in rows:
             cfg.block_length = block_length
             reps = k if stochastic else 1
             prompts = task.prompts(problems).repeat_interleave(reps, 0)
@@ -95,6 +105,8 @@ def order_table(pipe: TextUncertaintyPipeline, task, problems: np.ndarray, args)
             else:
                 extra = f"{ok.mean():.1%} | {ok.mean():.1%} | 1.00"
             print(f"| {name} | {_ci(acc, pct=True)} | {res.nfe:.2f} | {extra} | {auc:.3f} |")
+            results[(block_length, name)] = np.stack([ok, res.row_nfe.reshape(p, reps)])
+    return results
 
 
 def main() -> None:

@@ -52,6 +52,15 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
     from genunc.zoo import arith, digits, digits_latent, judge, order_tasks, qm9
 
+    if args.model == "unmask-policy":
+        return _train_policy(args)
+    policy_only = [flag for flag, value in (("--task", args.task), ("--inputs", args.inputs),
+                                            ("--block-length", args.block_length),
+                                            ("--prompts-per-batch", args.prompts_per_batch),
+                                            ("--group", args.group), ("--alpha", args.alpha))
+                   if value is not None]
+    if policy_only:
+        raise GenuncError(f"{', '.join(policy_only)} apply to unmask-policy only")
     shipped = {"digits-ddpm": digits.DDPM_DIR, "digits-classifier": digits.CLASSIFIER_DIR,
                "digits-judge": judge.JUDGE_DIR, "qm9-edm": qm9.QM9_DIR, "arith-mdlm": arith.ARITH_DIR,
                "digits-latent": digits_latent.LATENT_DIR,
@@ -96,6 +105,30 @@ def _zoo_train(args: argparse.Namespace) -> int:
         report = digits.train_ddpm(digits.DDPMRecipe(**seed, **overrides), out,
                                    device=args.device)
     print(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def _train_policy(args: argparse.Namespace) -> int:
+    """``genunc zoo train unmask-policy``: GRPO on a shipped frozen model (genunc.zoo.policy)."""
+    import json
+
+    from genunc.zoo import policy
+
+    if args.batch_size or args.epochs or args.vae_steps or args.max_minutes:
+        raise GenuncError("unmask-policy takes --steps, --prompts-per-batch, --group, --alpha, "
+                          "--task, --inputs, --block-length and --seed")
+    given = {"task": args.task, "inputs": args.inputs, "block_length": args.block_length,
+             "steps": args.steps, "prompts_per_batch": args.prompts_per_batch,
+             "group": args.group, "alpha": args.alpha, "seed": args.seed}
+    recipe = policy.PolicyRecipe(**{k: v for k, v in given.items() if v is not None})
+    shipped = policy.policy_dir(recipe.task, recipe.inputs, recipe.block_length)
+    out = Path(args.out or Path("outputs") / "zoo" / shipped.name)
+    if out.resolve() == shipped.resolve() and not args.overwrite:
+        raise GenuncError(f"{out} holds the shipped policy; pass --overwrite to replace it, or "
+                          "train into another --out")
+    report = policy.train_policy(recipe, out)
+    print(json.dumps(report["training"]["validation"], indent=2))
     print(f"wrote {out}")
     return 0
 
@@ -412,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("model", choices=["digits-ddpm", "digits-classifier", "digits-judge", "qm9-edm",
                                          "arith-mdlm", "digits-latent", "sudoku4-mdlm", "sort-mdlm",
-                                         "addition-mdlm"])
+                                         "addition-mdlm", "unmask-policy"])
     train.add_argument("--out", help="output directory (default: outputs/zoo/<model>)")
     train.add_argument("--overwrite", action="store_true",
                        help="allow --out to be the shipped weights folder (replaces them)")
@@ -425,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="torch device (default: cuda if available)")
     train.add_argument("--seed", type=int,
                        help="random seed (default: the recipe's: 1 for the judge, 0 for the others)")
+    policy = train.add_argument_group("unmask-policy (GRPO on a shipped frozen model)")
+    policy.add_argument("--task", choices=["sudoku4", "sort"], help="the task and its model")
+    policy.add_argument("--inputs", choices=["confidence", "confidence+mi"],
+                        help="the policy's per-position inputs (default confidence)")
+    policy.add_argument("--block-length", type=int, help="semi-autoregressive blocks (default: one)")
+    policy.add_argument("--prompts-per-batch", type=int, help="prompts per optimiser step")
+    policy.add_argument("--group", type=int, help="rollouts per prompt (GRPO group, default 8)")
+    policy.add_argument("--alpha", type=float, help="reward exponent of the speed term")
     train.set_defaults(func=_zoo_train)
     return parser
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from genunc import streams
 from genunc.adapters.text import MaskedDiffusionLMAdapter
 from genunc.errors import GenuncError, ShapeMismatchError
 from genunc.pipelines.base import ScoreCollector, UncertaintyOutput, UncertaintyPipeline
@@ -168,10 +169,26 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
             config = dataclasses.replace(config, steps=num_inference_steps)
         if check_only:
             return None
+        semantic = request.wants("semantic")
         token_scores = [name for name in request.scores if name in _TOKEN_SCORES]
         uses_draws = any(_TOKEN_SCORES[n][0] in POSTERIOR_STATS for n in token_scores)
+        if config.strategy == "policy" and config.policy.uses_mi:
+            # the policy reads the draws' mutual information at every step
+            if num_draws < 2:
+                raise GenuncError("this unmasking policy reads mutual information: it needs "
+                                  f"num_draws >= 2, got {num_draws}")
+            if semantic:
+                raise GenuncError("a policy that reads mutual information runs without the "
+                                  "semantic score (its draws generate sequences of their own)")
+            if request.draws is None:
+                if self.posterior is None:
+                    raise GenuncError("this unmasking policy reads mutual information: fit or "
+                                      "load a posterior first")
+                generator = streams.torch_generator(int(seed), "head_draws",
+                                                    device=self.posterior.mean.device)
+                request.draws = self.posterior.sample(num_draws, seed=generator, include_map=True)
+            uses_draws = True
         mi_draws = request.perturbed if uses_draws else None
-        semantic = request.wants("semantic")
         collected = ScoreCollector()
         tokens, draw_tokens, stats_all, row_nfe = [], [], [], []
         for start in tqdm(range(0, len(prompts), chunk_size), desc="unmasking",

@@ -25,7 +25,13 @@ heuristics above):
   ``sigmoid((confidence - threshold) / τ)`` (at least one: the Gumbel-top-1 of the
   ``low_confidence`` rule), and ``remask`` re-masks a draft with probability
   ``sigmoid((remask_threshold - confidence) / τ)``: the hard thresholds as τ -> 0, per-position
-  Bernoulli "unmask now" decisions (the form an RL unmasking policy takes) for τ > 0.
+  Bernoulli "unmask now" decisions (the form an RL unmasking policy takes) for τ > 0;
+* ``policy``: a learned :class:`~genunc.sampling.policy.UnmaskingPolicy` gives each masked
+  position of the block an "unmask now" probability p; τ = 0 commits p > 0.5, τ > 0 draws
+  Bernoulli(sigmoid(logit / τ)) from the sampler's stream (τ = 1: as trained).  The most probable
+  position is always committed, and ``max_steps_per_block`` caps the block as for ``threshold``.
+  ``policy_record`` (a list) opts in to recording each step's policy inputs and decisions
+  (:class:`~genunc.sampling.policy.PolicyStep`), which GRPO training reuses.
 
 Uncertainty, at no extra backbone cost: the head's input features are captured by a hook, the M
 head draws are applied to them in one op, and for each position the epistemic mutual
@@ -58,9 +64,10 @@ from genunc.scores.tokens import (
 
 if TYPE_CHECKING:
     from genunc.posterior.draws import HeadDraws
+    from genunc.sampling.policy import PolicyStep, UnmaskingPolicy
 
-Strategy = Literal["random", "low_confidence", "threshold", "remask"]
-STRATEGIES = ("random", "low_confidence", "threshold", "remask")
+Strategy = Literal["random", "low_confidence", "threshold", "remask", "policy"]
+STRATEGIES = ("random", "low_confidence", "threshold", "remask", "policy")
 TOKEN_STATS = ("confidence", "margin", "self_certainty", "mutual_information",
                "posterior_confidence")
 POSTERIOR_STATS = ("mutual_information", "posterior_confidence")
@@ -78,7 +85,10 @@ class UnmaskingConfig:
     remask_threshold: float = 0.3
     temperature: float = 0.0
     position_temperature: float = 0.0
-    max_steps_per_block: int | None = None  # threshold/remask safety cap (default: 2 x block)
+    max_steps_per_block: int | None = None  # threshold/remask/policy safety cap (default: 2 x block)
+    policy: UnmaskingPolicy | None = None  # the "policy" strategy's network
+    #: opt-in: the "policy" strategy appends one PolicyStep per backbone call (for training)
+    policy_record: list[PolicyStep] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -93,6 +103,9 @@ class UnmaskingConfig:
             raise GenuncError("remasking needs 0 <= remask_threshold <= threshold")
         if self.temperature < 0 or self.position_temperature < 0:
             raise GenuncError("temperatures must be non-negative")
+        if (self.strategy == "policy") != (self.policy is not None):
+            raise GenuncError("the 'policy' strategy needs policy=UnmaskingPolicy(...), and only "
+                              "it takes one")
 
 
 @dataclass
@@ -151,6 +164,27 @@ class _RowNoise:
             self.generators = streams.sample_generators(self.seed, "sampler_noise", self.indices,
                                                         *self.key)
         return streams.rand_rows(shape, self.generators)
+
+
+def _policy_step(adapter: MaskedDiffusionLMAdapter, config: UnmaskingConfig, logits: Tensor,
+                 tokens: Tensor, xs: Tensor, in_block: Tensor, noise: _RowNoise,
+                 mi_draws: HeadDraws | None, phi: Tensor | None, groups: int) -> Tensor:
+    """The ``policy`` strategy's commits for one step (rows: every group's sequences)."""
+    from genunc.sampling.policy import policy_commit, policy_features
+
+    draws_logits = None
+    if config.policy.uses_mi:
+        if groups > 1:
+            raise GenuncError("a policy that reads mutual information runs without "
+                              "trajectory_draws (the MI is the MAP rows')")
+        if mi_draws is not None:
+            draws_logits = adapter.post_head(mi_draws.apply(phi), {"x": tokens})
+    masked = xs == adapter.mask_id
+    features, time = policy_features(config.policy, logits, tokens, masked, in_block, draws_logits)
+    tau = config.position_temperature
+    coins = noise.uniforms(2, xs.shape[1]).repeat(groups, 1, 1) if tau > 0 else None
+    return policy_commit(config.policy, features, time, masked & in_block, coins, tau,
+                         record=config.policy_record).to(xs.device)
 
 
 @torch.no_grad()
@@ -265,6 +299,9 @@ def unmask(
                     commit = masked  # last scheduled step: fill the rest of the block
                 elif step >= cap - 1:
                     commit = masked  # safety cap reached: fill the rest
+                elif config.strategy == "policy":
+                    commit = _policy_step(adapter, config, logits, tokens, xs, in_block,
+                                          noise_now, mi_draws, state["phi"], groups)
                 else:
                     if config.position_temperature > 0:
                         coin = noise_now.uniforms(length).to(device).repeat(groups, 1)
