@@ -57,7 +57,8 @@ def _zoo_train(args: argparse.Namespace) -> int:
     policy_only = [flag for flag, value in (("--task", args.task), ("--inputs", args.inputs),
                                             ("--block-length", args.block_length),
                                             ("--prompts-per-batch", args.prompts_per_batch),
-                                            ("--group", args.group), ("--alpha", args.alpha))
+                                            ("--group", args.group), ("--alpha", args.alpha),
+                                            ("--warm-start", args.warm_start))
                    if value is not None]
     if policy_only:
         raise GenuncError(f"{', '.join(policy_only)} apply to unmask-policy only")
@@ -117,10 +118,13 @@ def _train_policy(args: argparse.Namespace) -> int:
 
     if args.batch_size or args.epochs or args.vae_steps or args.max_minutes:
         raise GenuncError("unmask-policy takes --steps, --prompts-per-batch, --group, --alpha, "
-                          "--task, --inputs, --block-length and --seed")
+                          "--warm-start, --warm-steps, --task, --inputs, --block-length and "
+                          "--seed")
     given = {"task": args.task, "inputs": args.inputs, "block_length": args.block_length,
              "steps": args.steps, "prompts_per_batch": args.prompts_per_batch,
-             "group": args.group, "alpha": args.alpha, "seed": args.seed}
+             "group": args.group, "alpha": args.alpha, "seed": args.seed,
+             "warm_start": args.warm_start,
+             "warm_steps": args.warm_steps if args.warm_start is not None else None}
     recipe = policy.PolicyRecipe(**{k: v for k, v in given.items() if v is not None})
     shipped = policy.policy_dir(recipe.task, recipe.inputs, recipe.block_length)
     out = Path(args.out or Path("outputs") / "zoo" / shipped.name)
@@ -466,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--prompts-per-batch", type=int, help="prompts per optimiser step")
     policy.add_argument("--group", type=int, help="rollouts per prompt (GRPO group, default 8)")
     policy.add_argument("--alpha", type=float, help="reward exponent of the speed term")
+    policy.add_argument("--warm-start", type=float, metavar="TAU",
+                        help="first imitate the threshold heuristic at confidence TAU")
+    policy.add_argument("--warm-steps", type=int, default=100,
+                        help="imitation steps before GRPO (with --warm-start; default 100)")
     train.set_defaults(func=_zoo_train)
     return parser
 

@@ -65,6 +65,11 @@ class PolicyRecipe:
     num_draws: int = 8
     n_fit: int = 2000
     val_prompts: int = 300
+    #: behaviour cloning of the threshold heuristic (commit where top-1 probability > this)
+    #: for ``warm_steps`` steps before GRPO; None: GRPO from the initial bias alone
+    warm_start: float | None = None
+    warm_steps: int = 100
+    warm_lr: float = 1e-3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,9 +79,14 @@ class PolicyRecipe:
             raise GenuncError("GRPO compares rollouts within a group: group must be >= 2")
         if self.alpha < 0:
             raise GenuncError(f"alpha must be >= 0, got {self.alpha}")
+        if self.warm_start is not None and not 0 < self.warm_start < 1:
+            raise GenuncError(f"warm_start is a confidence threshold in (0, 1), got "
+                              f"{self.warm_start}")
 
     def command(self) -> str:
         block = f" --block-length {self.block_length}" if self.block_length else ""
+        if self.warm_start is not None:
+            block += f" --warm-start {self.warm_start:g} --warm-steps {self.warm_steps}"
         return (f"genunc zoo train unmask-policy --task {self.task} --inputs {self.inputs}{block} "
                 f"--steps {self.steps} --prompts-per-batch {self.prompts_per_batch} "
                 f"--group {self.group} --alpha {self.alpha:g} --seed {self.seed}")
@@ -120,6 +130,25 @@ def grpo_loss(policy: UnmaskingPolicy, record: list[PolicyStep],
     logp = recompute_log_probs(policy, record)
     decisions = sum(int(s.active.sum()) for s in record)
     return -(advantages.to(logp) * logp).sum() / max(decisions, 1)
+
+
+def imitation_loss(policy: UnmaskingPolicy, record: list[PolicyStep],
+                   threshold: float) -> torch.Tensor:
+    """Behaviour cloning of the threshold heuristic on the states the policy itself visited:
+    the mean negative log-likelihood of "unmask exactly where the top-1 probability exceeds
+    `threshold`" over the recorded active positions (a warm start that puts GRPO on the
+    heuristic's speed/accuracy curve instead of at "commit everything at once")."""
+    stacked = stack_record(record)
+    device = next(policy.parameters()).device
+    active = stacked.active.to(device)
+    target = active & (stacked.features[..., TOP1].to(device) > threshold)
+    logp = policy.log_prob(stacked.features.to(device), stacked.time.to(device), active, target,
+                           torch.zeros_like(active))
+    return -logp.sum() / active.sum().clamp_min(1)
+
+
+#: the feature column of the top-1 probability (after the mask and current-block flags)
+TOP1 = 2
 
 
 def _posterior_batches(task, problems: np.ndarray) -> list[dict]:
@@ -168,6 +197,20 @@ def train_policy(recipe: PolicyRecipe, out_dir: str | Path, progress: bool = Tru
     order = streams.numpy_generator(recipe.seed, "prompt_order", 1)
     p, g = recipe.prompts_per_batch, recipe.group
     history: list[dict] = []
+    warm = recipe.warm_steps if recipe.warm_start is not None else 0
+    imitation = torch.optim.Adam(policy.parameters(), lr=recipe.warm_lr)
+    for step in tqdm(range(warm), desc="imitating the threshold heuristic", disable=not progress):
+        problems = train[order.integers(0, len(train), p)]
+        record = []
+        config = UnmaskingConfig("policy", policy=policy.eval(), block_length=recipe.block_length,
+                                 position_temperature=1.0, policy_record=record)
+        unmask(adapter, task.prompts(problems), config, mi_draws=draws(step), seed=recipe.seed + 1,
+               indices=range(step * p, (step + 1) * p))
+        policy.train()
+        loss = imitation_loss(policy, record, recipe.warm_start)
+        imitation.zero_grad()
+        loss.backward()
+        imitation.step()
     bar = tqdm(range(recipe.steps), desc=f"GRPO {recipe.task} {recipe.inputs}", disable=not progress)
     for step in bar:
         problems = train[order.integers(0, len(train), p)]

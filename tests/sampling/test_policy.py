@@ -15,8 +15,11 @@ from genunc.sampling.policy import PolicyConfig, UnmaskingPolicy
 from genunc.tasks import SudokuTask
 from genunc.zoo.mdlm import save_model
 from genunc.zoo.policy import (
+    TOP1,
+    PolicyRecipe,
     group_advantages,
     grpo_loss,
+    imitation_loss,
     policy_reward,
     recompute_log_probs,
 )
@@ -183,6 +186,38 @@ def test_equal_rewards_give_zero_gradient(fitted):
     policy.train()
     grpo_loss(policy, record, advantages).backward()
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in policy.parameters())
+
+
+def test_imitation_teaches_the_threshold_rule(fitted):
+    """The warm start: behaviour cloning on the policy's own states moves its deterministic
+    decisions to "unmask where the top-1 probability exceeds the threshold"."""
+    adapter, _ = fitted
+    policy = random_policy(bias=-2.0)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+
+    def agreement(record):
+        from genunc.sampling.policy import stack_record
+
+        steps = stack_record(record)
+        with torch.no_grad():
+            wants = policy(steps.features, steps.time) > 0
+        target = steps.features[..., TOP1] > 0.2
+        return float((wants == target)[steps.active].double().mean())
+
+    _, record = _rollout(adapter, policy.eval())
+    before = agreement(record)
+    for seed in range(60):
+        _, record = _rollout(adapter, policy.eval(), seed)
+        policy.train()
+        loss = imitation_loss(policy, record, 0.2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, record = _rollout(adapter, policy.eval(), 99)
+    assert agreement(record) > max(before, 0.9)
+    with pytest.raises(GenuncError, match="warm_start"):
+        PolicyRecipe(warm_start=1.5)
+    assert "--warm-start 0.9 --warm-steps 100" in PolicyRecipe(warm_start=0.9).command()
 
 
 def test_mi_policy_needs_draws(fitted, tmp_path):
