@@ -58,7 +58,8 @@ def _zoo_train(args: argparse.Namespace) -> int:
                                             ("--block-length", args.block_length),
                                             ("--prompts-per-batch", args.prompts_per_batch),
                                             ("--group", args.group), ("--alpha", args.alpha),
-                                            ("--warm-start", args.warm_start))
+                                            ("--warm-start", args.warm_start),
+                                            ("--advantage", args.advantage))
                    if value is not None]
     if policy_only:
         raise GenuncError(f"{', '.join(policy_only)} apply to unmask-policy only")
@@ -123,7 +124,7 @@ def _train_policy(args: argparse.Namespace) -> int:
     given = {"task": args.task, "inputs": args.inputs, "block_length": args.block_length,
              "steps": args.steps, "prompts_per_batch": args.prompts_per_batch,
              "group": args.group, "alpha": args.alpha, "seed": args.seed,
-             "warm_start": args.warm_start,
+             "warm_start": args.warm_start, "advantage": args.advantage,
              "warm_steps": args.warm_steps if args.warm_start is not None else None}
     recipe = policy.PolicyRecipe(**{k: v for k, v in given.items() if v is not None})
     shipped = policy.policy_dir(recipe.task, recipe.inputs, recipe.block_length)
@@ -472,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--alpha", type=float, help="reward exponent of the speed term")
     policy.add_argument("--warm-start", type=float, metavar="TAU",
                         help="first imitate the threshold heuristic at confidence TAU")
+    policy.add_argument("--advantage", choices=["normalised", "centred"],
+                        help="GRPO's group-normalised advantages (default) or centred only")
     policy.add_argument("--warm-steps", type=int, default=100,
                         help="imitation steps before GRPO (with --warm-start; default 100)")
     train.set_defaults(func=_zoo_train)

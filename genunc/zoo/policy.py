@@ -70,6 +70,8 @@ class PolicyRecipe:
     warm_start: float | None = None
     warm_steps: int = 100
     warm_lr: float = 1e-3
+    #: "normalised": GRPO's (r - mean) / std within a group; "centred": r - mean (Dr. GRPO)
+    advantage: str = "normalised"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +81,8 @@ class PolicyRecipe:
             raise GenuncError("GRPO compares rollouts within a group: group must be >= 2")
         if self.alpha < 0:
             raise GenuncError(f"alpha must be >= 0, got {self.alpha}")
+        if self.advantage not in ("normalised", "centred"):
+            raise GenuncError(f"advantage is 'normalised' or 'centred', got {self.advantage!r}")
         if self.warm_start is not None and not 0 < self.warm_start < 1:
             raise GenuncError(f"warm_start is a confidence threshold in (0, 1), got "
                               f"{self.warm_start}")
@@ -87,6 +91,8 @@ class PolicyRecipe:
         block = f" --block-length {self.block_length}" if self.block_length else ""
         if self.warm_start is not None:
             block += f" --warm-start {self.warm_start:g} --warm-steps {self.warm_steps}"
+        if self.advantage != "normalised":
+            block += f" --advantage {self.advantage}"
         return (f"genunc zoo train unmask-policy --task {self.task} --inputs {self.inputs}{block} "
                 f"--steps {self.steps} --prompts-per-batch {self.prompts_per_batch} "
                 f"--group {self.group} --alpha {self.alpha:g} --seed {self.seed}")
@@ -101,11 +107,20 @@ def policy_reward(correct: np.ndarray | torch.Tensor, steps: np.ndarray | torch.
     return correct * speed**alpha
 
 
-def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-6,
+                     scale: bool = True) -> torch.Tensor:
     """``(r - mean) / (std + eps)`` within consecutive groups of `group` rollouts; exactly 0 for
-    a group whose rewards are all equal."""
+    a group whose rewards are all equal.  ``scale=False``: ``r - mean`` only.
+
+    Why the choice matters here: in a group whose rollouts are all right, the rewards differ
+    only by the small speed factor, and dividing by their tiny spread turns that into
+    advantages as large as a right-vs-wrong difference elsewhere, so easy prompts teach "go
+    faster" at full strength whatever alpha is (the std-normalisation bias Dr. GRPO describes).
+    """
     r = rewards.reshape(-1, group).double()
     centred = r - r.mean(1, keepdim=True)
+    if not scale:
+        return centred.reshape(-1)
     std = r.std(1, keepdim=True, unbiased=False)
     adv = torch.where(std > 1e-12, centred / (std + eps), torch.zeros_like(centred))
     return adv.reshape(-1)
@@ -222,7 +237,7 @@ def train_policy(recipe: PolicyRecipe, out_dir: str | Path, progress: bool = Tru
                      indices=range(step * p * g, (step + 1) * p * g))
         correct = task.check(out.tokens)
         rewards = policy_reward(correct, out.row_nfe.cpu(), task.answer_length, recipe.alpha)
-        advantages = group_advantages(rewards, g)
+        advantages = group_advantages(rewards, g, scale=recipe.advantage == "normalised")
         policy.train()
         loss = grpo_loss(policy, record, advantages)
         opt.zero_grad()

@@ -153,6 +153,12 @@ def test_group_advantages():
     assert torch.allclose(adv[:4].mean(), torch.tensor(0.0, dtype=torch.float64), atol=1e-12)
     assert adv[0] > adv[2] > adv[1]
     assert torch.equal(adv[4:], torch.zeros(4, dtype=torch.float64))
+    centred = group_advantages(r, 4, scale=False)
+    assert torch.allclose(centred, torch.tensor([0.5, -0.5, 0, 0, 0, 0, 0, 0], dtype=torch.float64))
+    # an all-right group differing only by speed: normalising blows the tiny spread up to +-1
+    fast = torch.tensor([1.0, 0.99, 1.0, 0.99], dtype=torch.float64)
+    assert group_advantages(fast, 4).abs().max() > 0.99
+    assert group_advantages(fast, 4, scale=False).abs().max() < 0.01
 
 
 def _rollout(adapter, policy, seed=0):
@@ -218,6 +224,9 @@ def test_imitation_teaches_the_threshold_rule(fitted):
     with pytest.raises(GenuncError, match="warm_start"):
         PolicyRecipe(warm_start=1.5)
     assert "--warm-start 0.9 --warm-steps 100" in PolicyRecipe(warm_start=0.9).command()
+    assert "--advantage centred" in PolicyRecipe(advantage="centred").command()
+    with pytest.raises(GenuncError, match="advantage"):
+        PolicyRecipe(advantage="scaled")
 
 
 def test_mi_policy_needs_draws(fitted, tmp_path):
