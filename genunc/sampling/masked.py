@@ -33,13 +33,19 @@ information of the draws and the draws' mean probability of the committed token 
 *at the step it is committed*, with the MAP's confidence, margin and self-certainty.  With
 ``trajectory_draws`` (the MAP first, then M draws) every draw also generates a full sequence of
 its own from the same randomness (one batch of (M+1)·B rows), for the semantic score.
+
+Both also take :class:`~genunc.posterior.tail.TailDraws` (a posterior over the last block, the
+final norm and the head): the tail's inputs are recorded during the one backbone call
+(:meth:`Tail.capture`), then the tail alone is re-run under all M draws batched (MI), or row
+group ``g`` under draw ``g`` (trajectory draws); the backbone still runs once per step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -58,6 +64,7 @@ from genunc.scores.tokens import (
 
 if TYPE_CHECKING:
     from genunc.posterior.draws import HeadDraws
+    from genunc.posterior.tail import Tail, TailDraws
 
 Strategy = Literal["random", "low_confidence", "threshold", "remask"]
 STRATEGIES = ("random", "low_confidence", "threshold", "remask")
@@ -112,6 +119,23 @@ class UnmaskingOutput:
     mi_leave_one_out: Tensor | None = None
 
 
+def _tail_of(*draws: Any) -> Tail | None:
+    """The tail that tail draws re-run (None for head draws); every set must share it."""
+    tails = {id(t): t for d in draws if (t := getattr(d, "tail", None)) is not None}
+    kinds = {getattr(d, "tail", None) is None for d in draws if d is not None}
+    if len(tails) > 1 or len(kinds) > 1:
+        raise GenuncError("mi_draws and trajectory_draws must come from one posterior (the same "
+                          "head, or the same tail)")
+    return next(iter(tails.values()), None)
+
+
+def _full_precision_inputs(inputs: Any) -> Any:
+    """Recorded tail inputs with floating tensors in float32 (a bfloat16 backbone's
+    activations): the draws run in full precision."""
+    return inputs._map(lambda x: x.float() if isinstance(x, Tensor) and x.is_floating_point()
+                       and x.dtype != torch.float64 else x)
+
+
 def _blocks(cols: list[int], block_length: int | None) -> list[list[int]]:
     size = block_length or len(cols)
     return [cols[i : i + size] for i in range(0, len(cols), size)]
@@ -159,8 +183,8 @@ def unmask(
     x: Tensor,
     config: UnmaskingConfig | None = None,
     *,
-    mi_draws: HeadDraws | None = None,
-    trajectory_draws: HeadDraws | None = None,
+    mi_draws: HeadDraws | TailDraws | None = None,
+    trajectory_draws: HeadDraws | TailDraws | None = None,
     seed: int = 0,
     indices: Sequence[int] | None = None,
     precision: str = "float32",
@@ -190,7 +214,9 @@ def unmask(
 
     groups = 1 if trajectory_draws is None else len(trajectory_draws)
     heads = trajectory_draws.to(device) if groups > 1 else None
-    state: dict[str, Tensor | None] = {"phi": None}
+    tail = _tail_of(mi_draws, trajectory_draws)
+    #: the MAP rows' head features, or with tail draws their recorded tail inputs
+    state: dict[str, Any] = {"phi": None}
 
     def hook(module, args, output):
         phi = args[0]
@@ -206,6 +232,26 @@ def unmask(
         out = out.reshape(groups, sets, b, *out.shape[2:]).transpose(0, 1)
         return out.reshape(output.shape).to(output.dtype)
 
+    def tail_hook(module, args, output):
+        # after the body pass: what entered each tail module is recorded; re-runs of the tail
+        # (below) call this module too and are left alone
+        if tail.rerunning:
+            return None
+        n_rows = output.shape[0]
+        inputs = tail.inputs_of(recorder, n_rows)
+        recorder.reset()
+        with full_precision(output.device):
+            inputs = _full_precision_inputs(inputs)
+            state["phi"] = inputs.select(slice(0, b))
+            if heads is None:
+                return None
+            # rows [set][group][sequence] -> [group][set][sequence]: group g re-runs under draw g
+            sets = n_rows // (groups * b)
+            order = torch.arange(n_rows).reshape(sets, groups, b).transpose(0, 1).reshape(-1)
+            out = heads.apply(inputs.select(order), per_draw=True)
+        out = out.reshape(groups, sets, b, *out.shape[2:]).transpose(0, 1)
+        return out.reshape(output.shape).to(output.dtype)
+
     predictable = torch.ones(adapter.vocab_size, dtype=torch.bool, device=device)
     predictable[adapter.mask_id] = False
     xs = x.repeat(groups, 1)
@@ -216,7 +262,12 @@ def unmask(
     filled_by_sampler = torch.zeros_like(xs, dtype=torch.bool)
     nfe = rows = 0
     row_nfe = torch.zeros(b, dtype=torch.long, device=device)
-    handle = adapter.head.register_forward_hook(hook)
+    stack = ExitStack()
+    if tail is None:
+        handle = adapter.head.register_forward_hook(hook)
+    else:
+        recorder = stack.enter_context(tail.capture())
+        handle = tail.modules[-1].register_forward_hook(tail_hook)
     try:
         for block_no, (block, block_steps) in enumerate(zip(blocks, steps_per_block)):
             in_block = torch.zeros(length, dtype=torch.bool, device=device)
@@ -315,6 +366,7 @@ def unmask(
                 step += 1
     finally:
         handle.remove()
+        stack.close()
 
     if not (xs != adapter.mask_id).all():
         raise GenuncError("internal error: the sampler left masked positions")  # pragma: no cover
