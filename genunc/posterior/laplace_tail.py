@@ -308,6 +308,12 @@ class TailPosterior(LaplaceQuantities):
     def head_name(self) -> str:
         return self.tail.names[-1]
 
+    @property
+    def n_params(self) -> int:
+        """Weights the posterior moves (head rows frozen at their pretrained values not
+        counted)."""
+        return int(self.laplace.n_params) - len(self.frozen)
+
     # ------------------------------------------------------------------ fitting
     @classmethod
     def fit(cls, adapter: DenoiserAdapter, batches: Iterable[Any], tail: Sequence[str] | Tail, *,
@@ -485,7 +491,7 @@ class TailPosterior(LaplaceQuantities):
         mean, var = self.mean, self.posterior_variance
         return {
             "tail": self.names, "structure": self.structure, "likelihood": self.likelihood,
-            "n_params": self.n_params - len(self.frozen),
+            "n_params": self.n_params,
             "n_data_rows": int(self.laplace.n_data), "prior_precision": self.prior_precision,
             "sigma_noise": self.sigma_noise if self.likelihood == "regression" else None,
             "log_marglik": self.info.get("log_marglik"),

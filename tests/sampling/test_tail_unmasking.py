@@ -144,6 +144,7 @@ def test_text_tail_posterior_fit_freezes_unseen_classes_and_matches_monte_carlo_
     # answer tokens are 0..9: the other rows (10 and the mask token) have no data
     assert posterior.info["classes_without_data"] == [10, MASK]
     assert 0 < posterior.prior_precision < 1e6
+    assert posterior.n_params == tail.n_params - 2 * (16 + 1)  # two frozen head rows
     draws = posterior.sample(5, seed=0)
     weight, bias = draws.params["head.weight"], draws.params["head.bias"]
     head = adapter.head
