@@ -43,14 +43,19 @@ SCORES = ("mutual_information", "mutual_information_max", "low_posterior_confide
           "low_confidence", "low_margin", "low_self_certainty", "random")
 
 
-def load(model: Path, out: Path, task: Task, n_fit: int) -> TextUncertaintyPipeline:
-    """The model with the posterior cached in `out` (fitted there on training problems)."""
+def load(model: Path, out: Path, task: Task, n_fit: int,
+         tail: int | None = None) -> TextUncertaintyPipeline:
+    """The model with the posterior cached in `out` (fitted there on training problems;
+    ``tail``: over the last `tail` transformer blocks, the final norm and the head, cached in
+    ``posterior_tail<tail>``)."""
     pipe = TextUncertaintyPipeline.from_pretrained(model, posterior=None)
     pairs = task.split()["train"][:n_fit]
     batches = [{"x": task.sequences(pairs[i : i + 256]),
                 "prompt_mask": task.prompt_mask(len(pairs[i : i + 256]))}
                for i in range(0, len(pairs), 256)]
-    pipe.load_or_fit_posterior(out / "posterior", batches, stale="refit", repeats=2)
+    folder = out / ("posterior" if tail is None else f"posterior_tail{tail}")
+    pipe.load_or_fit_posterior(folder, batches, stale="refit", repeats=2, tail=tail,
+                               progress=False)
     return pipe
 
 
@@ -87,6 +92,22 @@ def mixed_prompts(correct: np.ndarray) -> np.ndarray:
     return np.flatnonzero(correct.any(1) & ~correct.all(1))
 
 
+def auroc_wrong(values: np.ndarray, correct: np.ndarray, prompts: np.ndarray) -> float:
+    """AUROC of ``(p, n)`` scores for "candidate wrong", over every candidate of `prompts`."""
+    return filtering.auroc(values[prompts].ravel(), ~correct[prompts].ravel())
+
+
+def within_prompt_auroc(values: np.ndarray, correct: np.ndarray, prompts: np.ndarray) -> float:
+    """Mean over `prompts` (each with right and wrong candidates) of the AUROC among its own
+    candidates: what best-of-N needs."""
+    return float(np.mean([filtering.auroc(values[j], ~correct[j]) for j in prompts]))
+
+
+def best_of_n(values: np.ndarray, correct: np.ndarray, prompts: np.ndarray) -> float:
+    """Accuracy of the lowest-score candidate of each of `prompts`."""
+    return float(correct[prompts][np.arange(len(prompts)), values[prompts].argmin(1)].mean())
+
+
 def selection_cells(correct: np.ndarray, values: np.ndarray, boot: int) -> list[str]:
     """AUROC(wrong) over all candidates, within a prompt, best-of-n accuracy (intervals over
     prompts, resampled with their candidates, which are not independent), accuracy of the kept
@@ -95,14 +116,10 @@ def selection_cells(correct: np.ndarray, values: np.ndarray, boot: int) -> list[
     flat_correct, prompt_ids, mixed = correct.ravel(), np.arange(p), mixed_prompts(correct)
     kept50 = flat_correct[filtering.keep_fraction(values.ravel(), 0.5)].mean()
     kept80 = flat_correct[filtering.keep_fraction(values.ravel(), 0.8)].mean()
-    overall = bootstrap_interval(
-        lambda i: filtering.auroc(values[i].ravel(), ~correct[i].ravel()), prompt_ids, n_boot=boot)
-    within = bootstrap_interval(
-        lambda i: np.mean([filtering.auroc(values[j], ~correct[j]) for j in i]), mixed,
-        n_boot=boot) if len(mixed) >= 2 else (float("nan"),) * 3
-    best = bootstrap_interval(
-        lambda i: correct[i][np.arange(len(i)), values[i].argmin(1)].mean(), prompt_ids,
-        n_boot=boot)
+    overall = bootstrap_interval(lambda i: auroc_wrong(values, correct, i), prompt_ids, n_boot=boot)
+    within = bootstrap_interval(lambda i: within_prompt_auroc(values, correct, i), mixed,
+                                n_boot=boot) if len(mixed) >= 2 else (float("nan"),) * 3
+    best = bootstrap_interval(lambda i: best_of_n(values, correct, i), prompt_ids, n_boot=boot)
     return [_ci(overall), _ci(within), _ci(best, pct=True), f"{kept50:.1%}", f"{kept80:.1%}"]
 
 
@@ -132,6 +149,8 @@ def main() -> None:
     parser.add_argument("--n-fit", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=TEST_SEED, help="the test seed")
     parser.add_argument("--boot", type=int, default=1000)
+    parser.add_argument("--tail", type=int, default=None,
+                        help="a posterior over the last TAIL blocks, the final norm and the head")
     parser.add_argument("--out", help="posterior cache (default outputs/bestofn_text[_<task>])")
     args = parser.parse_args()
     args.model = args.model or str(MODELS[args.task])
@@ -141,7 +160,7 @@ def main() -> None:
 
     probe = TextUncertaintyPipeline.from_pretrained(args.model, posterior=None)
     task = task_from_spec(probe.metadata["task"])
-    sampler = load(Path(args.model), Path(args.out), task, args.n_fit)
+    sampler = load(Path(args.model), Path(args.out), task, args.n_fit, tail=args.tail)
     print(f"posterior: {sampler.posterior.summary()}")
     pairs = task.split()["test"]
     pairs = pairs[streams.numpy_generator(args.seed, "prompt_order").permutation(len(pairs))[: args.prompts]]

@@ -107,7 +107,7 @@ def main() -> None:
     print(f"posterior: prior precision {summary['prior_precision']:.4g}, sigma "
           f"{summary.get('sigma_noise')}, relative perturbation {summary['relative_perturbation']:.3%}")
 
-    runs = {}
+    runs, runs_seconds = {}, {}
     for name, seed, n in (("validation", VAL_SEED, args.n_val), ("test", TEST_SEED, args.n_test)):
         start = time.perf_counter()
         res = sampler(n, num_inference_steps=args.steps, sampler=args.sampler, seed=seed,
@@ -115,7 +115,8 @@ def main() -> None:
                       **tail_extra)
         report = evaluate_molecules(res.molecules, train_smiles)
         runs[name] = (res, report)
-        print(f"{name}: seed {seed}, {n} molecules ({time.perf_counter() - start:.0f} s)")
+        runs_seconds[name] = time.perf_counter() - start
+        print(f"{name}: seed {seed}, {n} molecules ({runs_seconds[name]:.0f} s)")
 
     val, val_report = runs["validation"]
     val_q = quality_of(val_report)
@@ -174,16 +175,23 @@ def main() -> None:
     kept_sizes = sizes[filtering.keep_fraction(scores["variability"], 0.8)].mean()
     print(f"mean atom count: all {sizes.mean():.2f}, kept 80% by variability {kept_sizes:.2f}")
 
+    saved = {f"score/{k}": np.asarray(v) for k, v in scores.items()}
     if args.semantic_n > 0:
-        semantic_table(sampler, res, scores, quality, train, args)
+        saved["score/semantic"] = semantic_table(sampler, res, scores, quality, train, args)
+    # per-molecule test scores and labels, for a paired head-vs-block comparison
+    # (benchmarks/compare_scopes_molecules.py)
+    np.savez(out / f"test_s{TEST_SEED}_n{args.n_test}_t{args.steps}.npz", n_atoms=res.n_atoms,
+             atom_stable_fraction=atom_st, valid=valid, seconds=runs_seconds["test"],
+             tail=-1 if args.tail is None else args.tail, **saved)
     if args.cost_n > 0 and not args.tail:
         cost_table(sampler, args)
 
 
 def semantic_table(sampler: MoleculeUncertaintyPipeline, res, scores: dict[str, np.ndarray],
-                   quality: dict[str, np.ndarray], train, args: argparse.Namespace) -> None:
+                   quality: dict[str, np.ndarray], train, args: argparse.Namespace) -> np.ndarray:
     """The semantic score (M + 1 generations each) on the first test molecules: its MAP
-    generations are those molecules (same streams), so the labels above apply unchanged."""
+    generations are those molecules (same streams), so the labels above apply unchanged.
+    Returns the semantic scores."""
     from genunc.features.molecule import features_of
 
     n = min(args.semantic_n, args.n_test)
@@ -208,6 +216,7 @@ def semantic_table(sampler: MoleculeUncertaintyPipeline, res, scores: dict[str, 
               f"| {ci(spearman, values, atom_st, boot=args.boot)} "
               f"| {ci(partial_spearman, values, atom_st, sizes, boot=args.boot)} "
               f"| {ci(filtering.auroc, values, invalid, boot=args.boot)} |")
+    return np.asarray(sem.scores["semantic"])
 
 
 def cost_table(sampler: MoleculeUncertaintyPipeline, args: argparse.Namespace) -> None:

@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--n-fit", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=TEST_SEED, help="the test seed")
     parser.add_argument("--boot", type=int, default=500)
+    parser.add_argument("--tail", type=int, default=None,
+                        help="a posterior over the last TAIL blocks, the final norm and the head")
     parser.add_argument("--out", default="outputs/unmasking_orders")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -132,7 +134,7 @@ def main() -> None:
         print(f"\n## {name}: {task.spec()}")
         print(f"model: {MODELS[name]} (training: test accuracy "
               f"{probe.metadata['training']['test_accuracy_greedy_low_confidence']:.1%})")
-        pipe = load(MODELS[name], Path(args.out) / name, task, args.n_fit)
+        pipe = load(MODELS[name], Path(args.out) / name, task, args.n_fit, tail=args.tail)
         test = task.split()["test"]
         order = streams.numpy_generator(args.seed, "prompt_order").permutation(len(test))
         problems = test[order[: args.prompts]]

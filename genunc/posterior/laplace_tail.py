@@ -6,7 +6,14 @@ fit uses) and whose output is the head's output flattened per sample.  Rows are 
 row per sample of a row-separable pass (UNets, transformers), one body pass per sample
 otherwise (graph models).
 
-Curvature (the GGN; regression likelihood):
+Likelihoods: ``regression`` (images, molecules: the head output against the denoising target)
+and ``classification`` (masked-diffusion text: the head's logits against the clean token, one
+laplace-torch row per masked position; the tail is re-run on the sequences those positions
+belong to, so a transformer block sees the whole sequence while each position is a data point).
+As for the head, output classes that no target names (prompt-only tokens, the mask token) keep
+their pretrained head rows in every draw (``info["classes_without_data"]``).
+
+Curvature (the GGN):
 
 * ``curvature="exact"``: laplace-torch's own backend (``CurvlinopsGGN``).  Its diagonal comes from
   full Jacobians, ``(rows, D, P)`` with D the output size of one sample (``C*H*W`` for an image),
@@ -15,7 +22,10 @@ Curvature (the GGN; regression likelihood):
   (:class:`MonteCarloDiagGGN`): ``mc_samples`` vector-Jacobian products per row, memory
   ``(mc_samples, P)``, unbiased for the exact diagonal; ``kron`` uses curvlinops' Monte-Carlo
   KFAC (laplace-torch's ``stochastic=True``).
-* ``"auto"`` (default): exact where ``D * P <= 2**22`` (16 MiB of Jacobian per row), else mc.
+  For classification the projections are ``p - onehot(y)`` with ``y`` drawn from the
+  softmax (the Monte-Carlo Fisher, which is the GGN of the cross-entropy in expectation).
+* ``"auto"`` (default): exact where ``D * P <= 2**22`` (16 MiB of Jacobian per row; D is the
+  number of classes for classification), else mc.
 
 KFAC covers ``nn.Linear`` and ``nn.Conv2d`` parameters only: a ``kron`` posterior over a tail
 with any other parameter (GroupNorm, LayerNorm, attention projections held by
@@ -93,8 +103,9 @@ class _TailModel(nn.Module):
     """
 
     def __init__(self, tail: Tail, dtype: torch.dtype, data: TailData | None = None,
-                 output_scale: Tensor | None = None) -> None:
+                 output_scale: Tensor | None = None, likelihood: str = "regression") -> None:
         super().__init__()
+        self.likelihood = likelihood
         self.tail = tail
         self.mods = nn.ModuleList(copy.deepcopy(m).to(dtype).eval() for m in tail.modules)
         for m in self.mods:
@@ -113,6 +124,26 @@ class _TailModel(nn.Module):
             sizes = torch.tensor([c.rows for c in data.chunks])
             self.chunk_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
             self.local = torch.cat([torch.arange(int(s)) for s in sizes])
+            if likelihood == "classification":
+                self._index_positions(data)
+
+    def _index_positions(self, data: TailData) -> None:
+        """Classification: one laplace-torch row per data position, ``(chunk, row, position)``
+        (the position flat over the target's trailing axes)."""
+        entries = []
+        for c, (target, mask) in enumerate(zip(data.targets, data.masks)):
+            keep = torch.ones_like(target, dtype=torch.bool) if mask is None \
+                else mask.to(target.device).bool().expand_as(target)
+            where = torch.nonzero(keep.reshape(target.shape[0], -1))
+            entries.append(torch.cat([torch.full((len(where), 1), c), where], 1))
+        self.entries = torch.cat(entries)
+        if not len(self.entries):
+            raise ShapeMismatchError("no data positions to fit on (every mask is empty)")
+        self.chunk_of = self.entries[:, 0]
+        self.local = self.entries[:, 1]
+
+    def __len__(self) -> int:
+        return len(self.entries) if self.likelihood == "classification" else len(self.local)
 
     def run(self, inputs: TailInputs) -> Tensor:
         """The copies' output on recorded inputs (the tail's chain, with these modules)."""
@@ -133,6 +164,15 @@ class _TailModel(nn.Module):
             while stop < len(index) and int(chunks[stop]) == c:
                 stop += 1
             inputs = self.data.chunks[c]
+            if self.likelihood == "classification":  # each needed sequence once, then positions
+                needed, where = torch.unique(local[start:stop], return_inverse=True)
+                if inputs.separable:
+                    inputs = inputs.select(needed)
+                logits = self.run(_floating(inputs, self.dtype))
+                logits = logits.reshape(logits.shape[0], -1, logits.shape[-1])
+                out.append(logits[where, self.entries[index[start:stop], 2]])
+                start = stop
+                continue
             if inputs.separable:
                 inputs = inputs.select(local[start:stop])
             rows = self.run(_floating(inputs, self.dtype))
@@ -151,6 +191,12 @@ class _TailModel(nn.Module):
 
     def targets(self) -> Tensor:
         assert self.data is not None
+        if self.likelihood == "classification":  # class indices, one per data position
+            parts = []  # entries run chunk by chunk, in order
+            for c, target in enumerate(self.data.targets):
+                mine = self.entries[self.chunk_of == c]
+                parts.append(target.reshape(target.shape[0], -1)[mine[:, 1], mine[:, 2]])
+            return torch.cat(parts).long()
         rows = []
         for target, mask in zip(self.data.targets, self.data.masks):
             t = target.to(self.dtype)
@@ -195,8 +241,6 @@ class MonteCarloDiagGGN(CurvlinopsGGN):
         self._generator = torch.Generator().manual_seed(self.seed)
 
     def diag(self, x: Tensor, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if self.likelihood != "regression":
-            return super().diag(x, y, **kwargs)
         params = [p for p in self.model.parameters() if p.requires_grad]
         k = self.mc_samples
         total = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
@@ -206,8 +250,14 @@ class MonteCarloDiagGGN(CurvlinopsGGN):
             with torch.enable_grad():
                 f = self.model(x[n : n + 1])
             loss = loss + self.factor * self.lossfunc(f.detach(), y[n : n + 1])
-            v = torch.randn((k, *f.shape), generator=self._generator, dtype=torch.float64)
-            v = v.to(f)
+            if self.likelihood == "classification":  # p - onehot(y), y from the softmax
+                p = torch.softmax(f.detach().double(), -1).reshape(-1)
+                ys = torch.multinomial(p.cpu(), k, replacement=True, generator=self._generator)
+                v = (p.cpu() - nn.functional.one_hot(ys, p.numel()).double())
+                v = v.reshape(k, *f.shape).to(f)
+            else:
+                v = torch.randn((k, *f.shape), generator=self._generator, dtype=torch.float64)
+                v = v.to(f)
             try:
                 grads = torch.autograd.grad(f, params, grad_outputs=v, is_grads_batched=True)
                 flat = torch.cat([g.reshape(k, -1) for g in grads], dim=1)
@@ -239,13 +289,16 @@ class TailPosterior(LaplaceQuantities):
     """
 
     def __init__(self, laplace: Any, tail: Tail, structure: str, fingerprint: dict[str, Any],
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, likelihood: str = "regression") -> None:
         self.laplace = laplace
         self.tail = tail
         self.structure = structure
-        self.likelihood = "regression"
+        self.likelihood = likelihood
         self.fingerprint = fingerprint
         self.info = dict(info or {})
+        #: flat entries that keep their pretrained value in every draw (head rows of classes
+        #: no target names)
+        self.frozen = _frozen_entries(tail, self.info.get("classes_without_data") or [])
 
     @property
     def names(self) -> list[str]:
@@ -254,6 +307,12 @@ class TailPosterior(LaplaceQuantities):
     @property
     def head_name(self) -> str:
         return self.tail.names[-1]
+
+    @property
+    def n_params(self) -> int:
+        """Weights the posterior moves (head rows frozen at their pretrained values not
+        counted)."""
+        return int(self.laplace.n_params) - len(self.frozen)
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -268,7 +327,8 @@ class TailPosterior(LaplaceQuantities):
         data = collect_tail_data(adapter, tail, batches, repeats=repeats, max_rows=max_rows,
                                  seed=seed, progress=progress)
         groups = adapter.output_groups if noise_groups else None
-        return cls.fit_data(tail, data, output_groups=groups, **fit_kwargs)
+        return cls.fit_data(tail, data, output_groups=groups, likelihood=adapter.likelihood,
+                            **fit_kwargs)
 
     @classmethod
     def fit_data(cls, tail: Tail, data: TailData, *, structure: Structure = "diag",
@@ -276,12 +336,15 @@ class TailPosterior(LaplaceQuantities):
                  sigma_noise: float | Literal["mle", "marglik"] = "mle",
                  curvature: Curvature = "auto", mc_samples: int = 8, batch_size: int = 16,
                  output_groups: Mapping[str, slice] | None = None,
-                 seed: int = 0) -> "TailPosterior":
-        """Laplace (regression) over the tail's weights given recorded inputs and targets.
+                 seed: int = 0, likelihood: str = "regression") -> "TailPosterior":
+        """Laplace over the tail's weights given recorded inputs and targets.
 
         ``prior_precision`` and ``sigma_noise`` as for the head (``"marglik"``: maximise
-        laplace-torch's marginal likelihood; ``"mle"``: the RMS residual, per output group).
+        laplace-torch's marginal likelihood; ``"mle"``: the RMS residual, per output group;
+        ignored for classification).
         """
+        if likelihood not in ("regression", "classification"):
+            raise GenuncError(f"likelihood must be regression or classification, got {likelihood!r}")
         if structure not in STRUCTURES:
             raise GenuncError(f"structure must be one of {STRUCTURES}, got {structure!r}")
         if curvature not in ("auto", "exact", "mc"):
@@ -292,6 +355,9 @@ class TailPosterior(LaplaceQuantities):
             raise ShapeMismatchError("no rows to fit on")
         dtype = torch.float64 if next(iter(tail.parameters().values())).dtype == torch.float64 \
             else torch.float32
+        if likelihood == "classification":
+            return cls._fit_classification(tail, data, dtype, structure, prior_precision,
+                                           curvature, mc_samples, batch_size, seed)
         model = _TailModel(tail, dtype, data)
         masked = any(m is not None for m in data.masks)
         if sigma_noise == "marglik" and masked:
@@ -337,18 +403,8 @@ class TailPosterior(LaplaceQuantities):
         if prior0 <= 0:
             raise GenuncError(f"prior precision must be positive, got {prior0}")
 
-        width = model.width
-        if curvature == "auto":
-            curvature = "exact" if width * tail.n_params <= _EXACT_LIMIT else "mc"
-        if curvature == "mc" and structure == "full":
-            raise GenuncError("structure='full' needs curvature='exact' (a P x P GGN is for small "
-                              "tails)")
-        backend: type = CurvlinopsGGN
-        backend_kwargs: dict[str, Any] = {}
-        if curvature == "mc":
-            backend = type("MonteCarloDiagGGN", (MonteCarloDiagGGN,),
-                           {"mc_samples": mc_samples, "seed": seed})
-            backend_kwargs = {"stochastic": True}
+        curvature, backend, backend_kwargs = _backend(curvature, structure, model.width * tail.n_params,
+                                                      mc_samples, seed)
         la = Laplace(model, "regression", subset_of_weights="all", hessian_structure=structure,
                      sigma_noise=sigma0, prior_precision=prior0, backend=backend,
                      backend_kwargs=backend_kwargs)
@@ -359,13 +415,49 @@ class TailPosterior(LaplaceQuantities):
         if tune_prior or tune_sigma:
             _optimise_marglik(la, tune_prior, tune_sigma)
         info.update({
-            "tail": tail.names, "n_rows": len(data), "output_width": width,
+            "tail": tail.names, "n_rows": len(data), "output_width": model.width,
             "curvature": curvature, "mc_samples": mc_samples if curvature == "mc" else None,
             "backend": backend.__name__, "tied": tail.tied,
             "prior_precision_method": "marglik" if tune_prior else "fixed",
             "sigma_noise_method": sigma_noise if isinstance(sigma_noise, str) else "fixed",
         })
         posterior = cls(la, tail, structure, tail_fingerprint(tail), info)
+        posterior.info["log_marglik"] = posterior.log_marginal_likelihood()
+        return posterior
+
+    @classmethod
+    def _fit_classification(cls, tail: Tail, data: TailData, dtype: torch.dtype,
+                            structure: str, prior_precision: float | str, curvature: str,
+                            mc_samples: int, batch_size: int, seed: int) -> "TailPosterior":
+        """Categorical likelihood, one laplace-torch row per data position (masked token)."""
+        model = _TailModel(tail, dtype, data, likelihood="classification")
+        targets = model.targets()
+        index = torch.arange(len(model))
+        with torch.no_grad():
+            n_classes = int(model(index[:1]).shape[-1])
+        if int(targets.min()) < 0 or int(targets.max()) >= n_classes:
+            raise ShapeMismatchError(f"class targets span [{int(targets.min())}, "
+                                     f"{int(targets.max())}] but the tail has {n_classes} outputs")
+        counts = torch.bincount(targets, minlength=n_classes)
+        unseen = torch.nonzero(counts == 0).flatten().tolist()
+        prior0 = 1.0 if prior_precision == "marglik" else float(prior_precision)
+        if prior0 <= 0:
+            raise GenuncError(f"prior precision must be positive, got {prior0}")
+        curvature, backend, backend_kwargs = _backend(curvature, structure, n_classes * tail.n_params,
+                                                      mc_samples, seed)
+        la = Laplace(model, "classification", subset_of_weights="all",
+                     hessian_structure=structure, prior_precision=prior0, backend=backend,
+                     backend_kwargs=backend_kwargs)
+        la.fit(DataLoader(TensorDataset(index, targets), batch_size=batch_size), progress_bar=False)
+        if prior_precision == "marglik":
+            _optimise_marglik(la, True, False)
+        info = {"tail": tail.names, "n_rows": len(model), "n_sequences": len(data),
+                "output_width": n_classes, "curvature": curvature,
+                "mc_samples": mc_samples if curvature == "mc" else None,
+                "backend": backend.__name__, "tied": tail.tied,
+                "classes_without_data": unseen,
+                "prior_precision_method": "marglik" if prior_precision == "marglik" else "fixed"}
+        posterior = cls(la, tail, structure, tail_fingerprint(tail), info, "classification")
         posterior.info["log_marglik"] = posterior.log_marginal_likelihood()
         return posterior
 
@@ -387,6 +479,9 @@ class TailPosterior(LaplaceQuantities):
         generator = as_generator(seed, device=self.mean.device)
         with torch.no_grad():
             flat = self.laplace.sample(n_draws, generator=generator).detach()
+        if len(self.frozen):
+            frozen = self.frozen.to(flat.device)
+            flat[:, frozen] = self.mean.to(flat)[frozen]
         if include_map:
             flat = torch.cat([self.mean.unsqueeze(0).to(flat), flat])
         device = next(iter(self.tail.parameters().values())).device
@@ -395,9 +490,11 @@ class TailPosterior(LaplaceQuantities):
     def summary(self) -> dict[str, Any]:
         mean, var = self.mean, self.posterior_variance
         return {
-            "tail": self.names, "structure": self.structure, "n_params": self.n_params,
+            "tail": self.names, "structure": self.structure, "likelihood": self.likelihood,
+            "n_params": self.n_params,
             "n_data_rows": int(self.laplace.n_data), "prior_precision": self.prior_precision,
-            "sigma_noise": self.sigma_noise, "log_marglik": self.info.get("log_marglik"),
+            "sigma_noise": self.sigma_noise if self.likelihood == "regression" else None,
+            "log_marglik": self.info.get("log_marglik"),
             "curvature": self.info.get("curvature"), "tied": self.info.get("tied"),
             "relative_perturbation": float(var.sum().sqrt() / mean.norm().clamp_min(1e-12)),
         }
@@ -433,6 +530,7 @@ class TailPosterior(LaplaceQuantities):
         meta = {
             "format_version": TAIL_FORMAT_VERSION, "genunc_version": __version__,
             "kind": "tail", "structure": self.structure, "tail": self.names,
+            "likelihood": self.likelihood,
             "fingerprint": self.fingerprint, **laplace_meta,
             "info": self.info,
         }
@@ -473,15 +571,47 @@ class TailPosterior(LaplaceQuantities):
         tensors = load_file(str(tensor_path))
         device = next(iter(tail.parameters().values())).device
         tensors = {k: v.to(device) for k, v in tensors.items()}
+        likelihood = meta.get("likelihood", "regression")
         lap_model = _TailModel(tail, tensors["mean"].dtype, None, tensors.get("output_scale"))
-        la = Laplace(lap_model, "regression", subset_of_weights="all",
+        la = Laplace(lap_model, likelihood, subset_of_weights="all",
                      hessian_structure=meta["structure"], backend=CurvlinopsGGN)
-        restore_laplace(la, tensors, meta, meta["structure"], "regression")
-        return cls(la, tail, meta["structure"], meta["fingerprint"], meta.get("info"))
+        restore_laplace(la, tensors, meta, meta["structure"], likelihood)
+        return cls(la, tail, meta["structure"], meta["fingerprint"], meta.get("info"), likelihood)
 
     def __repr__(self) -> str:
         return (f"TailPosterior(tail={self.names}, structure={self.structure!r}, "
                 f"n_params={self.n_params}, prior_precision={self.prior_precision:.4g})")
+
+
+def _backend(curvature: str, structure: str, jacobian_size: int, mc_samples: int,
+             seed: int) -> tuple[str, type, dict[str, Any]]:
+    """The resolved curvature and laplace-torch backend (``jacobian_size``: D * P per row)."""
+    if curvature == "auto":
+        curvature = "exact" if jacobian_size <= _EXACT_LIMIT else "mc"
+    if curvature == "mc" and structure == "full":
+        raise GenuncError("structure='full' needs curvature='exact' (a P x P GGN is for small "
+                          "tails)")
+    if curvature == "exact":
+        return curvature, CurvlinopsGGN, {}
+    backend = type("MonteCarloDiagGGN", (MonteCarloDiagGGN,), {"mc_samples": mc_samples, "seed": seed})
+    return curvature, backend, {"stochastic": True}
+
+
+def _frozen_entries(tail: Tail, classes: Sequence[int]) -> Tensor:
+    """Flat positions of the last tail module's output rows for `classes` (its ``weight`` rows
+    and ``bias`` entries, the vocabulary head's layout)."""
+    if not classes:
+        return torch.zeros(0, dtype=torch.long)
+    head = tail.names[-1]
+    rows = torch.as_tensor(list(classes), dtype=torch.long)
+    out, offset = [], 0
+    for key, shape in tail.param_shapes.items():
+        size = int(torch.Size(shape).numel())
+        if key in (f"{head}.weight", f"{head}.bias"):
+            per_row = size // shape[0]
+            out.append(offset + (rows[:, None] * per_row + torch.arange(per_row)).reshape(-1))
+        offset += size
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------- fingerprints

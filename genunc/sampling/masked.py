@@ -39,13 +39,19 @@ information of the draws and the draws' mean probability of the committed token 
 *at the step it is committed*, with the MAP's confidence, margin and self-certainty.  With
 ``trajectory_draws`` (the MAP first, then M draws) every draw also generates a full sequence of
 its own from the same randomness (one batch of (M+1)·B rows), for the semantic score.
+
+Both also take :class:`~genunc.posterior.tail.TailDraws` (a posterior over the last block, the
+final norm and the head): the tail's inputs are recorded during the one backbone call
+(:meth:`Tail.capture`), then the tail alone is re-run under all M draws batched (MI), or row
+group ``g`` under draw ``g`` (trajectory draws); the backbone still runs once per step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -64,6 +70,7 @@ from genunc.scores.tokens import (
 
 if TYPE_CHECKING:
     from genunc.posterior.draws import HeadDraws
+    from genunc.posterior.tail import Tail, TailDraws
     from genunc.sampling.policy import PolicyStep, UnmaskingPolicy
 
 Strategy = Literal["random", "low_confidence", "threshold", "remask", "policy"]
@@ -125,6 +132,23 @@ class UnmaskingOutput:
     mi_leave_one_out: Tensor | None = None
 
 
+def _tail_of(*draws: Any) -> Tail | None:
+    """The tail that tail draws re-run (None for head draws); every set must share it."""
+    tails = {id(t): t for d in draws if (t := getattr(d, "tail", None)) is not None}
+    kinds = {getattr(d, "tail", None) is None for d in draws if d is not None}
+    if len(tails) > 1 or len(kinds) > 1:
+        raise GenuncError("mi_draws and trajectory_draws must come from one posterior (the same "
+                          "head, or the same tail)")
+    return next(iter(tails.values()), None)
+
+
+def _full_precision_inputs(inputs: Any) -> Any:
+    """Recorded tail inputs with floating tensors in float32 (a bfloat16 backbone's
+    activations): the draws run in full precision."""
+    return inputs._map(lambda x: x.float() if isinstance(x, Tensor) and x.is_floating_point()
+                       and x.dtype != torch.float64 else x)
+
+
 def _blocks(cols: list[int], block_length: int | None) -> list[list[int]]:
     size = block_length or len(cols)
     return [cols[i : i + size] for i in range(0, len(cols), size)]
@@ -168,17 +192,16 @@ class _RowNoise:
 
 def _policy_step(adapter: MaskedDiffusionLMAdapter, config: UnmaskingConfig, logits: Tensor,
                  tokens: Tensor, xs: Tensor, in_block: Tensor, noise: _RowNoise,
-                 mi_draws: HeadDraws | None, phi: Tensor | None, groups: int) -> Tensor:
-    """The ``policy`` strategy's commits for one step (rows: every group's sequences)."""
+                 draws_logits: Tensor | None, groups: int) -> Tensor:
+    """The ``policy`` strategy's commits for one step (rows: every group's sequences);
+    `draws_logits`: the head draws' logits of this step's MAP rows (an MI policy reads them)."""
     from genunc.sampling.policy import policy_commit, policy_features
 
-    draws_logits = None
-    if config.policy.uses_mi:
-        if groups > 1:
-            raise GenuncError("a policy that reads mutual information runs without "
-                              "trajectory_draws (the MI is the MAP rows')")
-        if mi_draws is not None:
-            draws_logits = adapter.post_head(mi_draws.apply(phi), {"x": tokens})
+    if config.policy.uses_mi and groups > 1:
+        raise GenuncError("a policy that reads mutual information runs without "
+                          "trajectory_draws (the MI is the MAP rows')")
+    if not config.policy.uses_mi:
+        draws_logits = None
     masked = xs == adapter.mask_id
     features, time = policy_features(config.policy, logits, tokens, masked, in_block, draws_logits)
     tau = config.position_temperature
@@ -193,8 +216,8 @@ def unmask(
     x: Tensor,
     config: UnmaskingConfig | None = None,
     *,
-    mi_draws: HeadDraws | None = None,
-    trajectory_draws: HeadDraws | None = None,
+    mi_draws: HeadDraws | TailDraws | None = None,
+    trajectory_draws: HeadDraws | TailDraws | None = None,
     seed: int = 0,
     indices: Sequence[int] | None = None,
     precision: str = "float32",
@@ -224,7 +247,9 @@ def unmask(
 
     groups = 1 if trajectory_draws is None else len(trajectory_draws)
     heads = trajectory_draws.to(device) if groups > 1 else None
-    state: dict[str, Tensor | None] = {"phi": None}
+    tail = _tail_of(mi_draws, trajectory_draws)
+    #: the MAP rows' head features, or with tail draws their recorded tail inputs
+    state: dict[str, Any] = {"phi": None}
 
     def hook(module, args, output):
         phi = args[0]
@@ -240,6 +265,26 @@ def unmask(
         out = out.reshape(groups, sets, b, *out.shape[2:]).transpose(0, 1)
         return out.reshape(output.shape).to(output.dtype)
 
+    def tail_hook(module, args, output):
+        # after the body pass: what entered each tail module is recorded; re-runs of the tail
+        # (below) call this module too and are left alone
+        if tail.rerunning:
+            return None
+        n_rows = output.shape[0]
+        inputs = tail.inputs_of(recorder, n_rows)
+        recorder.reset()
+        with full_precision(output.device):
+            inputs = _full_precision_inputs(inputs)
+            state["phi"] = inputs.select(slice(0, b))
+            if heads is None:
+                return None
+            # rows [set][group][sequence] -> [group][set][sequence]: group g re-runs under draw g
+            sets = n_rows // (groups * b)
+            order = torch.arange(n_rows).reshape(sets, groups, b).transpose(0, 1).reshape(-1)
+            out = heads.apply(inputs.select(order), per_draw=True)
+        out = out.reshape(groups, sets, b, *out.shape[2:]).transpose(0, 1)
+        return out.reshape(output.shape).to(output.dtype)
+
     predictable = torch.ones(adapter.vocab_size, dtype=torch.bool, device=device)
     predictable[adapter.mask_id] = False
     xs = x.repeat(groups, 1)
@@ -250,7 +295,12 @@ def unmask(
     filled_by_sampler = torch.zeros_like(xs, dtype=torch.bool)
     nfe = rows = 0
     row_nfe = torch.zeros(b, dtype=torch.long, device=device)
-    handle = adapter.head.register_forward_hook(hook)
+    stack = ExitStack()
+    if tail is None:
+        handle = adapter.head.register_forward_hook(hook)
+    else:
+        recorder = stack.enter_context(tail.capture())
+        handle = tail.modules[-1].register_forward_hook(tail_hook)
     try:
         for block_no, (block, block_steps) in enumerate(zip(blocks, steps_per_block)):
             in_block = torch.zeros(length, dtype=torch.bool, device=device)
@@ -281,6 +331,9 @@ def unmask(
                 else:
                     tokens = logits.argmax(-1)
                 conf = confidence(logits, tokens)
+                # the M draws' logits for the MAP rows: read by an MI policy and by the stats
+                draws_logits = None if mi_draws is None else \
+                    adapter.post_head(mi_draws.apply(state["phi"]), {"x": xs[:b]})
                 if config.strategy == "random":
                     rank = noise_now.uniforms(length).to(device).repeat(groups, 1)
                 else:
@@ -301,7 +354,7 @@ def unmask(
                     commit = masked  # safety cap reached: fill the rest
                 elif config.strategy == "policy":
                     commit = _policy_step(adapter, config, logits, tokens, xs, in_block,
-                                          noise_now, mi_draws, state["phi"], groups)
+                                          noise_now, draws_logits, groups)
                 else:
                     if config.position_temperature > 0:
                         coin = noise_now.uniforms(length).to(device).repeat(groups, 1)
@@ -319,9 +372,7 @@ def unmask(
                 values = {"confidence": conf[:b], "margin": margin(map_logits),
                           # over the tokens that can be predicted: the mask's -inf would swamp it
                           "self_certainty": self_certainty(map_logits[..., predictable])}
-                if mi_draws is not None:
-                    head_out = mi_draws.apply(state["phi"])
-                    draws_logits = adapter.post_head(head_out, {"x": xs[:b]})
+                if draws_logits is not None:
                     values["mutual_information"] = mutual_information(draws_logits)
                     if loo is not None:
                         loo = torch.where(map_commit, mutual_information_leave_one_out(draws_logits),
@@ -352,6 +403,7 @@ def unmask(
                 step += 1
     finally:
         handle.remove()
+        stack.close()
 
     if not (xs != adapter.mask_id).all():
         raise GenuncError("internal error: the sampler left masked positions")  # pragma: no cover

@@ -72,3 +72,42 @@ def test_molecule_pipeline_with_a_tail_posterior(qm9_slice, tiny_molecule_model)
     for (pa, ta), (pb, tb) in zip(out.molecules, plain.molecules):
         np.testing.assert_allclose(pa, pb, atol=1e-5)
         np.testing.assert_array_equal(ta, tb)
+
+
+def test_text_pipeline_with_a_tail_posterior(tiny_text_model, tmp_path):
+    from genunc.pipelines import TextUncertaintyPipeline
+    from genunc.sampling.masked import UnmaskingConfig
+    from genunc.tasks import ArithmeticTask
+    from genunc.zoo.arith import save_model
+
+    task = ArithmeticTask("*", 2)
+    save_model(tiny_text_model(task.vocab_size, task.length), task, tmp_path)
+    pipe = TextUncertaintyPipeline.from_pretrained(tmp_path, posterior=None)
+    pairs = task.split()["train"][:40]
+    batches = [{"x": task.sequences(pairs[i : i + 20]), "prompt_mask": task.prompt_mask(20)}
+               for i in (0, 20)]
+    pipe.load_or_fit_posterior(tmp_path / "tail_posterior", batches, tail=1, progress=False)
+    assert isinstance(pipe.posterior, TailPosterior)
+    assert pipe.posterior.names == ["blocks.layers.0", "norm", "head"]
+    assert pipe.posterior.likelihood == "classification"
+    prompts = task.prompts(task.split()["test"][:6])
+    config = UnmaskingConfig("low_confidence", temperature=1.0)
+    names = ("mutual_information", "mutual_information_max", "low_posterior_confidence",
+             "semantic", "low_confidence")
+    a = pipe(prompts, config, num_draws=3, scores=names, seed=4, chunk_size=4, progress=False)
+    b = pipe(prompts, config, num_draws=3, scores=names, seed=4, chunk_size=6, progress=False)
+    other = pipe(prompts, config, num_draws=3, scores=names, seed=5, progress=False)
+    for name in a.scores:
+        assert a.scores[name].shape == (6,) and np.isfinite(a.scores[name]).all(), name
+        np.testing.assert_allclose(a.scores[name], b.scores[name], rtol=1e-9, atol=1e-12)
+    assert a.scores["mutual_information"].max() > 0
+    assert not np.array_equal(a.scores["mutual_information"], other.scores["mutual_information"])
+    # the MAP generations are the plain model's: the posterior only adds scores
+    plain = pipe(prompts, config, num_draws=3, scores=("random",), seed=4, progress=False)
+    assert torch.equal(plain.tokens, a.tokens)
+    # reloaded from its folder, the same scores
+    again = TextUncertaintyPipeline.from_pretrained(tmp_path, posterior=None)
+    again.load_or_fit_posterior(tmp_path / "tail_posterior", batches, tail=1)
+    c = again(prompts, config, num_draws=3, scores=names, seed=4, progress=False)
+    for name in a.scores:
+        np.testing.assert_allclose(c.scores[name], a.scores[name], rtol=1e-9, atol=1e-12)

@@ -294,3 +294,19 @@ def test_kron_is_refused_for_a_transformer_block(tiny_text_model):
     with pytest.raises(GenuncError, match="MultiheadAttention") as err:
         TailPosterior.fit_data(tail, TailData(), structure="kron")
     assert "LayerNorm" in str(err.value) and "use structure='diag'" in str(err.value)
+
+
+def test_attention_tails_run_one_call_per_draw_with_the_batched_result(tiny_text_model):
+    model = tiny_text_model(14, 10)
+    tail = Tail(model, default_tail(model, 1))
+    assert tail.loop_draws  # vmap would fall back to its own slow loop for attention
+    assert not Tail(model, ["norm", "head"]).loop_draws
+    ids = torch.randint(0, 14, (3, 10))
+    _, inputs = _record(tail, lambda: model(ids).logits, 3)
+    params = _perturbed(tail, m=3)
+    with torch.no_grad():
+        looped = tail.apply(params, inputs)
+        tail.loop_draws = False
+        batched = tail.apply(params, inputs)
+    torch.testing.assert_close(looped, batched, atol=1e-5, rtol=1e-5)
+    assert (looped[0] - looped[1]).abs().max() > 1e-4
