@@ -85,7 +85,7 @@ def test_wrapped_folders_refuse_own_loop_options_and_vice_versa(tmp_path, tiny_d
     config = load_config(_config(tmp_path), ["posterior.tail=1"])
     pipe = job.build_pipeline(config, posterior="none")
     assert isinstance(pipe, WrappedImagePipeline)
-    with pytest.raises(GenuncError, match="not available for wrapped"):
+    with pytest.raises(GenuncError, match="covers UNet denoisers"):
         job.fit_posterior(pipe, config, progress=False)
     folder = tiny_ddpm_folder(tmp_path / "ddpm")
     config = load_config(_config(tmp_path), [f"model={folder}", "quality=null"])
