@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--tail", type=int, default=None,
                         help="a posterior over the last TAIL blocks, the final norm and the head")
     parser.add_argument("--out", help="posterior cache (default outputs/bestofn_text[_<task>])")
+    parser.add_argument("--sections", nargs="+", default=["selection", "samplers", "cost"],
+                        choices=["selection", "samplers", "cost"], help="what to run (default all)")
     args = parser.parse_args()
     args.model = args.model or str(MODELS[args.task])
     args.out = args.out or ("outputs/bestofn_text" if args.task == "arith" else
@@ -169,6 +171,15 @@ def main() -> None:
     # ------------------------------------------------------------ N candidates per prompt
     prompts = task.prompts(pairs).repeat_interleave(n, 0)  # prompt-major: (p * n, L)
     config = UnmaskingConfig("low_confidence", temperature=args.temperature)
+    if "selection" in args.sections:
+        selection(sampler, task, prompts, config, p, n, args)
+    if "samplers" in args.sections:
+        samplers_table(sampler, task, pairs, args)
+    if "cost" in args.sections:
+        cost(sampler, task, prompts, config, args)
+
+
+def selection(sampler, task, prompts, config, p: int, n: int, args) -> None:
     tic = time.perf_counter()
     out = sampler(prompts, config, num_draws=args.draws, scores=SCORES, seed=args.seed)
     seconds = time.perf_counter() - tic
@@ -188,7 +199,10 @@ def main() -> None:
               f"standard error {np.median(err):.3g} nats, {np.median(rel):.1%} of the score "
               f"(90th percentile {np.quantile(rel, 0.9):.1%})")
 
-    # ------------------------------------------------------------ samplers: accuracy vs NFE
+
+def samplers_table(sampler, task, pairs, args) -> None:
+    """Accuracy vs NFE across samplers (greedy tokens), with the AUROC of MI under each."""
+    p = len(pairs)
     base = task.prompts(pairs)
     samplers = [
         ("random, 1 token/step", UnmaskingConfig("random")),
@@ -209,7 +223,8 @@ def main() -> None:
         auc = filtering.auroc(res.scores["mutual_information"], ~ok) if 0 < ok.mean() < 1 else float("nan")
         print(f"{name:<32}{ok.mean():>10.1%}{res.nfe:>9.2f}{res.backbone_rows / p:>10.1f}{auc:>10.3f}")
 
-    # ------------------------------------------------------------ cost
+
+def cost(sampler, task, prompts, config, args) -> None:
     def timed(scores_):
         tic = time.perf_counter()
         res = sampler(prompts, config, num_draws=args.draws, scores=scores_, seed=args.seed + 1)
