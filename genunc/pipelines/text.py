@@ -39,8 +39,7 @@ from genunc.posterior import HeadPosterior
 from genunc.sampling.masked import POSTERIOR_STATS, UnmaskingConfig, unmask
 from genunc.scores import Aggregate, aggregate
 from genunc.scores.tokens import jackknife_standard_error
-from genunc.zoo.pretrained import read_config
-from genunc.zoo.text_model import MaskedDiffusionTransformer
+from genunc.zoo.text_model import load_text_adapter
 
 if TYPE_CHECKING:
     from genunc.pipelines.text_wrapped import WrappedTextPipeline
@@ -114,10 +113,7 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
     @classmethod
     def _load(cls, path: Path, *, device: str) -> "TextUncertaintyPipeline":
         """A folder written by ``genunc zoo train arith-mdlm``."""
-        config = read_config(path)
-        model = MaskedDiffusionTransformer.from_pretrained(path, device=device)
-        adapter = MaskedDiffusionLMAdapter(model, "head", config["mask_id"],
-                                           time_conditioning=config["model"]["time_conditioning"])
+        adapter, config = load_text_adapter(path, device)
         return cls(adapter, metadata=config)
 
     @classmethod

@@ -69,8 +69,7 @@ from genunc.scores.tokens import (
 )
 
 if TYPE_CHECKING:
-    from genunc.posterior.draws import HeadDraws
-    from genunc.posterior.tail import Tail, TailDraws
+    from genunc.posterior.draws import HeadDraws, Tail, TailDraws
     from genunc.sampling.policy import PolicyStep, UnmaskingPolicy
 
 Strategy = Literal["random", "low_confidence", "threshold", "remask", "policy"]

@@ -36,9 +36,11 @@ from tqdm.auto import tqdm
 
 from genunc import streams
 from genunc.errors import GenuncError
+from genunc.posterior import HeadPosterior
 from genunc.sampling.masked import UnmaskingConfig, unmask
 from genunc.sampling.policy import PolicyConfig, PolicyStep, UnmaskingPolicy, stack_record
 from genunc.zoo.order_tasks import SORT_DIR, SUDOKU4_DIR, WEIGHTS
+from genunc.zoo.text_model import load_text_adapter
 
 #: --task: the frozen model each policy is trained for
 MODELS = {"sudoku4": SUDOKU4_DIR, "sort": SORT_DIR}
@@ -184,27 +186,26 @@ def evaluate_policy(adapter, task, problems: np.ndarray, policy: UnmaskingPolicy
 def train_policy(recipe: PolicyRecipe, out_dir: str | Path, progress: bool = True) -> dict:
     """Train `recipe` and save the policy (``policy.json`` + ``policy.safetensors``) in
     `out_dir`; returns the training report (also stored in ``policy.json``)."""
-    from genunc.pipelines import TextUncertaintyPipeline
     from genunc.tasks import task_from_spec
 
     tic = time.perf_counter()
     torch.manual_seed(recipe.seed)
     model_dir = MODELS[recipe.task]
-    pipe = TextUncertaintyPipeline.from_pretrained(model_dir, posterior=None)
-    task = task_from_spec(pipe.metadata["task"])
-    adapter = pipe.adapter
+    adapter, model_config = load_text_adapter(model_dir)
+    task = task_from_spec(model_config["task"])
     split = task.split()
     train, val = split["train"][: -recipe.val_prompts], split["train"][-recipe.val_prompts :]
     uses_mi = recipe.inputs == "confidence+mi"
-    if uses_mi:
-        pipe.fit_posterior(_posterior_batches(task, split["train"][: recipe.n_fit]), repeats=2,
-                           progress=False)
+    posterior = None
+    if uses_mi:  # as TextUncertaintyPipeline.fit_posterior fits it (seed 0, two noisings)
+        posterior = HeadPosterior.fit(adapter, _posterior_batches(task, split["train"][: recipe.n_fit]),
+                                      repeats=2, seed=0, progress=False)
 
     def draws(step: int):
         if not uses_mi:
             return None
         gen = streams.torch_generator(recipe.seed, "head_draws", step)
-        return pipe.posterior.sample(recipe.num_draws, seed=gen)
+        return posterior.sample(recipe.num_draws, seed=gen)
 
     policy = UnmaskingPolicy(PolicyConfig(inputs=recipe.inputs, top_k=recipe.top_k,
                                           init_bias=recipe.init_bias))

@@ -8,6 +8,7 @@ conditioning adds an embedding of the masked fraction ``t`` (MDLM-style).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,3 +48,17 @@ class MaskedDiffusionTransformer(Pretrained, nn.Module):
                 raise GenuncError("this model is time-conditioned: pass t (masked fraction)")
             h = h + self.time(t.reshape(-1, 1).to(h.dtype)).unsqueeze(1)
         return MaskedLMOutput(logits=self.head(self.norm(self.blocks(h))))
+
+
+def load_text_adapter(path: Any, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """A folder written by the text recipes (``genunc zoo train arith-mdlm`` ...) as a
+    :class:`~genunc.adapters.text.MaskedDiffusionLMAdapter` on its head, with the folder's
+    config (task, mask id, training record)."""
+    from genunc.adapters.text import MaskedDiffusionLMAdapter
+    from genunc.zoo.pretrained import read_config
+
+    config = read_config(path)
+    model = MaskedDiffusionTransformer.from_pretrained(path, device=device)
+    adapter = MaskedDiffusionLMAdapter(model, "head", config["mask_id"],
+                                       time_conditioning=config["model"]["time_conditioning"])
+    return adapter, config
