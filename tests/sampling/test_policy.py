@@ -289,7 +289,13 @@ def test_saved_policy_loads_and_runs_in_the_pipeline(tmp_path, tiny_text_model, 
     assert replaced.policy is loaded
 
 
-SHIPPED = ["policy_sudoku4_conf", "policy_sudoku4_mi", "policy_sudoku4_conf_b4"]
+def _shipped() -> list[str]:
+    from genunc.zoo.order_tasks import WEIGHTS
+
+    return sorted(p.name for p in WEIGHTS.glob("policy_*"))
+
+
+SHIPPED = _shipped()
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -300,7 +306,9 @@ def test_shipped_policies_load_and_answer(name):
     folder = WEIGHTS / name
     assert (folder / "policy.safetensors").stat().st_size < 1_000_000
     policy = UnmaskingPolicy.from_pretrained(folder)
-    assert policy.metadata["command"].startswith("genunc zoo train unmask-policy --task sudoku4")
+    task_name = name.split("_")[1]
+    assert policy.metadata["command"].startswith(f"genunc zoo train unmask-policy --task {task_name} ")
+    assert "--advantage centred" in policy.metadata["command"]  # the recipe the README reports
     assert policy.metadata["training"]["rollouts"] > 0
     pipe = TextUncertaintyPipeline.from_pretrained(WEIGHTS / policy.metadata["model"], posterior=None)
     task = task_from_spec(pipe.metadata["task"])
@@ -330,3 +338,9 @@ def test_cli_policy_flags(tmp_path, capsys):
     shipped = policy_dir("sudoku4", "confidence", None)
     assert main(["zoo", "train", "unmask-policy", "--task", "sudoku4", "--out", str(shipped)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_every_task_and_mode_has_a_shipped_policy():
+    expected = {f"policy_{task}_{inputs}" for task in ("sudoku4", "sort") for inputs in ("conf", "mi")}
+    expected |= {"policy_sudoku4_conf_b4", "policy_sudoku4_mi_b4"}
+    assert set(SHIPPED) == expected
