@@ -8,6 +8,7 @@ i's noise comes from its own stream, so the export does not depend on the chunk 
 
 from __future__ import annotations
 
+import inspect
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,7 @@ class ImageJob(Job):
         n = len(ids)
         if isinstance(pipe, WrappedImagePipeline):
             images = _image_tensor(out.images, "pt")
-            call = _wrapped_call_args(pipe, config, ids)
+            call = _wrapped_conditions(pipe, config["generate"], range(int(ids[0]), int(ids[0]) + n))
             labels = call.get("class_labels")
             labels = None if labels is None else torch.as_tensor(labels)
             condition = call.get("prompt", [None] * n) if labels is None else labels.tolist()
@@ -180,21 +181,28 @@ def _scheduler(name: str, config: Any) -> Any:
 def _wrapped_call_args(pipe: WrappedImagePipeline, config: dict[str, Any],
                        ids: list[str]) -> dict[str, Any]:
     """The wrapped pipeline's call for samples `ids`: one generator per sample from its own
-    initial-noise stream, class labels (``i mod num_classes``) or prompts (``i mod
-    len(prompts)``) by global index, and genunc's score arguments."""
-    import inspect
-
+    initial-noise stream, the samples' conditions by global index, and genunc's score
+    arguments."""
     g = config["generate"]
     start, n = int(ids[0]), len(ids)
     indices = range(start, start + n)
-    accepts = inspect.signature(type(pipe.pipe).__call__).parameters
     args: dict[str, Any] = dict(
         num_inference_steps=g["steps"], output_type="pt", num_draws=g["num_draws"],
         scores=tuple(g["scores"]), seed=g["seed"], first_sample=start, variance=g["variance"],
         variability_target=g["variability_target"], progress=False,
-        generator=streams.sample_generators(g["seed"], "initial_noise", indices))
+        generator=streams.sample_generators(g["seed"], "initial_noise", indices),
+        **_wrapped_conditions(pipe, g, indices))
     if g["guidance_scale"] is not None:
         args["guidance_scale"] = g["guidance_scale"]
+    return args
+
+
+def _wrapped_conditions(pipe: WrappedImagePipeline, g: dict[str, Any],
+                        indices: range) -> dict[str, Any]:
+    """What samples `indices` are conditioned on: ``class_labels`` (``i mod classes``), a
+    ``prompt`` list (``i mod len(prompts)``), or, unconditioned, ``batch_size``."""
+    accepts = inspect.signature(type(pipe.pipe).__call__).parameters
+    args: dict[str, Any] = {}
     if "class_labels" in accepts:
         # the classes the pipeline names (DiT's id2label), else its label embedding's size
         named = set((getattr(pipe.pipe, "labels", None) or {}).values())
@@ -206,5 +214,5 @@ def _wrapped_call_args(pipe: WrappedImagePipeline, config: dict[str, Any],
                               "generate.prompts (a list; sample i gets prompt i mod len)")
         args["prompt"] = [g["prompts"][i % len(g["prompts"])] for i in indices]
     else:
-        args["batch_size"] = n
+        args["batch_size"] = len(indices)
     return args
