@@ -42,12 +42,8 @@ class ArithmeticTask(FillInTask):
 
     # ------------------------------------------------------------------ vocabulary and layout
     @property
-    def mask_id(self) -> int:
-        return len(SYMBOLS)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(SYMBOLS) + 1
+    def symbols(self) -> str:
+        return SYMBOLS
 
     @property
     def answer_digits(self) -> int:
@@ -64,15 +60,6 @@ class ArithmeticTask(FillInTask):
     @property
     def length(self) -> int:
         return self.prompt_length + self.answer_digits
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [SYMBOLS.index(ch) for ch in text]
-        except ValueError:
-            raise GenuncError(f"{text!r} holds a character outside {SYMBOLS!r}") from None
-
-    def decode(self, ids: Tensor | list[int]) -> str:
-        return "".join("_" if int(i) == self.mask_id else SYMBOLS[int(i)] for i in ids)
 
     def problem_text(self, a: int, b: int) -> str:
         return f"{a:0{self.digits}d}{self.op}{b:0{self.digits}d}="

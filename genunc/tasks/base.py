@@ -10,12 +10,30 @@ from genunc.errors import GenuncError
 
 
 class FillInTask:
-    """Mixin for tasks laid out as ``prompt (prompt_length tokens) + answer``; subclasses give
-    ``length``, ``prompt_length``, ``mask_id`` and ``sequences(problems)`` (solved sequences)."""
+    """Mixin for tasks laid out as ``prompt (prompt_length tokens) + answer`` over a vocabulary
+    of ``symbols`` (one character per token) plus the mask token; subclasses give ``symbols``,
+    ``length``, ``prompt_length`` and ``sequences(problems)`` (solved sequences)."""
 
+    symbols: str
     length: int
     prompt_length: int
-    mask_id: int
+
+    @property
+    def mask_id(self) -> int:
+        return len(self.symbols)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.symbols) + 1
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.symbols.index(ch) for ch in text]
+        except ValueError:
+            raise GenuncError(f"{text!r} holds a character outside {self.symbols!r}") from None
+
+    def decode(self, ids: Tensor | list[int]) -> str:
+        return "".join("_" if int(i) == self.mask_id else self.symbols[int(i)] for i in ids)
 
     def sequences(self, problems) -> Tensor:  # pragma: no cover - every task defines it
         raise NotImplementedError

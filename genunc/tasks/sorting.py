@@ -44,12 +44,8 @@ class SortTask(FillInTask):
 
     # ------------------------------------------------------------------ vocabulary and layout
     @property
-    def mask_id(self) -> int:
-        return len(SYMBOLS)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(SYMBOLS) + 1
+    def symbols(self) -> str:
+        return SYMBOLS
 
     @property
     def prompt_length(self) -> int:
@@ -62,15 +58,6 @@ class SortTask(FillInTask):
     @property
     def length(self) -> int:
         return 2 * self.size + 1
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [SYMBOLS.index(ch) for ch in text]
-        except ValueError:
-            raise GenuncError(f"{text!r} holds a character outside {SYMBOLS!r}") from None
-
-    def decode(self, ids: Tensor | list[int]) -> str:
-        return "".join("_" if int(i) == self.mask_id else SYMBOLS[int(i)] for i in ids)
 
     # ------------------------------------------------------------------ data
     def split(self, seed: int = 0) -> dict[str, np.ndarray]:

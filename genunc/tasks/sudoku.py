@@ -184,14 +184,6 @@ class SudokuTask(FillInTask):
         return BLANK + "123456789"[: self.n]
 
     @property
-    def mask_id(self) -> int:
-        return len(self.symbols)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.symbols) + 1
-
-    @property
     def prompt_length(self) -> int:
         return self.cells
 
@@ -202,15 +194,6 @@ class SudokuTask(FillInTask):
     @property
     def length(self) -> int:
         return 2 * self.cells
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self.symbols.index(ch) for ch in text]
-        except ValueError:
-            raise GenuncError(f"{text!r} holds a character outside {self.symbols!r}") from None
-
-    def decode(self, ids: Tensor | list[int]) -> str:
-        return "".join("_" if int(i) == self.mask_id else self.symbols[int(i)] for i in ids)
 
     # ------------------------------------------------------------------ data
     def _puzzle(self, grids: np.ndarray | None, givens: int, rng: np.random.Generator) -> np.ndarray:
