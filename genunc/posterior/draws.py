@@ -16,6 +16,7 @@ from torch import Tensor
 
 from genunc.errors import ShapeMismatchError
 from genunc.posterior.heads import HeadOps, check_finite
+from genunc.posterior.stacked import StackedDraws
 from genunc.posterior.tail import Tail, TailDraws, TailInputs
 
 #: the draws of a posterior over a tail (a block ending at the head) keep the same contract
@@ -29,7 +30,7 @@ def full_precision(features: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class HeadDraws:
+class HeadDraws(StackedDraws):
     """M parameter sets for one head, each tensor with a leading draw axis ``(M, *shape)``.
 
     Attributes:
@@ -55,11 +56,6 @@ class HeadDraws:
             raise ShapeMismatchError(f"flat draws have {flat.shape[1]} columns, the head has {offset}")
         return cls(out, ops, includes_map)
 
-    @property
-    def flat(self) -> Tensor:
-        """The ``(M, P)`` layout laplace-torch uses (parameters in ``named_parameters`` order)."""
-        return torch.cat([p.reshape(p.shape[0], -1) for p in self.params.values()], dim=1)
-
     def apply(self, features: Tensor, per_draw: bool = False) -> Tensor:
         """Head outputs under every draw, ``(M, B, ...)``, in one batched op.
 
@@ -68,19 +64,6 @@ class HeadDraws:
         """
         check_finite(features, "head features")
         return self.ops.apply(full_precision(features), self.params, per_draw=per_draw)
-
-    def __len__(self) -> int:
-        return next(iter(self.params.values())).shape[0]
-
-    def __getitem__(self, index: int | slice) -> "HeadDraws":
-        """Select draws (an int keeps a draw axis of size 1); the MAP stays marked if kept."""
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
-        keeps_map = self.includes_map and index.indices(len(self))[0] == 0
-        return HeadDraws({k: v[index] for k, v in self.params.items()}, self.ops, keeps_map)
-
-    def to(self, *args, **kwargs) -> "HeadDraws":
-        return replace(self, params={k: v.to(*args, **kwargs) for k, v in self.params.items()})
 
     def cat(self, other: "HeadDraws") -> "HeadDraws":
         return replace(self, params={k: torch.cat([v, other.params[k]])

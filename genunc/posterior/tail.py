@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from genunc.adapters.base import resolve_module
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
 from genunc.posterior.heads import check_finite
+from genunc.posterior.stacked import StackedDraws
 
 
 @dataclass(frozen=True)
@@ -402,7 +403,7 @@ def _detach(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class TailDraws:
+class TailDraws(StackedDraws):
     """M parameter sets for a tail (key -> ``(M, *shape)``), which apply themselves.
 
     The same contract as :class:`~genunc.posterior.draws.HeadDraws`: ``apply(inputs)`` re-runs
@@ -418,26 +419,8 @@ class TailDraws:
     def from_flat(cls, flat: Tensor, tail: Tail, includes_map: bool = False) -> "TailDraws":
         return cls(tail.split_flat(flat), tail, includes_map)
 
-    @property
-    def flat(self) -> Tensor:
-        return torch.cat([p.reshape(p.shape[0], -1) for p in self.params.values()], dim=1)
-
     def apply(self, inputs: TailInputs, per_draw: bool = False) -> Tensor:
         """Tail outputs under every draw, ``(M, B, ...)``; ``per_draw``: the inputs hold M row
         groups (one trajectory per draw), group m re-run under draw m."""
         return self.tail.apply(self.params, inputs, per_draw)
 
-    def draw(self, m: int) -> dict[str, Tensor]:
-        return {k: v[m] for k, v in self.params.items()}
-
-    def __len__(self) -> int:
-        return next(iter(self.params.values())).shape[0]
-
-    def __getitem__(self, index: int | slice) -> "TailDraws":
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
-        keeps_map = self.includes_map and index.indices(len(self))[0] == 0
-        return TailDraws({k: v[index] for k, v in self.params.items()}, self.tail, keeps_map)
-
-    def to(self, *args: Any, **kwargs: Any) -> "TailDraws":
-        return replace(self, params={k: v.to(*args, **kwargs) for k, v in self.params.items()})
