@@ -30,7 +30,10 @@ DEFAULTS: dict[str, Any] = {
         # molecule: zoo:qm9_train or a .npz molecule cache; text: zoo:arith_train
         "data": "zoo:digits_train",
         "max_samples": None,  # molecule / text: training examples used (default 2000 / 4000)
+        # diag | kron | full; lowrank (block posteriors: the GGN diagonal plus its top `rank`
+        # eigenpairs, for blocks where full does not fit and kron does not apply)
         "structure": "diag",
+        "rank": 32,
         "prior_precision": "marglik",
         "sigma_noise": "mle",
         # regression: one noise scale per output group the adapter declares (molecules: positions
@@ -146,7 +149,8 @@ RULES: dict[str, Rule] = {
     "quality": OPTIONAL_TEXT, "device": TEXT,
     "posterior.dir": OPTIONAL_TEXT, "posterior.data": TEXT,
     "posterior.max_samples": Rule(int, minimum=1, nullable=True),
-    "posterior.structure": Rule(str, choices=("diag", "kron", "full")),
+    "posterior.structure": Rule(str, choices=("diag", "kron", "full", "lowrank")),
+    "posterior.rank": COUNT,
     "posterior.prior_precision": Rule(float, positive=True, words=("marglik",)),
     "posterior.sigma_noise": Rule(float, positive=True, words=("mle", "marglik")),
     "posterior.noise_groups": Rule(bool),

@@ -58,10 +58,14 @@ class Job(ABC):
     def fit_options(self, config: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments of ``fit_posterior`` taken from the config's posterior section."""
         p = config["posterior"]
+        if p["structure"] == "lowrank" and p["tail"] is None:
+            raise ConfigError("posterior.structure=lowrank is for a posterior over a block "
+                              "(posterior.tail); the head takes diag, kron or full")
         return {"batch_size": p["batch_size"], "repeats": p["repeats"], "seed": p["seed"],
                 "structure": p["structure"], "prior_precision": p["prior_precision"],
                 "sigma_noise": p["sigma_noise"], "noise_groups": p["noise_groups"],
-                **({"tail": p["tail"]} if p["tail"] is not None else {})}
+                **({"tail": p["tail"]} if p["tail"] is not None else {}),
+                **({"rank": p["rank"]} if p["structure"] == "lowrank" else {})}
 
     def prepare_scores(self, pipe: UncertaintyPipeline, config: dict[str, Any]) -> None:
         """Whatever the scores need besides the posterior (e.g. the semantic score's unit)."""

@@ -9,6 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: the extra state of a low-rank-plus-diagonal posterior (:mod:`genunc.posterior.lowrank`)
+LOW_RANK_KEYS = ("eigenvectors", "eigenvalues")
+
 
 class LaplaceQuantities:
     """Hyperparameters, marginal variances, evidence and digest of a fitted ``self.laplace``
@@ -37,7 +40,7 @@ class LaplaceQuantities:
 
     def _laplace_variance(self) -> Tensor:
         """Marginal variances of the weights laplace-torch covers, for any structure."""
-        if self.structure == "diag":
+        if self.structure in ("diag", "lowrank"):
             return self.laplace.posterior_variance.detach()
         if self.structure == "full":
             return torch.diagonal(self.laplace.posterior_covariance).detach()
@@ -55,7 +58,8 @@ class LaplaceQuantities:
         h = hashlib.sha256(self.structure.encode())
         hessian = state["H"] if self.structure != "kron" else [f for g in state["H"] for f in g]
         for value in [state["mean"], state["prior_precision"], state["sigma_noise"],
-                      state["prior_mean"], *(hessian if isinstance(hessian, list) else [hessian])]:
+                      state["prior_mean"], *(hessian if isinstance(hessian, list) else [hessian]),
+                      *(state[k] for k in LOW_RANK_KEYS if k in state)]:
             h.update(torch.as_tensor(value).detach().to("cpu", torch.float64).numpy().tobytes())
         if self.info.get("sigma_noise_groups"):  # the scales only enter through the curvature
             h.update(repr(sorted(self.info["sigma_noise_groups"].items())).encode())
@@ -79,6 +83,9 @@ def laplace_tensors(la: Any, structure: str) -> tuple[dict[str, Tensor], dict[st
                 tensors[f"H.{i}.{j}"] = factor
     else:
         tensors["H"] = state["H"]
+    for key in LOW_RANK_KEYS:
+        if key in state:
+            tensors[key] = state[key]
     meta = {"kron_layout": kron_layout,
             "laplace": {"cls_name": state["cls_name"], "loss": float(state["loss"]),
                         "n_data": int(state["n_data"]), "n_outputs": int(state["n_outputs"]),
@@ -103,4 +110,5 @@ def restore_laplace(la: Any, tensors: dict[str, Tensor], meta: dict[str, Any], s
         "sigma_noise": float(tensors["sigma_noise"]), "n_data": lap["n_data"],
         "n_outputs": lap["n_outputs"], "likelihood": likelihood,
         "temperature": lap["temperature"], "enable_backprop": False, "cls_name": lap["cls_name"],
+        **{key: tensors[key] for key in LOW_RANK_KEYS if key in tensors},
     })

@@ -29,8 +29,10 @@ Curvature (the GGN):
 
 KFAC covers ``nn.Linear`` and ``nn.Conv2d`` parameters only: a ``kron`` posterior over a tail
 with any other parameter (GroupNorm, LayerNorm, attention projections held by
-``MultiheadAttention``, e3nn modules) is refused; use ``diag``.  ``full`` is for small tails
-(``P x P``).
+``MultiheadAttention``, e3nn modules) is refused; use ``diag`` or ``lowrank``.  ``full`` is for
+small tails (``P x P``).  ``lowrank`` (:mod:`genunc.posterior.lowrank`) is the diagonal plus the
+GGN's top ``rank`` eigenpairs, for any parameter type, in ``P x rank`` memory; its eigenpairs come
+from the exact GGN rows or from the same Monte-Carlo projections as the diagonal (``curvature``).
 """
 
 from __future__ import annotations
@@ -56,11 +58,14 @@ from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import FingerprintMismatchError, GenuncError, MissingFileError, ShapeMismatchError
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import check_finite
-from genunc.posterior.laplace_head import STRUCTURES, Structure, _optimise_marglik
+from genunc.posterior.laplace_head import STRUCTURES, _optimise_marglik
 from genunc.posterior.laplace_state import LaplaceQuantities, laplace_tensors, restore_laplace
+from genunc.posterior.lowrank import LowRankDiagLaplace
 from genunc.posterior.tail import Tail, TailDraws, TailInputs
 
 Curvature = Literal["auto", "exact", "mc"]
+TailStructure = Literal["diag", "kron", "full", "lowrank"]
+TAIL_STRUCTURES: tuple[str, ...] = (*STRUCTURES, "lowrank")
 TAIL_FORMAT_VERSION = 1
 TENSORS_FILE = "genunc_tail_posterior.safetensors"
 META_FILE = "genunc_tail_posterior.json"
@@ -276,7 +281,7 @@ def _kron_ready(tail: Tail) -> None:
                   and type(m) not in (nn.Linear, nn.Conv2d)})
     if bad:
         raise GenuncError(f"kron (KFAC) covers Linear and Conv2d parameters only; this tail also "
-                          f"has parameters in {bad}: use structure='diag'")
+                          f"has parameters in {bad}: use structure='diag' or 'lowrank'")
 
 
 # ---------------------------------------------------------------------- the posterior
@@ -331,22 +336,26 @@ class TailPosterior(LaplaceQuantities):
                             **fit_kwargs)
 
     @classmethod
-    def fit_data(cls, tail: Tail, data: TailData, *, structure: Structure = "diag",
+    def fit_data(cls, tail: Tail, data: TailData, *, structure: TailStructure = "diag",
                  prior_precision: float | Literal["marglik"] = "marglik",
                  sigma_noise: float | Literal["mle", "marglik"] = "mle",
                  curvature: Curvature = "auto", mc_samples: int = 8, batch_size: int = 16,
                  output_groups: Mapping[str, slice] | None = None,
-                 seed: int = 0, likelihood: str = "regression") -> "TailPosterior":
+                 seed: int = 0, likelihood: str = "regression", rank: int = 32) -> "TailPosterior":
         """Laplace over the tail's weights given recorded inputs and targets.
 
         ``prior_precision`` and ``sigma_noise`` as for the head (``"marglik"``: maximise
         laplace-torch's marginal likelihood; ``"mle"``: the RMS residual, per output group;
-        ignored for classification).
+        ignored for classification).  ``structure="lowrank"``: the GGN diagonal plus its top
+        ``rank`` eigenpairs (:class:`~genunc.posterior.lowrank.LowRankDiagLaplace`), for any
+        parameter type, in ``P x rank`` memory.
         """
         if likelihood not in ("regression", "classification"):
             raise GenuncError(f"likelihood must be regression or classification, got {likelihood!r}")
-        if structure not in STRUCTURES:
-            raise GenuncError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        if structure not in TAIL_STRUCTURES:
+            raise GenuncError(f"structure must be one of {TAIL_STRUCTURES}, got {structure!r}")
+        if structure == "lowrank" and (not isinstance(rank, int) or rank < 1):
+            raise GenuncError(f"rank must be a positive integer, got {rank!r}")
         if curvature not in ("auto", "exact", "mc"):
             raise GenuncError(f"curvature must be auto, exact or mc, got {curvature!r}")
         if structure == "kron":
@@ -357,7 +366,7 @@ class TailPosterior(LaplaceQuantities):
             else torch.float32
         if likelihood == "classification":
             return cls._fit_classification(tail, data, dtype, structure, prior_precision,
-                                           curvature, mc_samples, batch_size, seed)
+                                           curvature, mc_samples, batch_size, seed, rank)
         model = _TailModel(tail, dtype, data)
         masked = any(m is not None for m in data.masks)
         if sigma_noise == "marglik" and masked:
@@ -405,11 +414,12 @@ class TailPosterior(LaplaceQuantities):
 
         curvature, backend, backend_kwargs = _backend(curvature, structure, model.width * tail.n_params,
                                                       mc_samples, seed)
-        la = Laplace(model, "regression", subset_of_weights="all", hessian_structure=structure,
-                     sigma_noise=sigma0, prior_precision=prior0, backend=backend,
-                     backend_kwargs=backend_kwargs)
+        la = _laplace(model, "regression", structure, sigma_noise=sigma0, prior_precision=prior0,
+                      backend=backend, backend_kwargs=backend_kwargs)
         loader = DataLoader(TensorDataset(index, targets), batch_size=batch_size)
         la.fit(loader, progress_bar=False)
+        if structure == "lowrank":
+            la.fit_low_rank(loader, rank, exact=curvature == "exact", mc_samples=mc_samples, seed=seed)
         tune_prior = prior_precision == "marglik"
         tune_sigma = sigma_noise == "marglik"
         if tune_prior or tune_sigma:
@@ -418,6 +428,7 @@ class TailPosterior(LaplaceQuantities):
             "tail": tail.names, "n_rows": len(data), "output_width": model.width,
             "curvature": curvature, "mc_samples": mc_samples if curvature == "mc" else None,
             "backend": backend.__name__, "tied": tail.tied,
+            "rank": rank if structure == "lowrank" else None,
             "prior_precision_method": "marglik" if tune_prior else "fixed",
             "sigma_noise_method": sigma_noise if isinstance(sigma_noise, str) else "fixed",
         })
@@ -428,7 +439,8 @@ class TailPosterior(LaplaceQuantities):
     @classmethod
     def _fit_classification(cls, tail: Tail, data: TailData, dtype: torch.dtype,
                             structure: str, prior_precision: float | str, curvature: str,
-                            mc_samples: int, batch_size: int, seed: int) -> "TailPosterior":
+                            mc_samples: int, batch_size: int, seed: int,
+                            rank: int) -> "TailPosterior":
         """Categorical likelihood, one laplace-torch row per data position (masked token)."""
         model = _TailModel(tail, dtype, data, likelihood="classification")
         targets = model.targets()
@@ -445,16 +457,19 @@ class TailPosterior(LaplaceQuantities):
             raise GenuncError(f"prior precision must be positive, got {prior0}")
         curvature, backend, backend_kwargs = _backend(curvature, structure, n_classes * tail.n_params,
                                                       mc_samples, seed)
-        la = Laplace(model, "classification", subset_of_weights="all",
-                     hessian_structure=structure, prior_precision=prior0, backend=backend,
-                     backend_kwargs=backend_kwargs)
-        la.fit(DataLoader(TensorDataset(index, targets), batch_size=batch_size), progress_bar=False)
+        la = _laplace(model, "classification", structure, prior_precision=prior0, backend=backend,
+                      backend_kwargs=backend_kwargs)
+        loader = DataLoader(TensorDataset(index, targets), batch_size=batch_size)
+        la.fit(loader, progress_bar=False)
+        if structure == "lowrank":
+            la.fit_low_rank(loader, rank, exact=curvature == "exact", mc_samples=mc_samples, seed=seed)
         if prior_precision == "marglik":
             _optimise_marglik(la, True, False)
         info = {"tail": tail.names, "n_rows": len(model), "n_sequences": len(data),
                 "output_width": n_classes, "curvature": curvature,
                 "mc_samples": mc_samples if curvature == "mc" else None,
                 "backend": backend.__name__, "tied": tail.tied,
+                "rank": rank if structure == "lowrank" else None,
                 "classes_without_data": unseen,
                 "prior_precision_method": "marglik" if prior_precision == "marglik" else "fixed"}
         posterior = cls(la, tail, structure, tail_fingerprint(tail), info, "classification")
@@ -573,14 +588,21 @@ class TailPosterior(LaplaceQuantities):
         tensors = {k: v.to(device) for k, v in tensors.items()}
         likelihood = meta.get("likelihood", "regression")
         lap_model = _TailModel(tail, tensors["mean"].dtype, None, tensors.get("output_scale"))
-        la = Laplace(lap_model, likelihood, subset_of_weights="all",
-                     hessian_structure=meta["structure"], backend=CurvlinopsGGN)
+        la = _laplace(lap_model, likelihood, meta["structure"], backend=CurvlinopsGGN)
         restore_laplace(la, tensors, meta, meta["structure"], likelihood)
         return cls(la, tail, meta["structure"], meta["fingerprint"], meta.get("info"), likelihood)
 
     def __repr__(self) -> str:
         return (f"TailPosterior(tail={self.names}, structure={self.structure!r}, "
                 f"n_params={self.n_params}, prior_precision={self.prior_precision:.4g})")
+
+
+def _laplace(model: nn.Module, likelihood: str, structure: str, **kwargs: Any) -> Any:
+    """laplace-torch's object for `structure`; ``lowrank`` is genunc's low-rank-plus-diagonal
+    subclass of its diagonal Laplace."""
+    if structure == "lowrank":
+        return LowRankDiagLaplace(model, likelihood, **kwargs)
+    return Laplace(model, likelihood, subset_of_weights="all", hessian_structure=structure, **kwargs)
 
 
 def _backend(curvature: str, structure: str, jacobian_size: int, mc_samples: int,

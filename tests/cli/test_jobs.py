@@ -1,5 +1,6 @@
 """End to end through the CLI on a tiny model, from a config file in a temp dir."""
 
+import json
 
 import numpy as np
 import pytest
@@ -173,3 +174,16 @@ def test_a_block_posterior_through_the_cli(config_file, tmp_path, capsys):
     assert main(["fit", "-c", str(config_file)]) == 0  # a head fit replaces the block posterior
     assert (folder / "genunc_posterior.json").exists()
     assert not (folder / "genunc_tail_posterior.json").exists()
+
+
+def test_a_lowrank_block_posterior_through_the_cli(config_file, tmp_path, capsys):
+    """posterior.structure=lowrank fits the block's GGN diagonal plus its top posterior.rank
+    eigenpairs; asked for the head, it is refused with what to use instead."""
+    options = ["--set", "posterior.tail=1", "--set", "posterior.structure=lowrank",
+               "--set", "posterior.rank=3"]
+    assert main(["fit", "-c", str(config_file), *options]) == 0
+    meta = json.loads((tmp_path / "model" / "genunc_posterior" / "genunc_tail_posterior.json")
+                      .read_text())
+    assert meta["structure"] == "lowrank" and meta["info"]["rank"] == 3
+    assert main(["fit", "-c", str(config_file), "--set", "posterior.structure=lowrank"]) == 2
+    assert "lowrank is for a posterior over a block" in capsys.readouterr().err
