@@ -50,5 +50,6 @@ def test_the_map_trajectory_does_not_depend_on_the_draws_beside_it(fitted, kind)
     adapter, posterior = fitted
     alone = _run(adapter, kind)
     beside = _run(adapter, kind, posterior.sample(3, seed=0, include_map=True))
-    torch.testing.assert_close(beside.samples, alone.samples, rtol=0, atol=1e-6)
+    # float32 rounding differs with the batch's size and thread count (1.4e-6 seen on 1 thread)
+    torch.testing.assert_close(beside.samples, alone.samples, rtol=0, atol=1e-5)
     assert not torch.allclose(beside.draw_samples[0], alone.samples)  # the draws do move
