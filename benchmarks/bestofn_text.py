@@ -43,19 +43,22 @@ SCORES = ("mutual_information", "mutual_information_max", "low_posterior_confide
           "low_confidence", "low_margin", "low_self_certainty", "random")
 
 
-def load(model: Path, out: Path, task: Task, n_fit: int,
-         tail: int | None = None) -> TextUncertaintyPipeline:
+def load(model: Path, out: Path, task: Task, n_fit: int, tail: int | None = None,
+         structure: str = "diag", rank: int = 32) -> TextUncertaintyPipeline:
     """The model with the posterior cached in `out` (fitted there on training problems;
     ``tail``: over the last `tail` transformer blocks, the final norm and the head, cached in
-    ``posterior_tail<tail>``)."""
+    ``posterior_tail<tail>``, or ``posterior_tail<tail>_lowrank<rank>`` for that structure)."""
     pipe = TextUncertaintyPipeline.from_pretrained(model, posterior=None)
     pairs = task.split()["train"][:n_fit]
     batches = [{"x": task.sequences(pairs[i : i + 256]),
                 "prompt_mask": task.prompt_mask(len(pairs[i : i + 256]))}
                for i in range(0, len(pairs), 256)]
     folder = out / ("posterior" if tail is None else f"posterior_tail{tail}")
+    options = {"structure": structure} if structure != "diag" else {}
+    if structure == "lowrank":
+        folder, options["rank"] = folder.with_name(f"{folder.name}_lowrank{rank}"), rank
     pipe.load_or_fit_posterior(folder, batches, stale="refit", repeats=2, tail=tail,
-                               progress=False)
+                               progress=False, **options)
     return pipe
 
 

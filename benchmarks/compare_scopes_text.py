@@ -11,7 +11,8 @@ Cost: plain sampling, and sampling with each posterior's mutual information, on 
 prompts (median of ``--repeats`` timed calls after a warm-up; CPU).
 
 Usage:  python benchmarks/compare_scopes_text.py --task sudoku4 [--prompts 200] [--n 8]
-            [--draws 8] [--tail 1] [--boot 1000]
+            [--draws 8] [--tail 1] [--structure diag|lowrank --rank 32]
+            [--predictive sample|linearised] [--boot 1000]
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--tail", type=int, default=1, help="blocks in the block posterior")
+    parser.add_argument("--structure", default="diag", choices=["diag", "lowrank"],
+                        help="the block posterior's structure")
+    parser.add_argument("--rank", type=int, default=32, help="eigenpairs of a lowrank posterior")
+    parser.add_argument("--predictive", default="sample", choices=["sample", "linearised"],
+                        help="how block draws act (re-run at the drawn weights, or linearised)")
     parser.add_argument("--n-fit", type=int, default=2000, help="training problems for both fits")
     parser.add_argument("--seed", type=int, default=TEST_SEED, help="the test seed")
     parser.add_argument("--boot", type=int, default=1000)
@@ -72,10 +78,14 @@ def main() -> None:
     pipes, fit_seconds = {}, {}
     for scope, tail in (("head", None), ("block", args.tail)):
         tic = time.perf_counter()
-        pipes[scope] = load(MODELS[args.task], out, task, args.n_fit, tail=tail)
+        options = {} if tail is None else {"structure": args.structure, "rank": args.rank}
+        pipes[scope] = load(MODELS[args.task], out, task, args.n_fit, tail=tail, **options)
         fit_seconds[scope] = time.perf_counter() - tic
+        if tail is not None:
+            pipes[scope].posterior.predictive = args.predictive
         s = pipes[scope].posterior.summary()
-        print(f"{scope} posterior: {s.get('tail') or s.get('head')}, {s['n_params']} weights, prior "
+        print(f"{scope} posterior: {s.get('tail') or s.get('head')} ({s['structure']}, "
+              f"{s.get('predictive', 'sample')} draws), {s['n_params']} weights, prior "
               f"precision {s['prior_precision']:.4g}, relative perturbation "
               f"{s['relative_perturbation']:.1%}, log marglik {s['log_marglik']:.1f} "
               f"(fit or load {fit_seconds[scope]:.0f} s)")

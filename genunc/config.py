@@ -42,6 +42,9 @@ DEFAULTS: dict[str, Any] = {
         # image / molecule: a posterior over the last `tail` blocks and the head (Monte-Carlo
         # variability, generate.variance: monte_carlo); null: the head alone
         "tail": None,
+        # block posteriors: how draws act; sample re-runs the block at each drawn weight set,
+        # linearised applies its first-order expansion around the fitted weights (GLM predictive)
+        "predictive": "sample",
         "repeats": 4,
         "batch_size": 64,
         "seed": 0,
@@ -155,6 +158,7 @@ RULES: dict[str, Rule] = {
     "posterior.sigma_noise": Rule(float, positive=True, words=("mle", "marglik")),
     "posterior.noise_groups": Rule(bool),
     "posterior.tail": Rule(int, minimum=1, nullable=True),
+    "posterior.predictive": Rule(str, choices=("sample", "linearised")),
     "posterior.repeats": COUNT, "posterior.batch_size": COUNT, "posterior.seed": SEED,
     "generate.n_samples": COUNT, "generate.num_draws": SEED,
     "generate.steps": Rule(int, minimum=1, nullable=True),

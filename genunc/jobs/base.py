@@ -23,7 +23,7 @@ from genunc.errors import ConfigError
 from genunc.export import Export, ExportWriter
 from genunc.jobs.shards import ProcessShard, merge_shards, shard_complete, shard_info, wait_for
 from genunc.pipelines.base import UncertaintyPipeline
-from genunc.posterior import POSTERIOR_DIR, HeadPosterior
+from genunc.posterior import POSTERIOR_DIR, HeadPosterior, TailPosterior
 from genunc.posterior.fingerprint import weights_digest
 from genunc.posterior.saved import FILES, remove_saved, saved_kind
 
@@ -61,6 +61,7 @@ class Job(ABC):
         if p["structure"] == "lowrank" and p["tail"] is None:
             raise ConfigError("posterior.structure=lowrank is for a posterior over a block "
                               "(posterior.tail); the head takes diag, kron or full")
+        _check_block_options(config)
         return {"batch_size": p["batch_size"], "repeats": p["repeats"], "seed": p["seed"],
                 "structure": p["structure"], "prior_precision": p["prior_precision"],
                 "sigma_noise": p["sigma_noise"], "noise_groups": p["noise_groups"],
@@ -112,11 +113,14 @@ class Job(ABC):
                               f"{config['quality']!r}")
         pipe = self.load_pipeline(self.model_dir(config), config)
         if posterior != "none":
+            _check_block_options(config)
             saved = pipe.load_or_fit_posterior(posterior_dir(config))
             if saved is not None:
                 _check_kind(posterior_dir(config), config)
             if saved is None and posterior == "load_or_fit":
                 self.fit_posterior(pipe, config, progress=progress)
+            if isinstance(pipe.posterior, TailPosterior):  # a choice of use, not of fit
+                pipe.posterior.predictive = config["posterior"]["predictive"]
         return pipe
 
     def fit_posterior(self, pipe: UncertaintyPipeline, config: dict[str, Any],
@@ -211,6 +215,13 @@ def shared_samples(first: dict[str, Any], second: dict[str, Any]) -> int:
     if any(a.get(k) != b.get(k) for k in rest if k not in _SAMPLE_FREE):
         return 0
     return min(a["generate.n_samples"], b["generate.n_samples"])
+
+
+def _check_block_options(config: dict[str, Any]) -> None:
+    """Options that only a posterior over a block takes."""
+    if config["posterior"]["predictive"] != "sample" and config["posterior"]["tail"] is None:
+        raise ConfigError("posterior.predictive=linearised is for a posterior over a block "
+                          "(posterior.tail); head draws are linear in the weights already")
 
 
 def _check_kind(directory: Path, config: dict[str, Any]) -> None:

@@ -279,6 +279,7 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         """A context in which the pipeline runs under one posterior draw: the head's output
         replaced by a hook, or a block's weights swapped in (restored on exit)."""
         if isinstance(draw, TailDraws):
+            draw.require_weights("a wrapped pipeline's semantic score")
             return draw.tail.swapped(draw.draw(0))
         return self._replace_head(draw)
 

@@ -66,6 +66,7 @@ from genunc.posterior.tail import Tail, TailDraws, TailInputs
 Curvature = Literal["auto", "exact", "mc"]
 TailStructure = Literal["diag", "kron", "full", "lowrank"]
 TAIL_STRUCTURES: tuple[str, ...] = (*STRUCTURES, "lowrank")
+PREDICTIVES: tuple[str, ...] = ("sample", "linearised")
 TAIL_FORMAT_VERSION = 1
 TENSORS_FILE = "genunc_tail_posterior.safetensors"
 META_FILE = "genunc_tail_posterior.json"
@@ -341,15 +342,19 @@ class TailPosterior(LaplaceQuantities):
                  sigma_noise: float | Literal["mle", "marglik"] = "mle",
                  curvature: Curvature = "auto", mc_samples: int = 8, batch_size: int = 16,
                  output_groups: Mapping[str, slice] | None = None,
-                 seed: int = 0, likelihood: str = "regression", rank: int = 32) -> "TailPosterior":
+                 seed: int = 0, likelihood: str = "regression", rank: int = 32,
+                 predictive: str = "sample") -> "TailPosterior":
         """Laplace over the tail's weights given recorded inputs and targets.
 
         ``prior_precision`` and ``sigma_noise`` as for the head (``"marglik"``: maximise
         laplace-torch's marginal likelihood; ``"mle"``: the RMS residual, per output group;
         ignored for classification).  ``structure="lowrank"``: the GGN diagonal plus its top
         ``rank`` eigenpairs (:class:`~genunc.posterior.lowrank.LowRankDiagLaplace`), for any
-        parameter type, in ``P x rank`` memory.
+        parameter type, in ``P x rank`` memory.  ``predictive``: how draws act (see
+        :attr:`predictive`; settable after the fit).
         """
+        if predictive not in PREDICTIVES:
+            raise GenuncError(f"predictive must be one of {PREDICTIVES}, got {predictive!r}")
         if likelihood not in ("regression", "classification"):
             raise GenuncError(f"likelihood must be regression or classification, got {likelihood!r}")
         if structure not in TAIL_STRUCTURES:
@@ -365,8 +370,10 @@ class TailPosterior(LaplaceQuantities):
         dtype = torch.float64 if next(iter(tail.parameters().values())).dtype == torch.float64 \
             else torch.float32
         if likelihood == "classification":
-            return cls._fit_classification(tail, data, dtype, structure, prior_precision,
-                                           curvature, mc_samples, batch_size, seed, rank)
+            posterior = cls._fit_classification(tail, data, dtype, structure, prior_precision,
+                                                 curvature, mc_samples, batch_size, seed, rank)
+            posterior.predictive = predictive
+            return posterior
         model = _TailModel(tail, dtype, data)
         masked = any(m is not None for m in data.masks)
         if sigma_noise == "marglik" and masked:
@@ -434,6 +441,7 @@ class TailPosterior(LaplaceQuantities):
         })
         posterior = cls(la, tail, structure, tail_fingerprint(tail), info)
         posterior.info["log_marglik"] = posterior.log_marginal_likelihood()
+        posterior.predictive = predictive
         return posterior
 
     @classmethod
@@ -500,7 +508,21 @@ class TailPosterior(LaplaceQuantities):
         if include_map:
             flat = torch.cat([self.mean.unsqueeze(0).to(flat), flat])
         device = next(iter(self.tail.parameters().values())).device
-        return TailDraws.from_flat(flat.to(device), self.tail, includes_map=include_map)
+        return TailDraws.from_flat(flat.to(device), self.tail, includes_map=include_map,
+                                   linearised=self.predictive == "linearised")
+
+    @property
+    def predictive(self) -> str:
+        """How draws act: ``"sample"`` re-runs the block at each drawn weight set;
+        ``"linearised"`` applies the block's first-order expansion around the fitted weights
+        (:meth:`~genunc.posterior.tail.Tail.apply_linearised`, the GLM predictive)."""
+        return str(self.info.get("predictive", "sample"))
+
+    @predictive.setter
+    def predictive(self, value: str) -> None:
+        if value not in PREDICTIVES:
+            raise GenuncError(f"predictive must be one of {PREDICTIVES}, got {value!r}")
+        self.info["predictive"] = value
 
     def summary(self) -> dict[str, Any]:
         mean, var = self.mean, self.posterior_variance
@@ -511,12 +533,15 @@ class TailPosterior(LaplaceQuantities):
             "sigma_noise": self.sigma_noise if self.likelihood == "regression" else None,
             "log_marglik": self.info.get("log_marglik"),
             "curvature": self.info.get("curvature"), "tied": self.info.get("tied"),
+            "predictive": self.predictive,
             "relative_perturbation": float(var.sum().sqrt() / mean.norm().clamp_min(1e-12)),
         }
 
     def digest(self) -> str:
         h = self._state_digest()
         h.update(json.dumps(self.names).encode())
+        if self.predictive != "sample":
+            h.update(self.predictive.encode())
         return h.hexdigest()
 
     def check_matches(self, model: nn.Module | DenoiserAdapter, check_weights: bool = True) -> None:

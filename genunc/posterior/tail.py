@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from genunc.adapters.base import resolve_module
@@ -343,6 +343,50 @@ class Tail:
         except (RuntimeError, NotImplementedError):  # ops vmap cannot batch: one call per draw
             return self._loop(params, inputs, per_draw)
 
+    def apply_linearised(self, params: Mapping[str, Tensor], inputs: TailInputs,
+                         per_draw: bool = False) -> Tensor:
+        """The tail's first-order expansion around its own weights under M parameter sets,
+        ``f(x; w) + J_x (w_m - w)`` (``(M, B, ...)``, ``per_draw`` as for :meth:`apply`).
+
+        This is the predictive the Laplace approximation itself assumes (its GGN is the
+        curvature of this linear model): directions the data leave undetermined, which take the
+        prior's width, change the output only as far as the Jacobian reaches into them, where
+        re-running the network at the drawn weights can leave the function altogether.  One
+        forward-mode pass per draw (``torch.func.jvp``), batched over draws like :meth:`apply`.
+        """
+        keys = list(self.param_shapes)
+        own = self.parameters()
+        primals = tuple(own[k].detach() for k in keys)
+        tangents = tuple(params[k].to(p) - p for k, p in zip(keys, primals))
+        n = tangents[0].shape[0]
+        if per_draw:
+            inputs = inputs.split(n)
+        leaves, spec, tensor_pos = inputs.tensor_leaves()
+        batched = tuple(leaves[i] for i in tensor_pos)
+
+        def one(t: tuple[Tensor, ...], xs: tuple[Tensor, ...]) -> Tensor:
+            flat = list(leaves)
+            for i, x in zip(tensor_pos, xs):
+                flat[i] = x
+            x_in = TailInputs(tree_unflatten(flat, spec), inputs.rows)
+            out, change = jvp(lambda *p: self.run(dict(zip(keys, p)), x_in), primals, t)
+            return out + change
+
+        with _forward_ad_kernels():
+            try:
+                if not self.loop_draws:
+                    try:
+                        return vmap(one, in_dims=(0, 0 if per_draw else None))(tangents, batched)
+                    except (RuntimeError, NotImplementedError):  # one call per draw below
+                        pass
+                return torch.stack([one(tuple(t[m] for t in tangents),
+                                        tuple(x[m] for x in batched) if per_draw else batched)
+                                    for m in range(n)])
+            except NotImplementedError as err:
+                raise GenuncError(f"linearised draws need forward-mode differentiation through "
+                                  f"the tail {self.names}, which one of its operations lacks "
+                                  f"({err}); use predictive='sample'") from None
+
     def loop_apply(self, params: Mapping[str, Tensor], inputs: TailInputs,
                    per_draw: bool = False) -> Tensor:
         """One re-run per draw: the reference the batched path is tested against."""
@@ -375,6 +419,22 @@ class Tail:
         finally:
             for owner, leaf, param in reversed(saved):
                 owner._parameters[leaf] = param
+
+
+@contextmanager
+def _forward_ad_kernels() -> Iterator[None]:
+    """Attention through kernels that forward-mode AD differentiates: the transformer layers'
+    fused fast path and the CPU flash-attention kernel have no forward derivative, the
+    reference (math) attention has."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def _input_first(module: nn.Module, args: tuple[Any, ...],
@@ -414,13 +474,25 @@ class TailDraws(StackedDraws):
     params: Mapping[str, Tensor]
     tail: Tail
     includes_map: bool = False
+    #: apply the tail's linearisation around its own weights (:meth:`Tail.apply_linearised`)
+    #: instead of re-running it at the drawn weights
+    linearised: bool = False
 
     @classmethod
-    def from_flat(cls, flat: Tensor, tail: Tail, includes_map: bool = False) -> "TailDraws":
-        return cls(tail.split_flat(flat), tail, includes_map)
+    def from_flat(cls, flat: Tensor, tail: Tail, includes_map: bool = False,
+                  linearised: bool = False) -> "TailDraws":
+        return cls(tail.split_flat(flat), tail, includes_map, linearised)
 
     def apply(self, inputs: TailInputs, per_draw: bool = False) -> Tensor:
         """Tail outputs under every draw, ``(M, B, ...)``; ``per_draw``: the inputs hold M row
         groups (one trajectory per draw), group m re-run under draw m."""
+        if self.linearised:
+            return self.tail.apply_linearised(self.params, inputs, per_draw)
         return self.tail.apply(self.params, inputs, per_draw)
+
+    def require_weights(self, what: str) -> None:
+        """Refuse linearised draws where `what` runs the whole model with a draw's weights."""
+        if self.linearised:
+            raise GenuncError(f"{what} runs the model with each draw's block weights swapped in, "
+                              "which has no linearised form; use predictive='sample' here")
 

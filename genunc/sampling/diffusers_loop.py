@@ -350,6 +350,8 @@ class _TailSite(_Site):
                 parts.append(self.adapter.denoise(x=model_in[rows], t=t_batch[rows], **group_cond))
                 self.map_inputs = tail.inputs_of(recorder, batch)
             else:
+                self.draws.require_weights("the semantic score of a model whose recorded block "
+                                           "inputs do not split into trajectory groups (graphs)")
                 with tail.swapped(self.draws.draw(g)):
                     parts.append(self.adapter.denoise(x=model_in[rows], t=t_batch[rows],
                                                       **group_cond))

@@ -187,3 +187,13 @@ def test_a_lowrank_block_posterior_through_the_cli(config_file, tmp_path, capsys
     assert meta["structure"] == "lowrank" and meta["info"]["rank"] == 3
     assert main(["fit", "-c", str(config_file), "--set", "posterior.structure=lowrank"]) == 2
     assert "lowrank is for a posterior over a block" in capsys.readouterr().err
+    # the predictive is a choice of use: the saved posterior serves both, and the export says so
+    for predictive in ("sample", "linearised"):
+        assert main(["generate", "-c", str(config_file), *options, "--set",
+                     f"posterior.predictive={predictive}", "--set", "generate.num_draws=3",
+                     "--set", "generate.variance=monte_carlo", "--set",
+                     f"generate.out={tmp_path / predictive}"]) == 0
+    sample, linear = (Export(tmp_path / p).column("variability") for p in ("sample", "linearised"))
+    assert np.all(np.isfinite(linear)) and not np.allclose(sample, linear)
+    assert main(["generate", "-c", str(config_file), "--set", "posterior.predictive=linearised"]) == 2
+    assert "linearised is for a posterior over a block" in capsys.readouterr().err

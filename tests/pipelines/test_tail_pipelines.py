@@ -72,6 +72,16 @@ def test_molecule_pipeline_with_a_tail_posterior(qm9_slice, tiny_molecule_model)
     for (pa, ta), (pb, tb) in zip(out.molecules, plain.molecules):
         np.testing.assert_allclose(pa, pb, atol=1e-5)
         np.testing.assert_array_equal(ta, tb)
+    # linearised draws: the variability re-runs the block's expansion on the MAP trajectory;
+    # the semantic score would swap weights into a graph model, which has no linearised form
+    pipe.posterior.predictive = "linearised"
+    lin = pipe(4, num_draws=3, num_inference_steps=4, scores=("variability",),
+               variance="monte_carlo", sampler="ddim", seed=1, progress=False)
+    assert np.isfinite(lin.scores["variability"]).all()
+    assert not np.allclose(lin.scores["variability"], out.scores["variability"])
+    with pytest.raises(GenuncError, match="predictive='sample'"):
+        pipe(2, num_draws=3, num_inference_steps=2, scores=("semantic",), sampler="ddim", seed=1,
+             progress=False)
 
 
 def test_text_pipeline_with_a_tail_posterior(tiny_text_model, tmp_path):
@@ -111,3 +121,10 @@ def test_text_pipeline_with_a_tail_posterior(tiny_text_model, tmp_path):
     c = again(prompts, config, num_draws=3, scores=names, seed=4, progress=False)
     for name in a.scores:
         np.testing.assert_allclose(c.scores[name], a.scores[name], rtol=1e-9, atol=1e-12)
+    # linearised draws: the same MAP generations, other (finite) posterior scores
+    again.posterior.predictive = "linearised"
+    lin = again(prompts, config, num_draws=3, scores=names, seed=4, progress=False)
+    assert torch.equal(lin.tokens, a.tokens)
+    for name in a.scores:
+        assert np.isfinite(lin.scores[name]).all(), name
+    assert not np.allclose(lin.scores["mutual_information"], a.scores["mutual_information"])
