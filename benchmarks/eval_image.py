@@ -17,7 +17,7 @@ Protocol (README "How the numbers are made"):
   score's rank agreement with the exact one.
 
 Usage:  OMP_NUM_THREADS=1 python benchmarks/eval_image.py [--n-val 300] [--n-test 900]
-        [--draws 5] [--steps 50] [--cost-n 64]
+        [--draws 5] [--steps 50] [--cost-n 64] [--tail 1 [--predictive linearised]]
 """
 
 from __future__ import annotations
@@ -94,11 +94,16 @@ def main() -> None:
     parser.add_argument("--tail", type=int, default=None,
                         help="a posterior over the last TAIL up-blocks and the head (Monte-Carlo "
                         "variability over the draws); use another --out")
+    parser.add_argument("--predictive", default="sample", choices=["sample", "linearised"],
+                        help="with --tail: how block draws act (re-run at the drawn weights, or "
+                        "the block's linearisation); use another --out")
     parser.add_argument("--variant", action="append", choices=["branch", "score_steps"], default=[],
                         help="also score the test digits with a cheap semantic variant (repeatable)")
     args = parser.parse_args()
 
     pipe = load_reference_pipeline(args.out, progress=False, tail=args.tail)
+    if args.tail:
+        pipe.posterior.predictive = args.predictive
     # a block posterior has no closed-form variance: variability over the M draws
     tail_extra = {"variance": "monte_carlo", "keep_draw_images": True} if args.tail else {}
     judge = DigitsJudgeEvaluator()
