@@ -19,12 +19,22 @@ from genunc.posterior.heads import (
 )
 from genunc.posterior.io import POSTERIOR_DIR, load_posterior, save_posterior
 from genunc.posterior.laplace_head import STRUCTURES, HeadPosterior
-from genunc.posterior.laplace_tail import TailData, TailPosterior, collect_tail_data, default_tail
+from genunc.posterior.laplace_tail import (
+    PREDICTIVES,
+    TAIL_STRUCTURES,
+    TailData,
+    TailPosterior,
+    collect_tail_data,
+    default_tail,
+)
+from genunc.posterior.lowrank import LowRankDiagLaplace
 from genunc.posterior.tail import Tail, TailDraws, TailInputs
 
 __all__ = [
     "POSTERIOR_DIR",
+    "PREDICTIVES",
     "STRUCTURES",
+    "TAIL_STRUCTURES",
     "Conv2dOps",
     "GenericOps",
     "HeadData",
@@ -32,6 +42,7 @@ __all__ = [
     "HeadOps",
     "HeadPosterior",
     "LinearOps",
+    "LowRankDiagLaplace",
     "capture_head",
     "check_fingerprint",
     "collect_head_data",
