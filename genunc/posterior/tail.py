@@ -29,7 +29,7 @@ tail weights swapped in (:meth:`Tail.swapped`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -129,10 +129,19 @@ class TailInputs:
     def to(self, *args: Any, **kwargs: Any) -> "TailInputs":
         return self._map(lambda x: x.to(*args, **kwargs) if isinstance(x, Tensor) else x)
 
-    def tensor_leaves(self) -> tuple[list[Any], Any, list[int]]:
-        """Flat leaves, their structure, and the positions of the tensors among them."""
+    def tensor_parts(self) -> tuple[tuple[Tensor, ...], Callable[[Sequence[Tensor]], "TailInputs"]]:
+        """The recorded tensors, and how to rebuild these inputs with others in their places
+        (what ``vmap`` needs: it maps over tensors, not over the recorded call structure)."""
         leaves, spec = tree_flatten(self.calls)
-        return leaves, spec, [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
+        where = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
+
+        def rebuild(tensors: Sequence[Tensor]) -> "TailInputs":
+            flat = list(leaves)
+            for i, x in zip(where, tensors):
+                flat[i] = x
+            return TailInputs(tree_unflatten(flat, spec), self.rows)
+
+        return tuple(leaves[i] for i in where), rebuild
 
 
 @dataclass
@@ -328,15 +337,10 @@ class Tail:
             inputs = inputs.split(n)
         if self.loop_draws:
             return self._loop(params, inputs, per_draw)
-        leaves, spec, tensor_pos = inputs.tensor_leaves()
-        batched = tuple(leaves[i] for i in tensor_pos)
+        batched, rebuild = inputs.tensor_parts()
 
         def one(p: tuple[Tensor, ...], xs: tuple[Tensor, ...]) -> Tensor:
-            flat = list(leaves)
-            for i, x in zip(tensor_pos, xs):
-                flat[i] = x
-            return self.run(dict(zip(keys, p)),
-                            TailInputs(tree_unflatten(flat, spec), inputs.rows))
+            return self.run(dict(zip(keys, p)), rebuild(xs))
 
         try:
             return vmap(one, in_dims=(0, 0 if per_draw else None))(stacked, batched)
@@ -361,14 +365,10 @@ class Tail:
         n = tangents[0].shape[0]
         if per_draw:
             inputs = inputs.split(n)
-        leaves, spec, tensor_pos = inputs.tensor_leaves()
-        batched = tuple(leaves[i] for i in tensor_pos)
+        batched, rebuild = inputs.tensor_parts()
 
         def one(t: tuple[Tensor, ...], xs: tuple[Tensor, ...]) -> Tensor:
-            flat = list(leaves)
-            for i, x in zip(tensor_pos, xs):
-                flat[i] = x
-            x_in = TailInputs(tree_unflatten(flat, spec), inputs.rows)
+            x_in = rebuild(xs)
             out, change = jvp(lambda *p: self.run(dict(zip(keys, p)), x_in), primals, t)
             return out + change
 

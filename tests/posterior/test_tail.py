@@ -171,10 +171,7 @@ def test_a_one_layer_tail_is_its_own_linearisation():
 
 def test_linearised_predictive_is_kept_by_save_load_and_refused_where_weights_swap(tmp_path):
     model, x, y = _toy()
-    tail = Tail(model, ["1", "2"])
-    _, inputs = _record(tail, lambda: model(x), len(x))
-    data = TailData()
-    data.add(inputs, y)
+    tail, inputs, data = _toy_tail(model, x, y)
     post = TailPosterior.fit_data(tail, data, predictive="linearised")
     draws = post.sample(3, seed=0)
     assert draws.linearised and post.summary()["predictive"] == "linearised"
@@ -204,13 +201,19 @@ def _toy(seed=0, n=40):
     return model, x, y
 
 
-@pytest.mark.parametrize("structure", ["diag", "full", "kron"])
-def test_two_layer_tail_matches_laplace_on_the_whole_toy(structure):
-    model, x, y = _toy()
+def _toy_tail(model, x, y):
+    """The toy's last two layers as a tail, their recorded inputs, and the fitting data."""
     tail = Tail(model, ["1", "2"])
     _, inputs = _record(tail, lambda: model(x), len(x))
     data = TailData()
     data.add(inputs, y)
+    return tail, inputs, data
+
+
+@pytest.mark.parametrize("structure", ["diag", "full", "kron"])
+def test_two_layer_tail_matches_laplace_on_the_whole_toy(structure):
+    model, x, y = _toy()
+    tail, inputs, data = _toy_tail(model, x, y)
     post = TailPosterior.fit_data(tail, data, structure=structure, prior_precision=2.0,
                                   sigma_noise=0.3, curvature="exact", batch_size=7)
     # laplace-torch's own Laplace over both layers of the toy fed with the body's outputs
@@ -231,10 +234,7 @@ def test_two_layer_tail_matches_laplace_on_the_whole_toy(structure):
 
 def test_monte_carlo_ggn_diagonal_is_close_to_the_exact_one():
     model, x, y = _toy(n=60)
-    tail = Tail(model, ["1", "2"])
-    _, inputs = _record(tail, lambda: model(x), len(x))
-    data = TailData()
-    data.add(inputs, y)
+    tail, inputs, data = _toy_tail(model, x, y)
     kwargs = dict(prior_precision=1e-6, sigma_noise=1.0)
     exact = TailPosterior.fit_data(tail, data, curvature="exact", **kwargs)
     mc = TailPosterior.fit_data(tail, data, curvature="mc", mc_samples=64, **kwargs)
