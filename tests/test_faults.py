@@ -163,7 +163,8 @@ def test_a_second_writer_is_refused(tmp_path):
     ("generate.n_samples=-3", "generate.n_samples"), ("generate.seed=abc", "generate.seed"),
     ("generate.chunk_size=0", "generate.chunk_size"), ("generate.out=", "generate.out"),
     ("generate.steps=-1", "generate.steps"), ("generate.scores=semantic", "generate.scores"),
-    ("posterior.structure=lowrank", "posterior.structure"),
+    ("posterior.structure=lowrnk", "posterior.structure"),
+    ("posterior.predictive=glm", "posterior.predictive"),
 ])
 def test_bad_config_values_name_the_key_and_write_nothing(digits_config, tmp_path, capsys,
                                                           override, key):

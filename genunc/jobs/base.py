@@ -119,8 +119,7 @@ class Job(ABC):
                 _check_kind(posterior_dir(config), config)
             if saved is None and posterior == "load_or_fit":
                 self.fit_posterior(pipe, config, progress=progress)
-            if isinstance(pipe.posterior, TailPosterior):  # a choice of use, not of fit
-                pipe.posterior.predictive = config["posterior"]["predictive"]
+            _use_posterior_as_configured(pipe, config)
         return pipe
 
     def fit_posterior(self, pipe: UncertaintyPipeline, config: dict[str, Any],
@@ -147,7 +146,9 @@ class Job(ABC):
         the config's export, which is then the one a single process would have written.
         """
         shard = ProcessShard.from_environment()
-        pipe = self.build_pipeline(config, posterior="load", progress=progress)
+        # ranks > 0 never read a posterior folder rank 0 may be writing: they wait for it below
+        pipe = self.build_pipeline(config, posterior="load" if shard.rank == 0 else "none",
+                                   progress=progress)
         self.prepare_scores(pipe, config)
         g = config["generate"]
         n, size = g["n_samples"], g["chunk_size"]
@@ -159,11 +160,15 @@ class Job(ABC):
         if pipe.posterior is None and shard.rank > 0:  # rank 0 fits it; the others wait
             directory = posterior_dir(config)
             kind = "tail" if config["posterior"]["tail"] is not None else "head"
+            _check_block_options(config)
+            if saved_kind(directory) not in (None, kind):  # the files awaited would never come
+                _check_kind(directory, config)
             wait_for([directory / name for name in FILES[kind]], POSTERIOR_WAIT_S,
                      "rank 0's posterior fit")
             pipe.load_or_fit_posterior(directory)
         if pipe.posterior is None:
             self.fit_posterior(pipe, config, progress=progress)
+        _use_posterior_as_configured(pipe, config)
         posterior = pipe.posterior
         metadata = {
             "modality": config["modality"],
@@ -215,6 +220,12 @@ def shared_samples(first: dict[str, Any], second: dict[str, Any]) -> int:
     if any(a.get(k) != b.get(k) for k in rest if k not in _SAMPLE_FREE):
         return 0
     return min(a["generate.n_samples"], b["generate.n_samples"])
+
+
+def _use_posterior_as_configured(pipe: UncertaintyPipeline, config: dict[str, Any]) -> None:
+    """Options of use, not of fit, that a loaded or fitted posterior takes from the config."""
+    if isinstance(pipe.posterior, TailPosterior):
+        pipe.posterior.predictive = config["posterior"]["predictive"]
 
 
 def _check_block_options(config: dict[str, Any]) -> None:

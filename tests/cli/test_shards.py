@@ -172,6 +172,34 @@ def test_other_ranks_wait_for_rank_zeros_posterior(tiny_image_config, monkeypatc
         main(["--debug", "generate", "-c", str(path)])
 
 
+def test_other_ranks_never_read_a_posterior_rank_zero_is_still_writing(tiny_image_config, tmp_path,
+                                                                      monkeypatch):
+    """Rank 1 starting while rank 0 has written one of the posterior's two files waits for the
+    other instead of failing on an incomplete folder; a folder of the other kind is refused at
+    once, not awaited."""
+    import threading
+
+    from genunc.config import load_config
+    from genunc.jobs.base import posterior_dir
+    from genunc.posterior.saved import FILES
+
+    path = _image_config(tiny_image_config)
+    assert main(["fit", "-c", str(path)]) == 0
+    folder = posterior_dir(load_config(path))
+    tensors, meta = (folder / name for name in FILES["head"])
+    held = tensors.read_bytes()
+    tensors.unlink()  # rank 0 mid-save: the metadata is there, the tensors not yet
+    timer = threading.Timer(1.5, tensors.write_bytes, args=(held,))
+    timer.start()
+    _as_rank(monkeypatch, 1, 2)
+    try:
+        assert main(["generate", "-c", str(path)]) == 0  # rank 1's shard, after the wait
+    finally:
+        timer.join()
+    assert main(["generate", "-c", str(path), "--set", "posterior.tail=1", "--set",
+                 "generate.variance=monte_carlo"]) == 2
+
+
 def test_merge_refuses_shards_of_different_runs(tiny_image_config, tmp_path, monkeypatch, capsys):
     path = _image_config(tiny_image_config)
     assert main(["fit", "-c", str(path)]) == 0
