@@ -58,9 +58,6 @@ class Job(ABC):
     def fit_options(self, config: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments of ``fit_posterior`` taken from the config's posterior section."""
         p = config["posterior"]
-        if p["structure"] == "lowrank" and p["tail"] is None:
-            raise ConfigError("posterior.structure=lowrank is for a posterior over a block "
-                              "(posterior.tail); the head takes diag, kron or full")
         _check_block_options(config)
         return {"batch_size": p["batch_size"], "repeats": p["repeats"], "seed": p["seed"],
                 "structure": p["structure"], "prior_precision": p["prior_precision"],
@@ -230,6 +227,9 @@ def _use_posterior_as_configured(pipe: UncertaintyPipeline, config: dict[str, An
 
 def _check_block_options(config: dict[str, Any]) -> None:
     """Options that only a posterior over a block takes."""
+    if config["posterior"]["structure"] == "lowrank" and config["posterior"]["tail"] is None:
+        raise ConfigError("posterior.structure=lowrank is for a posterior over a block "
+                          "(posterior.tail); the head takes diag, kron or full")
     if config["posterior"]["predictive"] != "sample" and config["posterior"]["tail"] is None:
         raise ConfigError("posterior.predictive=linearised is for a posterior over a block "
                           "(posterior.tail); head draws are linear in the weights already")

@@ -353,8 +353,7 @@ class TailPosterior(LaplaceQuantities):
         parameter type, in ``P x rank`` memory.  ``predictive``: how draws act (see
         :attr:`predictive`; settable after the fit).
         """
-        if predictive not in PREDICTIVES:
-            raise GenuncError(f"predictive must be one of {PREDICTIVES}, got {predictive!r}")
+        _check_predictive(predictive)  # before the fit, not after it
         if likelihood not in ("regression", "classification"):
             raise GenuncError(f"likelihood must be regression or classification, got {likelihood!r}")
         if structure not in TAIL_STRUCTURES:
@@ -423,10 +422,8 @@ class TailPosterior(LaplaceQuantities):
                                                       mc_samples, seed)
         la = _laplace(model, "regression", structure, sigma_noise=sigma0, prior_precision=prior0,
                       backend=backend, backend_kwargs=backend_kwargs)
-        loader = DataLoader(TensorDataset(index, targets), batch_size=batch_size)
-        la.fit(loader, progress_bar=False)
-        if structure == "lowrank":
-            la.fit_low_rank(loader, rank, exact=curvature == "exact", mc_samples=mc_samples, seed=seed)
+        _fit_laplace(la, DataLoader(TensorDataset(index, targets), batch_size=batch_size), structure,
+                     rank, curvature, mc_samples, seed)
         tune_prior = prior_precision == "marglik"
         tune_sigma = sigma_noise == "marglik"
         if tune_prior or tune_sigma:
@@ -467,10 +464,8 @@ class TailPosterior(LaplaceQuantities):
                                                       mc_samples, seed)
         la = _laplace(model, "classification", structure, prior_precision=prior0, backend=backend,
                       backend_kwargs=backend_kwargs)
-        loader = DataLoader(TensorDataset(index, targets), batch_size=batch_size)
-        la.fit(loader, progress_bar=False)
-        if structure == "lowrank":
-            la.fit_low_rank(loader, rank, exact=curvature == "exact", mc_samples=mc_samples, seed=seed)
+        _fit_laplace(la, DataLoader(TensorDataset(index, targets), batch_size=batch_size), structure,
+                     rank, curvature, mc_samples, seed)
         if prior_precision == "marglik":
             _optimise_marglik(la, True, False)
         info = {"tail": tail.names, "n_rows": len(model), "n_sequences": len(data),
@@ -520,8 +515,7 @@ class TailPosterior(LaplaceQuantities):
 
     @predictive.setter
     def predictive(self, value: str) -> None:
-        if value not in PREDICTIVES:
-            raise GenuncError(f"predictive must be one of {PREDICTIVES}, got {value!r}")
+        _check_predictive(value)
         self.info["predictive"] = value
 
     def summary(self) -> dict[str, Any]:
@@ -628,6 +622,19 @@ def _laplace(model: nn.Module, likelihood: str, structure: str, **kwargs: Any) -
     if structure == "lowrank":
         return LowRankDiagLaplace(model, likelihood, **kwargs)
     return Laplace(model, likelihood, subset_of_weights="all", hessian_structure=structure, **kwargs)
+
+
+def _fit_laplace(la: Any, loader: DataLoader, structure: str, rank: int, curvature: str,
+                 mc_samples: int, seed: int) -> None:
+    """laplace-torch's fit, then a low-rank structure's eigenpairs on the same data."""
+    la.fit(loader, progress_bar=False)
+    if structure == "lowrank":
+        la.fit_low_rank(loader, rank, exact=curvature == "exact", mc_samples=mc_samples, seed=seed)
+
+
+def _check_predictive(value: str) -> None:
+    if value not in PREDICTIVES:
+        raise GenuncError(f"predictive must be one of {PREDICTIVES}, got {value!r}")
 
 
 def _backend(curvature: str, structure: str, jacobian_size: int, mc_samples: int,
