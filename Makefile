@@ -1,23 +1,30 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   -- create .venv, install genunc, run the main job on the shipped reference model
-#   make test   -- same set-up, then run the test suite
+#   make demo   -- create .venv from requirements.lock, install genunc, run the main job
+#   make test   -- same set-up, then ruff and the whole test suite (what .ci/run calls)
+# Others:
+#   make test-fast    the suite without the slow (subprocess, training) tests: the development loop
+#   make test-latest  the newest versions pyproject.toml's ranges allow, in .venv-latest, then the suite
+#   make lock         regenerate requirements.lock from pyproject.toml (then run make test-latest)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# torch 2.14.1 + torchvision 0.29.1 are the newest pair this kind of machine holds on disk
-# (laplace-torch needs torchvision).  Override for other machines: make test TORCH_SPEC="torch torchvision"
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+LOCK   := requirements.lock
+# torch 2.14.1 + torchvision 0.29.1: the pair this project's machines hold on local disk
+LOCK_CONSTRAINTS := .ci/lock-constraints.txt
 STAMP  := $(VENV)/.installed
+LATEST ?= .venv-latest
 
-.PHONY: venv demo lint test bench clean
+.PHONY: venv demo lint test test-fast test-latest lock bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The dev/CI environment is exactly the lock (hashes checked), plus genunc itself, editable.
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev,text]"
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) .ci/check_lock.py $(LOCK)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,10 +34,27 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
+
+# Before a release and after `make lock`: does genunc work with what a user's `pip install` gets today?
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[text,clip,parquet,launch,dev]"
+	$(LATEST)/bin/python .ci/check_lock.py $(LOCK) --report
+	$(LATEST)/bin/python -m pytest -q --durations=15
+
+lock: $(STAMP)
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --all-extras \
+	  --no-emit-index-url --no-emit-find-links --constraint $(LOCK_CONSTRAINTS) \
+	  --output-file $(LOCK) pyproject.toml
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_apply.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis outputs
+	rm -rf $(VENV) $(LATEST) .pytest_cache .hypothesis outputs
