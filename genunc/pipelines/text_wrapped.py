@@ -64,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from genunc import streams
+from genunc._compat import check_compatible
 from genunc._seed import as_generator
 from genunc.adapters.base import resolve_module
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
@@ -267,6 +268,7 @@ class WrappedTextPipeline:
                                   "commits from DiffusionGemmaPipeline's scheduler, which needs "
                                   "pipe.scheduler and a model with config.canvas_length")
             scheduler_kind(pipe.scheduler)
+            check_compatible("DiffusionGemmaPipeline")
             self.kind = "canvas"
         else:
             missing = [k for k in _CALLBACK_INPUTS if allowed is not None and k not in allowed]

@@ -263,6 +263,36 @@ def test_unsupported_scheduler_is_refused():
         TextUncertaintyPipeline.from_pipe(pipe)
 
 
+@pytest.mark.parametrize("versions, refused", [
+    ({"transformers": "5.24.0", "diffusers": "0.42.1"}, True),
+    ({"transformers": "5.31.0.dev0", "diffusers": "0.40.0"}, True),
+    ({"transformers": "5.23.0", "diffusers": "0.42.1"}, False),
+    ({"transformers": "5.24.0", "diffusers": "0.43.0"}, False),
+])
+def test_a_known_broken_transformers_diffusers_pair_is_refused_before_anything_runs(
+        versions, refused, monkeypatch):
+    """transformers >= 5.24 with diffusers <= 0.42.1 breaks DiffusionGemmaPipeline (TypeError deep
+    in diffusers): wrapping it names both versions and the fix in one line, and calls no model."""
+    from packaging.version import Version
+
+    import genunc._compat as compat
+
+    monkeypatch.setattr(compat, "installed_version", lambda name: Version(versions[name]))
+    pipe = pipeline()
+    if not refused:
+        assert TextUncertaintyPipeline.from_pipe(pipe).kind == "canvas"
+        return
+    calls = []
+    pipe.model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(GenuncError) as info:
+        TextUncertaintyPipeline.from_pipe(pipe)
+    assert not calls
+    message = str(info.value)
+    assert "\n" not in message and "DiffusionGemmaPipeline" in message
+    assert f"transformers {versions['transformers']}" in message
+    assert f"diffusers {versions['diffusers']}" in message and "transformers<5.24" in message
+
+
 # ---------------------------------------------------------------------- fit_posterior
 FIT_DATA = [("1 + 2 =", "3"), ("3 + 4 =", "7"), ("5 + 5 =", "1 0"), ("2 + 2 =", "4"), ("1 + 1 =", "2"),
             ("4 + 4 =", "8")]
