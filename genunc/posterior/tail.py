@@ -372,7 +372,7 @@ class Tail:
             out, change = jvp(lambda *p: self.run(dict(zip(keys, p)), x_in), primals, t)
             return out + change
 
-        with _forward_ad_kernels():
+        with math_attention():
             try:
                 if not self.loop_draws:
                     try:
@@ -422,10 +422,10 @@ class Tail:
 
 
 @contextmanager
-def _forward_ad_kernels() -> Iterator[None]:
-    """Attention through kernels that forward-mode AD differentiates: the transformer layers'
-    fused fast path and the CPU flash-attention kernel have no forward derivative, the
-    reference (math) attention has."""
+def math_attention() -> Iterator[None]:
+    """Attention through the reference (math) kernel: the transformer layers' fused fast path
+    and the CPU flash-attention kernel have no forward-mode derivative and no vmap rule for
+    their backward (a slow per-vector loop), the math kernel has both."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     fast = torch.backends.mha.get_fastpath_enabled()

@@ -242,6 +242,43 @@ def test_monte_carlo_ggn_diagonal_is_close_to_the_exact_one():
     assert float((h_mc - h_exact).norm() / h_exact.norm()) < 0.1
 
 
+@pytest.mark.parametrize("case", ["unet", "text"])
+def test_row_by_row_exact_diagonal_equals_laplace_torchs_jacobians(case, tiny_unet,
+                                                                   tiny_text_model, monkeypatch):
+    """genunc's exact GGN diagonal (one row's outputs per batched backward, in chunks) is
+    laplace-torch's jacrev diagonal: a regression UNet block (chunked: 16 outputs per pass)
+    and a classification transformer block with attention (softmax output Hessian)."""
+    from laplace.curvature import CurvlinopsGGN
+
+    import genunc.posterior.laplace_tail as lt
+
+    if case == "unet":
+        unet = tiny_unet()
+        adapter = DiffusersImageAdapter(unet, DDPMScheduler(num_train_timesteps=100))
+        g = torch.Generator().manual_seed(0)
+        batches = [{"x": torch.randn(4, 1, 8, 8, generator=g).clamp(-1, 1),
+                    "class_labels": torch.randint(0, 3, (4,), generator=g)}]
+        names = default_tail(unet, 1)
+        monkeypatch.setattr(lt.ExactDiagGGN, "chunk_elements", 16 * 20_000)
+    else:
+        from genunc.adapters.text import MaskedDiffusionLMAdapter
+
+        model = tiny_text_model(12, 6)
+        adapter = MaskedDiffusionLMAdapter(model, "head", 11)
+        g = torch.Generator().manual_seed(0)
+        batches = [{"x": torch.randint(0, 10, (4, 6), generator=g)}]
+        names = default_tail(model, 1)
+
+    def fit(backend):
+        monkeypatch.setattr(lt, "_backend", lambda *a, **k: ("exact", backend, {}))
+        return TailPosterior.fit(adapter, batches, names, prior_precision=1.0, seed=0)
+
+    ours, reference = fit(lt.ExactDiagGGN), fit(CurvlinopsGGN)
+    assert ours.n_params > 1000
+    torch.testing.assert_close(ours.laplace.H, reference.laplace.H, rtol=1e-4, atol=1e-6)
+    assert float(ours.laplace.loss) == pytest.approx(float(reference.laplace.loss), rel=1e-5)
+
+
 def test_kron_is_refused_for_norm_parameters(tiny_unet):
     unet = tiny_unet()
     tail = Tail(unet, default_tail(unet, 1))
