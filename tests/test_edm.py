@@ -266,6 +266,7 @@ def test_pipeline_loads_an_edm_folder_and_scores(tmp_path):
         MoleculeUncertaintyPipeline.from_pretrained(conditional)
 
 
+@pytest.mark.slow
 def test_filter_molecules_example_runs_on_an_edm_folder(qm9_slice, tmp_path, repo):
     from genunc.data.qm9 import save_cache
 

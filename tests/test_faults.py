@@ -133,6 +133,7 @@ def test_exports_and_posteriors_follow_the_umask(digits_config, tmp_path):
 
 
 # 7 ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_molecule_example_refuses_to_report_an_old_export(tiny_molecule_folder, tmp_path,
                                                               repo):
     model = tiny_molecule_folder(tmp_path / "model")

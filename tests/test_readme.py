@@ -17,6 +17,7 @@ def test_the_readme_has_code_to_check():
     assert len(BLOCKS) >= 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_block_runs(code, tmp_path, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "genunc_cache"  # QM9 converted once per session

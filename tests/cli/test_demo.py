@@ -5,6 +5,7 @@ import pytest
 from genunc.cli import main
 
 
+@pytest.mark.slow
 def test_demo_writes_sheet_csv_and_plot(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--samples", "12", "--draws", "2", "--steps", "4", "--out", str(out)]) == 0

@@ -213,10 +213,23 @@ def test_merge_refuses_shards_of_different_runs(tiny_image_config, tmp_path, mon
         merge_shards(tmp_path / "export")
 
 
-@pytest.mark.parametrize("modality", ["image", "molecule", "text"])
-def test_torchrun_launch(modality, request, tmp_path):
-    """The real launcher: two concurrent processes, environment set by torchrun, rank 1 waiting
-    for rank 0's posterior fit; the merged export equals a 1-process run's."""
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # --multi_gpu: accelerate's multi-process launcher, which runs on CPUs where there is no GPU
+    # (with --cpu, or without --multi_gpu on a CPU machine, it starts one process only)
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29517"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality, launcher", [("image", "torchrun"), ("molecule", "torchrun"),
+                                                ("text", "torchrun"), ("image", "accelerate")])
+def test_launch(modality, launcher, request, tmp_path):
+    """The real launchers the README names: two concurrent processes, environment set by the
+    launcher, rank 1 waiting for rank 0's posterior fit; the merged export equals a 1-process
+    run's."""
     if modality == "image":
         path = _image_config(request.getfixturevalue("tiny_image_config"))
         columns = ("semantic", "variability", "random")
@@ -227,10 +240,11 @@ def test_torchrun_launch(modality, request, tmp_path):
         path = _text_config(request.getfixturevalue("sampler_dir"), tmp_path)
         columns = ("mutual_information", "semantic", "random")
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "genunc", "generate", "-c", str(path)],
+        [sys.executable, *LAUNCHERS[launcher], "-m", "genunc", "generate", "-c", str(path)],
         capture_output=True, text=True, timeout=300, env={**_quiet_env(), "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
+    shards = sorted(p.name for p in (tmp_path / "export.shards").glob("rank-*"))
+    assert shards == ["rank-00000-of-00002", "rank-00001-of-00002"]  # two processes did run
     assert main(["generate", "-c", str(path), "--set", f"generate.out={tmp_path / 'single'}"]) == 0
     _same_export(Export(tmp_path / "export"), Export(tmp_path / "single"), columns)
 

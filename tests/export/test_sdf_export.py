@@ -104,6 +104,7 @@ def test_molecule_cli_fit_generate_filter(tiny_molecule_folder, tmp_path, capsys
     assert len(Export(tmp_path / "kept")) == 3
 
 
+@pytest.mark.slow
 def test_filter_molecules_example_runs_on_a_tiny_model(tiny_molecule_folder, tmp_path, repo):
     import subprocess
     import sys

@@ -264,6 +264,7 @@ def test_the_shipped_arithmetic_model_runs_through_llada2_pipeline():
         pipe(prompt=prompts[:1], gen_length=3, block_length=5, use_chat_template=False)
 
 
+@pytest.mark.slow
 def test_the_llada2_example_runs(repo):
     import os
     import subprocess
