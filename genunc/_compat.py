@@ -53,7 +53,8 @@ def check_compatible(feature: str) -> None:
         if known.feature != feature:
             continue
         versions = {name: installed_version(name) for name, _ in known.when}
-        if all(v is not None and SpecifierSet(spec).contains(v, prereleases=True)
-               for (name, spec), v in zip(known.when, versions.values())):
+        if all(versions[name] is not None and SpecifierSet(spec).contains(versions[name],
+                                                                          prereleases=True)
+               for name, spec in known.when):
             pair = " with ".join(f"{name} {versions[name]}" for name, _ in known.when)
             raise GenuncError(f"{feature} does not run on {pair}: {known.why}; fix: {known.fix}")

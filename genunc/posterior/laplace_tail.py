@@ -326,13 +326,7 @@ class MonteCarloDiagGGN(CurvlinopsGGN):
             else:
                 v = torch.randn((k, *f.shape), generator=self._generator, dtype=torch.float64)
                 v = v.to(f)
-            try:
-                grads = torch.autograd.grad(f, params, grad_outputs=v, is_grads_batched=True)
-                flat = torch.cat([g.reshape(k, -1) for g in grads], dim=1)
-            except (RuntimeError, NotImplementedError):  # vmap over the backward failed
-                flat = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-                    f, params, grad_outputs=v[s], retain_graph=s < k - 1)]) for s in range(k)])
-            total += flat.square().mean(0).detach()
+            total += _batched_vjp(f, params, v, retain=False).square().mean(0).detach()
         return loss.detach(), total
 
 
