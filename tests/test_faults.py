@@ -329,3 +329,81 @@ def test_risk_control_refuses_a_calibration_export_that_shares_samples(digits_co
     assert "share their first 3 samples" in _err(capsys)
     assert main(["filter", str(tmp_path / "export"), "--out", str(tmp_path / "kept"), *risk,
                  "--calibration", str(tmp_path / "calib_apart")]) == 0
+
+
+# damaged posteriors of both kinds, loaded directly --------------------------------------------
+def _saved_posterior(kind, directory):
+    """A small fitted posterior of `kind` saved in `directory`, and the model it loads onto."""
+    from torch import nn
+
+    from genunc.adapters import NoisePredictionAdapter
+    from genunc.posterior import HeadPosterior, Tail, TailData, TailPosterior
+    from genunc.zoo.toy import ToyImageDenoiser
+
+    torch.manual_seed(0)
+    if kind == "head":
+        model = ToyImageDenoiser(channels=1, width=8)
+        adapter = NoisePredictionAdapter(model, "conv_out")
+        HeadPosterior.fit(adapter, [torch.randn(8, 1, 6, 6)], progress=False).save(directory)
+        return model
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
+    tail = Tail(model, ["1"])
+    x = torch.randn(20, 3, dtype=torch.float64)
+    with torch.no_grad(), tail.capture() as rec:
+        y = model(x)
+        inputs = tail.inputs_of(rec, len(x))
+    data = TailData()
+    data.add(inputs, y + 0.1 * torch.randn_like(y))
+    TailPosterior.fit_data(tail, data).save(directory)
+    return model
+
+
+def _damage(directory, damage):
+    from safetensors.torch import load_file, save_file
+
+    meta_path = next(directory.glob("*.json"))
+    weights = next(directory.glob("*.safetensors"))
+    meta = json.loads(meta_path.read_text())
+    if damage == "empty weights":
+        weights.write_bytes(b"")
+        return weights
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:-7])
+        return weights
+    if damage == "torn json":
+        meta_path.write_text(meta_path.read_text()[:40])
+        return meta_path
+    if damage == "json of another shape":
+        meta_path.write_text("[1, 2, 3]\n")
+        return meta_path
+    if damage == "a key gone from the json":
+        del meta["structure"]
+        meta_path.write_text(json.dumps(meta))
+        return meta_path
+    if damage == "newer format":
+        meta["format_version"] = 99
+        meta_path.write_text(json.dumps(meta))
+        return meta_path
+    tensors = load_file(str(weights))
+    if damage == "a tensor gone":
+        del tensors["H"]
+    else:  # "a tensor of the wrong size"
+        tensors["H"] = tensors["H"][:-1]
+    save_file(tensors, str(weights))
+    return meta_path  # the files disagree: the description is what names the posterior
+
+
+@pytest.mark.parametrize("kind", ["head", "tail"])
+@pytest.mark.parametrize("damage", ["empty weights", "truncated weights", "torn json",
+                                    "json of another shape", "a key gone from the json",
+                                    "newer format", "a tensor gone", "a tensor of the wrong size"])
+def test_every_damaged_posterior_file_is_a_one_line_error_naming_it(tmp_path, kind, damage):
+    from genunc.posterior.saved import load_saved
+
+    model = _saved_posterior(kind, tmp_path)
+    assert load_saved(tmp_path, model) is not None  # the undamaged control loads
+    named = _damage(tmp_path, damage)
+    with pytest.raises(GenuncError) as info:
+        load_saved(tmp_path, model)
+    message = str(info.value)
+    assert "\n" not in message and str(named) in message and "refit" in message

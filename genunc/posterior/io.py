@@ -10,8 +10,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from laplace import Laplace
@@ -24,6 +26,8 @@ from genunc.errors import FingerprintMismatchError, GenuncError, MissingFileErro
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import head_ops_for
 from genunc.posterior.laplace_state import laplace_tensors, restore_laplace
+
+_REFIT = "refit it with genunc fit, or fit_posterior(...) and save()"
 
 if TYPE_CHECKING:
     from genunc.posterior.laplace_head import HeadPosterior
@@ -67,6 +71,59 @@ def save_posterior(posterior: "HeadPosterior", directory: str | os.PathLike[str]
 
 
 
+def read_saved(directory: Path, meta_name: str, tensors_name: str, format_version: int, *,
+               missing: Literal["error", "none"] = "error",
+               ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """A saved posterior's description and tensors, or None where nothing was saved and
+    ``missing="none"``; an incomplete, unreadable or foreign folder is one-line error naming the
+    file, for every kind of posterior."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta_path, tensor_path = directory / meta_name, directory / tensors_name
+    if not meta_path.exists() and not tensor_path.exists() and missing == "none":
+        return None
+    if not meta_path.exists() or not tensor_path.exists():
+        raise MissingFileError(
+            f"no complete genunc posterior in {directory} (expected {meta_name} and {tensors_name})"
+        )
+    for path, read in ((meta_path, lambda: json.loads(meta_path.read_text())),
+                       (tensor_path, lambda: load_file(str(tensor_path)))):
+        try:
+            value = read()
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError, SafetensorError) as err:
+            raise GenuncError(f"{path} is damaged ({_first_line(err)}); {_REFIT}") from None
+        if path == meta_path:
+            meta = value
+        else:
+            tensors = value
+    if not isinstance(meta, dict):
+        raise GenuncError(f"{meta_path} is damaged (not a genunc posterior description); {_REFIT}")
+    if meta.get("format_version") != format_version:
+        raise GenuncError(
+            f"{meta_path}: posterior format {meta.get('format_version')} is not supported by "
+            f"genunc {__version__} (expects {format_version}); {_REFIT}"
+        )
+    return meta, tensors
+
+
+@contextmanager
+def damaged_if_unreadable(path: Path) -> Iterator[None]:
+    """Turn a saved posterior whose entries do not fit together (a key missing, a tensor of
+    the wrong shape) into the same one-line error as an unreadable file."""
+    try:
+        yield
+    except GenuncError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise GenuncError(f"{path} is damaged ({_first_line(err)}); {_REFIT}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else "unreadable"
+    return f"{type(err).__name__}: {text}"
+
+
 def load_posterior(
     directory: str | os.PathLike[str],
     model: nn.Module | DenoiserAdapter,
@@ -82,33 +139,20 @@ def load_posterior(
     other weights (a retrained model).  Anything else wrong (a half-written folder, a format
     this genunc cannot read) raises.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    directory = Path(directory)
+    read = read_saved(directory, META_FILE, TENSORS_FILE, FORMAT_VERSION, missing=missing)
+    if read is None:
+        return None
+    meta, tensors = read
+    with damaged_if_unreadable(directory / META_FILE):
+        return _load_head(meta, tensors, model, stale, check_weights)
 
+
+def _load_head(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+               model: nn.Module | DenoiserAdapter, stale: str,
+               check_weights: bool) -> "HeadPosterior | None":
     from genunc.posterior.laplace_head import HeadPosterior, _RowModel
 
-    directory = Path(directory)
-    meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
-    if not meta_path.exists() and not tensor_path.exists() and missing == "none":
-        return None
-    if not meta_path.exists() or not tensor_path.exists():
-        raise MissingFileError(
-            f"no complete genunc posterior in {directory} (expected {META_FILE} and {TENSORS_FILE})"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(tensor_path))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, SafetensorError) as err:
-        raise GenuncError(f"the posterior in {directory} is damaged ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); refit it "
-                          "with genunc fit, or fit_posterior(...) and save()") from None
-    if not isinstance(meta, dict):
-        raise GenuncError(f"{meta_path} is not a genunc posterior description; refit it")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise GenuncError(
-            f"posterior format {meta.get('format_version')} is not supported by genunc "
-            f"{__version__} (expects {FORMAT_VERSION})"
-        )
     module = model.model if isinstance(model, DenoiserAdapter) else model
     head = resolve_module(module, meta["head_name"])
     try:

@@ -4,6 +4,7 @@ object the same way, whether it covers the head or a block of the network."""
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import torch
@@ -101,6 +102,7 @@ def restore_laplace(la: Any, tensors: dict[str, Tensor], meta: dict[str, Any], s
                         for i, n in enumerate(meta["kron_layout"])]
     else:
         hessian = tensors["H"]
+    _check_sizes(int(la.n_params), tensors["mean"], hessian, structure)
     lap = meta["laplace"]
     prior_mean = tensors["prior_mean"]
     la.load_state_dict({
@@ -112,3 +114,17 @@ def restore_laplace(la: Any, tensors: dict[str, Tensor], meta: dict[str, Any], s
         "temperature": lap["temperature"], "enable_backprop": False, "cls_name": lap["cls_name"],
         **{key: tensors[key] for key in LOW_RANK_KEYS if key in tensors},
     })
+
+
+def _check_sizes(n_params: int, mean: Tensor, hessian: Any, structure: str) -> None:
+    """laplace-torch's load_state_dict checks names, not sizes: a mean or curvature of the
+    wrong size would load and give wrong draws later."""
+    if structure == "kron":
+        size = sum(math.prod(int(f.shape[0]) for f in group) for group in hessian)
+        square = all(f.ndim == 2 and f.shape[0] == f.shape[1] for g in hessian for f in g)
+    else:
+        size = int(hessian.shape[0]) if hessian.ndim else 0
+        square = structure != "full" or tuple(hessian.shape) == (size, size)
+    if mean.numel() != n_params or size != n_params or not square:
+        raise ValueError(f"the saved mean ({mean.numel()}) and curvature ({size}) do not "
+                         f"cover the {n_params} weights the posterior is over")

@@ -55,9 +55,10 @@ from genunc._io import atomic_write
 from genunc._seed import as_generator
 from genunc._version import __version__
 from genunc.adapters.base import DenoiserAdapter
-from genunc.errors import FingerprintMismatchError, GenuncError, MissingFileError, ShapeMismatchError
+from genunc.errors import FingerprintMismatchError, GenuncError, ShapeMismatchError
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import check_finite
+from genunc.posterior.io import damaged_if_unreadable, read_saved
 from genunc.posterior.laplace_head import STRUCTURES, _optimise_marglik
 from genunc.posterior.laplace_state import LaplaceQuantities, laplace_tensors, restore_laplace
 from genunc.posterior.lowrank import LowRankDiagLaplace
@@ -635,18 +636,21 @@ class TailPosterior(LaplaceQuantities):
              check_weights: bool = True) -> "TailPosterior | None":
         """Load a tail posterior onto `model`, refusing one fitted on another tail or weights
         (``stale="none"``: return None instead; ``missing="none"``: None where none was saved)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
-        if not meta_path.exists() and not tensor_path.exists() and missing == "none":
+        read = read_saved(directory, META_FILE, TENSORS_FILE, TAIL_FORMAT_VERSION, missing=missing)
+        if read is None:
             return None
-        if not meta_path.exists() or not tensor_path.exists():
-            raise MissingFileError(f"no complete genunc tail posterior in {directory} (expected "
-                                   f"{META_FILE} and {TENSORS_FILE})")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != TAIL_FORMAT_VERSION or meta.get("kind") != "tail":
-            raise GenuncError(f"{meta_path} is not a tail posterior this genunc reads")
+        meta, tensors = read
+        with damaged_if_unreadable(directory / META_FILE):
+            return cls._from_saved(meta, tensors, model, stale, check_weights)
+
+    @classmethod
+    def _from_saved(cls, meta: dict[str, Any], tensors: dict[str, Tensor],
+                    model: nn.Module | DenoiserAdapter, stale: str,
+                    check_weights: bool) -> "TailPosterior | None":
+        if meta.get("kind") != "tail":
+            raise GenuncError(f"the posterior's description says kind {meta.get('kind')!r}, "
+                              "not 'tail'")
         module = model.model if isinstance(model, DenoiserAdapter) else model
         try:
             tail = Tail(module, meta["tail"])
@@ -658,7 +662,6 @@ class TailPosterior(LaplaceQuantities):
                 raise
             raise FingerprintMismatchError(f"this posterior was fitted on another tail: {err}") \
                 from None
-        tensors = load_file(str(tensor_path))
         device = next(iter(tail.parameters().values())).device
         tensors = {k: v.to(device) for k, v in tensors.items()}
         likelihood = meta.get("likelihood", "regression")
