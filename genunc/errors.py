@@ -40,3 +40,9 @@ class MissingFileError(GenuncError, FileNotFoundError):
 
 class ConfigError(GenuncError):
     """A run configuration names an unknown key, value or combination."""
+
+
+def describe(err: BaseException) -> str:
+    """A library's exception as one line, ``Type: first line``, for errors that name a file."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+    return f"{type(err).__name__}: {text}"

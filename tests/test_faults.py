@@ -23,7 +23,11 @@ def digits_config(tiny_image_config, tmp_path):
 
 
 def _err(capsys) -> str:
-    return capsys.readouterr().err.strip().splitlines()[-1]
+    return _last_line(capsys.readouterr().err)
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
 
 
 # 1 ---------------------------------------------------------------------------------------------
@@ -407,3 +411,88 @@ def test_every_damaged_posterior_file_is_a_one_line_error_naming_it(tmp_path, ki
         load_saved(tmp_path, model)
     message = str(info.value)
     assert "\n" not in message and str(named) in message and "refit" in message
+
+
+# a full disk or a read-only folder mid-export -------------------------------------------------
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS"])
+@pytest.mark.parametrize("where", ["samples", "manifest.jsonl"])
+def test_a_disk_that_fills_or_turns_read_only_mid_export(digits_config, tmp_path, capsys,
+                                                         monkeypatch, code, where):
+    """The write of the fourth sample's file (or of its manifest line) fails as a full disk or
+    a read-only remount would: one line, the three committed samples stay readable and exactly
+    what a clean run makes, and the rerun completes the export without duplicates."""
+    import errno
+
+    assert main(["generate", "-c", str(digits_config), "--set",
+                 f"generate.out={tmp_path / 'clean'}"]) == 0
+    capsys.readouterr()
+    real_fsync, seen = os.fsync, {"n": 0}
+
+    def failing_fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if "/export/" in target and where in target:
+            seen["n"] += 1
+            if seen["n"] == 4:
+                raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), target)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    assert main(["generate", "-c", str(digits_config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and os.strerror(getattr(errno, code)) in _last_line(err)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    clean = {r["sample_id"]: r for r in Export(tmp_path / "clean").records}
+    partial = Export(tmp_path / "export").records
+    assert 3 <= len(partial) <= 4  # a manifest line whose fsync failed may already be there
+    for record in partial:
+        assert {k: v for k, v in record.items()} == clean[record["sample_id"]]
+        assert (tmp_path / "export" / record["file"]).read_bytes() == \
+            (tmp_path / "clean" / record["file"]).read_bytes()
+    assert main(["generate", "-c", str(digits_config)]) == 0
+    assert Export(tmp_path / "export").records == list(clean.values())
+
+
+def test_a_reader_never_takes_an_export_still_being_written_for_a_finished_one(tmp_path):
+    writer = ExportWriter(tmp_path / "e", "json")
+    writer.add(0, {}, {"score": 0.0})
+    with pytest.raises(GenuncError, match="is still being written"):
+        Export(tmp_path / "e")
+    assert len(Export(tmp_path / "e", partial=True)) == 1  # asked for: what is committed so far
+    writer.finalize()
+    assert len(Export(tmp_path / "e")) == 1
+
+
+# damaged model folders ------------------------------------------------------------------------
+def _model_folder(modality, path, request):
+    if modality == "image":
+        return request.getfixturevalue("tiny_ddpm_folder")(path)
+    if modality == "molecule":
+        return request.getfixturevalue("tiny_molecule_folder")(path)
+    from genunc.zoo.arith import save_model
+
+    task = request.getfixturevalue("arith_task")
+    save_model(request.getfixturevalue("tiny_text_model")(task.vocab_size, task.length), task,
+               path)
+    return path
+
+
+@pytest.mark.parametrize("modality", ["image", "molecule", "text"])
+@pytest.mark.parametrize("damage", ["truncated weights", "empty weights", "torn config"])
+def test_a_damaged_model_folder_is_a_one_line_error_naming_the_folder(tmp_path, request,
+                                                                      modality, damage):
+    from genunc import pipelines
+
+    folder = _model_folder(modality, tmp_path / "m", request)
+    cls = getattr(pipelines, f"{modality.capitalize()}UncertaintyPipeline")
+    assert cls.from_pretrained(folder).model is not None  # the undamaged control loads
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if damage == "torn config":
+        target = next(p for p in files if p.name == "config.json")
+        target.write_text(target.read_text()[:25])
+    else:
+        target = max(files, key=lambda p: p.stat().st_size)
+        target.write_bytes(b"" if damage == "empty weights" else target.read_bytes()[:-50])
+    with pytest.raises(GenuncError) as info:
+        cls.from_pretrained(folder)
+    message = str(info.value)
+    assert "\n" not in message and str(folder) in message and "damaged" in message

@@ -230,6 +230,21 @@ def _lock(directory: Path) -> Any:
     return handle
 
 
+def _being_written(directory: Path) -> bool:
+    """Whether a writer holds the folder's lock (a shared lock would have to wait for it)."""
+    try:
+        handle = (directory / LOCK).open("r")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def _check_identity(directory: Path, saved: Mapping[str, Any] | None,
                     current: Mapping[str, Any] | None) -> None:
     """Refuse to resume an export made by a different config, model or posterior."""
@@ -357,12 +372,21 @@ def _parse_json(data: bytes) -> bool:
 
 # ------------------------------------------------------------------------------ reading / filtering
 class Export:
-    """A read-only view of an export directory."""
+    """A read-only view of an export directory.
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    An export another process is still writing is refused (a filter or an evaluation of it
+    would silently cover fewer samples than the run makes); ``partial=True`` reads the samples
+    committed so far, to watch a run.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], partial: bool = False) -> None:
         self.directory = Path(directory)
         if not (self.directory / RUN).exists():
             raise MissingFileError(f"{self.directory} is not a genunc export (no {RUN})")
+        if not partial and _being_written(self.directory):
+            raise GenuncError(f"{self.directory} is still being written by a genunc run; wait "
+                              "for it to finish (or read what is committed so far with "
+                              "Export(..., partial=True))")
         try:
             self.metadata: dict[str, Any] = json.loads((self.directory / RUN).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):

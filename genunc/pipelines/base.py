@@ -26,6 +26,7 @@ model folder is read) and ``_fit_batches`` (what clean data looks like).
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -35,11 +36,12 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from genunc import streams
 from genunc.adapters.base import DenoiserAdapter
-from genunc.errors import GenuncError, MissingFileError
+from genunc.errors import GenuncError, MissingFileError, describe
 from genunc.posterior import POSTERIOR_DIR, HeadDraws, HeadPosterior
 from genunc.posterior.laplace_tail import TailPosterior, default_tail
 from genunc.posterior.saved import load_saved, remove_saved, saved_kind
@@ -171,6 +173,12 @@ class ScoreCollector:
             result["random"] = random_scores(request.seed, request.indices)
         return result
 
+#: what libraries raise on a truncated, empty or torn checkpoint or config (diffusers, torch,
+#: safetensors, json): turned into one line naming the folder by ``from_pretrained``
+_DAMAGED: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, EOFError,
+                                              KeyError, pickle.UnpicklingError,
+                                              SafetensorError)
+
 
 class UncertaintyPipeline:
     """Base of the image, molecule and text pipelines (see the module docstring)."""
@@ -220,7 +228,13 @@ class UncertaintyPipeline:
         path = Path(path)
         if not path.is_dir():
             raise MissingFileError(f"model folder {path} does not exist")
-        pipe = cls._load(path, device=device, **kwargs)
+        try:
+            pipe = cls._load(path, device=device, **kwargs)
+        except GenuncError:
+            raise
+        except _DAMAGED as err:
+            raise GenuncError(f"the model folder {path} is damaged or incomplete ({describe(err)}); "
+                              "save or copy it again") from err
         if posterior == "auto":
             pipe.posterior = load_saved(path / POSTERIOR_DIR, pipe.model, missing="none")
         elif isinstance(posterior, (str, os.PathLike)):

@@ -22,7 +22,7 @@ from torch import nn
 from genunc._io import atomic_write
 from genunc._version import __version__
 from genunc.adapters.base import DenoiserAdapter, resolve_module
-from genunc.errors import FingerprintMismatchError, GenuncError, MissingFileError
+from genunc.errors import FingerprintMismatchError, GenuncError, MissingFileError, describe
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import head_ops_for
 from genunc.posterior.laplace_state import laplace_tensors, restore_laplace
@@ -92,7 +92,7 @@ def read_saved(directory: Path, meta_name: str, tensors_name: str, format_versio
         try:
             value = read()
         except (json.JSONDecodeError, UnicodeDecodeError, OSError, SafetensorError) as err:
-            raise GenuncError(f"{path} is damaged ({_first_line(err)}); {_REFIT}") from None
+            raise GenuncError(f"{path} is damaged ({describe(err)}); {_REFIT}") from None
         if path == meta_path:
             meta = value
         else:
@@ -116,12 +116,7 @@ def damaged_if_unreadable(path: Path) -> Iterator[None]:
     except GenuncError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
-        raise GenuncError(f"{path} is damaged ({_first_line(err)}); {_REFIT}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).splitlines()[0] if str(err) else "unreadable"
-    return f"{type(err).__name__}: {text}"
+        raise GenuncError(f"{path} is damaged ({describe(err)}); {_REFIT}") from None
 
 
 def load_posterior(
