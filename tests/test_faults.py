@@ -496,3 +496,40 @@ def test_a_damaged_model_folder_is_a_one_line_error_naming_the_folder(tmp_path, 
         cls.from_pretrained(folder)
     message = str(info.value)
     assert "\n" not in message and str(folder) in message and "damaged" in message
+
+
+# fit data that does not fit the model: dtype, shape, non-finite values -------------------------
+def test_fit_data_of_the_wrong_kind_is_named(tiny_ddpm_folder, tiny_molecule_folder, tmp_path,
+                                             arith_task, tiny_text_model):
+    from genunc.pipelines import (
+        ImageUncertaintyPipeline,
+        MoleculeUncertaintyPipeline,
+        TextUncertaintyPipeline,
+    )
+    from genunc.zoo.arith import save_model
+
+    image = ImageUncertaintyPipeline.from_pretrained(tiny_ddpm_folder(tmp_path / "i"))
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    with pytest.raises(GenuncError, match="images must lie in \\[-1, 1\\]"):
+        image.fit_posterior((x * 127.5 + 127.5).to(torch.uint8), progress=False)
+    x[3, 0, 2, 2] = float("nan")
+    with pytest.raises(GenuncError, match="images hold NaN or infinite values"):
+        image.fit_posterior(x, progress=False)
+    with pytest.raises(GenuncError, match="class labels must be integers"):
+        image.fit_posterior((x.nan_to_num(), torch.full((16,), 0.5)), progress=False)
+
+    molecule = MoleculeUncertaintyPipeline.from_pretrained(tiny_molecule_folder(tmp_path / "m"))
+    width = molecule.adapter.layout.width
+    good = {"x": torch.randn(4, 5, width), "node_mask": torch.ones(4, 5)}
+    with pytest.raises(GenuncError, match=f"x must be \\(B, N, {width}\\)"):
+        molecule.fit_posterior([{**good, "x": torch.randn(4, 5, width + 1)}], progress=False)
+    bad = good["x"].clone()
+    bad[0, 0, 0] = float("inf")
+    with pytest.raises(GenuncError, match="molecules hold NaN or infinite values"):
+        molecule.fit_posterior([{**good, "x": bad}], progress=False)
+
+    save_model(tiny_text_model(arith_task.vocab_size, arith_task.length), arith_task, tmp_path / "t")
+    text = TextUncertaintyPipeline.from_pretrained(tmp_path / "t")
+    tokens = torch.randint(0, arith_task.vocab_size, (4, arith_task.length))
+    with pytest.raises(GenuncError, match="token ids must be integers, got torch.float32"):
+        text.fit_posterior([{"x": tokens.float() + 0.5}], progress=False)

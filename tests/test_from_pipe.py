@@ -658,6 +658,9 @@ def test_a_block_posterior_through_from_pipe_keeps_the_images_and_collapses(sd_t
 
     pipe, upipe, call = sd_tail
     assert upipe.posterior.names[0] == "up_blocks.1" and upipe.posterior.head_name == "conv_out"
+    with pytest.raises(GenuncError, match=r"\['variability'\] need num_draws >= 3, got 2"):
+        upipe(generator=_g(3), num_draws=2, scores=("variability",), variance="monte_carlo",
+              **call)  # refused before the call: a block's variance comes with its jackknife
     reference = pipe(generator=_g(3), output_type="np", **call).images
     out = upipe(generator=_g(3), output_type="np", num_draws=3, scores=ALL_SCORES,
                 variance="monte_carlo", keep_draw_images=True, **call)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from genunc.adapters.base import DenoiserAdapter, TrainingPairs
-from genunc.errors import GenuncError, ShapeMismatchError
+from genunc.errors import GenuncError, NonFiniteError, ShapeMismatchError
 
 _CONDITIONING_KEYS = ("class_labels", "encoder_hidden_states", "added_cond_kwargs")
 
@@ -80,6 +80,8 @@ class DiffusersImageAdapter(DenoiserAdapter):
         labels = data.get("class_labels")
         if labels is not None and self.num_classes is not None:
             labels = torch.as_tensor(labels)
+            if labels.is_floating_point() or labels.is_complex():
+                raise GenuncError(f"class labels must be integers, got {labels.dtype}")
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
                 raise GenuncError(f"class labels must lie in [0, {self.num_classes}); got "
                                   f"[{int(labels.min())}, {int(labels.max())}]")
@@ -104,6 +106,8 @@ class DiffusersImageAdapter(DenoiserAdapter):
         if x.dim() != 4 or tuple(x.shape[1:]) != self.sample_shape:
             raise ShapeMismatchError(f"images must be (B, {', '.join(map(str, self.sample_shape))}) "
                                      f"for this model, got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise NonFiniteError("images hold NaN or infinite values")
         low, high = float(x.min()), float(x.max())
         if low < -1.001 or high > 1.001:
             raise GenuncError(f"images must lie in [-1, 1]; got values in [{low:.3g}, {high:.3g}]")

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from genunc.adapters.base import DenoiserAdapter, TrainingPairs
 from genunc.data.qm9 import ATOMIC_NUMBERS
-from genunc.errors import GenuncError, ShapeMismatchError
+from genunc.errors import GenuncError, NonFiniteError, ShapeMismatchError
 
 #: EDM's scaling of the atom features: one-hot types / 4, nuclear charge / 10
 ONE_HOT_SCALE, CHARGE_SCALE = 0.25, 0.1
@@ -218,9 +218,13 @@ class MoleculeAdapter(DenoiserAdapter):
             raise ShapeMismatchError("molecule batches are dicts with 'x' (B, N, 3+K) and 'node_mask'")
         x0 = batch["x"].to(self.device, self.dtype)
         mask = batch["node_mask"].to(self.device).bool()
-        if x0.dim() != 3 or mask.shape != x0.shape[:2]:
-            raise ShapeMismatchError(f"x must be (B, N, 3+K) with node_mask (B, N); got "
-                                     f"{tuple(x0.shape)} and {tuple(mask.shape)}")
+        width = self.layout.width
+        if x0.dim() != 3 or mask.shape != x0.shape[:2] or x0.shape[-1] != width:
+            raise ShapeMismatchError(f"x must be (B, N, {width}) (positions, then atom features) "
+                                     f"with node_mask (B, N); got {tuple(x0.shape)} and "
+                                     f"{tuple(mask.shape)}")
+        if not torch.isfinite(x0[mask]).all():
+            raise NonFiniteError("molecules hold NaN or infinite values")
         b = x0.shape[0]
         t = torch.randint(0, self.timesteps, (b,), generator=generator).to(self.device)
         eps = self.sample_noise(x0.shape, mask, generator).to(x0.dtype)

@@ -97,10 +97,12 @@ class MaskedDiffusionLMAdapter(MaskedTokenAdapter):
 
     def training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
         if isinstance(batch, Mapping):
-            x0 = batch["x"].long()
-            fixed = batch.get("prompt_mask")
+            x0, fixed = torch.as_tensor(batch["x"]), batch.get("prompt_mask")
         else:
-            x0, fixed = torch.as_tensor(batch).long(), None
+            x0, fixed = torch.as_tensor(batch), None
+        if x0.is_floating_point() or x0.is_complex():
+            raise GenuncError(f"token ids must be integers, got {x0.dtype}")
+        x0 = x0.long()
         if x0.dim() != 2:
             raise ShapeMismatchError(f"token batches are (B, L), got {tuple(x0.shape)}")
         if x0.numel() and (int(x0.min()) < 0 or int(x0.max()) >= self.vocab_size):

@@ -344,8 +344,9 @@ class UncertaintyPipeline:
             raise GenuncError(f"{type(self.model).__name__} cannot run under autocast "
                               f"(precision={precision!r}); use float32, or cast the model itself")
         minimum = {s: self.SCORES[s] for s in scores}
-        if "variability" in minimum and variance == "monte_carlo":
-            minimum["variability"] = 2
+        if "variability" in minimum and variance == "monte_carlo":  # a variance over draws;
+            # a block posterior's always comes with its jackknife error (MonteCarloTailVariance)
+            minimum["variability"] = 3 if isinstance(self.posterior, TailPosterior) else 2
         uses_posterior = sorted(s for s, m in minimum.items() if m is not None)
         needed = max((m for m in minimum.values() if m is not None), default=0)
         if num_draws < needed:

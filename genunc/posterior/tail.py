@@ -156,6 +156,12 @@ class _Recorder:
         self.calls = [[] for _ in range(self.n_modules)]
 
 
+#: draws a batched block re-run evaluates at once: the block's activations are held for this
+#: many draws, not all M (memory grew by one block's activations per draw), and batches of
+#: this size keep most of the batching's speed
+DRAWS_PER_PASS = 4
+
+
 class Tail:
     """An ordered chain of named modules of `model`, the last one the head.
 
@@ -343,7 +349,8 @@ class Tail:
             return self.run(dict(zip(keys, p)), rebuild(xs))
 
         try:
-            return vmap(one, in_dims=(0, 0 if per_draw else None))(stacked, batched)
+            return vmap(one, in_dims=(0, 0 if per_draw else None),
+                        chunk_size=DRAWS_PER_PASS)(stacked, batched)
         except (RuntimeError, NotImplementedError):  # ops vmap cannot batch: one call per draw
             return self._loop(params, inputs, per_draw)
 
@@ -376,7 +383,8 @@ class Tail:
             try:
                 if not self.loop_draws:
                     try:
-                        return vmap(one, in_dims=(0, 0 if per_draw else None))(tangents, batched)
+                        return vmap(one, in_dims=(0, 0 if per_draw else None),
+                                    chunk_size=DRAWS_PER_PASS)(tangents, batched)
                     except (RuntimeError, NotImplementedError):  # one call per draw below
                         pass
                 return torch.stack([one(tuple(t[m] for t in tangents),
