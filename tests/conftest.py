@@ -6,6 +6,7 @@ seeds or sizes.
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,25 +61,48 @@ def tiny_ddpm_folder(tmp_path_factory):
     return write
 
 
-@pytest.fixture
-def tiny_image_config(tmp_path, tiny_ddpm_folder):
-    """A config file for a tiny image model, its fit data and an export, all in tmp_path:
-    ``tiny_image_config(**generate_overrides)`` returns its path."""
+def _write_image_config(folder: Path, tiny_ddpm_folder, posterior_dir: str | None = None,
+                        **generate) -> Path:
     import yaml
 
-    def write(posterior_dir: str | None = None, **generate) -> Path:
-        model = tiny_ddpm_folder(tmp_path / "model")
-        g = torch.Generator().manual_seed(0)
-        torch.save({"x": torch.randn(24, 1, 8, 8, generator=g).clamp(-1, 1),
-                    "class_labels": torch.randint(0, 3, (24,), generator=g)}, tmp_path / "data.pt")
-        config = {"model": str(model), "features": "pixels", "quality": None,
-                  "posterior": {"data": str(tmp_path / "data.pt"), "repeats": 1,
-                                "dir": posterior_dir},
-                  "generate": {"n_samples": 6, "num_draws": 2, "steps": 3, "chunk_size": 4,
-                               "scores": ["semantic", "variability", "random"],
-                               "out": str(tmp_path / "export"), **generate}}
-        path = tmp_path / "tiny.yaml"
-        path.write_text(yaml.safe_dump(config))
+    model = tiny_ddpm_folder(folder / "model")
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x": torch.randn(24, 1, 8, 8, generator=g).clamp(-1, 1),
+                "class_labels": torch.randint(0, 3, (24,), generator=g)}, folder / "data.pt")
+    config = {"model": str(model), "features": "pixels", "quality": None,
+              "posterior": {"data": str(folder / "data.pt"), "repeats": 1, "dir": posterior_dir},
+              "generate": {"n_samples": 6, "num_draws": 2, "steps": 3, "chunk_size": 4,
+                           "scores": ["semantic", "variability", "random"],
+                           "out": str(folder / "export"), **generate}}
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_image_posterior(tmp_path_factory, tiny_ddpm_folder) -> Path:
+    """The folder of the posterior ``genunc fit`` makes for the tiny image config, fitted once
+    per test run (the model, its data and the fit are all seeded: every config gets the same)."""
+    from genunc.cli import main
+
+    folder = tmp_path_factory.mktemp("tiny_image_posterior")
+    config = _write_image_config(folder, tiny_ddpm_folder, posterior_dir=str(folder / "posterior"))
+    assert main(["fit", "-c", str(config)]) == 0
+    return folder / "posterior"
+
+
+@pytest.fixture
+def tiny_image_config(tmp_path, tiny_ddpm_folder, tiny_image_posterior):
+    """A config file for a tiny image model, its fit data and an export, all in tmp_path:
+    ``tiny_image_config(posterior_dir=None, fitted=False, **generate_overrides)`` returns its
+    path; ``fitted=True`` puts the session's posterior where the config looks for it (a test
+    that is not about fitting does not fit again)."""
+
+    def write(posterior_dir: str | None = None, fitted: bool = False, **generate) -> Path:
+        path = _write_image_config(tmp_path, tiny_ddpm_folder, posterior_dir, **generate)
+        if fitted:
+            shutil.copytree(tiny_image_posterior,
+                            posterior_dir or tmp_path / "model" / "genunc_posterior")
         return path
 
     return write

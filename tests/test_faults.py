@@ -18,7 +18,15 @@ from genunc.export import Export, ExportWriter
 
 @pytest.fixture
 def digits_config(tiny_image_config, tmp_path):
-    """A tiny image config writing its posterior and export into tmp_path, two samples a chunk."""
+    """A tiny image config writing its posterior and export into tmp_path, two samples a chunk,
+    with its posterior already fitted."""
+    return tiny_image_config(posterior_dir=str(tmp_path / "posterior"), fitted=True, steps=2,
+                             chunk_size=2)
+
+
+@pytest.fixture
+def unfitted_digits_config(tiny_image_config, tmp_path):
+    """The same config before its posterior is fitted."""
     return tiny_image_config(posterior_dir=str(tmp_path / "posterior"), steps=2, chunk_size=2)
 
 
@@ -37,8 +45,9 @@ def _last_line(text: str) -> str:
     ("generate.steps=0", "generate.steps: 0 is not allowed"),
     ("generate.branch_at=1", None),  # valid: the control
 ])
-def test_a_mistake_leaves_no_folder_and_the_corrected_run_works(digits_config, tmp_path, capsys,
-                                                                mistake, says):
+def test_a_mistake_leaves_no_folder_and_the_corrected_run_works(unfitted_digits_config, tmp_path,
+                                                                capsys, mistake, says):
+    digits_config = unfitted_digits_config
     code = main(["generate", "-c", str(digits_config), "--set", mistake])
     if says is None:
         assert code == 0
@@ -125,7 +134,8 @@ def test_one_label_rule_for_risk_control_and_evaluate(tmp_path, capsys):
 
 
 # 6 ---------------------------------------------------------------------------------------------
-def test_exports_and_posteriors_follow_the_umask(digits_config, tmp_path):
+def test_exports_and_posteriors_follow_the_umask(unfitted_digits_config, tmp_path):
+    digits_config = unfitted_digits_config
     old = os.umask(0o022)
     try:
         assert main(["generate", "-c", str(digits_config)]) == 0
@@ -171,8 +181,9 @@ def test_a_second_writer_is_refused(tmp_path):
     ("posterior.structure=lowrnk", "posterior.structure"),
     ("posterior.predictive=glm", "posterior.predictive"),
 ])
-def test_bad_config_values_name_the_key_and_write_nothing(digits_config, tmp_path, capsys,
-                                                          override, key):
+def test_bad_config_values_name_the_key_and_write_nothing(unfitted_digits_config, tmp_path,
+                                                          capsys, override, key):
+    digits_config = unfitted_digits_config
     assert main(["generate", "-c", str(digits_config), "--set", override]) == 2
     err = capsys.readouterr().err
     assert f"  {key}: " in err and "expected" in err and "Traceback" not in err

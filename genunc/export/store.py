@@ -230,7 +230,7 @@ def _lock(directory: Path) -> Any:
     return handle
 
 
-def _being_written(directory: Path) -> bool:
+def being_written(directory: Path) -> bool:
     """Whether a writer holds the folder's lock (a shared lock would have to wait for it)."""
     try:
         handle = (directory / LOCK).open("r")
@@ -383,7 +383,7 @@ class Export:
         self.directory = Path(directory)
         if not (self.directory / RUN).exists():
             raise MissingFileError(f"{self.directory} is not a genunc export (no {RUN})")
-        if not partial and _being_written(self.directory):
+        if not partial and being_written(self.directory):
             raise GenuncError(f"{self.directory} is still being written by a genunc run; wait "
                               "for it to finish (or read what is committed so far with "
                               "Export(..., partial=True))")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from genunc.errors import GenuncError, MissingFileError
-from genunc.export.store import MANIFEST, RUN, Export, merge_exports
+from genunc.export.store import MANIFEST, RUN, Export, being_written, merge_exports
 
 _SHARD_NAME = re.compile(r"rank-(\d{5})-of-(\d{5})$")
 
@@ -89,8 +89,11 @@ def shard_info(shard: ProcessShard, ids: range) -> dict[str, Any]:
 
 
 def shard_complete(directory: Path) -> bool:
-    """Whether a shard export holds every sample of its block."""
+    """Whether a shard export holds every sample of its block and its writer has let go (each
+    process asks after closing its own shard, so the last to close sees every shard done)."""
     if not (directory / RUN).exists() or not (directory / MANIFEST).exists():
+        return False
+    if being_written(directory):  # its process is still finalizing
         return False
     info = json.loads((directory / RUN).read_text()).get("shard") or {}
     expected = info.get("stop", 0) - info.get("first", 0)

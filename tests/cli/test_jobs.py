@@ -18,6 +18,12 @@ def config_file(tiny_image_config):
     return tiny_image_config()
 
 
+@pytest.fixture
+def fitted_config_file(tiny_image_config):
+    """The config with its posterior already fitted (the session's fit, copied)."""
+    return tiny_image_config(fitted=True)
+
+
 def test_fit_generate_filter_evaluate(config_file, tmp_path, capsys):
     assert main(["fit", "-c", str(config_file)]) == 0
     assert (tmp_path / "model" / "genunc_posterior" / "genunc_posterior.json").exists()
@@ -67,10 +73,10 @@ def test_fit_generate_filter_evaluate(config_file, tmp_path, capsys):
     assert "Spearman" in out and (tmp_path / "r.png").stat().st_size > 0
 
 
-def test_an_export_does_not_depend_on_its_chunk_size(config_file, tmp_path):
+def test_an_export_does_not_depend_on_its_chunk_size(fitted_config_file, tmp_path):
     """Sample i draws from the streams of (seed, i) and every chunk shares the head draws, so
     the same export made in chunks of 4, 1 or 6 holds the same samples and scores."""
-    assert main(["fit", "-c", str(config_file)]) == 0
+    config_file = fitted_config_file
     manifests = []
     for size in (4, 1, 6):
         out = tmp_path / f"export_{size}"
@@ -85,8 +91,10 @@ def test_an_export_does_not_depend_on_its_chunk_size(config_file, tmp_path):
                                        rtol=1e-4, atol=1e-8)
 
 
-def test_image_quality_columns_come_from_the_independent_judge(config_file, tmp_path, monkeypatch):
+def test_image_quality_columns_come_from_the_independent_judge(fitted_config_file, tmp_path,
+                                                              monkeypatch):
     """The export's quality label is the judge's verdict, never the feature network's."""
+    config_file = fitted_config_file
     from genunc.features import DigitsFeatures
 
     def no_classifier(*args, **kwargs):
@@ -143,9 +151,9 @@ def test_model_dir_resolves_zoo_names_and_paths(tmp_path, monkeypatch):
         job.model_dir(load_config(None, []))
 
 
-def test_a_stale_posterior_is_refused_by_generate_and_replaced_by_fit(config_file, tmp_path,
-                                                                      tiny_unet, capsys):
-    assert main(["fit", "-c", str(config_file)]) == 0
+def test_a_stale_posterior_is_refused_by_generate_and_replaced_by_fit(fitted_config_file,
+                                                                      tmp_path, tiny_unet, capsys):
+    config_file = fitted_config_file
     tiny_unet(seed=1).save_pretrained(tmp_path / "model")  # the model was retrained
     assert main(["generate", "-c", str(config_file)]) == 2
     assert "fitted on a different head" in capsys.readouterr().err

@@ -45,8 +45,8 @@ def _same_export(merged: Export, single: Export, columns):
         np.testing.assert_allclose(merged.column(name), single.column(name), rtol=1e-4, atol=1e-8)
 
 
-def _image_config(tiny_image_config):
-    return tiny_image_config(n_samples=7, chunk_size=2)
+def _image_config(tiny_image_config, fitted=True):
+    return tiny_image_config(n_samples=7, chunk_size=2, fitted=fitted)
 
 
 def _molecule_config(tiny_molecule_folder, tmp_path):
@@ -70,7 +70,7 @@ def test_two_processes_write_the_export_one_process_writes(modality, request, tm
     else:
         path = _molecule_config(request.getfixturevalue("tiny_molecule_folder"), tmp_path)
         columns = ("semantic", "variability", "denoising_loss", "random")
-    assert main(["fit", "-c", str(path)]) == 0
+        assert main(["fit", "-c", str(path)]) == 0
     single = tmp_path / "single"
     assert main(["generate", "-c", str(path), "--set", f"generate.out={single}"]) == 0
     out = tmp_path / "export"
@@ -131,7 +131,6 @@ def test_an_interrupted_rank_resumes_and_a_missing_shard_is_named(tiny_image_con
     from genunc.jobs.image import ImageJob
 
     path = _image_config(tiny_image_config)
-    assert main(["fit", "-c", str(path)]) == 0
     out = tmp_path / "export"
     assert main(["generate", "-c", str(path), "--set", f"generate.out={tmp_path / 'single'}"]) == 0
 
@@ -165,7 +164,7 @@ def test_an_interrupted_rank_resumes_and_a_missing_shard_is_named(tiny_image_con
 
 
 def test_other_ranks_wait_for_rank_zeros_posterior(tiny_image_config, monkeypatch):
-    path = _image_config(tiny_image_config)
+    path = _image_config(tiny_image_config, fitted=False)
     monkeypatch.setattr("genunc.jobs.base.POSTERIOR_WAIT_S", 0.5)
     _as_rank(monkeypatch, 1, 2)
     with pytest.raises(GenuncError, match="waited 0 s for rank 0's posterior fit"):
@@ -184,7 +183,6 @@ def test_other_ranks_never_read_a_posterior_rank_zero_is_still_writing(tiny_imag
     from genunc.posterior.saved import FILES
 
     path = _image_config(tiny_image_config)
-    assert main(["fit", "-c", str(path)]) == 0
     folder = posterior_dir(load_config(path))
     tensors, meta = (folder / name for name in FILES["head"])
     held = tensors.read_bytes()
@@ -202,7 +200,6 @@ def test_other_ranks_never_read_a_posterior_rank_zero_is_still_writing(tiny_imag
 
 def test_merge_refuses_shards_of_different_runs(tiny_image_config, tmp_path, monkeypatch, capsys):
     path = _image_config(tiny_image_config)
-    assert main(["fit", "-c", str(path)]) == 0
     _as_rank(monkeypatch, 0, 2)
     assert main(["generate", "-c", str(path)]) == 0
     _as_rank(monkeypatch, 1, 2)
