@@ -544,3 +544,41 @@ def test_fit_data_of_the_wrong_kind_is_named(tiny_ddpm_folder, tiny_molecule_fol
     tokens = torch.randint(0, arith_task.vocab_size, (4, arith_task.length))
     with pytest.raises(GenuncError, match="token ids must be integers, got torch.float32"):
         text.fit_posterior([{"x": tokens.float() + 0.5}], progress=False)
+
+
+@pytest.mark.parametrize("kind", ["head", "tail"])
+def test_folders_of_the_previous_formats_still_load(tmp_path, kind):
+    """Before one format: head posteriors had no ``kind`` (format 1) and block posteriors their
+    own file names; both load, to the same draws, and a refit replaces the old files."""
+    from genunc.posterior.io import LEGACY_TAIL_FILES, META_FILE, TENSORS_FILE
+    from genunc.posterior.saved import load_saved
+
+    model = _saved_posterior(kind, tmp_path / "new")
+    new = load_saved(tmp_path / "new", model)
+    meta = json.loads((tmp_path / "new" / META_FILE).read_text())
+    meta["format_version"] = 1
+    old = tmp_path / "old"
+    old.mkdir()
+    if kind == "head":
+        del meta["kind"]
+        names = (META_FILE, TENSORS_FILE)
+    else:
+        names = LEGACY_TAIL_FILES
+    (old / names[0]).write_text(json.dumps(meta))
+    (old / names[1]).write_bytes((tmp_path / "new" / TENSORS_FILE).read_bytes())
+    loaded = load_saved(old, model)
+    assert type(loaded) is type(new) and loaded.digest() == new.digest()
+    a, b = loaded.sample(3, seed=0), new.sample(3, seed=0)
+    for key, value in b.params.items():
+        assert torch.equal(a.params[key], value)
+    new.save(old)
+    assert sorted(p.name for p in old.iterdir()) == [META_FILE, TENSORS_FILE]
+
+
+def test_a_posterior_of_the_other_kind_is_named(tmp_path):
+    from genunc.posterior import HeadPosterior, TailPosterior
+
+    model = _saved_posterior("tail", tmp_path)
+    with pytest.raises(GenuncError, match="holds a tail posterior, not a head posterior"):
+        HeadPosterior.load(tmp_path, model)
+    assert TailPosterior.load(tmp_path, model) is not None

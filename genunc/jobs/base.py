@@ -25,7 +25,7 @@ from genunc.jobs.shards import ProcessShard, merge_shards, shard_complete, shard
 from genunc.pipelines.base import UncertaintyPipeline
 from genunc.posterior import POSTERIOR_DIR, HeadPosterior, TailPosterior
 from genunc.posterior.fingerprint import weights_digest
-from genunc.posterior.saved import FILES, remove_saved, saved_kind
+from genunc.posterior.saved import remove_saved, saved_files, saved_kind
 
 #: one sample of a chunk: (sample id, payload for the export's file, manifest record)
 ChunkRecord = tuple[str, Any, dict[str, Any]]
@@ -160,7 +160,7 @@ class Job(ABC):
             _check_block_options(config)
             if saved_kind(directory) not in (None, kind):  # the files awaited would never come
                 _check_kind(directory, config)
-            wait_for([directory / name for name in FILES[kind]], POSTERIOR_WAIT_S,
+            wait_for(saved_files(directory), POSTERIOR_WAIT_S,
                      "rank 0's posterior fit")
             pipe.load_or_fit_posterior(directory)
         if pipe.posterior is None:

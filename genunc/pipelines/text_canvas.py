@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
 from genunc.posterior import HeadDraws
+from genunc.sampling.masked import sampling_logits
 from genunc.scores.tokens import mutual_information
 
 #: scheduler classes whose commits genunc reads (by class name, any subclass)
@@ -293,7 +294,6 @@ class CanvasRecorder:
 
 
 def _block_refinement_sampling(kwargs: dict[str, Any]) -> Any:
-    from genunc.pipelines.text_wrapped import sampling_logits
 
     return functools.partial(sampling_logits, temperature=float(kwargs.get("temperature", 0.0)),
                              top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),

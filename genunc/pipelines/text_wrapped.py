@@ -70,6 +70,7 @@ from genunc.adapters.base import resolve_module
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
 from genunc.pipelines.text_canvas import CanvasRecorder, scheduler_kind, wrapped_scheduler
 from genunc.posterior import HeadDraws, HeadPosterior
+from genunc.sampling.masked import sampling_logits
 from genunc.scores import feature_scale, gaussian_entropy, random_scores
 from genunc.scores.tokens import mutual_information
 
@@ -112,33 +113,6 @@ class WrappedTextOutput:
     draw_sequences: Tensor | None = None
     draw_texts: list[list[str]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def sampling_logits(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None,
-                    top_p: float | None = None, sampling_method: str = "multinomial") -> Tensor:
-    """Logits whose softmax is the distribution ``BlockRefinementScheduler`` samples from.
-
-    Greedy decoding (temperature 0, or ``sampling_method="greedy"``) takes the argmax of the raw
-    logits and reports their softmax as confidence; multinomial sampling divides by the
-    temperature, then keeps the top-k, then the top-p nucleus (removed entries get the dtype's
-    lowest value, as the scheduler does).  Broadcasts over leading axes (e.g. draws).
-    """
-    multinomial = sampling_method == "multinomial" or (sampling_method == "auto" and temperature != 0)
-    if temperature == 0 or not multinomial:
-        return logits
-    out = logits / temperature if temperature != 1 else logits
-    lowest = torch.finfo(out.dtype).min
-    if top_k is not None and 0 < top_k < out.shape[-1]:
-        kth = out.topk(top_k, dim=-1).values[..., -1:]
-        out = out.masked_fill(out < kth, lowest)
-    if top_p is not None and top_p < 1:
-        ordered, order = out.sort(dim=-1, descending=True)
-        cumulative = ordered.float().softmax(-1).cumsum(-1)
-        drop = cumulative > top_p
-        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
-        drop[..., 0] = False
-        out = out.scatter(-1, order, ordered.masked_fill(drop, lowest))
-    return out
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:

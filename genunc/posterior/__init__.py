@@ -17,7 +17,7 @@ from genunc.posterior.heads import (
     head_ops_for,
     register_head_ops,
 )
-from genunc.posterior.io import POSTERIOR_DIR, load_posterior, save_posterior
+from genunc.posterior.io import POSTERIOR_DIR
 from genunc.posterior.laplace_head import STRUCTURES, HeadPosterior
 from genunc.posterior.laplace_tail import (
     PREDICTIVES,
@@ -48,9 +48,7 @@ __all__ = [
     "collect_head_data",
     "head_fingerprint",
     "head_ops_for",
-    "load_posterior",
     "register_head_ops",
-    "save_posterior",
     "Tail",
     "TailData",
     "TailDraws",

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -22,14 +24,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from genunc._seed import as_generator
 from genunc.adapters.base import DenoiserAdapter, Likelihood, resolve_module
-from genunc.errors import GenuncError, ShapeMismatchError
+from genunc.errors import FingerprintMismatchError, GenuncError, ShapeMismatchError
 from genunc.posterior.capture import HeadData, collect_head_data
 from genunc.posterior.curvature import LinearHeadGGN
 from genunc.posterior.draws import HeadDraws, full_precision
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import HeadOps, check_finite, head_ops_for
-from genunc.posterior.io import load_posterior, save_posterior
-from genunc.posterior.laplace_state import LaplaceQuantities
+from genunc.posterior.io import META_FILE, damaged_if_unreadable, read_saved, write_saved
+from genunc.posterior.laplace_state import LaplaceQuantities, laplace_tensors, restore_laplace
 
 Structure = Literal["diag", "kron", "full"]
 STRUCTURES: tuple[str, ...] = ("diag", "kron", "full")
@@ -454,10 +456,71 @@ class HeadPosterior(LaplaceQuantities):
         }
 
     # ------------------------------------------------------------------ persistence
-    #: ``posterior.save(directory)``: two files, each written atomically (see :mod:`.io`)
-    save = save_posterior
-    #: ``HeadPosterior.load(directory, model, missing=..., stale=...)`` (see :func:`.io.load_posterior`)
-    load = staticmethod(load_posterior)
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the posterior's two files into `directory` (:mod:`genunc.posterior.io`)."""
+        tensors, laplace_meta = laplace_tensors(self.laplace, self.structure)
+        if self.subset is not None:  # a posterior over some of the head's rows
+            tensors["subset"] = self.subset.to(torch.uint8)
+            tensors["full_mean"] = self.mean
+        model = self.laplace.model
+        if getattr(model, "output_scale", None) is not None:
+            tensors["output_scale"] = model.output_scale
+        meta = {"structure": self.structure, "likelihood": self.likelihood,
+                "head_name": self.head_name, "row_wise": self.ops.row_wise,
+                "output_softcap": getattr(model, "softcap", None),
+                "fingerprint": self.fingerprint, **laplace_meta, "info": self.info}
+        return write_saved(directory, "head", tensors, meta)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], model: nn.Module | DenoiserAdapter, *,
+             missing: Literal["error", "none"] = "error",
+             stale: Literal["error", "none"] = "error",
+             check_weights: bool = True) -> "HeadPosterior | None":
+        """Load the head posterior saved in `directory` onto `model`'s head (or an adapter's).
+
+        One policy with two explicit choices: ``missing="none"`` returns None where nothing was
+        saved; ``stale="none"`` returns None where the saved posterior belongs to another head
+        or other weights (a retrained model).  Anything else wrong (a half-written folder, a
+        damaged file, a format this genunc cannot read) raises, naming the file.
+        """
+        read = read_saved(directory, missing=missing)
+        if read is None:
+            return None
+        with damaged_if_unreadable(Path(directory) / META_FILE):
+            return cls.from_saved(*read, model, stale=stale, check_weights=check_weights)
+
+    @classmethod
+    def from_saved(cls, kind: str, meta: dict[str, Any], tensors: dict[str, Tensor],
+                   model: nn.Module | DenoiserAdapter, *, stale: str = "error",
+                   check_weights: bool = True) -> "HeadPosterior | None":
+        """The posterior :func:`~genunc.posterior.io.read_saved` read, on `model`'s head."""
+        if kind != "head":
+            raise GenuncError(f"this folder holds a {kind} posterior, not a head posterior")
+        module = model.model if isinstance(model, DenoiserAdapter) else model
+        head = resolve_module(module, meta["head_name"])
+        try:
+            check_fingerprint(meta["fingerprint"], head_fingerprint(meta["head_name"], head),
+                              check_weights)
+        except FingerprintMismatchError:
+            if stale == "none":
+                return None
+            raise
+        device = next(head.parameters()).device
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+        head_copy = copy.deepcopy(head).to(tensors["mean"].dtype).eval()
+        for p in head_copy.parameters():
+            p.requires_grad_(True)
+        ops = head_ops_for(head_copy)
+        subset = tensors["subset"].bool() if "subset" in tensors else None
+        kept = None if subset is None else torch.unique(ops.output_rows().to(device)[subset])
+        la = Laplace(_RowModel(head_copy, meta["row_wise"], output_scale=tensors.get("output_scale"),
+                               kept_outputs=kept, softcap=meta.get("output_softcap")),
+                     meta["likelihood"], subset_of_weights="all",
+                     hessian_structure=meta["structure"])
+        restore_laplace(la, tensors, meta, meta["structure"], meta["likelihood"])
+        return cls(la, ops, meta["head_name"], meta["structure"], meta["likelihood"],
+                   meta["fingerprint"], meta.get("info"), subset=subset,
+                   full_mean=tensors.get("full_mean") if subset is not None else None)
 
     def check_matches(self, model: nn.Module | DenoiserAdapter, check_weights: bool = True) -> None:
         """Raise :class:`FingerprintMismatchError` unless `model`'s head is the one fitted on."""

@@ -51,14 +51,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from genunc._io import atomic_write
 from genunc._seed import as_generator
-from genunc._version import __version__
 from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import FingerprintMismatchError, GenuncError, ShapeMismatchError
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import check_finite
-from genunc.posterior.io import damaged_if_unreadable, read_saved
+from genunc.posterior.io import META_FILE, damaged_if_unreadable, read_saved, write_saved
 from genunc.posterior.laplace_head import STRUCTURES, _optimise_marglik
 from genunc.posterior.laplace_state import LaplaceQuantities, laplace_tensors, restore_laplace
 from genunc.posterior.lowrank import LowRankDiagLaplace
@@ -68,9 +66,6 @@ Curvature = Literal["auto", "exact", "mc"]
 TailStructure = Literal["diag", "kron", "full", "lowrank"]
 TAIL_STRUCTURES: tuple[str, ...] = (*STRUCTURES, "lowrank")
 PREDICTIVES: tuple[str, ...] = ("sample", "linearised")
-TAIL_FORMAT_VERSION = 1
-TENSORS_FILE = "genunc_tail_posterior.safetensors"
-META_FILE = "genunc_tail_posterior.json"
 _EXACT_LIMIT = 2**22
 
 
@@ -611,46 +606,34 @@ class TailPosterior(LaplaceQuantities):
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write the posterior's two files into `directory` (:mod:`genunc.posterior.io`)."""
         tensors, laplace_meta = laplace_tensors(self.laplace, self.structure)
         if self.laplace.model.output_scale is not None:
             tensors["output_scale"] = self.laplace.model.output_scale
-        meta = {
-            "format_version": TAIL_FORMAT_VERSION, "genunc_version": __version__,
-            "kind": "tail", "structure": self.structure, "tail": self.names,
-            "likelihood": self.likelihood,
-            "fingerprint": self.fingerprint, **laplace_meta,
-            "info": self.info,
-        }
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, str(p)))
-        atomic_write(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
-        return directory
+        meta = {"structure": self.structure, "tail": self.names, "likelihood": self.likelihood,
+                "fingerprint": self.fingerprint, **laplace_meta, "info": self.info}
+        return write_saved(directory, "tail", tensors, meta)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], model: nn.Module | DenoiserAdapter, *,
              missing: Literal["error", "none"] = "error", stale: Literal["error", "none"] = "error",
              check_weights: bool = True) -> "TailPosterior | None":
         """Load a tail posterior onto `model`, refusing one fitted on another tail or weights
-        (``stale="none"``: return None instead; ``missing="none"``: None where none was saved)."""
-        directory = Path(directory)
-        read = read_saved(directory, META_FILE, TENSORS_FILE, TAIL_FORMAT_VERSION, missing=missing)
+        (``stale="none"``: return None instead; ``missing="none"``: None where none was saved);
+        a damaged file raises, naming it."""
+        read = read_saved(directory, missing=missing)
         if read is None:
             return None
-        meta, tensors = read
-        with damaged_if_unreadable(directory / META_FILE):
-            return cls._from_saved(meta, tensors, model, stale, check_weights)
+        with damaged_if_unreadable(Path(directory) / META_FILE):
+            return cls.from_saved(*read, model, stale=stale, check_weights=check_weights)
 
     @classmethod
-    def _from_saved(cls, meta: dict[str, Any], tensors: dict[str, Tensor],
-                    model: nn.Module | DenoiserAdapter, stale: str,
-                    check_weights: bool) -> "TailPosterior | None":
-        if meta.get("kind") != "tail":
-            raise GenuncError(f"the posterior's description says kind {meta.get('kind')!r}, "
-                              "not 'tail'")
+    def from_saved(cls, kind: str, meta: dict[str, Any], tensors: dict[str, Tensor],
+                   model: nn.Module | DenoiserAdapter, *, stale: str = "error",
+                   check_weights: bool = True) -> "TailPosterior | None":
+        """The posterior :func:`~genunc.posterior.io.read_saved` read, on `model`'s tail."""
+        if kind != "tail":
+            raise GenuncError(f"this folder holds a {kind} posterior, not a tail posterior")
         module = model.model if isinstance(model, DenoiserAdapter) else model
         try:
             tail = Tail(module, meta["tail"])

@@ -1,7 +1,8 @@
-"""One folder, one saved posterior: over the head or over a block (a tail).
+"""One folder, one saved posterior, of whichever kind (over the head or over a block).
 
-Pipelines and jobs look a folder up here instead of assuming the kind, so a posterior fitted
-over a block is found where a head posterior would have been, and a folder never holds both.
+Pipelines and jobs load a folder here instead of assuming the kind: the description's ``kind``
+(:mod:`genunc.posterior.io`) picks the class, with the one error policy of
+:func:`~genunc.posterior.io.read_saved`.
 """
 
 from __future__ import annotations
@@ -13,46 +14,32 @@ from typing import Literal
 from torch import nn
 
 from genunc.adapters.base import DenoiserAdapter
-from genunc.errors import GenuncError
-from genunc.posterior import io, laplace_tail
+from genunc.posterior.io import (
+    META_FILE,
+    damaged_if_unreadable,
+    read_saved,
+    remove_saved,
+    saved_files,
+    saved_kind,
+)
 from genunc.posterior.laplace_head import HeadPosterior
 from genunc.posterior.laplace_tail import TailPosterior
 
-Kind = Literal["head", "tail"]
-FILES: dict[str, tuple[str, str]] = {
-    "head": (io.TENSORS_FILE, io.META_FILE),
-    "tail": (laplace_tail.TENSORS_FILE, laplace_tail.META_FILE),
-}
+__all__ = ["load_saved", "remove_saved", "saved_files", "saved_kind"]
 
-
-def saved_kind(directory: str | os.PathLike[str]) -> Kind | None:
-    """Which kind of posterior `directory` holds (a file of it is enough), or None."""
-    directory = Path(directory)
-    kinds = [kind for kind, names in FILES.items() if any((directory / n).exists() for n in names)]
-    if len(kinds) > 1:
-        raise GenuncError(f"{directory} holds both a head and a block posterior; remove the one "
-                          "you do not want")
-    return kinds[0] if kinds else None  # type: ignore[return-value]
-
-
-def saved_files(directory: str | os.PathLike[str]) -> list[Path]:
-    """The files a complete saved posterior of `directory`'s kind has (head files if none)."""
-    kind = saved_kind(directory) or "head"
-    return [Path(directory) / name for name in FILES[kind]]
+_CLASSES = {"head": HeadPosterior, "tail": TailPosterior}
 
 
 def load_saved(directory: str | os.PathLike[str], model: nn.Module | DenoiserAdapter, *,
                missing: Literal["error", "none"] = "error",
                stale: Literal["error", "none"] = "error",
                check_weights: bool = True) -> HeadPosterior | TailPosterior | None:
-    """The posterior saved in `directory`, whichever kind it is (see each kind's ``load``)."""
-    kind = saved_kind(directory)
-    loader = TailPosterior.load if kind == "tail" else HeadPosterior.load
-    return loader(directory, model, missing=missing, stale=stale, check_weights=check_weights)
-
-
-def remove_saved(directory: str | os.PathLike[str]) -> None:
-    """Delete a saved posterior's files (a refit of another kind replaces it)."""
-    for names in FILES.values():
-        for name in names:
-            (Path(directory) / name).unlink(missing_ok=True)
+    """The posterior saved in `directory` on `model`, whichever kind it is: None where nothing
+    was saved (``missing="none"``) or it belongs to other weights (``stale="none"``); anything
+    else wrong raises one line naming the file."""
+    read = read_saved(directory, missing=missing)
+    if read is None:
+        return None
+    kind = read[0]
+    with damaged_if_unreadable(Path(directory) / META_FILE):
+        return _CLASSES[kind].from_saved(*read, model, stale=stale, check_weights=check_weights)

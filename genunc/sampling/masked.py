@@ -415,3 +415,30 @@ def unmask(
         mi_leave_one_out=loo,
         row_nfe=row_nfe,
     )
+
+
+def sampling_logits(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None, sampling_method: str = "multinomial") -> Tensor:
+    """Logits whose softmax is the distribution ``BlockRefinementScheduler`` samples from.
+
+    Greedy decoding (temperature 0, or ``sampling_method="greedy"``) takes the argmax of the raw
+    logits and reports their softmax as confidence; multinomial sampling divides by the
+    temperature, then keeps the top-k, then the top-p nucleus (removed entries get the dtype's
+    lowest value, as the scheduler does).  Broadcasts over leading axes (e.g. draws).
+    """
+    multinomial = sampling_method == "multinomial" or (sampling_method == "auto" and temperature != 0)
+    if temperature == 0 or not multinomial:
+        return logits
+    out = logits / temperature if temperature != 1 else logits
+    lowest = torch.finfo(out.dtype).min
+    if top_k is not None and 0 < top_k < out.shape[-1]:
+        kth = out.topk(top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, lowest)
+    if top_p is not None and top_p < 1:
+        ordered, order = out.sort(dim=-1, descending=True)
+        cumulative = ordered.float().softmax(-1).cumsum(-1)
+        drop = cumulative > top_p
+        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
+        drop[..., 0] = False
+        out = out.scatter(-1, order, ordered.masked_fill(drop, lowest))
+    return out

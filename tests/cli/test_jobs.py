@@ -169,8 +169,7 @@ def test_a_block_posterior_through_the_cli(config_file, tmp_path, capsys):
             "--set", "generate.num_draws=3"]
     assert main(["fit", "-c", str(config_file), *tail]) == 0
     folder = tmp_path / "model" / "genunc_posterior"
-    assert (folder / "genunc_tail_posterior.json").exists()
-    assert not (folder / "genunc_posterior.json").exists()
+    assert json.loads((folder / "genunc_posterior.json").read_text())["kind"] == "tail"
     assert main(["generate", "-c", str(config_file), *tail]) == 0
     export = Export(tmp_path / "export")
     se, score = export.column("variability_se"), export.column("variability")
@@ -180,8 +179,7 @@ def test_a_block_posterior_through_the_cli(config_file, tmp_path, capsys):
     assert "holds a posterior over the tail but the config asks for one over the head" in \
         capsys.readouterr().err
     assert main(["fit", "-c", str(config_file)]) == 0  # a head fit replaces the block posterior
-    assert (folder / "genunc_posterior.json").exists()
-    assert not (folder / "genunc_tail_posterior.json").exists()
+    assert json.loads((folder / "genunc_posterior.json").read_text())["kind"] == "head"
 
 
 def test_a_lowrank_block_posterior_through_the_cli(config_file, tmp_path, capsys):
@@ -190,7 +188,7 @@ def test_a_lowrank_block_posterior_through_the_cli(config_file, tmp_path, capsys
     options = ["--set", "posterior.tail=1", "--set", "posterior.structure=lowrank",
                "--set", "posterior.rank=3"]
     assert main(["fit", "-c", str(config_file), *options]) == 0
-    meta = json.loads((tmp_path / "model" / "genunc_posterior" / "genunc_tail_posterior.json")
+    meta = json.loads((tmp_path / "model" / "genunc_posterior" / "genunc_posterior.json")
                       .read_text())
     assert meta["structure"] == "lowrank" and meta["info"]["rank"] == 3
     assert main(["fit", "-c", str(config_file), "--set", "posterior.structure=lowrank"]) == 2

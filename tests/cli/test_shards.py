@@ -180,11 +180,11 @@ def test_other_ranks_never_read_a_posterior_rank_zero_is_still_writing(tiny_imag
 
     from genunc.config import load_config
     from genunc.jobs.base import posterior_dir
-    from genunc.posterior.saved import FILES
+    from genunc.posterior.io import TENSORS_FILE
 
     path = _image_config(tiny_image_config)
     folder = posterior_dir(load_config(path))
-    tensors, meta = (folder / name for name in FILES["head"])
+    tensors = folder / TENSORS_FILE
     held = tensors.read_bytes()
     tensors.unlink()  # rank 0 mid-save: the metadata is there, the tensors not yet
     timer = threading.Timer(1.5, tensors.write_bytes, args=(held,))

@@ -19,8 +19,8 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from genunc.errors import FingerprintMismatchError, GenuncError  # noqa: E402
 from genunc.pipelines.text import TextUncertaintyPipeline  # noqa: E402
-from genunc.pipelines.text_wrapped import sampling_logits  # noqa: E402
 from genunc.posterior import HeadDraws  # noqa: E402
+from genunc.sampling.masked import sampling_logits  # noqa: E402
 from genunc.scores.tokens import mutual_information  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<mask>", "<unk>", *map(str, range(10)), "+", "=", "a", "b", "c", "d"]
