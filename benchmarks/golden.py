@@ -5,7 +5,7 @@ What runs, each small and seeded:
 * the CLI jobs (``genunc fit`` + ``genunc generate``) on the four shipped configs, shrunk
   (a few samples, few steps, a small fit set): every manifest record;
 * ``from_pipe`` on the tests' tiny random diffusers pipelines (DDPM, DDIM, Stable Diffusion,
-  DiT, PixArt) with a head and a block posterior, and on tiny LLaDA2 / DiffusionGemma text
+  DiT, PixArt) with a head and (UNets) a tail posterior, and on tiny LLaDA2 / DiffusionGemma text
   pipelines: every score, and a digest of the images or texts.
 
 Usage:
@@ -91,14 +91,15 @@ def wrapped_image(folder: Path) -> dict[str, Any]:
 
     results = {}
     for kind in ("ddpm", "ddim", "sd", "dit", "pixart"):
-        for scope in ("head", "block"):
+        # a tail posterior through from_pipe covers UNets (a DiT's last layers are no chain)
+        for scope in ("head", "tail") if kind in ("ddpm", "ddim", "sd") else ("head",):
             pipe, call, fit = build(kind, folder=folder / kind)
             pipe.set_progress_bar_config(disable=True)
             upipe = ImageUncertaintyPipeline.from_pipe(pipe, feature_extractor=flatten_pixels)
             images = fit.pop("images")
             upipe.fit_posterior(images, progress=False, **fit,
-                                **({"tail": 1} if scope == "block" else {}))
-            for variance in (("monte_carlo",) if scope == "block" else ("exact", "monte_carlo")):
+                                **({"tail": 1} if scope == "tail" else {}))
+            for variance in (("monte_carlo",) if scope == "tail" else ("exact", "monte_carlo")):
                 out = upipe(generator=torch.Generator().manual_seed(3), output_type="np",
                             num_draws=3, scores=ALL_SCORES, variance=variance, seed=1,
                             progress=False, **call)

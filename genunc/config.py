@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
         # molecule: zoo:qm9_train or a .npz molecule cache; text: zoo:arith_train
         "data": "zoo:digits_train",
         "max_samples": None,  # molecule / text: training examples used (default 2000 / 4000)
-        # diag | kron | full; lowrank (block posteriors: the GGN diagonal plus its top `rank`
+        # diag | kron | full; lowrank (tail posteriors: the GGN diagonal plus its top `rank`
         # eigenpairs, for blocks where full does not fit and kron does not apply)
         "structure": "diag",
         "rank": 32,
@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
         # image / molecule: a posterior over the last `tail` blocks and the head (Monte-Carlo
         # variability, generate.variance: monte_carlo); null: the head alone
         "tail": None,
-        # block posteriors: how draws act; sample re-runs the block at each drawn weight set,
+        # tail posteriors: how draws act; sample re-runs the block at each drawn weight set,
         # linearised applies its first-order expansion around the fitted weights (GLM predictive)
         "predictive": "sample",
         "repeats": 4,

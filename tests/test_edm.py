@@ -177,7 +177,7 @@ def _fitted(ref):
 
 def test_map_and_posterior_draws_are_e3_equivariant(ref):
     adapter, posterior = _fitted(ref)
-    draws = posterior.sample(3, seed=0, include_map=True)
+    draws = posterior.sample(3, seed=0, with_map=True)
     s = ref["small"]
     x, mask = s["xh"].double(), s["node_mask"].squeeze(-1).bool()
     rot, shift = _rotation(1), torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)

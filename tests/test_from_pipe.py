@@ -629,7 +629,7 @@ def test_rescaled_guidance_variability_is_the_variance_of_diffusers_own_rule(fit
         pipe(generator=_g(0), **kwargs)
     phi = record.features.float()
     draws = upipe.posterior.sample(5, seed=streams.torch_generator(4, "head_draws"),
-                                   include_map=True)[1:]
+                                   with_map=True)[1:]
     outs = draws.apply(phi).double()  # (M, 2B, C, H, W), [uncond; cond]
     uncond, cond = outs.chunk(2, dim=1)
     guided = torch.stack([rescale_noise_cfg(u + 7.5 * (c - u), c, guidance_rescale=0.7)
@@ -670,8 +670,8 @@ def test_a_block_posterior_through_from_pipe_keeps_the_images_and_collapses(sd_t
     # the pipeline's own weights are restored after every draw
     assert np.array_equal(pipe(generator=_g(3), output_type="np", **call).images, reference)
     tail = upipe.posterior.tail
-    at_mean = TailDraws.from_flat(upipe.posterior.mean.repeat(3, 1), tail, includes_map=True)
-    upipe.posterior.sample = lambda n, seed=None, include_map=False: at_mean
+    at_mean = TailDraws.from_flat(upipe.posterior.mean.repeat(3, 1), tail, with_map=True)
+    upipe.posterior.sample = lambda n, seed=None, with_map=False: at_mean
     try:
         collapsed = upipe(generator=_g(3), output_type="np", num_draws=2,
                           scores=("pixel_variance",), keep_draw_images=True, **call)
@@ -701,7 +701,7 @@ def test_block_variability_is_the_variance_of_whole_model_runs_under_each_draw(s
     finally:
         handle.remove()
     draws = upipe.posterior.sample(4, seed=streams.torch_generator(2, "head_draws"),
-                                   include_map=True)[1:]
+                                   with_map=True)[1:]
     guided = []
     with torch.no_grad():
         for m in range(len(draws)):

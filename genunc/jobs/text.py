@@ -57,9 +57,9 @@ class TextJob(Job):
         device = process_device(config["device"])
         pipe = TextUncertaintyPipeline.from_pretrained(model_dir, posterior=None, device=device)
         if config["features"] == "minilm":
-            from genunc.features.text import MiniLMEmbedder
+            from genunc.features.text import MiniLMFeatures
 
-            pipe.embedder = MiniLMEmbedder(task_of(pipe).decode, device=device)
+            pipe.feature_extractor = MiniLMFeatures(task_of(pipe).decode, device=device)
         elif config["features"] not in (None, "answer"):
             raise ConfigError(f"text features are 'answer' or 'minilm', got {config['features']!r}")
         return pipe

@@ -258,7 +258,7 @@ class UncertaintyPipeline:
                       **fit_kwargs: Any) -> HeadPosterior | TailPosterior:
         """Fit the head posterior on clean data (see each pipeline for the forms it accepts).
 
-        ``tail``: a posterior over a block instead of the head alone: the last `tail` blocks
+        ``tail``: a tail posterior instead of the head alone: the last `tail` blocks
         (:func:`~genunc.posterior.default_tail`) or the tail's module names
         (:class:`TailPosterior`; its variability is Monte Carlo).
         ``fit_kwargs`` go to :meth:`HeadPosterior.fit_features` (structure, prior_precision, ...)
@@ -345,7 +345,7 @@ class UncertaintyPipeline:
                               f"(precision={precision!r}); use float32, or cast the model itself")
         minimum = {s: self.SCORES[s] for s in scores}
         if "variability" in minimum and variance == "monte_carlo":  # a variance over draws;
-            # a block posterior's always comes with its jackknife error (MonteCarloTailVariance)
+            # a tail posterior's always comes with its jackknife error (MonteCarloTailVariance)
             minimum["variability"] = 3 if isinstance(self.posterior, TailPosterior) else 2
         uses_posterior = sorted(s for s, m in minimum.items() if m is not None)
         needed = max((m for m in minimum.values() if m is not None), default=0)
@@ -362,7 +362,7 @@ class UncertaintyPipeline:
             # one head-draw stream per run, keyed by no sample: every chunk shares the draws
             generator = streams.torch_generator(int(seed), "head_draws",
                                                 device=self.posterior.mean.device)
-            request.draws = self.posterior.sample(num_draws, seed=generator, include_map=True)
+            request.draws = self.posterior.sample(num_draws, seed=generator, with_map=True)
         return request
 
     def _head_variance(self, request: Request, variance: VarianceEstimate) -> HeadVariance | None:

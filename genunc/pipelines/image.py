@@ -63,7 +63,7 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
     """
 
     SCORES = {"semantic": 1, "variability": 0, "pixel_variance": 1, "random": None}
-    #: with a posterior over a block: the jackknife standard error of Monte-Carlo variability
+    #: with a tail posterior: the jackknife standard error of Monte-Carlo variability
     EXTRA_SCORE_COLUMNS = ("variability_se",)
     FIT_REPEATS = 4
 

@@ -11,7 +11,7 @@ Scores (lower = more certain; one backbone pass per step unless noted):
   span (``span=``);
 * ``low_posterior_confidence``: 1 - the committed tokens' probability averaged over the head
   draws (the Bayesian model average of ``low_confidence``), same cost as MI;
-* ``semantic``: entropy of a diagonal Gaussian over embedder features of the MAP and M
+* ``semantic``: entropy of a diagonal Gaussian over feature_extractor features of the MAP and M
   generations from the same randomness ((M+1)x the rows, same NFE);
 * baselines from the MAP logits: ``low_confidence`` (1 - mean committed-token probability),
   ``low_margin`` (1 - mean top-2 margin), ``low_self_certainty`` (- mean self-certainty),
@@ -70,10 +70,10 @@ _TOKEN_SCORES: dict[str, tuple[str, str, Aggregate, Callable[[Tensor], Tensor]]]
 }
 
 #: ``(tokens (B, L), generated (B, L) bool) -> features (B, D)``
-Embedder = Callable[[Tensor, Tensor], Tensor | np.ndarray]
+TokenFeatureExtractor = Callable[[Tensor, Tensor], Tensor | np.ndarray]
 
 
-def one_hot_answer(vocab_size: int) -> Embedder:
+def one_hot_answer(vocab_size: int) -> TokenFeatureExtractor:
     """Answer-level features for verifiable tasks: the one-hot tokens of the generated span, so
     two generations embed alike exactly when they give the same answer."""
 
@@ -105,9 +105,10 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
               "random": None}
 
     def __init__(self, adapter: MaskedDiffusionLMAdapter, posterior: HeadPosterior | None = None,
-                 embedder: Embedder | None = None, metadata: dict[str, Any] | None = None) -> None:
+                 feature_extractor: TokenFeatureExtractor | None = None,
+                 metadata: dict[str, Any] | None = None) -> None:
         super().__init__(adapter, posterior)
-        self.embedder = embedder or one_hot_answer(adapter.vocab_size)
+        self.feature_extractor = feature_extractor or one_hot_answer(adapter.vocab_size)
         self.metadata = metadata or {}
 
     @classmethod
@@ -182,7 +183,7 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
                                       "load a posterior first")
                 generator = streams.torch_generator(int(seed), "head_draws",
                                                     device=self.posterior.mean.device)
-                request.draws = self.posterior.sample(num_draws, seed=generator, include_map=True)
+                request.draws = self.posterior.sample(num_draws, seed=generator, with_map=True)
             uses_draws = True
         mi_draws = request.perturbed if uses_draws else None
         collected = ScoreCollector()
@@ -216,7 +217,7 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
             if semantic:
                 draw_tokens.append(out.draw_tokens.cpu())
                 generations = torch.cat([out.tokens.cpu().unsqueeze(0), out.draw_tokens.cpu()])
-                feats = torch.stack([torch.as_tensor(self.embedder(t, generated))
+                feats = torch.stack([torch.as_tensor(self.feature_extractor(t, generated))
                                      for t in generations])
                 collected.add("semantic", self.semantic_entropy(feats))
         per_row = np.concatenate(row_nfe)

@@ -4,7 +4,7 @@
     upipe = TextUncertaintyPipeline.from_pipe(pipe)          # -> WrappedTextPipeline
     upipe.fit_posterior(["text", ...] or [("prompt", "answer"), ...])
     out = upipe(prompt=["..."], gen_length=256, num_draws=8, generator=g,
-                scores=("mutual_information", "semantic"), extractor=answer_features)
+                scores=("mutual_information", "semantic"), feature_extractor=answer_features)
     out.sequences, out.texts       # what pipe(prompt=["..."], gen_length=256, generator=g) returns
     out.scores["mutual_information"], out.token_scores["mutual_information"]
 
@@ -40,7 +40,7 @@ over the scored positions: committed generated positions up to and including the
 ``semantic`` runs the pipeline M more times, each with a head hook that replaces the head's
 output by draw m's and a fresh copy of the generator's state from before the MAP call (or of
 the global RNG state when no generator is passed), so a posterior collapsed to its mean gives
-the MAP generation again; the texts of the M+1 generations go through a user ``extractor``
+the MAP generation again; the texts of the M+1 generations go through a user ``feature_extractor``
 (``list[str] -> (B, D)`` features) and the score is the entropy of a diagonal Gaussian over
 them (:func:`genunc.scores.gaussian_entropy`).  The user's generator ends where a plain call
 leaves it.
@@ -75,7 +75,7 @@ from genunc.scores import feature_scale, gaussian_entropy, random_scores
 from genunc.scores.tokens import mutual_information
 
 #: ``texts -> (B, D)`` features for the semantic score
-Extractor = Callable[[list[str]], Tensor | np.ndarray]
+TextFeatureExtractor = Callable[[list[str]], Tensor | np.ndarray]
 
 #: tensors genunc reads from the pipeline's step callback
 _CALLBACK_INPUTS = ("block_x", "transfer_index", "editing_transfer_index", "sampled_tokens",
@@ -215,7 +215,7 @@ class WrappedTextPipeline:
 
     Build it with :meth:`TextUncertaintyPipeline.from_pipe`.  ``head``: the vocabulary head,
     as a module or its name in ``pipe.model`` (default: ``model.get_output_embeddings()``).
-    ``extractor``: ``texts -> (B, D)`` features for the semantic score.
+    ``feature_extractor``: ``texts -> (B, D)`` features for the semantic score.
     """
 
     #: score name -> the fewest head draws it needs (None: no posterior)
@@ -223,7 +223,8 @@ class WrappedTextPipeline:
               "low_confidence": None, "random": None}
 
     def __init__(self, pipe: Any, posterior: HeadPosterior | None = None, *,
-                 head: nn.Module | str | None = None, extractor: Extractor | None = None) -> None:
+                 head: nn.Module | str | None = None,
+                 feature_extractor: TextFeatureExtractor | None = None) -> None:
         model = getattr(pipe, "model", None)
         if not isinstance(model, nn.Module):
             raise GenuncError(f"{type(pipe).__name__} has no torch model at .model; genunc wraps "
@@ -261,7 +262,7 @@ class WrappedTextPipeline:
             self.head_name = head
         else:
             self.head_name = _module_name(model, head)
-        self.extractor = extractor
+        self.feature_extractor = feature_extractor
         self.feature_scale: np.ndarray | None = None
         self._posterior: HeadPosterior | None = None
         self.posterior = posterior
@@ -485,7 +486,7 @@ class WrappedTextPipeline:
 
     # ------------------------------------------------------------------ calls
     def _check(self, scores: tuple[str, ...], num_draws: int, draws: HeadDraws | None,
-               extractor: Extractor | None, output_type: str) -> int | None:
+               feature_extractor: TextFeatureExtractor | None, output_type: str) -> int | None:
         """Check a call; return the fewest draws its scores need (None: no posterior)."""
         if isinstance(scores, str):
             raise GenuncError(f"scores must be a list of names, got the string {scores!r}")
@@ -502,8 +503,8 @@ class WrappedTextPipeline:
         if draws is None and self.posterior is None:
             raise GenuncError("no posterior: call fit_posterior(...) or pass posterior= first")
         if "semantic" in scores:
-            if extractor is None:
-                raise GenuncError("the semantic score needs extractor= (texts -> (B, D) features), "
+            if feature_extractor is None:
+                raise GenuncError("the semantic score needs feature_extractor= (texts -> (B, D) features), "
                                   "e.g. an answer parser or genunc.features.text embeddings")
             if output_type != "text" or self.tokenizer is None:
                 raise GenuncError("the semantic score embeds texts: keep output_type='text' and a "
@@ -512,7 +513,7 @@ class WrappedTextPipeline:
 
     def __call__(self, *args: Any, num_draws: int = 8,
                  scores: Sequence[str] = ("mutual_information",), seed: int = 0,
-                 draws: HeadDraws | None = None, extractor: Extractor | None = None,
+                 draws: HeadDraws | None = None, feature_extractor: TextFeatureExtractor | None = None,
                  **kwargs: Any) -> WrappedTextOutput:
         """Run ``pipe(*args, **kwargs)`` and score every sequence (see the module docstring).
 
@@ -522,7 +523,7 @@ class WrappedTextPipeline:
             seed: seeds the head draws and the ``random`` baseline; the pipeline's own
                 randomness comes from its ``generator`` argument, as in a plain call.
             draws: M head draws to use instead of drawing them (e.g. shared across calls).
-            extractor: overrides the wrapper's for this call.
+            feature_extractor: overrides the wrapper's for this call.
             kwargs: the pipeline's own arguments, passed through unchanged.
         """
         signature = inspect.signature(self.pipe.__call__)
@@ -531,8 +532,8 @@ class WrappedTextPipeline:
                 for name, p in signature.parameters.items()
                 if name in bound or p.default is not inspect.Parameter.empty}
         scores = tuple(scores)
-        extractor = extractor or self.extractor
-        needed = self._check(scores, num_draws, draws, extractor, call.get("output_type", "text"))
+        feature_extractor = feature_extractor or self.feature_extractor
+        needed = self._check(scores, num_draws, draws, feature_extractor, call.get("output_type", "text"))
         if needed is not None and draws is None:
             generator = streams.torch_generator(int(seed), "head_draws",
                                                 device=self.posterior.mean.device)
@@ -626,7 +627,7 @@ class WrappedTextPipeline:
                 draw_texts.append(list(drawn.texts))
             if end_state is not None:
                 _set_rng_states(end_state)  # the global stream continues as after a plain call
-            feats = torch.stack([torch.as_tensor(np.asarray(extractor(list(t))), dtype=torch.float64)
+            feats = torch.stack([torch.as_tensor(np.asarray(feature_extractor(list(t))), dtype=torch.float64)
                                  for t in [list(texts), *draw_texts]])
             output.scores["semantic"] = gaussian_entropy(feats, scale=self.feature_scale)
             output.draw_sequences = torch.stack(draw_seqs)

@@ -218,7 +218,7 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
     def _guidance_rule(self, kwargs: dict[str, Any], always: bool = False) -> Any:
         """The map from the draws' outputs on the whole (guided) batch to each draw's guided
         prediction, for what the guided-features shortcut cannot cover: ``guidance_rescale``
-        (not affine in the head's output) and block posteriors (not affine in the block's
+        (not affine in the head's output) and tail posteriors (not affine in the block's
         input); None where the shortcut applies.  Scales are read during the call."""
         if not (always or kwargs.get("guidance_rescale")):
             return None
@@ -391,7 +391,7 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         and ``conv_norm_out`` / ``conv_act`` / ``conv_out``), fitted on the same noisy pairs."""
         adapter = self.adapter
         if not isinstance(adapter.head, nn.Conv2d):
-            raise GenuncError(f"a posterior over a block through from_pipe covers UNet denoisers; "
+            raise GenuncError(f"a tail posterior through from_pipe covers UNet denoisers; "
                               f"{type(adapter.model).__name__}'s layers after its last block do "
                               "not form a chain (fit the head)")
         names = default_tail(adapter.model, tail) if isinstance(tail, int) else list(tail)

@@ -1,7 +1,7 @@
 """M posterior weight draws of one head, which know how to apply themselves.
 
 Generation loops receive draws and nothing else of the posterior: ``draws.apply(features)``
-evaluates the head under every draw in one batched op, and ``draws.includes_map`` says whether
+evaluates the head under every draw in one batched op, and ``draws.with_map`` says whether
 draw 0 is the posterior mean (the model's own head), which decides whether a loop runs a MAP
 trajectory beside the perturbed ones.
 """
@@ -23,7 +23,7 @@ from genunc.posterior.tail import Tail, TailDraws, TailInputs
 __all__ = ["HeadDraws", "Tail", "TailDraws", "TailInputs"]
 
 
-def full_precision(features: Tensor) -> Tensor:
+def as_float32(features: Tensor) -> Tensor:
     """Half-precision features (a backbone run under autocast) in float32: draws, their outputs
     and variances are never computed in reduced precision."""
     return features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
@@ -36,15 +36,15 @@ class HeadDraws(StackedDraws):
     Attributes:
         params: parameter name -> ``(M, *param_shape)``.
         ops: how to evaluate the head under these parameters (from the posterior's head).
-        includes_map: draw 0 is the posterior mean.
+        with_map: draw 0 is the posterior mean.
     """
 
     params: Mapping[str, Tensor]
     ops: HeadOps
-    includes_map: bool = False
+    with_map: bool = False
 
     @classmethod
-    def from_flat(cls, flat: Tensor, ops: HeadOps, includes_map: bool = False) -> "HeadDraws":
+    def from_flat(cls, flat: Tensor, ops: HeadOps, with_map: bool = False) -> "HeadDraws":
         """Split laplace-torch's ``(M, P)`` samples into named parameter tensors."""
         out: dict[str, Tensor] = {}
         offset = 0
@@ -54,7 +54,7 @@ class HeadDraws(StackedDraws):
             offset += size
         if offset != flat.shape[1]:
             raise ShapeMismatchError(f"flat draws have {flat.shape[1]} columns, the head has {offset}")
-        return cls(out, ops, includes_map)
+        return cls(out, ops, with_map)
 
     def apply(self, features: Tensor, per_draw: bool = False) -> Tensor:
         """Head outputs under every draw, ``(M, B, ...)``, in one batched op.
@@ -63,7 +63,7 @@ class HeadDraws(StackedDraws):
         leading draw axis ``(M, B, ...)`` (one trajectory per draw).
         """
         check_finite(features, "head features")
-        return self.ops.apply(full_precision(features), self.params, per_draw=per_draw)
+        return self.ops.apply(as_float32(features), self.params, per_draw=per_draw)
 
     def cat(self, other: "HeadDraws") -> "HeadDraws":
         return replace(self, params={k: torch.cat([v, other.params[k]])

@@ -124,7 +124,7 @@ class HeadOps(ABC):
         return None
 
     # ---------------------------------------------------------------- helpers
-    def n_draws(self, params: ParamDict) -> int:
+    def num_draws(self, params: ParamDict) -> int:
         missing = [n for n in self.param_names if n not in params]
         if missing:
             raise ShapeMismatchError(f"draws lack head parameters {missing}")
@@ -151,7 +151,7 @@ class HeadOps(ABC):
     def loop_apply(self, features: Tensor, params: ParamDict, per_draw: bool = False) -> Tensor:
         """One ``functional_call`` per draw: the reference the batched paths are tested
         against, and the fallback where ``vmap`` cannot batch a head's ops."""
-        n = self.n_draws(params)
+        n = self.num_draws(params)
         outs = []
         for m in range(n):
             p = {k: v[m] for k, v in params.items()}
@@ -193,7 +193,7 @@ class LinearOps(HeadOps):
         return rows if mask is None else rows[_row_mask(mask, lead)]
 
     def apply(self, features: Tensor, params: ParamDict, per_draw: bool = False) -> Tensor:
-        n = self.n_draws(params)
+        n = self.num_draws(params)
         self._check(features)
         self._check_per_draw(features, n, per_draw)
         weight = params["weight"].to(features)  # (M, O, F)
@@ -257,7 +257,7 @@ class Conv2dOps(HeadOps):
         return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
 
     def apply(self, features: Tensor, params: ParamDict, per_draw: bool = False) -> Tensor:
-        n = self.n_draws(params)
+        n = self.num_draws(params)
         conv = self.module
         self._check(features, lead_dims=2 if per_draw else 1)
         self._check_per_draw(features, n, per_draw)
@@ -323,7 +323,7 @@ class GenericOps(HeadOps):
         return rows if mask is None else rows[_row_mask(mask, lead)]
 
     def apply(self, features: Tensor, params: ParamDict, per_draw: bool = False) -> Tensor:
-        n = self.n_draws(params)
+        n = self.num_draws(params)
         self._check_per_draw(features, n, per_draw)
         names = list(self.param_names)
 

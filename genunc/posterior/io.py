@@ -1,4 +1,4 @@
-"""The one on-disk format of a genunc posterior, whatever it covers (the head or a block).
+"""The one on-disk format of a genunc posterior, whatever it covers (the head or a tail).
 
 Two files beside (or anywhere away from) the model: ``genunc_posterior.safetensors`` holds the
 tensors (mean, curvature, prior), ``genunc_posterior.json`` the ``kind`` (``"head"`` or
@@ -6,7 +6,7 @@ tensors (mean, curvature, prior), ``genunc_posterior.json`` the ``kind`` (``"hea
 a posterior is never loaded onto other weights unnoticed.  The description is written last: a
 folder whose description is there holds a complete posterior.
 
-Older folders still load: format 1 head posteriors (no ``kind``), and block posteriors saved
+Older folders still load: format 1 head posteriors (no ``kind``), and tail posteriors saved
 as ``genunc_tail_posterior.{json,safetensors}``.  Every unreadable, torn or inconsistent file is
 one :class:`~genunc.errors.GenuncError` naming it; the classes build themselves from what
 :func:`read_saved` returns.
@@ -34,7 +34,7 @@ TENSORS_FILE = "genunc_posterior.safetensors"
 META_FILE = "genunc_posterior.json"
 #: Folder name for a posterior saved beside a model (``<model>/genunc_posterior``).
 POSTERIOR_DIR = "genunc_posterior"
-#: block posteriors of genunc <= 0.x: their own file names, format 1
+#: tail posteriors of genunc <= 0.x: their own file names, format 1
 LEGACY_TAIL_FILES = ("genunc_tail_posterior.json", "genunc_tail_posterior.safetensors")
 #: format versions each kind's reader accepts
 READABLE = {"head": (1, 2), "tail": (1, 2)}

@@ -27,7 +27,7 @@ from genunc.adapters.base import DenoiserAdapter, Likelihood, resolve_module
 from genunc.errors import FingerprintMismatchError, GenuncError, ShapeMismatchError
 from genunc.posterior.capture import HeadData, collect_head_data
 from genunc.posterior.curvature import LinearHeadGGN
-from genunc.posterior.draws import HeadDraws, full_precision
+from genunc.posterior.draws import HeadDraws, as_float32
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import HeadOps, check_finite, head_ops_for
 from genunc.posterior.io import META_FILE, damaged_if_unreadable, read_saved, write_saved
@@ -383,22 +383,22 @@ class HeadPosterior(LaplaceQuantities):
         return other
 
     # ------------------------------------------------------------------ draws
-    def sample(self, n_draws: int, seed: int | torch.Generator | None = 0, *,
-               include_map: bool = False) -> HeadDraws:
-        """Draw `n_draws` head weight sets; the same seed gives the same draws.
+    def sample(self, num_draws: int, seed: int | torch.Generator | None = 0, *,
+               with_map: bool = False) -> HeadDraws:
+        """Draw `num_draws` head weight sets; the same seed gives the same draws.
 
-        ``include_map=True`` puts the posterior mean in front (``n_draws + 1`` sets): the MAP
+        ``with_map=True`` puts the posterior mean in front (``num_draws + 1`` sets): the MAP
         generation of a loop that runs the MAP and its perturbed twins as one batch.
         """
-        if n_draws < 1:
-            raise GenuncError(f"n_draws must be at least 1, got {n_draws}")
+        if num_draws < 1:
+            raise GenuncError(f"num_draws must be at least 1, got {num_draws}")
         generator = as_generator(seed, device=self.mean.device)
         with torch.no_grad():
-            flat = self._expand(self.laplace.sample(n_draws, generator=generator).detach(),
+            flat = self._expand(self.laplace.sample(num_draws, generator=generator).detach(),
                                 self.mean)
-        if include_map:
+        if with_map:
             flat = torch.cat([self.mean.unsqueeze(0).to(flat), flat])
-        return HeadDraws.from_flat(flat, self.ops, includes_map=include_map)
+        return HeadDraws.from_flat(flat, self.ops, with_map=with_map)
 
     def output_variance(self, features: Tensor,
                         post: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -411,7 +411,7 @@ class HeadPosterior(LaplaceQuantities):
                 f"{self.structure!r} (use sample() + apply())"
             )
         check_finite(features, "features")
-        features = full_precision(features)
+        features = as_float32(features)
         variances = HeadDraws.from_flat(self.posterior_variance.unsqueeze(0), self.ops)
         return self.ops.output_variance(features, {k: v[0] for k, v in variances.params.items()},
                                         post)

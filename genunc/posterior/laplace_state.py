@@ -1,5 +1,5 @@
 """What every genunc posterior reads off, writes out of and restores into its laplace-torch
-object the same way, whether it covers the head or a block of the network."""
+object the same way, whether it covers the head or a tail of the network."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ LOW_RANK_KEYS = ("eigenvectors", "eigenvalues")
 
 class LaplaceQuantities:
     """Hyperparameters, marginal variances, evidence and digest of a fitted ``self.laplace``
-    (with ``self.structure`` and ``self.info``), shared by head and block posteriors."""
+    (with ``self.structure`` and ``self.info``), shared by head and tail posteriors."""
 
     laplace: Any
     structure: str

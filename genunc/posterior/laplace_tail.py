@@ -342,8 +342,8 @@ class TailPosterior(LaplaceQuantities):
     """Gaussian posterior over the weights of a tail: fit, sample M draws, apply them batched.
 
     The same draw/apply contract as :class:`~genunc.posterior.HeadPosterior`:
-    ``sample(M, seed, include_map=)`` returns :class:`~genunc.posterior.tail.TailDraws`, whose
-    ``apply(inputs)`` re-runs the tail under every draw, and ``includes_map``.
+    ``sample(M, seed, with_map=)`` returns :class:`~genunc.posterior.tail.TailDraws`, whose
+    ``apply(inputs)`` re-runs the tail under every draw, and ``with_map``.
     """
 
     def __init__(self, laplace: Any, tail: Tail, structure: str, fingerprint: dict[str, Any],
@@ -541,21 +541,21 @@ class TailPosterior(LaplaceQuantities):
         """Marginal variances of every tail weight (flat), for any structure."""
         return self._laplace_variance()
 
-    def sample(self, n_draws: int, seed: int | torch.Generator | None = 0, *,
-               include_map: bool = False) -> TailDraws:
-        """`n_draws` tail weight sets (``include_map``: the posterior mean first)."""
-        if n_draws < 1:
-            raise GenuncError(f"n_draws must be at least 1, got {n_draws}")
+    def sample(self, num_draws: int, seed: int | torch.Generator | None = 0, *,
+               with_map: bool = False) -> TailDraws:
+        """`num_draws` tail weight sets (``with_map``: the posterior mean first)."""
+        if num_draws < 1:
+            raise GenuncError(f"num_draws must be at least 1, got {num_draws}")
         generator = as_generator(seed, device=self.mean.device)
         with torch.no_grad():
-            flat = self.laplace.sample(n_draws, generator=generator).detach()
+            flat = self.laplace.sample(num_draws, generator=generator).detach()
         if len(self.frozen):
             frozen = self.frozen.to(flat.device)
             flat[:, frozen] = self.mean.to(flat)[frozen]
-        if include_map:
+        if with_map:
             flat = torch.cat([self.mean.unsqueeze(0).to(flat), flat])
         device = next(iter(self.tail.parameters().values())).device
-        return TailDraws.from_flat(flat.to(device), self.tail, includes_map=include_map,
+        return TailDraws.from_flat(flat.to(device), self.tail, with_map=with_map,
                                    linearised=self.predictive == "linearised")
 
     @property

@@ -1,4 +1,4 @@
-"""One folder, one saved posterior, of whichever kind (over the head or over a block).
+"""One folder, one saved posterior, of whichever kind (over the head or over a tail).
 
 Pipelines and jobs load a folder here instead of assuming the kind: the description's ``kind``
 (:mod:`genunc.posterior.io`) picks the class, with the one error policy of

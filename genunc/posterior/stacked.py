@@ -13,11 +13,11 @@ from torch import Tensor
 
 class StackedDraws:
     """Mixin for frozen dataclasses with fields ``params`` (name -> ``(M, *shape)``) and
-    ``includes_map`` (:class:`~genunc.posterior.draws.HeadDraws`,
+    ``with_map`` (:class:`~genunc.posterior.draws.HeadDraws`,
     :class:`~genunc.posterior.tail.TailDraws`)."""
 
     params: Mapping[str, Tensor]
-    includes_map: bool
+    with_map: bool
 
     @property
     def flat(self) -> Tensor:
@@ -35,9 +35,9 @@ class StackedDraws:
         """Select draws (an int keeps a draw axis of size 1); the MAP stays marked if kept."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
-        keeps_map = self.includes_map and index.indices(len(self))[0] == 0
+        keeps_map = self.with_map and index.indices(len(self))[0] == 0
         return replace(self, params={k: v[index] for k, v in self.params.items()},
-                       includes_map=keeps_map)
+                       with_map=keeps_map)
 
     def to(self, *args: Any, **kwargs: Any) -> Any:
         return replace(self, params={k: v.to(*args, **kwargs) for k, v in self.params.items()})

@@ -475,21 +475,21 @@ class TailDraws(StackedDraws):
     """M parameter sets for a tail (key -> ``(M, *shape)``), which apply themselves.
 
     The same contract as :class:`~genunc.posterior.draws.HeadDraws`: ``apply(inputs)`` re-runs
-    the tail under every draw in one batched call, ``includes_map`` says whether draw 0 is the
+    the tail under every draw in one batched call, ``with_map`` says whether draw 0 is the
     posterior mean; the inputs are recorded :class:`TailInputs` instead of head features.
     """
 
     params: Mapping[str, Tensor]
     tail: Tail
-    includes_map: bool = False
+    with_map: bool = False
     #: apply the tail's linearisation around its own weights (:meth:`Tail.apply_linearised`)
     #: instead of re-running it at the drawn weights
     linearised: bool = False
 
     @classmethod
-    def from_flat(cls, flat: Tensor, tail: Tail, includes_map: bool = False,
+    def from_flat(cls, flat: Tensor, tail: Tail, with_map: bool = False,
                   linearised: bool = False) -> "TailDraws":
-        return cls(tail.split_flat(flat), tail, includes_map, linearised)
+        return cls(tail.split_flat(flat), tail, with_map, linearised)
 
     def apply(self, inputs: TailInputs, per_draw: bool = False) -> Tensor:
         """Tail outputs under every draw, ``(M, B, ...)``; ``per_draw``: the inputs hold M row

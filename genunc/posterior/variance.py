@@ -48,7 +48,7 @@ class MonteCarloVariance:
             raise GenuncError("a Monte-Carlo variance with its standard error needs num_draws >= 3"
                               if jackknife else
                               "a Monte-Carlo variance compares draws: it needs num_draws >= 2")
-        if draws.includes_map:
+        if draws.with_map:
             raise GenuncError("pass the perturbed draws only (without the MAP)")
         self.adapter, self.draws, self.replicates = adapter, draws, jackknife
         self.combine = combine

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import GenuncError
 from genunc.sampling.precision import backbone_autocast, full_precision
+from genunc.sampling.tails import shared_tail
 
 if TYPE_CHECKING:
     from genunc.posterior.draws import HeadDraws, Tail, TailDraws, TailInputs
@@ -132,7 +133,7 @@ def run_trajectory(
 
     Args:
         trajectory_draws: head draws that each get a trajectory of their own (semantic score).
-            When draw 0 is the MAP (``includes_map``), it is the MAP trajectory and the others
+            When draw 0 is the MAP (``with_map``), it is the MAP trajectory and the others
             may branch off it after ``branch_at`` steps; otherwise only the perturbed
             trajectories run, from step 0.  ``None``: the MAP trajectory alone.
         branch_at: number of initial steps the perturbed trajectories share with the MAP.
@@ -142,8 +143,8 @@ def run_trajectory(
         precision: the backbone's precision (``float32``, ``bfloat16``, ``float16``: autocast);
             head draws, variances and sampler states stay in full precision.
 
-    Tail draws (:class:`~genunc.posterior.tail.TailDraws`, a posterior over a block that ends at
-    the head) run the same way: the body runs on every trajectory's rows (the draws' states
+    Tail draws (:class:`~genunc.posterior.tail.TailDraws`: a tail posterior, over the blocks
+    that end at the head) run the same way: the body runs on every trajectory's rows (the draws' states
     differ from the MAP's once they fork), and the tail is re-run per trajectory group on that
     group's recorded inputs, batched over the draws; for graph models whose recorded inputs do
     not split into row groups, each group runs the model with its draw's tail weights swapped
@@ -151,11 +152,11 @@ def run_trajectory(
     under M draws (``MonteCarloTailVariance``).
     """
     cond = {k: v for k, v in (cond or {}).items() if v is not None}
-    include_map = trajectory_draws is None or trajectory_draws.includes_map
-    if variability is not None and not include_map:
+    with_map = trajectory_draws is None or trajectory_draws.with_map
+    if variability is not None and not with_map:
         raise GenuncError("variability is measured along the MAP trajectory: put the MAP "
                           "first in the trajectory draws")
-    if not include_map and branch_at:
+    if not with_map and branch_at:
         raise GenuncError("without the MAP trajectory, perturbed trajectories start at step 0")
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(num_inference_steps, device=x_T.device)
@@ -167,16 +168,16 @@ def run_trajectory(
     stepper = _GroupStepper(scheduler, generator)
 
     batch = x_T.shape[0]
-    tail = _tail_of(trajectory_draws, variability)
+    tail = shared_tail(trajectory_draws, variability)
     if tail is not None and precision != "float32":
-        raise GenuncError("a posterior over a block runs the backbone in float32 for now; "
+        raise GenuncError("a tail posterior runs the backbone in float32 for now; "
                           f"precision={precision!r} needs a head posterior")
     draws = None if trajectory_draws is None else trajectory_draws.to(x_T.device)
     x = adapter.project(x_T * scheduler.init_noise_sigma, cond)
-    site: _Site = _HeadSite(adapter, draws, batch, include_map) if tail is None else \
-        _TailSite(adapter, tail, draws, batch, include_map, scheduler, x, timesteps[0], cond)
+    site: _Site = _HeadSite(adapter, draws, batch, with_map) if tail is None else \
+        _TailSite(adapter, tail, draws, batch, with_map, scheduler, x, timesteps[0], cond)
     current_cond = cond
-    if not include_map:
+    if not with_map:
         site.groups = len(draws)
         x = repeat_batch(x, site.groups)
         current_cond = repeat_batch(cond, site.groups)
@@ -187,7 +188,7 @@ def run_trajectory(
     rows = 0
     with site.active():
         for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
-            if draws is not None and include_map and site.groups == 1 and i == branch_at:
+            if draws is not None and with_map and site.groups == 1 and i == branch_at:
                 site.groups = len(draws)
                 x = repeat_batch(x, site.groups)
                 current_cond = repeat_batch(cond, site.groups)
@@ -211,10 +212,10 @@ def run_trajectory(
             x = adapter.project(stepper.step(out, t, x), current_cond)
 
     groups = site.groups
-    if groups > 1 or not include_map:
+    if groups > 1 or not with_map:
         grouped = x.reshape(groups, batch, *x.shape[1:])
-        samples = grouped[0] if include_map else None
-        draw_samples = grouped[1:] if include_map else grouped
+        samples = grouped[0] if with_map else None
+        draw_samples = grouped[1:] if with_map else grouped
     elif draws is not None:  # branch_at == n_steps: the draws never left the MAP path
         samples, draw_samples = x, x.unsqueeze(0).repeat(len(draws) - 1, *([1] * x.dim()))
     else:
@@ -234,24 +235,19 @@ def _append(lists: dict[str, list[Tensor]], values: Mapping[str, Tensor]) -> Non
         lists.setdefault(name, []).append(value)
 
 
-def _tail_of(draws: Any, variability: Any) -> Tail | None:
-    tail = getattr(draws, "tail", None)
-    return tail if tail is not None else getattr(variability, "tail", None)
-
-
 class _Site:
     """Where the posterior sits, for the one loop above: how a batch of ``groups`` trajectories
     (MAP first, then draws, ``batch`` rows each) runs through the denoiser with each group's
     own draw, and what the MAP rows' features were (what a variance estimator takes)."""
 
-    def __init__(self, adapter: DenoiserAdapter, draws: Any, batch: int, include_map: bool) -> None:
-        self.adapter, self.draws, self.batch, self.include_map = adapter, draws, batch, include_map
+    def __init__(self, adapter: DenoiserAdapter, draws: Any, batch: int, with_map: bool) -> None:
+        self.adapter, self.draws, self.batch, self.with_map = adapter, draws, batch, with_map
         self.groups = 1  # trajectories currently in the batch
 
     @property
     def unperturbed(self) -> bool:
         """Only the MAP runs: the model's own weights are the MAP's."""
-        return self.groups == 1 and self.include_map
+        return self.groups == 1 and self.with_map
 
     def active(self) -> Any:  # a context manager: the hooks live while the loop runs
         raise NotImplementedError
@@ -268,8 +264,8 @@ class _HeadSite(_Site):
     trajectories, applies every group's head draw in one grouped op (the fast path)."""
 
     def __init__(self, adapter: DenoiserAdapter, draws: HeadDraws | None, batch: int,
-                 include_map: bool) -> None:
-        super().__init__(adapter, draws, batch, include_map)
+                 with_map: bool) -> None:
+        super().__init__(adapter, draws, batch, with_map)
         self.phi: Tensor | None = None
 
     @contextmanager
@@ -302,9 +298,9 @@ class _TailSite(_Site):
     tells) run one body pass per group with that group's tail weights swapped in."""
 
     def __init__(self, adapter: DenoiserAdapter, tail: Tail, draws: TailDraws | None, batch: int,
-                 include_map: bool, scheduler: Any, x: Tensor, t0: Tensor,
+                 with_map: bool, scheduler: Any, x: Tensor, t0: Tensor,
                  cond: Mapping[str, Any]) -> None:
-        super().__init__(adapter, draws, batch, include_map)
+        super().__init__(adapter, draws, batch, with_map)
         self.tail = tail
         self.separable = True
         self.map_inputs: TailInputs | None = None
@@ -346,7 +342,7 @@ class _TailSite(_Site):
             recorder.reset()
             rows = slice(g * batch, (g + 1) * batch)
             group_cond = {k: _rows(v, batch, g) for k, v in cond.items()}
-            if g == 0 and self.include_map:
+            if g == 0 and self.with_map:
                 parts.append(self.adapter.denoise(x=model_in[rows], t=t_batch[rows], **group_cond))
                 self.map_inputs = tail.inputs_of(recorder, batch)
             else:

@@ -60,6 +60,7 @@ from genunc import streams
 from genunc.adapters.text import MaskedDiffusionLMAdapter, check_layout
 from genunc.errors import GenuncError, ShapeMismatchError
 from genunc.sampling.precision import backbone_autocast, full_precision
+from genunc.sampling.tails import shared_tail
 from genunc.scores.tokens import (
     confidence,
     margin,
@@ -69,7 +70,7 @@ from genunc.scores.tokens import (
 )
 
 if TYPE_CHECKING:
-    from genunc.posterior.draws import HeadDraws, Tail, TailDraws
+    from genunc.posterior.draws import HeadDraws, TailDraws
     from genunc.sampling.policy import PolicyStep, UnmaskingPolicy
 
 Strategy = Literal["random", "low_confidence", "threshold", "remask", "policy"]
@@ -129,16 +130,6 @@ class UnmaskingOutput:
     #: (M, B, L) with M >= 3 draws: each position's mutual information without draw m, for the
     #: jackknife estimate of its Monte-Carlo error
     mi_leave_one_out: Tensor | None = None
-
-
-def _tail_of(*draws: Any) -> Tail | None:
-    """The tail that tail draws re-run (None for head draws); every set must share it."""
-    tails = {id(t): t for d in draws if (t := getattr(d, "tail", None)) is not None}
-    kinds = {getattr(d, "tail", None) is None for d in draws if d is not None}
-    if len(tails) > 1 or len(kinds) > 1:
-        raise GenuncError("mi_draws and trajectory_draws must come from one posterior (the same "
-                          "head, or the same tail)")
-    return next(iter(tails.values()), None)
 
 
 def _full_precision_inputs(inputs: Any) -> Any:
@@ -224,12 +215,12 @@ def unmask(
     """Fill every ``mask_id`` position of ``x`` ``(B, L)``; see the module docstring.
 
     ``trajectory_draws`` must hold the MAP first (:meth:`HeadPosterior.sample` with
-    ``include_map=True``): its sequences are the output ``tokens``.  ``seed`` and ``indices``
+    ``with_map=True``): its sequences are the output ``tokens``.  ``seed`` and ``indices``
     (the rows' global sample indices, default ``0 .. B-1``) key the sampling noise.
     """
     config = config or UnmaskingConfig()
-    if trajectory_draws is not None and not trajectory_draws.includes_map:
-        raise GenuncError("trajectory draws must hold the MAP first (sample(..., include_map=True))")
+    if trajectory_draws is not None and not trajectory_draws.with_map:
+        raise GenuncError("trajectory draws must hold the MAP first (sample(..., with_map=True))")
     if mi_draws is not None and len(mi_draws) < 2:
         raise GenuncError("mutual information compares draws: it needs num_draws >= 2")
     device = adapter.device
@@ -246,7 +237,7 @@ def unmask(
 
     groups = 1 if trajectory_draws is None else len(trajectory_draws)
     heads = trajectory_draws.to(device) if groups > 1 else None
-    tail = _tail_of(mi_draws, trajectory_draws)
+    tail = shared_tail(mi_draws, trajectory_draws)
     #: the MAP rows' head features, or with tail draws their recorded tail inputs
     state: dict[str, Any] = {"phi": None}
 

@@ -47,7 +47,7 @@ def test_fit_sample_apply_for_each_layout(layout, structure):
     features = record.require_single_call(adapter.head_name)
     draws = post.sample(3, seed=0)
     outs = adapter.post_head(draws.apply(features), pairs.inputs)
-    mapped = adapter.post_head(post.sample(1, include_map=True)[0].apply(features), pairs.inputs)[0]
+    mapped = adapter.post_head(post.sample(1, with_map=True)[0].apply(features), pairs.inputs)[0]
     if layout == "point_cloud":  # the toy model zeroes padded nodes after its head
         mapped = mapped * pairs.mask[..., None]
     torch.testing.assert_close(mapped, output, rtol=1e-5, atol=1e-5)

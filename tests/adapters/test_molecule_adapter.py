@@ -86,7 +86,7 @@ def test_sampling_with_diffusers_schedulers_stays_centred_and_scores_per_atom(ad
     for kind in ("ddpm", "ddim"):
         out = run_trajectory(adapter, adapter.make_scheduler(kind), x_T, {"node_mask": mask},
                              num_inference_steps=4,
-                             trajectory_draws=post.sample(2, seed=1, include_map=True),
+                             trajectory_draws=post.sample(2, seed=1, with_map=True),
                              variability=MonteCarloVariance(adapter, post.sample(3, seed=2)),
                              generator=torch.Generator().manual_seed(0))
         for x in (out.samples, *out.draw_samples):
@@ -175,7 +175,7 @@ def test_a_collapsed_posterior_gives_identical_molecules(adapter, kind):
     post = HeadPosterior.fit(adapter, [data], progress=False)
     mask = data["node_mask"]
     x_T = adapter.sample_noise(data["x"].shape, mask, torch.Generator().manual_seed(0))
-    at_mean = HeadDraws.from_flat(post.mean.repeat(3, 1), post.ops, includes_map=True)
+    at_mean = HeadDraws.from_flat(post.mean.repeat(3, 1), post.ops, with_map=True)
     out = run_trajectory(adapter, adapter.make_scheduler(kind), x_T, {"node_mask": mask},
                          num_inference_steps=4, trajectory_draws=at_mean,
                          generator=torch.Generator().manual_seed(0))

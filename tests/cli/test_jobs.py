@@ -192,7 +192,7 @@ def test_a_lowrank_block_posterior_through_the_cli(config_file, tmp_path, capsys
                       .read_text())
     assert meta["structure"] == "lowrank" and meta["info"]["rank"] == 3
     assert main(["fit", "-c", str(config_file), "--set", "posterior.structure=lowrank"]) == 2
-    assert "lowrank is for a posterior over a block" in capsys.readouterr().err
+    assert "lowrank is for a tail posterior" in capsys.readouterr().err
     # the predictive is a choice of use: the saved posterior serves both, and the export says so
     for predictive in ("sample", "linearised"):
         assert main(["generate", "-c", str(config_file), *options, "--set",
@@ -202,4 +202,4 @@ def test_a_lowrank_block_posterior_through_the_cli(config_file, tmp_path, capsys
     sample, linear = (Export(tmp_path / p).column("variability") for p in ("sample", "linearised"))
     assert np.all(np.isfinite(linear)) and not np.allclose(sample, linear)
     assert main(["generate", "-c", str(config_file), "--set", "posterior.predictive=linearised"]) == 2
-    assert "linearised is for a posterior over a block" in capsys.readouterr().err
+    assert "linearised is for a tail posterior" in capsys.readouterr().err

@@ -62,11 +62,11 @@ def test_head_draws_put_the_map_first_and_come_from_their_own_stream(image_pipe)
     image_pipe.fit_posterior((torch.randn(16, 1, 8, 8, generator=g).clamp(-1, 1),
                               torch.randint(0, 3, (16,), generator=g)), progress=False)
     request = image_pipe._request(("semantic",), 3, seed=5, num_samples=4)
-    assert request.draws.includes_map and len(request.draws) == 4
+    assert request.draws.with_map and len(request.draws) == 4
     torch.testing.assert_close(request.draws.flat[0], image_pipe.posterior.mean)
     expected = image_pipe.posterior.sample(3, seed=streams.torch_generator(5, "head_draws"))
     torch.testing.assert_close(request.perturbed.flat, expected.flat, rtol=0, atol=0)
-    assert not request.perturbed.includes_map
+    assert not request.perturbed.with_map
     # the same draws whichever samples a call holds: chunks of one run share them
     later = image_pipe._request(("semantic",), 3, seed=5, num_samples=2, first_sample=64)
     torch.testing.assert_close(later.draws.flat, request.draws.flat, rtol=0, atol=0)

@@ -142,7 +142,7 @@ def test_commit_time_mutual_information_recomputed_by_hand(fitted):
 def test_collapsed_posterior_gives_zero_mi_and_the_map_generations(fitted):
     mean = HeadDraws.from_flat(fitted.posterior.mean.repeat(3, 1), fitted.posterior.ops)
     out = fitted(prompt=PROMPTS, generator=gen(5), draws=mean, **SAMPLED,
-                 scores=("mutual_information", "semantic"), extractor=answer_features)
+                 scores=("mutual_information", "semantic"), feature_extractor=answer_features)
     committed = out.committed_at >= 0
     assert (out.token_scores["mutual_information"][committed] < 1e-12).all()  # 0 up to rounding
     for m in range(3):
@@ -168,7 +168,7 @@ def test_semantic_runs_perturbed_generations_and_leaves_tied_embeddings_alone(fi
     wide = fitted.posterior.with_prior_precision(1e-3)
     g = gen(7)
     out = fitted(prompt=PROMPTS, generator=g, num_draws=4, draws=wide.sample(4, seed=2),
-                 **SAMPLED, scores=("mutual_information", "semantic"), extractor=answer_features)
+                 **SAMPLED, scores=("mutual_information", "semantic"), feature_extractor=answer_features)
     assert model.lm_head.weight is model.embed.weight
     assert torch.equal(model.embed.weight, before)  # bit for bit
     assert out.draw_sequences.shape == (4, 2, CALL["gen_length"])
@@ -180,7 +180,7 @@ def test_semantic_runs_perturbed_generations_and_leaves_tied_embeddings_alone(fi
 
 def test_reproducible_with_the_same_generator_and_seed(fitted):
     a, b = (fitted(prompt=PROMPTS, generator=gen(9), num_draws=3, seed=4, **SAMPLED,
-                   scores=("mutual_information", "semantic"), extractor=answer_features)
+                   scores=("mutual_information", "semantic"), feature_extractor=answer_features)
             for _ in range(2))
     assert torch.equal(a.sequences, b.sequences)
     assert torch.equal(a.draw_sequences, b.draw_sequences)

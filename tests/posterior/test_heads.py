@@ -87,8 +87,8 @@ def test_map_draw_reproduces_head():
     head = nn.Linear(5, 3)
     x = torch.randn(30, 5)
     post = HeadPosterior.fit_features(head, (x, torch.randn(30, 3)), prior_precision=1.0)
-    draws = post.sample(2, include_map=True)
-    assert draws.includes_map and not draws[1:].includes_map and draws[:1].includes_map
+    draws = post.sample(2, with_map=True)
+    assert draws.with_map and not draws[1:].with_map and draws[:1].with_map
     torch.testing.assert_close(draws[0].apply(x)[0], head(x).detach())
 
 

@@ -302,8 +302,8 @@ def test_image_tail_fit_by_marginal_likelihood(tiny_unet):
                                 for p in unet.get_submodule(n).parameters())
     assert post.info["n_rows"] == 16 and post.info["curvature"] == "mc"
     assert post.info["prior_precision_method"] == "marglik" and post.prior_precision > 0
-    draws = post.sample(3, seed=0, include_map=True)
-    assert draws.includes_map and len(draws) == 4
+    draws = post.sample(3, seed=0, with_map=True)
+    assert draws.with_map and len(draws) == 4
     for key, value in post.tail.parameters().items():  # draw 0 is the model's own tail
         torch.testing.assert_close(draws.params[key][0], value.detach())
 

@@ -39,7 +39,7 @@ def _run(adapter, kind, draws=None, branch_at=0, seed=0):
 @pytest.mark.parametrize("branch_at", [0, 2])
 def test_a_collapsed_posterior_gives_identical_generations(fitted, kind, branch_at):
     adapter, posterior = fitted
-    at_mean = HeadDraws.from_flat(posterior.mean.repeat(4, 1), posterior.ops, includes_map=True)
+    at_mean = HeadDraws.from_flat(posterior.mean.repeat(4, 1), posterior.ops, with_map=True)
     out = _run(adapter, kind, at_mean, branch_at)
     for draw in out.draw_samples:
         torch.testing.assert_close(draw, out.samples, rtol=0, atol=1e-6)
@@ -49,7 +49,7 @@ def test_a_collapsed_posterior_gives_identical_generations(fitted, kind, branch_
 def test_the_map_trajectory_does_not_depend_on_the_draws_beside_it(fitted, kind):
     adapter, posterior = fitted
     alone = _run(adapter, kind)
-    beside = _run(adapter, kind, posterior.sample(3, seed=0, include_map=True))
+    beside = _run(adapter, kind, posterior.sample(3, seed=0, with_map=True))
     # float32 rounding differs with the batch's size and thread count (1.4e-6 seen on 1 thread)
     torch.testing.assert_close(beside.samples, alone.samples, rtol=0, atol=1e-5)
     assert not torch.allclose(beside.draw_samples[0], alone.samples)  # the draws do move

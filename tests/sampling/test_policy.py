@@ -239,7 +239,7 @@ def test_mi_policy_needs_draws(fitted, tmp_path):
     assert (out.tokens != MASK).all()
     with pytest.raises(GenuncError, match="trajectory_draws"):
         unmask(adapter, prompts(), config, mi_draws=posterior.sample(3, seed=0),
-               trajectory_draws=posterior.sample(2, seed=0, include_map=True))
+               trajectory_draws=posterior.sample(2, seed=0, with_map=True))
 
 
 def test_config_checks():

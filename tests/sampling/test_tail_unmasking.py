@@ -46,18 +46,18 @@ def tail(adapter):
     return Tail(adapter.model, default_tail(adapter.model, 1))
 
 
-def _map_tail_draws(tail, m, includes_map=True):
+def _map_tail_draws(tail, m, with_map=True):
     return TailDraws({k: v.detach()[None].repeat(m, *[1] * v.dim())
-                      for k, v in tail.parameters().items()}, tail, includes_map)
+                      for k, v in tail.parameters().items()}, tail, with_map)
 
 
-def _perturbed(tail, m, scale=0.3, seed=0, includes_map=True):
+def _perturbed(tail, m, scale=0.3, seed=0, with_map=True):
     g = torch.Generator().manual_seed(seed)
     params = {k: v.detach()[None] + scale * torch.randn(m, *v.shape, generator=g)
               for k, v in tail.parameters().items()}
-    if includes_map:
+    if with_map:
         params = {k: torch.cat([tail.parameters()[k].detach()[None], v[1:]]) for k, v in params.items()}
-    return TailDraws(params, tail, includes_map)
+    return TailDraws(params, tail, with_map)
 
 
 CONFIGS = [UnmaskingConfig("low_confidence"),
@@ -95,7 +95,7 @@ def test_mutual_information_of_batched_tail_draws_equals_a_loop_with_the_weights
     committed before s, so each position's MI can be recomputed from full model calls, one per
     draw with that draw's tail weights in the model."""
     x = prompts(3)
-    draws = _perturbed(tail, 4, includes_map=False)
+    draws = _perturbed(tail, 4, with_map=False)
     out = unmask(adapter, x, UnmaskingConfig("low_confidence"), mi_draws=draws, seed=0)
     mi = out.token_stats["mutual_information"]
     assert mi[:, PROMPT:].min() > 1e-4  # the draws disagree: the check is not about zeros
@@ -176,6 +176,6 @@ def test_a_text_tail_posterior_saves_and_loads(adapter, tail, tmp_path):
 def test_head_posterior_path_is_unchanged_by_the_tail_support(adapter):
     posterior = HeadPosterior.fit(adapter, _batches(), progress=False)
     out = unmask(adapter, prompts(), mi_draws=posterior.sample(3, seed=0),
-                 trajectory_draws=posterior.sample(3, seed=1, include_map=True), seed=0)
+                 trajectory_draws=posterior.sample(3, seed=1, with_map=True), seed=0)
     assert out.draw_tokens.shape == (3, 3, L)
     assert torch.isfinite(out.token_stats["mutual_information"]).all()

@@ -101,7 +101,7 @@ def test_trajectory_draws_share_randomness_with_the_map(fitted):
     config = UnmaskingConfig("low_confidence", temperature=1.0, block_length=3)
     plain = unmask(adapter, prompts(), config, seed=4)
     forked = unmask(adapter, prompts(), config,
-                    trajectory_draws=posterior.sample(4, seed=1, include_map=True),
+                    trajectory_draws=posterior.sample(4, seed=1, with_map=True),
                     seed=4)
     assert torch.equal(forked.tokens, plain.tokens)  # the MAP row is unaffected by the draws
     assert forked.draw_tokens.shape == (4, 3, L) and (forked.draw_tokens != MASK).all()
