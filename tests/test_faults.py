@@ -413,13 +413,13 @@ def _damage(directory, damage):
                                     "json of another shape", "a key gone from the json",
                                     "newer format", "a tensor gone", "a tensor of the wrong size"])
 def test_every_damaged_posterior_file_is_a_one_line_error_naming_it(tmp_path, kind, damage):
-    from genunc.posterior.saved import load_saved
+    from genunc.posterior import Posterior
 
     model = _saved_posterior(kind, tmp_path)
-    assert load_saved(tmp_path, model) is not None  # the undamaged control loads
+    assert Posterior.load(tmp_path, model) is not None  # the undamaged control loads
     named = _damage(tmp_path, damage)
     with pytest.raises(GenuncError) as info:
-        load_saved(tmp_path, model)
+        Posterior.load(tmp_path, model)
     message = str(info.value)
     assert "\n" not in message and str(named) in message and "refit" in message
 
@@ -550,11 +550,11 @@ def test_fit_data_of_the_wrong_kind_is_named(tiny_ddpm_folder, tiny_molecule_fol
 def test_folders_of_the_previous_formats_still_load(tmp_path, kind):
     """Before one format: head posteriors had no ``kind`` (format 1) and block posteriors their
     own file names; both load, to the same draws, and a refit replaces the old files."""
+    from genunc.posterior import Posterior
     from genunc.posterior.io import LEGACY_TAIL_FILES, META_FILE, TENSORS_FILE
-    from genunc.posterior.saved import load_saved
 
     model = _saved_posterior(kind, tmp_path / "new")
-    new = load_saved(tmp_path / "new", model)
+    new = Posterior.load(tmp_path / "new", model)
     meta = json.loads((tmp_path / "new" / META_FILE).read_text())
     meta["format_version"] = 1
     old = tmp_path / "old"
@@ -566,7 +566,7 @@ def test_folders_of_the_previous_formats_still_load(tmp_path, kind):
         names = LEGACY_TAIL_FILES
     (old / names[0]).write_text(json.dumps(meta))
     (old / names[1]).write_bytes((tmp_path / "new" / TENSORS_FILE).read_bytes())
-    loaded = load_saved(old, model)
+    loaded = Posterior.load(old, model)
     assert type(loaded) is type(new) and loaded.digest() == new.digest()
     a, b = loaded.sample(3, seed=0), new.sample(3, seed=0)
     for key, value in b.params.items():

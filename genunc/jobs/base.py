@@ -23,9 +23,9 @@ from genunc.errors import ConfigError
 from genunc.export import Export, ExportWriter
 from genunc.jobs.shards import ProcessShard, merge_shards, shard_complete, shard_info, wait_for
 from genunc.pipelines.base import UncertaintyPipeline
-from genunc.posterior import POSTERIOR_DIR, HeadPosterior, TailPosterior
+from genunc.posterior import POSTERIOR_DIR, HeadPosterior
 from genunc.posterior.fingerprint import weights_digest
-from genunc.posterior.saved import remove_saved, saved_files, saved_kind
+from genunc.posterior.io import remove_saved, saved_files, saved_kind
 
 #: one sample of a chunk: (sample id, payload for the export's file, manifest record)
 ChunkRecord = tuple[str, Any, dict[str, Any]]
@@ -221,7 +221,7 @@ def shared_samples(first: dict[str, Any], second: dict[str, Any]) -> int:
 
 def _use_posterior_as_configured(pipe: UncertaintyPipeline, config: dict[str, Any]) -> None:
     """Options of use, not of fit, that a loaded or fitted posterior takes from the config."""
-    if isinstance(pipe.posterior, TailPosterior):
+    if pipe.posterior is not None and pipe.posterior.kind == "tail":
         pipe.posterior.predictive = config["posterior"]["predictive"]
 
 

@@ -42,9 +42,9 @@ from torch import Tensor, nn
 from genunc import streams
 from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import GenuncError, MissingFileError, describe
-from genunc.posterior import POSTERIOR_DIR, HeadDraws, HeadPosterior
-from genunc.posterior.laplace_tail import TailPosterior, default_tail
-from genunc.posterior.saved import load_saved, remove_saved, saved_kind
+from genunc.posterior import POSTERIOR_DIR, HeadDraws, HeadPosterior, Posterior
+from genunc.posterior.io import remove_saved, saved_kind
+from genunc.posterior.laplace_tail import TailPosterior
 from genunc.posterior.variance import ExactVariance, MonteCarloTailVariance, MonteCarloVariance
 from genunc.sampling.diffusers_loop import HeadVariance
 from genunc.sampling.precision import PRECISIONS
@@ -236,9 +236,9 @@ class UncertaintyPipeline:
             raise GenuncError(f"the model folder {path} is damaged or incomplete ({describe(err)}); "
                               "save or copy it again") from err
         if posterior == "auto":
-            pipe.posterior = load_saved(path / POSTERIOR_DIR, pipe.model, missing="none")
+            pipe.posterior = Posterior.load(path / POSTERIOR_DIR, pipe.model, missing="none")
         elif isinstance(posterior, (str, os.PathLike)):
-            pipe.posterior = load_saved(posterior, pipe.model)
+            pipe.posterior = Posterior.load(posterior, pipe.model)
         else:
             pipe.posterior = posterior
         return pipe
@@ -264,15 +264,8 @@ class UncertaintyPipeline:
         ``fit_kwargs`` go to :meth:`HeadPosterior.fit_features` (structure, prior_precision, ...)
         or :meth:`TailPosterior.fit_data` (also ``curvature``, ``mc_samples``).
         """
-        if tail is not None:
-            names = default_tail(self.model, tail) if isinstance(tail, int) else list(tail)
-            self.posterior = TailPosterior.fit(
-                self.adapter, self._fit_batches(data, batch_size), names,
-                repeats=self.FIT_REPEATS if repeats is None else repeats, seed=seed,
-                progress=progress, **fit_kwargs)
-            return self.posterior
-        self.posterior = HeadPosterior.fit(
-            self.adapter, self._fit_batches(data, batch_size),
+        self.posterior = Posterior.fit(
+            self.adapter, self._fit_batches(data, batch_size), tail=tail,
             repeats=self.FIT_REPEATS if repeats is None else repeats, seed=seed,
             progress=progress, **fit_kwargs)
         return self.posterior
@@ -287,13 +280,13 @@ class UncertaintyPipeline:
         retrained): ``"error"`` refuses it (exports and CLI jobs, where silently refitting would
         change results), ``"refit"`` fits anew over it (scripts that merely cache a fit).
         """
-        saved = load_saved(directory, self.model, missing="none",
+        saved = Posterior.load(directory, self.model, missing="none",
                            stale="none" if stale == "refit" else "error")
         wanted = "tail" if fit_kwargs.get("tail") is not None else "head"
         if saved is not None and data is not None and saved_kind(directory) != wanted:
             if stale == "error":
                 raise GenuncError(f"{directory} holds a posterior over the {saved_kind(directory)}"
-                                  f", not over the {'block' if wanted == 'tail' else 'head'} "
+                                  f", not over the {wanted} "
                                   "asked for; fit it again (genunc fit) or use another folder")
             saved = None  # refit: the other kind is replaced below
         if saved is not None or data is None:
@@ -346,7 +339,7 @@ class UncertaintyPipeline:
         minimum = {s: self.SCORES[s] for s in scores}
         if "variability" in minimum and variance == "monte_carlo":  # a variance over draws;
             # a tail posterior's always comes with its jackknife error (MonteCarloTailVariance)
-            minimum["variability"] = 3 if isinstance(self.posterior, TailPosterior) else 2
+            minimum["variability"] = 3 if getattr(self.posterior, "kind", None) == "tail" else 2
         uses_posterior = sorted(s for s, m in minimum.items() if m is not None)
         needed = max((m for m in minimum.values() if m is not None), default=0)
         if num_draws < needed:
@@ -369,7 +362,7 @@ class UncertaintyPipeline:
         """The variability score's variance estimator, or None when it was not asked for."""
         if not request.wants("variability"):
             return None
-        if isinstance(self.posterior, TailPosterior):
+        if self.posterior.kind == "tail":
             if variance != "monte_carlo":
                 raise GenuncError("a tail posterior has no closed-form output variance (its "
                                   "weights pass through nonlinearities): use "

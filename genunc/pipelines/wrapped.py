@@ -387,7 +387,7 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
     def _fit_tail(self, tail: int | Sequence[str], batches: Iterator[dict[str, Any]],
                   repeats: int, max_rows: int | None, generator: torch.Generator, progress: bool,
                   fit_kwargs: dict[str, Any]) -> TailPosterior:
-        """A posterior over a block that ends at the head (UNet denoisers: the last up-blocks
+        """A tail posterior, over the blocks that end at the head (UNet denoisers: the last up-blocks
         and ``conv_norm_out`` / ``conv_act`` / ``conv_out``), fitted on the same noisy pairs."""
         adapter = self.adapter
         if not isinstance(adapter.head, nn.Conv2d):

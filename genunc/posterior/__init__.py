@@ -6,6 +6,7 @@ with warnings.catch_warnings():  # laplace-torch's optional asdl backend calls t
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     import laplace  # noqa: F401
 
+from genunc.posterior.base import Posterior
 from genunc.posterior.capture import HeadData, capture_head, collect_head_data
 from genunc.posterior.draws import HeadDraws
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
@@ -33,6 +34,7 @@ from genunc.posterior.tail import Tail, TailDraws, TailInputs
 __all__ = [
     "POSTERIOR_DIR",
     "PREDICTIVES",
+    "Posterior",
     "STRUCTURES",
     "TAIL_STRUCTURES",
     "Conv2dOps",

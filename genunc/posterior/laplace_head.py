@@ -10,28 +10,35 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from laplace import Laplace
-from scipy.optimize import minimize
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from genunc._seed import as_generator
 from genunc.adapters.base import DenoiserAdapter, Likelihood, resolve_module
 from genunc.errors import FingerprintMismatchError, GenuncError, ShapeMismatchError
+from genunc.posterior.base import (
+    Posterior,
+    check_likelihood,
+    check_output_groups,
+    check_sigma_noise,
+    check_unseen_classes,
+    classes_without_data,
+    group_noise_scales,
+    initial_prior,
+    method_info,
+    tune_hyperparameters,
+)
 from genunc.posterior.capture import HeadData, collect_head_data
 from genunc.posterior.curvature import LinearHeadGGN
 from genunc.posterior.draws import HeadDraws, as_float32
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import HeadOps, check_finite, head_ops_for
-from genunc.posterior.io import META_FILE, damaged_if_unreadable, read_saved, write_saved
-from genunc.posterior.laplace_state import LaplaceQuantities, laplace_tensors, restore_laplace
+from genunc.posterior.laplace_state import laplace_tensors, restore_laplace
 
 Structure = Literal["diag", "kron", "full"]
 STRUCTURES: tuple[str, ...] = ("diag", "kron", "full")
@@ -123,13 +130,15 @@ def _fit_dtype(head: nn.Module) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class HeadPosterior(LaplaceQuantities):
+class HeadPosterior(Posterior):
     """Gaussian posterior over a head's weights: fit, sample M draws, apply them in one op.
 
     Build it with :meth:`fit` (from an adapter and clean data), :meth:`fit_features` (from cached
     head inputs), or :meth:`load`.  The posterior mean is the pretrained head; draws are full
     parameter sets for the head, applied to shared or per-draw features by :meth:`apply`.
     """
+
+    kind = "head"
 
     def __init__(
         self,
@@ -232,8 +241,11 @@ class HeadPosterior(LaplaceQuantities):
         """
         if structure not in STRUCTURES:
             raise GenuncError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-        if likelihood not in ("regression", "classification"):
-            raise GenuncError(f"likelihood must be regression or classification, got {likelihood!r}")
+        check_likelihood(likelihood)
+        check_unseen_classes(unseen_classes)
+        prior0 = initial_prior(prior_precision)
+        if likelihood == "regression":
+            check_sigma_noise(sigma_noise)
         features, targets = (data.features, data.targets) if isinstance(data, HeadData) else data
         if features.shape[0] != targets.shape[0]:
             raise ShapeMismatchError(
@@ -259,15 +271,12 @@ class HeadPosterior(LaplaceQuantities):
         features = features.to(device, dtype)
         targets = targets.to(device, dtype if likelihood == "regression" else torch.long)
         _check_output_shape(model, features, targets, likelihood)
-        if unseen_classes not in ("freeze", "prior"):
-            raise GenuncError(f"unseen_classes must be 'freeze' or 'prior', got {unseen_classes!r}")
         info: dict[str, Any] = {}
         if likelihood == "classification":  # classes no target names: their rows have no data
             with torch.no_grad():
                 n_classes = model(features[:1]).shape[-1]
-            counts = torch.bincount(targets.reshape(-1).cpu(), minlength=n_classes)
-            unseen = torch.nonzero(counts == 0).flatten()
-            info["classes_without_data"] = unseen.tolist()
+            counts, unseen = classes_without_data(targets, n_classes)
+            info["classes_without_data"] = unseen
             info["unseen_classes"] = "prior"
             if len(unseen) and unseen_classes == "freeze" and type(head_copy) is nn.Linear:
                 kept = torch.nonzero(counts > 0).flatten().to(device)
@@ -287,9 +296,6 @@ class HeadPosterior(LaplaceQuantities):
             info["log_lik_offset"] = -float(features.shape[0]) * float(scale.double().log().sum())
         sigma0 = 1.0 if groups else _sigma_init(model, features, targets, likelihood, sigma_noise,
                                                  batch_size)
-        prior0 = 1.0 if prior_precision == "marglik" else float(prior_precision)
-        if prior0 <= 0:
-            raise GenuncError(f"prior precision must be positive, got {prior0}")
 
         la = Laplace(
             model,
@@ -302,17 +308,11 @@ class HeadPosterior(LaplaceQuantities):
         )
         loader = DataLoader(TensorDataset(features, targets), batch_size=batch_size)
         la.fit(loader, progress_bar=progress)
-        if prior_precision == "marglik" or sigma_noise == "marglik":
-            _optimise_marglik(
-                la,
-                tune_prior=prior_precision == "marglik",
-                tune_sigma=sigma_noise == "marglik" and likelihood == "regression",
-            )
+        tune_hyperparameters(la, prior_precision, sigma_noise, likelihood)
         info.update({
             "output_softcap": cap,
             "n_rows": int(features.shape[0]),
-            "prior_precision_method": "marglik" if prior_precision == "marglik" else "fixed",
-            "sigma_noise_method": sigma_noise if isinstance(sigma_noise, str) else "fixed",
+            **method_info(prior_precision, sigma_noise),
             "backend": type(la.backend).__name__,
         })
         subset = model.flat_subset(ops)
@@ -456,8 +456,7 @@ class HeadPosterior(LaplaceQuantities):
         }
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the posterior's two files into `directory` (:mod:`genunc.posterior.io`)."""
+    def saved_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors, laplace_meta = laplace_tensors(self.laplace, self.structure)
         if self.subset is not None:  # a posterior over some of the head's rows
             tensors["subset"] = self.subset.to(torch.uint8)
@@ -469,33 +468,12 @@ class HeadPosterior(LaplaceQuantities):
                 "head_name": self.head_name, "row_wise": self.ops.row_wise,
                 "output_softcap": getattr(model, "softcap", None),
                 "fingerprint": self.fingerprint, **laplace_meta, "info": self.info}
-        return write_saved(directory, "head", tensors, meta)
+        return tensors, meta
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], model: nn.Module | DenoiserAdapter, *,
-             missing: Literal["error", "none"] = "error",
-             stale: Literal["error", "none"] = "error",
-             check_weights: bool = True) -> "HeadPosterior | None":
-        """Load the head posterior saved in `directory` onto `model`'s head (or an adapter's).
-
-        One policy with two explicit choices: ``missing="none"`` returns None where nothing was
-        saved; ``stale="none"`` returns None where the saved posterior belongs to another head
-        or other weights (a retrained model).  Anything else wrong (a half-written folder, a
-        damaged file, a format this genunc cannot read) raises, naming the file.
-        """
-        read = read_saved(directory, missing=missing)
-        if read is None:
-            return None
-        with damaged_if_unreadable(Path(directory) / META_FILE):
-            return cls.from_saved(*read, model, stale=stale, check_weights=check_weights)
-
-    @classmethod
-    def from_saved(cls, kind: str, meta: dict[str, Any], tensors: dict[str, Tensor],
+    def from_saved(cls, meta: dict[str, Any], tensors: dict[str, Tensor],
                    model: nn.Module | DenoiserAdapter, *, stale: str = "error",
                    check_weights: bool = True) -> "HeadPosterior | None":
-        """The posterior :func:`~genunc.posterior.io.read_saved` read, on `model`'s head."""
-        if kind != "head":
-            raise GenuncError(f"this folder holds a {kind} posterior, not a head posterior")
         module = model.model if isinstance(model, DenoiserAdapter) else model
         head = resolve_module(module, meta["head_name"])
         try:
@@ -568,11 +546,7 @@ def _sigma_init(
     if likelihood == "classification":
         return 1.0
     if not isinstance(sigma_noise, str):
-        if sigma_noise <= 0:
-            raise GenuncError(f"sigma_noise must be positive, got {sigma_noise}")
         return float(sigma_noise)
-    if sigma_noise not in ("mle", "marglik"):
-        raise GenuncError(f"sigma_noise must be a number, 'mle' or 'marglik', got {sigma_noise!r}")
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, features.shape[0], batch_size):
@@ -586,50 +560,11 @@ def _group_scales(model: _RowModel, features: Tensor, targets: Tensor,
                   groups: Mapping[str, slice], batch_size: int) -> dict[str, float]:
     """Root-mean-square residual of the pretrained head over each group's output columns."""
     width = targets.shape[-1]
-    covered = torch.zeros(width, dtype=torch.bool)
-    for name, part in groups.items():
-        if covered[part].any() or not covered[part].numel():
-            raise GenuncError(f"output group {name!r} ({part}) is empty or overlaps another")
-        covered[part] = True
-    if not covered.all():
-        raise GenuncError(f"output groups {dict(groups)} leave columns of the {width} outputs out")
+    check_output_groups(groups, width)
     total = torch.zeros(width, dtype=torch.float64)
     with torch.no_grad():
         for i in range(0, features.shape[0], batch_size):
             residual = model(features[i : i + batch_size]) - targets[i : i + batch_size]
             total += residual.double().square().reshape(-1, width).sum(0).cpu()
-    count = targets.numel() // width
-    return {name: max(math.sqrt(float(total[part].sum()) / (count * total[part].numel())), 1e-6)
-            for name, part in groups.items()}
-
-
-def _optimise_marglik(la: Any, tune_prior: bool, tune_sigma: bool) -> None:
-    """Maximise laplace-torch's log marginal likelihood over log prior precision / log sigma.
-
-    A quasi-Newton solve on one or two log-scale hyperparameters converges to machine precision in
-    a few dozen evaluations, where a fixed Adam schedule may stop short.
-    """
-    prior0 = float(la.prior_precision.reshape(-1)[0])
-    sigma0 = float(torch.as_tensor(la.sigma_noise).reshape(-1)[0])
-    x0 = np.array([math.log(prior0)] * tune_prior + [math.log(sigma0)] * tune_sigma)
-    dtype = la.mean.dtype
-    device = la.mean.device
-
-    def unpack(x: Tensor) -> tuple[Tensor, Tensor | None]:
-        fixed_prior = torch.tensor([prior0], dtype=dtype, device=device)
-        prior = x[0].exp().reshape(1) if tune_prior else fixed_prior
-        sigma = x[-1].exp().reshape(1) if tune_sigma else None  # None: laplace keeps its own
-        return prior, sigma
-
-    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
-        xt = torch.tensor(x, dtype=dtype, device=device, requires_grad=True)
-        prior, sigma = unpack(xt)
-        loss = -la.log_marginal_likelihood(prior, sigma)
-        (grad,) = torch.autograd.grad(loss, xt)
-        return float(loss.detach()), grad.detach().cpu().double().numpy()
-
-    result = minimize(objective, x0, jac=True, method="L-BFGS-B", bounds=[(-23.0, 23.0)] * len(x0))
-    prior, sigma = unpack(torch.tensor(result.x, dtype=dtype, device=device))
-    la.prior_precision = prior.detach()
-    if tune_sigma:
-        la.sigma_noise = sigma.detach()
+    counts = torch.full((width,), targets.numel() // width, dtype=torch.float64)
+    return group_noise_scales(total, counts, groups)

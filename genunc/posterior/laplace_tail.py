@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -54,11 +52,22 @@ from tqdm.auto import tqdm
 from genunc._seed import as_generator
 from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import FingerprintMismatchError, GenuncError, ShapeMismatchError
+from genunc.posterior.base import (
+    Posterior,
+    check_likelihood,
+    check_output_groups,
+    check_sigma_noise,
+    check_unseen_classes,
+    classes_without_data,
+    group_noise_scales,
+    initial_prior,
+    method_info,
+    tune_hyperparameters,
+)
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import check_finite
-from genunc.posterior.io import META_FILE, damaged_if_unreadable, read_saved, write_saved
-from genunc.posterior.laplace_head import STRUCTURES, _optimise_marglik
-from genunc.posterior.laplace_state import LaplaceQuantities, laplace_tensors, restore_laplace
+from genunc.posterior.laplace_head import STRUCTURES
+from genunc.posterior.laplace_state import laplace_tensors, restore_laplace
 from genunc.posterior.lowrank import LowRankDiagLaplace
 from genunc.posterior.tail import Tail, TailDraws, TailInputs, math_attention
 
@@ -105,9 +114,11 @@ class _TailModel(nn.Module):
     """
 
     def __init__(self, tail: Tail, dtype: torch.dtype, data: TailData | None = None,
-                 output_scale: Tensor | None = None, likelihood: str = "regression") -> None:
+                 output_scale: Tensor | None = None, likelihood: str = "regression",
+                 softcap: float | None = None) -> None:
         super().__init__()
         self.likelihood = likelihood
+        self.softcap = softcap
         self.tail = tail
         self.mods = nn.ModuleList(copy.deepcopy(m).to(dtype).eval() for m in tail.modules)
         for m in self.mods:
@@ -171,6 +182,8 @@ class _TailModel(nn.Module):
                 if inputs.separable:
                     inputs = inputs.select(needed)
                 logits = self.run(_floating(inputs, self.dtype))
+                if self.softcap is not None:  # the likelihood is on the model's capped logits
+                    logits = self.softcap * torch.tanh(logits / self.softcap)
                 logits = logits.reshape(logits.shape[0], -1, logits.shape[-1])
                 out.append(logits[where, self.entries[index[start:stop], 2]])
                 start = stop
@@ -338,13 +351,15 @@ def _kron_ready(tail: Tail) -> None:
 
 
 # ---------------------------------------------------------------------- the posterior
-class TailPosterior(LaplaceQuantities):
+class TailPosterior(Posterior):
     """Gaussian posterior over the weights of a tail: fit, sample M draws, apply them batched.
 
     The same draw/apply contract as :class:`~genunc.posterior.HeadPosterior`:
     ``sample(M, seed, with_map=)`` returns :class:`~genunc.posterior.tail.TailDraws`, whose
     ``apply(inputs)`` re-runs the tail under every draw, and ``with_map``.
     """
+
+    kind = "tail"
 
     def __init__(self, laplace: Any, tail: Tail, structure: str, fingerprint: dict[str, Any],
                  info: dict[str, Any] | None = None, likelihood: str = "regression") -> None:
@@ -355,8 +370,10 @@ class TailPosterior(LaplaceQuantities):
         self.fingerprint = fingerprint
         self.info = dict(info or {})
         #: flat entries that keep their pretrained value in every draw (head rows of classes
-        #: no target names)
-        self.frozen = _frozen_entries(tail, self.info.get("classes_without_data") or [])
+        #: no target names, unless they were left at the prior: ``unseen_classes="prior"``)
+        frozen = self.info.get("unseen_classes", "freeze") == "freeze"
+        self.frozen = _frozen_entries(tail, (self.info.get("classes_without_data") or [])
+                                      if frozen else [])
 
     @property
     def names(self) -> list[str]:
@@ -374,14 +391,18 @@ class TailPosterior(LaplaceQuantities):
 
     # ------------------------------------------------------------------ fitting
     @classmethod
-    def fit(cls, adapter: DenoiserAdapter, batches: Iterable[Any], tail: Sequence[str] | Tail, *,
-            repeats: int = 1, max_rows: int | None = None, seed: int | torch.Generator | None = 0,
-            progress: bool = False, noise_groups: bool = True, tied: str = "untie",
+    def fit(cls, adapter: DenoiserAdapter, batches: Iterable[Any],  # type: ignore[override]
+            tail: int | Sequence[str] | Tail, *, repeats: int = 1, max_rows: int | None = None,
+            seed: int | torch.Generator | None = 0, progress: bool = False,
+            noise_groups: bool = True, tied: str = "untie",
             **fit_kwargs: Any) -> "TailPosterior":
         """Record the tail's inputs on the adapter's noisy training pairs of `batches` (as the
         head fit does), then Laplace over the tail's weights (``fit_kwargs``: see
-        :meth:`fit_data`)."""
-        tail = tail if isinstance(tail, Tail) else Tail(adapter.model, tail, tied=tied)
+        :meth:`fit_data`).  `tail`: the last `tail` blocks (:func:`default_tail`), module
+        names, or a :class:`Tail`."""
+        if isinstance(tail, int) and not isinstance(tail, bool):
+            tail = default_tail(adapter.model, tail)
+        tail = tail if isinstance(tail, Tail) else Tail(adapter.model, list(tail), tied=tied)
         data = collect_tail_data(adapter, tail, batches, repeats=repeats, max_rows=max_rows,
                                  seed=seed, progress=progress)
         groups = adapter.output_groups if noise_groups else None
@@ -395,7 +416,9 @@ class TailPosterior(LaplaceQuantities):
                  curvature: Curvature = "auto", mc_samples: int = 8, batch_size: int = 16,
                  output_groups: Mapping[str, slice] | None = None,
                  seed: int = 0, likelihood: str = "regression", rank: int = 32,
-                 predictive: str = "sample") -> "TailPosterior":
+                 predictive: str = "sample",
+                 unseen_classes: Literal["freeze", "prior"] = "freeze",
+                 output_softcap: float | None = None) -> "TailPosterior":
         """Laplace over the tail's weights given recorded inputs and targets.
 
         ``prior_precision`` and ``sigma_noise`` as for the head (``"marglik"``: maximise
@@ -403,11 +426,19 @@ class TailPosterior(LaplaceQuantities):
         ignored for classification).  ``structure="lowrank"``: the GGN diagonal plus its top
         ``rank`` eigenpairs (:class:`~genunc.posterior.lowrank.LowRankDiagLaplace`), for any
         parameter type, in ``P x rank`` memory.  ``predictive``: how draws act (see
-        :attr:`predictive`; settable after the fit).
+        :attr:`predictive`; settable after the fit).  ``unseen_classes`` and ``output_softcap``
+        as for the head (:meth:`HeadPosterior.fit_features`).
         """
         _check_predictive(predictive)  # before the fit, not after it
-        if likelihood not in ("regression", "classification"):
-            raise GenuncError(f"likelihood must be regression or classification, got {likelihood!r}")
+        check_likelihood(likelihood)
+        check_unseen_classes(unseen_classes)
+        prior0 = initial_prior(prior_precision)
+        if likelihood == "regression":
+            check_sigma_noise(sigma_noise)
+        if output_softcap is not None and not output_softcap > 0:
+            raise GenuncError(f"softcap must be positive, got {output_softcap}")
+        if output_softcap is not None and likelihood == "regression":
+            raise GenuncError("output_softcap caps logits: it is for a classification likelihood")
         if structure not in TAIL_STRUCTURES:
             raise GenuncError(f"structure must be one of {TAIL_STRUCTURES}, got {structure!r}")
         if structure == "lowrank" and (not isinstance(rank, int) or rank < 1):
@@ -422,7 +453,8 @@ class TailPosterior(LaplaceQuantities):
             else torch.float32
         if likelihood == "classification":
             posterior = cls._fit_classification(tail, data, dtype, structure, prior_precision,
-                                                 curvature, mc_samples, batch_size, seed, rank)
+                                                 prior0, curvature, mc_samples, batch_size, seed,
+                                                 rank, unseen_classes, output_softcap)
             posterior.predictive = predictive
             return posterior
         model = _TailModel(tail, dtype, data)
@@ -440,17 +472,15 @@ class TailPosterior(LaplaceQuantities):
         sigma0 = 1.0
         if output_groups and sigma_noise == "mle":
             width = data.targets[0].shape[-1]
+            check_output_groups(output_groups, width)
+            # per column of the last axis (which repeats over the flat outputs), over data only
+            data_only = elements.reshape(len(data), -1)
+            square = residual.reshape(len(data), -1).double().square() * data_only
+            square = square.reshape(len(data), -1, width)
+            counts = data_only.reshape(len(data), -1, width).sum((0, 1)).double()
+            groups = group_noise_scales(square.sum((0, 1)), counts, output_groups)
             scale = torch.ones(width, dtype=dtype)
-            res = residual.reshape(len(data), -1)
-            groups = {}
             for name, part in output_groups.items():
-                cols = torch.zeros(width, dtype=torch.bool)
-                cols[part] = True
-                # which flat elements belong to the group: the last axis repeats
-                reps = model.width // width
-                sel = cols.repeat(reps) & elements.reshape(len(data), -1)
-                value = float(res[sel].double().square().mean().sqrt()) if sel.any() else 1.0
-                groups[name] = max(value, 1e-6)
                 scale[part] = groups[name]
             model.output_scale = scale
             targets = model.targets()
@@ -458,17 +488,9 @@ class TailPosterior(LaplaceQuantities):
             n_elements = elements.reshape(len(data), -1, width).sum((0, 1)).double()
             info["log_lik_offset"] = -float((n_elements * scale.double().log()).sum())
         elif isinstance(sigma_noise, str):
-            if sigma_noise not in ("mle", "marglik"):
-                raise GenuncError(f"sigma_noise must be a number, 'mle' or 'marglik', got "
-                                  f"{sigma_noise!r}")
             sigma0 = max(float(residual[elements].double().square().mean().sqrt()), 1e-6)
         else:
-            if sigma_noise <= 0:
-                raise GenuncError(f"sigma_noise must be positive, got {sigma_noise}")
             sigma0 = float(sigma_noise)
-        prior0 = 1.0 if prior_precision == "marglik" else float(prior_precision)
-        if prior0 <= 0:
-            raise GenuncError(f"prior precision must be positive, got {prior0}")
 
         curvature, backend, backend_kwargs = _backend(curvature, structure, model.width * tail.n_params,
                                                       mc_samples, seed)
@@ -476,17 +498,13 @@ class TailPosterior(LaplaceQuantities):
                       backend=backend, backend_kwargs=backend_kwargs)
         _fit_laplace(la, DataLoader(TensorDataset(index, targets), batch_size=batch_size), structure,
                      rank, curvature, mc_samples, seed)
-        tune_prior = prior_precision == "marglik"
-        tune_sigma = sigma_noise == "marglik"
-        if tune_prior or tune_sigma:
-            _optimise_marglik(la, tune_prior, tune_sigma)
+        tune_hyperparameters(la, prior_precision, sigma_noise, "regression")
         info.update({
             "tail": tail.names, "n_rows": len(data), "output_width": model.width,
             "curvature": curvature, "mc_samples": mc_samples if curvature == "mc" else None,
             "backend": backend.__name__, "tied": tail.tied,
             "rank": rank if structure == "lowrank" else None,
-            "prior_precision_method": "marglik" if tune_prior else "fixed",
-            "sigma_noise_method": sigma_noise if isinstance(sigma_noise, str) else "fixed",
+            **method_info(prior_precision, sigma_noise),
         })
         posterior = cls(la, tail, structure, tail_fingerprint(tail), info)
         posterior.info["log_marglik"] = posterior.log_marginal_likelihood()
@@ -495,11 +513,12 @@ class TailPosterior(LaplaceQuantities):
 
     @classmethod
     def _fit_classification(cls, tail: Tail, data: TailData, dtype: torch.dtype,
-                            structure: str, prior_precision: float | str, curvature: str,
-                            mc_samples: int, batch_size: int, seed: int,
-                            rank: int) -> "TailPosterior":
+                            structure: str, prior_precision: float | str, prior0: float,
+                            curvature: str, mc_samples: int, batch_size: int, seed: int,
+                            rank: int, unseen_classes: str,
+                            softcap: float | None) -> "TailPosterior":
         """Categorical likelihood, one laplace-torch row per data position (masked token)."""
-        model = _TailModel(tail, dtype, data, likelihood="classification")
+        model = _TailModel(tail, dtype, data, likelihood="classification", softcap=softcap)
         targets = model.targets()
         index = torch.arange(len(model))
         with torch.no_grad():
@@ -507,26 +526,23 @@ class TailPosterior(LaplaceQuantities):
         if int(targets.min()) < 0 or int(targets.max()) >= n_classes:
             raise ShapeMismatchError(f"class targets span [{int(targets.min())}, "
                                      f"{int(targets.max())}] but the tail has {n_classes} outputs")
-        counts = torch.bincount(targets, minlength=n_classes)
-        unseen = torch.nonzero(counts == 0).flatten().tolist()
-        prior0 = 1.0 if prior_precision == "marglik" else float(prior_precision)
-        if prior0 <= 0:
-            raise GenuncError(f"prior precision must be positive, got {prior0}")
+        _, unseen = classes_without_data(targets, n_classes)
         curvature, backend, backend_kwargs = _backend(curvature, structure, n_classes * tail.n_params,
                                                       mc_samples, seed)
         la = _laplace(model, "classification", structure, prior_precision=prior0, backend=backend,
                       backend_kwargs=backend_kwargs)
         _fit_laplace(la, DataLoader(TensorDataset(index, targets), batch_size=batch_size), structure,
                      rank, curvature, mc_samples, seed)
-        if prior_precision == "marglik":
-            _optimise_marglik(la, True, False)
+        tune_hyperparameters(la, prior_precision, "mle", "classification")
         info = {"tail": tail.names, "n_rows": len(model), "n_sequences": len(data),
                 "output_width": n_classes, "curvature": curvature,
                 "mc_samples": mc_samples if curvature == "mc" else None,
                 "backend": backend.__name__, "tied": tail.tied,
                 "rank": rank if structure == "lowrank" else None,
-                "classes_without_data": unseen,
-                "prior_precision_method": "marglik" if prior_precision == "marglik" else "fixed"}
+                "classes_without_data": unseen, "unseen_classes": unseen_classes,
+                "output_softcap": softcap,
+                "prior_precision_method": method_info(prior_precision, "mle")[
+                    "prior_precision_method"]}
         posterior = cls(la, tail, structure, tail_fingerprint(tail), info, "classification")
         posterior.info["log_marglik"] = posterior.log_marginal_likelihood()
         return posterior
@@ -605,35 +621,18 @@ class TailPosterior(LaplaceQuantities):
         return other
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the posterior's two files into `directory` (:mod:`genunc.posterior.io`)."""
+    def saved_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors, laplace_meta = laplace_tensors(self.laplace, self.structure)
         if self.laplace.model.output_scale is not None:
             tensors["output_scale"] = self.laplace.model.output_scale
         meta = {"structure": self.structure, "tail": self.names, "likelihood": self.likelihood,
                 "fingerprint": self.fingerprint, **laplace_meta, "info": self.info}
-        return write_saved(directory, "tail", tensors, meta)
+        return tensors, meta
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], model: nn.Module | DenoiserAdapter, *,
-             missing: Literal["error", "none"] = "error", stale: Literal["error", "none"] = "error",
-             check_weights: bool = True) -> "TailPosterior | None":
-        """Load a tail posterior onto `model`, refusing one fitted on another tail or weights
-        (``stale="none"``: return None instead; ``missing="none"``: None where none was saved);
-        a damaged file raises, naming it."""
-        read = read_saved(directory, missing=missing)
-        if read is None:
-            return None
-        with damaged_if_unreadable(Path(directory) / META_FILE):
-            return cls.from_saved(*read, model, stale=stale, check_weights=check_weights)
-
-    @classmethod
-    def from_saved(cls, kind: str, meta: dict[str, Any], tensors: dict[str, Tensor],
+    def from_saved(cls, meta: dict[str, Any], tensors: dict[str, Tensor],
                    model: nn.Module | DenoiserAdapter, *, stale: str = "error",
                    check_weights: bool = True) -> "TailPosterior | None":
-        """The posterior :func:`~genunc.posterior.io.read_saved` read, on `model`'s tail."""
-        if kind != "tail":
-            raise GenuncError(f"this folder holds a {kind} posterior, not a tail posterior")
         module = model.model if isinstance(model, DenoiserAdapter) else model
         try:
             tail = Tail(module, meta["tail"])

@@ -80,12 +80,12 @@ def test_below_full_rank_the_algebra_matches_the_explicit_matrix():
 
 
 def test_marginal_likelihood_tunes_the_prior_through_the_low_rank_part():
-    from genunc.posterior.laplace_head import _optimise_marglik
+    from genunc.posterior.base import optimise_marglik
 
     model, x, y = _toy()
     la, full = _fit(model, x, y, sigma_noise=0.3)
-    _optimise_marglik(la, True, False)
-    _optimise_marglik(full, True, False)
+    optimise_marglik(la, True, False)
+    optimise_marglik(full, True, False)
     assert la.prior_precision.item() == pytest.approx(full.prior_precision.item(), rel=1e-5)
 
 
