@@ -15,7 +15,8 @@ from scipy.stats import rankdata, spearmanr
 from genunc.errors import GenuncError, NonFiniteError
 
 
-def _scores(scores) -> np.ndarray:
+def checked_scores(scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Scores as one finite float per sample (a one-line error otherwise)."""
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 1:
         raise GenuncError(f"scores must be one value per sample, got shape {values.shape}")
@@ -30,7 +31,7 @@ def _scores(scores) -> np.ndarray:
 # ---------------------------------------------------------------------------- selection
 def keep_order(scores) -> np.ndarray:
     """Indices from most to least certain; ties keep their original order (stable)."""
-    return np.argsort(_scores(scores), kind="stable")
+    return np.argsort(checked_scores(scores), kind="stable")
 
 
 def keep_top_k(scores, k: int) -> np.ndarray:
@@ -44,7 +45,7 @@ def keep_fraction(scores, fraction: float) -> np.ndarray:
     """Indices of the ``round(fraction * N)`` least uncertain samples."""
     if not 0 <= fraction <= 1:
         raise GenuncError(f"fraction must lie in [0, 1], got {fraction}")
-    values = _scores(scores)
+    values = checked_scores(scores)
     return keep_top_k(values, int(round(fraction * len(values))))
 
 
@@ -52,7 +53,7 @@ def keep_fraction_within(scores, groups: Sequence, fraction: float) -> np.ndarra
     """Keep the least uncertain `fraction` of every group (e.g. per class), sorted indices: a
     global cut can keep 96% of one class and 62% of another, so that a kept set "improves" by
     changing its class mix."""
-    s = _scores(scores)
+    s = checked_scores(scores)
     groups = np.asarray(groups)
     if groups.shape != s.shape:
         raise GenuncError(f"{len(s)} scores but {len(groups)} group labels")
@@ -65,7 +66,7 @@ def keep_below(scores, threshold: float) -> np.ndarray:
     """Indices of samples whose score is at most `threshold`."""
     if threshold is None or np.isnan(threshold):
         raise GenuncError(f"threshold must be a number, got {threshold}")
-    return np.flatnonzero(_scores(scores) <= threshold)
+    return np.flatnonzero(checked_scores(scores) <= threshold)
 
 
 def best_of_n(scores, groups: Sequence) -> np.ndarray:
@@ -73,7 +74,7 @@ def best_of_n(scores, groups: Sequence) -> np.ndarray:
 
     Ties go to the earliest sample of the group.  Returned in order of first appearance.
     """
-    values = _scores(scores)
+    values = checked_scores(scores)
     groups = np.asarray(groups)
     if len(groups) != len(values):
         raise GenuncError(f"{len(values)} scores but {len(groups)} group labels")
@@ -130,7 +131,7 @@ def area_under_retention(scores, quality) -> float:
 
 def auroc(scores, failed) -> float:
     """Probability that a failed sample scores higher (more uncertain) than a good one."""
-    values = _scores(scores)
+    values = checked_scores(scores)
     failed = np.asarray(failed, dtype=bool)
     n_fail, n_ok = int(failed.sum()), int((~failed).sum())
     if n_fail == 0 or n_ok == 0:
@@ -141,7 +142,7 @@ def auroc(scores, failed) -> float:
 
 def spearman(scores, quality) -> float:
     """Spearman's rho; NaN (without a warning) when either side is constant."""
-    values, quality = _scores(scores), np.asarray(quality, dtype=np.float64)
+    values, quality = checked_scores(scores), np.asarray(quality, dtype=np.float64)
     if np.ptp(values) == 0 or np.ptp(quality) == 0:
         return float("nan")
     return float(spearmanr(values, quality).statistic)

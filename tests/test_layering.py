@@ -127,3 +127,19 @@ def test_sampling_sees_draws_not_the_posterior(repo):
             if module.startswith("genunc.posterior"):
                 assert module == "genunc.posterior.draws" and typing_only, \
                     f"{path.name}:{line} imports {module}"
+
+
+def test_no_module_borrows_another_modules_private_names(repo):
+    """A leading underscore means "this module's own": another module that needs it gets a
+    public name (``from genunc.x import _helper`` is how two copies of logic start to drift)."""
+    modules = {p.stem for p in (repo / "genunc").rglob("*.py")} | \
+        {p.name for p in (repo / "genunc").rglob("*") if p.is_dir()}
+    borrowed = []
+    for path, _ in _modules(repo):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("genunc"):
+                borrowed += [f"{path.relative_to(repo)}:{node.lineno} imports {alias.name} "
+                             f"from {node.module}" for alias in node.names
+                             if alias.name.startswith("_") and not alias.name.startswith("__")
+                             and alias.name not in modules]
+    assert not borrowed, "\n".join(borrowed)

@@ -13,6 +13,7 @@ or wrap a diffusers pipeline you already have (its own loop, scheduler and optio
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from genunc.adapters.image import DiffusersImageAdapter
-from genunc.errors import GenuncError, MissingFileError, ShapeMismatchError
+from genunc.errors import ConfigError, GenuncError, MissingFileError, ShapeMismatchError
 from genunc.features import FeatureExtractor
 from genunc.pipelines.base import (
     ScoreCollector,
@@ -61,11 +62,6 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
         sampling_scheduler: scheduler used for generation; default DDIM (eta = 0, deterministic)
             built from the training scheduler's config, as in the paper.
     """
-
-    SCORES = {"semantic": 1, "variability": 0, "pixel_variance": 1, "random": None}
-    #: with a tail posterior: the jackknife standard error of Monte-Carlo variability
-    EXTRA_SCORE_COLUMNS = ("variability_se",)
-    FIT_REPEATS = 4
 
     def __init__(
         self,
@@ -131,6 +127,35 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
             return [{"x": x[i : i + batch_size], "class_labels": y[i : i + batch_size]}
                     for i in range(0, len(x), batch_size)]
         return data
+
+    # ------------------------------------------------------------------ runs of a job
+    def prepare_run(self, generate: Mapping[str, Any], source: str) -> None:
+        """Refuse the options of a run (``generate`` of a config) that only a wrapped
+        diffusers pipeline honours: genunc's own loop samples DDIM, unguided."""
+        given = [f"generate.{k}" for k in ("sampler", "guidance_scale", "prompts")
+                 if generate[k] is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to diffusers pipeline folders only; "
+                              f"{source} runs in genunc's own loop (DDIM, unguided)")
+
+    def chunk_call(self, generate: Mapping[str, Any], indices: range) -> dict[str, Any]:
+        """The call that makes samples `indices` of a run (class i mod classes)."""
+        g, n_classes = generate, self.adapter.num_classes
+        n = len(indices)
+        labels = None if n_classes is None else torch.arange(indices.start, indices.stop) % n_classes
+        return dict(num_samples=n, class_labels=labels, num_draws=g["num_draws"],
+                    num_inference_steps=g["steps"], scores=tuple(g["scores"]),
+                    branch_at=g["branch_at"], score_steps=g["score_steps"],
+                    variability_steps=g["variability_steps"], variance=g["variance"],
+                    variability_target=g["variability_target"], seed=g["seed"],
+                    first_sample=indices.start, chunk_size=n, precision=g["precision"],
+                    progress=False)
+
+    def chunk_images(self, out: ImageUncertaintyOutput, generate: Mapping[str, Any],
+                     indices: range) -> tuple[Tensor, Tensor | None, list[Any]]:
+        """A chunk's images in [-1, 1], class labels (None: unconditioned) and conditions."""
+        labels = out.class_labels
+        return out.images, labels, [None] * len(indices) if labels is None else labels.tolist()
 
     # ------------------------------------------------------------------ generation
     def __call__(

@@ -3,7 +3,7 @@ the semantic entropy and the pixel variance of the MAP and M perturbed generatio
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -17,7 +17,16 @@ from genunc.scores import pixel_variance
 
 class ImageScoring:
     """Mixin for :class:`~genunc.pipelines.base.UncertaintyPipeline` subclasses that generate
-    images and hold a ``feature_extractor``."""
+    images and hold a ``feature_extractor``: the one score table of the image modality, for
+    genunc's own loop and for wrapped diffusers pipelines alike."""
+
+    #: score -> the fewest draws it needs (0: none beyond the closed form; None: no posterior)
+    SCORES: ClassVar[dict[str, int | None]] = {"semantic": 1, "variability": 0,
+                                               "pixel_variance": 1, "random": None}
+    #: with variance="monte_carlo" (always, for a tail posterior): the jackknife standard
+    #: error of the variability
+    EXTRA_SCORE_COLUMNS: ClassVar[tuple[str, ...]] = ("variability_se",)
+    FIT_REPEATS: ClassVar[int] = 4
 
     feature_extractor: FeatureExtractor | None
 

@@ -26,7 +26,8 @@ of the prediction the sampler steps with (epsilon, v, or the flow-matching veloc
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 from genunc import streams
 from genunc._seed import as_generator
 from genunc.adapters.pipeline import DiffusersPipelineAdapter
-from genunc.errors import GenuncError, ShapeMismatchError
+from genunc.errors import ConfigError, GenuncError, ShapeMismatchError
 from genunc.features import FeatureExtractor
 from genunc.pipelines.base import (
     ScoreCollector,
@@ -92,11 +93,6 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         head_name: the head module inside the denoiser, where the default does not apply.
     """
 
-    SCORES = {"semantic": 1, "variability": 0, "pixel_variance": 1, "random": None}
-    #: with variance="monte_carlo": the jackknife standard error of the variability
-    EXTRA_SCORE_COLUMNS = ("variability_se",)
-    FIT_REPEATS = 4
-
     def __init__(self, pipe: Any, posterior: HeadPosterior | None = None,
                  feature_extractor: FeatureExtractor | None = None,
                  head_name: str | None = None) -> None:
@@ -106,6 +102,65 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
     @property
     def pipe(self) -> Any:
         return self.adapter.pipe
+
+    # ------------------------------------------------------------------ runs of a job
+    def prepare_run(self, generate: Mapping[str, Any], source: str) -> None:
+        """Take a run's options (``generate`` of a config): refuse those of genunc's own loop,
+        swap in ``generate.sampler`` (a diffusers scheduler class, from the pipeline's
+        scheduler config), silence the pipeline's own progress bar."""
+        bad = [f"generate.{k}" for k, default in _OWN_LOOP_ONLY.items() if generate[k] != default]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)} need genunc's own sampling loop (pixel DDPM/DDIM "
+                              f"folders); {source} runs its own loop")
+        if generate["precision"] != "float32":
+            raise ConfigError("generate.precision applies to genunc's own loop; load a wrapped "
+                              "pipeline in the dtype you want instead")
+        if generate["sampler"]:
+            self.pipe.scheduler = _scheduler(generate["sampler"], self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def chunk_call(self, generate: Mapping[str, Any], indices: range) -> dict[str, Any]:
+        """The call that makes samples `indices` of a run: one generator per sample from its
+        own initial-noise stream, the samples' conditions by global index, and the scores."""
+        g = generate
+        args: dict[str, Any] = dict(
+            num_inference_steps=g["steps"], output_type="pt", num_draws=g["num_draws"],
+            scores=tuple(g["scores"]), seed=g["seed"], first_sample=indices.start,
+            variance=g["variance"], variability_target=g["variability_target"], progress=False,
+            generator=streams.sample_generators(g["seed"], "initial_noise", indices),
+            **self._conditions(g, indices))
+        if g["guidance_scale"] is not None:
+            args["guidance_scale"] = g["guidance_scale"]
+        return args
+
+    def chunk_images(self, out: PipelineUncertaintyOutput, generate: Mapping[str, Any],
+                     indices: range) -> tuple[Tensor, Tensor | None, list[Any]]:
+        """A chunk's images in [-1, 1], class labels (None: unconditioned) and conditions
+        (the class, or the prompt)."""
+        call = self._conditions(generate, indices)
+        labels = call.get("class_labels")
+        labels = None if labels is None else torch.as_tensor(labels)
+        condition = call.get("prompt", [None] * len(indices)) if labels is None \
+            else labels.tolist()
+        return _image_tensor(out.images, "pt"), labels, condition
+
+    def _conditions(self, generate: Mapping[str, Any], indices: range) -> dict[str, Any]:
+        """What samples `indices` are conditioned on: ``class_labels`` (``i mod classes``), a
+        ``prompt`` list (``i mod len(prompts)``), or, unconditioned, ``batch_size``."""
+        accepts = inspect.signature(type(self.pipe).__call__).parameters
+        if "class_labels" in accepts:
+            # the classes the pipeline names (DiT's id2label), else its label embedding's size
+            named = set((getattr(self.pipe, "labels", None) or {}).values())
+            classes = len(named) or int(self.adapter.model.config.get("num_embeds_ada_norm")
+                                        or 1000)
+            return {"class_labels": [i % classes for i in indices]}
+        if "prompt" in accepts:
+            prompts = generate["prompts"]
+            if not prompts:
+                raise ConfigError(f"{type(self.pipe).__name__} is text-conditioned: give "
+                                  "generate.prompts (a list; sample i gets prompt i mod len)")
+            return {"prompt": [prompts[i % len(prompts)] for i in indices]}
+        return {"batch_size": len(indices)}
 
     # ------------------------------------------------------------------ generation
     def __call__(self, *args: Any, num_draws: int = 5,
@@ -422,6 +477,21 @@ def _images(output: Any) -> Any:
     if images is None:
         raise GenuncError(f"{type(output).__name__} has no `images`: genunc scores image pipelines")
     return images
+
+
+#: options of genunc's own loop that a wrapped pipeline (its own loop) cannot honour
+_OWN_LOOP_ONLY = {"branch_at": 0, "score_steps": None, "variability_steps": None}
+
+
+def _scheduler(name: str, config: Any) -> Any:
+    """A diffusers scheduler class by name, built from the pipeline's scheduler config."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        raise ConfigError(f"generate.sampler {name!r} is not a diffusers scheduler class "
+                          "(e.g. DDIMScheduler, DPMSolverMultistepScheduler)")
+    return cls.from_config(config)
 
 
 def _image_tensor(images: Any, output_type: str | None) -> Tensor:
