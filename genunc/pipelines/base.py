@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from genunc import streams
 from genunc.adapters.base import DenoiserAdapter
@@ -296,6 +297,15 @@ class UncertaintyPipeline:
         remove_saved(directory)
         posterior.save(directory)
         return posterior
+
+    # ------------------------------------------------------------------ the chunk loop
+    @staticmethod
+    def chunks(n: int, chunk_size: int, what: str, progress: bool = True) -> Iterator[slice]:
+        """The one loop over a call's samples: consecutive slices of at most `chunk_size`,
+        with a progress bar over `what`.  Every stream is keyed by the global sample index,
+        so the slicing never changes a result."""
+        for start in tqdm(range(0, n, chunk_size), desc=what, disable=not progress):
+            yield slice(start, min(start + chunk_size, n))
 
     # ------------------------------------------------------------------ calls
     def _request(self, scores: tuple[str, ...] | list[str], num_draws: int, seed: int,

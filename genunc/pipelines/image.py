@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from genunc.adapters.image import DiffusersImageAdapter
 from genunc.errors import ConfigError, GenuncError, MissingFileError, ShapeMismatchError
@@ -233,8 +232,7 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
 
         collected = ScoreCollector()
         images, draw_images, scoring_maps = [], [], []
-        for start in tqdm(range(0, num_samples, chunk_size), desc="generating", disable=not progress):
-            sl = slice(start, start + chunk_size)
+        for sl in self.chunks(num_samples, chunk_size, "generating", progress):
             cond = {"class_labels": labels[sl].to(device)} if labels is not None else {}
             if encoder_hidden_states is not None:
                 cond["encoder_hidden_states"] = encoder_hidden_states[sl].to(device)

@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from genunc import streams
 from genunc.adapters.edm import EDMAdapter
@@ -216,9 +215,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
         semantic = request.wants("semantic")
         draw_molecules: list[list[Molecule]] | None = \
             [[] for _ in range(num_draws)] if semantic else None
-        for start in tqdm(range(0, num_samples, chunk_size), desc="molecules",
-                          disable=not progress):
-            sl = slice(start, start + chunk_size)
+        for sl in self.chunks(num_samples, chunk_size, "molecules", progress):
             mask = masks[sl].to(device)
             noise = randn_rows((mask.shape[1], layout.width), request.generators("initial_noise", sl))
             x_T = self.adapter.project(noise.to(device), {"node_mask": mask})

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from genunc import streams
 from genunc.adapters.text import MaskedDiffusionLMAdapter
@@ -188,13 +187,12 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
         mi_draws = request.perturbed if uses_draws else None
         collected = ScoreCollector()
         tokens, draw_tokens, stats_all, row_nfe = [], [], [], []
-        for start in tqdm(range(0, len(prompts), chunk_size), desc="unmasking",
-                          disable=not progress):
-            x = prompts[start : start + chunk_size]
+        for sl in self.chunks(len(prompts), chunk_size, "unmasking", progress):
+            x = prompts[sl]
             with collected.timer("sampling"):
                 out = unmask(self.adapter, x, config, mi_draws=mi_draws,
                              trajectory_draws=request.draws if semantic else None, seed=seed,
-                             indices=request.indices[start : start + chunk_size],
+                             indices=request.indices[sl],
                              precision=precision)
             row_nfe.append(out.row_nfe.cpu().numpy())
             collected.backbone_rows += out.backbone_rows
