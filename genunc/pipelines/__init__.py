@@ -22,6 +22,8 @@ _WHERE = {
     "WrappedImagePipeline": "wrapped",
     "WrappedTextOutput": "text_wrapped",
     "WrappedTextPipeline": "text_wrapped",
+    "LLaDA2TextPipeline": "text_wrapped",
+    "DiffusionGemmaTextPipeline": "text_wrapped",
 }
 
 __all__ = sorted(_WHERE)

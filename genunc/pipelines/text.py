@@ -127,7 +127,7 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
         ``extractor`` (texts -> features, for ``semantic``)."""
         from genunc.pipelines.text_wrapped import WrappedTextPipeline
 
-        return WrappedTextPipeline(pipe, posterior, **kwargs)
+        return WrappedTextPipeline.for_pipe(pipe, posterior, **kwargs)
 
     @torch.no_grad()
     def __call__(self, prompts: Tensor, config: UnmaskingConfig | None = None, *,

@@ -57,7 +57,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -68,7 +68,12 @@ from genunc._compat import check_compatible
 from genunc._seed import as_generator
 from genunc.adapters.base import resolve_module
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
-from genunc.pipelines.text_canvas import CanvasRecorder, scheduler_kind, wrapped_scheduler
+from genunc.pipelines.text_canvas import (
+    CanvasRecorder,
+    collect_canvas_head_data,
+    scheduler_kind,
+    wrapped_scheduler,
+)
 from genunc.posterior import HeadDraws, HeadPosterior
 from genunc.sampling.masked import sampling_logits
 from genunc.scores import feature_scale, gaussian_entropy, random_scores
@@ -210,13 +215,19 @@ class _Recorder:
 
 
 class WrappedTextPipeline:
-    """A diffusers diffusion text pipeline (``LLaDA2Pipeline``, or ``DiffusionGemmaPipeline``
-    through :mod:`genunc.pipelines.text_canvas`) with a head posterior.
+    """A diffusers diffusion text pipeline with a head posterior: what every wrapped text
+    pipeline shares (the head, the posterior, the checks, the call and its scores).  Each
+    pipeline family is a subclass that says how its commits are read and how its head is fitted:
+    :class:`LLaDA2TextPipeline` and :class:`DiffusionGemmaTextPipeline`.
 
-    Build it with :meth:`TextUncertaintyPipeline.from_pipe`.  ``head``: the vocabulary head,
-    as a module or its name in ``pipe.model`` (default: ``model.get_output_embeddings()``).
-    ``feature_extractor``: ``texts -> (B, D)`` features for the semantic score.
+    Build it with :meth:`TextUncertaintyPipeline.from_pipe` (or :meth:`for_pipe`), which picks
+    the subclass.  ``head``: the vocabulary head, as a module or its name in ``pipe.model``
+    (default: ``model.get_output_embeddings()``).  ``feature_extractor``: ``texts -> (B, D)``
+    features for the semantic score.
     """
+
+    #: the step-callback tensors the wrapper reads when the user names none
+    DEFAULT_INPUTS: ClassVar[list[str]] = []
 
     #: score name -> the fewest head draws it needs (None: no posterior)
     SCORES = {"mutual_information": 2, "mutual_information_max": 2, "semantic": 1,
@@ -232,24 +243,7 @@ class WrappedTextPipeline:
         if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
             raise GenuncError(f"{type(pipe).__name__} takes no callback_on_step_end: genunc cannot "
                               "see which tokens it commits")
-        allowed = getattr(pipe, "_callback_tensor_inputs", None)
-        #: "block": LLaDA2Pipeline (commits in its callback); "canvas": DiffusionGemmaPipeline
-        #: (commits read from its scheduler, see genunc.pipelines.text_canvas)
-        self.kind = "block"
-        if allowed is not None and "canvas" in allowed and "transfer_index" not in allowed:
-            config = getattr(model, "config", None)
-            if getattr(config, "canvas_length", None) is None or not hasattr(pipe, "scheduler"):
-                raise GenuncError(f"{type(pipe).__name__}'s callback sees only the canvas: genunc reads "
-                                  "commits from DiffusionGemmaPipeline's scheduler, which needs "
-                                  "pipe.scheduler and a model with config.canvas_length")
-            scheduler_kind(pipe.scheduler)
-            check_compatible("DiffusionGemmaPipeline")
-            self.kind = "canvas"
-        else:
-            missing = [k for k in _CALLBACK_INPUTS if allowed is not None and k not in allowed]
-            if missing:
-                raise GenuncError(f"{type(pipe).__name__}'s step callback does not expose {missing}: "
-                                  "genunc cannot see which tokens it commits (LLaDA2Pipeline does)")
+        self._check_pipe(pipe, model)
         self.pipe = pipe
         if head is None:
             getter = getattr(model, "get_output_embeddings", None)
@@ -266,6 +260,33 @@ class WrappedTextPipeline:
         self.feature_scale: np.ndarray | None = None
         self._posterior: HeadPosterior | None = None
         self.posterior = posterior
+
+    @classmethod
+    def for_pipe(cls, pipe: Any, posterior: HeadPosterior | None = None,
+                 **kwargs: Any) -> "WrappedTextPipeline":
+        """The wrapper of `pipe`'s family: DiffusionGemma where its step callback sees only the
+        canvas, LLaDA2 otherwise (each checks what it needs of the pipeline)."""
+        if cls is not WrappedTextPipeline:
+            return cls(pipe, posterior, **kwargs)
+        allowed = getattr(pipe, "_callback_tensor_inputs", None)
+        canvas = allowed is not None and "canvas" in allowed and "transfer_index" not in allowed
+        family = DiffusionGemmaTextPipeline if canvas else LLaDA2TextPipeline
+        return family(pipe, posterior, **kwargs)
+
+    def _check_pipe(self, pipe: Any, model: nn.Module) -> None:
+        """Refuse a pipeline this family cannot read commits from."""
+        raise NotImplementedError
+
+    def _fit_defaults(self, fit_kwargs: dict[str, Any]) -> None:
+        """Family defaults of the head fit (e.g. the likelihood on softcapped logits)."""
+
+    def _record(self, call: dict[str, Any], draws: HeadDraws | None, sampling: dict[str, Any],
+                mask_id: int | None, user_callback: Any,
+                user_inputs: list[str]) -> tuple[Any, Tensor, list[str] | None, Tensor, Tensor,
+                                                 Tensor]:
+        """Run the pipeline once with the recording hooks: ``(result, sequences, texts,
+        mutual information, confidence, commit step)`` per generated position."""
+        raise NotImplementedError
 
     @property
     def model(self) -> nn.Module:
@@ -324,138 +345,14 @@ class WrappedTextPipeline:
         free[len(prompt_ids):] = True
         return ids, free
 
-    def _canvas_examples(self, data: Iterable[str | tuple[str, str]],
-                         use_chat_template: bool) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """``(prompt ids, prompt attention, clean canvas, target positions)`` per example.
-
-        The prompt as ``DiffusionGemmaPipeline(prompt=...)`` encodes it (the processor's chat
-        template, generation prompt added); a plain string is an answer to the empty prompt.  The
-        canvas: the answer's tokens, EOS, then the pad token up to ``config.canvas_length`` (what
-        transformers' DiffusionGemma ``generate`` writes after EOS); targets: answer and EOS.
-        """
-        if not use_chat_template:
-            raise GenuncError("DiffusionGemmaPipeline always encodes prompts with the chat template; "
-                              "fit with use_chat_template=True")
-        processor, tok = getattr(self.pipe, "processor", None), self.tokenizer
-        if processor is None or tok is None:
-            raise GenuncError("fitting from text needs the pipeline's processor")
-        canvas_length = int(self.model.config.canvas_length)
-        text_config = self.model.config.get_text_config(decoder=True)
-        eos = getattr(self.pipe, "eos_token_id", None)
-        eos = getattr(tok, "eos_token_id", None) if eos is None else eos
-        if eos is None:
-            raise GenuncError("the pipeline's tokenizer has no EOS token: an answer's end cannot be marked")
-        pad = getattr(tok, "pad_token_id", None)
-        pad = getattr(text_config, "pad_token_id", None) if pad is None else pad
-        pad = eos if pad is None else pad
-        from genunc.pipelines.text_canvas import canvas_prompt_ids
-
-        examples = []
-        for i, item in enumerate(data):
-            prompt, answer = ("", item) if isinstance(item, str) else item
-            ids, attention = canvas_prompt_ids(processor, prompt)
-            if not len(ids):
-                raise ShapeMismatchError(f"example {i}: the prompt {prompt!r} encodes to no tokens, "
-                                         "so the encoder has nothing to read (the pipeline fails on it too)")
-            answer_ids = [*tok(answer, add_special_tokens=False)["input_ids"], int(eos)]
-            if len(answer_ids) > canvas_length:
-                raise ShapeMismatchError(
-                    f"example {i}: the answer and its EOS take {len(answer_ids)} tokens, more than one "
-                    f"canvas ({canvas_length}); genunc fits one canvas per example: shorten the answer")
-            clean = torch.full((canvas_length,), int(pad), dtype=torch.long)
-            clean[: len(answer_ids)] = torch.tensor(answer_ids, dtype=torch.long)
-            target = torch.zeros(canvas_length, dtype=torch.bool)
-            target[: len(answer_ids)] = True
-            examples.append((ids, attention, clean, target))
-        if not examples:
-            raise ShapeMismatchError("no examples to fit on")
-        return examples
-
     @torch.no_grad()
     def collect_head_data(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
                           seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
                           self_conditioning: float | None = None,
                           corrupted_only: bool = False) -> tuple[Tensor, Tensor]:
-        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` on corrupted answers.
-
-        ``LLaDA2Pipeline``: each example is masked `repeats` times at a random level
-        ``t ~ U(1/L, 1)`` over its maskable tokens (at least one), the convention of
-        :meth:`MaskedDiffusionLMAdapter.training_pairs`, and the model is called as the pipeline
-        calls it (2-D attention mask, position ids); targets at masked positions.  Examples of one
-        length are batched.
-
-        ``DiffusionGemmaPipeline`` (see :meth:`_canvas_examples` and
-        :func:`~genunc.pipelines.text_canvas.collect_canvas_head_data`): the prompt goes through
-        the model's encoder into a KV cache as the pipeline encodes it; the answer and its EOS
-        are the clean decoder canvas (the rest of the canvas filled with the pad token), corrupted
-        `repeats` times by the uniform kernel at ``alpha = 1 - t``, ``t ~ U(0, 1)``; targets are
-        the clean answer and EOS tokens at every answer position, corrupted or not (the denoiser
-        predicts the clean token everywhere, and the pipeline samples every canvas position from
-        its logits); ``corrupted_only=True`` keeps only positions whose token the noise changed.
-        A row's head input comes from the pipeline's first-step call (no self-conditioning) or,
-        with probability ``self_conditioning`` (default 0.5), from a second call conditioned on
-        the first call's logits, as the pipeline's later steps are.
-        """
-        if self.kind == "canvas":
-            from genunc.pipelines.text_canvas import collect_canvas_head_data
-
-            examples = self._canvas_examples(data, use_chat_template)
-            p = 0.5 if self_conditioning is None else float(self_conditioning)
-            if not 0 <= p <= 1:
-                raise GenuncError(f"self_conditioning is a probability, got {self_conditioning}")
-            return collect_canvas_head_data(self.model, self.head, examples, repeats=repeats,
-                                            generator=as_generator(seed), batch_size=batch_size,
-                                            self_conditioning=p, corrupted_only=corrupted_only)
-        if self_conditioning is not None or corrupted_only:
-            raise GenuncError("self_conditioning and corrupted_only describe DiffusionGemma's canvases; "
-                              "LLaDA2Pipeline's targets are its masked positions")
-        mask_id = getattr(self.pipe, "mask_token_id", None)
-        if mask_id is None:
-            raise GenuncError("the pipeline has no mask_token_id (set it on the tokenizer)")
-        encoded = [self._encode(item, use_chat_template) for item in data]
-        if not encoded:
-            raise ShapeMismatchError("no examples to fit on")
-        if any(not free.any() for _, free in encoded):
-            raise GenuncError("every example needs at least one answer token to mask")
-        by_length: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        for ids, free in encoded:
-            by_length.setdefault(len(ids), []).append((ids, free))
-        generator = as_generator(seed)
-        device = next(self.model.parameters()).device
-        head, feats, targets = self.head, [], []
-        kept: dict[str, Tensor] = {}
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            kept["features"] = args[0].detach()
-
-        was_training = self.model.training
-        self.model.eval()
-        handle = head.register_forward_hook(hook)
-        try:
-            for length in sorted(by_length):
-                group = by_length[length]
-                for start in range(0, len(group), batch_size):
-                    x0 = torch.stack([ids for ids, _ in group[start : start + batch_size]])
-                    free = torch.stack([f for _, f in group[start : start + batch_size]])
-                    for _ in range(repeats):
-                        b = x0.shape[0]
-                        t = torch.rand(b, 1, generator=generator).clamp_min(1.0 / length)
-                        masked = (torch.rand(b, length, generator=generator) < t) & free
-                        pick = torch.multinomial(free.float(), 1, generator=generator).squeeze(1)
-                        masked[torch.arange(b), pick] = True
-                        x_t = torch.where(masked, torch.full_like(x0, mask_id), x0).to(device)
-                        kept.clear()
-                        self.model(x_t, attention_mask=torch.ones_like(x_t),
-                                   position_ids=torch.arange(length, device=device).expand(b, -1))
-                        if "features" not in kept:
-                            raise HeadNotCalledError(f"head '{self.head_name}' was not called")
-                        phi = kept["features"]
-                        feats.append(phi[masked.to(device)].float().cpu())
-                        targets.append(x0[masked])
-        finally:
-            handle.remove()
-            self.model.train(was_training)
-        return torch.cat(feats), torch.cat(targets)
+        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` on corrupted answers, as
+        the family's model is trained (see each subclass)."""
+        raise NotImplementedError
 
     def fit_posterior(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
                       seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
@@ -477,8 +374,7 @@ class WrappedTextPipeline:
                                                    use_chat_template=use_chat_template,
                                                    self_conditioning=self_conditioning,
                                                    corrupted_only=corrupted_only)
-        if self.kind == "canvas":
-            fit_kwargs.setdefault("output_softcap", getattr(self.model, "final_logit_softcapping", None))
+        self._fit_defaults(fit_kwargs)
         self.posterior = HeadPosterior.fit_features(self.head, (features, targets),
                                                     likelihood="classification",
                                                     head_name=self.head_name, **fit_kwargs)
@@ -544,8 +440,8 @@ class WrappedTextPipeline:
         sampling = {k: call[k] for k in _SAMPLING_ARGS if k in call}
         user_callback = call.pop("callback_on_step_end", None)
         user_inputs = call.pop("callback_on_step_end_tensor_inputs", None)
-        default_inputs = ["canvas"] if self.kind == "canvas" else ["block_x"]
-        user_inputs = getattr(user_callback, "tensor_inputs", None) or user_inputs or default_inputs
+        user_inputs = getattr(user_callback, "tensor_inputs", None) or user_inputs or \
+            list(self.DEFAULT_INPUTS)
         mask_id = call.get("mask_token_id")
         mask_id = getattr(self.pipe, "mask_token_id", None) if mask_id is None else mask_id
         eos_id = call.get("eos_token_id")
@@ -555,43 +451,8 @@ class WrappedTextPipeline:
         start_state = generator.get_state() if isinstance(generator, torch.Generator) else None
         global_state = _rng_states() if semantic and generator is None else None
 
-        if self.kind == "canvas":
-            recorder = CanvasRecorder(draws if mi_wanted else None, self.pipe.scheduler,
-                                      cap=getattr(self.model, "final_logit_softcapping", None),
-                                      stability_threshold=call.get("stability_threshold", 1),
-                                      confidence_threshold=call.get("confidence_threshold"),
-                                      user_callback=user_callback, user_inputs=user_inputs)
-            inputs = sorted({"canvas"} | set(user_inputs))
-            with ExitStack() as stack:
-                stack.enter_context(_hook(self.head.register_forward_hook(recorder.head_hook)))
-                stack.enter_context(wrapped_scheduler(self.pipe.scheduler, recorder))
-                result = self.pipe(**call, callback_on_step_end=recorder.callback,
-                                   callback_on_step_end_tensor_inputs=inputs)
-            sequences, texts = _unpack(result)
-            mi, confidence, step = recorder.finish(sequences)
-            if recorder.outside_changes:
-                warnings.warn(f"{recorder.outside_changes} canvas token(s) were changed by something "
-                              "genunc does not model (a step callback?): those lost their record",
-                              stacklevel=2)
-        else:
-            recorder = _Recorder(draws if mi_wanted else None, sampling, mask_id,
-                                 int(call["gen_length"]), user_callback, user_inputs)
-            inputs = sorted(set(_CALLBACK_INPUTS) | set(user_inputs))
-            with ExitStack() as stack:
-                stack.enter_context(_hook(self.head.register_forward_hook(recorder.head_hook)))
-                stack.enter_context(_hook(self.model.register_forward_pre_hook(
-                    recorder.model_pre_hook, with_kwargs=True)))
-                result = self.pipe(**call, callback_on_step_end=recorder.callback,
-                                   callback_on_step_end_tensor_inputs=inputs)
-            sequences, texts = _unpack(result)
-            if recorder.tokens is None:
-                raise HeadNotCalledError("the pipeline committed no tokens (its step callback never ran)")
-            committed = recorder.step >= 0
-            if not torch.equal(recorder.tokens[committed], sequences.cpu()[committed]):
-                warnings.warn("some returned tokens differ from those the pipeline committed (a step "
-                              "callback rewrote them?): their scores describe the committed tokens",
-                              stacklevel=2)
-            mi, confidence, step = recorder.mi, recorder.confidence, recorder.step
+        result, sequences, texts, mi, confidence, step = self._record(
+            call, draws if mi_wanted else None, sampling, mask_id, user_callback, user_inputs)
         committed = step >= 0
         seq_cpu = sequences.cpu()
         scored = committed & _through_first_eos(seq_cpu, eos_id)
@@ -633,6 +494,220 @@ class WrappedTextPipeline:
             output.draw_sequences = torch.stack(draw_seqs)
             output.draw_texts = draw_texts
         return output
+
+
+class LLaDA2TextPipeline(WrappedTextPipeline):
+    """``LLaDA2Pipeline`` (block refinement over masked tokens): commits are read in its step
+    callback, the head is fitted on masked answers."""
+
+    DEFAULT_INPUTS: ClassVar[list[str]] = ["block_x"]
+
+    def _check_pipe(self, pipe: Any, model: nn.Module) -> None:
+        allowed = getattr(pipe, "_callback_tensor_inputs", None)
+        missing = [k for k in _CALLBACK_INPUTS if allowed is not None and k not in allowed]
+        if missing:
+            raise GenuncError(f"{type(pipe).__name__}'s step callback does not expose {missing}: "
+                              "genunc cannot see which tokens it commits (LLaDA2Pipeline does)")
+
+    @torch.no_grad()
+    def collect_head_data(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
+                          seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
+                          self_conditioning: float | None = None,
+                          corrupted_only: bool = False) -> tuple[Tensor, Tensor]:
+        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` on masked answers: each
+        example is masked `repeats` times at a random level ``t ~ U(1/L, 1)`` over its maskable
+        tokens (at least one), the convention of :meth:`MaskedDiffusionLMAdapter.training_pairs`,
+        and the model is called as the pipeline calls it (2-D attention mask, position ids);
+        targets at masked positions.  Examples of one length are batched."""
+        if self_conditioning is not None or corrupted_only:
+            raise GenuncError("self_conditioning and corrupted_only describe DiffusionGemma's canvases; "
+                              "LLaDA2Pipeline's targets are its masked positions")
+        mask_id = getattr(self.pipe, "mask_token_id", None)
+        if mask_id is None:
+            raise GenuncError("the pipeline has no mask_token_id (set it on the tokenizer)")
+        encoded = [self._encode(item, use_chat_template) for item in data]
+        if not encoded:
+            raise ShapeMismatchError("no examples to fit on")
+        if any(not free.any() for _, free in encoded):
+            raise GenuncError("every example needs at least one answer token to mask")
+        by_length: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        for ids, free in encoded:
+            by_length.setdefault(len(ids), []).append((ids, free))
+        generator = as_generator(seed)
+        device = next(self.model.parameters()).device
+        head, feats, targets = self.head, [], []
+        kept: dict[str, Tensor] = {}
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            kept["features"] = args[0].detach()
+
+        was_training = self.model.training
+        self.model.eval()
+        handle = head.register_forward_hook(hook)
+        try:
+            for length in sorted(by_length):
+                group = by_length[length]
+                for start in range(0, len(group), batch_size):
+                    x0 = torch.stack([ids for ids, _ in group[start : start + batch_size]])
+                    free = torch.stack([f for _, f in group[start : start + batch_size]])
+                    for _ in range(repeats):
+                        b = x0.shape[0]
+                        t = torch.rand(b, 1, generator=generator).clamp_min(1.0 / length)
+                        masked = (torch.rand(b, length, generator=generator) < t) & free
+                        pick = torch.multinomial(free.float(), 1, generator=generator).squeeze(1)
+                        masked[torch.arange(b), pick] = True
+                        x_t = torch.where(masked, torch.full_like(x0, mask_id), x0).to(device)
+                        kept.clear()
+                        self.model(x_t, attention_mask=torch.ones_like(x_t),
+                                   position_ids=torch.arange(length, device=device).expand(b, -1))
+                        if "features" not in kept:
+                            raise HeadNotCalledError(f"head '{self.head_name}' was not called")
+                        phi = kept["features"]
+                        feats.append(phi[masked.to(device)].float().cpu())
+                        targets.append(x0[masked])
+        finally:
+            handle.remove()
+            self.model.train(was_training)
+        return torch.cat(feats), torch.cat(targets)
+
+    def _record(self, call: dict[str, Any], draws: HeadDraws | None, sampling: dict[str, Any],
+                mask_id: int | None, user_callback: Any,
+                user_inputs: list[str]) -> tuple[Any, Tensor, list[str] | None, Tensor, Tensor,
+                                                 Tensor]:
+        recorder = _Recorder(draws, sampling, mask_id,
+                             int(call["gen_length"]), user_callback, user_inputs)
+        inputs = sorted(set(_CALLBACK_INPUTS) | set(user_inputs))
+        with ExitStack() as stack:
+            stack.enter_context(_hook(self.head.register_forward_hook(recorder.head_hook)))
+            stack.enter_context(_hook(self.model.register_forward_pre_hook(
+                recorder.model_pre_hook, with_kwargs=True)))
+            result = self.pipe(**call, callback_on_step_end=recorder.callback,
+                               callback_on_step_end_tensor_inputs=inputs)
+        sequences, texts = _unpack(result)
+        if recorder.tokens is None:
+            raise HeadNotCalledError("the pipeline committed no tokens (its step callback never ran)")
+        committed = recorder.step >= 0
+        if not torch.equal(recorder.tokens[committed], sequences.cpu()[committed]):
+            warnings.warn("some returned tokens differ from those the pipeline committed (a step "
+                          "callback rewrote them?): their scores describe the committed tokens",
+                          stacklevel=3)
+        mi, confidence, step = recorder.mi, recorder.confidence, recorder.step
+        return result, sequences, texts, mi, confidence, step
+
+
+class DiffusionGemmaTextPipeline(WrappedTextPipeline):
+    """``DiffusionGemmaPipeline`` (a canvas refined by its scheduler): commits are read from the
+    scheduler (:mod:`genunc.pipelines.text_canvas`), the head is fitted on corrupted canvases
+    with the likelihood on the model's softcapped logits."""
+
+    DEFAULT_INPUTS: ClassVar[list[str]] = ["canvas"]
+
+    def _check_pipe(self, pipe: Any, model: nn.Module) -> None:
+        config = getattr(model, "config", None)
+        if getattr(config, "canvas_length", None) is None or not hasattr(pipe, "scheduler"):
+            raise GenuncError(f"{type(pipe).__name__}'s callback sees only the canvas: genunc reads "
+                              "commits from DiffusionGemmaPipeline's scheduler, which needs "
+                              "pipe.scheduler and a model with config.canvas_length")
+        scheduler_kind(pipe.scheduler)
+        check_compatible("DiffusionGemmaPipeline")
+
+    def _fit_defaults(self, fit_kwargs: dict[str, Any]) -> None:
+        fit_kwargs.setdefault("output_softcap", getattr(self.model, "final_logit_softcapping", None))
+
+    def _canvas_examples(self, data: Iterable[str | tuple[str, str]],
+                         use_chat_template: bool) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``(prompt ids, prompt attention, clean canvas, target positions)`` per example.
+
+        The prompt as ``DiffusionGemmaPipeline(prompt=...)`` encodes it (the processor's chat
+        template, generation prompt added); a plain string is an answer to the empty prompt.  The
+        canvas: the answer's tokens, EOS, then the pad token up to ``config.canvas_length`` (what
+        transformers' DiffusionGemma ``generate`` writes after EOS); targets: answer and EOS.
+        """
+        if not use_chat_template:
+            raise GenuncError("DiffusionGemmaPipeline always encodes prompts with the chat template; "
+                              "fit with use_chat_template=True")
+        processor, tok = getattr(self.pipe, "processor", None), self.tokenizer
+        if processor is None or tok is None:
+            raise GenuncError("fitting from text needs the pipeline's processor")
+        canvas_length = int(self.model.config.canvas_length)
+        text_config = self.model.config.get_text_config(decoder=True)
+        eos = getattr(self.pipe, "eos_token_id", None)
+        eos = getattr(tok, "eos_token_id", None) if eos is None else eos
+        if eos is None:
+            raise GenuncError("the pipeline's tokenizer has no EOS token: an answer's end cannot be marked")
+        pad = getattr(tok, "pad_token_id", None)
+        pad = getattr(text_config, "pad_token_id", None) if pad is None else pad
+        pad = eos if pad is None else pad
+        from genunc.pipelines.text_canvas import canvas_prompt_ids
+
+        examples = []
+        for i, item in enumerate(data):
+            prompt, answer = ("", item) if isinstance(item, str) else item
+            ids, attention = canvas_prompt_ids(processor, prompt)
+            if not len(ids):
+                raise ShapeMismatchError(f"example {i}: the prompt {prompt!r} encodes to no tokens, "
+                                         "so the encoder has nothing to read (the pipeline fails on it too)")
+            answer_ids = [*tok(answer, add_special_tokens=False)["input_ids"], int(eos)]
+            if len(answer_ids) > canvas_length:
+                raise ShapeMismatchError(
+                    f"example {i}: the answer and its EOS take {len(answer_ids)} tokens, more than one "
+                    f"canvas ({canvas_length}); genunc fits one canvas per example: shorten the answer")
+            clean = torch.full((canvas_length,), int(pad), dtype=torch.long)
+            clean[: len(answer_ids)] = torch.tensor(answer_ids, dtype=torch.long)
+            target = torch.zeros(canvas_length, dtype=torch.bool)
+            target[: len(answer_ids)] = True
+            examples.append((ids, attention, clean, target))
+        if not examples:
+            raise ShapeMismatchError("no examples to fit on")
+        return examples
+
+    @torch.no_grad()
+    def collect_head_data(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
+                          seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
+                          self_conditioning: float | None = None,
+                          corrupted_only: bool = False) -> tuple[Tensor, Tensor]:
+        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` on corrupted canvases (see
+        :meth:`_canvas_examples` and :func:`~genunc.pipelines.text_canvas.collect_canvas_head_data`):
+        the prompt goes through the model's encoder into a KV cache as the pipeline encodes it;
+        the answer and its EOS are the clean decoder canvas (the rest of the canvas filled with
+        the pad token), corrupted `repeats` times by the uniform kernel at ``alpha = 1 - t``,
+        ``t ~ U(0, 1)``; targets are the clean answer and EOS tokens at every answer position,
+        corrupted or not (the denoiser predicts the clean token everywhere, and the pipeline
+        samples every canvas position from its logits); ``corrupted_only=True`` keeps only
+        positions whose token the noise changed.  A row's head input comes from the pipeline's
+        first-step call (no self-conditioning) or, with probability ``self_conditioning``
+        (default 0.5), from a second call conditioned on the first call's logits, as the
+        pipeline's later steps are."""
+        examples = self._canvas_examples(data, use_chat_template)
+        p = 0.5 if self_conditioning is None else float(self_conditioning)
+        if not 0 <= p <= 1:
+            raise GenuncError(f"self_conditioning is a probability, got {self_conditioning}")
+        return collect_canvas_head_data(self.model, self.head, examples, repeats=repeats,
+                                        generator=as_generator(seed), batch_size=batch_size,
+                                        self_conditioning=p, corrupted_only=corrupted_only)
+
+    def _record(self, call: dict[str, Any], draws: HeadDraws | None, sampling: dict[str, Any],
+                mask_id: int | None, user_callback: Any,
+                user_inputs: list[str]) -> tuple[Any, Tensor, list[str] | None, Tensor, Tensor,
+                                                 Tensor]:
+        recorder = CanvasRecorder(draws, self.pipe.scheduler,
+                                  cap=getattr(self.model, "final_logit_softcapping", None),
+                                  stability_threshold=call.get("stability_threshold", 1),
+                                  confidence_threshold=call.get("confidence_threshold"),
+                                  user_callback=user_callback, user_inputs=user_inputs)
+        inputs = sorted({"canvas"} | set(user_inputs))
+        with ExitStack() as stack:
+            stack.enter_context(_hook(self.head.register_forward_hook(recorder.head_hook)))
+            stack.enter_context(wrapped_scheduler(self.pipe.scheduler, recorder))
+            result = self.pipe(**call, callback_on_step_end=recorder.callback,
+                               callback_on_step_end_tensor_inputs=inputs)
+        sequences, texts = _unpack(result)
+        mi, confidence, step = recorder.finish(sequences)
+        if recorder.outside_changes:
+            warnings.warn(f"{recorder.outside_changes} canvas token(s) were changed by something "
+                          "genunc does not model (a step callback?): those lost their record",
+                          stacklevel=3)
+        return result, sequences, texts, mi, confidence, step
 
 
 # ---------------------------------------------------------------------- helpers
