@@ -69,11 +69,12 @@ class Job(ABC):
         """Whatever the scores need besides the posterior (e.g. the semantic score's unit)."""
         return None  # most scores need nothing more
 
-    @abstractmethod
     def call_args(self, pipe: UncertaintyPipeline, config: dict[str, Any],
                   ids: list[str]) -> dict[str, Any]:
         """The pipeline call that generates the samples `ids` (consecutive global indices: the
-        call's ``first_sample`` is the first id, its seed the run's)."""
+        call's ``first_sample`` is the first id, its seed the run's): the pipeline's own
+        ``chunk_call`` for the config's ``generate`` section."""
+        return pipe.chunk_call(config["generate"], chunk_indices(ids))
 
     @abstractmethod
     def records(self, pipe: UncertaintyPipeline, config: dict[str, Any], out: Any,
@@ -217,6 +218,11 @@ def shared_samples(first: dict[str, Any], second: dict[str, Any]) -> int:
     if any(a.get(k) != b.get(k) for k in rest if k not in _SAMPLE_FREE):
         return 0
     return min(a["generate.n_samples"], b["generate.n_samples"])
+
+
+def chunk_indices(ids: list[str]) -> range:
+    """The global sample indices of a chunk's (consecutive) ids."""
+    return range(int(ids[0]), int(ids[0]) + len(ids))
 
 
 def _use_posterior_as_configured(pipe: UncertaintyPipeline, config: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from genunc.errors import ConfigError, MissingFileError
 from genunc.features import DigitsFeatures, FeatureExtractor, flatten_pixels
-from genunc.jobs.base import ChunkRecord, Job, scored_records
+from genunc.jobs.base import ChunkRecord, Job, chunk_indices, scored_records
 from genunc.jobs.shards import process_device
 from genunc.pipelines.image import ImageUncertaintyPipeline
 
@@ -100,13 +100,10 @@ class ImageJob(Job):
         if "semantic" in config["generate"]["scores"] and pipe.feature_extractor is not None:
             pipe.fit_feature_scale(_images(training_data(config["posterior"]["data"])))
 
-    def call_args(self, pipe: Any, config: dict[str, Any], ids: list[str]) -> dict[str, Any]:
-        return pipe.chunk_call(config["generate"], _indices(ids))
-
     def records(self, pipe: Any, config: dict[str, Any], out: Any,
                 ids: list[str]) -> list[ChunkRecord]:
         n = len(ids)
-        images, labels, condition = pipe.chunk_images(out, config["generate"], _indices(ids))
+        images, labels, condition = pipe.chunk_images(out, config["generate"], chunk_indices(ids))
         if len(images) != n:
             raise ConfigError(f"the pipeline returned {len(images)} images for {n} samples "
                               "(num_images_per_prompt is not a job option)")
@@ -117,8 +114,3 @@ class ImageJob(Job):
             trailing["judge_agrees"] = probs.argmax(1) == labels.numpy()
         records = scored_records(n, out.scores, {"condition": condition}, trailing)
         return list(zip(ids, images, records))
-
-
-def _indices(ids: list[str]) -> range:
-    """The global sample indices of a chunk's (consecutive) ids."""
-    return range(int(ids[0]), int(ids[0]) + len(ids))

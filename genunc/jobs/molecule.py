@@ -66,16 +66,6 @@ class MoleculeJob(Job):
             data, ids = self.training_set(config)
             pipe.set_feature_scale(features_of([data.molecule(int(i)) for i in ids]))
 
-    def call_args(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any],
-                  ids: list[str]) -> dict[str, Any]:
-        g = config["generate"]
-        return dict(num_samples=len(ids), num_draws=g["num_draws"],
-                    num_inference_steps=g["steps"], scores=tuple(g["scores"]),
-                    sampler=g["sampler"], variability_steps=g["variability_steps"],
-                    variance=g["variance"], variability_target=g["variability_target"],
-                    nll_levels=g["nll_levels"], seed=g["seed"], first_sample=int(ids[0]),
-                    chunk_size=len(ids), precision=g["precision"], progress=False)
-
     def records(self, pipe: MoleculeUncertaintyPipeline, config: dict[str, Any], out: Any,
                 ids: list[str]) -> list[ChunkRecord]:
         trailing: dict[str, Any] = {}

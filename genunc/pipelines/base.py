@@ -298,6 +298,15 @@ class UncertaintyPipeline:
         posterior.save(directory)
         return posterior
 
+    # ------------------------------------------------------------------ runs of a job
+    def prepare_run(self, generate: Mapping[str, Any], source: str) -> None:
+        """Take (or refuse) the options of a run, the ``generate`` section of a config, once
+        before its first chunk (`source`: the model, for messages)."""
+
+    def chunk_call(self, generate: Mapping[str, Any], indices: range) -> dict[str, Any]:
+        """The call that makes samples `indices` of a run (consecutive global indices)."""
+        raise GenuncError(f"{type(self).__name__} does not say how a job calls it (chunk_call)")
+
     # ------------------------------------------------------------------ the chunk loop
     @staticmethod
     def chunks(n: int, chunk_size: int, what: str, progress: bool = True) -> Iterator[slice]:

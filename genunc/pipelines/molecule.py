@@ -35,6 +35,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -164,6 +165,17 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
         err = ((self.adapter.denoise(x_t, t, mask) - eps) ** 2).sum(-1) * mask.to(x0.dtype)
         per_molecule = err.sum(-1) / mask.sum(-1).clamp_min(1)
         return per_molecule.reshape(levels, b).mean(0).double().cpu().numpy()
+
+    # ------------------------------------------------------------------ runs of a job
+    def chunk_call(self, generate: Mapping[str, Any], indices: range) -> dict[str, Any]:
+        """The call that makes molecules `indices` of a run (``generate`` of a config)."""
+        g = generate
+        return dict(num_samples=len(indices), num_draws=g["num_draws"],
+                    num_inference_steps=g["steps"], scores=tuple(g["scores"]),
+                    sampler=g["sampler"], variability_steps=g["variability_steps"],
+                    variance=g["variance"], variability_target=g["variability_target"],
+                    nll_levels=g["nll_levels"], seed=g["seed"], first_sample=indices.start,
+                    chunk_size=len(indices), precision=g["precision"], progress=False)
 
     @torch.no_grad()
     def __call__(self, num_samples: int = 64, *, num_draws: int = 5,
