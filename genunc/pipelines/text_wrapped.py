@@ -77,6 +77,7 @@ from genunc.pipelines.text_canvas import (
 from genunc.posterior import HeadDraws, HeadPosterior
 from genunc.sampling.masked import sampling_logits
 from genunc.scores import feature_scale, gaussian_entropy, random_scores
+from genunc.scores.aggregate import Aggregate, aggregate
 from genunc.scores.tokens import mutual_information
 
 #: ``texts -> (B, D)`` features for the semantic score
@@ -458,11 +459,11 @@ class WrappedTextPipeline:
         scored = committed & _through_first_eos(seq_cpu, eos_id)
         out_scores: dict[str, np.ndarray] = {}
         if "mutual_information" in scores:
-            out_scores["mutual_information"] = _reduce(mi, scored, "mean")
+            out_scores["mutual_information"] = _per_sequence(mi, scored, "mean")
         if "mutual_information_max" in scores:
-            out_scores["mutual_information_max"] = _reduce(mi, scored, "max")
+            out_scores["mutual_information_max"] = _per_sequence(mi, scored, "max")
         if "low_confidence" in scores:
-            out_scores["low_confidence"] = 1 - _reduce(confidence, scored, "mean")
+            out_scores["low_confidence"] = 1 - _per_sequence(confidence, scored, "mean")
         if "random" in scores:
             out_scores["random"] = random_scores(int(seed), range(len(sequences)))
         token_scores = {"confidence": confidence}
@@ -747,17 +748,10 @@ def _through_first_eos(sequences: Tensor, eos_token_id: int | None) -> Tensor:
     return before == 0
 
 
-def _reduce(values: Tensor, mask: Tensor, how: str) -> np.ndarray:
-    """Mean or max of `values` over `mask` per row; NaN for a row with nothing to reduce."""
-    v = values.double()
-    if how == "mean":
-        count = mask.sum(1)
-        total = torch.where(mask, v, torch.zeros_like(v)).sum(1)
-        out = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
-    else:
-        out = torch.where(mask, v, torch.full_like(v, -math.inf)).amax(1)
-        out = torch.where(mask.any(1), out, torch.full_like(out, math.nan))
-    return out.numpy()
+def _per_sequence(values: Tensor, mask: Tensor, how: Aggregate) -> np.ndarray:
+    """The one token-score reduction (:func:`genunc.scores.aggregate`), NaN for a sequence
+    that committed nothing."""
+    return aggregate(values, mask, how, empty="nan").numpy()
 
 
 def _rng_states() -> tuple[Tensor, list[Tensor]]:

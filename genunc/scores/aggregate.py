@@ -28,10 +28,17 @@ AGGREGATES: tuple[str, ...] = ("mean", "max", "sum", "last")
 
 
 def aggregate(values: Tensor | np.ndarray, mask: Tensor | None = None, how: Aggregate = "mean",
-              dim: int = -1) -> Tensor:
-    """Reduce `values` along `dim` over the entries where `mask` (same shape) is True."""
+              dim: int = -1, empty: Literal["error", "nan"] = "error") -> Tensor:
+    """Reduce `values` along `dim` over the entries where `mask` (same shape) is True.
+
+    Entries outside the mask never count, whatever they hold (NaN where nothing was recorded);
+    a sample with no entry in the mask is an error, or NaN with ``empty="nan"`` (a wrapped
+    pipeline's sequence that committed nothing).
+    """
     if how not in AGGREGATES:
         raise GenuncError(f"unknown aggregate {how!r}; choose from {AGGREGATES}")
+    if empty not in ("error", "nan"):
+        raise GenuncError(f"empty must be 'error' or 'nan', got {empty!r}")
     v = torch.as_tensor(values).double()
     if v.dim() == 0 or v.shape[dim] == 0:
         raise ShapeMismatchError(f"nothing to aggregate over: values have shape {tuple(v.shape)}")
@@ -40,18 +47,21 @@ def aggregate(values: Tensor | np.ndarray, mask: Tensor | None = None, how: Aggr
     elif mask.shape != v.shape:
         raise ShapeMismatchError(f"values {tuple(v.shape)} and mask {tuple(mask.shape)} differ")
     mask = mask.bool().to(v.device)
-    if not mask.any(dim).all():
+    any_entry = mask.any(dim)
+    if empty == "error" and not any_entry.all():
         raise GenuncError("every sample needs at least one entry to aggregate over")
-    if how == "mean":
-        return (v * mask).sum(dim) / mask.sum(dim)
-    if how == "sum":
-        return (v * mask).sum(dim)
-    if how == "max":
-        return v.masked_fill(~mask, -math.inf).amax(dim)
-    position = torch.arange(v.shape[dim], device=v.device).reshape(
-        [-1 if d == dim % v.dim() else 1 for d in range(v.dim())])
-    last = (mask * (position + 1)).argmax(dim, keepdim=True)
-    return v.gather(dim, last).squeeze(dim)
+    if how in ("mean", "sum"):
+        out = torch.where(mask, v, torch.zeros_like(v)).sum(dim)
+        if how == "mean":
+            out = out / mask.sum(dim).clamp_min(1)
+    elif how == "max":
+        out = v.masked_fill(~mask, -math.inf).amax(dim)
+    else:
+        position = torch.arange(v.shape[dim], device=v.device).reshape(
+            [-1 if d == dim % v.dim() else 1 for d in range(v.dim())])
+        last = (mask * (position + 1)).argmax(dim, keepdim=True)
+        out = v.gather(dim, last).squeeze(dim)
+    return torch.where(any_entry, out, torch.full_like(out, math.nan))
 
 
 def aggregate_steps(per_step: Tensor | np.ndarray, how: Aggregate = "mean") -> np.ndarray:

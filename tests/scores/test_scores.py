@@ -101,3 +101,17 @@ def test_leave_one_out_mutual_information_and_its_jackknife_error():
     assert ((ratio > 0.65) & (ratio < 1.35)).all(), ratio
     with pytest.raises(Exception, match="M >= 3"):
         mutual_information_leave_one_out(draws[:2])
+
+
+def test_one_reduction_for_own_and_wrapped_token_scores():
+    """Entries outside the mask never count, NaN included (a wrapped pipeline records NaN where
+    nothing was committed); a row with no entry is an error, or NaN where asked."""
+    values = torch.tensor([[0.2, float("nan"), 0.4], [float("nan"), float("nan"), 1.0],
+                           [0.5, 0.5, 0.5]])
+    mask = torch.tensor([[True, False, True], [False, False, True], [False, False, False]])
+    mean = aggregate(values, mask, "mean", empty="nan")
+    assert mean[:2].tolist() == pytest.approx([0.3, 1.0]) and torch.isnan(mean[2])
+    assert aggregate(values, mask, "max", empty="nan")[:2].tolist() == pytest.approx([0.4, 1.0])
+    assert aggregate(values, mask, "last", empty="nan")[:2].tolist() == pytest.approx([0.4, 1.0])
+    with pytest.raises(GenuncError, match="at least one entry"):
+        aggregate(values, mask, "mean")
