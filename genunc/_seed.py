@@ -20,3 +20,22 @@ def as_generator(
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
     return generator
+
+
+#: what a diffusers pipeline's ``generator`` argument takes
+Generators = torch.Generator | list[torch.Generator]
+
+
+def snapshot(generator: Generators) -> Generators:
+    """Independent generators in the same state (one per generator of a list): what a wrapped
+    pipeline gives each posterior draw's run, so every draw sees the MAP run's noise."""
+    if isinstance(generator, (list, tuple)):
+        return [snapshot(g) for g in generator]  # type: ignore[misc]
+    if not isinstance(generator, torch.Generator):
+        from genunc.errors import GenuncError
+
+        raise GenuncError(f"generator must be a torch.Generator or a list of them, got "
+                          f"{type(generator).__name__}")
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy

@@ -38,8 +38,10 @@ over the scored positions: committed generated positions up to and including the
 (what the decoded text shows; a sequence without EOS uses all of them).
 
 ``semantic`` runs the pipeline M more times, each with a head hook that replaces the head's
-output by draw m's and a fresh copy of the generator's state from before the MAP call (or of
-the global RNG state when no generator is passed), so a posterior collapsed to its mean gives
+output by draw m's and a fresh copy of the generator's state from before the MAP call (without
+a ``generator`` argument, the MAP call gets genunc's initial-noise stream of ``seed``, as wrapped
+image pipelines do: the run is reproducible and torch's global RNG is left alone), so a
+posterior collapsed to its mean gives
 the MAP generation again; the texts of the M+1 generations go through a user ``feature_extractor``
 (``list[str] -> (B, D)`` features) and the score is the entropy of a diagonal Gaussian over
 them (:func:`genunc.scores.gaussian_entropy`).  The user's generator ends where a plain call
@@ -65,7 +67,7 @@ from torch import Tensor, nn
 
 from genunc import streams
 from genunc._compat import check_compatible
-from genunc._seed import as_generator
+from genunc._seed import as_generator, snapshot
 from genunc.adapters.base import resolve_module
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
 from genunc.pipelines.text_canvas import (
@@ -447,10 +449,11 @@ class WrappedTextPipeline:
         mask_id = getattr(self.pipe, "mask_token_id", None) if mask_id is None else mask_id
         eos_id = call.get("eos_token_id")
         eos_id = getattr(self.pipe, "eos_token_id", None) if eos_id is None else eos_id
-        generator = call.get("generator")
+        if call.get("generator") is None:  # genunc's stream of `seed`, as wrapped image pipelines
+            call["generator"] = streams.torch_generator(  # do: reproducible, global RNG untouched
+                int(seed), "initial_noise", device=next(self.model.parameters()).device)
         semantic = "semantic" in scores
-        start_state = generator.get_state() if isinstance(generator, torch.Generator) else None
-        global_state = _rng_states() if semantic and generator is None else None
+        start = snapshot(call["generator"]) if semantic else None
 
         result, sequences, texts, mi, confidence, step = self._record(
             call, draws if mi_wanted else None, sampling, mask_id, user_callback, user_inputs)
@@ -474,21 +477,14 @@ class WrappedTextPipeline:
                                    committed_at=step, scored=scored,
                                    num_draws=0 if draws is None else len(draws), seed=int(seed))
         if semantic:
-            end_state = _rng_states() if global_state is not None else None
             draw_seqs, draw_texts = [], []
             for m in range(len(draws)):
-                run = dict(call, return_dict=True)
-                if start_state is not None:
-                    run["generator"] = torch.Generator(device=generator.device).set_state(start_state)
-                else:
-                    _set_rng_states(global_state)
+                run = dict(call, return_dict=True, generator=snapshot(start))
                 hook = self.head.register_forward_hook(_replace_output(draws[m]))
                 with _hook(hook):
                     drawn = self.pipe(**run)
                 draw_seqs.append(drawn.sequences)
                 draw_texts.append(list(drawn.texts))
-            if end_state is not None:
-                _set_rng_states(end_state)  # the global stream continues as after a plain call
             feats = torch.stack([torch.as_tensor(np.asarray(feature_extractor(list(t))), dtype=torch.float64)
                                  for t in [list(texts), *draw_texts]])
             output.scores["semantic"] = gaussian_entropy(feats, scale=self.feature_scale)
@@ -752,14 +748,3 @@ def _per_sequence(values: Tensor, mask: Tensor, how: Aggregate) -> np.ndarray:
     """The one token-score reduction (:func:`genunc.scores.aggregate`), NaN for a sequence
     that committed nothing."""
     return aggregate(values, mask, how, empty="nan").numpy()
-
-
-def _rng_states() -> tuple[Tensor, list[Tensor]]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_states(states: tuple[Tensor, list[Tensor]]) -> None:
-    torch.set_rng_state(states[0])
-    if states[1]:
-        torch.cuda.set_rng_state_all(states[1])

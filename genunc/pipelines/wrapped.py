@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from genunc import streams
-from genunc._seed import as_generator
+from genunc._seed import as_generator, snapshot
 from genunc.adapters.pipeline import DiffusersPipelineAdapter
 from genunc.errors import ConfigError, GenuncError, ShapeMismatchError
 from genunc.features import FeatureExtractor
@@ -56,8 +56,6 @@ from genunc.posterior.laplace_tail import default_tail
 from genunc.posterior.tail import TailDraws
 from genunc.posterior.variance import MonteCarloTailVariance, MonteCarloVariance
 from genunc.scores import VariabilityTarget
-
-Generators = torch.Generator | list[torch.Generator]
 
 
 @dataclass
@@ -212,7 +210,7 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         generator = kwargs.pop("generator", None)
         if generator is None:
             generator = streams.torch_generator(request.seed, "initial_noise")
-        start = _snapshot(generator)
+        start = snapshot(generator)
 
         collected = ScoreCollector()
         steps: list[tuple[float, Tensor]] = []
@@ -226,7 +224,7 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
                 for m in tqdm(range(len(draws)), desc="posterior draws", leave=False,
                               disable=not progress):
                     with self._perturbed(draws[m]):
-                        generations.append(_images(self.pipe(*args, generator=_snapshot(start),
+                        generations.append(_images(self.pipe(*args, generator=snapshot(start),
                                                              **kwargs)))
         as_tensors = [_image_tensor(g, kwargs.get("output_type")) for g in generations]
         request.num_samples = as_tensors[0].shape[0]
@@ -457,18 +455,6 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
 
 
 # ---------------------------------------------------------------------- helpers
-def _snapshot(generator: Generators) -> Generators:
-    """Independent generators in the same state (one per generator of a list)."""
-    if isinstance(generator, (list, tuple)):
-        return [_snapshot(g) for g in generator]
-    if not isinstance(generator, torch.Generator):
-        raise GenuncError(f"generator must be a torch.Generator or a list of them, got "
-                          f"{type(generator).__name__}")
-    copy = torch.Generator(device=generator.device)
-    copy.set_state(generator.get_state())
-    return copy
-
-
 def _images(output: Any) -> Any:
     """The images of a pipeline output (``return_dict=False`` gives a tuple, images first)."""
     if isinstance(output, tuple):

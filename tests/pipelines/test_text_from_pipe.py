@@ -17,6 +17,7 @@ from diffusers import BlockRefinementScheduler, LLaDA2Pipeline  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
+from genunc import streams  # noqa: E402
 from genunc.errors import FingerprintMismatchError, GenuncError  # noqa: E402
 from genunc.pipelines.text import TextUncertaintyPipeline  # noqa: E402
 from genunc.posterior import HeadDraws  # noqa: E402
@@ -294,3 +295,18 @@ def test_a_pipeline_whose_callback_hides_the_commits_is_refused():
 
     with pytest.raises(GenuncError, match="transfer_index"):
         TextUncertaintyPipeline.from_pipe(BlockOnly())
+
+
+def test_without_a_generator_the_run_follows_the_seed_and_leaves_the_global_rng(fitted):
+    """One replay rule for every wrapped pipeline: no generator means genunc's initial-noise
+    stream of `seed` (as for images), so the same seed repeats the texts and every score, another
+    seed need not, and torch's global RNG is never advanced."""
+    kwargs = dict(prompt=PROMPTS, num_draws=3, **SAMPLED,
+                  scores=("mutual_information", "semantic"), feature_extractor=answer_features)
+    state = torch.get_rng_state()
+    first, again = fitted(seed=5, **kwargs), fitted(seed=5, **kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first.texts == again.texts
+    np.testing.assert_array_equal(first.scores["semantic"], again.scores["semantic"])
+    streamed = fitted(generator=streams.torch_generator(5, "initial_noise"), seed=5, **kwargs)
+    assert streamed.texts == first.texts
