@@ -77,6 +77,7 @@ from genunc.pipelines.text_canvas import (
     wrapped_scheduler,
 )
 from genunc.posterior import HeadDraws, HeadPosterior
+from genunc.posterior.capture import head_replaced
 from genunc.sampling.masked import sampling_logits
 from genunc.scores import feature_scale, gaussian_entropy, random_scores
 from genunc.scores.aggregate import Aggregate, aggregate
@@ -480,8 +481,7 @@ class WrappedTextPipeline:
             draw_seqs, draw_texts = [], []
             for m in range(len(draws)):
                 run = dict(call, return_dict=True, generator=snapshot(start))
-                hook = self.head.register_forward_hook(_replace_output(draws[m]))
-                with _hook(hook):
+                with head_replaced(self.head, draws[m]):
                     drawn = self.pipe(**run)
                 draw_seqs.append(drawn.sequences)
                 draw_texts.append(list(drawn.texts))
@@ -714,15 +714,6 @@ def _hook(handle: Any):
         yield handle
     finally:
         handle.remove()
-
-
-def _replace_output(draw: HeadDraws) -> Callable[..., Tensor]:
-    """A forward hook making the head compute draw `draw` (one draw) on its own input."""
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        return draw.apply(args[0].to(_dtype(draw)))[0].to(output.dtype)
-
-    return hook
 
 
 def _dtype(draws: HeadDraws) -> torch.dtype:

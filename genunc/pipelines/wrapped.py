@@ -50,7 +50,7 @@ from genunc.pipelines.base import (
 )
 from genunc.pipelines.image_scores import ImageScoring
 from genunc.posterior import HeadDraws, HeadPosterior, TailPosterior
-from genunc.posterior.capture import capture_head
+from genunc.posterior.capture import capture_head, head_replaced
 from genunc.posterior.heads import check_finite, head_ops_for
 from genunc.posterior.laplace_tail import default_tail
 from genunc.posterior.tail import TailDraws
@@ -334,20 +334,7 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
         if isinstance(draw, TailDraws):
             draw.require_weights("a wrapped pipeline's semantic score")
             return draw.tail.swapped(draw.draw(0))
-        return self._replace_head(draw)
-
-    @contextmanager
-    def _replace_head(self, draw: HeadDraws) -> Iterator[None]:
-        """The head's output becomes the head under `draw` (one parameter set), for every row."""
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-            return draw.apply(args[0])[0].to(output.dtype)
-
-        handle = self.adapter.head.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
+        return head_replaced(self.adapter.head, draw)
 
     # ------------------------------------------------------------------ posterior
     def fit_posterior(self, images: Tensor | tuple[Tensor, Any], *,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,9 @@ from genunc._seed import as_generator
 from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import HeadNotCalledError, ShapeMismatchError
 from genunc.posterior.heads import HeadOps, check_finite, head_ops_for
+
+if TYPE_CHECKING:
+    from genunc.posterior.draws import HeadDraws
 
 
 @dataclass
@@ -144,3 +147,20 @@ _LOW = (torch.float16, torch.bfloat16)
 
 class _Enough(Exception):
     """Internal signal: enough rows were collected."""
+
+
+@contextmanager
+def head_replaced(head: nn.Module, draw: "HeadDraws") -> Iterator[None]:
+    """Every call of `head` returns the head under `draw` (one parameter set) on its own input,
+    computed in the draw's precision: how a wrapped pipeline runs a whole generation under one
+    posterior draw without writing a weight."""
+    dtype = next(iter(draw.params.values())).dtype
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        return draw.apply(args[0].to(dtype))[0].to(output.dtype)
+
+    handle = head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
