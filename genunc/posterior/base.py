@@ -97,6 +97,25 @@ class Posterior(LaplaceQuantities):
 
 
 # ---------------------------------------------------------------------- the fit core
+def check_fit_options(likelihood: str, prior_precision: float | str, sigma_noise: float | str,
+                      unseen_classes: str, output_softcap: float | None) -> float:
+    """Every option of a fit checked before any data is touched; returns the prior precision
+    laplace-torch starts from."""
+    check_likelihood(likelihood)
+    check_unseen_classes(unseen_classes)
+    prior0 = initial_prior(prior_precision)
+    if likelihood == "regression":
+        check_sigma_noise(sigma_noise)
+    if output_softcap is not None and not output_softcap > 0:
+        raise GenuncError(f"softcap must be positive, got {output_softcap}")
+    return prior0
+
+
+def check_num_draws(num_draws: int) -> None:
+    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
+        raise GenuncError(f"num_draws must be at least 1, got {num_draws}")
+
+
 def check_likelihood(likelihood: str) -> None:
     if likelihood not in LIKELIHOODS:
         raise GenuncError(f"likelihood must be regression or classification, got {likelihood!r}")

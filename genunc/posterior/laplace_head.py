@@ -23,13 +23,11 @@ from genunc.adapters.base import DenoiserAdapter, Likelihood, resolve_module
 from genunc.errors import FingerprintMismatchError, GenuncError, ShapeMismatchError
 from genunc.posterior.base import (
     Posterior,
-    check_likelihood,
+    check_fit_options,
+    check_num_draws,
     check_output_groups,
-    check_sigma_noise,
-    check_unseen_classes,
     classes_without_data,
     group_noise_scales,
-    initial_prior,
     method_info,
     tune_hyperparameters,
 )
@@ -241,11 +239,8 @@ class HeadPosterior(Posterior):
         """
         if structure not in STRUCTURES:
             raise GenuncError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-        check_likelihood(likelihood)
-        check_unseen_classes(unseen_classes)
-        prior0 = initial_prior(prior_precision)
-        if likelihood == "regression":
-            check_sigma_noise(sigma_noise)
+        prior0 = check_fit_options(likelihood, prior_precision, sigma_noise, unseen_classes,
+                                   output_softcap)
         features, targets = (data.features, data.targets) if isinstance(data, HeadData) else data
         if features.shape[0] != targets.shape[0]:
             raise ShapeMismatchError(
@@ -390,8 +385,7 @@ class HeadPosterior(Posterior):
         ``with_map=True`` puts the posterior mean in front (``num_draws + 1`` sets): the MAP
         generation of a loop that runs the MAP and its perturbed twins as one batch.
         """
-        if num_draws < 1:
-            raise GenuncError(f"num_draws must be at least 1, got {num_draws}")
+        check_num_draws(num_draws)
         generator = as_generator(seed, device=self.mean.device)
         with torch.no_grad():
             flat = self._expand(self.laplace.sample(num_draws, generator=generator).detach(),

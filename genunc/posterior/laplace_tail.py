@@ -54,13 +54,11 @@ from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import FingerprintMismatchError, GenuncError, ShapeMismatchError
 from genunc.posterior.base import (
     Posterior,
-    check_likelihood,
+    check_fit_options,
+    check_num_draws,
     check_output_groups,
-    check_sigma_noise,
-    check_unseen_classes,
     classes_without_data,
     group_noise_scales,
-    initial_prior,
     method_info,
     tune_hyperparameters,
 )
@@ -430,13 +428,8 @@ class TailPosterior(Posterior):
         as for the head (:meth:`HeadPosterior.fit_features`).
         """
         _check_predictive(predictive)  # before the fit, not after it
-        check_likelihood(likelihood)
-        check_unseen_classes(unseen_classes)
-        prior0 = initial_prior(prior_precision)
-        if likelihood == "regression":
-            check_sigma_noise(sigma_noise)
-        if output_softcap is not None and not output_softcap > 0:
-            raise GenuncError(f"softcap must be positive, got {output_softcap}")
+        prior0 = check_fit_options(likelihood, prior_precision, sigma_noise, unseen_classes,
+                                   output_softcap)
         if output_softcap is not None and likelihood == "regression":
             raise GenuncError("output_softcap caps logits: it is for a classification likelihood")
         if structure not in TAIL_STRUCTURES:
@@ -560,8 +553,7 @@ class TailPosterior(Posterior):
     def sample(self, num_draws: int, seed: int | torch.Generator | None = 0, *,
                with_map: bool = False) -> TailDraws:
         """`num_draws` tail weight sets (``with_map``: the posterior mean first)."""
-        if num_draws < 1:
-            raise GenuncError(f"num_draws must be at least 1, got {num_draws}")
+        check_num_draws(num_draws)
         generator = as_generator(seed, device=self.mean.device)
         with torch.no_grad():
             flat = self.laplace.sample(num_draws, generator=generator).detach()
