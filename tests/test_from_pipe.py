@@ -194,6 +194,7 @@ def _max_diff(a, b) -> float:
 @pytest.mark.parametrize("kind", KINDS)
 def test_images_are_the_pipelines_and_scores_are_reproducible(fitted, kind):
     pipe, upipe, call = fitted(kind)
+    assert isinstance(upipe, ImageUncertaintyPipeline)  # from_pipe: a member of its family
     output_type = "np" if kind in ("ddpm", "ddim") else "pt"  # DDPM/DDIM return numpy for "pt"
     reference = pipe(generator=_g(3), output_type=output_type, **call).images
     a = upipe(generator=_g(3), output_type=output_type, num_draws=2, scores=ALL_SCORES, **call)

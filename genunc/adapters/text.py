@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from genunc.adapters.base import TrainingPairs
+from genunc.adapters.base import DenoiserAdapter, TrainingPairs
 from genunc.adapters.generic import MaskedTokenAdapter
 from genunc.errors import GenuncError, ShapeMismatchError
 
@@ -142,3 +142,21 @@ def check_layout(generate_mask: Tensor) -> Sequence[int]:
     if not cols:
         raise GenuncError("nothing to generate: generate_mask is all False")
     return cols
+
+
+class PipelineLMAdapter(DenoiserAdapter):
+    """The language model inside a diffusers text pipeline that genunc runs with hooks
+    (:class:`~genunc.pipelines.text_wrapped.WrappedTextPipeline`): the model and its vocabulary
+    head, which is all the posterior needs (fingerprints, draws, the classification
+    likelihood).  The pipeline runs its own loop, and each pipeline family corrupts fitting data
+    as that family is trained, so this adapter is never asked to denoise or to make pairs."""
+
+    likelihood = "classification"
+
+    def denoise(self, **inputs: Any) -> Tensor:
+        raise GenuncError("a wrapped text pipeline runs its own loop: call the wrapper, not its "
+                          "adapter")
+
+    def training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
+        raise GenuncError("fit a wrapped text pipeline with its fit_posterior (texts, or "
+                          "(prompt, answer) pairs)")

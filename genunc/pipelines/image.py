@@ -31,7 +31,6 @@ from genunc.pipelines.base import (
     VarianceEstimate,
 )
 from genunc.pipelines.image_scores import ImageScoring
-from genunc.pipelines.wrapped import WrappedImagePipeline
 from genunc.posterior import HeadPosterior, TailPosterior
 from genunc.sampling.diffusers_loop import run_trajectory
 from genunc.scores import VariabilityTarget
@@ -85,7 +84,7 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
     # ------------------------------------------------------------------ construction
     @classmethod
     def _load(cls, path: Path, *, device: str, feature_extractor: FeatureExtractor | None = None
-              ) -> "ImageUncertaintyPipeline | WrappedImagePipeline":
+              ) -> "ImageUncertaintyPipeline":
         """A pixel UNet + scheduler saved by diffusers (a DDPM/DDIM pipeline folder or one
         model folder) runs in genunc's own loop; any other pipeline folder (latent, guided,
         transformer, flow matching: ``model_index.json`` names its class) is loaded with
@@ -105,15 +104,19 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
         cls_name = json.loads((unet_dir / "config.json").read_text()).get("_class_name")
         unet_cls = UNet2DConditionModel if cls_name == "UNet2DConditionModel" else UNet2DModel
         unet = unet_cls.from_pretrained(unet_dir, low_cpu_mem_usage=False).to(device).eval()
-        return cls(unet, DDPMScheduler.from_pretrained(sched_dir), feature_extractor=feature_extractor)
+        return ImageUncertaintyPipeline(unet, DDPMScheduler.from_pretrained(sched_dir),
+                                        feature_extractor=feature_extractor)
 
     @classmethod
     def from_pipe(cls, pipe: Any, *, posterior: HeadPosterior | TailPosterior | None = None,
                   feature_extractor: FeatureExtractor | None = None,
-                  head_name: str | None = None) -> WrappedImagePipeline:
+                  head_name: str | None = None) -> "ImageUncertaintyPipeline":
         """Wrap a diffusers pipeline the user already has (any scheduler, guidance, options):
         ``from_pipe(pipe)(prompt=..., num_draws=5)`` returns what ``pipe(prompt=...)`` returns,
-        plus scores (see :mod:`genunc.pipelines.wrapped`)."""
+        plus scores.  The result is a member of this family,
+        :class:`~genunc.pipelines.wrapped.WrappedImagePipeline`."""
+        from genunc.pipelines.wrapped import WrappedImagePipeline  # the family's wrapped member
+
         return WrappedImagePipeline(pipe, posterior=posterior, feature_extractor=feature_extractor,
                                     head_name=head_name)
 

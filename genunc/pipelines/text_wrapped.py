@@ -59,6 +59,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -69,7 +70,10 @@ from genunc import streams
 from genunc._compat import check_compatible
 from genunc._seed import as_generator, snapshot
 from genunc.adapters.base import resolve_module
+from genunc.adapters.text import PipelineLMAdapter
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
+from genunc.pipelines.base import UncertaintyPipeline
+from genunc.pipelines.text import TextUncertaintyPipeline
 from genunc.pipelines.text_canvas import (
     CanvasRecorder,
     collect_canvas_head_data,
@@ -79,7 +83,7 @@ from genunc.pipelines.text_canvas import (
 from genunc.posterior import HeadDraws, HeadPosterior
 from genunc.posterior.capture import head_replaced
 from genunc.sampling.masked import sampling_logits
-from genunc.scores import feature_scale, gaussian_entropy, random_scores
+from genunc.scores import gaussian_entropy, random_scores
 from genunc.scores.aggregate import Aggregate, aggregate
 from genunc.scores.tokens import mutual_information
 
@@ -218,11 +222,11 @@ class _Recorder:
         self.mi[rows_cpu, gen_cpu] = mutual_information(logits).cpu()
 
 
-class WrappedTextPipeline:
-    """A diffusers diffusion text pipeline with a head posterior: what every wrapped text
-    pipeline shares (the head, the posterior, the checks, the call and its scores).  Each
-    pipeline family is a subclass that says how its commits are read and how its head is fitted:
-    :class:`LLaDA2TextPipeline` and :class:`DiffusionGemmaTextPipeline`.
+class WrappedTextPipeline(TextUncertaintyPipeline):
+    """A diffusers diffusion text pipeline with a head posterior: the text family's members
+    that run the user's pipeline share this (the head, the posterior, the checks, the call and
+    its scores).  Each pipeline family is a subclass that says how its commits are read and how
+    its head is fitted: :class:`LLaDA2TextPipeline` and :class:`DiffusionGemmaTextPipeline`.
 
     Build it with :meth:`TextUncertaintyPipeline.from_pipe` (or :meth:`for_pipe`), which picks
     the subclass.  ``head``: the vocabulary head, as a module or its name in ``pipe.model``
@@ -232,6 +236,7 @@ class WrappedTextPipeline:
 
     #: the step-callback tensors the wrapper reads when the user names none
     DEFAULT_INPUTS: ClassVar[list[str]] = []
+    EXTRA_SCORE_COLUMNS: ClassVar[tuple[str, ...]] = ()
 
     #: score name -> the fewest head draws it needs (None: no posterior)
     SCORES = {"mutual_information": 2, "mutual_information_max": 2, "semantic": 1,
@@ -260,10 +265,9 @@ class WrappedTextPipeline:
             self.head_name = head
         else:
             self.head_name = _module_name(model, head)
+        UncertaintyPipeline.__init__(self, PipelineLMAdapter(model, self.head_name), posterior)
         self.feature_extractor = feature_extractor
-        self.feature_scale: np.ndarray | None = None
-        self._posterior: HeadPosterior | None = None
-        self.posterior = posterior
+        self.metadata: dict[str, Any] = {}
 
     @classmethod
     def for_pipe(cls, pipe: Any, posterior: HeadPosterior | None = None,
@@ -276,6 +280,11 @@ class WrappedTextPipeline:
         canvas = allowed is not None and "canvas" in allowed and "transfer_index" not in allowed
         family = DiffusionGemmaTextPipeline if canvas else LLaDA2TextPipeline
         return family(pipe, posterior, **kwargs)
+
+    @classmethod
+    def _load(cls, path: Path, *, device: str, **kwargs: Any) -> "WrappedTextPipeline":
+        raise GenuncError(f"{cls.__name__} wraps a pipeline you load: load {path} with diffusers "
+                          "and call TextUncertaintyPipeline.from_pipe(pipe)")
 
     def _check_pipe(self, pipe: Any, model: nn.Module) -> None:
         """Refuse a pipeline this family cannot read commits from."""
@@ -293,10 +302,6 @@ class WrappedTextPipeline:
         raise NotImplementedError
 
     @property
-    def model(self) -> nn.Module:
-        return self.pipe.model
-
-    @property
     def head(self) -> nn.Module:
         return resolve_module(self.model, self.head_name)
 
@@ -307,22 +312,6 @@ class WrappedTextPipeline:
         if tokenizer is None and getattr(self.pipe, "processor", None) is not None:
             tokenizer = getattr(self.pipe.processor, "tokenizer", self.pipe.processor)
         return tokenizer
-
-    @property
-    def posterior(self) -> HeadPosterior | None:
-        return self._posterior
-
-    @posterior.setter
-    def posterior(self, posterior: HeadPosterior | None) -> None:
-        """Attach a posterior, refusing one fitted on another head (or other weights)."""
-        if posterior is not None:
-            posterior.check_matches(self.model)
-        self._posterior = posterior
-
-    def set_feature_scale(self, real_features: Tensor | np.ndarray | None) -> np.ndarray | None:
-        """Measure semantic spread in units of real data's per-dimension SD (``(N, D)``)."""
-        self.feature_scale = None if real_features is None else feature_scale(real_features)
-        return self.feature_scale
 
     # ------------------------------------------------------------------ posterior
     def _encode(self, item: str | tuple[str, str], use_chat_template: bool) -> tuple[Tensor, Tensor]:

@@ -44,11 +44,10 @@ from genunc.errors import ConfigError, GenuncError, ShapeMismatchError
 from genunc.features import FeatureExtractor
 from genunc.pipelines.base import (
     ScoreCollector,
-    UncertaintyOutput,
     UncertaintyPipeline,
     VarianceEstimate,
 )
-from genunc.pipelines.image_scores import ImageScoring
+from genunc.pipelines.image import ImageUncertaintyOutput, ImageUncertaintyPipeline
 from genunc.posterior import HeadDraws, HeadPosterior, TailPosterior
 from genunc.posterior.capture import capture_head, head_replaced
 from genunc.posterior.heads import check_finite, head_ops_for
@@ -59,15 +58,17 @@ from genunc.scores import VariabilityTarget
 
 
 @dataclass
-class PipelineUncertaintyOutput(UncertaintyOutput):
+class PipelineUncertaintyOutput(ImageUncertaintyOutput):
     """The pipeline's own output plus one score array per requested score (lower = keep).
 
-    Attributes the pipeline's output has (``nsfw_content_detected``, ...) are read through.
+    ``images`` are exactly what the pipeline returned, in its ``output_type``; ``draw_images``
+    the M perturbed generations' images, when kept.  Attributes the pipeline's output has
+    (``nsfw_content_detected``, ...) are read through.
     """
 
-    images: Any = None  # exactly what the pipeline returned, in its output_type
+    images: Any = None
     pipeline_output: Any = None
-    draw_images: list[Any] | None = None  # the M perturbed generations' images, when kept
+    draw_images: Any = None
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "pipeline_output":
@@ -78,9 +79,9 @@ class PipelineUncertaintyOutput(UncertaintyOutput):
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}") from None
 
 
-class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
-    """A user's diffusers pipeline with a head posterior (build it with
-    :meth:`ImageUncertaintyPipeline.from_pipe`).
+class WrappedImagePipeline(ImageUncertaintyPipeline):
+    """A user's diffusers pipeline with a head posterior: the member of the image family that
+    runs the pipeline's own loop (build it with :meth:`ImageUncertaintyPipeline.from_pipe`).
 
     Args:
         pipe: any diffusers pipeline with a ``unet`` or ``transformer`` whose head genunc knows
@@ -94,7 +95,7 @@ class WrappedImagePipeline(ImageScoring, UncertaintyPipeline):
     def __init__(self, pipe: Any, posterior: HeadPosterior | None = None,
                  feature_extractor: FeatureExtractor | None = None,
                  head_name: str | None = None) -> None:
-        super().__init__(DiffusersPipelineAdapter(pipe, head_name), posterior)
+        UncertaintyPipeline.__init__(self, DiffusersPipelineAdapter(pipe, head_name), posterior)
         self.feature_extractor = feature_extractor
 
     @property

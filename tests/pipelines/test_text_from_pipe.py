@@ -310,3 +310,13 @@ def test_without_a_generator_the_run_follows_the_seed_and_leaves_the_global_rng(
     np.testing.assert_array_equal(first.scores["semantic"], again.scores["semantic"])
     streamed = fitted(generator=streams.torch_generator(5, "initial_noise"), seed=5, **kwargs)
     assert streamed.texts == first.texts
+
+
+def test_from_pipe_returns_a_member_of_the_family_it_is_called_on(fitted, tmp_path):
+    from genunc.pipelines import LLaDA2TextPipeline, WrappedTextPipeline
+
+    assert isinstance(fitted, LLaDA2TextPipeline) and isinstance(fitted, TextUncertaintyPipeline)
+    assert WrappedTextPipeline.score_columns() == tuple(WrappedTextPipeline.SCORES)
+    tmp_path.joinpath("m").mkdir()
+    with pytest.raises(GenuncError, match="wraps a pipeline you load"):
+        LLaDA2TextPipeline.from_pretrained(tmp_path / "m")
