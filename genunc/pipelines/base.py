@@ -317,6 +317,28 @@ class UncertaintyPipeline:
             yield slice(start, min(start + chunk_size, n))
 
     # ------------------------------------------------------------------ calls
+    def _check_scores(self, scores: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        """Score names this pipeline computes, as a tuple (a one-line error otherwise)."""
+        if isinstance(scores, str):
+            raise GenuncError(f"scores must be a list of names, got the string {scores!r}")
+        scores = tuple(scores)
+        unknown = [s for s in scores if s not in self.SCORES]
+        if unknown:
+            raise GenuncError(f"unknown scores {unknown}; {type(self).__name__} computes "
+                              f"{list(self.SCORES)}")
+        return scores
+
+    @staticmethod
+    def _check_draws(minimum: Mapping[str, int | None], num_draws: int) -> tuple[list[str], int]:
+        """The scores that read the posterior and the fewest draws they need, refusing a
+        `num_draws` below it (`minimum`: score -> its fewest draws, None without a posterior)."""
+        uses_posterior = sorted(s for s, m in minimum.items() if m is not None)
+        needed = max((m for m in minimum.values() if m is not None), default=0)
+        if num_draws < needed:
+            which = sorted(s for s, m in minimum.items() if m is not None and m > num_draws)
+            raise GenuncError(f"{which} need num_draws >= {needed}, got {num_draws}")
+        return uses_posterior, needed
+
     def _request(self, scores: tuple[str, ...] | list[str], num_draws: int, seed: int,
                  check_only: bool = False, *, num_samples: int, first_sample: int = 0,
                  variance: VarianceEstimate = "exact",
@@ -331,13 +353,7 @@ class UncertaintyPipeline:
         ``variability_target``: the variance of the predicted noise or of the clean sample;
         ``precision``: the backbone's (:mod:`genunc.sampling.precision`).
         """
-        if isinstance(scores, str):
-            raise GenuncError(f"scores must be a list of names, got the string {scores!r}")
-        scores = tuple(scores)
-        unknown = [s for s in scores if s not in self.SCORES]
-        if unknown:
-            raise GenuncError(f"unknown scores {unknown}; {type(self).__name__} computes "
-                              f"{list(self.SCORES)}")
+        scores = self._check_scores(scores)
         for name, value in {"num_samples": num_samples, **counts}.items():
             if value is not None and value < 1:
                 raise GenuncError(f"{name} must be at least 1, got {value}")
@@ -359,11 +375,7 @@ class UncertaintyPipeline:
         if "variability" in minimum and variance == "monte_carlo":  # a variance over draws;
             # a tail posterior's always comes with its jackknife error (MonteCarloTailVariance)
             minimum["variability"] = 3 if getattr(self.posterior, "kind", None) == "tail" else 2
-        uses_posterior = sorted(s for s, m in minimum.items() if m is not None)
-        needed = max((m for m in minimum.values() if m is not None), default=0)
-        if num_draws < needed:
-            which = sorted(s for s, m in minimum.items() if m is not None and m > num_draws)
-            raise GenuncError(f"{which} need num_draws >= {needed}, got {num_draws}")
+        uses_posterior, needed = self._check_draws(minimum, num_draws)
         request = Request(scores, num_draws, int(seed), None, first_sample, num_samples)
         if check_only or not uses_posterior:
             return request

@@ -377,18 +377,11 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
     def _check(self, scores: tuple[str, ...], num_draws: int, draws: HeadDraws | None,
                feature_extractor: TextFeatureExtractor | None, output_type: str) -> int | None:
         """Check a call; return the fewest draws its scores need (None: no posterior)."""
-        if isinstance(scores, str):
-            raise GenuncError(f"scores must be a list of names, got the string {scores!r}")
-        unknown = [s for s in scores if s not in self.SCORES]
-        if unknown:
-            raise GenuncError(f"unknown scores {unknown}; choose from {list(self.SCORES)}")
-        needed = [self.SCORES[s] for s in scores if self.SCORES[s] is not None]
-        if not needed:
-            return None
+        scores = self._check_scores(scores)
         m = len(draws) if draws is not None else num_draws
-        if m < max(needed):
-            raise GenuncError(f"{[s for s in scores if (self.SCORES[s] or 0) > m]} need "
-                              f"num_draws >= {max(needed)}, got {m}")
+        uses_posterior, needed = self._check_draws({s: self.SCORES[s] for s in scores}, m)
+        if not uses_posterior:
+            return None
         if draws is None and self.posterior is None:
             raise GenuncError("no posterior: call fit_posterior(...) or pass posterior= first")
         if "semantic" in scores:
@@ -398,7 +391,7 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
             if output_type != "text" or self.tokenizer is None:
                 raise GenuncError("the semantic score embeds texts: keep output_type='text' and a "
                                   "tokenizer on the pipeline")
-        return max(needed)
+        return needed
 
     def __call__(self, *args: Any, num_draws: int = 8,
                  scores: Sequence[str] = ("mutual_information",), seed: int = 0,
