@@ -102,6 +102,32 @@ class TailData:
         return sum(c.rows for c in self.chunks)
 
 
+class _KeptRows(nn.Module):
+    """A Linear head whose rows of `frozen` classes are buffers at their pretrained values: the
+    tail's Laplace then covers only the rows that saw data (as the head posterior's does), and
+    the outputs come back in the head's own order."""
+
+    def __init__(self, head: nn.Linear, frozen: Sequence[int]) -> None:
+        super().__init__()
+        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+        is_frozen = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+        is_frozen[torch.as_tensor(list(frozen), dtype=torch.long)] = True
+        kept, frozen_idx = torch.nonzero(~is_frozen).flatten(), torch.nonzero(is_frozen).flatten()
+        self.kept = nn.Linear(weight.shape[1], len(kept), bias=bias is not None,
+                              dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            self.kept.weight.copy_(weight[kept])
+            if bias is not None:
+                self.kept.bias.copy_(bias[kept])
+        self.register_buffer("frozen_weight", weight[frozen_idx].clone())
+        self.register_buffer("frozen_bias", None if bias is None else bias[frozen_idx].clone())
+        self.register_buffer("order", torch.argsort(torch.cat([kept, frozen_idx])))
+
+    def forward(self, x: Tensor) -> Tensor:
+        frozen = nn.functional.linear(x, self.frozen_weight, self.frozen_bias)
+        return torch.cat([self.kept(x), frozen], -1).index_select(-1, self.order)
+
+
 class _TailModel(nn.Module):
     """The tail as laplace-torch's model: row indices -> head output flattened per row.
 
@@ -137,6 +163,14 @@ class _TailModel(nn.Module):
             self.local = torch.cat([torch.arange(int(s)) for s in sizes])
             if likelihood == "classification":
                 self._index_positions(data)
+
+    def freeze_rows(self, classes: Sequence[int]) -> None:
+        """Keep the head's rows of `classes` out of the Laplace (buffers at their values)."""
+        head = self.mods[-1]
+        if type(head) is not nn.Linear:
+            raise GenuncError(f"only a Linear head keeps classes without data at their values, not "
+                              f"{type(head).__name__}: fit with unseen_classes='prior'")
+        self.mods[-1] = _KeptRows(head, classes)
 
     def _index_positions(self, data: TailData) -> None:
         """Classification: one laplace-torch row per data position, ``(chunk, row, position)``
@@ -372,6 +406,11 @@ class TailPosterior(Posterior):
         frozen = self.info.get("unseen_classes", "freeze") == "freeze"
         self.frozen = _frozen_entries(tail, (self.info.get("classes_without_data") or [])
                                       if frozen else [])
+        #: the Laplace leaves the frozen entries out (format 2); a format-1 posterior covered
+        #: them and froze them in each draw
+        self._excludes_frozen = len(self.frozen) > 0 and int(laplace.n_params) < tail.n_params
+        self._pretrained = tail.flat_parameters().to(laplace.mean) if self._excludes_frozen \
+            else None
 
     @property
     def names(self) -> list[str]:
@@ -385,7 +424,20 @@ class TailPosterior(Posterior):
     def n_params(self) -> int:
         """Weights the posterior moves (head rows frozen at their pretrained values not
         counted)."""
-        return int(self.laplace.n_params) - len(self.frozen)
+        n = int(self.laplace.n_params)
+        return n if self._excludes_frozen else n - len(self.frozen)
+
+    def _full(self, covered: Tensor, fill: Tensor | float) -> Tensor:
+        """``(..., covered entries)`` -> ``(..., every tail weight)``, `fill` at the frozen ones."""
+        if not self._excludes_frozen:
+            return covered
+        kept = torch.ones(self.tail.n_params, dtype=torch.bool, device=covered.device)
+        kept[self.frozen.to(covered.device)] = False
+        full = torch.empty(*covered.shape[:-1], self.tail.n_params, dtype=covered.dtype,
+                           device=covered.device)
+        full[..., ~kept] = fill if isinstance(fill, float) else fill.to(full)[~kept]
+        full[..., kept] = covered
+        return full
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -520,6 +572,8 @@ class TailPosterior(Posterior):
             raise ShapeMismatchError(f"class targets span [{int(targets.min())}, "
                                      f"{int(targets.max())}] but the tail has {n_classes} outputs")
         _, unseen = classes_without_data(targets, n_classes)
+        if unseen and unseen_classes == "freeze":
+            model.freeze_rows(unseen)
         curvature, backend, backend_kwargs = _backend(curvature, structure, n_classes * tail.n_params,
                                                       mc_samples, seed)
         la = _laplace(model, "classification", structure, prior_precision=prior0, backend=backend,
@@ -543,12 +597,17 @@ class TailPosterior(Posterior):
     # ------------------------------------------------------------------ quantities
     @property
     def mean(self) -> Tensor:
-        return self.laplace.mean.detach()
+        """Flat posterior mean over every tail weight (frozen rows at their values)."""
+        return self._full(self.laplace.mean.detach(), self._pretrained)
 
     @property
     def posterior_variance(self) -> Tensor:
-        """Marginal variances of every tail weight (flat), for any structure."""
-        return self._laplace_variance()
+        """Marginal variances of every tail weight (flat; frozen rows 0), for any structure."""
+        variance = self._laplace_variance()
+        if not self._excludes_frozen and len(self.frozen):
+            variance = variance.clone()
+            variance[self.frozen.to(variance.device)] = 0.0
+        return self._full(variance, 0.0)
 
     def sample(self, num_draws: int, seed: int | torch.Generator | None = 0, *,
                with_map: bool = False) -> TailDraws:
@@ -556,8 +615,9 @@ class TailPosterior(Posterior):
         check_num_draws(num_draws)
         generator = as_generator(seed, device=self.mean.device)
         with torch.no_grad():
-            flat = self.laplace.sample(num_draws, generator=generator).detach()
-        if len(self.frozen):
+            flat = self._full(self.laplace.sample(num_draws, generator=generator).detach(),
+                              self._pretrained)
+        if len(self.frozen) and not self._excludes_frozen:
             frozen = self.frozen.to(flat.device)
             flat[:, frozen] = self.mean.to(flat)[frozen]
         if with_map:
@@ -640,6 +700,11 @@ class TailPosterior(Posterior):
         tensors = {k: v.to(device) for k, v in tensors.items()}
         likelihood = meta.get("likelihood", "regression")
         lap_model = _TailModel(tail, tensors["mean"].dtype, None, tensors.get("output_scale"))
+        info = meta.get("info") or {}
+        unseen = info.get("classes_without_data") or []
+        if meta.get("format_version", 1) >= 2 and unseen and \
+                info.get("unseen_classes", "freeze") == "freeze":
+            lap_model.freeze_rows(unseen)  # format 1 covered them in the Laplace
         la = _laplace(lap_model, likelihood, meta["structure"], backend=CurvlinopsGGN)
         restore_laplace(la, tensors, meta, meta["structure"], likelihood)
         return cls(la, tail, meta["structure"], meta["fingerprint"], meta.get("info"), likelihood)
