@@ -112,12 +112,7 @@ class MaskedDiffusionLMAdapter(MaskedTokenAdapter):
         free = torch.ones_like(x0, dtype=torch.bool) if fixed is None else ~fixed.bool()
         if not free.any(-1).all():
             raise GenuncError("every sequence needs at least one maskable (non-prompt) position")
-        t = torch.rand(b, 1, generator=generator).clamp_min(1.0 / length)
-        masked = (torch.rand(b, length, generator=generator) < t) & free
-        # at least one masked position per sequence, chosen among the free ones
-        pick = torch.multinomial(free.float(), 1, generator=generator).squeeze(1)
-        masked[torch.arange(b), pick] = True
-        x_t = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
+        x_t, masked = mask_answers(x0, free, self.mask_id, generator)
         inputs: dict[str, Any] = {"x": x_t.to(self.device)}
         if self.time_conditioning:
             inputs["t"] = self.masked_fraction(x_t).to(self.device)
@@ -129,6 +124,19 @@ class MaskedDiffusionLMAdapter(MaskedTokenAdapter):
                 raise GenuncError("with logit_shift the first position cannot be predicted; "
                                   "keep it in the prompt")
         return TrainingPairs(inputs=inputs, target=target.to(self.device), mask=rows.to(self.device))
+
+
+def mask_answers(x0: Tensor, free: Tensor, mask_id: int,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The absorbing-state corruption masked-diffusion LMs are trained with: per sequence a level
+    ``t ~ U(1/L, 1)``, each free (non-prompt) token masked with probability ``t``, and at least
+    one free token masked.  Returns ``(x_t, masked)``."""
+    b, length = x0.shape
+    t = torch.rand(b, 1, generator=generator).clamp_min(1.0 / length)
+    masked = (torch.rand(b, length, generator=generator) < t) & free
+    pick = torch.multinomial(free.float(), 1, generator=generator).squeeze(1)
+    masked[torch.arange(b), pick] = True
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
 def check_layout(generate_mask: Tensor) -> Sequence[int]:
@@ -160,3 +168,27 @@ class PipelineLMAdapter(DenoiserAdapter):
     def training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
         raise GenuncError("fit a wrapped text pipeline with its fit_posterior (texts, or "
                           "(prompt, answer) pairs)")
+
+
+class MaskedAnswerLMAdapter(PipelineLMAdapter):
+    """The language model of a pipeline that unmasks (``LLaDA2Pipeline``), made to fit as it is
+    trained: clean ``{"x": (B, L) ids, "prompt_mask": (B, L)}`` batches are masked over their
+    answers (:func:`mask_answers`) and the model is called as the pipeline calls it (a 2-D
+    attention mask of ones, position ids), so :func:`~genunc.posterior.collect_head_data` and
+    the head fit run as for every other adapter."""
+
+    def __init__(self, model: nn.Module, head_name: str, mask_id: int) -> None:
+        super().__init__(model, head_name)
+        self.mask_id = int(mask_id)
+
+    def denoise(self, x: Tensor, **inputs: Any) -> Tensor:
+        b, length = x.shape
+        return self.model(x, attention_mask=torch.ones_like(x),
+                          position_ids=torch.arange(length, device=x.device).expand(b, -1))
+
+    def training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
+        x0 = torch.as_tensor(batch["x"]).long()
+        free = ~torch.as_tensor(batch["prompt_mask"]).bool()
+        x_t, masked = mask_answers(x0, free, self.mask_id, generator)
+        return TrainingPairs(inputs={"x": x_t.to(self.device)}, target=x0.to(self.device),
+                             mask=masked.to(self.device))

@@ -70,7 +70,7 @@ from genunc import streams
 from genunc._compat import check_compatible
 from genunc._seed import as_generator, snapshot
 from genunc.adapters.base import resolve_module
-from genunc.adapters.text import PipelineLMAdapter
+from genunc.adapters.text import MaskedAnswerLMAdapter, PipelineLMAdapter
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
 from genunc.pipelines.base import UncertaintyPipeline
 from genunc.pipelines.text import TextUncertaintyPipeline
@@ -81,7 +81,7 @@ from genunc.pipelines.text_canvas import (
     wrapped_scheduler,
 )
 from genunc.posterior import HeadDraws, HeadPosterior
-from genunc.posterior.capture import head_replaced
+from genunc.posterior.capture import collect_head_data, head_replaced
 from genunc.sampling.masked import sampling_logits
 from genunc.scores import gaussian_entropy, random_scores
 from genunc.scores.aggregate import Aggregate, aggregate
@@ -493,11 +493,13 @@ class LLaDA2TextPipeline(WrappedTextPipeline):
                           seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
                           self_conditioning: float | None = None,
                           corrupted_only: bool = False) -> tuple[Tensor, Tensor]:
-        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` on masked answers: each
-        example is masked `repeats` times at a random level ``t ~ U(1/L, 1)`` over its maskable
-        tokens (at least one), the convention of :meth:`MaskedDiffusionLMAdapter.training_pairs`,
-        and the model is called as the pipeline calls it (2-D attention mask, position ids);
-        targets at masked positions.  Examples of one length are batched."""
+        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` on masked answers, by the
+        shared :func:`~genunc.posterior.collect_head_data` over a
+        :class:`~genunc.adapters.text.MaskedAnswerLMAdapter`: each example is masked `repeats`
+        times at a random level ``t ~ U(1/L, 1)`` over its answer tokens (at least one, the
+        convention of :func:`~genunc.adapters.text.mask_answers`), and the model is called as
+        the pipeline calls it; targets at masked positions.  Examples of one length are
+        batched."""
         if self_conditioning is not None or corrupted_only:
             raise GenuncError("self_conditioning and corrupted_only describe DiffusionGemma's canvases; "
                               "LLaDA2Pipeline's targets are its masked positions")
@@ -512,42 +514,13 @@ class LLaDA2TextPipeline(WrappedTextPipeline):
         by_length: dict[int, list[tuple[Tensor, Tensor]]] = {}
         for ids, free in encoded:
             by_length.setdefault(len(ids), []).append((ids, free))
-        generator = as_generator(seed)
-        device = next(self.model.parameters()).device
-        head, feats, targets = self.head, [], []
-        kept: dict[str, Tensor] = {}
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            kept["features"] = args[0].detach()
-
-        was_training = self.model.training
-        self.model.eval()
-        handle = head.register_forward_hook(hook)
-        try:
-            for length in sorted(by_length):
-                group = by_length[length]
-                for start in range(0, len(group), batch_size):
-                    x0 = torch.stack([ids for ids, _ in group[start : start + batch_size]])
-                    free = torch.stack([f for _, f in group[start : start + batch_size]])
-                    for _ in range(repeats):
-                        b = x0.shape[0]
-                        t = torch.rand(b, 1, generator=generator).clamp_min(1.0 / length)
-                        masked = (torch.rand(b, length, generator=generator) < t) & free
-                        pick = torch.multinomial(free.float(), 1, generator=generator).squeeze(1)
-                        masked[torch.arange(b), pick] = True
-                        x_t = torch.where(masked, torch.full_like(x0, mask_id), x0).to(device)
-                        kept.clear()
-                        self.model(x_t, attention_mask=torch.ones_like(x_t),
-                                   position_ids=torch.arange(length, device=device).expand(b, -1))
-                        if "features" not in kept:
-                            raise HeadNotCalledError(f"head '{self.head_name}' was not called")
-                        phi = kept["features"]
-                        feats.append(phi[masked.to(device)].float().cpu())
-                        targets.append(x0[masked])
-        finally:
-            handle.remove()
-            self.model.train(was_training)
-        return torch.cat(feats), torch.cat(targets)
+        batches = [{"x": torch.stack([ids for ids, _ in group[i : i + batch_size]]),
+                    "prompt_mask": ~torch.stack([f for _, f in group[i : i + batch_size]])}
+                   for _, group in sorted(by_length.items())
+                   for i in range(0, len(group), batch_size)]
+        data = collect_head_data(MaskedAnswerLMAdapter(self.model, self.head_name, mask_id),
+                                 batches, repeats=repeats, seed=seed, progress=False)
+        return data.features, data.targets
 
     def _record(self, call: dict[str, Any], draws: HeadDraws | None, sampling: dict[str, Any],
                 mask_id: int | None, user_callback: Any,
