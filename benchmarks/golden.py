@@ -113,41 +113,18 @@ def wrapped_text() -> dict[str, Any]:
     import test_text_from_pipe as llada
     import test_text_gemma as gemma
 
-    from genunc.pipelines import TextUncertaintyPipeline
 
     results = {}
-    upipe = TextUncertaintyPipeline.from_pipe(llada.pipeline())
-    upipe.fit_posterior(llada.FIT_DATA, repeats=2, prior_precision=1.0)
+    upipe = llada.fitted_wrapper()
     out = upipe(prompt=llada.PROMPTS, generator=torch.Generator().manual_seed(3), num_draws=3,
                 seed=1, **llada.SAMPLED)
     results["wrapped/llada2"] = {**_scores(out), "texts": list(out.texts)}
-    fitted = _gemma(gemma)
+    fitted = gemma.fitted_wrapper()
     out = fitted(prompt=gemma.PROMPTS, generator=torch.Generator().manual_seed(3), num_draws=3,
                  seed=1, temperature=1.0, **gemma.CALL)
     results["wrapped/gemma"] = {**_scores(out), "texts": list(out.texts)}
     print("wrapped/text", flush=True)
     return results
-
-
-def _gemma(gemma: Any) -> Any:
-    """The tests' tiny DiffusionGemma wrapper, its head posterior fitted on a plain run's
-    argmax tokens (as tests/pipelines/test_text_gemma.py fits it)."""
-    from genunc.pipelines import TextUncertaintyPipeline
-    from genunc.posterior import HeadPosterior
-
-    pipe = gemma.pipeline()
-    kept = []
-    handle = pipe.model.lm_head.register_forward_hook(
-        lambda m, a, o: kept.append((a[0].reshape(-1, gemma.HIDDEN),
-                                     o.reshape(-1, o.shape[-1]).argmax(-1))))
-    pipe(prompt=["1 + 2 =", "3 + 4 =", "5 + 5 ="], generator=torch.Generator().manual_seed(1),
-         temperature=1.0, **gemma.CALL)
-    handle.remove()
-    features, targets = (torch.cat(t).detach() for t in zip(*kept))
-    posterior = HeadPosterior.fit_features(pipe.model.lm_head, (features, targets),
-                                           likelihood="classification", head_name="lm_head",
-                                           prior_precision=1.0)
-    return TextUncertaintyPipeline.from_pipe(pipe, posterior=posterior)
 
 
 def compare(before: dict[str, Any], after: dict[str, Any]) -> int:

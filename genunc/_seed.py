@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from genunc.errors import GenuncError
+
 
 def as_generator(
     seed: int | torch.Generator | None, device: torch.device | str = "cpu"
@@ -32,8 +34,6 @@ def snapshot(generator: Generators) -> Generators:
     if isinstance(generator, (list, tuple)):
         return [snapshot(g) for g in generator]  # type: ignore[misc]
     if not isinstance(generator, torch.Generator):
-        from genunc.errors import GenuncError
-
         raise GenuncError(f"generator must be a torch.Generator or a list of them, got "
                           f"{type(generator).__name__}")
     copy = torch.Generator(device=generator.device)

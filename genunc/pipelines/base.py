@@ -44,7 +44,7 @@ from genunc import streams
 from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import GenuncError, MissingFileError, describe
 from genunc.posterior import POSTERIOR_DIR, HeadDraws, HeadPosterior, Posterior
-from genunc.posterior.io import remove_saved, saved_kind
+from genunc.posterior.io import remove_saved
 from genunc.posterior.laplace_tail import TailPosterior
 from genunc.posterior.variance import ExactVariance, MonteCarloTailVariance, MonteCarloVariance
 from genunc.sampling.diffusers_loop import HeadVariance
@@ -284,9 +284,9 @@ class UncertaintyPipeline:
         saved = Posterior.load(directory, self.model, missing="none",
                            stale="none" if stale == "refit" else "error")
         wanted = "tail" if fit_kwargs.get("tail") is not None else "head"
-        if saved is not None and data is not None and saved_kind(directory) != wanted:
+        if saved is not None and data is not None and saved.kind != wanted:
             if stale == "error":
-                raise GenuncError(f"{directory} holds a posterior over the {saved_kind(directory)}"
+                raise GenuncError(f"{directory} holds a posterior over the {saved.kind}"
                                   f", not over the {wanted} "
                                   "asked for; fit it again (genunc fit) or use another folder")
             saved = None  # refit: the other kind is replaced below

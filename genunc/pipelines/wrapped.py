@@ -48,10 +48,9 @@ from genunc.pipelines.base import (
     VarianceEstimate,
 )
 from genunc.pipelines.image import ImageUncertaintyOutput, ImageUncertaintyPipeline
-from genunc.posterior import HeadDraws, HeadPosterior, TailPosterior
+from genunc.posterior import HeadDraws, HeadPosterior, Posterior, TailPosterior
 from genunc.posterior.capture import capture_head, head_replaced
 from genunc.posterior.heads import check_finite, head_ops_for
-from genunc.posterior.laplace_tail import default_tail
 from genunc.posterior.tail import TailDraws
 from genunc.posterior.variance import MonteCarloTailVariance, MonteCarloVariance
 from genunc.scores import VariabilityTarget
@@ -435,10 +434,9 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
             raise GenuncError(f"a tail posterior through from_pipe covers UNet denoisers; "
                               f"{type(adapter.model).__name__}'s layers after its last block do "
                               "not form a chain (fit the head)")
-        names = default_tail(adapter.model, tail) if isinstance(tail, int) else list(tail)
-        self.posterior = TailPosterior.fit(adapter, batches, names, repeats=repeats,
-                                           max_rows=max_rows, seed=generator, progress=progress,
-                                           noise_groups=False, **fit_kwargs)
+        self.posterior = Posterior.fit(adapter, batches, tail=tail, repeats=repeats,
+                                       max_rows=max_rows, seed=generator, progress=progress,
+                                       noise_groups=False, **fit_kwargs)
         return self.posterior
 
 

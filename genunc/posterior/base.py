@@ -96,6 +96,18 @@ class Posterior(LaplaceQuantities):
         raise NotImplementedError
 
 
+def fill_uncovered(covered: Tensor, mask: Tensor, fill: Tensor | float) -> Tensor:
+    """``(..., covered entries)`` -> ``(..., every weight)``: `covered` where `mask` (over every
+    weight) is True, `fill` (a value, or a flat tensor over every weight) elsewhere: how a
+    posterior that leaves some weights at their pretrained values reports all of them."""
+    mask = mask.to(covered.device)
+    full = torch.empty(*covered.shape[:-1], mask.numel(), dtype=covered.dtype,
+                       device=covered.device)
+    full[..., ~mask] = fill if isinstance(fill, float) else fill.to(covered)[~mask]
+    full[..., mask] = covered
+    return full
+
+
 # ---------------------------------------------------------------------- the fit core
 def check_fit_options(likelihood: str, prior_precision: float | str, sigma_noise: float | str,
                       unseen_classes: str, output_softcap: float | None) -> float:

@@ -27,6 +27,7 @@ from genunc.posterior.base import (
     check_num_draws,
     check_output_groups,
     classes_without_data,
+    fill_uncovered,
     group_noise_scales,
     method_info,
     tune_hyperparameters,
@@ -40,6 +41,45 @@ from genunc.posterior.laplace_state import laplace_tensors, restore_laplace
 
 Structure = Literal["diag", "kron", "full"]
 STRUCTURES: tuple[str, ...] = ("diag", "kron", "full")
+
+
+class KeptRows(nn.Module):
+    """A Linear head whose rows outside `kept` are buffers at their pretrained values, so a
+    Laplace over its parameters covers only the kept rows (classes some target names); outputs
+    come back in the head's own order.  Head posteriors (:class:`_RowModel`) and tail
+    posteriors keep rows this one way."""
+
+    def __init__(self, head: nn.Module, kept: Tensor) -> None:
+        super().__init__()
+        if type(head) is not nn.Linear:
+            raise GenuncError(f"only Linear heads can keep a subset of output rows, not "
+                              f"{type(head).__name__}")
+        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+        kept = torch.as_tensor(kept, dtype=torch.long, device=weight.device).sort().values
+        frozen = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        frozen[kept] = False
+        frozen_idx = torch.nonzero(frozen).flatten()
+        self.register_buffer("kept_outputs", kept)
+        self.register_buffer("frozen_weight", weight[frozen_idx].clone())
+        self.register_buffer("frozen_bias", None if bias is None else bias[frozen_idx].clone())
+        # outputs are computed as [kept | frozen] and put back in vocabulary order
+        self.register_buffer("order", torch.argsort(torch.cat([kept, frozen_idx])))
+        self.kept = nn.Linear(weight.shape[1], len(kept), bias=bias is not None,
+                              dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            self.kept.weight.copy_(weight[kept])
+            if bias is not None:
+                self.kept.bias.copy_(bias[kept])
+
+    @staticmethod
+    def merge(kept_out: Tensor, x: Tensor, frozen_weight: Tensor, frozen_bias: Tensor | None,
+              order: Tensor) -> Tensor:
+        """The kept rows' outputs and the frozen rows' (computed here), in the head's order."""
+        frozen = nn.functional.linear(x, frozen_weight, frozen_bias)
+        return torch.cat([kept_out, frozen], -1).index_select(-1, order)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.merge(self.kept(x), x, self.frozen_weight, self.frozen_bias, self.order)
 
 
 class _RowModel(nn.Module):
@@ -80,33 +120,17 @@ class _RowModel(nn.Module):
         self.register_buffer("output_scale", output_scale)
 
     def _keep_rows(self, head: nn.Module, kept: Tensor) -> nn.Linear:
-        if type(head) is not nn.Linear:
-            raise GenuncError(f"only Linear heads can keep a subset of output rows, not "
-                              f"{type(head).__name__}")
-        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
-        n_out = weight.shape[0]
-        kept = torch.as_tensor(kept, dtype=torch.long, device=weight.device).sort().values
-        frozen = torch.ones(n_out, dtype=torch.bool, device=weight.device)
-        frozen[kept] = False
-        frozen_idx = torch.nonzero(frozen).flatten()
-        self.register_buffer("kept_outputs", kept)
-        self.register_buffer("frozen_weight", weight[frozen_idx].clone())
-        self.register_buffer("frozen_bias", None if bias is None else bias[frozen_idx].clone())
-        # outputs are computed as [kept | frozen] and put back in vocabulary order
-        self.register_buffer("order", torch.argsort(torch.cat([kept, frozen_idx])))
-        sub = nn.Linear(weight.shape[1], len(kept), bias=bias is not None,
-                        dtype=weight.dtype, device=weight.device)
-        with torch.no_grad():
-            sub.weight.copy_(weight[kept])
-            if bias is not None:
-                sub.bias.copy_(bias[kept])
-        return sub
+        rows = KeptRows(head, kept)
+        self.register_buffer("kept_outputs", rows.kept_outputs)
+        self.register_buffer("frozen_weight", rows.frozen_weight)
+        self.register_buffer("frozen_bias", rows.frozen_bias)
+        self.register_buffer("order", rows.order)
+        return rows.kept
 
     def forward(self, rows: Tensor) -> Tensor:
         out = self.head(rows)
         if self.kept_outputs is not None:
-            frozen = nn.functional.linear(rows, self.frozen_weight, self.frozen_bias)
-            out = torch.cat([out, frozen], -1).index_select(-1, self.order)
+            out = KeptRows.merge(out, rows, self.frozen_weight, self.frozen_bias, self.order)
         if self.softcap is not None:
             out = torch.tanh(out / self.softcap) * self.softcap
         if self.output_scale is not None:
@@ -332,13 +356,7 @@ class HeadPosterior(Posterior):
 
     def _expand(self, flat: Tensor, fill: Tensor | float) -> Tensor:
         """``(..., n_params)`` over the covered weights -> ``(..., n_head_weights)``."""
-        if self.subset is None:
-            return flat
-        subset = self.subset.to(flat.device)
-        full = torch.empty(*flat.shape[:-1], subset.numel(), dtype=flat.dtype, device=flat.device)
-        full[..., ~subset] = fill if isinstance(fill, float) else fill.to(flat)[~subset]
-        full[..., subset] = flat
-        return full
+        return flat if self.subset is None else fill_uncovered(flat, self.subset, fill)
 
     @property
     def posterior_variance(self) -> Tensor:

@@ -58,13 +58,14 @@ from genunc.posterior.base import (
     check_num_draws,
     check_output_groups,
     classes_without_data,
+    fill_uncovered,
     group_noise_scales,
     method_info,
     tune_hyperparameters,
 )
 from genunc.posterior.fingerprint import check_fingerprint, head_fingerprint
 from genunc.posterior.heads import check_finite
-from genunc.posterior.laplace_head import STRUCTURES
+from genunc.posterior.laplace_head import STRUCTURES, KeptRows
 from genunc.posterior.laplace_state import laplace_tensors, restore_laplace
 from genunc.posterior.lowrank import LowRankDiagLaplace
 from genunc.posterior.tail import Tail, TailDraws, TailInputs, math_attention
@@ -100,32 +101,6 @@ class TailData:
 
     def __len__(self) -> int:
         return sum(c.rows for c in self.chunks)
-
-
-class _KeptRows(nn.Module):
-    """A Linear head whose rows of `frozen` classes are buffers at their pretrained values: the
-    tail's Laplace then covers only the rows that saw data (as the head posterior's does), and
-    the outputs come back in the head's own order."""
-
-    def __init__(self, head: nn.Linear, frozen: Sequence[int]) -> None:
-        super().__init__()
-        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
-        is_frozen = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
-        is_frozen[torch.as_tensor(list(frozen), dtype=torch.long)] = True
-        kept, frozen_idx = torch.nonzero(~is_frozen).flatten(), torch.nonzero(is_frozen).flatten()
-        self.kept = nn.Linear(weight.shape[1], len(kept), bias=bias is not None,
-                              dtype=weight.dtype, device=weight.device)
-        with torch.no_grad():
-            self.kept.weight.copy_(weight[kept])
-            if bias is not None:
-                self.kept.bias.copy_(bias[kept])
-        self.register_buffer("frozen_weight", weight[frozen_idx].clone())
-        self.register_buffer("frozen_bias", None if bias is None else bias[frozen_idx].clone())
-        self.register_buffer("order", torch.argsort(torch.cat([kept, frozen_idx])))
-
-    def forward(self, x: Tensor) -> Tensor:
-        frozen = nn.functional.linear(x, self.frozen_weight, self.frozen_bias)
-        return torch.cat([self.kept(x), frozen], -1).index_select(-1, self.order)
 
 
 class _TailModel(nn.Module):
@@ -170,7 +145,9 @@ class _TailModel(nn.Module):
         if type(head) is not nn.Linear:
             raise GenuncError(f"only a Linear head keeps classes without data at their values, not "
                               f"{type(head).__name__}: fit with unseen_classes='prior'")
-        self.mods[-1] = _KeptRows(head, classes)
+        kept = torch.ones(head.out_features, dtype=torch.bool)
+        kept[torch.as_tensor(list(classes), dtype=torch.long)] = False
+        self.mods[-1] = KeptRows(head, torch.nonzero(kept).flatten())
 
     def _index_positions(self, data: TailData) -> None:
         """Classification: one laplace-torch row per data position, ``(chunk, row, position)``
@@ -406,11 +383,13 @@ class TailPosterior(Posterior):
         frozen = self.info.get("unseen_classes", "freeze") == "freeze"
         self.frozen = _frozen_entries(tail, (self.info.get("classes_without_data") or [])
                                       if frozen else [])
-        #: the Laplace leaves the frozen entries out (format 2); a format-1 posterior covered
-        #: them and froze them in each draw
-        self._excludes_frozen = len(self.frozen) > 0 and int(laplace.n_params) < tail.n_params
-        self._pretrained = tail.flat_parameters().to(laplace.mean) if self._excludes_frozen \
-            else None
+        #: which tail weights the Laplace covers, where it leaves the frozen ones out (format
+        #: 2; None: all of them, as a format-1 posterior that froze them in each draw did)
+        self._pretrained = self._covered = None
+        if len(self.frozen) and int(laplace.n_params) < tail.n_params:
+            self._pretrained = tail.flat_parameters().to(laplace.mean)
+            self._covered = torch.ones(tail.n_params, dtype=torch.bool)
+            self._covered[self.frozen] = False
 
     @property
     def names(self) -> list[str]:
@@ -425,19 +404,13 @@ class TailPosterior(Posterior):
         """Weights the posterior moves (head rows frozen at their pretrained values not
         counted)."""
         n = int(self.laplace.n_params)
-        return n if self._excludes_frozen else n - len(self.frozen)
+        return n if self._covered is not None else n - len(self.frozen)
 
     def _full(self, covered: Tensor, fill: Tensor | float) -> Tensor:
         """``(..., covered entries)`` -> ``(..., every tail weight)``, `fill` at the frozen ones."""
-        if not self._excludes_frozen:
+        if self._covered is None:
             return covered
-        kept = torch.ones(self.tail.n_params, dtype=torch.bool, device=covered.device)
-        kept[self.frozen.to(covered.device)] = False
-        full = torch.empty(*covered.shape[:-1], self.tail.n_params, dtype=covered.dtype,
-                           device=covered.device)
-        full[..., ~kept] = fill if isinstance(fill, float) else fill.to(full)[~kept]
-        full[..., kept] = covered
-        return full
+        return fill_uncovered(covered, self._covered, fill)
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -604,7 +577,7 @@ class TailPosterior(Posterior):
     def posterior_variance(self) -> Tensor:
         """Marginal variances of every tail weight (flat; frozen rows 0), for any structure."""
         variance = self._laplace_variance()
-        if not self._excludes_frozen and len(self.frozen):
+        if self._covered is None and len(self.frozen):
             variance = variance.clone()
             variance[self.frozen.to(variance.device)] = 0.0
         return self._full(variance, 0.0)
@@ -617,7 +590,7 @@ class TailPosterior(Posterior):
         with torch.no_grad():
             flat = self._full(self.laplace.sample(num_draws, generator=generator).detach(),
                               self._pretrained)
-        if len(self.frozen) and not self._excludes_frozen:
+        if self._covered is None and len(self.frozen):
             frozen = self.frozen.to(flat.device)
             flat[:, frozen] = self.mean.to(flat)[frozen]
         if with_map:

@@ -84,7 +84,12 @@ FIT_DATA = [(f"{a} + {b} =", f"{'abcd'[(a + b) % 4]} {'abcd'[a % 4]}")
 
 @pytest.fixture(scope="module")
 def fitted():
-    """A wrapper with a diagonal posterior fitted on (prompt, answer) pairs."""
+    return fitted_wrapper()
+
+
+def fitted_wrapper():
+    """A wrapper with a diagonal posterior fitted on (prompt, answer) pairs; also the golden
+    runs' LLaDA2 wrapper (benchmarks/golden.py)."""
     upipe = TextUncertaintyPipeline.from_pipe(pipeline())
     upipe.fit_posterior(FIT_DATA, repeats=2, prior_precision=1.0)
     return upipe

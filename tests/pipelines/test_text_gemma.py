@@ -75,7 +75,12 @@ def gen(seed=0):
 
 @pytest.fixture(scope="module")
 def fitted():
-    """A wrapper with a diagonal posterior fitted on the head's inputs of a plain run (argmax targets)."""
+    return fitted_wrapper()
+
+
+def fitted_wrapper():
+    """A wrapper with a diagonal posterior fitted on the head's inputs of a plain run (argmax
+    targets); also the golden runs' DiffusionGemma wrapper (benchmarks/golden.py)."""
     pipe = pipeline()
     kept = []
     handle = pipe.model.lm_head.register_forward_hook(
