@@ -107,6 +107,13 @@ class DenoiserAdapter(ABC):
         """Per-sample disagreement of M predictions ``(M, B, ...)``: the reduced sample variance."""
         return self.reduce_variance(eps_draws.double().var(0), inputs)
 
+    def input_rows(self, inputs: Mapping[str, Any], index: slice, rows: int) -> dict[str, Any]:
+        """A pair's denoiser inputs cut to the samples `index` of its `rows`: every tensor with
+        the rows on its leading axis is cut, anything else is kept (how a tail whose recorded
+        inputs mix samples is recorded one sample at a time).  Adapters whose inputs hold
+        per-sample state in other objects (a KV cache) cut those too."""
+        return _rows_of(dict(inputs), index, rows)
+
     @property
     def output_groups(self) -> Mapping[str, slice] | None:
         """Parts of the head output's last axis predicted with residuals of their own size (e.g.
@@ -138,3 +145,11 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
         f"Modules with parameters ({len(candidates)} in all, last {len(tail)} shown): "
         f"{', '.join(tail)}"
     )
+
+
+def _rows_of(value: Any, index: slice, rows: int) -> Any:
+    if isinstance(value, Tensor) and value.dim() and value.shape[0] == rows:
+        return value[index]
+    if isinstance(value, Mapping):
+        return {k: _rows_of(v, index, rows) for k, v in value.items()}
+    return value

@@ -16,11 +16,13 @@ cloning the weight at construction: a posterior draw of the head must never move
 
 from __future__ import annotations
 
+import copy
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genunc.adapters.base import DenoiserAdapter, TrainingPairs
@@ -192,3 +194,92 @@ class MaskedAnswerLMAdapter(PipelineLMAdapter):
         x_t, masked = mask_answers(x0, free, self.mask_id, generator)
         return TrainingPairs(inputs={"x": x_t.to(self.device)}, target=x0.to(self.device),
                              mask=masked.to(self.device))
+
+
+def uniform_corruption(clean: Tensor, vocab_size: int, generator: torch.Generator) -> Tensor:
+    """``x_t ~ Cat(alpha x_0 + (1 - alpha) / K)`` per position, ``alpha = 1 - t``, ``t ~ U(0, 1)``
+    per row: each token survives with probability alpha, otherwise it is replaced by a token drawn
+    uniformly from the whole vocabulary (which may be the clean one again).  The forward process
+    of ``DiscreteDDIMScheduler`` (linear schedule) and of ``DiffusionGemmaPipeline``'s canvas, whose
+    noise is ``torch.randint(0, vocab_size)``."""
+    batch, length = clean.shape
+    alpha = 1 - torch.rand(batch, 1, generator=generator)
+    keep = torch.rand(batch, length, generator=generator) < alpha
+    noise = torch.randint(0, vocab_size, (batch, length), generator=generator)
+    return torch.where(keep, clean, noise)
+
+
+class CanvasLMAdapter(PipelineLMAdapter):
+    """The encoder-decoder model of a pipeline that refines a canvas (``DiffusionGemmaPipeline``),
+    made to fit as it is trained, so :func:`~genunc.posterior.collect_head_data` runs as for every
+    other adapter.
+
+    Batches (:meth:`encoded`) hold ``prompt`` ids and ``attention`` ``(B, P)``, the ``clean``
+    canvas ``(B, C)`` and the ``target`` positions ``(B, C)``; the prompt is encoded once per
+    batch into the KV cache the decoder reads, as the pipeline encodes it.  Each pair corrupts the
+    canvas (:func:`uniform_corruption`) and calls the decoder with the pipeline's keyword
+    arguments.  With probability `self_conditioning` a row is conditioned on the logits of a
+    first, unconditioned call (the pipeline's later steps feed the previous logits back); that
+    first call runs while the pair is made, so the head sees one call per pair.  Rows left
+    unconditioned in a mixed batch get the model's ``self_conditioning_mask`` (zeroed soft
+    embeddings, which is what ``self_conditioning_logits=None`` means)."""
+
+    def __init__(self, model: nn.Module, head_name: str, *, self_conditioning: float,
+                 corrupted_only: bool) -> None:
+        super().__init__(model, head_name)
+        if not 0 <= self_conditioning <= 1:
+            raise GenuncError(f"self_conditioning is a probability, got {self_conditioning}")
+        self.self_conditioning = float(self_conditioning)
+        self.corrupted_only = bool(corrupted_only)
+        self.text_config = model.config.get_text_config(decoder=True)
+        self.vocab_size = int(self.text_config.vocab_size)
+
+    @torch.no_grad()
+    def encoded(self, batches: Iterable[Mapping[str, Tensor]]) -> Iterator[dict[str, Any]]:
+        """Each batch with its prompt encoded: the encoder's KV cache, the decoder's attention
+        mask (``create_diffusion_decoder_attention_mask``) and the canvas positions, which
+        continue after the prompt."""
+        from transformers import DynamicCache
+
+        device, model = self.device, self.model
+        for batch in batches:
+            prompt, attention = batch["prompt"].to(device), batch["attention"].to(device)
+            (size, length), canvas_length = prompt.shape, batch["clean"].shape[1]
+            cache = DynamicCache(config=self.text_config)
+            model.model.encoder(input_ids=prompt, attention_mask=attention, past_key_values=cache,
+                                position_ids=torch.arange(0, length, device=device).unsqueeze(0))
+            mask = model.model.decoder.create_diffusion_decoder_attention_mask(
+                config=model.config, inputs_embeds=torch.empty((size, canvas_length, 0), device=device),
+                past_key_values=cache,
+                decoder_attention_mask=F.pad(attention.bool(), (0, canvas_length), value=True))
+            positions = torch.arange(length, length + canvas_length, device=device).unsqueeze(0)
+            yield {**batch, "cache": cache, "mask": mask, "positions": positions}
+
+    def input_rows(self, inputs: Mapping[str, Any], index: slice, rows: int) -> dict[str, Any]:
+        """Tensors cut as for every adapter; the encoder's KV cache copied and cut to the same
+        samples (the tail's decoder layers read it)."""
+        cut = super().input_rows({k: v for k, v in inputs.items() if k != "cache"}, index, rows)
+        cache = copy.deepcopy(inputs["cache"])
+        cache.batch_select_indices(torch.arange(rows)[index].to(self.device))
+        return {**cut, "cache": cache}
+
+    def denoise(self, canvas: Tensor, cache: Any, mask: Any, positions: Tensor,
+                conditioning: Tensor | None = None, conditioned: Tensor | None = None) -> Tensor:
+        extra = {} if conditioned is None else {"self_conditioning_mask": conditioned}
+        return self.model(decoder_input_ids=canvas, past_key_values=cache,
+                          self_conditioning_logits=conditioning, decoder_attention_mask=mask,
+                          decoder_position_ids=positions, **extra).logits
+
+    @torch.no_grad()
+    def training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
+        clean, target = batch["clean"], batch["target"]
+        x_t = uniform_corruption(clean, self.vocab_size, generator)
+        conditioned = torch.rand(clean.shape[0], generator=generator) < self.self_conditioning
+        inputs = {"canvas": x_t.to(self.device), "cache": batch["cache"], "mask": batch["mask"],
+                  "positions": batch["positions"]}
+        if conditioned.any():
+            inputs["conditioning"] = self.denoise(**inputs)
+            if not conditioned.all():
+                inputs["conditioned"] = conditioned.to(self.device)
+        rows = target & (x_t != clean) if self.corrupted_only else target
+        return TrainingPairs(inputs=inputs, target=clean.to(self.device), mask=rows.to(self.device))

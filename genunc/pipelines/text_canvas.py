@@ -36,12 +36,10 @@ A position whose token changed without a commit (renoised, corrector, a user cal
 loses its record.  Each canvas's expected final tokens are checked against what the pipeline
 returns; a position that differs gets NaN and a warning.
 
-Fitting (:func:`collect_canvas_head_data`, behind ``WrappedTextPipeline.fit_posterior``): the prompt
-is encoded into the encoder's KV cache and ``pipe.model`` is called on a canvas exactly as the
-pipeline calls them for a first canvas; the clean canvas (answer, EOS, pad) is corrupted by the
-uniform kernel the schedulers invert (``DiscreteDDIMScheduler``: survival ``alpha = 1 - t``, else
-a uniformly random vocabulary token, as the pipeline's ``torch.randint`` canvas noise), and the
-likelihood is on the softcapped logits.
+Fitting data (``DiffusionGemmaTextPipeline.collect_head_data``) is collected by the shared
+:func:`~genunc.posterior.collect_head_data` over :class:`~genunc.adapters.text.CanvasLMAdapter`,
+which encodes the prompt and calls ``pipe.model`` on a corrupted canvas as the pipeline does; this
+module only encodes prompts as the pipeline does (:func:`canvas_prompt_ids`).
 """
 
 from __future__ import annotations
@@ -53,11 +51,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
-from genunc.posterior import HeadDraws
+from genunc.posterior.observe import DrawObserver, ObservedPass
 from genunc.sampling.masked import sampling_logits
 from genunc.scores.tokens import mutual_information
 
@@ -117,10 +114,10 @@ class CanvasRecorder:
     """Per-call state for ``DiffusionGemmaPipeline``: head input, mirrored adaptive stop, and the
     record (mutual information, confidence, step) of each canvas position's last commit."""
 
-    def __init__(self, draws: HeadDraws | None, scheduler: Any, *, cap: float | None,
+    def __init__(self, observer: DrawObserver, scheduler: Any, *, cap: float | None,
                  stability_threshold: int, confidence_threshold: float | None,
                  user_callback: Any, user_inputs: Sequence[str]) -> None:
-        self.draws = draws
+        self.observer = observer
         self.scheduler = scheduler
         self.kind = scheduler_kind(scheduler)
         self.cap = cap
@@ -128,17 +125,11 @@ class CanvasRecorder:
         self.confidence_threshold = confidence_threshold
         self.user_callback = user_callback
         self.user_inputs = tuple(user_inputs)
-        self.features: Tensor | None = None
         self.canvases: list[dict[str, Tensor]] = []
         self.global_step = -1
         self.outside_changes = 0
-        self._pred: tuple[Tensor, Tensor, float | None] | None = None  # features, MAP logits, scale
-
-    # ---------------------------------------------------------------- hooks
-    def head_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        if not args or not isinstance(args[0], Tensor):
-            raise HeadNotCalledError("the head must take its features as its first positional tensor")
-        self.features = args[0].detach()
+        #: the step's pass, MAP logits and temperature, for the adaptive stop
+        self._pred: tuple[ObservedPass, Tensor, float | None] | None = None
 
     # ---------------------------------------------------------------- scheduler calls
     @torch.no_grad()
@@ -152,7 +143,7 @@ class CanvasRecorder:
             self._new_canvas(sample)
         canvas = self.canvases[-1]
         self._outside(canvas, sample)
-        features = self._features(sample)
+        observed = self._observed(sample)
         live = ~canvas["finished"][:, None]  # rows the adaptive stop froze ignore this step
         if self.kind == "BlockRefinementScheduler":
             written = out.transfer_index | out.editing_transfer_index
@@ -172,9 +163,9 @@ class CanvasRecorder:
         written = written & live
         noise = (out.prev_sample != sample) & ~written & live
         self._clear(canvas, noise)
-        self._commit(canvas, written, out.sampled_probs.double(), features, sampling)
+        self._commit(canvas, written, out.sampled_probs.double(), observed, sampling)
         canvas["expected"] = out.prev_sample  # what the callback sees (frozen rows: until the stop)
-        self._pred = (features, out.pred_logits, scale)
+        self._pred = (observed, out.pred_logits, scale)
 
     @torch.no_grad()
     def on_correct(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
@@ -227,15 +218,15 @@ class CanvasRecorder:
             "expected": sample.clone(), "argmax": sample.clone(), "history": history,
             "finished": torch.zeros(batch, dtype=torch.bool, device=sample.device)})
 
-    def _features(self, sample: Tensor) -> Tensor | None:
-        features = self.features
-        if features is None:
+    def _observed(self, sample: Tensor) -> ObservedPass:
+        observed = self.observer.take()  # each model call feeds exactly one scheduler call
+        if observed is None:
             raise HeadNotCalledError("the scheduler stepped before the head was called")
+        features = observed.features
         if features.dim() != 3 or features.shape[:2] != sample.shape:
             raise ShapeMismatchError(f"the head's input {tuple(features.shape)} does not line up with the "
                                      f"canvas {tuple(sample.shape)}")
-        self.features = None  # each model call feeds exactly one scheduler call
-        return features
+        return observed
 
     def _outside(self, canvas: dict[str, Tensor], seen: Tensor, rows: Tensor | None = None) -> None:
         """Positions changed by something genunc does not model lose their record."""
@@ -254,24 +245,22 @@ class CanvasRecorder:
         canvas["confidence"][where] = math.nan
         canvas["step"][where] = -1
 
-    def _commit(self, canvas: dict[str, Tensor], where: Tensor, confidence: Tensor, features: Tensor,
-                sampling: Any) -> None:
+    def _commit(self, canvas: dict[str, Tensor], where: Tensor, confidence: Tensor,
+                observed: ObservedPass, sampling: Any) -> None:
         rows, cols = torch.nonzero(where, as_tuple=True)
         if not len(rows):
             return
         rows_cpu, cols_cpu = rows.cpu(), cols.cpu()
         canvas["confidence"][rows_cpu, cols_cpu] = confidence[rows, cols].cpu()
         canvas["step"][rows_cpu, cols_cpu] = self.global_step
-        if self.draws is None:
+        if observed.draws is None:
             return
-        dtype = next(iter(self.draws.params.values())).dtype
-        phi = features[rows, cols].to(dtype)
-        logits = sampling(softcap(self.draws.apply(phi), self.cap))  # (M, K, V)
+        logits = sampling(softcap(observed.draw_outputs(rows, cols), self.cap))  # (M, K, V)
         canvas["mi"][rows_cpu, cols_cpu] = mutual_information(logits).cpu()
 
     def _adaptive_stop(self, canvas: dict[str, Tensor]) -> None:
         """The pipeline's freeze rule on the step's MAP logits; frozen rows become their argmax."""
-        features, pred, scale = self._pred
+        observed, pred, scale = self._pred
         finished = canvas["finished"]
         following = torch.where(finished[:, None], canvas["argmax"], pred.argmax(dim=-1))
         history = canvas["history"]
@@ -289,7 +278,7 @@ class CanvasRecorder:
             where = frozen[:, None] & ((following != canvas["expected"]) | uncommitted)
             confidence = torch.softmax(pred.float(), -1).gather(-1, following[..., None])[..., 0]
             sampling = (lambda z: z) if scale is None else functools.partial(torch.div, other=scale)
-            self._commit(canvas, where, confidence.double(), features, sampling)
+            self._commit(canvas, where, confidence.double(), observed, sampling)
         canvas["expected"] = torch.where(now[:, None], following, canvas["expected"])
 
 
@@ -311,90 +300,3 @@ def canvas_prompt_ids(processor: Any, prompt: str) -> tuple[Tensor, Tensor]:
     mask = encoded.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(-1)
     return ids.long(), mask.long()
-
-
-def uniform_corruption(clean: Tensor, vocab_size: int, generator: torch.Generator) -> Tensor:
-    """``x_t ~ Cat(alpha x_0 + (1 - alpha) / K)`` per position, ``alpha = 1 - t``, ``t ~ U(0, 1)``
-    per row: each token survives with probability alpha, otherwise it is replaced by a token drawn
-    uniformly from the whole vocabulary (which may be the clean one again).  The forward process
-    of ``DiscreteDDIMScheduler`` (linear schedule) and of the pipeline's canvas, whose noise is
-    ``torch.randint(0, vocab_size)``."""
-    batch, length = clean.shape
-    alpha = 1 - torch.rand(batch, 1, generator=generator)
-    keep = torch.rand(batch, length, generator=generator) < alpha
-    noise = torch.randint(0, vocab_size, (batch, length), generator=generator)
-    return torch.where(keep, clean, noise)
-
-
-@torch.no_grad()
-def collect_canvas_head_data(model: nn.Module, head: nn.Module,
-                             examples: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]], *,
-                             repeats: int, generator: torch.Generator, batch_size: int,
-                             self_conditioning: float, corrupted_only: bool) -> tuple[Tensor, Tensor]:
-    """Head inputs ``(N, hidden)`` and clean target ids ``(N,)`` on corrupted canvases.
-
-    `examples`: ``(prompt ids (P,), prompt attention (P,), clean canvas (C,), target positions
-    (C,) bool)``.  Examples with prompts of one length are batched.  Per batch the prompt is
-    encoded once into a ``DynamicCache`` and the decoder is called against it exactly as
-    ``DiffusionGemmaPipeline`` calls ``pipe.model`` on a first canvas (same keyword arguments, mask
-    built by the decoder's ``create_diffusion_decoder_attention_mask``, positions after the
-    prompt); each repeat corrupts the canvas (:func:`uniform_corruption`).  A row's head input
-    comes from the call without self-conditioning (the pipeline's first step) or, with probability
-    `self_conditioning`, from a second call conditioned on the first call's logits (its later
-    steps, which feed the previous logits back).
-    """
-    from transformers import DynamicCache
-
-    kept: dict[str, Tensor] = {}
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        kept["features"] = args[0].detach()
-
-    def call(canvas: Tensor, cache: Any, mask: Any, positions: Tensor, sc: Tensor | None) -> Any:
-        kept.clear()
-        out = model(decoder_input_ids=canvas, past_key_values=cache, self_conditioning_logits=sc,
-                    decoder_attention_mask=mask, decoder_position_ids=positions)
-        if "features" not in kept:
-            raise HeadNotCalledError("the vocabulary head was not called by the model's forward")
-        return out.logits, kept["features"]
-
-    text_config = model.config.get_text_config(decoder=True)
-    vocab_size = int(text_config.vocab_size)
-    device = next(model.parameters()).device
-    by_length: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
-    for example in examples:
-        by_length.setdefault(len(example[0]), []).append(example)
-    feats, targets = [], []
-    was_training = model.training
-    model.eval()
-    handle = head.register_forward_hook(hook)
-    try:
-        for length in sorted(by_length):
-            group = by_length[length]
-            for start in range(0, len(group), batch_size):
-                chunk = group[start : start + batch_size]
-                prompt, attention, clean, target = (torch.stack(t) for t in zip(*chunk))
-                batch, canvas_length = clean.shape
-                prompt, attention = prompt.to(device), attention.to(device)
-                cache = DynamicCache(config=text_config)
-                model.model.encoder(input_ids=prompt, attention_mask=attention, past_key_values=cache,
-                                    position_ids=torch.arange(0, length, device=device).unsqueeze(0))
-                decoder_attention = F.pad(attention.bool(), (0, canvas_length), value=True)
-                mask = model.model.decoder.create_diffusion_decoder_attention_mask(
-                    config=model.config, inputs_embeds=torch.empty((batch, canvas_length, 0), device=device),
-                    past_key_values=cache, decoder_attention_mask=decoder_attention)
-                positions = torch.arange(length, length + canvas_length, device=device).unsqueeze(0)
-                for _ in range(repeats):
-                    x_t = uniform_corruption(clean, vocab_size, generator)
-                    conditioned = torch.rand(batch, generator=generator) < self_conditioning
-                    logits, phi = call(x_t.to(device), cache, mask, positions, None)
-                    if conditioned.any():
-                        _, phi_sc = call(x_t.to(device), cache, mask, positions, logits)
-                        phi = torch.where(conditioned.to(device)[:, None, None], phi_sc, phi)
-                    rows = target & (x_t != clean) if corrupted_only else target
-                    feats.append(phi[rows.to(device)].float().cpu())
-                    targets.append(clean[rows])
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return torch.cat(feats), torch.cat(targets)

@@ -64,24 +64,26 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genunc import streams
 from genunc._compat import check_compatible
-from genunc._seed import as_generator, snapshot
+from genunc._seed import snapshot
 from genunc.adapters.base import resolve_module
-from genunc.adapters.text import MaskedAnswerLMAdapter, PipelineLMAdapter
+from genunc.adapters.text import CanvasLMAdapter, MaskedAnswerLMAdapter, PipelineLMAdapter
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
 from genunc.pipelines.base import UncertaintyPipeline
 from genunc.pipelines.text import TextUncertaintyPipeline
 from genunc.pipelines.text_canvas import (
     CanvasRecorder,
-    collect_canvas_head_data,
+    canvas_prompt_ids,
     scheduler_kind,
     wrapped_scheduler,
 )
-from genunc.posterior import HeadDraws, HeadPosterior
-from genunc.posterior.capture import collect_head_data, head_replaced
+from genunc.posterior import HeadDraws, HeadPosterior, Posterior, TailDraws, TailPosterior
+from genunc.posterior.capture import collect_head_data
+from genunc.posterior.observe import DrawObserver, under_draw
 from genunc.sampling.masked import sampling_logits
 from genunc.scores import gaussian_entropy, random_scores
 from genunc.scores.aggregate import Aggregate, aggregate
@@ -111,7 +113,8 @@ class WrappedTextOutput:
             position's last commit, -1 where none.
         scored: ``(B, gen_length)`` the positions the per-sequence scores reduce over.
         draw_sequences, draw_texts: with ``semantic``, the M perturbed generations
-            ``(M, B, gen_length)`` and their texts.
+            ``(M, B, L)`` and their texts; generations that stopped earlier than others (an
+            adaptive stop after fewer canvases) are padded with the pad token (EOS without one).
     """
 
     sequences: Tensor
@@ -138,15 +141,14 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 class _Recorder:
     """Per-call state: the head input of the latest forward and what each commit scored."""
 
-    def __init__(self, draws: HeadDraws | None, sampling: dict[str, Any], mask_token_id: int | None,
+    def __init__(self, observer: DrawObserver, sampling: dict[str, Any], mask_token_id: int | None,
                  gen_length: int, user_callback: Any, user_inputs: Sequence[str]) -> None:
-        self.draws = draws
+        self.observer = observer
         self.sampling = sampling
         self.mask_token_id = mask_token_id
         self.gen_length = gen_length
         self.user_callback = user_callback
         self.user_inputs = tuple(user_inputs)
-        self.features: Tensor | None = None
         self.prompt_length: int | None = None
         self.mi: Tensor | None = None
         self.confidence: Tensor | None = None
@@ -154,11 +156,6 @@ class _Recorder:
         self.step: Tensor | None = None
 
     # ---------------------------------------------------------------- hooks
-    def head_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        if not args or not isinstance(args[0], Tensor):
-            raise HeadNotCalledError("the head must take its features as its first positional tensor")
-        self.features = args[0].detach()
-
     def model_pre_hook(self, module: nn.Module, args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> None:
         if self.prompt_length is not None:
@@ -208,17 +205,17 @@ class _Recorder:
         self.tokens[rows_cpu, gen_cpu] = sampled[rows, cols].cpu()
         self.confidence[rows_cpu, gen_cpu] = kw["sampled_probs"][rows, cols].double().cpu()
         self.step[rows_cpu, gen_cpu] = step
-        if self.draws is None:
+        if self.observer.draws is None:
             return
-        features = self.features
+        features = self.observer.features
         if features is None or features.dim() != 3 or features.shape[:2] != block_x.shape[:2]:
             raise ShapeMismatchError(
                 f"the head's input {None if features is None else tuple(features.shape)} does not "
                 f"line up with the model's input {tuple(block_x.shape)}: genunc needs the head "
                 "applied once per forward to (B, L, hidden) features")
-        # (K, hidden): committed positions only, in the draws' precision (float32 for bf16 models)
-        phi = features[:, -length:][rows, cols].to(_dtype(self.draws))
-        logits = sampling_logits(self.draws.apply(phi), **self.sampling)  # (M, K, V)
+        # committed positions only, in the draws' precision (float32 for bf16 models)
+        outputs = self.observer.latest().draw_outputs(rows, cols, last=length)
+        logits = sampling_logits(outputs, **self.sampling)  # (M, K, V)
         self.mi[rows_cpu, gen_cpu] = mutual_information(logits).cpu()
 
 
@@ -293,7 +290,7 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
     def _fit_defaults(self, fit_kwargs: dict[str, Any]) -> None:
         """Family defaults of the head fit (e.g. the likelihood on softcapped logits)."""
 
-    def _record(self, call: dict[str, Any], draws: HeadDraws | None, sampling: dict[str, Any],
+    def _record(self, call: dict[str, Any], draws: HeadDraws | TailDraws | None, sampling: dict[str, Any],
                 mask_id: int | None, user_callback: Any,
                 user_inputs: list[str]) -> tuple[Any, Tensor, list[str] | None, Tensor, Tensor,
                                                  Tensor]:
@@ -304,6 +301,14 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
     @property
     def head(self) -> nn.Module:
         return resolve_module(self.model, self.head_name)
+
+    def _pad_id(self, eos_id: int | None) -> int:
+        """The token that pads generations of different lengths: the tokenizer's pad, else EOS."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        pad = eos_id if pad is None else pad
+        if pad is None:
+            raise GenuncError("the tokenizer has neither a pad nor an EOS token to pad generations with")
+        return int(pad)
 
     @property
     def tokenizer(self) -> Any:
@@ -338,43 +343,55 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
         free[len(prompt_ids):] = True
         return ids, free
 
-    @torch.no_grad()
-    def collect_head_data(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
-                          seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
-                          self_conditioning: float | None = None,
-                          corrupted_only: bool = False) -> tuple[Tensor, Tensor]:
-        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` on corrupted answers, as
-        the family's model is trained (see each subclass)."""
+    def fitting(self, data: Iterable[str | tuple[str, str]], *, batch_size: int = 16,
+                use_chat_template: bool = True, self_conditioning: float | None = None,
+                corrupted_only: bool = False) -> tuple[PipelineLMAdapter, Iterable[Any]]:
+        """The family's fitting adapter and its clean batches: what the shared collectors
+        (:func:`~genunc.posterior.collect_head_data`, and the tail's) corrupt as the family's
+        model is trained (see each subclass)."""
         raise NotImplementedError
+
+    def collect_head_data(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
+                          seed: int = 0, **options: Any) -> tuple[Tensor, Tensor]:
+        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` on corrupted answers
+        (``options``: those of :meth:`fitting`)."""
+        adapter, batches = self.fitting(data, **options)
+        collected = collect_head_data(adapter, batches, repeats=repeats, seed=seed, progress=False)
+        return collected.features, collected.targets
 
     def fit_posterior(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
                       seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
                       self_conditioning: float | None = None, corrupted_only: bool = False,
-                      **fit_kwargs: Any) -> HeadPosterior:
-        """Fit the head posterior on texts or ``(prompt, answer)`` pairs.
+                      tail: int | Sequence[str] | None = None,
+                      **fit_kwargs: Any) -> HeadPosterior | TailPosterior:
+        """Fit the posterior on texts or ``(prompt, answer)`` pairs: over the vocabulary head
+        (``tail=None``) or over a tail (the last `tail` blocks, or the tail's module names).
 
         Tokenised with the pipeline's tokenizer (the prompt as the pipeline encodes it, the
         answer followed by EOS); answers are corrupted as the model is trained (masked for
-        LLaDA2, uniform noise on the canvas for DiffusionGemma, see :meth:`collect_head_data`)
-        and the head is fitted with the classification likelihood on the head's inputs there.
-        DiffusionGemma's likelihood is on its softcapped logits (``final_logit_softcapping``, as
-        it samples from them; ``output_softcap`` of :meth:`HeadPosterior.fit_features`).
-        ``fit_kwargs`` go to :meth:`HeadPosterior.fit_features` (structure, prior_precision,
-        ``unseen_classes``: by default vocabulary rows no target names stay at their values).
+        LLaDA2, uniform noise on the canvas for DiffusionGemma, see :meth:`fitting`) and the
+        posterior is fitted with the classification likelihood there.  DiffusionGemma's
+        likelihood is on its softcapped logits (``final_logit_softcapping``, as it samples from
+        them; ``output_softcap``).  ``fit_kwargs`` go to :meth:`HeadPosterior.fit_features` or
+        :meth:`TailPosterior.fit_data` (structure, prior_precision, ``unseen_classes``: by
+        default vocabulary rows no target names stay at their values).
         """
-        features, targets = self.collect_head_data(data, repeats=repeats, seed=seed,
-                                                   batch_size=batch_size,
-                                                   use_chat_template=use_chat_template,
-                                                   self_conditioning=self_conditioning,
-                                                   corrupted_only=corrupted_only)
+        options = dict(batch_size=batch_size, use_chat_template=use_chat_template,
+                       self_conditioning=self_conditioning, corrupted_only=corrupted_only)
         self._fit_defaults(fit_kwargs)
+        if tail is not None:
+            adapter, batches = self.fitting(data, **options)
+            self.posterior = Posterior.fit(adapter, batches, tail=tail, repeats=repeats, seed=seed,
+                                           **fit_kwargs)
+            return self.posterior
+        features, targets = self.collect_head_data(data, repeats=repeats, seed=seed, **options)
         self.posterior = HeadPosterior.fit_features(self.head, (features, targets),
                                                     likelihood="classification",
                                                     head_name=self.head_name, **fit_kwargs)
         return self.posterior
 
     # ------------------------------------------------------------------ calls
-    def _check(self, scores: tuple[str, ...], num_draws: int, draws: HeadDraws | None,
+    def _check(self, scores: tuple[str, ...], num_draws: int, draws: HeadDraws | TailDraws | None,
                feature_extractor: TextFeatureExtractor | None, output_type: str) -> int | None:
         """Check a call; return the fewest draws its scores need (None: no posterior)."""
         scores = self._check_scores(scores)
@@ -395,7 +412,8 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
 
     def __call__(self, *args: Any, num_draws: int = 8,
                  scores: Sequence[str] = ("mutual_information",), seed: int = 0,
-                 draws: HeadDraws | None = None, feature_extractor: TextFeatureExtractor | None = None,
+                 draws: HeadDraws | TailDraws | None = None,
+                 feature_extractor: TextFeatureExtractor | None = None,
                  **kwargs: Any) -> WrappedTextOutput:
         """Run ``pipe(*args, **kwargs)`` and score every sequence (see the module docstring).
 
@@ -463,14 +481,14 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
             draw_seqs, draw_texts = [], []
             for m in range(len(draws)):
                 run = dict(call, return_dict=True, generator=snapshot(start))
-                with head_replaced(self.head, draws[m]):
+                with under_draw(self.head, draws[m]):
                     drawn = self.pipe(**run)
                 draw_seqs.append(drawn.sequences)
                 draw_texts.append(list(drawn.texts))
             feats = torch.stack([torch.as_tensor(np.asarray(feature_extractor(list(t))), dtype=torch.float64)
                                  for t in [list(texts), *draw_texts]])
             output.scores["semantic"] = gaussian_entropy(feats, scale=self.feature_scale)
-            output.draw_sequences = torch.stack(draw_seqs)
+            output.draw_sequences = _stacked(draw_seqs, self._pad_id(eos_id))
             output.draw_texts = draw_texts
         return output
 
@@ -488,18 +506,14 @@ class LLaDA2TextPipeline(WrappedTextPipeline):
             raise GenuncError(f"{type(pipe).__name__}'s step callback does not expose {missing}: "
                               "genunc cannot see which tokens it commits (LLaDA2Pipeline does)")
 
-    @torch.no_grad()
-    def collect_head_data(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
-                          seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
-                          self_conditioning: float | None = None,
-                          corrupted_only: bool = False) -> tuple[Tensor, Tensor]:
-        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` on masked answers, by the
-        shared :func:`~genunc.posterior.collect_head_data` over a
-        :class:`~genunc.adapters.text.MaskedAnswerLMAdapter`: each example is masked `repeats`
-        times at a random level ``t ~ U(1/L, 1)`` over its answer tokens (at least one, the
-        convention of :func:`~genunc.adapters.text.mask_answers`), and the model is called as
-        the pipeline calls it; targets at masked positions.  Examples of one length are
-        batched."""
+    def fitting(self, data: Iterable[str | tuple[str, str]], *, batch_size: int = 16,
+                use_chat_template: bool = True, self_conditioning: float | None = None,
+                corrupted_only: bool = False) -> tuple[PipelineLMAdapter, Iterable[Any]]:
+        """A :class:`~genunc.adapters.text.MaskedAnswerLMAdapter` and ``{"x", "prompt_mask"}``
+        batches: each example is masked at every repeat at a random level ``t ~ U(1/L, 1)``
+        over its answer tokens (at least one, the convention of
+        :func:`~genunc.adapters.text.mask_answers`), and the model is called as the pipeline
+        calls it; targets at masked positions.  Examples of one length are batched."""
         if self_conditioning is not None or corrupted_only:
             raise GenuncError("self_conditioning and corrupted_only describe DiffusionGemma's canvases; "
                               "LLaDA2Pipeline's targets are its masked positions")
@@ -518,19 +532,18 @@ class LLaDA2TextPipeline(WrappedTextPipeline):
                     "prompt_mask": ~torch.stack([f for _, f in group[i : i + batch_size]])}
                    for _, group in sorted(by_length.items())
                    for i in range(0, len(group), batch_size)]
-        data = collect_head_data(MaskedAnswerLMAdapter(self.model, self.head_name, mask_id),
-                                 batches, repeats=repeats, seed=seed, progress=False)
-        return data.features, data.targets
+        return MaskedAnswerLMAdapter(self.model, self.head_name, mask_id), batches
 
-    def _record(self, call: dict[str, Any], draws: HeadDraws | None, sampling: dict[str, Any],
+    def _record(self, call: dict[str, Any], draws: HeadDraws | TailDraws | None, sampling: dict[str, Any],
                 mask_id: int | None, user_callback: Any,
                 user_inputs: list[str]) -> tuple[Any, Tensor, list[str] | None, Tensor, Tensor,
                                                  Tensor]:
-        recorder = _Recorder(draws, sampling, mask_id,
+        observer = DrawObserver(self.model, self.head, draws)
+        recorder = _Recorder(observer, sampling, mask_id,
                              int(call["gen_length"]), user_callback, user_inputs)
         inputs = sorted(set(_CALLBACK_INPUTS) | set(user_inputs))
         with ExitStack() as stack:
-            stack.enter_context(_hook(self.head.register_forward_hook(recorder.head_hook)))
+            stack.enter_context(observer.watching())
             stack.enter_context(_hook(self.model.register_forward_pre_hook(
                 recorder.model_pre_hook, with_kwargs=True)))
             result = self.pipe(**call, callback_on_step_end=recorder.callback,
@@ -590,8 +603,6 @@ class DiffusionGemmaTextPipeline(WrappedTextPipeline):
         pad = getattr(tok, "pad_token_id", None)
         pad = getattr(text_config, "pad_token_id", None) if pad is None else pad
         pad = eos if pad is None else pad
-        from genunc.pipelines.text_canvas import canvas_prompt_ids
-
         examples = []
         for i, item in enumerate(data):
             prompt, answer = ("", item) if isinstance(item, str) else item
@@ -613,43 +624,46 @@ class DiffusionGemmaTextPipeline(WrappedTextPipeline):
             raise ShapeMismatchError("no examples to fit on")
         return examples
 
-    @torch.no_grad()
-    def collect_head_data(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
-                          seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
-                          self_conditioning: float | None = None,
-                          corrupted_only: bool = False) -> tuple[Tensor, Tensor]:
-        """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` on corrupted canvases (see
-        :meth:`_canvas_examples` and :func:`~genunc.pipelines.text_canvas.collect_canvas_head_data`):
-        the prompt goes through the model's encoder into a KV cache as the pipeline encodes it;
-        the answer and its EOS are the clean decoder canvas (the rest of the canvas filled with
-        the pad token), corrupted `repeats` times by the uniform kernel at ``alpha = 1 - t``,
-        ``t ~ U(0, 1)``; targets are the clean answer and EOS tokens at every answer position,
-        corrupted or not (the denoiser predicts the clean token everywhere, and the pipeline
-        samples every canvas position from its logits); ``corrupted_only=True`` keeps only
-        positions whose token the noise changed.  A row's head input comes from the pipeline's
-        first-step call (no self-conditioning) or, with probability ``self_conditioning``
-        (default 0.5), from a second call conditioned on the first call's logits, as the
-        pipeline's later steps are."""
+    def fitting(self, data: Iterable[str | tuple[str, str]], *, batch_size: int = 16,
+                use_chat_template: bool = True, self_conditioning: float | None = None,
+                corrupted_only: bool = False) -> tuple[PipelineLMAdapter, Iterable[Any]]:
+        """A :class:`~genunc.adapters.text.CanvasLMAdapter` and its batches of examples (see
+        :meth:`_canvas_examples`): the prompt goes through the model's encoder into a KV cache as
+        the pipeline encodes it; the answer and its EOS are the clean decoder canvas (the rest of
+        the canvas filled with the pad token), corrupted at every repeat by the uniform kernel at
+        ``alpha = 1 - t``, ``t ~ U(0, 1)``; targets are the clean answer and EOS tokens at every
+        answer position, corrupted or not (the denoiser predicts the clean token everywhere, and the
+        pipeline samples every canvas position from its logits); ``corrupted_only=True`` keeps only
+        positions whose token the noise changed. A row's head input comes from the pipeline's first-
+        step call (no self-conditioning) or, with probability ``self_conditioning`` (default 0.5),
+        from a second call conditioned on the first call's logits, as the pipeline's later steps
+        are. Examples with prompts of one length are batched."""
         examples = self._canvas_examples(data, use_chat_template)
-        p = 0.5 if self_conditioning is None else float(self_conditioning)
-        if not 0 <= p <= 1:
-            raise GenuncError(f"self_conditioning is a probability, got {self_conditioning}")
-        return collect_canvas_head_data(self.model, self.head, examples, repeats=repeats,
-                                        generator=as_generator(seed), batch_size=batch_size,
-                                        self_conditioning=p, corrupted_only=corrupted_only)
+        adapter = CanvasLMAdapter(self.model, self.head_name, corrupted_only=corrupted_only,
+                                  self_conditioning=0.5 if self_conditioning is None else
+                                  float(self_conditioning))
+        by_length: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+        for example in examples:
+            by_length.setdefault(len(example[0]), []).append(example)
+        batches = ({key: torch.stack(column) for key, column in
+                    zip(("prompt", "attention", "clean", "target"), zip(*group[i : i + batch_size]))}
+                   for _, group in sorted(by_length.items())
+                   for i in range(0, len(group), batch_size))
+        return adapter, adapter.encoded(batches)
 
-    def _record(self, call: dict[str, Any], draws: HeadDraws | None, sampling: dict[str, Any],
+    def _record(self, call: dict[str, Any], draws: HeadDraws | TailDraws | None, sampling: dict[str, Any],
                 mask_id: int | None, user_callback: Any,
                 user_inputs: list[str]) -> tuple[Any, Tensor, list[str] | None, Tensor, Tensor,
                                                  Tensor]:
-        recorder = CanvasRecorder(draws, self.pipe.scheduler,
+        observer = DrawObserver(self.model, self.head, draws)
+        recorder = CanvasRecorder(observer, self.pipe.scheduler,
                                   cap=getattr(self.model, "final_logit_softcapping", None),
                                   stability_threshold=call.get("stability_threshold", 1),
                                   confidence_threshold=call.get("confidence_threshold"),
                                   user_callback=user_callback, user_inputs=user_inputs)
         inputs = sorted({"canvas"} | set(user_inputs))
         with ExitStack() as stack:
-            stack.enter_context(_hook(self.head.register_forward_hook(recorder.head_hook)))
+            stack.enter_context(observer.watching())
             stack.enter_context(wrapped_scheduler(self.pipe.scheduler, recorder))
             result = self.pipe(**call, callback_on_step_end=recorder.callback,
                                callback_on_step_end_tensor_inputs=inputs)
@@ -671,8 +685,10 @@ def _hook(handle: Any):
         handle.remove()
 
 
-def _dtype(draws: HeadDraws) -> torch.dtype:
-    return next(iter(draws.params.values())).dtype
+def _stacked(sequences: Sequence[Tensor], pad: int) -> Tensor:
+    """``M x (B, L_m)`` -> ``(M, B, max L_m)``, the shorter ones padded with `pad`."""
+    length = max(seq.shape[1] for seq in sequences)
+    return torch.stack([F.pad(seq, (0, length - seq.shape[1]), value=pad) for seq in sequences])
 
 
 def _unpack(result: Any) -> tuple[Tensor, list[str] | None]:

@@ -48,10 +48,10 @@ from genunc.pipelines.base import (
     VarianceEstimate,
 )
 from genunc.pipelines.image import ImageUncertaintyOutput, ImageUncertaintyPipeline
-from genunc.posterior import HeadDraws, HeadPosterior, Posterior, TailPosterior
-from genunc.posterior.capture import capture_head, head_replaced
+from genunc.posterior import HeadPosterior, Posterior, TailPosterior
+from genunc.posterior.capture import capture_head
 from genunc.posterior.heads import check_finite, head_ops_for
-from genunc.posterior.tail import TailDraws
+from genunc.posterior.observe import under_draw
 from genunc.posterior.variance import MonteCarloTailVariance, MonteCarloVariance
 from genunc.scores import VariabilityTarget
 
@@ -223,7 +223,7 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
             with collected.timer("draws"):
                 for m in tqdm(range(len(draws)), desc="posterior draws", leave=False,
                               disable=not progress):
-                    with self._perturbed(draws[m]):
+                    with under_draw(self.adapter.head, draws[m]):
                         generations.append(_images(self.pipe(*args, generator=snapshot(start),
                                                              **kwargs)))
         as_tensors = [_image_tensor(g, kwargs.get("output_type")) for g in generations]
@@ -327,14 +327,6 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
                            adapter.head.register_forward_hook(head)):
                 stack.callback(handle.remove)
             yield
-
-    def _perturbed(self, draw: HeadDraws | TailDraws) -> Any:
-        """A context in which the pipeline runs under one posterior draw: the head's output
-        replaced by a hook, or a block's weights swapped in (restored on exit)."""
-        if isinstance(draw, TailDraws):
-            draw.require_weights("a wrapped pipeline's semantic score")
-            return draw.tail.swapped(draw.draw(0))
-        return head_replaced(self.adapter.head, draw)
 
     # ------------------------------------------------------------------ posterior
     def fit_posterior(self, images: Tensor | tuple[Tensor, Any], *,

@@ -756,14 +756,6 @@ def check_tail_fingerprint(saved: dict[str, Any], current: dict[str, Any],
 
 
 # ---------------------------------------------------------------------- collection
-def _rows_of(value: Any, index: slice, rows: int) -> Any:
-    if isinstance(value, Tensor) and value.dim() and value.shape[0] == rows:
-        return value[index]
-    if isinstance(value, Mapping):
-        return {k: _rows_of(v, index, rows) for k, v in value.items()}
-    return value
-
-
 @torch.no_grad()
 def collect_tail_data(adapter: DenoiserAdapter, tail: Tail, batches: Iterable[Any], *,
                       repeats: int = 1, max_rows: int | None = None,
@@ -791,7 +783,7 @@ def collect_tail_data(adapter: DenoiserAdapter, tail: Tail, batches: Iterable[An
                         parts = []
                         for i in range(b):
                             rec.reset()
-                            adapter.denoise(**_rows_of(pairs.inputs, slice(i, i + 1), b))
+                            adapter.denoise(**adapter.input_rows(pairs.inputs, slice(i, i + 1), b))
                             parts.append((tail.inputs_of(rec, 1), slice(i, i + 1)))
                 for part, rows in parts:
                     mask = None
