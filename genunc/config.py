@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
         "candidates": 1,  # text: samples per prompt (best-of-N: filter --best-of condition)
         "temperature": 0.0,  # text: token temperature (0 = greedy)
         "block_length": None,  # text: semi-autoregressive block length (default: one block)
+        "gen_length": None,  # text, diffusers pipeline folders: tokens to generate (null: its default)
         "threshold": 0.9,  # text: confidence threshold of the threshold / remask samplers
         "variability_steps": None,  # image/molecule: step indices where variability is measured (all)
         "nll_levels": 10,  # molecule: noise levels of the denoising_loss baseline
@@ -171,6 +172,7 @@ RULES: dict[str, Rule] = {
     "generate.prompts": Rule(list, item=str, nullable=True),
     "generate.temperature": Rule(float, minimum=0),
     "generate.block_length": Rule(int, minimum=1, nullable=True),
+    "generate.gen_length": Rule(int, minimum=1, nullable=True),
     "generate.threshold": Rule(float, minimum=0, maximum=1),
     "generate.variability_steps": Rule(list, item=int, nullable=True),
     "generate.precision": Rule(str, choices=("float32", "bfloat16", "float16")),

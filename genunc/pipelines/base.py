@@ -174,6 +174,32 @@ class ScoreCollector:
             result["random"] = random_scores(request.seed, request.indices)
         return result
 
+def load_diffusers_folder(path: Path, device: str) -> Any:
+    """A diffusers pipeline folder (``model_index.json``), loaded by diffusers'
+    ``DiffusionPipeline.from_pretrained``.  diffusers 0.42 leaves unloaded every component that
+    its pipeline's ``__init__`` gives a default (``LLaDA2Pipeline``'s tokenizer): such a
+    component, where the folder holds it, is loaded here by the class the index names."""
+    import importlib
+    import inspect
+    import json
+
+    import diffusers
+
+    index = json.loads((path / "model_index.json").read_text())
+    pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
+    parameters = inspect.signature(pipeline_class.__init__).parameters if pipeline_class else {}
+    components = {}
+    for name, entry in index.items():
+        parameter = parameters.get(name)
+        if (parameter is None or parameter.default is inspect.Parameter.empty
+                or not isinstance(entry, list) or None in entry or not (path / name).is_dir()):
+            continue
+        library, class_name = entry
+        components[name] = getattr(importlib.import_module(library), class_name).from_pretrained(
+            path / name)
+    return diffusers.DiffusionPipeline.from_pretrained(path, **components).to(device)
+
+
 #: what libraries raise on a truncated, empty or torn checkpoint or config (diffusers, torch,
 #: safetensors, json): turned into one line naming the folder by ``from_pretrained``
 _DAMAGED: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, EOFError,

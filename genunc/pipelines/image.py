@@ -29,6 +29,7 @@ from genunc.pipelines.base import (
     UncertaintyOutput,
     UncertaintyPipeline,
     VarianceEstimate,
+    load_diffusers_folder,
 )
 from genunc.pipelines.image_scores import ImageScoring
 from genunc.posterior import HeadPosterior, TailPosterior
@@ -93,10 +94,8 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
 
         index = path / "model_index.json"
         if index.exists() and json.loads(index.read_text()).get("_class_name") not in OWN_LOOP:
-            from diffusers import DiffusionPipeline
-
-            pipe = DiffusionPipeline.from_pretrained(path).to(device)
-            return cls.from_pipe(pipe, feature_extractor=feature_extractor)
+            return cls.from_pipe(load_diffusers_folder(path, device),
+                                 feature_extractor=feature_extractor)
         unet_dir = path / "unet" if (path / "unet").is_dir() else path
         sched_dir = path / "scheduler" if (path / "scheduler").is_dir() else path
         if not (unet_dir / "config.json").exists():

@@ -21,7 +21,7 @@ Scores (lower = more certain; one backbone pass per step unless noted):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,13 +32,22 @@ from torch import Tensor
 
 from genunc import streams
 from genunc.adapters.text import MaskedDiffusionLMAdapter
-from genunc.errors import GenuncError, ShapeMismatchError
-from genunc.pipelines.base import ScoreCollector, UncertaintyOutput, UncertaintyPipeline
+from genunc.errors import ConfigError, GenuncError, ShapeMismatchError
+from genunc.pipelines.base import (
+    ScoreCollector,
+    UncertaintyOutput,
+    UncertaintyPipeline,
+    load_diffusers_folder,
+)
 from genunc.posterior import HeadPosterior
 from genunc.sampling.masked import POSTERIOR_STATS, UnmaskingConfig, unmask
 from genunc.scores import Aggregate, aggregate
 from genunc.scores.tokens import jackknife_standard_error
+from genunc.tasks import Task, task_from_spec
 from genunc.zoo.text_model import load_text_adapter
+
+#: the posterior data that means "the model's own task, training split"
+TASK_TRAIN = ("zoo:task_train", "zoo:arith_train")
 
 if TYPE_CHECKING:
     from genunc.pipelines.text_wrapped import WrappedTextPipeline
@@ -92,8 +101,23 @@ class TextUncertaintyOutput(UncertaintyOutput):
     draw_tokens: Tensor | None = None
 
 
+@dataclass
+class TextChunk:
+    """A chunk of a text run, as an export writes it: per sample its prompt (the ``condition``
+    column), its completion, the NFE where the loop counts them, and the checker's verdict where
+    the pipeline has a checker and the run asked for it."""
+
+    prompts: list[str]
+    completions: list[str]
+    nfe: np.ndarray | None = None
+    correct: np.ndarray | None = None
+
+
 class TextUncertaintyPipeline(UncertaintyPipeline):
     """A masked-diffusion LM + head posterior + unmasking sampler."""
+
+    #: the model's task checks answers (the export's ``correct`` column, ``quality: checker``)
+    checks_answers = True
 
     #: with M >= 3 draws, each mutual-information score's jackknife Monte-Carlo standard error
     EXTRA_SCORE_COLUMNS = ("mutual_information_mc_error", "mutual_information_max_mc_error",
@@ -113,8 +137,65 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
     @classmethod
     def _load(cls, path: Path, *, device: str) -> "TextUncertaintyPipeline":
         """A folder written by ``genunc zoo train arith-mdlm``."""
+        if (path / "model_index.json").exists():  # a diffusers text pipeline folder
+            return cls.from_pipe(load_diffusers_folder(path, device))
         adapter, config = load_text_adapter(path, device)
         return cls(adapter, metadata=config)
+
+    # ------------------------------------------------------------------ runs of a job
+    @property
+    def task(self) -> Task:
+        """The task the model folder names (its prompts, checker and training problems)."""
+        spec = self.metadata.get("task") or {}
+        try:
+            return task_from_spec(spec)
+        except ConfigError:
+            raise ConfigError(f"the model folder names no known task (got {spec!r})") from None
+
+    def prepare_run(self, generate: Mapping[str, Any], source: str) -> None:
+        if generate["candidates"] < 1:
+            raise ConfigError(f"candidates must be >= 1, got {generate['candidates']}")
+        if generate["gen_length"] is not None:
+            raise ConfigError(f"generate.gen_length is for diffusers text pipelines; {source} "
+                              "answers its task's prompts, whose length the task fixes")
+
+    def fitting_data(self, posterior: Mapping[str, Any]) -> list[dict[str, Tensor]]:
+        """The task's training problems (``posterior.data: zoo:task_train``) as sequences with
+        their prompt masks, ``posterior.batch_size`` per batch."""
+        if posterior["data"] not in TASK_TRAIN:
+            raise ConfigError(f"text posterior data is one of {TASK_TRAIN} (the model's task's "
+                              f"training problems), got {posterior['data']!r}")
+        task = self.task
+        pairs = task.split()["train"][: posterior["max_samples"] or 4000]
+        size = posterior["batch_size"]
+        return [{"x": task.sequences(pairs[i : i + size]),
+                 "prompt_mask": task.prompt_mask(len(pairs[i : i + size]))}
+                for i in range(0, len(pairs), size)]
+
+    def chunk_call(self, generate: Mapping[str, Any], indices: range) -> dict[str, Any]:
+        """Held-out prompts of the task in a seeded order, ``candidates`` samples each."""
+        g = generate
+        task = self.task
+        test = task.split()["test"]
+        order = streams.numpy_generator(g["seed"], "prompt_order").permutation(len(test))
+        index = np.arange(indices.start, indices.stop)
+        pairs = test[order[(index // g["candidates"]) % len(test)]]
+        config = UnmaskingConfig(g["sampler"] or "low_confidence", steps=g["steps"],
+                                 block_length=g["block_length"], threshold=g["threshold"],
+                                 temperature=g["temperature"])
+        return dict(prompts=task.prompts(pairs), config=config, num_draws=g["num_draws"],
+                    scores=tuple(g["scores"]), seed=g["seed"], first_sample=indices.start,
+                    precision=g["precision"], progress=False)
+
+    def chunk_texts(self, out: "TextUncertaintyOutput", generate: Mapping[str, Any],
+                    indices: range, check: bool) -> TextChunk:
+        """The chunk's prompts, completions, NFE and (with `check`) the checker's verdicts."""
+        task = self.task
+        texts = [task.decode(tokens) for tokens in out.tokens]
+        return TextChunk(prompts=[text[: task.prompt_length] for text in texts],
+                         completions=[text[task.prompt_length :] for text in texts],
+                         nfe=out.row_nfe.astype(int),
+                         correct=task.check(out.tokens).astype(bool) if check else None)
 
     @classmethod
     def from_pipe(cls, pipe: Any, posterior: HeadPosterior | None = None,

@@ -54,9 +54,10 @@ draws are applied functionally to the captured head input, so no weight is ever 
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,9 +73,9 @@ from genunc._compat import check_compatible
 from genunc._seed import snapshot
 from genunc.adapters.base import resolve_module
 from genunc.adapters.text import CanvasLMAdapter, MaskedAnswerLMAdapter, PipelineLMAdapter
-from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
-from genunc.pipelines.base import UncertaintyPipeline
-from genunc.pipelines.text import TextUncertaintyPipeline
+from genunc.errors import ConfigError, GenuncError, HeadNotCalledError, MissingFileError, ShapeMismatchError
+from genunc.pipelines.base import UncertaintyPipeline, load_diffusers_folder
+from genunc.pipelines.text import TextChunk, TextUncertaintyPipeline
 from genunc.pipelines.text_canvas import (
     CanvasRecorder,
     canvas_prompt_ids,
@@ -280,8 +281,79 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
 
     @classmethod
     def _load(cls, path: Path, *, device: str, **kwargs: Any) -> "WrappedTextPipeline":
-        raise GenuncError(f"{cls.__name__} wraps a pipeline you load: load {path} with diffusers "
-                          "and call TextUncertaintyPipeline.from_pipe(pipe)")
+        if not (path / "model_index.json").exists():
+            raise GenuncError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        return cls.for_pipe(load_diffusers_folder(path, device), **kwargs)
+
+    # ------------------------------------------------------------------ runs of a job
+    #: the pipeline knows no task, so nothing checks its answers
+    checks_answers = False
+
+    def prepare_run(self, generate: Mapping[str, Any], source: str) -> None:
+        """Refuse the options of genunc's own text loop; silence the pipeline's progress bar.
+
+        The pipeline draws a call's randomness from one generator, so each sample is its own
+        call with its own stream (``generate.chunk_size: 1``): a run does not depend on how it
+        is chunked."""
+        if generate["chunk_size"] != 1:
+            raise ConfigError(f"{source} draws a call's randomness from one generator: set "
+                              "generate.chunk_size: 1 so that each sample has its own stream")
+        if not generate["prompts"]:
+            raise ConfigError(f"{source} answers prompts: give generate.prompts (a list; sample i "
+                              "answers prompt i // candidates mod len)")
+        if generate["candidates"] < 1:
+            raise ConfigError(f"candidates must be >= 1, got {generate['candidates']}")
+        own = [f"generate.{k}" for k, value in (("sampler", generate["sampler"]),
+                                                 ("precision", generate["precision"]))
+               if value not in (None, "float32")]
+        if own:
+            raise ConfigError(f"{', '.join(own)} belong to genunc's own text loop; {source} runs "
+                              "its own scheduler, in the dtype it was saved in")
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def fitting_data(self, posterior: Mapping[str, Any]) -> list[str | tuple[str, str]]:
+        """``posterior.data``: a JSON-lines file of ``{"prompt", "answer"}`` pairs (or
+        ``{"text"}``), the first ``posterior.max_samples`` of them."""
+        path = Path(posterior["data"])
+        if not path.is_file():
+            raise MissingFileError(f"posterior data {path} not found (a JSON-lines file of "
+                                   '{"prompt": ..., "answer": ...} pairs)')
+        data: list[str | tuple[str, str]] = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                data.append(row["text"] if "text" in row else (row["prompt"], row["answer"]))
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"{path}:{number} is not a JSON object with prompt and answer "
+                                  "(or text)") from None
+        return data[: posterior["max_samples"]] if posterior["max_samples"] else data
+
+    def chunk_call(self, generate: Mapping[str, Any], indices: range) -> dict[str, Any]:
+        """Sample i answers prompt ``i // candidates`` (mod the prompts) with the generator of
+        its own ``initial_noise`` stream; the run's head draws are shared by every sample."""
+        g, i = generate, indices.start
+        prompts = g["prompts"]
+        call: dict[str, Any] = dict(
+            prompt=[prompts[(i // g["candidates"]) % len(prompts)]], num_draws=g["num_draws"],
+            scores=tuple(g["scores"]), seed=g["seed"], temperature=g["temperature"],
+            generator=streams.torch_generator(g["seed"], "initial_noise", i,
+                                              device=next(self.model.parameters()).device))
+        for name, key in (("num_inference_steps", "steps"), ("block_length", "block_length"),
+                          ("gen_length", "gen_length")):
+            if g[key] is not None:
+                call[name] = g[key]
+        return call
+
+    def chunk_texts(self, out: "WrappedTextOutput", generate: Mapping[str, Any],
+                    indices: range, check: bool) -> TextChunk:
+        if check:
+            raise ConfigError("a diffusers text pipeline has no checker: quality must be null")
+        call = self.chunk_call(generate, indices)
+        texts = out.texts if out.texts is not None else \
+            self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        return TextChunk(prompts=list(call["prompt"]), completions=list(texts))
 
     def _check_pipe(self, pipe: Any, model: nn.Module) -> None:
         """Refuse a pipeline this family cannot read commits from."""
@@ -352,17 +424,19 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
         raise NotImplementedError
 
     def collect_head_data(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
-                          seed: int = 0, **options: Any) -> tuple[Tensor, Tensor]:
+                          seed: int = 0, progress: bool = False,
+                          **options: Any) -> tuple[Tensor, Tensor]:
         """Head inputs ``(N, hidden)`` and target token ids ``(N,)`` on corrupted answers
         (``options``: those of :meth:`fitting`)."""
         adapter, batches = self.fitting(data, **options)
-        collected = collect_head_data(adapter, batches, repeats=repeats, seed=seed, progress=False)
+        collected = collect_head_data(adapter, batches, repeats=repeats, seed=seed,
+                                      progress=progress)
         return collected.features, collected.targets
 
     def fit_posterior(self, data: Iterable[str | tuple[str, str]], *, repeats: int = 4,
                       seed: int = 0, batch_size: int = 16, use_chat_template: bool = True,
                       self_conditioning: float | None = None, corrupted_only: bool = False,
-                      tail: int | Sequence[str] | None = None,
+                      tail: int | Sequence[str] | None = None, progress: bool = False,
                       **fit_kwargs: Any) -> HeadPosterior | TailPosterior:
         """Fit the posterior on texts or ``(prompt, answer)`` pairs: over the vocabulary head
         (``tail=None``) or over a tail (the last `tail` blocks, or the tail's module names).
@@ -382,9 +456,10 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
         if tail is not None:
             adapter, batches = self.fitting(data, **options)
             self.posterior = Posterior.fit(adapter, batches, tail=tail, repeats=repeats, seed=seed,
-                                           **fit_kwargs)
+                                           progress=progress, **fit_kwargs)
             return self.posterior
-        features, targets = self.collect_head_data(data, repeats=repeats, seed=seed, **options)
+        features, targets = self.collect_head_data(data, repeats=repeats, seed=seed,
+                                                   progress=progress, **options)
         self.posterior = HeadPosterior.fit_features(self.head, (features, targets),
                                                     likelihood="classification",
                                                     head_name=self.head_name, **fit_kwargs)
@@ -392,14 +467,17 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
 
     # ------------------------------------------------------------------ calls
     def _check(self, scores: tuple[str, ...], num_draws: int, draws: HeadDraws | TailDraws | None,
-               feature_extractor: TextFeatureExtractor | None, output_type: str) -> int | None:
-        """Check a call; return the fewest draws its scores need (None: no posterior)."""
+               feature_extractor: TextFeatureExtractor | None, output_type: str,
+               check_only: bool = False) -> int | None:
+        """Check a call; return the fewest draws its scores need (None: no posterior).  A
+        check-only call (a job checking its options before the posterior is fitted) does not
+        require the posterior yet."""
         scores = self._check_scores(scores)
         m = len(draws) if draws is not None else num_draws
         uses_posterior, needed = self._check_draws({s: self.SCORES[s] for s in scores}, m)
         if not uses_posterior:
             return None
-        if draws is None and self.posterior is None:
+        if draws is None and self.posterior is None and not check_only:
             raise GenuncError("no posterior: call fit_posterior(...) or pass posterior= first")
         if "semantic" in scores:
             if feature_extractor is None:
@@ -414,7 +492,7 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
                  scores: Sequence[str] = ("mutual_information",), seed: int = 0,
                  draws: HeadDraws | TailDraws | None = None,
                  feature_extractor: TextFeatureExtractor | None = None,
-                 **kwargs: Any) -> WrappedTextOutput:
+                 check_only: bool = False, **kwargs: Any) -> WrappedTextOutput | None:
         """Run ``pipe(*args, **kwargs)`` and score every sequence (see the module docstring).
 
         Args:
@@ -424,6 +502,7 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
                 randomness comes from its ``generator`` argument, as in a plain call.
             draws: M head draws to use instead of drawing them (e.g. shared across calls).
             feature_extractor: overrides the wrapper's for this call.
+            check_only: check genunc's arguments and return None without generating.
             kwargs: the pipeline's own arguments, passed through unchanged.
         """
         signature = inspect.signature(self.pipe.__call__)
@@ -433,7 +512,10 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
                 if name in bound or p.default is not inspect.Parameter.empty}
         scores = tuple(scores)
         feature_extractor = feature_extractor or self.feature_extractor
-        needed = self._check(scores, num_draws, draws, feature_extractor, call.get("output_type", "text"))
+        needed = self._check(scores, num_draws, draws, feature_extractor,
+                             call.get("output_type", "text"), check_only)
+        if check_only:
+            return None
         if needed is not None and draws is None:
             generator = streams.torch_generator(int(seed), "head_draws",
                                                 device=self.posterior.mean.device)

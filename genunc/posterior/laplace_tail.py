@@ -805,13 +805,18 @@ def collect_tail_data(adapter: DenoiserAdapter, tail: Tail, batches: Iterable[An
 
 def default_tail(model: nn.Module, blocks: int = 1, head_name: str | None = None) -> list[str]:
     """The last `blocks` blocks and what follows them, for genunc's model families:
-    diffusers UNets (``up_blocks``), the text transformer (``blocks.layers``) and the e3nn
-    molecule denoiser (``layers``)."""
+    diffusers UNets (``up_blocks``), the text transformer (``blocks.layers``), the e3nn
+    molecule denoiser (``layers``) and transformers language models (``model.layers``,
+    ``model.decoder.layers``, ``bert.encoder.layer``)."""
     if blocks < 1:
         raise GenuncError(f"blocks must be at least 1, got {blocks}")
     families = [("up_blocks", ["conv_norm_out", "conv_act", "conv_out"]),
                 ("blocks.layers", ["norm", "head"]),
-                ("layers", ["head"])]
+                ("layers", ["head"]),
+                # transformers language models (LLaDA2-style, DiffusionGemma's decoder, BERT)
+                ("model.layers", ["model.norm", "lm_head"]),
+                ("model.decoder.layers", ["model.decoder.norm", "lm_head"]),
+                ("bert.encoder.layer", ["cls.predictions.transform", "cls.predictions.decoder"])]
     for container, after in families:
         try:
             seq = model.get_submodule(container)
