@@ -174,6 +174,7 @@ class ScoreCollector:
             result["random"] = random_scores(request.seed, request.indices)
         return result
 
+
 def load_diffusers_folder(path: Path, device: str) -> Any:
     """A diffusers pipeline folder (``model_index.json``), loaded by diffusers'
     ``DiffusionPipeline.from_pretrained``.  diffusers 0.42 leaves unloaded every component that

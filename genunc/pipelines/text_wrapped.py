@@ -57,7 +57,7 @@ import inspect
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,9 +334,8 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
         """Sample i answers prompt ``i // candidates`` (mod the prompts) with the generator of
         its own ``initial_noise`` stream; the run's head draws are shared by every sample."""
         g, i = generate, indices.start
-        prompts = g["prompts"]
         call: dict[str, Any] = dict(
-            prompt=[prompts[(i // g["candidates"]) % len(prompts)]], num_draws=g["num_draws"],
+            prompt=[_prompt_of(g, i)], num_draws=g["num_draws"],
             scores=tuple(g["scores"]), seed=g["seed"], temperature=g["temperature"],
             generator=streams.torch_generator(g["seed"], "initial_noise", i,
                                               device=next(self.model.parameters()).device))
@@ -350,10 +349,10 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
                     indices: range, check: bool) -> TextChunk:
         if check:
             raise ConfigError("a diffusers text pipeline has no checker: quality must be null")
-        call = self.chunk_call(generate, indices)
         texts = out.texts if out.texts is not None else \
             self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-        return TextChunk(prompts=list(call["prompt"]), completions=list(texts))
+        return TextChunk(prompts=[_prompt_of(generate, i) for i in indices],
+                         completions=list(texts))
 
     def _check_pipe(self, pipe: Any, model: nn.Module) -> None:
         """Refuse a pipeline this family cannot read commits from."""
@@ -607,13 +606,9 @@ class LLaDA2TextPipeline(WrappedTextPipeline):
             raise ShapeMismatchError("no examples to fit on")
         if any(not free.any() for _, free in encoded):
             raise GenuncError("every example needs at least one answer token to mask")
-        by_length: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        for ids, free in encoded:
-            by_length.setdefault(len(ids), []).append((ids, free))
-        batches = [{"x": torch.stack([ids for ids, _ in group[i : i + batch_size]]),
-                    "prompt_mask": ~torch.stack([f for _, f in group[i : i + batch_size]])}
-                   for _, group in sorted(by_length.items())
-                   for i in range(0, len(group), batch_size)]
+        batches = [{"x": torch.stack([ids for ids, _ in batch]),
+                    "prompt_mask": ~torch.stack([free for _, free in batch])}
+                   for batch in _by_length(encoded, batch_size)]
         return MaskedAnswerLMAdapter(self.model, self.head_name, mask_id), batches
 
     def _record(self, call: dict[str, Any], draws: HeadDraws | TailDraws | None, sampling: dict[str, Any],
@@ -724,13 +719,9 @@ class DiffusionGemmaTextPipeline(WrappedTextPipeline):
         adapter = CanvasLMAdapter(self.model, self.head_name, corrupted_only=corrupted_only,
                                   self_conditioning=0.5 if self_conditioning is None else
                                   float(self_conditioning))
-        by_length: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
-        for example in examples:
-            by_length.setdefault(len(example[0]), []).append(example)
         batches = ({key: torch.stack(column) for key, column in
-                    zip(("prompt", "attention", "clean", "target"), zip(*group[i : i + batch_size]))}
-                   for _, group in sorted(by_length.items())
-                   for i in range(0, len(group), batch_size))
+                    zip(("prompt", "attention", "clean", "target"), zip(*batch))}
+                   for batch in _by_length(examples, batch_size))
         return adapter, adapter.encoded(batches)
 
     def _record(self, call: dict[str, Any], draws: HeadDraws | TailDraws | None, sampling: dict[str, Any],
@@ -765,6 +756,23 @@ def _hook(handle: Any):
         yield handle
     finally:
         handle.remove()
+
+
+def _prompt_of(generate: Mapping[str, Any], sample: int) -> str:
+    """The prompt sample `sample` of a run answers: ``i // candidates``, mod the prompts."""
+    prompts = generate["prompts"]
+    return prompts[(sample // generate["candidates"]) % len(prompts)]
+
+
+def _by_length(examples: Sequence[tuple[Tensor, ...]], size: int) -> Iterator[list[tuple[Tensor, ...]]]:
+    """Batches of at most `size` examples whose first tensors (the token ids, or the prompt) have
+    one length, shortest first, each length's examples in their order: what can be stacked."""
+    groups: dict[int, list[tuple[Tensor, ...]]] = {}
+    for example in examples:
+        groups.setdefault(len(example[0]), []).append(example)
+    for _, group in sorted(groups.items()):
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
 
 
 def _stacked(sequences: Sequence[Tensor], pad: int) -> Tensor:
