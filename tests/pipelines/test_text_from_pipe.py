@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 from genunc import streams  # noqa: E402
 from genunc.errors import FingerprintMismatchError, GenuncError  # noqa: E402
 from genunc.pipelines.text import TextUncertaintyPipeline  # noqa: E402
-from genunc.posterior import HeadDraws, TailDraws, TailPosterior  # noqa: E402
+from genunc.posterior import HeadDraws  # noqa: E402
 from genunc.sampling.masked import sampling_logits  # noqa: E402
 from genunc.scores.tokens import mutual_information  # noqa: E402
 
@@ -325,70 +325,3 @@ def test_from_pipe_returns_a_member_of_the_family_it_is_called_on(fitted, tmp_pa
     tmp_path.joinpath("m").mkdir()
     with pytest.raises(GenuncError, match="not a diffusers pipeline folder"):
         LLaDA2TextPipeline.from_pretrained(tmp_path / "m")
-
-
-# ---------------------------------------------------------------------- tail posteriors
-# A tail is fitted by the same adapter as the head (the shared tail collector over the family's
-# corruption); at each commit the tail is re-run on the inputs its pre-hooks recorded in that
-# forward pass.  Checked against the head where they must agree (a one-module tail is the head),
-# against the MAP where the draws collapse, and against the plain pipeline's outputs.
-TAIL = ['block', 'norm', 'lm_head']
-TAIL_CALL = SAMPLED
-
-
-@pytest.fixture(scope="module")
-def tail_fitted():
-    upipe = TextUncertaintyPipeline.from_pipe(pipeline())
-    upipe.fit_posterior(FIT_DATA, repeats=2, prior_precision=1.0, tail=TAIL)
-    return upipe
-
-
-def test_a_one_module_tail_scores_as_the_head_with_the_same_weights():
-    upipe = TextUncertaintyPipeline.from_pipe(pipeline())
-    head = upipe.fit_posterior(FIT_DATA, repeats=2, prior_precision=1.0)
-    tail = upipe.fit_posterior(FIT_DATA, repeats=2, prior_precision=1.0, tail=["lm_head"])
-    assert isinstance(tail, TailPosterior)
-    draws = tail.sample(4, seed=2)
-    by_tail = upipe(prompt=PROMPTS, generator=gen(3), draws=draws, **TAIL_CALL)
-    upipe.posterior = head
-    same = HeadDraws({k.removeprefix("lm_head."): v for k, v in draws.params.items()}, head.ops)
-    by_head = upipe(prompt=PROMPTS, generator=gen(3), draws=same, **TAIL_CALL)
-    assert torch.equal(by_tail.sequences, by_head.sequences)
-    mi_tail, mi_head = (o.token_scores["mutual_information"] for o in (by_tail, by_head))
-    committed = by_head.committed_at >= 0
-    assert committed.any() and (mi_head[committed] > 0).all()
-    torch.testing.assert_close(mi_tail[committed], mi_head[committed], rtol=1e-4, atol=1e-7)
-
-
-def test_a_fitted_block_tail_keeps_the_plain_outputs_and_scores_them(tail_fitted):
-    assert isinstance(tail_fitted.posterior, TailPosterior)
-    assert tail_fitted.posterior.tail.names == TAIL
-    plain_gen, wrapped_gen = gen(4), gen(4)
-    plain = tail_fitted.pipe(prompt=PROMPTS, generator=plain_gen, **TAIL_CALL)
-    out = tail_fitted(prompt=PROMPTS, generator=wrapped_gen, num_draws=3, seed=1,
-                      scores=("mutual_information", "semantic"), feature_extractor=answer_features,
-                      **TAIL_CALL)
-    assert torch.equal(out.sequences, plain.sequences) and out.texts == plain.texts
-    assert torch.equal(plain_gen.get_state(), wrapped_gen.get_state())
-    committed = out.committed_at >= 0
-    mi = out.token_scores["mutual_information"]
-    assert committed.any() and (mi[committed] > 0).all()
-    assert np.isfinite(out.scores["semantic"]).all() and out.draw_sequences.shape[0] == 3
-    again = tail_fitted.pipe(prompt=PROMPTS, generator=gen(4), **TAIL_CALL)  # weights restored
-    assert torch.equal(again.sequences, plain.sequences)
-
-
-def test_tail_draws_at_the_map_give_zero_mutual_information(tail_fitted):
-    tail = tail_fitted.posterior.tail
-    at_map = TailDraws({k: v.detach()[None].repeat(3, *[1] * v.dim())
-                        for k, v in tail.parameters().items()}, tail)
-    out = tail_fitted(prompt=PROMPTS, generator=gen(5), draws=at_map, **TAIL_CALL)
-    committed = out.committed_at >= 0
-    assert committed.any() and (out.token_scores["mutual_information"][committed] < 1e-6).all()
-
-
-def test_a_tail_fit_refuses_what_the_head_fit_refuses(tail_fitted):
-    with pytest.raises(GenuncError, match="DiffusionGemma"):
-        tail_fitted.fit_posterior(FIT_DATA, tail=TAIL, corrupted_only=True)
-    with pytest.raises(GenuncError, match="nest"):
-        tail_fitted.fit_posterior(FIT_DATA, tail=["block", "block.linear1"])
