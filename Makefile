@@ -5,6 +5,7 @@
 #   make test-fast    the suite without the slow (subprocess, training) tests: the development loop
 #   make test-latest  the newest versions pyproject.toml's ranges allow, in .venv-latest, then the suite
 #   make lock         regenerate requirements.lock from pyproject.toml (then run make test-latest)
+#   make docs         the documentation site into site/ (mkdocs build --strict; CI runs it)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +15,7 @@ LOCK_CONSTRAINTS := .ci/lock-constraints.txt
 STAMP  := $(VENV)/.installed
 LATEST ?= .venv-latest
 
-.PHONY: venv demo lint test test-fast test-latest lock bench clean
+.PHONY: venv demo lint test test-fast test-latest lock docs bench clean
 
 venv: $(STAMP)
 
@@ -53,8 +54,12 @@ lock: $(STAMP)
 	  --no-emit-index-url --no-emit-find-links --constraint $(LOCK_CONSTRAINTS) \
 	  --output-file $(LOCK) pyproject.toml
 
+docs: $(STAMP)
+	$(PY) docs/gen_cli.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_apply.py
 
 clean:
-	rm -rf $(VENV) $(LATEST) .pytest_cache .hypothesis outputs
+	rm -rf $(VENV) $(LATEST) .pytest_cache .hypothesis outputs site

@@ -17,7 +17,7 @@ every call.  Prints:
 2. accuracy of the selected candidate vs N, majority vote, oracle;
 3. AUROC(wrong) over all candidates and within a prompt, best of N, with percentile bootstrap 95%
    intervals over prompts (1,000 resamples), next to genunc's own sampler's figures
-   (``bestofn_text.py``, README "Text: best-of-N").
+   (``bestofn_text.py``, docs/results.md "Text: best-of-N").
 
 Nothing is tuned: every figure is on the test seed (2000).
 
@@ -43,7 +43,7 @@ from genunc.zoo.arith_llada2 import arith_llada2_pipeline
 from genunc.zoo.pretrained import read_config
 
 SCORES = ("mutual_information", "mutual_information_max", "low_confidence", "random")
-#: genunc's own sampler on the same task (bestofn_text.py --prompts 400 --n 16 --draws 8; README)
+#: genunc's own sampler on the same task (bestofn_text.py --prompts 400 --n 16 --draws 8; docs/results.md)
 OWN_SAMPLER = {"mutual_information": ("0.673 [0.628, 0.715]", "0.452 [0.419, 0.483]"),
                "mutual_information_max": ("0.649 [0.600, 0.690]", "0.487 [0.455, 0.518]"),
                "low_confidence": ("0.668 [0.622, 0.709]", "0.489 [0.431, 0.547]"),

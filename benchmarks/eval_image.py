@@ -1,6 +1,6 @@
 """Image scores on the shipped digits DDPM, judged by a network no score reads.
 
-Protocol (README "How the numbers are made"):
+Protocol (docs/results.md, "How the numbers are made"):
 
 * scores: semantic entropy over the digits *classifier*'s features (in units of the real digits'
   feature SD), exact noise-prediction variability, pixel variance, random;

@@ -1,5 +1,5 @@
 """What the evaluation scripts share: the validation and test seeds, the step windows the
-validation seed chooses the variability score's among, and that re-aggregation (README "How the
+validation seed chooses the variability score's among, and that re-aggregation (docs/results.md "How the
 numbers are made")."""
 
 from __future__ import annotations

@@ -89,8 +89,8 @@ def hoeffding_bentkus_p_value(failures: int, n: int, alpha: float) -> float:
 
 
 def calibrate_threshold(
-    scores,
-    failed,
+    scores: np.typing.ArrayLike,
+    failed: np.typing.ArrayLike,
     alpha: float,
     delta: float = 0.1,
     method: Method = "binomial",

@@ -200,8 +200,9 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                 sample it implies.
             n_atoms: atom count per molecule (default: drawn from the training histogram).
             nll_levels: noise levels averaged by the ``denoising_loss`` baseline.
-            seed, first_sample: the run's seed and the global index of the first molecule
-                (molecule ``i`` draws from the streams of index ``first_sample + i``).
+            seed: the run's seed (every stream of the call is keyed by it).
+            first_sample: the global index of the first molecule (molecule ``i`` draws from
+                the streams of index ``first_sample + i``).
             precision: the backbone's precision: ``float32``, or ``bfloat16`` / ``float16``
                 autocast (the GPU speed-up); head draws, variances, scores and sampler states
                 stay in full precision.

@@ -223,9 +223,10 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
             num_inference_steps: unmasking steps (overrides ``config.steps``).
             span: ``(L,)`` or ``(B, L)`` bool, the answer positions for ``mutual_information_span``
                 (default: every generated position).
-            seed, first_sample: the run's seed and the global index of the first sequence
-                (sequence ``i`` draws its sampling noise from the streams of index
-                ``first_sample + i``; the head draws are the run's).
+            seed: the run's seed (every stream of the call is keyed by it).
+            first_sample: the global index of the first sequence (sequence ``i`` draws its
+                sampling noise from the streams of index ``first_sample + i``; the head draws
+                are the run's).
             precision: the backbone's precision: ``float32``, or ``bfloat16`` / ``float16``
                 autocast (the GPU speed-up); head draws, variances, scores and sampler states
                 stay in full precision.

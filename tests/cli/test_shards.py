@@ -224,7 +224,7 @@ LAUNCHERS = {
 @pytest.mark.parametrize("modality, launcher", [("image", "torchrun"), ("molecule", "torchrun"),
                                                 ("text", "torchrun"), ("image", "accelerate")])
 def test_launch(modality, launcher, request, tmp_path):
-    """The real launchers the README names: two concurrent processes, environment set by the
+    """The real launchers the CLI docs (docs/cli.md) name: two concurrent processes, environment set by the
     launcher, rank 1 waiting for rank 0's posterior fit; the merged export equals a 1-process
     run's."""
     if modality == "image":

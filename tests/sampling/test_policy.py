@@ -308,7 +308,7 @@ def test_shipped_policies_load_and_answer(name):
     policy = UnmaskingPolicy.from_pretrained(folder)
     task_name = name.split("_")[1]
     assert policy.metadata["command"].startswith(f"genunc zoo train unmask-policy --task {task_name} ")
-    assert "--advantage centred" in policy.metadata["command"]  # the recipe the README reports
+    assert "--advantage centred" in policy.metadata["command"]  # the recipe docs/results.md reports
     assert policy.metadata["training"]["rollouts"] > 0
     pipe = TextUncertaintyPipeline.from_pretrained(WEIGHTS / policy.metadata["model"], posterior=None)
     task = task_from_spec(pipe.metadata["task"])
