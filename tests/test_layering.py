@@ -10,7 +10,7 @@ import pytest
 
 #: lowest first; a module may import genunc modules of its own layer or any lower one
 LAYERS = [
-    {"errors", "_seed", "_io", "_version", "_compat", "config", "streams"},
+    {"errors", "_seed", "_io", "_version", "_compat", "config", "streams", "plugins"},
     {"data", "tasks", "filtering", "risk", "labels", "metrics", "scores"},
     {"adapters"},
     {"posterior"},
