@@ -72,7 +72,7 @@ def main() -> None:
 
     from diffusers import UNet2DModel
 
-    from genunc.zoo.digits import DDPM_DIR
+    from genunc.zoo.shipped import DDPM_DIR
     unet = UNet2DModel.from_pretrained(DDPM_DIR, low_cpu_mem_usage=False).eval()
     x = torch.randn(args.batch, 1, unet.config.sample_size, unet.config.sample_size)
     t = torch.randint(0, 1000, (args.batch,))
@@ -81,7 +81,7 @@ def main() -> None:
                   args.draws, args.repeats)
 
     from genunc.zoo.molecule_model import EquivariantDenoiser
-    from genunc.zoo.qm9 import QM9_DIR
+    from genunc.zoo.shipped import QM9_DIR
     mol = EquivariantDenoiser.from_pretrained(QM9_DIR).eval()
     hist = json.loads((QM9_DIR / "atom_histogram.json").read_text())
     sizes, counts = np.array([int(k) for k in hist]), np.array(list(hist.values()), float)

@@ -38,7 +38,7 @@ def latent():
     from diffusers import DiTPipeline
 
     from genunc.zoo.digits import split_digits
-    from genunc.zoo.digits_latent import LATENT_DIR
+    from genunc.zoo.shipped import LATENT_DIR
 
     pipe = DiTPipeline.from_pretrained(LATENT_DIR)
     pipe.set_progress_bar_config(disable=True)

@@ -38,9 +38,9 @@ from genunc import streams
 from genunc.pipelines import TextUncertaintyPipeline
 from genunc.scores import random_scores
 from genunc.tasks import ArithmeticTask
-from genunc.zoo.arith import ARITH_DIR
 from genunc.zoo.arith_llada2 import arith_llada2_pipeline
 from genunc.zoo.pretrained import read_config
+from genunc.zoo.shipped import ARITH_DIR
 
 SCORES = ("mutual_information", "mutual_information_max", "low_confidence", "random")
 #: genunc's own sampler on the same task (bestofn_text.py --prompts 400 --n 16 --draws 8; docs/results.md)

@@ -33,8 +33,7 @@ from genunc.metrics.stats import bootstrap_interval
 from genunc.pipelines import TextUncertaintyPipeline
 from genunc.sampling.masked import UnmaskingConfig
 from genunc.tasks import Task, task_from_spec
-from genunc.zoo.arith import ARITH_DIR
-from genunc.zoo.order_tasks import SORT_DIR, SUDOKU4_DIR
+from genunc.zoo.shipped import ARITH_DIR, SORT_DIR, SUDOKU4_DIR
 
 #: --task: the shipped model of each task
 MODELS = {"arith": ARITH_DIR, "sudoku4": SUDOKU4_DIR, "sort": SORT_DIR}

@@ -21,7 +21,7 @@ from scipy.stats import spearmanr
 
 from genunc import filtering
 from genunc.metrics.stats import bootstrap_interval
-from genunc.zoo.judge import DigitsJudgeEvaluator
+from genunc.research.judges import DigitsJudgeEvaluator
 
 
 def load_run(folder: Path, seed: int, steps: int, n: int) -> dict:

@@ -22,7 +22,7 @@ from protocol import TEST_SEED  # benchmarks/protocol.py
 
 from genunc import filtering
 from genunc.metrics.stats import bootstrap_interval, partial_spearman, spearman
-from genunc.zoo.qm9 import QM9_DIR
+from genunc.zoo.shipped import QM9_DIR
 
 SCORES = ("variability", "semantic")
 

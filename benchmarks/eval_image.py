@@ -41,8 +41,8 @@ from protocol import (  # benchmarks/protocol.py
 from genunc import filtering
 from genunc.demos.digits import load_reference_pipeline
 from genunc.metrics.stats import bootstrap_interval, spearman
+from genunc.research.judges import DigitsJudgeEvaluator
 from genunc.zoo.digits import load_digits_tensor
-from genunc.zoo.judge import DigitsJudgeEvaluator
 
 SCORES = ("semantic", "variability", "pixel_variance", "random")
 

@@ -43,11 +43,11 @@ from protocol import TEST_SEED, VAL_SEED, image_selection_table, windows  # benc
 from genunc import filtering, streams
 from genunc.features import DigitsFeatures
 from genunc.pipelines import ImageUncertaintyPipeline
+from genunc.research.judges import DigitsJudgeEvaluator
 from genunc.scores import variability_score
 from genunc.scores.semantic import random_scores
 from genunc.zoo.digits import N_CLASSES, load_digits_tensor, split_digits
-from genunc.zoo.digits_latent import LATENT_DIR
-from genunc.zoo.judge import DigitsJudgeEvaluator
+from genunc.zoo.shipped import LATENT_DIR
 
 SCORES = ("semantic", "variability", "pixel_variance")
 

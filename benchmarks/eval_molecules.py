@@ -36,7 +36,7 @@ from genunc.data.qm9 import edm_split, load_qm9
 from genunc.metrics.molecule import canonical_training_smiles, evaluate_molecules
 from genunc.metrics.stats import binned_spearman, bootstrap_interval, partial_spearman, spearman
 from genunc.pipelines import MoleculeUncertaintyPipeline
-from genunc.zoo.qm9 import QM9_DIR
+from genunc.zoo.shipped import QM9_DIR
 
 SCORES = ("variability", "variability_pos", "variability_type", "denoising_loss", "random")
 MIN_BIN = 20

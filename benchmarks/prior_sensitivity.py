@@ -37,7 +37,7 @@ def priors(marglik: float) -> list[tuple[float, str]]:
 
 def image_rows(args) -> None:
     from genunc.demos.digits import load_reference_pipeline
-    from genunc.zoo.judge import DigitsJudgeEvaluator
+    from genunc.research.judges import DigitsJudgeEvaluator
 
     pipe = load_reference_pipeline(Path(args.out) / "image", progress=False)
     judge = DigitsJudgeEvaluator()
@@ -65,7 +65,7 @@ def molecule_rows(args) -> None:
 
     from genunc.data.qm9 import edm_split, load_qm9
     from genunc.metrics.molecule import evaluate_molecules
-    from genunc.zoo.qm9 import QM9_DIR
+    from genunc.zoo.shipped import QM9_DIR
 
     data = load_qm9()
     train = data.subset(edm_split(len(data))["train"])
@@ -94,7 +94,7 @@ def text_rows(args) -> None:
     from genunc.pipelines import TextUncertaintyPipeline
     from genunc.sampling.masked import UnmaskingConfig
     from genunc.tasks import ArithmeticTask
-    from genunc.zoo.arith import ARITH_DIR
+    from genunc.zoo.shipped import ARITH_DIR
 
     spec = TextUncertaintyPipeline.from_pretrained(ARITH_DIR, posterior=None).metadata["task"]
     task = ArithmeticTask(spec["op"], spec["digits"])

@@ -36,7 +36,7 @@ from genunc.pipelines import TextUncertaintyPipeline
 from genunc.sampling.masked import UnmaskingConfig
 from genunc.sampling.policy import UnmaskingPolicy
 from genunc.tasks import task_from_spec
-from genunc.zoo.order_tasks import WEIGHTS
+from genunc.zoo.shipped import WEIGHTS_DIR
 
 #: heuristic rows kept from unmasking_orders.samplers (the others add little here)
 DROPPED = ("tempered low_conf", "tempered remask")
@@ -45,7 +45,7 @@ DROPPED = ("tempered low_conf", "tempered remask")
 def policies(task_name: str, folders: list[str] | None = None) -> dict[str, UnmaskingPolicy]:
     """The policies of a task by folder name: the shipped ones, or those in `folders` trained
     for it."""
-    dirs = [Path(f) for f in folders] if folders else sorted(WEIGHTS.glob(f"policy_{task_name}_*"))
+    dirs = [Path(f) for f in folders] if folders else sorted(WEIGHTS_DIR.glob(f"policy_{task_name}_*"))
     found = {d.name: UnmaskingPolicy.from_pretrained(d) for d in dirs if (d / "policy.json").exists()}
     return {k: v for k, v in found.items() if v.metadata.get("task", {}).get("name") ==
             {"sudoku4": "sudoku", "sort": "sort"}[task_name]}

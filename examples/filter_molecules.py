@@ -27,7 +27,7 @@ from genunc.export import ExportWriter
 from genunc.export.sdf import filter_sdf, read_sdf_scores, record_properties, split_records
 from genunc.metrics.molecule import evaluate_molecules, to_rdkit
 from genunc.pipelines import MoleculeUncertaintyPipeline
-from genunc.zoo.qm9 import QM9_DIR
+from genunc.zoo.shipped import QM9_DIR
 
 
 def training_batches(pipe: MoleculeUncertaintyPipeline, data_path: str | None,

@@ -201,7 +201,7 @@ def test_malformed_yaml_and_a_folder_as_config(tmp_path, capsys):
 
 # 10 --------------------------------------------------------------------------------------------
 def test_zoo_train_keeps_its_hands_off_the_shipped_weights(capsys):
-    from genunc.zoo.digits import CLASSIFIER_DIR
+    from genunc.zoo.shipped import CLASSIFIER_DIR
 
     before = (CLASSIFIER_DIR / "model.safetensors").stat().st_mtime_ns
     assert main(["zoo", "train", "digits-classifier", "--out", str(CLASSIFIER_DIR)]) == 2
@@ -248,7 +248,7 @@ def test_a_damaged_posterior_is_a_one_line_error_never_a_silent_refit(digits_con
 def test_images_labels_and_tokens_out_of_range(tiny_ddpm_folder, tmp_path, arith_task,
                                                tiny_text_model):
     from genunc.pipelines import ImageUncertaintyPipeline, TextUncertaintyPipeline
-    from genunc.zoo.arith import save_model
+    from genunc.zoo.text_model import save_model
 
     pipe = ImageUncertaintyPipeline.from_pretrained(tiny_ddpm_folder(tmp_path / "m"))
     x = torch.rand(16, 1, 8, 8)
@@ -479,7 +479,7 @@ def _model_folder(modality, path, request):
         return request.getfixturevalue("tiny_ddpm_folder")(path)
     if modality == "molecule":
         return request.getfixturevalue("tiny_molecule_folder")(path)
-    from genunc.zoo.arith import save_model
+    from genunc.zoo.text_model import save_model
 
     task = request.getfixturevalue("arith_task")
     save_model(request.getfixturevalue("tiny_text_model")(task.vocab_size, task.length), task,
@@ -517,7 +517,7 @@ def test_fit_data_of_the_wrong_kind_is_named(tiny_ddpm_folder, tiny_molecule_fol
         MoleculeUncertaintyPipeline,
         TextUncertaintyPipeline,
     )
-    from genunc.zoo.arith import save_model
+    from genunc.zoo.text_model import save_model
 
     image = ImageUncertaintyPipeline.from_pretrained(tiny_ddpm_folder(tmp_path / "i"))
     x = torch.rand(16, 1, 8, 8) * 2 - 1

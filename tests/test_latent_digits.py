@@ -11,8 +11,9 @@ from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 from genunc.cli import build_parser
 from genunc.features import DigitsFeatures
 from genunc.pipelines import ImageUncertaintyPipeline
+from genunc.research.recipes.digits_latent import NULL_CLASS, LatentRecipe, train_latent
 from genunc.zoo.digits import split_digits
-from genunc.zoo.digits_latent import LATENT_DIR, NULL_CLASS, LatentRecipe, train_latent
+from genunc.zoo.shipped import LATENT_DIR
 
 
 @pytest.fixture(scope="module")

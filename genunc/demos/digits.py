@@ -9,7 +9,8 @@ with MAP + M perturbed generations, scores them, and writes
   fraction grows, for each score and for random selection.
 
 Quality label: the independent digits judge (an MLP on pixels, 99.0% test accuracy on real
-digits; :mod:`genunc.zoo.judge`) sees the requested class.  The semantic score reads another
+digits; :mod:`genunc.research.judges`, found by its registration through
+:func:`genunc.plugins.judge`) sees the requested class.  The semantic score reads another
 network, the digits classifier's features, measured in units of the real digits' feature SD.
 """
 
@@ -25,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from genunc import filtering
+from genunc import filtering, plugins
 from genunc._io import atomic_write
 from genunc.features import DigitsFeatures
 from genunc.pipelines.image import ImageUncertaintyPipeline
 from genunc.zoo import digits
-from genunc.zoo.judge import DigitsJudgeEvaluator
+from genunc.zoo.shipped import DDPM_DIR
 
 SCORE_LABELS = {
     "semantic": "semantic entropy (MAP + M generations)",
@@ -46,7 +47,7 @@ def load_reference_pipeline(out_dir: Path | None = None, progress: bool = True,
     (a cached posterior of other weights is refitted: the demo only caches its own fit).
     ``tail``: a posterior over the last `tail` up-blocks and the head instead of the head."""
     pipe = ImageUncertaintyPipeline.from_pretrained(
-        digits.DDPM_DIR, feature_extractor=DigitsFeatures(device=device), posterior=None,
+        DDPM_DIR, feature_extractor=DigitsFeatures(device=device), posterior=None,
         device=device)
     train = digits.split_digits()["train"]
     pipe.fit_feature_scale(train[0])
@@ -58,7 +59,7 @@ def load_reference_pipeline(out_dir: Path | None = None, progress: bool = True,
     return pipe
 
 
-def class_agreement(judge: DigitsJudgeEvaluator, images: torch.Tensor,
+def class_agreement(judge: Any, images: torch.Tensor,
                     labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(the judge's probability of the requested class, whether its argmax is that class)."""
     probs = judge.probabilities(images)
@@ -75,7 +76,7 @@ def run(out_dir: str | Path = "outputs/demo", n_samples: int = 256, num_draws: i
     fit_seconds = time.perf_counter() - t0
     out = pipe(n_samples, num_draws=num_draws, num_inference_steps=steps, seed=seed,
                scores=("semantic", "variability", "pixel_variance", "random"), progress=progress)
-    p_label, correct = class_agreement(DigitsJudgeEvaluator(), out.images, out.class_labels)
+    p_label, correct = class_agreement(plugins.judge("digits_judge"), out.images, out.class_labels)
 
     _write_csv(out_dir / "scores.csv", out, p_label, correct)
     order = filtering.keep_order(out.scores["semantic"])

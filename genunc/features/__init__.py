@@ -40,7 +40,8 @@ class DigitsFeatures:
     """64-d features of the shipped digits classifier; also exposes its class probabilities."""
 
     def __init__(self, directory: str | Path | None = None, device: str | torch.device = "cpu"):
-        from genunc.zoo.digits import CLASSIFIER_DIR, DigitsClassifier
+        from genunc.zoo.digits import DigitsClassifier
+        from genunc.zoo.shipped import CLASSIFIER_DIR
 
         self.model = DigitsClassifier.from_pretrained(directory or CLASSIFIER_DIR).to(device)
 

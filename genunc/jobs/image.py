@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from genunc import plugins
 from genunc.errors import ConfigError, MissingFileError
 from genunc.features import DigitsFeatures, FeatureExtractor, flatten_pixels
 from genunc.jobs.base import ChunkRecord, Job, chunk_indices, scored_records
@@ -64,28 +65,33 @@ def _images(data: Any) -> torch.Tensor:
 
 
 @lru_cache
-def _judge(device: str) -> Any:
-    """The independent digits judge (not the network any score reads) whose verdict fills the
-    export's quality columns."""
-    from genunc.zoo.judge import DigitsJudgeEvaluator
-
-    return DigitsJudgeEvaluator(device=device)
+def _judge(quality: str, device: str) -> Any:
+    """The judge a ``zoo:<name>`` quality names, found by its registration (the ``genunc.judges``
+    entry points, :func:`genunc.plugins.judge`): ``zoo:digits_judge`` is the independent digits
+    judge (not the network any score reads) whose verdict fills the export's quality columns."""
+    return plugins.judge(quality.removeprefix("zoo:"), device=device)
 
 
 class ImageJob(Job):
     modality = "image"
     export_format = "png"
-    qualities = (None, "zoo:digits_judge")
     pipeline_class = ImageUncertaintyPipeline
 
-    def shipped_models(self) -> dict[str, Path]:
-        from genunc.zoo import digits
-        from genunc.zoo.digits_latent import LATENT_DIR
+    @property
+    def qualities(self) -> tuple[str | None, ...]:  # type: ignore[override]
+        """None, ``zoo:digits_judge`` or ``zoo:<name>`` of any other registered judge."""
+        others = [f"zoo:{name}" for name in plugins.registered(plugins.JUDGES) if name != "digits_judge"]
+        return (None, "zoo:digits_judge", *others)
 
-        return {"digits_ddpm": digits.DDPM_DIR, "digits_latent": LATENT_DIR}
+    def shipped_models(self) -> dict[str, Path]:
+        from genunc.zoo.shipped import DDPM_DIR, LATENT_DIR
+
+        return {"digits_ddpm": DDPM_DIR, "digits_latent": LATENT_DIR}
 
     def load_pipeline(self, model_dir: Path, config: dict[str, Any]) -> Any:
         device = process_device(config["device"])
+        if config["quality"]:  # a judge that is not there fails before any work
+            _judge(config["quality"], device)
         pipe = ImageUncertaintyPipeline.from_pretrained(
             model_dir, feature_extractor=feature_extractor(config["features"], device),
             posterior=None, device=device)
@@ -109,7 +115,7 @@ class ImageJob(Job):
                               "(num_images_per_prompt is not a job option)")
         trailing: dict[str, Any] = {}
         if config["quality"] and labels is not None:
-            probs = _judge(process_device(config["device"])).probabilities(images)
+            probs = _judge(config["quality"], process_device(config["device"])).probabilities(images)
             trailing["p_class"] = probs[np.arange(n), labels.numpy()]
             trailing["judge_agrees"] = probs.argmax(1) == labels.numpy()
         records = scored_records(n, out.scores, {"condition": condition}, trailing)

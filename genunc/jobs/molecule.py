@@ -27,7 +27,7 @@ class MoleculeJob(Job):
     pipeline_class = MoleculeUncertaintyPipeline
 
     def shipped_models(self) -> dict[str, Path]:
-        from genunc.zoo.qm9 import QM9_DIR
+        from genunc.zoo.shipped import QM9_DIR
 
         return {"qm9_edm": QM9_DIR}
 

@@ -28,8 +28,7 @@ class TextJob(Job):
     pipeline_class = TextUncertaintyPipeline
 
     def shipped_models(self) -> dict[str, Path]:
-        from genunc.zoo.arith import ARITH_DIR
-        from genunc.zoo.order_tasks import SORT_DIR, SUDOKU4_DIR
+        from genunc.zoo.shipped import ARITH_DIR, SORT_DIR, SUDOKU4_DIR
 
         return {"arith_mdlm": ARITH_DIR, "sudoku4_mdlm": SUDOKU4_DIR, "sort_mdlm": SORT_DIR}
 

@@ -6,7 +6,7 @@ policy says "unmask now" or "wait".  :class:`UnmaskingPolicy` is one small DiT-s
 block (width 128, feed-forward 512, 2 heads, adaLN conditioning on the time) that maps
 per-position features to one Bernoulli logit per position.  It runs as the ``"policy"`` strategy
 of :func:`genunc.sampling.masked.unmask` (``UnmaskingConfig("policy", policy=...)``) and is
-trained with GRPO (:mod:`genunc.zoo.policy`).
+trained with GRPO (:mod:`genunc.research.recipes.policy`).
 
 Features per position (:func:`policy_features`, all from the backbone call of the step):
 

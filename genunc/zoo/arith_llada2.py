@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from genunc.errors import GenuncError, ShapeMismatchError
 from genunc.tasks import ArithmeticTask
 from genunc.tasks.arithmetic import SYMBOLS
-from genunc.zoo.arith import ARITH_DIR
 from genunc.zoo.pretrained import read_config
+from genunc.zoo.shipped import ARITH_DIR
 from genunc.zoo.text_model import MaskedDiffusionTransformer, MaskedLMOutput
 
 MASK_TOKEN = "<mask>"

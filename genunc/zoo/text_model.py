@@ -8,6 +8,7 @@ conditioning adds an embedding of the masked fraction ``t`` (MDLM-style).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +49,12 @@ class MaskedDiffusionTransformer(Pretrained, nn.Module):
                 raise GenuncError("this model is time-conditioned: pass t (masked fraction)")
             h = h + self.time(t.reshape(-1, 1).to(h.dtype)).unsqueeze(1)
         return MaskedLMOutput(logits=self.head(self.norm(self.blocks(h))))
+
+
+def save_model(model: MaskedDiffusionTransformer, task: Any, directory: Path,
+               extra: dict | None = None) -> None:
+    """The model with its mask id and task, so the folder alone says how to run and check it."""
+    model.save_pretrained(directory, mask_id=task.mask_id, task=task.spec(), **(extra or {}))
 
 
 def load_text_adapter(path: Any, device: str = "cpu") -> tuple[Any, dict[str, Any]]:

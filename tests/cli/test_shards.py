@@ -92,7 +92,7 @@ def test_two_processes_write_the_export_one_process_writes(modality, request, tm
 @pytest.fixture
 def sampler_dir(tmp_path, tiny_text_model):
     from genunc.tasks import ArithmeticTask
-    from genunc.zoo.arith import save_model
+    from genunc.zoo.text_model import save_model
 
     task = ArithmeticTask("*", 2)
     directory = tmp_path / "arith"

@@ -17,7 +17,7 @@ from genunc.export import Export
 from genunc.export.store import encode_png
 from genunc.jobs import job_for
 from genunc.pipelines.wrapped import WrappedImagePipeline
-from genunc.zoo.digits_latent import LATENT_DIR
+from genunc.zoo.shipped import LATENT_DIR
 
 
 def _pixels(png) -> np.ndarray:

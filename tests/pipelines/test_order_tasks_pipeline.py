@@ -6,7 +6,7 @@ import torch
 from genunc.pipelines import TextUncertaintyPipeline
 from genunc.sampling.masked import UnmaskingConfig
 from genunc.tasks import SortTask, SudokuTask, task_from_spec
-from genunc.zoo.mdlm import save_model
+from genunc.zoo.text_model import save_model
 
 TASKS = [SudokuTask(2, train_size=40, test_size=8), SortTask(8, train_size=40, test_size=8)]
 

@@ -88,7 +88,7 @@ def test_text_pipeline_with_a_tail_posterior(tiny_text_model, tmp_path):
     from genunc.pipelines import TextUncertaintyPipeline
     from genunc.sampling.masked import UnmaskingConfig
     from genunc.tasks import ArithmeticTask
-    from genunc.zoo.arith import save_model
+    from genunc.zoo.text_model import save_model
 
     task = ArithmeticTask("*", 2)
     save_model(tiny_text_model(task.vocab_size, task.length), task, tmp_path)

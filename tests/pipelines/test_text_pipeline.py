@@ -9,7 +9,7 @@ from genunc.pipelines.text import TextUncertaintyPipeline, one_hot_answer
 from genunc.sampling.masked import UnmaskingConfig
 from genunc.scores import gaussian_entropy
 from genunc.tasks import ArithmeticTask
-from genunc.zoo.arith import save_model
+from genunc.zoo.text_model import save_model
 
 TASK = ArithmeticTask("*", 2)
 

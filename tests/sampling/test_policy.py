@@ -10,11 +10,7 @@ from genunc.adapters.text import MaskedDiffusionLMAdapter
 from genunc.errors import GenuncError
 from genunc.pipelines import TextUncertaintyPipeline
 from genunc.posterior import HeadPosterior
-from genunc.sampling.masked import UnmaskingConfig, unmask
-from genunc.sampling.policy import PolicyConfig, UnmaskingPolicy
-from genunc.tasks import SudokuTask
-from genunc.zoo.mdlm import save_model
-from genunc.zoo.policy import (
+from genunc.research.recipes.policy import (
     TOP1,
     PolicyRecipe,
     group_advantages,
@@ -23,6 +19,10 @@ from genunc.zoo.policy import (
     policy_reward,
     recompute_log_probs,
 )
+from genunc.sampling.masked import UnmaskingConfig, unmask
+from genunc.sampling.policy import PolicyConfig, UnmaskingPolicy
+from genunc.tasks import SudokuTask
+from genunc.zoo.text_model import save_model
 
 V, MASK, L, PROMPT = 12, 11, 12, 4
 
@@ -290,9 +290,9 @@ def test_saved_policy_loads_and_runs_in_the_pipeline(tmp_path, tiny_text_model, 
 
 
 def _shipped() -> list[str]:
-    from genunc.zoo.order_tasks import WEIGHTS
+    from genunc.zoo.shipped import WEIGHTS_DIR
 
-    return sorted(p.name for p in WEIGHTS.glob("policy_*"))
+    return sorted(p.name for p in WEIGHTS_DIR.glob("policy_*"))
 
 
 SHIPPED = _shipped()
@@ -301,16 +301,16 @@ SHIPPED = _shipped()
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_policies_load_and_answer(name):
     from genunc.tasks import task_from_spec
-    from genunc.zoo.order_tasks import WEIGHTS
+    from genunc.zoo.shipped import WEIGHTS_DIR
 
-    folder = WEIGHTS / name
+    folder = WEIGHTS_DIR / name
     assert (folder / "policy.safetensors").stat().st_size < 1_000_000
     policy = UnmaskingPolicy.from_pretrained(folder)
     task_name = name.split("_")[1]
     assert policy.metadata["command"].startswith(f"genunc zoo train unmask-policy --task {task_name} ")
     assert "--advantage centred" in policy.metadata["command"]  # the recipe docs/results.md reports
     assert policy.metadata["training"]["rollouts"] > 0
-    pipe = TextUncertaintyPipeline.from_pretrained(WEIGHTS / policy.metadata["model"], posterior=None)
+    pipe = TextUncertaintyPipeline.from_pretrained(WEIGHTS_DIR / policy.metadata["model"], posterior=None)
     task = task_from_spec(pipe.metadata["task"])
     assert task.spec() == policy.metadata["task"]
     split = task.split()
@@ -333,7 +333,7 @@ def test_cli_policy_flags(tmp_path, capsys):
     assert main(["zoo", "train", "sudoku4-mdlm", "--alpha", "1", "--out", str(tmp_path)]) == 2
     assert "unmask-policy only" in capsys.readouterr().err
     assert main(["zoo", "train", "unmask-policy", "--batch-size", "4", "--out", str(tmp_path)]) == 2
-    from genunc.zoo.policy import policy_dir
+    from genunc.zoo.shipped import policy_dir
 
     shipped = policy_dir("sudoku4", "confidence", None)
     assert main(["zoo", "train", "unmask-policy", "--task", "sudoku4", "--out", str(shipped)]) == 2

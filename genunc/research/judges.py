@@ -7,7 +7,9 @@ convolutions), another seed, and nothing in genunc scores with it.  It only says
 shows (:meth:`DigitsJudgeEvaluator.agrees`) and where it sits in feature space
 (:meth:`DigitsJudgeEvaluator.features`, for FID / precision / recall).
 
-Train it with ``genunc zoo train digits-judge``.
+Its shipped weights are :data:`genunc.zoo.shipped.JUDGE_DIR`; train it with
+``genunc zoo train digits-judge``.  The library reaches the evaluator only by its registration
+(the ``genunc.judges`` entry point ``digits_judge``, :func:`genunc.plugins.judge`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genunc.errors import ShapeMismatchError
-from genunc.zoo.digits import IMAGE_SIZE, N_CLASSES, WEIGHTS_DIR, fit_on_digits
+from genunc.research.recipes.digits import fit_on_digits
+from genunc.research.training import write_report
+from genunc.zoo.digits import IMAGE_SIZE, N_CLASSES
 from genunc.zoo.pretrained import Pretrained
-from genunc.zoo.training import write_report
-
-JUDGE_DIR = WEIGHTS_DIR / "digits_judge"
+from genunc.zoo.shipped import JUDGE_DIR
 
 
 class DigitsJudge(Pretrained, nn.Module):

@@ -4,7 +4,7 @@
 (:class:`~genunc.tasks.SortTask`, 8-token answers) and 6-digit addition
 (:class:`~genunc.tasks.AdditionTask`, 7-token answers with carries).
 
-They train with :func:`genunc.zoo.mdlm.train_mdlm` on a CPU in minutes; the sudoku and sorting
+They train with :func:`genunc.research.recipes.mdlm.train_mdlm` on a CPU in minutes; the sudoku and sorting
 models are shipped, stopped at mid-range held-out accuracy under greedy low-confidence
 unmasking so that the unmasking policy and the selection among candidates have room to matter.
 Accuracy jumps with the step count (same recipe, seed 0): sudoku 4..8 givens, 600 / 800 / 1000
@@ -22,13 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from genunc.research.recipes.mdlm import MDLMRecipe, answers, train_mdlm
 from genunc.tasks import AdditionTask, SortTask, SudokuTask
-from genunc.zoo.mdlm import MDLMRecipe, answers, train_mdlm
-
-WEIGHTS = Path(__file__).parent / "weights"
-SUDOKU4_DIR = WEIGHTS / "sudoku4_mdlm"
-SORT_DIR = WEIGHTS / "sort_mdlm"
-ADDITION_DIR = WEIGHTS / "addition_mdlm"  # not shipped
 
 
 @dataclass

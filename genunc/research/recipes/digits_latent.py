@@ -16,7 +16,8 @@ Two choices follow from the stock pipeline: ``DiTPipeline`` guides with the null
 by label dropout; only labels 0..9 and 1000 are ever used.  ``id2label`` names the digits, so
 ``pipe.get_label_ids(["3", "seven"])`` works.
 
-Train it with ``genunc zoo train digits-latent`` (autoencoder first, then the denoiser).
+The shipped folder is :data:`genunc.zoo.shipped.LATENT_DIR`; this module is its recipe: train it
+with ``genunc zoo train digits-latent`` (autoencoder first, then the denoiser).
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genunc.zoo.digits import IMAGE_SIZE, N_CLASSES, WEIGHTS_DIR, augment, split_digits
-from genunc.zoo.training import default_device, train_steps, write_report
+from genunc.research.recipes.digits import augment
+from genunc.research.training import default_device, train_steps, write_report
+from genunc.zoo.digits import IMAGE_SIZE, N_CLASSES, split_digits
 
-LATENT_DIR = WEIGHTS_DIR / "digits_latent"
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 #: the class index DiTPipeline uses for the unconditional half under guidance
 NULL_CLASS = 1000
@@ -200,7 +201,7 @@ def check_quality(pipe, recipe: LatentRecipe, seed: int = 123) -> dict[str, floa
     requested digit, per guidance scale."""
     from diffusers import DDIMScheduler
 
-    from genunc.zoo.judge import DigitsJudgeEvaluator
+    from genunc.research.judges import DigitsJudgeEvaluator
 
     if recipe.check_samples <= 0:
         return {}

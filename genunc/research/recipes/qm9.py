@@ -22,10 +22,8 @@ import torch
 from genunc._io import atomic_write
 from genunc.adapters.molecule import MoleculeAdapter
 from genunc.data.qm9 import edm_split, load_qm9
+from genunc.research.training import Resumable, default_device, train_steps, write_report
 from genunc.zoo.molecule_model import EquivariantDenoiser
-from genunc.zoo.training import Resumable, default_device, train_steps, write_report
-
-QM9_DIR = Path(__file__).parent / "weights" / "qm9_edm"
 
 
 @dataclass

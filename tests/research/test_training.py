@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from genunc.errors import GenuncError
-from genunc.zoo.training import Resumable, train_steps
+from genunc.research.training import Resumable, train_steps
 
 
 def _run(tmp_path, steps, recipe=None, checkpoint="ckpt.pt"):

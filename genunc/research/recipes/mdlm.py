@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from genunc.adapters.text import MaskedDiffusionLMAdapter
+from genunc.research.training import default_device, train_steps, write_report
 from genunc.sampling.masked import UnmaskingConfig, unmask
-from genunc.zoo.text_model import MaskedDiffusionTransformer
-from genunc.zoo.training import default_device, train_steps, write_report
+from genunc.zoo.text_model import MaskedDiffusionTransformer, save_model
 
 
 @dataclass
@@ -33,12 +33,6 @@ class MDLMRecipe:
     n_layers: int = 4
     n_heads: int = 4
     seed: int = 0
-
-
-def save_model(model: MaskedDiffusionTransformer, task: Any, directory: Path,
-               extra: dict | None = None) -> None:
-    """The model with its mask id and task, so the folder alone says how to run and check it."""
-    model.save_pretrained(directory, mask_id=task.mask_id, task=task.spec(), **(extra or {}))
 
 
 @torch.no_grad()

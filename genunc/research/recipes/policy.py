@@ -39,17 +39,11 @@ from genunc.errors import GenuncError
 from genunc.posterior import HeadPosterior
 from genunc.sampling.masked import UnmaskingConfig, unmask
 from genunc.sampling.policy import PolicyConfig, PolicyStep, UnmaskingPolicy, stack_record
-from genunc.zoo.order_tasks import SORT_DIR, SUDOKU4_DIR, WEIGHTS
+from genunc.zoo.shipped import SORT_DIR, SUDOKU4_DIR
 from genunc.zoo.text_model import load_text_adapter
 
 #: --task: the frozen model each policy is trained for
 MODELS = {"sudoku4": SUDOKU4_DIR, "sort": SORT_DIR}
-
-
-def policy_dir(task: str, inputs: str, block_length: int | None) -> Path:
-    """Where the shipped policy for this setting lives (``weights/policy_<task>_<conf|mi>[_b<K>]``)."""
-    tag = {"confidence": "conf", "confidence+mi": "mi"}[inputs]
-    return WEIGHTS / (f"policy_{task}_{tag}" + (f"_b{block_length}" if block_length else ""))
 
 
 @dataclass

@@ -10,8 +10,9 @@ from torch import nn
 
 from genunc.cli import main
 from genunc.errors import ShapeMismatchError
-from genunc.zoo.digits import CLASSIFIER_DIR, DigitsClassifier, split_digits
-from genunc.zoo.judge import JUDGE_DIR, DigitsJudge, DigitsJudgeEvaluator, JudgeRecipe, train_judge
+from genunc.research.judges import DigitsJudge, DigitsJudgeEvaluator, JudgeRecipe, train_judge
+from genunc.zoo.digits import DigitsClassifier, split_digits
+from genunc.zoo.shipped import CLASSIFIER_DIR, JUDGE_DIR
 
 
 @pytest.fixture(scope="module")

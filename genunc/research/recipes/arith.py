@@ -2,7 +2,7 @@
 
 A tiny masked-diffusion transformer learns to fill in the answer of ``a * b =`` problems
 (:class:`~genunc.tasks.ArithmeticTask`) from the training operand pairs; the held-out pairs are
-never seen.  The training itself is :func:`genunc.zoo.mdlm.train_mdlm` (MDLM's objective on the
+never seen.  The training itself is :func:`genunc.research.recipes.mdlm.train_mdlm` (MDLM's objective on the
 answer positions); the recipe deliberately stops while the model is still wrong on a sizeable
 share of held-out problems, so that selecting among candidates matters.
 """
@@ -12,12 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from genunc.research.recipes.mdlm import MDLMRecipe, train_mdlm
 from genunc.tasks import ArithmeticTask
-from genunc.zoo.mdlm import MDLMRecipe, accuracy, save_model, train_mdlm
-
-ARITH_DIR = Path(__file__).parent / "weights" / "arith_mdlm"
-
-__all__ = ["ARITH_DIR", "ArithRecipe", "accuracy", "save_model", "train_arith"]
 
 
 @dataclass
