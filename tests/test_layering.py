@@ -2,9 +2,16 @@
 
 Read from the source (every import, including those inside functions), so a shortcut that
 would tie a low layer to a high one fails here rather than in a later refactor.
+
+And the library never imports the lab: ``genunc.research`` (training recipes, GRPO, judges)
+sits in the top layer but nothing outside it imports it; the library reaches it only through
+registration (entry points, ``genunc.plugins``), and works without it.
 """
 
 import ast
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -86,6 +93,102 @@ def test_no_module_imports_a_higher_layer(repo):
               for line, module, _ in _imports(path, _package(repo, path))
               if top != "__init__" and LEVEL[_top(module)] > LEVEL[top]]
     assert not upward, "\n".join(upward)
+
+
+def _reaches_the_lab(path, package):
+    """``file:line`` of every way a file imports genunc.research: an import statement in any
+    form, or ``import_module`` / ``__import__`` of a name spelled out in the source."""
+    tree = ast.parse(path.read_text()) if hasattr(path, "read_text") else ast.parse(path)
+    found = [line for line, module, _ in _imports(path, package)
+             if module == "genunc.research" or module.startswith("genunc.research.")]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) \
+                in ("import_module", "__import__") and node.args \
+                and isinstance(node.args[0], ast.Constant) \
+                and str(node.args[0].value).startswith("genunc.research"):
+            found.append(node.lineno)
+    return sorted(found)
+
+
+def test_the_library_never_imports_the_lab(repo):
+    """No module outside genunc/research imports it, in any form (the lab is found through
+    entry points, genunc.plugins, so a library without the lab still works)."""
+    lab = repo / "genunc" / "research"
+    reached = [f"{path.relative_to(repo)}:{line} imports genunc.research"
+               for path, _ in _modules(repo) if lab not in path.parents
+               for line in _reaches_the_lab(path, _package(repo, path))]
+    assert not reached, "\n".join(reached)
+
+
+@pytest.mark.parametrize("source", [
+    "import genunc.research",
+    "from genunc import research",
+    "from genunc.research import judges",
+    "from genunc.research.recipes.digits import train_ddpm",
+    "def f():\n    import genunc.research.cli as c",
+    "from ..research import training",
+    "import importlib\nimportlib.import_module('genunc.research.judges')",
+    "__import__('genunc.research')",
+])
+def test_the_lab_check_sees_every_way_in(source):
+    assert _reaches_the_lab(source, "genunc.jobs")
+
+
+#: imports every library module (all of genunc but the lab and ``python -m genunc``) with the
+#: lab made unimportable, builds the parser, and reports what it saw
+_WITHOUT_THE_LAB = """
+import argparse, importlib, json, pkgutil, sys, warnings
+sys.modules["genunc.research"] = None  # as if the lab were not installed
+import genunc
+names = [m.name for m in pkgutil.walk_packages(genunc.__path__, "genunc.")
+         if m.name.split(".")[1] not in ("research", "__main__")]
+for name in names:
+    importlib.import_module(name)
+from genunc import plugins
+from genunc.cli import build_parser
+from genunc.errors import ConfigError
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    parser = build_parser()
+commands = [sorted(a.choices) for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+try:
+    plugins.judge("digits_judge")
+    judge = None
+except ConfigError as err:
+    judge = str(err)
+print(json.dumps({"modules": names, "commands": commands[0], "judge": judge,
+                  "warnings": [str(w.message) for w in caught],
+                  "lab": [m for m in sys.modules if m.startswith("genunc.research.")]}))
+"""
+
+
+def test_the_library_works_without_the_lab():
+    """With genunc.research unimportable, every library module imports (genunc, the CLI, all
+    jobs, every pipeline, posterior, export, filtering, risk, zoo ...), ``genunc`` builds its
+    parser without the lab's ``zoo`` command, and asking for the lab's judge is a one-line
+    ConfigError."""
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_THE_LAB], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    for module in ("genunc.cli", "genunc.jobs.image", "genunc.jobs.molecule", "genunc.jobs.text",
+                   "genunc.pipelines.image", "genunc.pipelines.text", "genunc.posterior",
+                   "genunc.export", "genunc.filtering", "genunc.risk", "genunc.zoo.shipped"):
+        assert module in seen["modules"]
+    assert {"demo", "fit", "generate", "filter", "evaluate"} <= set(seen["commands"])
+    assert "zoo" not in seen["commands"]
+    assert [w for w in seen["warnings"] if "'zoo'" in w], "a registered command that is gone says so"
+    assert "digits_judge" in seen["judge"] and "\n" not in seen["judge"]
+    assert seen["lab"] == []
+
+
+def test_the_lab_is_registered_and_found():
+    """Installed, the lab is reached through its entry points: the ``zoo`` command and the
+    ``digits_judge`` judge (pyproject.toml; ``pip install -e .`` re-reads them)."""
+    from genunc import plugins
+
+    assert plugins.registered(plugins.COMMANDS)["zoo"].value == "genunc.research.cli:add_parser"
+    assert plugins.registered(plugins.JUDGES)["digits_judge"].value == \
+        "genunc.research.judges:DigitsJudgeEvaluator"
 
 
 @pytest.mark.parametrize("source, package, found", [
