@@ -177,57 +177,40 @@ def _filter(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from genunc import filtering, labels
+    from genunc import filtering
     from genunc.export import Export
+    from genunc.report import evaluate_export, score_columns
 
     export = Export(args.export)
-    if len(export) == 0:
-        raise GenuncError(f"{args.export} holds no samples to evaluate")
-    column = export.column(args.quality).tolist()
-    failed = None
-    flags = labels.as_boolean(column)
-    if flags is not None or args.fail_below is not None or args.fail_above is not None:
-        failed = labels.failures(column, args.quality, fail_below=args.fail_below,
-                                 fail_above=args.fail_above)
-    try:
-        quality = (flags if flags is not None else np.asarray(column)).astype(float)
-    except (TypeError, ValueError):
-        raise GenuncError(f"quality column {args.quality!r} is neither boolean nor numeric") from None
-    names = [c for c in (args.scores.split(",") if args.scores else _score_columns(export))
-             if all(c in r for r in export.records)]
-    if not names:
-        raise GenuncError("the export holds none of the requested score columns")
-    rule = ("AUROC: n/a (continuous quality: give --fail-below/--fail-above)" if failed is None
-            else f"AUROC: failure = {labels.describe(args.quality, args.fail_below, args.fail_above)}")
+    names = args.scores.split(",") if args.scores else score_columns(export)
+    result = evaluate_export(export, args.quality, names, fail_below=args.fail_below,
+                             fail_above=args.fail_above)
     print(f"{len(export)} samples in {args.export}; quality column '{args.quality}' "
-          f"(mean {quality.mean():.3f}); {rule}")
+          f"(mean {result.quality.mean():.3f}); AUROC: {result.rule}")
     print(f"{'score':<16}{'Spearman':>10}{'AUROC':>8}{'AURC':>8}{'q@80%':>8}")
-    curves = {}
-    for name in names:
-        scores = export.column(name).astype(float)
-        stats = filtering.summarize(scores, quality, failed)
-        kept = filtering.keep_fraction(scores, 0.8)
-        print(f"{name:<16}{stats['spearman']:>10.3f}{stats['auroc']:>8.3f}"
-              f"{stats['area_under_retention']:>8.3f}{quality[kept].mean():>8.3f}")
-        curves[name] = filtering.retention_curve(scores, quality)
+    for row in result.rows:
+        print(f"{row.name:<16}{row.spearman:>10.3f}{row.auroc:>8.3f}"
+              f"{row.area_under_retention:>8.3f}{row.quality_kept:>8.3f}")
     if args.plot:
+        curves = {row.name: result.retention(row.name) for row in result.rows}
         filtering.plot_retention(args.plot, curves, ylabel=f"mean {args.quality} of kept")
         print(f"retention plot: {args.plot}")
     return 0
 
 
-def _score_columns(export) -> list[str]:
-    """The score columns the export's modality can hold (every modality's, if it names none)."""
-    from genunc.jobs import job_for, modalities
+def _report(args: argparse.Namespace) -> int:
+    from genunc.report import write_report
 
-    modality = export.metadata.get("modality")
-    names = [modality] if modality in modalities() else list(modalities())
-    columns: list[str] = []
-    for name in names:
-        columns += [c for c in job_for(name).pipeline_class.score_columns() if c not in columns]
-    return columns
+    path = write_report(args.export, args.out, quality=args.quality,
+                        scores=args.scores.split(",") if args.scores else None,
+                        fail_below=args.fail_below, fail_above=args.fail_above,
+                        extremes=args.extremes)
+    print(f"report: {path}")
+    if args.png:
+        from genunc.report.browser import screenshot
+
+        print(f"screenshot: {screenshot(path, args.png)}")
+    return 0
 
 
 def failure_rule(parser: argparse.ArgumentParser) -> None:
@@ -325,6 +308,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", help="write a retention plot here")
     failure_rule(ev)
     ev.set_defaults(func=_evaluate)
+
+    rpt = sub.add_parser(
+        "report", help="one self-contained HTML page to look at an export",
+        description="The most and least uncertain samples of each score side by side (images, "
+        "RDKit depictions, text coloured by per-token mutual information), the score "
+        "distributions, retention curves against the random ranking, the risk-control "
+        "certificate of a filtered export and the run's metadata, in one HTML file with no "
+        "external asset.  Its numbers are those of genunc evaluate.",
+        epilog="example: genunc report outputs/digits/export --out digits.html")
+    rpt.add_argument("export")
+    rpt.add_argument("--out", help="HTML file to write (default: <export>/report.html)")
+    rpt.add_argument("--quality", help="quality column (default: the one the export's job "
+                     "writes: judge_agrees, molecule_stable or correct)")
+    rpt.add_argument("--scores", help="comma-separated score columns (default: all present)")
+    rpt.add_argument("--extremes", type=int, default=12,
+                     help="most and least uncertain samples shown per score (default 12)")
+    rpt.add_argument("--png", help="also write a screenshot of the page here (needs Chromium)")
+    failure_rule(rpt)
+    rpt.set_defaults(func=_report)
 
     mrg = sub.add_parser(
         "merge", help="merge the shards of a multi-process generate run into one export",

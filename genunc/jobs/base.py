@@ -40,6 +40,8 @@ class Job(ABC):
     export_format: ClassVar[str]
     #: allowed values of the config's ``quality`` key (None: no quality columns)
     qualities: ClassVar[tuple[str | None, ...]] = (None,)
+    #: the export column a quality option fills that ``genunc report`` judges scores against
+    quality_column: ClassVar[str | None] = None
     #: the pipeline this job drives (its score catalogue names the export's columns)
     pipeline_class: ClassVar[type[UncertaintyPipeline]]
 

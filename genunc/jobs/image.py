@@ -75,6 +75,7 @@ def _judge(quality: str, device: str) -> Any:
 class ImageJob(Job):
     modality = "image"
     export_format = "png"
+    quality_column = "judge_agrees"
     pipeline_class = ImageUncertaintyPipeline
 
     @property

@@ -24,6 +24,7 @@ class MoleculeJob(Job):
     modality = "molecule"
     export_format = "sdf"
     qualities = (None, "edm_metrics")
+    quality_column = "molecule_stable"
     pipeline_class = MoleculeUncertaintyPipeline
 
     def shipped_models(self) -> dict[str, Path]:

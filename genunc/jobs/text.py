@@ -25,6 +25,7 @@ class TextJob(Job):
     modality = "text"
     export_format = "json"
     qualities = (None, "checker")
+    quality_column = "correct"
     pipeline_class = TextUncertaintyPipeline
 
     def shipped_models(self) -> dict[str, Path]:
@@ -66,6 +67,8 @@ class TextJob(Job):
         if chunk.nfe is not None:
             leading["nfe"] = chunk.nfe
         records = scored_records(len(ids), out.scores, leading, {"correct": chunk.correct})
-        return [(i, {"prompt": prompt, "completion": completion}, record)
-                for i, prompt, completion, record in
-                zip(ids, chunk.prompts, chunk.completions, records)]
+        payloads = [{"prompt": prompt, "completion": completion}
+                    for prompt, completion in zip(chunk.prompts, chunk.completions)]
+        for payload, tokens in zip(payloads, chunk.token_mi or []):
+            payload["token_mutual_information"] = tokens
+        return [(i, payload, record) for i, payload, record in zip(ids, payloads, records)]

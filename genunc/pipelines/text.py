@@ -104,13 +104,16 @@ class TextUncertaintyOutput(UncertaintyOutput):
 @dataclass
 class TextChunk:
     """A chunk of a text run, as an export writes it: per sample its prompt (the ``condition``
-    column), its completion, the NFE where the loop counts them, and the checker's verdict where
-    the pipeline has a checker and the run asked for it."""
+    column), its completion, the NFE where the loop counts them, the checker's verdict where
+    the pipeline has a checker and the run asked for it, and, where the run computed mutual
+    information, each completion's tokens with the MI at their commit step (what ``genunc
+    report`` colours)."""
 
     prompts: list[str]
     completions: list[str]
     nfe: np.ndarray | None = None
     correct: np.ndarray | None = None
+    token_mi: list[list[tuple[str, float]]] | None = None
 
 
 class TextUncertaintyPipeline(UncertaintyPipeline):
@@ -192,10 +195,16 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
         """The chunk's prompts, completions, NFE and (with `check`) the checker's verdicts."""
         task = self.task
         texts = [task.decode(tokens) for tokens in out.tokens]
+        mi = out.token_stats.get("mutual_information")
+        token_mi = None if mi is None else [
+            [(task.decode([t]), float(v)) for t, v in zip(row[task.prompt_length :].tolist(),
+                                                          values[task.prompt_length :].tolist())]
+            for row, values in zip(out.tokens, mi)]
         return TextChunk(prompts=[text[: task.prompt_length] for text in texts],
                          completions=[text[task.prompt_length :] for text in texts],
                          nfe=out.row_nfe.astype(int),
-                         correct=task.check(out.tokens).astype(bool) if check else None)
+                         correct=task.check(out.tokens).astype(bool) if check else None,
+                         token_mi=token_mi)
 
     @classmethod
     def from_pipe(cls, pipe: Any, posterior: HeadPosterior | None = None,
