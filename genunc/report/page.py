@@ -189,8 +189,8 @@ def render(export, names: list[str], evaluation: Evaluation | None, extremes: in
         {name: export.column(name).astype(float) for name in names}
     n = len(export)
     k = min(extremes, n)
-    chosen = {name: (keep_order(values)[:k], keep_order(values)[::-1][:k])
-              for name, values in scores.items()}
+    orders = {name: keep_order(values) for name, values in scores.items()}
+    chosen = {name: (order[:k], order[::-1][:k]) for name, order in orders.items()}
     context: dict[str, Any] = {}
     if export.format == "json":
         shown = {int(i) for low, high in chosen.values() for i in np.concatenate([low, high])}
