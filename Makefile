@@ -45,7 +45,7 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[text,clip,parquet,launch,dev]"
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[text,clip,parquet,launch,rl,dev]"
 	$(LATEST)/bin/python .ci/check_lock.py $(LOCK) --report
 	$(LATEST)/bin/python -m pytest -q --durations=15
 
