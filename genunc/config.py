@@ -181,12 +181,13 @@ RULES: dict[str, Rule] = {
 }
 
 
-def check_config(config: Mapping[str, Any]) -> None:
-    """Every entry against :data:`RULES`; all problems at once, each naming key, value and what
-    is allowed."""
-    problems = [f"  {key}: {value!r} is not allowed; expected {RULES[key].describe()}"
+def check_config(config: Mapping[str, Any], rules: Mapping[str, Rule] | None = None) -> None:
+    """Every entry against `rules` (default :data:`RULES`); all problems at once, each naming
+    key, value and what is allowed."""
+    rules = RULES if rules is None else rules
+    problems = [f"  {key}: {value!r} is not allowed; expected {rules[key].describe()}"
                 for key, value in flatten(config).items()
-                if key in RULES and not RULES[key].accepts(value)]
+                if key in rules and not rules[key].accepts(value)]
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
 
@@ -202,10 +203,13 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
+                defaults: Mapping[str, Any] | None = None,
+                rules: Mapping[str, Rule] | None = None) -> dict[str, Any]:
     """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML);
-    the result is checked against :data:`RULES` before anything uses it."""
-    config = copy.deepcopy(DEFAULTS)
+    the result is checked against the rules before anything uses it.  A job config uses
+    :data:`DEFAULTS` / :data:`RULES`; other schemas (``genunc rl``'s) pass their own."""
+    config = copy.deepcopy(DEFAULTS if defaults is None else dict(defaults))
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -228,7 +232,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
         _merge(config, nested, prefix="")
-    check_config(config)
+    check_config(config, rules)
     return config
 
 

@@ -32,6 +32,13 @@ PURPOSES = frozenset({
     "atom_counts",       # a molecule's size, per sample
     "prompt_order",      # which prompts a text export takes, per run
     "bootstrap",         # evaluation resampling
+    # reinforcement learning (genunc.rl)
+    "network_init",      # a network's initial weights, per network
+    "training_noise",    # diffusion losses' timesteps and noise, per training step
+    "replay_sampling",   # which transitions a training minibatch takes, per training step
+    "env_reset",         # an episode's environment seed, per episode
+    "bonus_noise",       # the matched-noise control's exploration bonus, per online step
+    "transition_samples",  # the shift detector's transition-model samples, per transition
 })
 
 
