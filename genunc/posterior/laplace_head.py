@@ -395,6 +395,19 @@ class HeadPosterior(Posterior):
         other.info["log_marglik"] = other.log_marginal_likelihood()
         return other
 
+    def recentre(self, head: nn.Module) -> None:
+        """Move the posterior mean onto `head`'s current weights, in place; the curvature (and so
+        every variance) is kept.  For a head that keeps training between refits (DUAL's online
+        actor): draws then spread around the weights that act, not around stale ones."""
+        if self.subset is not None:
+            raise GenuncError("recentre needs a posterior over the whole head, not a row subset")
+        flat = torch.cat([p.detach().reshape(-1) for _, p in head.named_parameters()])
+        if flat.shape != self.laplace.mean.shape:
+            raise GenuncError(f"recentre: the head has {flat.numel()} weights, the posterior "
+                              f"{self.laplace.mean.numel()}")
+        self.laplace.mean = flat.to(self.laplace.mean)
+        self.fingerprint = head_fingerprint(self.head_name, head)
+
     # ------------------------------------------------------------------ draws
     def sample(self, num_draws: int, seed: int | torch.Generator | None = 0, *,
                with_map: bool = False) -> HeadDraws:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from genunc.errors import GenuncError
+from genunc.errors import FingerprintMismatchError, GenuncError
 from genunc.posterior import Conv2dOps, GenericOps, HeadPosterior, LinearOps, head_ops_for
 
 M = 5
@@ -90,6 +90,27 @@ def test_map_draw_reproduces_head():
     draws = post.sample(2, with_map=True)
     assert draws.with_map and not draws[1:].with_map and draws[:1].with_map
     torch.testing.assert_close(draws[0].apply(x)[0], head(x).detach())
+
+
+def test_recentre_moves_the_mean_onto_the_trained_head_and_keeps_the_variances():
+    head = nn.Linear(5, 3)
+    x = torch.randn(30, 5)
+    post = HeadPosterior.fit_features(head, (x, torch.randn(30, 3)), prior_precision=1.0)
+    before, old_sha = post.posterior_variance.clone(), post.fingerprint["weights_sha256"]
+    with torch.no_grad():
+        head.weight.add_(0.5)  # the head trains on after the fit
+    model = nn.Module()
+    model.head = head
+    with pytest.raises(FingerprintMismatchError, match="head weights differ"):
+        post.check_matches(model)
+    post.recentre(head)
+    post.check_matches(model)
+    assert post.fingerprint["weights_sha256"] != old_sha
+    torch.testing.assert_close(post.posterior_variance, before)
+    draws = post.sample(2, with_map=True)
+    torch.testing.assert_close(draws[0].apply(x)[0], head(x).detach())
+    with pytest.raises(GenuncError, match="weights"):
+        post.recentre(nn.Linear(4, 3))
 
 
 def test_same_seed_same_draws_different_seed_different_draws():
