@@ -14,6 +14,7 @@ _WHERE = {
     "DenoiserAdapter": "genunc.adapters",
     "MaskedTokenAdapter": "genunc.adapters",
     "NoisePredictionAdapter": "genunc.adapters",
+    "VectorDenoiserAdapter": "genunc.adapters",
     "HeadDraws": "genunc.posterior",
     "HeadPosterior": "genunc.posterior",
 }

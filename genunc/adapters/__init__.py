@@ -2,6 +2,7 @@
 
 from genunc.adapters.base import DenoiserAdapter, Likelihood, TrainingPairs, resolve_module
 from genunc.adapters.generic import MaskedTokenAdapter, NoisePredictionAdapter
+from genunc.adapters.vector import VectorDenoiserAdapter
 
 __all__ = [
     "DenoiserAdapter",
@@ -9,5 +10,6 @@ __all__ = [
     "MaskedTokenAdapter",
     "NoisePredictionAdapter",
     "TrainingPairs",
+    "VectorDenoiserAdapter",
     "resolve_module",
 ]

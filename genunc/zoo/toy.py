@@ -1,4 +1,5 @@
-"""Tiny, untrained denoisers with the three output layouts genunc serves.
+"""Tiny, untrained denoisers with the output layouts genunc serves (images, point clouds,
+tokens, vectors).
 
 They exist so that tests, benchmarks and smoke runs exercise the real code paths in seconds; they
 are not reference models and produce nothing meaningful.
@@ -10,6 +11,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from genunc.zoo.pretrained import Pretrained
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -70,3 +73,28 @@ class ToyTokenDenoiser(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.embed(x) + self.position[: x.shape[1]]
         return self.lm_head(self.mix(h))
+
+
+class ToyVectorDenoiser(Pretrained, nn.Module):
+    """``x (B, D), t, cond (B, C) -> eps (B, D)``: an MLP over the noisy vector, the context and
+    a timestep embedding; the head is the Linear ``head`` (the layout of a diffusion policy's
+    actor, :class:`~genunc.adapters.vector.VectorDenoiserAdapter`).  ``depth`` hidden layers of
+    ``width``; ``save_pretrained`` / ``from_pretrained`` keep its arguments."""
+
+    def __init__(self, dim: int = 3, cond_dim: int = 11, width: int = 32, depth: int = 2,
+                 time_dim: int = 16) -> None:
+        super().__init__()
+        self.config = dict(dim=dim, cond_dim=cond_dim, width=width, depth=depth,
+                           time_dim=time_dim)
+        self.dim, self.cond_dim, self.time_dim = dim, cond_dim, time_dim
+        layers: list[nn.Module] = []
+        sizes = [dim + cond_dim + time_dim] + [width] * depth
+        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(n_in, n_out), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, dim)
+
+    def forward(self, x: Tensor, t: Tensor | int, cond: Tensor) -> Tensor:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        h = torch.cat([x, cond, timestep_embedding(t, self.time_dim).to(x.dtype)], dim=-1)
+        return self.head(self.body(h))
