@@ -6,6 +6,7 @@
 #   make test-latest  the newest versions pyproject.toml's ranges allow, in .venv-latest, then the suite
 #   make lock         regenerate requirements.lock from pyproject.toml (then run make test-latest)
 #   make docs         the documentation site into site/ (mkdocs build --strict; CI runs it)
+#   make report-screenshots  the report's browser test, saving its screenshots in docs/images/browser-test/
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -15,7 +16,7 @@ LOCK_CONSTRAINTS := .ci/lock-constraints.txt
 STAMP  := $(VENV)/.installed
 LATEST ?= .venv-latest
 
-.PHONY: venv demo lint test test-fast test-latest lock docs bench clean
+.PHONY: venv demo lint test test-fast test-latest lock docs report-screenshots bench clean
 
 venv: $(STAMP)
 
@@ -57,6 +58,10 @@ lock: $(STAMP)
 docs: $(STAMP)
 	$(PY) docs/gen_cli.py
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# one report per modality, in headless Chromium (needs chromium: apt-get install chromium)
+report-screenshots: $(STAMP)
+	GENUNC_REPORT_SCREENSHOTS=docs/images/browser-test $(PY) -m pytest -q tests/report/test_browser.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_apply.py

@@ -1,7 +1,6 @@
 """genunc report: one self-contained page whose numbers are genunc evaluate's."""
 
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -63,19 +62,3 @@ def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(GenuncError, match="none of the score columns"):
         write_report(export, tmp_path / "r.html", scores=["variability"])
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium "
-                    "(.ci/run installs it)")
-def test_the_page_loads_in_a_real_browser_without_console_errors(tmp_path):
-    from genunc.report.browser import load, screenshot
-
-    page = write_report(_text_export(tmp_path / "export", 80), tmp_path / "r.html")
-    loaded = load(page)
-    assert loaded.console == [], loaded.console
-    assert re.search(r'data-load-ms="[\d.]+"', loaded.dom)  # the page's script ran
-    png = screenshot(page, tmp_path / "r.png")
-    from PIL import Image
-
-    pixels = np.asarray(Image.open(png).convert("L"))
-    assert pixels.std() > 5  # not a blank page
