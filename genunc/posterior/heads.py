@@ -31,8 +31,11 @@ ParamDict = Mapping[str, Tensor]
 
 
 def check_finite(tensor: Tensor, what: str) -> None:
-    """Raise a clear error (with counts) if `tensor` holds NaN or inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """Raise a clear error (with counts) if `tensor` holds NaN or inf.  A finite sum means every
+    entry is finite (a NaN or inf would reach it), so the elementwise test runs only when the
+    sum is not (a NaN, an inf, or an overflow of finite entries)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())) \
+            and not bool(torch.isfinite(tensor).all()):
         n_nan = int(torch.isnan(tensor).sum())
         n_inf = int(torch.isinf(tensor).sum())
         raise NonFiniteError(

@@ -20,17 +20,25 @@ every group's head draw in one grouped op: the fast path) or a block that ends a
 tail re-run per group on what entered it, batched over the draws).  Sampling, forking, and the
 variability record are written once for both.
 
-The M+1 generations differ only by their heads, for every scheduler: once the batch forks, each
-trajectory steps with a scheduler copy of its own, and every copy draws the same step noise
-(the generator is rewound to the same state before each), so a posterior collapsed to its mean
-gives M+1 identical generations, DDPM included, and the MAP trajectory is the same whether or
-not perturbed ones run beside it.  Stochastic schedulers need a ``generator`` for this.
+The M+1 generations differ only by their heads, for every scheduler: every trajectory group
+draws the same step noise, so a posterior collapsed to its mean gives M+1 identical generations,
+DDPM included, and the MAP trajectory is the same whether or not perturbed ones run beside it.
+Stochastic schedulers need a ``generator`` for this.  How (``_GroupStepper``): where the batch
+forks before the first step, one scheduler steps every group's rows in one call (it holds no
+state to copy yet); after a late fork each group steps with a scheduler copy of its own.  Either
+way the noise is drawn once per sample and shared: during the step, the scheduler's own
+``randn_tensor`` (diffusers draws all step noise with it) is wrapped, for calls with this loop's
+generators only, so that the rows of the first group are drawn and every other group gets the
+same rows.  A scheduler whose module draws noise some other way falls back to rewinding the
+generators before each group's step (the same numbers, one draw per group).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,8 +87,8 @@ def repeat_batch(value: Any, reps: int) -> Any:
 
 
 class _GroupStepper:
-    """Steps G trajectories that share one batch, each with its own scheduler state and the same
-    sampler noise (the generators are rewound before each group's step).
+    """Steps G trajectory groups that share one batch, each with its own scheduler state (one
+    scheduler for all when they fork before the first step) and the same sampler noise.
 
     `generator` is one generator or one per sample (diffusers' schedulers take either); with
     per-sample generators each sample's noise depends on that sample alone, not on the batch
@@ -90,20 +98,39 @@ class _GroupStepper:
     def __init__(self, scheduler: Any,
                  generator: torch.Generator | list[torch.Generator] | None) -> None:
         self.schedulers = [scheduler]
+        self.groups = 1
+        self.steps = 0
         self.generators = [] if generator is None else \
             list(generator) if isinstance(generator, (list, tuple)) else [generator]
         # stochastic schedulers take a generator; deterministic ones (PNDM, ...) may not accept one
-        self.kwargs = {"generator": generator} \
-            if "generator" in inspect.signature(scheduler.step).parameters else {}
+        takes = "generator" in inspect.signature(scheduler.step).parameters
+        self.kwargs = {"generator": generator} if takes else {}
+        self.noise = _SharedNoise.of(scheduler, generator) if takes else None
 
     def fork(self, groups: int) -> None:
-        """From now on G trajectories: the MAP's scheduler state is copied to every group."""
-        self.schedulers += [copy.deepcopy(self.schedulers[0]) for _ in range(groups - 1)]
+        """From now on G trajectories; after the first step, the MAP's scheduler state is
+        copied to every group."""
+        self.groups = groups
+        if self.steps or self.noise is None:
+            self.schedulers += [copy.deepcopy(self.schedulers[0]) for _ in range(groups - 1)]
 
     def step(self, out: Tensor, t: Tensor, x: Tensor) -> Tensor:
-        groups = len(self.schedulers)
+        self.steps += 1
+        groups = self.groups
         if groups == 1:
             return self.schedulers[0].step(out, t, x, **self.kwargs).prev_sample
+        rows = x.shape[0] // groups
+        if len(self.schedulers) == 1:  # forked before any step: all groups in one call
+            with self.noise.shared(groups, rows):
+                return self.schedulers[0].step(out, t, x, **self.kwargs).prev_sample
+        if self.noise is not None:
+            with self.noise.shared(groups, rows) as replay:
+                steps = []
+                for g, (scheduler, out_g, x_g) in enumerate(zip(self.schedulers, out.chunk(groups),
+                                                               x.chunk(groups))):
+                    replay(g > 0)
+                    steps.append(scheduler.step(out_g, t, x_g, **self.kwargs).prev_sample)
+            return torch.cat(steps)
         states = [g.get_state() for g in self.generators]
         steps = []
         for scheduler, out_g, x_g in zip(self.schedulers, out.chunk(groups), x.chunk(groups)):
@@ -111,6 +138,60 @@ class _GroupStepper:
                 g.set_state(state)
             steps.append(scheduler.step(out_g, t, x_g, **self.kwargs).prev_sample)
         return torch.cat(steps)
+
+
+#: held while a scheduler module's ``randn_tensor`` is wrapped (steps of concurrent loops wait)
+_NOISE_LOCK = threading.Lock()
+
+
+class _SharedNoise:
+    """The step noise of G trajectory groups, drawn once per sample: within :meth:`shared`, the
+    scheduler module's ``randn_tensor`` answers calls made with this loop's `generator` (and
+    only those) with the first group's rows: repeated G times for a call over every group's
+    rows, replayed for the later groups' own calls."""
+
+    def __init__(self, module: Any, generator: Any) -> None:
+        self.module, self.generator = module, generator
+
+    @classmethod
+    def of(cls, scheduler: Any, generator: Any) -> "_SharedNoise | None":
+        """The shared noise of `scheduler`'s steps, or None where its step's module draws no
+        noise through diffusers' ``randn_tensor`` or no generator makes the noise repeatable."""
+        module = sys.modules.get(getattr(type(scheduler).step, "__module__", ""))
+        if generator is None or not callable(getattr(module, "randn_tensor", None)):
+            return None
+        return cls(module, generator)
+
+    @contextmanager
+    def shared(self, groups: int, rows: int) -> Iterator[Callable[[bool], None]]:
+        """Within the block, steps of `groups` groups of `rows` rows share one draw; yields
+        ``replay(flag)``: whether the next group's own call repeats the first group's draws."""
+        original = self.module.randn_tensor
+        drawn: list[Tensor] = []
+        state = {"replay": False, "next": 0}
+
+        def replay(flag: bool) -> None:
+            state["replay"], state["next"] = flag, 0
+
+        def randn_tensor(shape: Any, generator: Any = None, **kwargs: Any) -> Tensor:
+            if generator is not self.generator:
+                return original(shape, generator=generator, **kwargs)
+            if state["replay"] and state["next"] < len(drawn):
+                state["next"] += 1
+                return drawn[state["next"] - 1]
+            if groups > 1 and shape[0] == rows * groups:  # one call over every group's rows
+                noise = original((rows, *shape[1:]), generator=generator, **kwargs)
+                return noise.repeat(groups, *([1] * (len(shape) - 1)))
+            noise = original(shape, generator=generator, **kwargs)
+            drawn.append(noise)
+            return noise
+
+        with _NOISE_LOCK:
+            self.module.randn_tensor = randn_tensor
+            try:
+                yield replay
+            finally:
+                self.module.randn_tensor = original
 
 
 @torch.no_grad()
