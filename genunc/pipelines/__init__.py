@@ -1,7 +1,7 @@
 """User-facing pipelines: generate samples together with their uncertainty scores.
 
-All three share :class:`~genunc.pipelines.base.UncertaintyPipeline` (argument names, score
-checks, head draws, posterior fit/load/save) and return an
+Every modality's pipeline shares :class:`~genunc.pipelines.base.UncertaintyPipeline` (argument
+names, score checks, head draws, posterior fit/load/save) and returns an
 :class:`~genunc.pipelines.base.UncertaintyOutput` subclass.  Each modality's module is imported
 when first used, so asking for the text pipeline does not load e3nn or diffusers.
 """
@@ -18,6 +18,8 @@ _WHERE = {
     "MoleculeUncertaintyPipeline": "molecule",
     "TextUncertaintyOutput": "text",
     "TextUncertaintyPipeline": "text",
+    "VectorUncertaintyOutput": "vector",
+    "VectorUncertaintyPipeline": "vector",
     "PipelineUncertaintyOutput": "wrapped",
     "WrappedImagePipeline": "wrapped",
     "WrappedTextOutput": "text_wrapped",
