@@ -39,6 +39,9 @@ PURPOSES = frozenset({
     "env_reset",         # an episode's environment seed, per episode
     "bonus_noise",       # the matched-noise control's exploration bonus, per online step
     "transition_samples",  # the shift detector's transition-model samples, per transition
+    "dataset_split",     # which episodes of an offline dataset are held out, per split
+    "behaviour_policy",  # the behaviour policy's sampling while offline data is made
+    "random_policy",     # the uniform-random policy's actions (the normalisation return)
 })
 
 

@@ -25,7 +25,7 @@ LAYERS = [
     {"zoo", "features"},
     {"export"},
     {"pipelines"},
-    {"jobs", "demos", "report"},
+    {"jobs", "demos", "report", "rl"},  # rl: DUAL and its environments and offline data
     {"cli", "__main__", "__init__", "research"},  # research: the lab, imported by none of these
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -8,7 +8,7 @@ and the digits judge behind ``quality: zoo:digits_judge`` (:mod:`genunc.research
 
 * :mod:`genunc.research.training`: the training skeleton every recipe runs on;
 * :mod:`genunc.research.recipes`: one module per reference model (``digits``, ``digits_latent``,
-  ``qm9``, ``mdlm`` with ``arith`` and ``order_tasks``, and ``policy``: GRPO for the learned
-  unmasking policy);
+  ``qm9``, ``mdlm`` with ``arith`` and ``order_tasks``, ``policy``: GRPO for the learned
+  unmasking policy, and ``rl_dataset``: the SAC behaviour policy and offline RL datasets);
 * :mod:`genunc.research.judges`: the independent digits judge, its recipe and its evaluator.
 """

@@ -24,6 +24,16 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
     if args.model == "unmask-policy":
         return _train_policy(args)
+    if args.model == "rl-dataset":
+        return _train_rl_dataset(args)
+    rl_only = [flag for flag, value in (("--env", args.env), ("--eval-every", args.eval_every),
+                                        ("--eval-episodes", args.eval_episodes),
+                                        ("--transitions", args.transitions),
+                                        ("--learning-starts", args.learning_starts),
+                                        ("--ship", args.ship or None))
+               if value is not None]
+    if rl_only:
+        raise GenuncError(f"{', '.join(rl_only)} apply to rl-dataset only")
     policy_only = [flag for flag, value in (("--task", args.task), ("--inputs", args.inputs),
                                             ("--block-length", args.block_length),
                                             ("--prompts-per-batch", args.prompts_per_batch),
@@ -81,6 +91,32 @@ def _zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_rl_dataset(args: argparse.Namespace) -> int:
+    """``genunc zoo train rl-dataset``: SAC behaviour policy, then medium and medium-replay
+    offline datasets (:mod:`genunc.research.recipes.rl_dataset`)."""
+    import json
+
+    from genunc.research.recipes import rl_dataset
+    from genunc.rl.data import shipped_dir
+
+    if args.batch_size or args.epochs or args.vae_steps or args.max_minutes:
+        raise GenuncError("rl-dataset takes --env, --steps, --eval-every, --eval-episodes, "
+                          "--transitions, --learning-starts, --seed, --out, --ship and --device")
+    given = {"env": args.env, "steps": args.steps, "eval_every": args.eval_every,
+             "eval_episodes": args.eval_episodes, "transitions": args.transitions,
+             "learning_starts": args.learning_starts, "seed": args.seed}
+    recipe = rl_dataset.RLDatasetRecipe(**{k: v for k, v in given.items() if v is not None})
+    out = Path(args.out or Path("outputs") / "zoo" / f"rl-dataset-{recipe.env}")
+    if out.resolve() == shipped_dir(recipe.env).resolve():
+        raise GenuncError(f"{out} is the shipped datasets' folder; train into another --out "
+                          "and pass --ship to copy the datasets there")
+    report = rl_dataset.train_rl_dataset(recipe, out, device=args.device, ship=args.ship)
+    print(json.dumps({k: report[k] for k in ("random_return", "best_return", "medium",
+                                             "datasets")}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
 def _train_policy(args: argparse.Namespace) -> int:
     """``genunc zoo train unmask-policy``: GRPO on a shipped frozen model
     (:mod:`genunc.research.recipes.policy`)."""
@@ -122,7 +158,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     train.add_argument("model", choices=["digits-ddpm", "digits-classifier", "digits-judge", "qm9-edm",
                                          "arith-mdlm", "digits-latent", "sudoku4-mdlm", "sort-mdlm",
-                                         "addition-mdlm", "unmask-policy"])
+                                         "addition-mdlm", "unmask-policy", "rl-dataset"])
     train.add_argument("--out", help="output directory (default: outputs/zoo/<model>)")
     train.add_argument("--overwrite", action="store_true",
                        help="allow --out to be the shipped weights folder (replaces them)")
@@ -149,5 +185,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="GRPO's group-normalised advantages (default) or centred only")
     policy.add_argument("--warm-steps", type=int, default=100,
                         help="imitation steps before GRPO (with --warm-start; default 100)")
+    rl = train.add_argument_group("rl-dataset (SAC behaviour policy -> medium, medium-replay data)")
+    rl.add_argument("--env", help="gymnasium env id (default Hopper-v5)")
+    rl.add_argument("--eval-every", type=int, help="SAC steps between checkpoints (default 10000)")
+    rl.add_argument("--eval-episodes", type=int,
+                    help="evaluation episodes per checkpoint, fixed seeds (default 5)")
+    rl.add_argument("--transitions", type=int, help="medium dataset size (default 100000)")
+    rl.add_argument("--learning-starts", type=int,
+                    help="uniform-random steps before SAC updates (default 10000)")
+    rl.add_argument("--ship", action="store_true",
+                    help="copy the finished datasets into genunc/zoo/weights/rl_<env>")
     train.set_defaults(func=_zoo_train)
     return zoo
