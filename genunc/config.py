@@ -15,21 +15,23 @@ from genunc.errors import ConfigError, MissingFileError
 
 #: Every key a config may hold, with its default; unknown keys are rejected (typos fail loudly).
 DEFAULTS: dict[str, Any] = {
-    "modality": "image",  # image | molecule | text
+    "modality": "image",  # image | molecule | text | vector
     "model": None,  # zoo:<name> or a path to a model folder
     # image: zoo:digits_classifier | pixels | clip:<path>; molecule: descriptors;
     # text: answer (answer-level one-hot) | minilm (sentence embeddings, genunc[text])
     "features": "zoo:digits_classifier",
     # image: zoo:digits_judge adds the independent judge's agreement columns; molecule: edm_metrics adds
-    # atom/molecule stability, RDKit validity and SMILES; text: checker adds `correct`
+    # atom/molecule stability, RDKit validity and SMILES; text: checker adds `correct`; vector:
+    # reference adds `reference_error` (distance to the context's reference vector)
     "quality": None,
     "device": "cpu",
     "posterior": {
         "dir": None,  # default: <model>/genunc_posterior for paths, outputs/<name>/posterior for zoo
         # image: zoo:digits_train or a .pt / .npy file of images (N, C, H, W);
-        # molecule: zoo:qm9_train or a .npz molecule cache; text: zoo:arith_train
+        # molecule: zoo:qm9_train or a .npz molecule cache; text: zoo:arith_train;
+        # vector: an .npz of clean vectors `x` (n, D) and their contexts `cond` (n, C)
         "data": "zoo:digits_train",
-        "max_samples": None,  # molecule / text: training examples used (default 2000 / 4000)
+        "max_samples": None,  # molecule / text / vector: training examples used (2000 / 4000 / all)
         # diag | kron | full; lowrank (tail posteriors: the GGN diagonal plus its top `rank`
         # eigenpairs, for blocks where full does not fit and kron does not apply)
         "structure": "diag",
@@ -68,7 +70,11 @@ DEFAULTS: dict[str, Any] = {
         # prompt i mod len(prompts))
         "guidance_scale": None,
         "prompts": None,
-        "candidates": 1,  # text: samples per prompt (best-of-N: filter --best-of condition)
+        "candidates": 1,  # text: samples per prompt; vector: per context (filter --best-of condition)
+        # vector: an .npz whose `cond` (n, C) are the contexts generated for (sample i answers
+        # context (i // candidates) mod n); its `x` (n, D), where present, are the references
+        # that quality: reference measures against
+        "contexts": None,
         "temperature": 0.0,  # text: token temperature (0 = greedy)
         "block_length": None,  # text: semi-autoregressive block length (default: one block)
         "gen_length": None,  # text, diffusers pipeline folders: tokens to generate (null: its default)
@@ -168,6 +174,7 @@ RULES: dict[str, Rule] = {
     "generate.variance": Rule(str, choices=("exact", "monte_carlo")),
     "generate.variability_target": Rule(str, choices=("noise", "clean")),
     "generate.sampler": OPTIONAL_TEXT, "generate.candidates": COUNT,
+    "generate.contexts": OPTIONAL_TEXT,
     "generate.guidance_scale": Rule(float, minimum=0, nullable=True),
     "generate.prompts": Rule(list, item=str, nullable=True),
     "generate.temperature": Rule(float, minimum=0),

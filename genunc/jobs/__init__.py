@@ -18,6 +18,7 @@ _MODALITIES: dict[str, str] = {
     "image": "genunc.jobs.image:ImageJob",
     "molecule": "genunc.jobs.molecule:MoleculeJob",
     "text": "genunc.jobs.text:TextJob",
+    "vector": "genunc.jobs.vector:VectorJob",
 }
 
 

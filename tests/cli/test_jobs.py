@@ -131,7 +131,7 @@ def test_shipped_configs_name_shipped_models_and_known_scores(repo):
 
 
 def test_every_modality_is_one_registered_job():
-    assert modalities() == ("image", "molecule", "text")
+    assert modalities() == ("image", "molecule", "text", "vector")
     for name in modalities():
         job = job_for(name)
         assert job.modality == name and job.pipeline_class.score_columns()
