@@ -479,6 +479,14 @@ def _model_folder(modality, path, request):
         return request.getfixturevalue("tiny_ddpm_folder")(path)
     if modality == "molecule":
         return request.getfixturevalue("tiny_molecule_folder")(path)
+    if modality == "vector":
+        from diffusers import DDPMScheduler
+
+        from genunc.pipelines import VectorUncertaintyPipeline
+        from genunc.zoo.toy import ToyVectorDenoiser
+
+        return VectorUncertaintyPipeline(ToyVectorDenoiser(3, 4, width=64),
+                                         DDPMScheduler(num_train_timesteps=5)).save_pretrained(path)
     from genunc.zoo.text_model import save_model
 
     task = request.getfixturevalue("arith_task")
@@ -487,7 +495,7 @@ def _model_folder(modality, path, request):
     return path
 
 
-@pytest.mark.parametrize("modality", ["image", "molecule", "text"])
+@pytest.mark.parametrize("modality", ["image", "molecule", "text", "vector"])
 @pytest.mark.parametrize("damage", ["truncated weights", "empty weights", "torn config"])
 def test_a_damaged_model_folder_is_a_one_line_error_naming_the_folder(tmp_path, request,
                                                                       modality, damage):
