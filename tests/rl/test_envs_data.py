@@ -171,21 +171,27 @@ def test_a_trailing_cut_episode_counts():
 
 
 # ------------------------------------------------------------------------------- shipped
-@pytest.mark.parametrize("kind", ["medium", "medium-replay"])
-def test_the_shipped_pendulum_datasets(kind):
-    name = f"zoo:rl/pendulum-{kind}"
-    assert name in shipped()
-    path = shipped_dir("Pendulum-v1") / f"{kind}.npz"
-    assert path.stat().st_size < 1_100_000
+def test_the_pendulum_datasets_are_shipped():
+    assert {"zoo:rl/pendulum-medium", "zoo:rl/pendulum-medium-replay"} <= set(shipped())
+    assert all((shipped_dir("Pendulum-v1") / f"{kind}.npz").stat().st_size < 1_100_000
+               for kind in ("medium", "medium-replay"))
+
+
+@pytest.mark.parametrize("name", shipped())
+def test_every_shipped_dataset_says_how_it_was_made(name):
     data = OfflineDataset.load(name)
     meta = data.metadata
-    assert meta["env_id"] == "Pendulum-v1" and meta["kind"] == kind
-    assert meta["command"].startswith("genunc zoo train rl-dataset --env Pendulum-v1")
+    path = shipped_dir(meta["env_id"]) / f"{meta['kind']}.npz"
+    assert name == f"zoo:rl/{path.parent.name.removeprefix('rl_')}-{meta['kind']}"
+    assert path.stat().st_size < 6_000_000, "a few MB at most"
+    assert meta["command"].startswith(f"genunc zoo train rl-dataset --env {meta['env_id']} ")
     assert meta["random_return"] < meta["medium_return"] < meta["best_return"]
     assert 100 / 3 - 1e-9 <= data.normalise_return(meta["medium_return"]) <= 50 or \
         not meta["medium"]["in_window"]
     assert np.all(data.actions >= data.action_low) and np.all(data.actions <= data.action_high)
-    assert data.obs_dim == 3 and data.act_dim == 1
+    env = make_env(meta["env_id"])
+    assert data.obs_dim == env.observation_space.shape[0]
+    np.testing.assert_array_equal(data.action_high, env.action_space.high)
     report = json.loads((path.parent / "training.json").read_text())
     assert report["command"] == meta["command"]
 
