@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("export")
     rep.set_defaults(func=_repair)
 
+    from genunc.rl.cli import add_parser as add_rl
+
+    add_rl(sub)
     for add_parser in command_plugins().values():  # registered commands (genunc.plugins)
         add_parser(sub)
     return parser
