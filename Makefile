@@ -7,6 +7,7 @@
 #   make lock         regenerate requirements.lock from pyproject.toml (then run make test-latest)
 #   make docs         the documentation site into site/ (mkdocs build --strict; CI runs it)
 #   make report-screenshots  the report's browser test, saving its screenshots in docs/images/browser-test/
+#   make baselines    d3rlpy in .venv-baselines, for benchmarks/rl_baselines.py (opt-in, not in CI)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -66,5 +67,24 @@ report-screenshots: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_apply.py
 
+# d3rlpy (IQL, Cal-QL) for benchmarks/rl_baselines.py: opt-in, never in CI.  Its own venv, so
+# .venv stays equal to the lock (.ci/check_lock.py): .venv-baselines holds only the packages of
+# benchmarks/requirements-baselines.txt and sees .venv's (the lock, genunc) through a .pth file.
+# --no-deps: d3rlpy pins gymnasium==1.0.0, the lock has 1.4.0 (tested compatible: IQL and CalQL
+# fit + fit_online on Pendulum-v1); its other dependencies are in the lock.
+BASELINES ?= .venv-baselines
+BASELINES_REQ := benchmarks/requirements-baselines.txt
+.PHONY: baselines
+baselines: $(BASELINES)/.installed
+
+$(BASELINES)/.installed: $(STAMP) $(BASELINES_REQ)
+	rm -rf $(BASELINES)
+	$(PYTHON) -m venv --without-pip $(BASELINES)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')')" \
+	  > "$$($(BASELINES)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/genunc_venv.pth"
+	$(BASELINES)/bin/python -m pip install -q --require-hashes --no-deps --no-build-isolation -r $(BASELINES_REQ)
+	$(BASELINES)/bin/python -c "import d3rlpy, genunc, gymnasium; print('d3rlpy', d3rlpy.__version__, 'gymnasium', gymnasium.__version__)"
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(LATEST) .pytest_cache .hypothesis outputs site
+	rm -rf $(VENV) $(LATEST) $(BASELINES) .pytest_cache .hypothesis outputs site
