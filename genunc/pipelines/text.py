@@ -107,13 +107,13 @@ class TextChunk:
     column), its completion, the NFE where the loop counts them, the checker's verdict where
     the pipeline has a checker and the run asked for it, and, where the run computed mutual
     information, each completion's tokens with the MI at their commit step (what ``genunc
-    report`` colours)."""
+    report`` colours; None for a token a wrapped pipeline returned but never committed)."""
 
     prompts: list[str]
     completions: list[str]
     nfe: np.ndarray | None = None
     correct: np.ndarray | None = None
-    token_mi: list[list[tuple[str, float]]] | None = None
+    token_mi: list[list[tuple[str, float | None]]] | None = None
 
 
 class TextUncertaintyPipeline(UncertaintyPipeline):

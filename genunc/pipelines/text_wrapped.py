@@ -351,8 +351,31 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
             raise ConfigError("a diffusers text pipeline has no checker: quality must be null")
         texts = out.texts if out.texts is not None else \
             self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        mi = out.token_scores.get("mutual_information")
+        token_mi = None if mi is None else [
+            self._token_pieces(row, values) for row, values in zip(out.sequences.cpu(), mi)]
         return TextChunk(prompts=[_prompt_of(generate, i) for i in indices],
-                         completions=list(texts))
+                         completions=list(texts), token_mi=token_mi)
+
+    def _token_pieces(self, ids: Tensor, mi: Tensor) -> list[tuple[str, float | None]]:
+        """A sequence's tokens through its first EOS as its text shows them, each with its
+        mutual information at its last commit (None where nothing committed it).  A token's
+        piece is what it adds to the decoded text (special tokens add nothing and are left out),
+        so the pieces join to the completion, spaces included, whenever decoding a longer prefix
+        extends the shorter one's text; where it does not, the token is decoded alone."""
+        keep = _through_first_eos(ids[None], getattr(self.pipe, "eos_token_id", None))[0]
+        ids_kept, values = ids[keep].tolist(), mi[keep].tolist()
+        tok = self.tokenizer
+        pieces: list[tuple[str, float | None]] = []
+        before = ""
+        for k, value in enumerate(values):
+            text = tok.decode(ids_kept[: k + 1], skip_special_tokens=True)
+            piece = text[len(before):] if text.startswith(before) else \
+                tok.decode(ids_kept[k : k + 1], skip_special_tokens=True)
+            before = text
+            if piece:
+                pieces.append((piece, None if math.isnan(value) else float(value)))
+        return pieces
 
     def _check_pipe(self, pipe: Any, model: nn.Module) -> None:
         """Refuse a pipeline this family cannot read commits from."""

@@ -58,17 +58,20 @@ def molecule_depiction(path: Path, record: Mapping[str, Any], context: dict[str,
 def text_tokens(path: Path, record: Mapping[str, Any], context: dict[str, Any]) -> str:
     """The prompt, then the completion's tokens on a background whose strength is the token's
     mutual information at its commit step, on one scale for the whole page
-    (``context["max_token_mi"]``)."""
+    (``context["max_token_mi"]``); own-loop and wrapped (diffusers) text exports alike."""
     payload = _payload(path)
     prompt = f'<span class="prompt">{html.escape(str(payload.get("prompt", "")))}</span>'
     tokens = payload.get("token_mutual_information")
-    if not tokens:
+    if tokens is None:
         body = html.escape(str(payload.get("completion", "")))
         return f'<p class="text">{prompt}{body}<span class="note"> (no per-token MI)</span></p>'
+    if not tokens:  # the completion shows no token (a wrapped pipeline's answer of special tokens)
+        return f'<p class="text">{prompt}<span class="note"> (empty completion)</span></p>'
     top = context.get("max_token_mi") or 1.0
     spans = "".join(
         f'<span class="token" style="background: rgba(214, 39, 40, {min(mi / top, 1.0):.3f})" '
-        f'title="MI {mi:.3g}" data-mi="{mi!r}">{html.escape(piece)}</span>'
+        f'title="MI {mi:.3g}" data-mi="{mi!r}">{html.escape(piece)}</span>' if mi is not None
+        else f'<span class="token" title="never committed">{html.escape(piece)}</span>'
         for piece, mi in tokens)
     return f'<p class="text">{prompt}{spans}</p>'
 
@@ -83,7 +86,7 @@ def _payload(path: Path) -> dict[str, Any]:
 def max_token_mi(paths: list[Path]) -> float:
     """The largest per-token MI among the samples shown (the colour scale's top)."""
     values = [mi for path in paths
-              for _, mi in _payload(path).get("token_mutual_information") or []]
+              for _, mi in _payload(path).get("token_mutual_information") or [] if mi is not None]
     return max(values, default=0.0) or 1.0
 
 

@@ -94,6 +94,22 @@ def test_a_llada2_folder_runs_through_fit_and_generate(tmp_path, llada_folder):
                     temperature=1.0, **CALL)
         assert record["completion"] == out.texts[0]
         assert record["mutual_information"] == pytest.approx(out.scores["mutual_information"][0])
+        # each token the completion shows, with its MI at its last commit (what genunc report
+        # colours): the pieces join to the completion; special tokens (those the decoded text
+        # drops), EOS and what follows are left out
+        pieces = json.loads(export.path(record).read_text())["sample"]["token_mutual_information"]
+        assert "".join(piece for piece, _ in pieces) == record["completion"]
+        ids, mi = out.sequences[0].tolist(), out.token_scores["mutual_information"][0]
+        end = ids.index(pipe.eos_token_id) if pipe.eos_token_id in ids else len(ids)
+        shown = [(k, WORDS[t]) for k, t in enumerate(ids[:end]) if not WORDS[t].startswith("<")]
+        assert [piece for piece, _ in pieces] == [(" " if j else "") + word
+                                                  for j, (_, word) in enumerate(shown)]
+        assert [value for _, value in pieces] == pytest.approx([float(mi[k]) for k, _ in shown])
+
+    from genunc.report import write_report
+
+    page = write_report(tmp_path / "export", tmp_path / "report.html").read_text()
+    assert "no per-token MI" not in page and page.count("data-mi=") >= 2 * 2
 
 
 def test_a_llada2_folder_takes_a_tail_posterior(tmp_path, llada_folder):

@@ -257,6 +257,34 @@ def test_a_callback_that_edits_the_canvas_loses_those_records(fitted):
     assert torch.isfinite(out.token_scores["mutual_information"][:, 1::4]).all()
 
 
+def test_a_chunk_exports_each_shown_token_with_its_mi(fitted):
+    """What the text job writes for genunc report: the tokens the decoded text shows, each with
+    its MI at its last commit (the pieces join to the text), None where genunc lost the record."""
+    generate = {"prompts": PROMPTS, "candidates": 1}
+    out = fitted(PROMPTS, generator=gen(6), num_draws=2, temperature=1.0, confidence_threshold=None,
+                 **CALL)
+    chunk = fitted.chunk_texts(out, generate, range(2), check=False)
+    assert chunk.completions == out.texts and len(chunk.token_mi) == 2 and all(chunk.token_mi)
+    for pieces, text, ids, mi in zip(chunk.token_mi, out.texts, out.sequences.tolist(),
+                                     out.token_scores["mutual_information"]):
+        assert "".join(piece for piece, _ in pieces) == text
+        end = ids.index(1) if 1 in ids else len(ids)  # <eos>
+        shown = [k for k in range(end) if not WORDS[ids[k]].startswith("<")]
+        assert [value for _, value in pieces] == pytest.approx([float(mi[k]) for k in shown])
+        assert all(value > 0 for _, value in pieces)
+
+    def edit(pipe, step, timestep, kwargs):
+        canvas = kwargs["canvas"].clone()
+        canvas[:, 0] = 5
+        return {"canvas": canvas}
+
+    with pytest.warns(UserWarning, match="changed by something genunc does not model"):
+        edited = fitted(PROMPTS, generator=gen(6), num_draws=2, temperature=1.0,
+                        confidence_threshold=None, callback_on_step_end=edit, **CALL)
+    pieces = fitted.chunk_texts(edited, generate, range(2), check=False).token_mi
+    assert any(value is None for row in pieces for _, value in row)
+
+
 def test_unsupported_scheduler_is_refused():
     class OtherScheduler:
         def step(self, model_output, timestep, sample):

@@ -62,3 +62,17 @@ def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(GenuncError, match="none of the score columns"):
         write_report(export, tmp_path / "r.html", scores=["variability"])
 
+
+
+def test_tokens_without_mi_and_empty_completions_are_drawn(tmp_path):
+    """A wrapped pipeline's token that genunc saw no commit of has MI None (no colour); an answer
+    of special tokens only shows no token."""
+    with ExportWriter(tmp_path / "export", "json", metadata={"modality": "text"}) as w:
+        w.add(0, {"prompt": "1 + 2 =", "completion": "3 a",
+                  "token_mutual_information": [["3", 0.5], [" a", None]]},
+              {"mutual_information": 0.5})
+        w.add(1, {"prompt": "2 + 2 =", "completion": "", "token_mutual_information": []},
+              {"mutual_information": 0.1})
+    page = write_report(tmp_path / "export", tmp_path / "r.html").read_text()
+    assert 'title="never committed"> a</span>' in page and 'data-mi="0.5"' in page
+    assert "(empty completion)" in page and "no per-token MI" not in page
