@@ -1,0 +1,107 @@
+"""What do the vector pipeline's scores cost over plain generation of the same candidates?
+
+A Hopper-sized diffusion actor (state 11, action 3; the 3 x 256 MLP of Diffusion-QL, untrained:
+timing does not depend on the weights) on a 5-step DDPM chain with clipping, its head posterior
+fitted on random pairs.  For each number of contexts B, N candidates each, the median wall time
+of several repeats of
+
+  plain    num_draws=0, scores=()                       (the cost baseline)
+  scored   num_draws=M, scores=(action_variance, variability)
+  av       action_variance alone (M+1 chains per candidate)
+  var      variability alone (exact: no draws)
+
+and the ratios to plain.  The scored call's samples are checked equal to plain generation's.
+
+Usage:  python benchmarks/bench_action_scores.py [--contexts 1,64] [--candidates 16] [--draws 8]
+            [--steps 5] [--repeats 7] [--device cpu|cuda] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from genunc.pipelines import VectorUncertaintyPipeline
+from genunc.zoo.toy import ToyVectorDenoiser
+
+
+def vp_betas(steps: int, beta_min: float = 0.1, beta_max: float = 10.0) -> list[float]:
+    """Diffusion-QL's variance-preserving schedule for a `steps`-step chain."""
+    t = np.arange(1, steps + 1, dtype=np.float64)
+    return (1 - np.exp(-beta_min / steps - 0.5 * (beta_max - beta_min) * (2 * t - 1) / steps**2)
+            ).tolist()
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--contexts", default="1,64", help="comma-separated numbers of contexts B")
+    parser.add_argument("--candidates", type=int, default=16)
+    parser.add_argument("--draws", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--state-dim", type=int, default=11)
+    parser.add_argument("--action-dim", type=int, default=3)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = ToyVectorDenoiser(args.action_dim, args.state_dim, args.width, args.depth)
+    scheduler = DDPMScheduler(num_train_timesteps=args.steps, trained_betas=vp_betas(args.steps),
+                              clip_sample=True)
+    pipe = VectorUncertaintyPipeline(model.to(args.device).eval(), scheduler)
+    states = torch.randn(2000, args.state_dim)
+    pipe.fit_posterior({"x": torch.rand(2000, args.action_dim) * 2 - 1, "cond": states},
+                       progress=False)
+    calls = {"plain": dict(num_draws=0, scores=()),
+             "scored": dict(num_draws=args.draws, scores=("action_variance", "variability")),
+             "av": dict(num_draws=args.draws, scores=("action_variance",)),
+             "var": dict(num_draws=0, scores=("variability",))}
+    print(f"device {args.device}, {torch.get_num_threads()} threads; {args.width}x{args.depth} MLP, "
+          f"state {args.state_dim}, action {args.action_dim}, N={args.candidates}, "
+          f"M={args.draws}, K={args.steps}; median of {args.repeats}")
+    print(f"{'B':>4} {'plain ms':>9} {'scored ms':>10} {'scored/plain':>13} {'av/plain':>9} "
+          f"{'var/plain':>10}")
+    for b in (int(v) for v in args.contexts.split(",")):
+        cond = torch.randn(b, args.state_dim, generator=torch.Generator().manual_seed(b))
+        plain = pipe(cond, num_candidates=args.candidates, num_inference_steps=args.steps,
+                     seed=0, **calls["plain"])
+        scored = pipe(cond, num_candidates=args.candidates, num_inference_steps=args.steps,
+                      seed=0, **calls["scored"])
+        gap = float((plain.samples - scored.samples).abs().max())
+        def call(kw, cond=cond):
+            return pipe(cond, num_candidates=args.candidates, num_inference_steps=args.steps,
+                        seed=0, **kw)
+
+        times = {name: timed(lambda kw=kw: call(kw), args.repeats, args.device)
+                 for name, kw in calls.items()}
+        print(f"{b:>4} {1e3 * times['plain']:>9.2f} {1e3 * times['scored']:>10.2f} "
+              f"{times['scored'] / times['plain']:>13.2f} {times['av'] / times['plain']:>9.2f} "
+              f"{times['var'] / times['plain']:>10.2f}"
+              + ("" if gap == 0 else f"   (scored samples differ from plain by {gap:.1e})"))
+
+
+if __name__ == "__main__":
+    main()
