@@ -26,7 +26,8 @@ Scores, one per candidate, ``(B, N)`` arrays (lower = more certain):
 * ``random``: the baseline.
 
 ``num_draws=0, scores=()`` is plain generation (the cost baseline): the same vectors for the
-same seed as any scored call.
+same seed as any scored call (to float32 rounding: the scored call's backbone batch is M+1 times
+larger, which a BLAS may round differently; bit for bit in the tests).
 """
 
 from __future__ import annotations

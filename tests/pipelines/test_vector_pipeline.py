@@ -86,12 +86,13 @@ def test_each_candidate_is_its_own_chain_and_contexts_condition(pipe):
 
 
 def test_plain_generation_is_the_scored_calls_map_chain(pipe, cond):
-    """num_draws=0, scores=() is the cost baseline: the same vectors as any scored call."""
+    """num_draws=0, scores=() is the cost baseline: the same vectors as any scored call (bit for
+    bit here; a BLAS may round a batch of another size differently: 6e-8 seen for 10 rows)."""
     plain = pipe(cond, num_candidates=4, num_draws=0, scores=(), seed=1)
     assert plain.scores == {} and plain.backbone_rows == STEPS * 12
     for scores in (SCORES, ("variability",), ("action_variance",)):
         scored = _call(pipe, cond, scores=scores)
-        torch.testing.assert_close(scored.samples, plain.samples, rtol=0, atol=0)
+        torch.testing.assert_close(scored.samples, plain.samples, rtol=0, atol=1e-6)
 
 
 def test_results_do_not_depend_on_chunks_or_how_contexts_are_split(pipe, cond):
@@ -115,9 +116,9 @@ def test_results_do_not_depend_on_chunks_or_how_contexts_are_split(pipe, cond):
 def test_a_collapsed_posterior_gives_identical_chains_and_no_action_variance(pipe, cond):
     pipe.posterior = pipe.posterior.with_prior_precision(1e30)  # posterior variance ~1e-30
     out = _call(pipe, cond, keep_draw_samples=True)
-    for draw in out.draw_samples:
-        torch.testing.assert_close(draw, out.samples, rtol=0, atol=0)
-    np.testing.assert_array_equal(out.scores["action_variance"], 0.0)
+    for draw in out.draw_samples:  # bit for bit here (the same rows of one batched op)
+        torch.testing.assert_close(draw, out.samples, rtol=0, atol=1e-6)
+    assert out.scores["action_variance"].max() <= 1e-12  # exactly 0 here
     assert out.scores["variability"].max() < 1e-20
 
 
