@@ -11,34 +11,44 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from genunc._io import atomic_write
 from genunc.errors import GenuncError
 from genunc.export import Export
-from genunc.report.evaluation import Evaluation, ScoreRow, evaluate_export
+from genunc.report.evaluation import Evaluation, ScoreRow, evaluate_export, held_columns
+
+if TYPE_CHECKING:
+    from genunc.jobs.base import Job
 
 __all__ = ["Evaluation", "ScoreRow", "evaluate_export", "score_columns", "write_report"]
+
+
+def _export_job(export: Export) -> Job | None:
+    """The job of the modality the export names (None where it names none genunc knows)."""
+    from genunc.jobs import job_for, modalities
+
+    modality = export.metadata.get("modality")
+    return job_for(modality) if modality in modalities() else None
 
 
 def score_columns(export: Export) -> list[str]:
     """The score columns the export's modality can hold (every modality's, if it names none)."""
     from genunc.jobs import job_for, modalities
 
-    modality = export.metadata.get("modality")
-    names = [modality] if modality in modalities() else list(modalities())
+    job = _export_job(export)
+    jobs = [job] if job is not None else [job_for(name) for name in modalities()]
     columns: list[str] = []
-    for name in names:
-        columns += [c for c in job_for(name).pipeline_class.score_columns() if c not in columns]
+    for each in jobs:
+        columns += [c for c in each.pipeline_class.score_columns() if c not in columns]
     return columns
 
 
 def default_quality(export: Export) -> str | None:
     """The quality column the export's job writes, if every sample holds it."""
-    from genunc.jobs import job_for, modalities
-
-    modality = export.metadata.get("modality")
-    column = job_for(modality).quality_column if modality in modalities() else None
-    return column if column and all(column in r for r in export.records) else None
+    job = _export_job(export)
+    column = job.quality_column if job is not None else None
+    return column if column and held_columns(export, [column]) else None
 
 
 def write_report(export: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
@@ -58,7 +68,7 @@ def write_report(export: str | os.PathLike[str], out: str | os.PathLike[str] | N
         raise GenuncError(f"{source.directory} holds no samples to report")
     # a score's Monte-Carlo error is not a score of its own
     wanted = scores or [c for c in score_columns(source) if not c.endswith("_mc_error")]
-    names = [c for c in wanted if all(c in r for r in source.records)]
+    names = held_columns(source, wanted)
     if not names:
         raise GenuncError(f"{source.directory} holds none of the score columns {wanted}")
     quality = quality or default_quality(source)

@@ -39,6 +39,11 @@ class Evaluation:
         return filtering.retention_curve(self.scores[name], self.quality, fractions)
 
 
+def held_columns(export: Export, columns: list[str]) -> list[str]:
+    """Those of `columns` that every sample of `export` holds, in their order."""
+    return [c for c in columns if all(c in r for r in export.records)]
+
+
 def evaluate_export(export: Export, quality: str, scores: list[str],
                     fail_below: float | None = None,
                     fail_above: float | None = None) -> Evaluation:
@@ -54,7 +59,7 @@ def evaluate_export(export: Export, quality: str, scores: list[str],
         values = (flags if flags is not None else np.asarray(column)).astype(float)
     except (TypeError, ValueError):
         raise GenuncError(f"quality column {quality!r} is neither boolean nor numeric") from None
-    names = [c for c in scores if all(c in r for r in export.records)]
+    names = held_columns(export, scores)
     if not names:
         raise GenuncError("the export holds none of the requested score columns")
     rule = ("n/a (continuous quality: give --fail-below/--fail-above)" if failed is None
