@@ -3,14 +3,15 @@
 A Hopper-sized diffusion actor (state 11, action 3; the 3 x 256 MLP of Diffusion-QL, untrained:
 timing does not depend on the weights) on a 5-step DDPM chain with clipping, its head posterior
 fitted on random pairs.  For each number of contexts B, N candidates each, the median wall time
-of several repeats of
+of several interleaved repeats of
 
   plain    num_draws=0, scores=()                       (the cost baseline)
   scored   num_draws=M, scores=(action_variance, variability)
   av       action_variance alone (M+1 chains per candidate)
   var      variability alone (exact: no draws)
 
-and the ratios to plain.  The scored call's samples are checked equal to plain generation's.
+and the ratios to plain (median of the repeats' paired ratios).  The scored call's samples are
+checked equal to plain generation's.
 
 Usage:  python benchmarks/bench_action_scores.py [--contexts 1,64] [--candidates 16] [--draws 8]
             [--steps 5] [--repeats 7] [--device cpu|cuda] [--threads 2]
@@ -37,18 +38,22 @@ def vp_betas(steps: int, beta_min: float = 0.1, beta_max: float = 10.0) -> list[
             ).tolist()
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+def timed(calls: dict, repeats: int, device: str) -> dict[str, list[float]]:
+    """Wall times of every call, interleaved (repeat r times each call once, so that a busy
+    machine's load weighs on all of them alike), after one warm-up of each."""
+    for fn in calls.values():
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -95,11 +100,13 @@ def main() -> None:
             return pipe(cond, num_candidates=args.candidates, num_inference_steps=args.steps,
                         seed=0, **kw)
 
-        times = {name: timed(lambda kw=kw: call(kw), args.repeats, args.device)
-                 for name, kw in calls.items()}
-        print(f"{b:>4} {1e3 * times['plain']:>9.2f} {1e3 * times['scored']:>10.2f} "
-              f"{times['scored'] / times['plain']:>13.2f} {times['av'] / times['plain']:>9.2f} "
-              f"{times['var'] / times['plain']:>10.2f}"
+        times = timed({name: lambda kw=kw: call(kw) for name, kw in calls.items()},
+                      args.repeats, args.device)
+        median = {name: statistics.median(t) for name, t in times.items()}
+        ratio = {name: statistics.median(a / p for a, p in zip(t, times["plain"]))
+                 for name, t in times.items()}  # the median of the repeats' paired ratios
+        print(f"{b:>4} {1e3 * median['plain']:>9.2f} {1e3 * median['scored']:>10.2f} "
+              f"{ratio['scored']:>13.2f} {ratio['av']:>9.2f} {ratio['var']:>10.2f}"
               + ("" if gap == 0 else f"   (scored samples differ from plain by {gap:.1e})"))
 
 
