@@ -120,8 +120,9 @@ def test_config_overrides_and_typos(config_file):
 
 def test_shipped_configs_name_shipped_models_and_known_scores(repo):
     paths = sorted(repo.glob("configs/*.yaml"))
-    assert [p.stem for p in paths] == ["arith", "digits", "digits_latent", "qm9"]
-    for path in paths:
+    rl = {"hopper", "pendulum"}  # genunc rl's configs, checked in tests/rl
+    assert [p.stem for p in paths if p.stem not in rl] == ["arith", "digits", "digits_latent", "qm9"]
+    for path in (p for p in paths if p.stem not in rl):
         config = load_config(path)
         job = job_for(config["modality"])
         assert job.model_dir(config).is_dir(), path

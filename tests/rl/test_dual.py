@@ -112,6 +112,16 @@ def test_transitions_outside_the_offline_support_are_not_judged():
     assert detector.alarms(huge, near).all() and detector.update(huge[:20], near[:20])
 
 
+@pytest.mark.parametrize("name", ["hopper", "pendulum"])
+def test_shipped_rl_configs_load_and_name_shipped_datasets(name):
+    from genunc.rl.data import shipped
+
+    config = load_rl_config(f"configs/{name}.yaml")
+    assert config["env"]["id"].startswith(name.capitalize())
+    if name == "pendulum":  # hopper's dataset ships once its SAC run has finished
+        assert config["data"]["path"] in shipped()
+
+
 def test_config_rejects_bad_values_and_parses_shifts():
     config = load_rl_config("configs/pendulum.yaml", ["env.shift=attributes.m=1.5"])
     assert parse_shift(config["env"]["shift"]) == {"attributes": {"m": 1.5}}
