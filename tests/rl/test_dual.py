@@ -118,8 +118,7 @@ def test_shipped_rl_configs_load_and_name_shipped_datasets(name):
 
     config = load_rl_config(f"configs/{name}.yaml")
     assert config["env"]["id"].startswith(name.capitalize())
-    if name == "pendulum":  # hopper's dataset ships once its SAC run has finished
-        assert config["data"]["path"] in shipped()
+    assert config["data"]["path"] in shipped()
 
 
 def test_config_rejects_bad_values_and_parses_shifts():
