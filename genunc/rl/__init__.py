@@ -5,7 +5,14 @@ RL, and what it runs on.
   policy evaluation and the normalised return;
 * :mod:`genunc.rl.data`: offline datasets (:class:`~genunc.rl.data.OfflineDataset`), their
   compact files and the shipped ones (``zoo:rl/<env>-<kind>``), made by
-  ``genunc zoo train rl-dataset``.
+  ``genunc zoo train rl-dataset``;
+* DUAL itself: :mod:`~genunc.rl.networks` (the conditional vector denoiser, twin critics),
+  :mod:`~genunc.rl.diffusion` (few-step chains in the scheduler's arithmetic),
+  :mod:`~genunc.rl.agent`, :mod:`~genunc.rl.learner`, :mod:`~genunc.rl.offline`,
+  :mod:`~genunc.rl.online`, :mod:`~genunc.rl.detector` (the shift detector),
+  :mod:`~genunc.rl.config` and :mod:`~genunc.rl.run` (``genunc rl offline|online|evaluate``).
+  The actor's uncertainty is genunc's own: its head posterior and candidates come from
+  :class:`~genunc.pipelines.vector.VectorUncertaintyPipeline`.
 
 gymnasium (the ``rl`` extra) is imported only when an environment is made.
 """
