@@ -50,7 +50,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from genunc.rl import run
 
     config = load_rl_config(args.config, args.set or [])
-    print(run.format_table(run.summarise(args.out or config["out"])))
+    out = args.out or config["out"]
+    print(run.format_table(run.summarise(out)))
+    differences = run.paired_differences(out, run.QUESTIONS)
+    if differences:
+        print("\n" + run.format_differences(differences))
     return 0
 
 

@@ -161,6 +161,41 @@ def summarise(out: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def paired_differences(out: str | Path, pairs: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
+    """For each ``(a, b)`` pair of variants, ``a - b`` per seed (the same offline agent, the same
+    evaluation episodes) of the area under the curve and the final normalised return, with
+    bootstrap 95% intervals over the seeds both ran."""
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in Path(out).glob("seed*/online/*.json"):
+        record = json.loads(path.read_text())
+        runs[(record["variant"], int(record["config"]["seed"]))] = record
+    rows = []
+    for a, b in pairs:
+        seeds = sorted(s for (v, s) in runs if v == a and (b, s) in runs)
+        if not seeds:
+            continue
+        row: dict[str, Any] = {"pair": f"{a} - {b}", "seeds": len(seeds)}
+        for key, value in (("auc", lambda r: curve_summary(r["curve"])["auc"]),
+                           ("final", lambda r: r["curve"][-1]["normalised"])):
+            d = np.array([value(runs[(a, s)]) - value(runs[(b, s)]) for s in seeds])
+            row[key] = (float(d.mean()), *bootstrap_interval(d))
+        rows.append(row)
+    return rows
+
+
+def format_differences(rows: list[dict[str, Any]]) -> str:
+    lines = ["| paired difference | seeds | AUC | final normalised return |", "|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r[k][0]:+.1f} [{r[k][1]:+.1f}, {r[k][2]:+.1f}]" for k in ("auc", "final")]
+        lines.append(f"| {r['pair']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+#: the comparisons DUAL's question asks for, on each environment
+QUESTIONS = [(f"uncertainty{s}", f"{b}{s}") for s in ("", "-shift")
+             for b in ("none", "noise", "iql", "calql")]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of :func:`summarise`'s rows: ``mean [lo, hi]`` per cell."""
     if not rows:

@@ -77,4 +77,5 @@ def test_the_control_without_uncertainty_and_the_cli(tiny, capsys):
     record = json.loads((root / "runs" / "seed0" / "online" / "none.json").read_text())
     assert record["bonus_stats"] == []  # beta = 0: no scores computed
     assert main(["rl", "evaluate", "-c", "configs/pendulum.yaml", "--out", str(root / "runs")]) == 0
-    assert "| none | 1 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| none | 1 |" in printed and "| uncertainty - none | 1 |" in printed  # paired per seed
