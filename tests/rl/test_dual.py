@@ -160,3 +160,21 @@ def test_minibatch_mixes_buffers_by_fraction():
     b.add(scales, np.ones((5, 1)), np.ones((5, 1)), np.ones(5), np.ones((5, 1)), np.zeros(5))
     batch = minibatch([(a, 0.25), (b, 0.75)], 8, rng)
     assert int(batch.reward.sum()) == 6
+
+
+def test_the_shipped_hopper_agent_loads_with_its_posterior_and_proposes_scored_actions():
+    from genunc.posterior import HeadPosterior
+    from genunc.rl.data import OfflineDataset, shipped_dir
+    from genunc.rl.offline import actor_pipeline
+
+    folder = shipped_dir("Hopper-v5") / "dual_agent"
+    agent, meta = DUALAgent.load(folder)
+    assert (agent.state_dim, agent.action_dim, meta["width"]) == (11, 3, 128)
+    pipe = actor_pipeline(agent)
+    pipe.posterior = HeadPosterior.load(folder / "posterior", agent.actor)  # fingerprint checked
+    states = agent.scales.state(OfflineDataset.load("zoo:rl/hopper-medium").observations[:2])
+    out = pipe(states, num_candidates=10, num_draws=8, scores=("action_variance",), seed=0)
+    assert out.samples.shape == (2, 10, 3) and out.samples.abs().max() <= 1
+    assert (out.scores["action_variance"] > 0).all()
+    assert torch.isfinite(agent.critic.min_q(states.repeat_interleave(10, 0),
+                                             out.samples.reshape(20, 3))).all()
