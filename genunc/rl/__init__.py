@@ -14,10 +14,21 @@ RL, and what it runs on.
   The actor's uncertainty is genunc's own: its head posterior and candidates come from
   :class:`~genunc.pipelines.vector.VectorUncertaintyPipeline`.
 
-gymnasium (the ``rl`` extra) is imported only when an environment is made.
+gymnasium (the ``rl`` extra) is imported only when an environment is made, and these names
+when first used, so ``genunc --help`` (which adds ``genunc rl``) loads neither torch nor
+gymnasium.
 """
 
-from genunc.rl.data import OfflineDataset
-from genunc.rl.envs import evaluate_policy, make_env, normalised_return
+from importlib import import_module
+from typing import Any
 
-__all__ = ["OfflineDataset", "evaluate_policy", "make_env", "normalised_return"]
+_WHERE = {"OfflineDataset": "data", "evaluate_policy": "envs", "make_env": "envs",
+          "normalised_return": "envs"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
