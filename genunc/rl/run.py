@@ -114,17 +114,15 @@ def online(config: dict[str, Any], *, progress: bool = True, force: bool = False
     return path
 
 
-def bootstrap_interval(values: np.ndarray, seed: int = 0, n: int = 10_000,
-                       level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean over the rows of `values` (seeds)."""
-    from genunc import streams
+def bootstrap_interval(values: np.ndarray, n_boot: int = 10_000) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean over `values` (one per seed; genunc's
+    :func:`~genunc.metrics.stats.bootstrap_interval`); NaN for a single seed."""
+    from genunc.metrics.stats import bootstrap_interval as interval
 
     values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
         return float("nan"), float("nan")
-    rng = streams.numpy_generator(seed, "bootstrap")
-    means = values[rng.integers(0, len(values), (n, len(values)))].mean(axis=1)
-    return tuple(float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
+    return interval(np.mean, values, n_boot=n_boot)[1:]
 
 
 def curve_summary(curve: list[dict[str, float]]) -> dict[str, float]:
