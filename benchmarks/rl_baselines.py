@@ -174,7 +174,7 @@ def offline_phase(config: dict[str, Any], algo: str, offline_steps: int, train: 
     d3rlpy.seed(config["seed"])
     model = make_algo(algo, env, device)
     buffer = d3rlpy.dataset.ReplayBuffer(d3rlpy.dataset.InfiniteBuffer(), episodes=to_episodes(train))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     metrics: list[Any] = []
     if offline_steps:
         metrics = model.fit(buffer, n_steps=offline_steps, n_steps_per_epoch=offline_steps,
@@ -183,10 +183,11 @@ def offline_phase(config: dict[str, Any], algo: str, offline_steps: int, train: 
                             show_progress=False, save_interval=10**9)
     else:
         model.build_with_dataset(buffer)
-    minutes = (time.perf_counter() - t0) / 60
+    minutes, cpu_minutes = (time.perf_counter() - t0) / 60, (time.process_time() - c0) / 60
     atomic_write(model_path, lambda tmp: model.save(str(tmp)))
     report = {"digest": digest, "algo": algo, "offline_steps": offline_steps, "minutes": minutes,
-              "transitions": len(train), "metrics": metrics[-1][1] if metrics else {}}
+              "cpu_minutes": cpu_minutes, "transitions": len(train),
+              "metrics": metrics[-1][1] if metrics else {}}
     atomic_write(report_path, json.dumps(report, indent=1, default=float))
     return model, report
 
@@ -216,7 +217,9 @@ def run(config: dict[str, Any], algo: str, offline_steps: int, device: str = "cp
     eval_seeds = episode_seeds(on["eval_seed_offset"] + seed, on["eval_episodes"], stream=EVALUATION)
     curve: list[dict[str, Any]] = []
     timings = {"offline_s": offline_report["minutes"] * 60, "eval_s": 0.0, "online_s": 0.0}
-    t_online = time.perf_counter()
+    if "cpu_minutes" in offline_report:
+        timings["offline_cpu_s"] = offline_report["cpu_minutes"] * 60
+    t_online, c_online = time.perf_counter(), time.process_time()
 
     def evaluate(step: int) -> None:
         t0 = time.perf_counter()
@@ -259,6 +262,7 @@ def run(config: dict[str, Any], algo: str, offline_steps: int, device: str = "cp
                          show_progress=False, callback=callback)
     env.close()
     timings["online_s"] = time.perf_counter() - t_online
+    timings["online_cpu_s"] = time.process_time() - c_online  # the machine may be shared
     record = {"digest": digest, "variant": name, "config": config, "minutes": timings["online_s"] / 60,
               "offline_minutes": offline_report["minutes"],
               "dataset": {k: dataset.metadata.get(k) for k in ("env_id", "kind", "random_return",
