@@ -75,6 +75,8 @@ DEFAULTS: dict[str, Any] = {
         # only transitions whose (s, a) lies within this quantile of held-out offline pairs'
         # distance to the training pairs are judged (outside, model error is not evidence)
         "support_level": 0.95, "support_size": 20000,
+        # Mondrian calibration: one threshold per bin of support distance (1: one pooled threshold)
+        "bins": 1,
         "beta_boost": 2.0,  # beta is multiplied by this once the detector fires
         "offline_fraction": 0.1,  # and offline data's share of each minibatch drops to this
     },
@@ -106,6 +108,7 @@ RULES: dict[str, Rule] = {
     "detector.enabled": Rule(bool), "detector.level": Rule(float, positive=True, maximum=0.5),
     "detector.samples": _COUNT, "detector.window": _COUNT,
     "detector.support_level": Rule(float, positive=True, maximum=1), "detector.support_size": _COUNT,
+    "detector.bins": _COUNT,
     "detector.confidence": Rule(float, positive=True, maximum=0.5),
     "detector.beta_boost": Rule(float, minimum=0), "detector.offline_fraction": _FRACTION,
 }

@@ -188,7 +188,7 @@ def make_detector(buffer: ReplayBuffer, config: dict[str, Any],
                    .permutation(buffer.size)[:n])
     pairs = buffer.rows(rows)
     state = state or DetectorState(det["level"], det["samples"], det["window"], det["confidence"],
-                                   det["support_level"])
+                                   det["support_level"], bins=det["bins"])
     return ShiftDetector(state, support=torch.cat([pairs.state, pairs.action], -1))
 
 

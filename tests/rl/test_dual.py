@@ -52,6 +52,38 @@ def test_conformal_threshold_keeps_the_false_alarm_rate_at_its_level():
         ShiftDetector(DetectorState(0.01, 1, 10, 0.01)).calibrate(np.ones(50))
 
 
+def test_binned_calibration_keeps_its_level_when_the_policy_moves_to_the_support_edge():
+    """The model errs more far from the data; an online policy visits the support's edge more
+    often than held-out offline pairs do.  A pooled threshold then over-alarms on unshifted
+    dynamics; one threshold per support-distance bin (Mondrian conformal) keeps the level."""
+    rng = np.random.default_rng(0)
+
+    def world(near):  # unshifted dynamics: the model's error grows with the distance to the data
+        return rng.exponential(size=len(near)) * (1 + 4 * near), near
+
+    offline_near = rng.uniform(0, 1, 4000)
+    level, online_near = 0.05, rng.beta(5, 1, 20000)  # the online policy: mostly at the edge
+    pooled = ShiftDetector(DetectorState(level, 1, 50, 0.001, support_level=1.0))
+    binned = ShiftDetector(DetectorState(level, 1, 50, 0.001, support_level=1.0, bins=4))
+    for detector in (pooled, binned):
+        detector.calibrate(*world(offline_near))
+    d, near = world(online_near)
+    sd = 3 * np.sqrt(level * (1 - level) / len(d))
+    assert pooled.alarms(d, near).mean() > level + 10 * sd  # the pooled level does not hold
+    assert binned.alarms(d, near).mean() <= level + 3 * sd
+    assert len(binned.state.bin_thresholds) == 4 and len(binned.state.bin_edges) == 3
+    assert np.all(np.diff(binned.state.bin_thresholds) > 0)  # farther bins tolerate more error
+    # a real shift (errors doubled everywhere) still raises alarms in every bin
+    assert binned.alarms(2 * d, near).mean() > 3 * level
+    restored = ShiftDetector(DetectorState(**binned.state.to_dict()))  # saved with the agent
+    np.testing.assert_array_equal(restored.alarms(d, near), binned.alarms(d, near))
+    with pytest.raises(ValueError, match="support distances"):
+        ShiftDetector(DetectorState(level, 1, 50, 0.001, bins=4)).calibrate(d)
+    with pytest.raises(ValueError, match="in bin"):
+        ShiftDetector(DetectorState(level, 1, 50, 0.001, support_level=1.0, bins=400)).calibrate(
+            *world(offline_near[:1000]))
+
+
 def _pendulum(n, seed, shift=None):
     from genunc.rl.envs import make_env
 
