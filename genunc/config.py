@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
         "gen_length": None,  # text, diffusers pipeline folders: tokens to generate (null: its default)
         "threshold": 0.9,  # text: confidence threshold of the threshold / remask samplers
         "variability_steps": None,  # image/molecule: step indices where variability is measured (all)
+        "x0_steps": None,  # image: step indices semantic_x0 is measured at (default: its own)
         "nll_levels": 10,  # molecule: noise levels of the denoising_loss baseline
         # the backbone's precision: float32, or bfloat16 / float16 autocast (GPUs); head draws,
         # variances and scores stay in full precision
@@ -182,6 +183,7 @@ RULES: dict[str, Rule] = {
     "generate.gen_length": Rule(int, minimum=1, nullable=True),
     "generate.threshold": Rule(float, minimum=0, maximum=1),
     "generate.variability_steps": Rule(list, item=int, nullable=True),
+    "generate.x0_steps": Rule(list, item=int, nullable=True),
     "generate.precision": Rule(str, choices=("float32", "bfloat16", "float16")),
     "generate.nll_levels": COUNT, "generate.seed": SEED, "generate.chunk_size": COUNT,
     "generate.out": TEXT,

@@ -89,6 +89,19 @@ class DiffusersPipelineAdapter(DenoiserAdapter):
         tokens = output.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
         return tokens.reshape(b, (h // p) * (w // p), p * p * c)
 
+    def from_head_layout(self, values: Tensor, height: int, width: int) -> Tensor:
+        """Head-layout values ``(..., T, p*p*C)`` -> ``(..., C, height, width)`` (the
+        transformer's un-patchify, the inverse of :meth:`to_head_layout`); a Conv2d head's
+        ``(..., C, H, W)`` as it is.  Leading axes (draws, samples) are kept."""
+        if self.patch_size is None:
+            return values
+        p = int(self.patch_size)
+        lead, n = values.shape[:-2], values.dim() - 2
+        c = values.shape[-1] // (p * p)
+        grid = values.reshape(*lead, height // p, width // p, p, p, c)
+        return grid.permute(*range(n), n + 4, n, n + 2, n + 1, n + 3).reshape(*lead, c, height,
+                                                                              width)
+
     def prediction_part(self, head_values: Tensor) -> Tensor:
         """The entries of a head-layout tensor that feed the sampler, flattened per sample:
         with a learned variance, the predicted-variance channels are left out."""
@@ -126,6 +139,22 @@ class DiffusersPipelineAdapter(DenoiserAdapter):
         if phi.shape[0] % 2:
             raise ShapeMismatchError(f"a guided batch has two halves, got {phi.shape[0]} rows")
         first, second = phi.chunk(2)
+        cond, uncond = (first, second) if self.cond_first else (second, first)
+        return uncond + scale * (cond - uncond)
+
+    def guided_prediction(self, outputs: Tensor, scale: float | None,
+                          rescale: float = 0.0) -> Tensor:
+        """Head outputs ``(K, rows, ...)`` on the pipeline's whole batch -> each of the K
+        weight sets' guided prediction ``(K, B, ...)``: ``u + s (c - u)`` over the batch's
+        halves (rescaled as diffusers' ``rescale_noise_cfg`` where ``rescale`` > 0); unguided
+        batches (``scale`` None) as they are."""
+        if scale is None:
+            return outputs
+        if rescale:
+            return self.rescaled_guidance(outputs, scale, rescale)
+        if outputs.shape[1] % 2:
+            raise ShapeMismatchError(f"a guided batch has two halves, got {outputs.shape[1]} rows")
+        first, second = outputs.chunk(2, dim=1)
         cond, uncond = (first, second) if self.cond_first else (second, first)
         return uncond + scale * (cond - uncond)
 

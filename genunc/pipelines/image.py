@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -48,6 +49,8 @@ class ImageUncertaintyOutput(UncertaintyOutput):
     images: Tensor | None = None  # (N, C, H, W) in the model's range
     class_labels: Tensor | None = None
     draw_images: Tensor | None = None  # (M, N, C, H, W) when kept
+    #: with semantic_x0: ``(S, N)`` its entropy at each of the ``x0_steps`` (the score is the mean)
+    semantic_x0_per_step: np.ndarray | None = None
 
 
 class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
@@ -148,7 +151,8 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
                     num_inference_steps=g["steps"], scores=tuple(g["scores"]),
                     branch_at=g["branch_at"], score_steps=g["score_steps"],
                     variability_steps=g["variability_steps"], variance=g["variance"],
-                    variability_target=g["variability_target"], seed=g["seed"],
+                    variability_target=g["variability_target"], x0_steps=g["x0_steps"],
+                    seed=g["seed"],
                     first_sample=indices.start, chunk_size=n, precision=g["precision"],
                     progress=False)
 
@@ -173,6 +177,7 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
         variability_steps: list[int] | None = None,
         variance: VarianceEstimate = "exact",
         variability_target: VariabilityTarget = "noise",
+        x0_steps: list[int] | None = None,
         precision: str = "float32",
         seed: int = 0,
         first_sample: int = 0,
@@ -185,7 +190,8 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
 
         Args:
             num_draws: posterior head draws M (the semantic score uses the MAP + M generations).
-            scores: any of ``semantic``, ``variability``, ``pixel_variance``, ``random``.
+            scores: any of ``semantic``, ``semantic_x0``, ``variability``,
+                ``pixel_variance``, ``random``.
             branch_at: perturbed trajectories share the MAP's first `branch_at` steps.
             score_steps: compute the semantic and pixel-variance scores from a cheaper run of
                 the MAP and the M draws with this many steps (from the same ``x_T``); the
@@ -194,6 +200,8 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
             variance: ``exact`` (closed form, no draws) or ``monte_carlo`` (over the M draws).
             variability_target: the variance of the predicted ``noise`` or of the ``clean``
                 sample it implies.
+            x0_steps: the step indices ``semantic_x0`` is measured at (default:
+                :func:`~genunc.pipelines.image_scores.default_x0_steps`).
             encoder_hidden_states: per-sample ``(N, L, D)`` conditioning for
                 ``UNet2DConditionModel`` (e.g. text-encoder outputs).
             seed: the run's seed; with ``first_sample`` it fixes every random stream.
@@ -215,6 +223,7 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
             raise GenuncError("score_steps runs the scoring generations from x_T; it cannot be "
                               "combined with branch_at")
         self.check_steps(num_inference_steps, branch_at, variability_steps)
+        clean_steps = self.resolve_x0_steps(x0_steps, num_inference_steps)
         labels = self._labels(num_samples, class_labels)
         if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != num_samples:
             raise ShapeMismatchError(
@@ -231,6 +240,7 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
         with_map = request.draws if generations and score_steps is None else None
         scoring_run = request.draws if generations and score_steps is not None else None
         head_variance = self._head_variance(request, variance)
+        clean_draws = request.draws if request.wants("semantic_x0") else None
 
         collected = ScoreCollector()
         images, draw_images, scoring_maps = [], [], []
@@ -244,7 +254,8 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
                     num_inference_steps=num_inference_steps, trajectory_draws=with_map,
                     branch_at=branch_at, variability=head_variance,
                     variability_steps=variability_steps,
-                    generator=request.generators("sampler_noise", sl), precision=precision)
+                    generator=request.generators("sampler_noise", sl), precision=precision,
+                    clean_draws=clean_draws, clean_steps=clean_steps)
                 collected.backbone_rows += out.backbone_rows
                 chunk_draws = out.draw_samples
                 if scoring_run is not None:
@@ -256,6 +267,8 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
                     chunk_draws = side.draw_samples
                     scoring_maps.append(side.samples.cpu())
             images.append(out.samples.cpu())
+            if out.clean_per_step is not None:
+                self.add_clean_scores(collected, out.clean_per_step)
             if chunk_draws is not None:
                 draw_images.append(chunk_draws.cpu())
             if out.variability_per_step is not None:
@@ -270,7 +283,7 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
             # (M+1, N, ...), MAP first
             self.add_generation_scores(collected, request, torch.cat([scored_map[None], draws_t]))
         return ImageUncertaintyOutput(
-            **collected.output_fields(request, "generation", "features"),
+            **self.take_x0_per_step(collected.output_fields(request, "generation", "features")),
             images=images_t, class_labels=labels,
             draw_images=draws_t if keep_draw_images else None,
         )

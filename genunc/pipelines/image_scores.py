@@ -1,8 +1,20 @@
 """What both image pipelines (genunc's own loop and the wrapped user pipeline) score the same way:
-the semantic entropy and the pixel variance of the MAP and M perturbed generations."""
+the semantic entropy and the pixel variance of the MAP and M perturbed generations, and the
+one-trajectory semantic score ``semantic_x0``.
+
+``semantic_x0``: along the MAP trajectory only, at a few steps (``x0_steps``), the clean sample
+the MAP head and each of the M head draws predict from the head input the MAP already computed
+(one batched head op, then the scheduler's ``pred_original_sample`` rule,
+:func:`genunc.sampling.clean.predicted_clean`), decoded by the VAE where there is one, clamped
+to [-1, 1], featurised by the semantic score's extractor and scored by the same entropy on the
+same feature scale (the MAP's prediction is one of the M+1, as in ``semantic``); the score is
+the mean of the per-step entropies, and ``semantic_x0_se`` its jackknife standard error over the
+draws (M >= 2).  No extra generation runs: its cost is the head, the decoder and the extractor.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -13,6 +25,19 @@ from genunc.errors import GenuncError
 from genunc.features import FeatureExtractor, extract_in_batches
 from genunc.pipelines.base import Request, ScoreCollector
 from genunc.scores import pixel_variance
+from genunc.scores.semantic import mean_step_entropy
+
+#: where ``semantic_x0`` is measured by default, as fractions of the trajectory (step index
+#: ``round(f * (steps - 1))``); chosen on the validation seed (docs/results.md)
+X0_FRACTIONS: tuple[float, ...] = (0.6, 0.8, 1.0)
+#: the collector's name for semantic_x0's per-step entropies (not a score)
+PER_STEP = "semantic_x0_per_step"
+
+
+def default_x0_steps(num_steps: int) -> list[int]:
+    """The step indices ``semantic_x0`` is measured at by default in a trajectory of
+    `num_steps` denoiser evaluations (:data:`X0_FRACTIONS`)."""
+    return sorted({round(f * (num_steps - 1)) for f in X0_FRACTIONS})
 
 
 class ImageScoring:
@@ -21,11 +46,12 @@ class ImageScoring:
     genunc's own loop and for wrapped diffusers pipelines alike."""
 
     #: score -> the fewest draws it needs (0: none beyond the closed form; None: no posterior)
-    SCORES: ClassVar[dict[str, int | None]] = {"semantic": 1, "variability": 0,
-                                               "pixel_variance": 1, "random": None}
+    SCORES: ClassVar[dict[str, int | None]] = {"semantic": 1, "semantic_x0": 1,
+                                               "variability": 0, "pixel_variance": 1,
+                                               "random": None}
     #: with variance="monte_carlo" (always, for a tail posterior): the jackknife standard
-    #: error of the variability
-    EXTRA_SCORE_COLUMNS: ClassVar[tuple[str, ...]] = ("variability_se",)
+    #: error of the variability; with semantic_x0 and M >= 2, its jackknife standard error
+    EXTRA_SCORE_COLUMNS: ClassVar[tuple[str, ...]] = ("variability_se", "semantic_x0_se")
     FIT_REPEATS: ClassVar[int] = 4
 
     feature_extractor: FeatureExtractor | None
@@ -38,8 +64,47 @@ class ImageScoring:
         return self.set_feature_scale(extract_in_batches(self.feature_extractor, real_images))
 
     def check_feature_extractor(self, request: Request) -> None:
-        if request.wants("semantic") and self.feature_extractor is None:
+        if request.wants("semantic", "semantic_x0") and self.feature_extractor is None:
             raise GenuncError("the semantic score needs a feature_extractor")
+
+    @staticmethod
+    def resolve_x0_steps(x0_steps: Sequence[int] | None, num_steps: int) -> list[int]:
+        """The step indices ``semantic_x0`` reads (default :func:`default_x0_steps`), checked."""
+        if x0_steps is None:
+            return default_x0_steps(num_steps)
+        steps = sorted({int(i) for i in x0_steps})
+        bad = [i for i in steps if not 0 <= i < num_steps]
+        if not steps or bad:
+            raise GenuncError(f"x0_steps must name steps of the trajectory (indices 0 to "
+                              f"{num_steps - 1}); got {list(x0_steps)}")
+        return steps
+
+    def add_clean_scores(self, collected: ScoreCollector, clean: Tensor,
+                         decode: Callable[[Tensor], Tensor] | None = None) -> None:
+        """``semantic_x0`` (and ``semantic_x0_se``) from ``(S, M+1, B, ...)`` clean-sample
+        predictions, MAP first: decoded (`decode`: latents -> images in [-1, 1]), clamped to
+        [-1, 1], featurised, entropy per step, mean over steps."""
+        s, k, b = clean.shape[:3]
+        with collected.timer("features"):
+            flat = clean.reshape(s * k * b, *clean.shape[3:])
+            if decode is not None:
+                flat = torch.cat([decode(flat[i : i + 256]) for i in range(0, len(flat), 256)])
+            images = flat.float().clamp(-1, 1)
+            feats = extract_in_batches(self.feature_extractor, images)
+            feats = feats.reshape(s, k, b, -1)
+            score, se = mean_step_entropy(feats, self.semantic_entropy)
+        collected.add("semantic_x0", score)
+        if se is not None:
+            collected.add("semantic_x0_se", se)
+        # (B, S): the per-step entropies, so that other steps and aggregations can be evaluated
+        collected.add(PER_STEP, np.stack([self.semantic_entropy(f) for f in feats], axis=1))
+
+    @staticmethod
+    def take_x0_per_step(fields: dict[str, Any]) -> dict[str, Any]:
+        """An output's fields with ``semantic_x0``'s per-step entropies moved out of the scores
+        into ``semantic_x0_per_step`` ``(S, N)``."""
+        per_step = fields["scores"].pop(PER_STEP, None)
+        return {**fields, "semantic_x0_per_step": None if per_step is None else per_step.T}
 
     def add_generation_scores(self, collected: ScoreCollector, request: Request,
                               generations: Tensor) -> None:

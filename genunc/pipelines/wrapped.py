@@ -16,6 +16,11 @@ working, and the returned images are those of ``pipe(...)`` by construction:
   noise (DDPM and ancestral samplers included) and differ only by their head; the user's weights
   are never touched.  Under classifier-free guidance both halves of the batch use the same draw.
 
+``semantic_x0`` needs no call beyond the MAP's: the same head hook applies the MAP and the M
+draws to the head's input at the chosen denoiser evaluations (``x0_steps``), guides them like the
+pipeline, and turns each prediction into the clean sample by the scheduler's own rule at the
+denoiser's input; the VAE (where there is one) decodes them after the call.
+
 Variability is the exact predictive variance of the *guided* prediction along the MAP
 trajectory: a head affine in its input and linear in its weights maps the guided input
 ``phi_u + s (phi_c - phi_u)`` to the guided output ``u + s (c - u)``, so its variance is the
@@ -53,6 +58,7 @@ from genunc.posterior.capture import capture_head
 from genunc.posterior.heads import check_finite, head_ops_for
 from genunc.posterior.observe import under_draw
 from genunc.posterior.variance import MonteCarloTailVariance, MonteCarloVariance
+from genunc.sampling.clean import predicted_clean
 from genunc.scores import VariabilityTarget
 
 
@@ -124,7 +130,8 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
         args: dict[str, Any] = dict(
             num_inference_steps=g["steps"], output_type="pt", num_draws=g["num_draws"],
             scores=tuple(g["scores"]), seed=g["seed"], first_sample=indices.start,
-            variance=g["variance"], variability_target=g["variability_target"], progress=False,
+            variance=g["variance"], variability_target=g["variability_target"],
+            x0_steps=g["x0_steps"], progress=False,
             generator=streams.sample_generators(g["seed"], "initial_noise", indices),
             **self._conditions(g, indices))
         if g["guidance_scale"] is not None:
@@ -164,7 +171,8 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
     def __call__(self, *args: Any, num_draws: int = 5,
                  scores: Sequence[str] = ("semantic", "variability"), seed: int = 0,
                  variance: VarianceEstimate = "exact",
-                 variability_target: VariabilityTarget = "noise", first_sample: int = 0,
+                 variability_target: VariabilityTarget = "noise",
+                 x0_steps: list[int] | None = None, first_sample: int = 0,
                  keep_draw_images: bool = False, progress: bool = True, check_only: bool = False,
                  **kwargs: Any) -> PipelineUncertaintyOutput | None:
         """Run ``pipe(*args, **kwargs)`` and score every image it returns.
@@ -172,7 +180,8 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
         Args:
             num_draws: posterior head draws M (semantic and pixel variance use the M+1
                 generations; the exact variability needs none, the Monte-Carlo one M >= 2).
-            scores: any of ``semantic``, ``variability``, ``pixel_variance``, ``random``.
+            scores: any of ``semantic``, ``semantic_x0``, ``variability``,
+                ``pixel_variance``, ``random``.
             seed: fixes the head draws and the random baseline; without a ``generator`` in
                 `kwargs` it also fixes the pipeline's noise (genunc's initial-noise stream).
             variance: the variability's estimator: ``exact`` (closed form, diagonal posterior)
@@ -182,6 +191,10 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
             variability_target: the variance of the prediction the sampler steps with
                 (``noise``: epsilon, v or velocity) or of the clean sample it implies
                 (``clean``; :meth:`DiffusersPipelineAdapter.clean_factors`).
+            x0_steps: the denoiser evaluations (indices, one per call of the denoiser) at which
+                ``semantic_x0`` is measured (default:
+                :func:`~genunc.pipelines.image_scores.default_x0_steps` of the scheduler's
+                number of timesteps).
             first_sample: the global index of the first image (keys the random baseline; pass
                 per-image generators from :func:`genunc.streams.sample_generators` for noise
                 that does not depend on the batch).
@@ -197,6 +210,8 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
         self.check_feature_extractor(request)
         if request.wants("variability"):
             self._check_variability(kwargs, variance)
+        if request.wants("semantic_x0"):
+            self._check_clean(kwargs)
         if check_only:
             return None
         estimator = self._head_variance(request, variance)
@@ -214,7 +229,8 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
 
         collected = ScoreCollector()
         steps: list[tuple[float, Tensor]] = []
-        with collected.timer("generation"), self._observe(steps, kwargs, estimator):
+        clean = _CleanRecord(request.draws, x0_steps) if request.wants("semantic_x0") else None
+        with collected.timer("generation"), self._observe(steps, kwargs, estimator, clean):
             output = self.pipe(*args, generator=generator, **kwargs)
         images = _images(output)
         generations = [images]
@@ -230,10 +246,13 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
         request.num_samples = as_tensors[0].shape[0]
         if steps:
             self._add_variability(collected, request, steps, variability_target)
+        if clean is not None:
+            self._add_clean(collected, request, clean, kwargs.get("output_type"))
         if len(as_tensors) > 1:
             self.add_generation_scores(collected, request, torch.stack(as_tensors))
         return PipelineUncertaintyOutput(
-            **collected.output_fields(request, "generation", "draws", "features"),
+            **self.take_x0_per_step(collected.output_fields(request, "generation", "draws",
+                                                            "features")),
             images=images, pipeline_output=output,
             draw_images=generations[1:] if keep_draw_images else None)
 
@@ -250,6 +269,31 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
         replicates = {"variability": per_step[:, 1:]} if per_step.shape[1] > 1 else None
         collected.add_variability({"variability": per_step[:, 0]}, timesteps, torch.zeros(0),
                                   target, replicates=replicates, clean_factors=factors)
+
+    def _add_clean(self, collected: ScoreCollector, request: Any, clean: "_CleanRecord",
+                   output_type: str | None) -> None:
+        """``semantic_x0`` from the clean samples recorded during the MAP call, decoded by the
+        pipeline's VAE (not for ``output_type="latent"``, whose images are latents)."""
+        if not clean.values:
+            raise GenuncError(f"x0_steps {clean.steps} named no denoiser evaluation of this call "
+                              f"({clean.calls} evaluations)")
+        predictions = torch.stack(clean.values)  # (S, M+1, B, C, H, W)
+        if predictions.shape[2] != request.num_samples:
+            raise ShapeMismatchError(f"the head saw {predictions.shape[2]} samples per step but "
+                                     f"the pipeline returned {request.num_samples} images")
+        vae = getattr(self.pipe, "vae", None)
+        decode = None if vae is None or output_type == "latent" else _decoder(vae)
+        self.add_clean_scores(collected, predictions, decode)
+
+    def _check_clean(self, kwargs: dict[str, Any]) -> None:
+        """Options under which the clean-sample prediction is not the head at the recorded
+        input, and posteriors the one-trajectory score does not cover."""
+        if self.adapter.fourier:
+            raise GenuncError("this UNet divides the head's output by the timestep (Fourier time "
+                              "embedding); genunc's semantic_x0 does not cover it")
+        if kwargs.get("skip_guidance_layers"):
+            raise GenuncError("skip_guidance_layers adds a third denoiser call per step that "
+                              "semantic_x0 does not follow; leave it out")
 
     def _check_variability(self, kwargs: dict[str, Any], variance: VarianceEstimate) -> None:
         """Options under which the guided prediction is no longer the head at one input."""
@@ -288,23 +332,29 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
 
     @contextmanager
     def _observe(self, steps: list[tuple[float, Tensor]], kwargs: dict[str, Any],
-                 estimator: Any) -> Iterator[None]:
+                 estimator: Any, clean: "_CleanRecord | None" = None) -> Iterator[None]:
         """Record, per denoiser evaluation, the timestep and the guided prediction's variance
         per sample (``(1 [+ M], B)``: with a Monte-Carlo estimator, its leave-one-draw-out
-        replicates follow); the head's output is left as it is."""
-        if estimator is None:
+        replicates follow), and at `clean`'s evaluations the clean samples the MAP and the
+        draws predict; the head's output is left as it is."""
+        if estimator is None and clean is None:
             yield
             return
         adapter = self.adapter
-        tail = getattr(estimator, "tail", None)
+        tail = next((t for t in (getattr(estimator, "tail", None),
+                                 getattr(getattr(clean, "draws", None), "tail", None))
+                     if t is not None), None)
         guides = getattr(getattr(estimator, "combine", None), "guides", False)
-        now: dict[str, float] = {}
+        now: dict[str, Any] = {"calls": 0}
         with ExitStack() as stack:
             recorder = None if tail is None else stack.enter_context(tail.capture())
 
             def timestep(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
                 t = kw.get("timestep", args[1] if len(args) > 1 else None)
                 now["t"] = float(torch.as_tensor(t).reshape(-1)[0]) if t is not None else float("nan")
+                now["x"] = next((kw[k] for k in ("sample", "hidden_states") if k in kw),
+                                args[0] if args else None)
+                now["calls"] += 1
                 if recorder is not None:
                     recorder.reset()
 
@@ -312,6 +362,11 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
                 if tail is not None and tail.rerunning:
                     return  # the estimator's own re-run of the block
                 phi = args[0].detach().float()
+                if clean is not None:
+                    clean.record(self, now, phi if tail is None else
+                                 tail.inputs_of(recorder, phi.shape[0]), kwargs)
+                if estimator is None:
+                    return
                 if tail is not None:
                     features = tail.inputs_of(recorder, phi.shape[0])
                 else:
@@ -433,6 +488,55 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
 
 
 # ---------------------------------------------------------------------- helpers
+class _CleanRecord:
+    """``semantic_x0``'s record during the MAP call: at each chosen denoiser evaluation, the
+    clean samples ``(M+1, B, C, H, W)`` the MAP head and the M draws predict (guided like the
+    pipeline, by the scheduler's own rule at the denoiser's input), on the CPU."""
+
+    def __init__(self, draws: Any, x0_steps: Sequence[int] | None) -> None:
+        self.draws, self.requested = draws, x0_steps
+        self.steps: list[int] | None = None
+        self.values: list[Tensor] = []
+        self.calls = 0
+
+    def record(self, owner: WrappedImagePipeline, now: Mapping[str, Any], features: Any,
+               kwargs: Mapping[str, Any]) -> None:
+        adapter, scheduler = owner.adapter, owner.pipe.scheduler
+        self.calls = index = now["calls"]
+        if self.steps is None:  # the evaluations, once the pipeline has set its timesteps
+            self.steps = owner.resolve_x0_steps(self.requested, len(scheduler.timesteps))
+        if index - 1 not in self.steps:
+            return
+        x = now["x"]
+        if not isinstance(x, Tensor):
+            raise GenuncError("semantic_x0 reads the denoiser's input: the pipeline must pass it "
+                              "as its first argument, `sample` or `hidden_states`")
+        outputs = self.draws.to(x.device).apply(features)  # (M+1, rows, head layout)
+        guided = adapter.guided_prediction(outputs, adapter.guidance(kwargs),
+                                           adapter.guidance_rescale(kwargs))
+        rows = guided.shape[1]
+        sample = x[:rows].detach()  # a guided batch repeats the sample in both halves
+        prediction = adapter.from_head_layout(guided, *sample.shape[-2:])
+        prediction = prediction[:, :, : adapter.prediction_channels]
+        self.values.append(predicted_clean(scheduler, prediction.float(), sample,
+                                           now["t"]).cpu())
+
+
+def _decoder(vae: nn.Module) -> Any:
+    """Latents -> images in [-1, 1], as diffusers' latent pipelines decode them
+    (``vae.decode(latents / scaling_factor + shift_factor)``)."""
+    param = next(vae.parameters())
+    scaling = float(vae.config.scaling_factor)
+    shift = float(vae.config.get("shift_factor") or 0.0)
+
+    def decode(latents: Tensor) -> Tensor:
+        with torch.no_grad():
+            z = (latents / scaling + shift).to(param.device, param.dtype)
+            return vae.decode(z).sample.float().cpu()
+
+    return decode
+
+
 def _images(output: Any) -> Any:
     """The images of a pipeline output (``return_dict=False`` gives a tuple, images first)."""
     if isinstance(output, tuple):

@@ -14,6 +14,10 @@ serves both uncertainty signals:
   step, the variance of the predicted noise under the head posterior given the MAP's own
   features (:mod:`genunc.posterior.variance`: exact, or over M draws), reduced per sample by the
   adapter.  This costs one head op per step on top of plain generation.
+* **one-trajectory semantic** (``semantic_x0``): along the MAP trajectory, at each chosen step,
+  the clean sample each head draw predicts from the MAP's own features (one batched head op,
+  then the scheduler's ``pred_original_sample`` rule, :func:`genunc.sampling.clean.predicted_clean`);
+  the pipeline decodes and featurises them.
 
 Where the posterior sits is the loop's one variable (``_Site``): the head alone (a hook applies
 every group's head draw in one grouped op: the fast path) or a block that ends at the head (the
@@ -50,6 +54,7 @@ from tqdm.auto import tqdm
 
 from genunc.adapters.base import DenoiserAdapter
 from genunc.errors import GenuncError
+from genunc.sampling.clean import predicted_clean
 from genunc.sampling.precision import backbone_autocast, full_precision
 from genunc.sampling.tails import shared_tail
 
@@ -75,6 +80,10 @@ class TrajectoryOutput:
     #: with a Monte-Carlo tail variance: name -> (S, M, B) per-step jackknife (leave-one-draw-out)
     #: replicates of ``variability_per_step``, for the score's standard error
     variability_replicates: dict[str, Tensor] | None = None
+    #: with ``clean_draws``: ``(S, K, B, ...)`` the clean samples the K draws' heads predict at
+    #: each of the S ``clean_steps`` of the MAP trajectory (the scheduler's own rule), on the CPU
+    clean_per_step: Tensor | None = None
+    clean_timesteps: Tensor | None = None  # the scheduler timestep of each of those steps
 
 
 def repeat_batch(value: Any, reps: int) -> Any:
@@ -209,6 +218,8 @@ def run_trajectory(
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = False,
     precision: str = "float32",
+    clean_draws: HeadDraws | TailDraws | None = None,
+    clean_steps: list[int] | None = None,
 ) -> TrajectoryOutput:
     """Run the sampler from ``x_T``; optionally fork perturbed trajectories and score variability.
 
@@ -223,6 +234,9 @@ def run_trajectory(
             recorded at ``variability_steps`` (default: every step).
         precision: the backbone's precision (``float32``, ``bfloat16``, ``float16``: autocast);
             head draws, variances and sampler states stay in full precision.
+        clean_draws: head (or tail) draws, usually the MAP first, whose predicted clean samples
+            are recorded at ``clean_steps`` (default: every step) of the MAP trajectory, from
+            the MAP's own features: the trajectory itself is not changed.
 
     Tail draws (:class:`~genunc.posterior.tail.TailDraws`: a tail posterior, over the blocks
     that end at the head) run the same way: the body runs on every trajectory's rows (the draws' states
@@ -239,6 +253,9 @@ def run_trajectory(
                           "first in the trajectory draws")
     if not with_map and branch_at:
         raise GenuncError("without the MAP trajectory, perturbed trajectories start at step 0")
+    if clean_draws is not None and not with_map:
+        raise GenuncError("clean-sample predictions are read along the MAP trajectory: put the "
+                          "MAP first in the trajectory draws")
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(num_inference_steps, device=x_T.device)
     timesteps = scheduler.timesteps
@@ -246,14 +263,16 @@ def run_trajectory(
     if not 0 <= branch_at <= n_steps:
         raise GenuncError(f"branch_at must lie in [0, {n_steps}], got {branch_at}")
     vsteps = set(range(n_steps) if variability_steps is None else variability_steps)
+    csteps = set(range(n_steps) if clean_steps is None else clean_steps)
     stepper = _GroupStepper(scheduler, generator)
 
     batch = x_T.shape[0]
-    tail = shared_tail(trajectory_draws, variability)
+    tail = shared_tail(trajectory_draws, variability, clean_draws)
     if tail is not None and precision != "float32":
         raise GenuncError("a tail posterior runs the backbone in float32 for now; "
                           f"precision={precision!r} needs a head posterior")
     draws = None if trajectory_draws is None else trajectory_draws.to(x_T.device)
+    cdraws = None if clean_draws is None else clean_draws.to(x_T.device)
     x = adapter.project(x_T * scheduler.init_noise_sigma, cond)
     site: _Site = _HeadSite(adapter, draws, batch, with_map) if tail is None else \
         _TailSite(adapter, tail, draws, batch, with_map, scheduler, x, timesteps[0], cond)
@@ -266,6 +285,8 @@ def run_trajectory(
     per_step: dict[str, list[Tensor]] = {}
     replicas: dict[str, list[Tensor]] = {}
     measured_at: list[Tensor] = []
+    cleans: list[Tensor] = []
+    cleaned_at: list[Tensor] = []
     rows = 0
     with site.active():
         for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
@@ -290,6 +311,14 @@ def run_trajectory(
                 else:
                     _append(per_step, adapter.reduce_variance(variance, inputs))
                 measured_at.append(t.reshape(()).cpu())
+            if cdraws is not None and i in csteps:
+                inputs = {"x": model_in[:batch], "t": t_batch[:batch], **cond}
+                with full_precision(x.device):
+                    heads = adapter.post_head(cdraws.apply(site.map_features()), inputs)
+                sample = x[:batch]
+                cleans.append(predicted_clean(scheduler, heads[:, :, : sample.shape[1]].float(),
+                                              sample, t).cpu())
+                cleaned_at.append(t.reshape(()).cpu())
             x = adapter.project(stepper.step(out, t, x), current_cond)
 
     groups = site.groups
@@ -308,6 +337,8 @@ def run_trajectory(
         variability_timesteps=torch.stack(measured_at) if measured_at else None,
         backbone_rows=rows,
         variability_replicates={k: torch.stack(v) for k, v in replicas.items()} or None,
+        clean_per_step=torch.stack(cleans) if cleans else None,
+        clean_timesteps=torch.stack(cleaned_at) if cleaned_at else None,
     )
 
 

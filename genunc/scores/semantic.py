@@ -9,6 +9,7 @@ which goes negative for near-identical features; genunc uses float64 and the two
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from torch import Tensor
@@ -92,3 +93,31 @@ def random_scores(seed: int, indices: range | list[int]) -> np.ndarray:
     """Baseline: uniform random scores (what filtering without a signal achieves), one per
     sample from the sample's own stream, independent of everything else the seed drives."""
     return streams.sample_uniforms(seed, "random_baseline", indices)
+
+
+def mean_step_entropy(
+    features: Tensor | np.ndarray, entropy: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The one-trajectory semantic score (``semantic_x0``) from per-step features, and its
+    Monte-Carlo error.
+
+    Args:
+        features: ``(S, K, B, D)``: at each of S steps, the features of the K = M+1 clean
+            samples the MAP head (first) and M head draws predict, for B samples.
+        entropy: ``(K, B, D) -> (B,)`` (the pipeline's semantic entropy, on its feature scale).
+
+    Returns ``(score, se)``: the mean over the S steps of the per-step entropy, ``(B,)``; and the
+    jackknife standard error of that mean over the M draws (leave one draw out, the MAP always
+    kept: ``sqrt((M-1)/M * sum_j (s_(j) - mean s_(.))^2)``), None when M < 2.
+    """
+    feats = np.asarray(features.detach().cpu().double() if isinstance(features, Tensor)
+                       else features, dtype=np.float64)
+    if feats.ndim != 4:
+        raise ShapeMismatchError(f"features must be (steps, M+1, B, D), got {feats.shape}")
+    score = np.mean([entropy(step) for step in feats], axis=0)
+    m = feats.shape[1] - 1
+    if m < 2:
+        return score, None
+    loo = np.stack([np.mean([entropy(np.delete(step, j, axis=0)) for step in feats], axis=0)
+                    for j in range(1, m + 1)])
+    return score, np.sqrt((m - 1) / m * ((loo - loo.mean(0)) ** 2).sum(0))
