@@ -14,10 +14,17 @@ Protocol (docs/results.md, "How the numbers are made"):
   resample's FID is biased upwards, the difference much less);
 * kept sets: the 80% least uncertain globally, and 80% within each class (the class mix fixed);
 * cost (``--cost-n``): exact vs Monte-Carlo variability on the same samples, and the Monte-Carlo
-  score's rank agreement with the exact one.
+  score's rank agreement with the exact one;
+* the one-trajectory semantic score ``semantic_x0`` (``--x0-draws``, default 16; 0 skips it):
+  its steps (a contiguous window of a grid of every 5th step, mean of the per-step entropies)
+  chosen by AUROC on the validation seed, then a test-seed run at those steps: its row in the
+  table, the paired difference to ``semantic`` (AUROC, judge agrees among the kept 80%) with
+  bootstrap intervals, Spearman with it, its jackknife Monte-Carlo error, and its wall time vs
+  plain generation (and vs the full semantic score) on ``--x0-cost-n`` digits, one run each.
 
 Usage:  OMP_NUM_THREADS=1 python benchmarks/eval_image.py [--n-val 300] [--n-test 900]
         [--draws 5] [--steps 50] [--cost-n 64] [--tail 1 [--predictive linearised]]
+        [--x0-draws 16] [--x0-cost-n 64]
 """
 
 from __future__ import annotations
@@ -32,10 +39,13 @@ import torch
 from protocol import (  # benchmarks/protocol.py
     TEST_SEED,
     VAL_SEED,
+    choose_x0_steps,
+    compare_x0,
     fmt,
     image_selection_table,
     windowed_variability,
     windows,
+    x0_grid,
 )
 
 from genunc import filtering
@@ -99,6 +109,10 @@ def main() -> None:
                         "the block's linearisation); use another --out")
     parser.add_argument("--variant", action="append", choices=["branch", "score_steps"], default=[],
                         help="also score the test digits with a cheap semantic variant (repeatable)")
+    parser.add_argument("--x0-draws", type=int, default=16,
+                        help="head draws of the one-trajectory semantic score (0: skip it)")
+    parser.add_argument("--x0-cost-n", type=int, default=64,
+                        help="digits of its cost table (plain vs semantic_x0 vs semantic; 0: none)")
     args = parser.parse_args()
 
     pipe = load_reference_pipeline(args.out, progress=False, tail=args.tail)
@@ -146,7 +160,15 @@ def main() -> None:
           "bootstrap resamples (a FID of a resample is biased upwards; the difference much less). "
           "FID intervals are basic bootstrap intervals (reflected about the estimate), "
           f"{args.boot // 5} resamples.")
+    if args.x0_draws:
+        x0_name, x0 = semantic_x0_rows(pipe, args, runs, judge, tail_extra)
+        scores = {**{k: v for k, v in scores.items() if k != "random"}, x0_name: x0.scores[
+            "semantic_x0"], "random": scores["random"]}
     image_selection_table(scores, wrong, feats, real, labels, args.keep, args.boot)
+    if args.x0_draws:
+        compare_x0(args, x0, scores["semantic"], wrong)
+        if args.x0_cost_n > 0:
+            x0_cost(pipe, args, x0.steps, tail_extra)
     if args.tail and (args.variant or args.cost_n > 0):
         print("(variants and the cost table are for head posteriors: skipped with --tail)")
         return
@@ -154,6 +176,63 @@ def main() -> None:
         variants_table(pipe, args, test, good, scores["random"])
     if args.cost_n > 0:
         cost_table(pipe, args)
+
+
+def x0_run(pipe, out_dir: Path, n: int, seed: int, args, x0_steps: list[int], tail_extra):
+    """semantic_x0 alone (no perturbed generations) with ``--x0-draws`` draws at `x0_steps`,
+    cached like :func:`cached_run`; the per-step entropies come back too."""
+    key = (f"x0_{pipe.posterior.digest()[:12]}_n{n}_s{seed}_m{args.x0_draws}_t{args.steps}_"
+           + "-".join(map(str, x0_steps)))
+    path = out_dir / f"run_{key}.pt"
+    if path.exists():
+        return SimpleNamespace(**torch.load(path, weights_only=False))
+    start = time.perf_counter()
+    out = pipe(n, num_draws=args.x0_draws, num_inference_steps=args.steps, seed=seed,
+               scores=("semantic_x0",), x0_steps=x0_steps, progress=False,
+               **{k: v for k, v in tail_extra.items() if k == "variance"})
+    keep = {"images": out.images, "scores": out.scores, "per_step": out.semantic_x0_per_step,
+            "steps": list(x0_steps), "seconds": time.perf_counter() - start}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(keep, path)
+    return SimpleNamespace(**keep)
+
+
+def semantic_x0_rows(pipe, args, runs, judge, tail_extra):
+    """Choose semantic_x0's steps on the validation seed (a contiguous window of the grid, mean
+    of the per-step entropies, by AUROC for "judge disagrees"), then score the test digits at
+    those steps.  Returns the test row's name and run."""
+    grid = x0_grid(args.steps)
+    val_out, val_wrong = runs["validation"]
+    val = x0_run(pipe, Path(args.out), len(val_wrong), VAL_SEED, args, grid, tail_extra)
+    if not torch.allclose(val.images, val_out.images, atol=1e-4):
+        raise SystemExit("semantic_x0's run changed the validation images")
+    chosen = choose_x0_steps(val.per_step, val_wrong, grid, args.x0_draws)
+    test_out, _ = runs["test"]
+    test = x0_run(pipe, Path(args.out), len(runs["test"][1]), TEST_SEED, args, chosen, tail_extra)
+    if not torch.allclose(test.images, test_out.images, atol=1e-4):
+        raise SystemExit("semantic_x0's run changed the test images")
+    return f"semantic_x0 (M = {args.x0_draws}, steps {chosen}; val.)", test
+
+
+def x0_cost(pipe, args, x0_steps: list[int], tail_extra) -> None:
+    """Wall time of semantic_x0 vs plain generation (and the full semantic score), one run."""
+    n = args.x0_cost_n
+    kwargs = dict(num_inference_steps=args.steps, seed=TEST_SEED + 1, progress=False)
+    rows = []
+    for label, call in (
+        ("plain generation", dict(scores=("random",), num_draws=0)),
+        (f"semantic_x0, M = {args.x0_draws}, steps {x0_steps}",
+         dict(scores=("semantic_x0",), num_draws=args.x0_draws, x0_steps=x0_steps)),
+        (f"semantic (full), M = {args.draws}", dict(scores=("semantic",), num_draws=args.draws)),
+    ):
+        start = time.perf_counter()
+        pipe(n, **call, **kwargs)
+        rows.append((label, time.perf_counter() - start))
+    print(f"\ncost on {n} digits, {args.steps} DDIM steps, one run each, 1 thread:")
+    print("| method | seconds | x plain |")
+    print("|---|---:|---:|")
+    for label, seconds in rows:
+        print(f"| {label} | {seconds:.1f} | {seconds / rows[0][1]:.2f} |")
 
 
 def variants_table(pipe, args, test, good, rand) -> None:

@@ -18,7 +18,13 @@ Protocol (as ``benchmarks/eval_image.py``):
 * validation seed: the variability step window and target are chosen there; the test seed,
   disjoint streams (initial noise per sample from ``genunc.streams``), reports every figure with
   bootstrap 95% intervals; kept sets also as the paired difference to the random score's kept set;
-* kept sets: the 80% least uncertain globally, and 80% within each class.
+* kept sets: the 80% least uncertain globally, and 80% within each class;
+* the one-trajectory semantic score ``semantic_x0`` (``--x0-draws``, default 16; 0 skips it):
+  through the same wrapped pipeline, no call beyond the MAP's; its steps (a contiguous window of
+  every 5th step, mean of the per-step entropies) chosen by AUROC on the validation seed; on the
+  test seed its row, the paired difference to ``semantic``, Spearman with it, its jackknife
+  Monte-Carlo error, and its wall time vs a plain pipeline call (and the full semantic score)
+  on ``--x0-cost-n`` digits, one run each.
 
 Guidance: under DiTPipeline's default guidance (4) and already at 1.5 the judge sees the requested
 digit in ~100% of samples (training.json's quality check), so there is nothing to filter; the
@@ -26,7 +32,7 @@ evaluation samples unguided (``--guidance 1``, ~92%), which also makes the label
 a question about the model rather than about the guidance scale.
 
 Usage:  OMP_NUM_THREADS=1 python benchmarks/eval_latent.py [--n-val 400] [--n-test 1000]
-        [--draws 5] [--steps 50] [--guidance 1]
+        [--draws 5] [--steps 50] [--guidance 1] [--x0-draws 16] [--x0-cost-n 100]
 """
 
 from __future__ import annotations
@@ -38,7 +44,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from protocol import TEST_SEED, VAL_SEED, image_selection_table, windows  # benchmarks/protocol.py
+from protocol import (  # benchmarks/protocol.py
+    TEST_SEED,
+    VAL_SEED,
+    choose_x0_steps,
+    compare_x0,
+    image_selection_table,
+    windows,
+    x0_grid,
+)
 
 from genunc import filtering, streams
 from genunc.features import DigitsFeatures
@@ -98,6 +112,62 @@ def run(upipe, out_dir: Path, n: int, seed: int, args) -> SimpleNamespace:
     return SimpleNamespace(**result)
 
 
+def x0_run(upipe, out_dir: Path, n: int, seed: int, args, x0_steps: list[int]) -> SimpleNamespace:
+    """semantic_x0 alone (one pipeline call per batch, the MAP's) at `x0_steps`, cached."""
+    key = (f"x0_{upipe.posterior.digest()[:12]}_n{n}_s{seed}_m{args.x0_draws}_t{args.steps}"
+           f"_g{args.guidance:g}_" + "-".join(map(str, x0_steps)))
+    path = out_dir / f"run_{key}.pt"
+    if path.exists():
+        return SimpleNamespace(**torch.load(path, weights_only=False))
+    labels = [i % N_CLASSES for i in range(n)]
+    begin = time.perf_counter()
+    images, scores, per_step = [], {"semantic_x0": [], "semantic_x0_se": []}, []
+    for start in range(0, n, args.batch):
+        rows = range(start, min(n, start + args.batch))
+        out = upipe(class_labels=[labels[i] for i in rows],
+                    generator=streams.sample_generators(seed, "initial_noise", rows),
+                    num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="pt",
+                    num_draws=args.x0_draws, scores=("semantic_x0",), x0_steps=x0_steps,
+                    seed=seed, progress=False)
+        images.append(out.images * 2 - 1)
+        for s in scores:
+            scores[s].append(np.asarray(out.scores[s]))
+        per_step.append(out.semantic_x0_per_step)
+    result = {"images": torch.cat(images), "scores": {s: np.concatenate(v) for s, v in scores.items()},
+              "per_step": np.concatenate(per_step, axis=1), "steps": list(x0_steps),
+              "seconds": time.perf_counter() - begin}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(result, path)
+    return SimpleNamespace(**result)
+
+
+def x0_cost(pipe, upipe, args, x0_steps: list[int]) -> None:
+    """Wall time of a plain pipeline call vs semantic_x0 vs the full semantic score, one run."""
+    n = args.x0_cost_n
+    labels = [i % N_CLASSES for i in range(n)]
+    common = dict(class_labels=labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  output_type="pt")
+    gen = lambda: streams.sample_generators(TEST_SEED + 1, "initial_noise", range(n))  # noqa: E731
+    rows = []
+    for label, call in (
+        ("plain pipeline call", lambda: pipe(generator=gen(), **common)),
+        (f"semantic_x0, M = {args.x0_draws}, steps {x0_steps}",
+         lambda: upipe(generator=gen(), num_draws=args.x0_draws, scores=("semantic_x0",),
+                       x0_steps=x0_steps, progress=False, **common)),
+        (f"semantic (full), M = {args.draws}",
+         lambda: upipe(generator=gen(), num_draws=args.draws, scores=("semantic",),
+                       progress=False, **common)),
+    ):
+        start = time.perf_counter()
+        call()
+        rows.append((label, time.perf_counter() - start))
+    print(f"\ncost on {n} digits in one batch, {args.steps} DDIM steps, one run each, 1 thread:")
+    print("| method | seconds | x plain |")
+    print("|---|---:|---:|")
+    for label, seconds in rows:
+        print(f"| {label} | {seconds:.1f} | {seconds / rows[0][1]:.2f} |")
+
+
 def windowed(out, alphas_cumprod, rows, target: str) -> np.ndarray:
     return variability_score(out.per_step[rows], out.timesteps[rows], alphas_cumprod, target)
 
@@ -117,6 +187,10 @@ def main() -> None:
     parser.add_argument("--boot", type=int, default=1000)
     parser.add_argument("--out", default="outputs/eval_latent")
     parser.add_argument("--model", default=str(LATENT_DIR), help="a DiTPipeline folder")
+    parser.add_argument("--x0-draws", type=int, default=16,
+                        help="head draws of the one-trajectory semantic score (0: skip it)")
+    parser.add_argument("--x0-cost-n", type=int, default=100,
+                        help="digits of its cost table (plain vs semantic_x0 vs semantic; 0: none)")
     args = parser.parse_args()
     begin = time.perf_counter()
 
@@ -153,6 +227,16 @@ def main() -> None:
     scores["variability (all steps, noise)"] = scores.pop("variability")
     scores[f"variability ({window}, {target}; val.)"] = windowed(test, alphas, windows(args.steps)[window],
                                                                  target)
+    if args.x0_draws:
+        grid = x0_grid(args.steps)
+        val_x0 = x0_run(upipe, Path(args.out), len(val_wrong), VAL_SEED, args, grid)
+        if not torch.allclose(val_x0.images, val.images, atol=1e-4):
+            raise SystemExit("semantic_x0's run changed the validation images")
+        chosen = choose_x0_steps(val_x0.per_step, val_wrong, grid, args.x0_draws)
+        x0 = x0_run(upipe, Path(args.out), len(wrong), TEST_SEED, args, chosen)
+        if not torch.allclose(x0.images, test.images, atol=1e-4):
+            raise SystemExit("semantic_x0's run changed the test images")
+        scores[f"semantic_x0 (M = {args.x0_draws}, steps {chosen}; val.)"] = x0.scores["semantic_x0"]
     scores["random"] = scores.pop("random")
     feats = judge.features(test.images)
     labels = test.class_labels
@@ -160,6 +244,10 @@ def main() -> None:
           f"FID: {args.boot // 5}, basic intervals). Delta: kept set by the score minus kept set by "
           "the random score, paired on the same resamples.")
     image_selection_table(scores, wrong, feats, real, labels, args.keep, args.boot)
+    if args.x0_draws:
+        compare_x0(args, x0, scores["semantic"], wrong)
+        if args.x0_cost_n > 0:
+            x0_cost(pipe, upipe, args, chosen)
     print(f"\nwall time {time.perf_counter() - begin:.0f} s")
 
 

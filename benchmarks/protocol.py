@@ -95,3 +95,48 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def x0_grid(steps: int) -> list[int]:
+    """The steps semantic_x0 is recorded at on the validation seed: every 5th, and the last."""
+    return sorted(set(range(0, steps, 5)) | {steps - 1})
+
+
+def choose_x0_steps(per_step: np.ndarray, wrong: np.ndarray, grid: list[int], draws: int
+                    ) -> list[int]:
+    """semantic_x0's steps, chosen on the validation seed: the contiguous window of the grid
+    whose mean per-step entropy ``(S, N)`` has the best AUROC for "judge disagrees"."""
+    from genunc import filtering
+
+    table = {(a, b): filtering.auroc(per_step[a : b + 1].mean(0), wrong)
+             for a in range(len(grid)) for b in range(a, len(grid))}
+    print(f"\nsemantic_x0 on the validation seed (M = {draws}), AUROC(judge disagrees) of "
+          f"single grid steps: " + ", ".join(f"{grid[a]}: {table[a, a]:.3f}"
+                                             for a in range(len(grid))))
+    print(f"  all grid steps {grid}: {table[0, len(grid) - 1]:.3f}")
+    a, b = max(table, key=table.get)
+    print(f"chosen: steps {grid[a : b + 1]} (mean of their entropies), validation AUROC "
+          f"{table[a, b]:.3f}")
+    return grid[a : b + 1]
+
+
+def compare_x0(args, x0, semantic: np.ndarray, wrong: np.ndarray) -> None:
+    """semantic_x0 against the full semantic score on the same test digits, paired."""
+    from genunc import filtering
+    from genunc.metrics.stats import bootstrap_interval, spearman
+
+    values, good = x0.scores["semantic_x0"], ~wrong
+    keep_g = lambda s: filtering.keep_fraction(s, args.keep)  # noqa: E731
+    d_auroc = bootstrap_interval(lambda s, q, w: filtering.auroc(s, w) - filtering.auroc(q, w),
+                                 values, semantic, wrong, n_boot=args.boot)
+    d_agree = bootstrap_interval(lambda s, q, g: g[keep_g(s)].mean() - g[keep_g(q)].mean(),
+                                 values, semantic, good, n_boot=args.boot)
+    se = x0.scores.get("semantic_x0_se")
+    print(f"\nsemantic_x0 vs the full semantic score (M = {args.draws} generations), test seed "
+          f"{TEST_SEED}, paired bootstrap ({args.boot} resamples):")
+    print("| semantic_x0 - semantic: Delta AUROC | Delta judge agrees, kept 80% | Spearman with "
+          "semantic | Monte-Carlo error: median jackknife SE | SD of the score across digits |")
+    print("|---|---|---:|---:|---:|")
+    print(f"| {fmt(*d_auroc)} | {fmt(*d_agree)} | {spearman(values, semantic):.3f} | "
+          f"{np.median(se):.3f} | {values.std():.3f} |")
+    print(f"(the test run itself: {x0.seconds:.0f} s for {len(values)} digits)")
