@@ -74,6 +74,17 @@ class DenoiserAdapter(ABC):
     def training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
         """Corrupt a batch of clean data at random timesteps and return the training pairs."""
 
+    def tail_training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
+        """The pairs a posterior over a tail (a block that ends at the head) fits on: targets in
+        the tail's output space.  Default: the head's pairs (the tail ends at the head); an
+        adapter whose tail outputs more than its head (EDM: positions too) overrides it."""
+        return self.training_pairs(batch, generator)
+
+    @property
+    def tail_output_groups(self) -> Mapping[str, slice] | None:
+        """:attr:`output_groups` of a tail's output (default: the head's)."""
+        return self.output_groups
+
     def post_head(self, head_output: Tensor, inputs: Mapping[str, Any]) -> Tensor:
         """Map the head's output to the model's output; identity unless the model adds steps.
 

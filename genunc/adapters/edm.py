@@ -8,15 +8,27 @@ genunc's timestep index ``i`` (0..T-1) to EDM's level ``i + 1``, as
 (``normalize_factors``: positions, one-hot types and charges divided by them) through the
 adapter's :class:`~genunc.adapters.molecule.PointCloudLayout`.
 
-The head is ``dynamics.egnn.embedding_out``: hidden node states -> atom-feature noise, an
-``nn.Linear`` whose output the model only masks and places after the positions
-(:meth:`EDMAdapter.post_head`).  Every draw of it keeps the model E(3)-equivariant (invariant
-inputs, invariant outputs).  The position noise is outside the head: it is produced by the last
-block's coordinate MLP through ``tanh`` and a sum over neighbours, so it is neither linear in
-those weights (the closed-form variance and the head contract need that) nor one row per atom
-(the row-wise posterior fit needs that).  Position variability is therefore zero by construction;
-positions still differ between the semantic score's generations, through the atom features the
-perturbed heads feed back into later steps.
+Two posterior scopes, one posterior type:
+
+* **head** (``dynamics.egnn.embedding_out``, the default): hidden node states -> atom-feature
+  noise, an ``nn.Linear`` whose output the model only masks and places after the positions
+  (:meth:`EDMAdapter.post_head`).  Every draw keeps the model E(3)-equivariant (invariant
+  inputs, invariant outputs).  The position noise is outside this head: it is produced by the
+  last block's coordinate MLP through ``tanh`` and a sum over neighbours, so it is neither linear
+  in those weights (the closed-form variance and the head contract need that) nor one row per
+  atom.  With the head alone, position variability is therefore zero by construction; positions
+  still differ between the semantic score's generations, through the atom features the
+  perturbed heads feed back into later steps.
+* **block** (``tail=k``: a :class:`~genunc.posterior.TailPosterior` over the last ``k`` EGNN
+  blocks, i.e. their node, edge and attention MLPs and their coordinate MLP, plus
+  ``embedding_out``, ending at the parameter-free ``dynamics.readout``; see
+  :meth:`genunc.zoo.edm.EDMModel.tail_modules`): the block's output is the whole model output,
+  positions included, so position variability is non-zero.  It is fitted on the same noisy
+  training pairs as the head, with the full noise (positions and features, one noise scale
+  each) as the target (:meth:`EDMAdapter.tail_training_pairs`), and its variability is Monte
+  Carlo over block draws re-run on the MAP trajectory's recorded block inputs, with a jackknife
+  standard error (``variance="monte_carlo"``).  Every draw keeps the model E(3)-equivariant:
+  EDM's layers are equivariant for any weights.
 
 :class:`EDMAncestralScheduler` is EDM's ``p(z_s | z_t)`` step computed from EDM's float32
 ``gamma`` exactly as EDM computes it, behind the small part of diffusers' scheduler interface
@@ -163,7 +175,10 @@ class EDMAdapter(MoleculeAdapter):
 
     def post_head(self, head_output: Tensor, inputs: Mapping[str, Any]) -> Tensor:
         """Head output ``(..., B, N, K)`` -> the model output it makes: no position part, the
-        features masked (the head leaves positions alone)."""
+        features masked (the head leaves positions alone).  A block's output ``(..., B, N,
+        3+K)`` (the readout's) is the model output already."""
+        if head_output.shape[-1] == self.layout.width:
+            return head_output
         mask = inputs["node_mask"].bool().unsqueeze(-1).to(head_output.dtype)
         features = head_output * mask
         return torch.cat([features.new_zeros(*features.shape[:-1], 3), features], -1)
@@ -179,9 +194,20 @@ class EDMAdapter(MoleculeAdapter):
         return self.post_head(posterior.output_variance(phi), inputs)
 
     def training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
-        pairs = super().training_pairs(batch, generator)
-        if isinstance(batch, Mapping) and batch.get("context") is not None:
-            pairs.inputs["context"] = batch["context"].to(self.device, self.dtype)
+        pairs = self.tail_training_pairs(batch, generator)
         # the head predicts the atom-feature noise only
         pairs.target = pairs.target[..., self.layout.features]
         return pairs
+
+    def tail_training_pairs(self, batch: Any, generator: torch.Generator) -> TrainingPairs:
+        """EDM's noisy pairs with the whole noise as target: a block's output is the model's
+        (positions and features).  The same inputs as the head's pairs for the same generator."""
+        pairs = super().training_pairs(batch, generator)
+        if isinstance(batch, Mapping) and batch.get("context") is not None:
+            pairs.inputs["context"] = batch["context"].to(self.device, self.dtype)
+        return pairs
+
+    @property
+    def tail_output_groups(self) -> dict[str, slice]:
+        """A block predicts positions and features: one noise scale each."""
+        return {"positions": self.layout.positions, "features": self.layout.features}

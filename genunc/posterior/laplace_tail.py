@@ -428,7 +428,7 @@ class TailPosterior(Posterior):
         tail = tail if isinstance(tail, Tail) else Tail(adapter.model, list(tail), tied=tied)
         data = collect_tail_data(adapter, tail, batches, repeats=repeats, max_rows=max_rows,
                                  seed=seed, progress=progress)
-        groups = adapter.output_groups if noise_groups else None
+        groups = adapter.tail_output_groups if noise_groups else None
         return cls.fit_data(tail, data, output_groups=groups, likelihood=adapter.likelihood,
                             **fit_kwargs)
 
@@ -773,7 +773,7 @@ def collect_tail_data(adapter: DenoiserAdapter, tail: Tail, batches: Iterable[An
     try:
         for batch in batches:
             for _ in range(repeats):
-                pairs = adapter.training_pairs(batch, generator)
+                pairs = adapter.tail_training_pairs(batch, generator)
                 b = pairs.target.shape[0]
                 with tail.capture() as rec:
                     adapter.denoise(**pairs.inputs)
@@ -804,12 +804,16 @@ def collect_tail_data(adapter: DenoiserAdapter, tail: Tail, batches: Iterable[An
 
 
 def default_tail(model: nn.Module, blocks: int = 1, head_name: str | None = None) -> list[str]:
-    """The last `blocks` blocks and what follows them, for genunc's model families:
-    diffusers UNets (``up_blocks``), the text transformer (``blocks.layers``), the e3nn
-    molecule denoiser (``layers``) and transformers language models (``model.layers``,
-    ``model.decoder.layers``, ``bert.encoder.layer``)."""
+    """The last `blocks` blocks and what follows them, for genunc's model families: diffusers
+    UNets (``up_blocks``), the text transformer (``blocks.layers``), the e3nn molecule denoiser
+    (``layers``) and transformers language models (``model.layers``, ``model.decoder.layers``,
+    ``bert.encoder.layer``).  A model with a ``tail_modules(blocks)`` method names its own tail
+    (EDM's: :meth:`genunc.zoo.edm.EDMModel.tail_modules`)."""
     if blocks < 1:
         raise GenuncError(f"blocks must be at least 1, got {blocks}")
+    own = getattr(model, "tail_modules", None)  # a model that names its own tail (EDM)
+    if callable(own):
+        return list(own(blocks))
     families = [("up_blocks", ["conv_norm_out", "conv_act", "conv_out"]),
                 ("blocks.layers", ["norm", "head"]),
                 ("layers", ["head"]),

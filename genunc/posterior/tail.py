@@ -11,8 +11,12 @@ keyword), which is the output of module ``k - 1`` (reshaped to the
 recorded shape: the e3nn denoiser reshapes its last layer's ``(B*N, C)`` output to ``(B, N, C)``
 before the head).  Every other argument (a UNet up-block's skip tensors and time embedding, a
 graph's edges, attention masks) comes from the body and is reused as recorded, so the tail must
-be a *chain*: its modules exchange data only through that first argument, and nothing the body
-computes after the first tail module may depend on tail weights.  A module called several times
+be a *chain*: nothing the body computes after the first tail module may depend on tail weights.
+One exception widens the chain to a small graph: an argument (first or not, also inside a
+tuple, list or dict) that *is* an output of an earlier tail module in the same pass (the same
+tensor object, or one element of a tuple output) is fed from that module's re-run output.  EDM's
+last block returns ``(h, x)``: the head takes ``h``, and a parameter-free readout takes the head's
+output and ``x`` (:mod:`genunc.zoo.edm`).  A module called several times
 in one pass (a backbone that runs its last layer once per chunk of atoms) is re-run once per
 recorded call; the outputs are concatenated along dim 0 when the next module is called once.
 
@@ -47,10 +51,13 @@ from genunc.posterior.stacked import StackedDraws
 
 @dataclass(frozen=True)
 class _Slot:
-    """Stands for a recorded first argument that the previous tail module's output replaces:
-    only its shape is kept."""
+    """Stands for a recorded argument that a tail module's re-run output replaces: only its
+    shape is kept.  ``source``: ``(module, call, element)`` of the earlier tail module's output
+    it was (``element`` None: the whole output, else that element of a tuple output); None: the
+    first argument, fed from the previous module's output(s)."""
 
     shape: tuple[int, ...]
+    source: tuple[int, int, int | None] | None = None
 
 
 @dataclass
@@ -102,7 +109,7 @@ class TailInputs:
             if isinstance(x, Tensor):
                 return x.index_select(0, index.to(x.device))
             if isinstance(x, _Slot):
-                return _Slot((len(index), *x.shape[1:]))
+                return replace(x, shape=(len(index), *x.shape[1:]))
             return x
 
         out = self._map(pick)
@@ -119,7 +126,7 @@ class TailInputs:
             if isinstance(x, Tensor):
                 return x.reshape(groups, self.rows // groups, *x.shape[1:])
             if isinstance(x, _Slot):
-                return _Slot((self.rows // groups, *x.shape[1:]))
+                return replace(x, shape=(self.rows // groups, *x.shape[1:]))
             return x
 
         out = self._map(cut)
@@ -151,9 +158,17 @@ class _Recorder:
     n_modules: int
     calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = field(default_factory=list)
     rows: int = 0
+    #: id -> (tensor, module, call, element) of every output of a tail module in this pass
+    #: (the tensor is kept, so that its id is not reused by another one before the reset)
+    produced: dict[int, tuple[Tensor, int, int, int | None]] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.calls = [[] for _ in range(self.n_modules)]
+        self.produced = {}
+
+    def source_of(self, value: Tensor) -> tuple[int, int, int | None] | None:
+        entry = self.produced.get(id(value))
+        return entry[1:] if entry is not None and entry[0] is value else None
 
 
 #: draws a batched block re-run evaluates at once: the block's activations are held for this
@@ -268,11 +283,23 @@ class Tail:
                     raise HeadNotCalledError(
                         f"tail module '{self.names[k]}' must get its input as the first "
                         "positional tensor argument")
-                args = tuple(_detach(a) for a in args)
-                if k > 0:
-                    args = (_Slot(tuple(args[0].shape)), *args[1:])
-                recorder.calls[k].append((args, {n: _detach(v) for n, v in kwargs.items()}))
+                first = _link(args[0], recorder)
+                if k > 0 and not isinstance(first, _Slot):
+                    first = _Slot(tuple(args[0].shape))
+                args = (first, *(_link(a, recorder) for a in args[1:]))
+                recorder.calls[k].append((args, {n: _link(v, recorder) for n, v in kwargs.items()}))
+
+            def produced(mod: nn.Module, args: tuple[Any, ...], output: Any, k: int = k) -> None:
+                if self.rerunning:
+                    return
+                call = len(recorder.calls[k]) - 1
+                parts = enumerate(output) if isinstance(output, tuple) else [(None, output)]
+                for element, value in parts:
+                    if isinstance(value, Tensor):
+                        recorder.produced[id(value)] = (value, k, call, element)
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            if k < len(self.modules) - 1:  # nothing inside the tail reads the last one's output
+                handles.append(module.register_forward_hook(produced))
         try:
             yield recorder
         finally:
@@ -307,29 +334,39 @@ class Tail:
 
     def _run(self, params: Mapping[str, Tensor] | None, inputs: TailInputs) -> Tensor:
         per_module = self._per_module(params or {})
-        outs: list[Tensor] = []
+        outs: list[list[Any]] = []  # per module, per call
         for k, (module, calls) in enumerate(zip(self.modules, inputs.calls)):
-            if k == 0:
-                feeds: list[Tensor | None] = [None] * len(calls)
-            elif len(outs) == len(calls):
-                feeds = list(outs)
-            elif len(calls) == 1:
-                feeds = [torch.cat(outs)]
-            else:
-                raise ShapeMismatchError(
-                    f"tail module '{self.names[k - 1]}' was called {len(outs)} times and "
-                    f"'{self.names[k]}' {len(calls)} times: genunc re-runs a chain whose calls "
-                    "pair up one to one, or many to one")
+            previous = outs[-1] if outs else []
+
+            def feed(slot: _Slot, call: int, k: int = k, previous: list[Any] = previous,
+                     n_calls: int = len(calls)) -> Tensor:
+                if slot.source is not None:
+                    j, c, element = slot.source
+                    value = outs[j][c] if element is None else outs[j][c][element]
+                elif len(previous) == n_calls:
+                    value = previous[call]
+                elif n_calls == 1:
+                    value = torch.cat(previous)
+                else:
+                    raise ShapeMismatchError(
+                        f"tail module '{self.names[k - 1]}' was called {len(previous)} times and "
+                        f"'{self.names[k]}' {n_calls} times: genunc re-runs a chain whose calls "
+                        "pair up one to one, or many to one")
+                if not isinstance(value, Tensor):
+                    raise ShapeMismatchError(
+                        f"tail module '{self.names[k]}' takes the output of the one before it, "
+                        f"which returns a {type(value).__name__}: name the tail's modules so that "
+                        "each takes a tensor another one returned")
+                return value if tuple(value.shape) == slot.shape else value.reshape(slot.shape)
+
             new = []
-            for feed, (args, kwargs) in zip(feeds, calls):
-                if feed is not None:
-                    shape = args[0].shape
-                    args = (feed if tuple(feed.shape) == tuple(shape) else feed.reshape(shape),
-                            *args[1:])
+            for call, (args, kwargs) in enumerate(calls):
+                args, kwargs = _fill((args, kwargs), lambda slot, call=call: feed(slot, call))
                 new.append(functional_call(module, per_module[k], args, kwargs, strict=False,
                                            tie_weights=False))
-            outs = new
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            outs.append(new)
+        last = outs[-1]
+        return last[0] if len(last) == 1 else torch.cat(last)
 
     def apply(self, params: Mapping[str, Tensor], inputs: TailInputs,
               per_draw: bool = False) -> Tensor:
@@ -460,13 +497,27 @@ def _input_first(module: nn.Module, args: tuple[Any, ...],
     return (rest.pop(first),), rest
 
 
-def _detach(value: Any) -> Any:
+def _link(value: Any, recorder: _Recorder) -> Any:
+    """A recorded argument: a tensor that is an earlier tail module's output becomes a slot fed
+    from its re-run; any other tensor is kept (detached)."""
     if isinstance(value, Tensor):
-        return value.detach()
+        source = recorder.source_of(value)
+        return value.detach() if source is None else _Slot(tuple(value.shape), source)
     if isinstance(value, (tuple, list)):
-        return type(value)(_detach(v) for v in value)
+        return type(value)(_link(v, recorder) for v in value)
     if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
+        return {k: _link(v, recorder) for k, v in value.items()}
+    return value
+
+
+def _fill(value: Any, feed: Callable[[_Slot], Tensor]) -> Any:
+    """`value` with every slot replaced by what `feed` gives for it."""
+    if isinstance(value, _Slot):
+        return feed(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_fill(v, feed) for v in value)
+    if isinstance(value, dict):
+        return {k: _fill(v, feed) for k, v in value.items()}
     return value
 
 

@@ -20,9 +20,17 @@ rows for the time input (and the context), whose outputs EDM slices off; they ar
 buffers (and put back in :meth:`~torch.nn.Module.state_dict`), so the head is a plain
 ``nn.Linear`` over exactly the outputs that matter.  Any weights of this head leave the model
 E(3)-equivariant: it maps invariants to invariants and never touches positions.  The position
-noise is not covered: it leaves the last block's coordinate MLP through a ``tanh`` and a sum over
-edges, which is neither linear in those weights nor one row per atom (see
+noise is not covered by the head: it leaves the last block's coordinate MLP through a ``tanh``
+and a sum over edges, which is neither linear in those weights nor one row per atom (see
 :class:`genunc.adapters.edm.EDMAdapter`).
+
+The block.  A posterior over the last EGNN block(s) and the head (a genunc *tail*,
+:mod:`genunc.posterior.tail`) covers the position noise too: ``dynamics.readout``
+(:class:`EDMReadout`, no parameters) turns the head's output and the last block's positions
+into the model output (EDM's NaN guard, the centre-of-mass-free velocity, the masked features),
+so that the tail ``e_block_<L-1>`` -> ``embedding_out`` -> ``readout``
+(:meth:`EDMModel.tail_modules`) ends at the model's output.  Any weights of a block keep the
+model E(3)-equivariant: EDM's layers are equivariant for every value of their weights.
 """
 
 from __future__ import annotations
@@ -168,11 +176,18 @@ class EGNN(nn.Module):
         self.register_load_state_dict_pre_hook(_split_embedding_out)
 
     def forward(self, h: Tensor, x: Tensor, node_mask: Tensor, edge_mask: Tensor) -> tuple[Tensor, Tensor]:
+        features, x = self.unmasked(h, x, node_mask, edge_mask)
+        return features * node_mask, x
+
+    def unmasked(self, h: Tensor, x: Tensor, node_mask: Tensor,
+                 edge_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The head's output before masking and the last block's positions, the very tensors
+        those modules return (a block posterior's re-run feeds the readout from them)."""
         radial0, _ = _pair_diff(x, 1.0)
         h = self.embedding(h)
         for i in range(self.n_layers):
             h, x = getattr(self, f"e_block_{i}")(h, x, radial0, node_mask, edge_mask)
-        return self.embedding_out(h) * node_mask, x
+        return self.embedding_out(h), x
 
 
 def _join_embedding_out(module: EGNN, state: dict[str, Any], prefix: str, metadata: Any) -> None:
@@ -195,6 +210,24 @@ def _split_embedding_out(module: EGNN, state: dict[str, Any], prefix: str, *args
                 unused.copy_(full[k:])
 
 
+class EDMReadout(nn.Module):
+    """The end of EDM's ``_forward``, without parameters: head output, final and input positions
+    -> ``[velocity, features]``.
+
+    The velocity is ``(x_final - x) * mask``, zeroed where it holds a NaN (EDM's guard, written
+    with ``torch.where`` so that batched re-runs under weight draws take it too), then
+    centre-of-mass free; the features are the head's output, masked.  Its output is the model
+    output: a block posterior's re-run replaces it (:meth:`EDMModel.tail_modules`).
+    """
+
+    def forward(self, features: Tensor, x_final: Tensor, x: Tensor, node_mask: Tensor) -> Tensor:
+        vel = (x_final - x) * node_mask
+        vel = torch.where(torch.isnan(vel).any(), torch.zeros_like(vel), vel)
+        n_atoms = node_mask.sum(1, keepdim=True)
+        vel = vel - vel.sum(1, keepdim=True) / n_atoms * node_mask
+        return torch.cat([vel, features * node_mask], -1)
+
+
 class EGNNDynamics(nn.Module):
     """EDM's ``EGNN_dynamics_QM9`` in ``egnn_dynamics`` mode: ``_forward``'s computation."""
 
@@ -202,6 +235,7 @@ class EGNNDynamics(nn.Module):
         super().__init__()
         self.config = config
         self.egnn = EGNN(config)
+        self.readout = EDMReadout()
 
     def forward(self, t: Tensor, xh: Tensor, node_mask: Tensor, edge_mask: Tensor,
                 context: Tensor | None = None) -> Tensor:
@@ -224,15 +258,11 @@ class EGNNDynamics(nn.Module):
                 raise ConfigError(f"this EDM model is conditioned on {list(c.conditioning)}: pass "
                                   f"context (B, N, {c.context_node_nf})")
             h = torch.cat([h, context.reshape(b, n, c.context_node_nf).to(xh.dtype)], -1)
-        h_final, x_final = self.egnn(h, x, node_mask, edge_mask)
-        vel = (x_final - x) * node_mask
-        if torch.isnan(vel).any():  # EDM's own guard, kept for identical outputs
+        features, x_final = self.egnn.unmasked(h, x, node_mask, edge_mask)
+        if torch.isnan((x_final - x) * node_mask).any():  # EDM's own guard (the readout's)
             warnings.warn("EDM dynamics produced NaN positions; returning zeros as EDM does",
                           stacklevel=2)
-            vel = torch.zeros_like(vel)
-        n_atoms = node_mask.sum(1, keepdim=True)
-        vel = vel - vel.sum(1, keepdim=True) / n_atoms * node_mask
-        return torch.cat([vel, h_final], -1)
+        return self.readout(features, x_final, x, node_mask)
 
 
 class EDMSchedule(nn.Module):
@@ -267,6 +297,17 @@ class EDMModel(nn.Module):
     def forward(self, t: Tensor, xh: Tensor, node_mask: Tensor, edge_mask: Tensor,
                 context: Tensor | None = None) -> Tensor:
         return self.dynamics(t, xh, node_mask, edge_mask, context)
+
+    def tail_modules(self, blocks: int = 1) -> list[str]:
+        """The tail over the last `blocks` EGNN blocks (each: its GCL node / edge / attention
+        MLPs and its coordinate MLP) and the head, ending at the readout that makes the model
+        output (what :func:`genunc.posterior.default_tail` returns for this model)."""
+        n = self.config.n_layers
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= n:
+            raise ConfigError(f"this EDM model has {n} EGNN blocks; a block posterior covers "
+                              f"1 to {n} of them, not {blocks!r}")
+        return [*(f"dynamics.egnn.e_block_{i}" for i in range(n - blocks, n)),
+                "dynamics.egnn.embedding_out", "dynamics.readout"]
 
 
 def edge_mask_for(node_mask: Tensor) -> Tensor:
