@@ -40,6 +40,7 @@ from genunc.pipelines.base import (
     load_diffusers_folder,
 )
 from genunc.posterior import HeadPosterior
+from genunc.posterior.token_mi import DEFAULT_TOP_K, check_mi_estimator, token_mi
 from genunc.sampling.masked import POSTERIOR_STATS, UnmaskingConfig, unmask
 from genunc.scores import Aggregate, aggregate
 from genunc.scores.tokens import jackknife_standard_error
@@ -225,6 +226,7 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
                  scores: tuple[str, ...] = ("mutual_information",), span: Tensor | None = None,
                  seed: int = 0, first_sample: int = 0, chunk_size: int = 512,
                  precision: str = "float32", progress: bool = True,
+                 mi_estimator: str = "sampled", mi_top_k: int = DEFAULT_TOP_K,
                  check_only: bool = False) -> TextUncertaintyOutput | None:
         """Fill the masked positions of ``prompts`` ``(B, L)`` and score every sequence.
 
@@ -239,13 +241,24 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
             precision: the backbone's precision: ``float32``, or ``bfloat16`` / ``float16``
                 autocast (the GPU speed-up); head draws, variances, scores and sampler states
                 stay in full precision.
+            mi_estimator: how ``mutual_information`` (and ``low_posterior_confidence``) are
+                estimated: ``sampled`` (M materialised head draws), ``linearised`` / ``bridge``
+                (closed forms from the logits' Gaussian, no draws) or ``pruned`` (M draws of
+                the MAP's ``mi_top_k`` vocabulary rows only); see docs/concepts/scores.md.
             check_only: check the arguments and return None, generating nothing.
         """
         if prompts.dim() != 2:
             raise ShapeMismatchError(f"prompts must be (B, L) token ids, got {tuple(prompts.shape)}")
-        request = self._request(scores, num_draws, seed, check_only, num_samples=len(prompts),
+        check_mi_estimator(mi_estimator, mi_top_k)
+        scores = self._check_scores(scores)
+        # a draw-free estimator serves the posterior token scores: no full head draws for them
+        served = () if mi_estimator == "sampled" else tuple(
+            n for n in scores if n in _TOKEN_SCORES and _TOKEN_SCORES[n][0] in POSTERIOR_STATS)
+        request = self._request(tuple(n for n in scores if n not in served), num_draws, seed,
+                                check_only, num_samples=len(prompts),
                                 first_sample=first_sample, chunk_size=chunk_size,
                                 precision=precision, num_inference_steps=num_inference_steps)
+        request.scores = scores
         vocab = self.adapter.vocab_size
         if prompts.numel() and (int(prompts.min()) < 0 or int(prompts.max()) >= vocab):
             raise GenuncError(f"prompt token ids must lie in [0, {vocab}) (the mask id is "
@@ -275,13 +288,21 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
                                                     device=self.posterior.mean.device)
                 request.draws = self.posterior.sample(num_draws, seed=generator, with_map=True)
             uses_draws = True
+        estimator = None
+        if served:
+            if config.strategy == "policy" and config.policy.uses_mi:
+                raise GenuncError("a policy that reads mutual information needs "
+                                  "mi_estimator='sampled' (it reads every position's MI)")
+            estimator = token_mi(self.posterior, mi_estimator, num_draws=num_draws,
+                                 top_k=mi_top_k, seed=int(seed))
+            uses_draws = False
         mi_draws = request.perturbed if uses_draws else None
         collected = ScoreCollector()
         tokens, draw_tokens, stats_all, row_nfe = [], [], [], []
         for sl in self.chunks(len(prompts), chunk_size, "unmasking", progress):
             x = prompts[sl]
             with collected.timer("sampling"):
-                out = unmask(self.adapter, x, config, mi_draws=mi_draws,
+                out = unmask(self.adapter, x, config, mi_draws=mi_draws, mi_estimator=estimator,
                              trajectory_draws=request.draws if semantic else None, seed=seed,
                              indices=request.indices[sl],
                              precision=precision)

@@ -85,6 +85,7 @@ from genunc.pipelines.text_canvas import (
 from genunc.posterior import HeadDraws, HeadPosterior, Posterior, TailDraws, TailPosterior
 from genunc.posterior.capture import collect_head_data
 from genunc.posterior.observe import DrawObserver, under_draw
+from genunc.posterior.token_mi import DEFAULT_TOP_K, LogitMap, TokenMI, check_mi_estimator, token_mi
 from genunc.sampling.masked import sampling_logits
 from genunc.scores import gaussian_entropy, random_scores
 from genunc.scores.aggregate import Aggregate, aggregate
@@ -143,8 +144,10 @@ class _Recorder:
     """Per-call state: the head input of the latest forward and what each commit scored."""
 
     def __init__(self, observer: DrawObserver, sampling: dict[str, Any], mask_token_id: int | None,
-                 gen_length: int, user_callback: Any, user_inputs: Sequence[str]) -> None:
+                 gen_length: int, user_callback: Any, user_inputs: Sequence[str],
+                 estimator: TokenMI | None = None) -> None:
         self.observer = observer
+        self.estimator = estimator
         self.sampling = sampling
         self.mask_token_id = mask_token_id
         self.gen_length = gen_length
@@ -206,7 +209,7 @@ class _Recorder:
         self.tokens[rows_cpu, gen_cpu] = sampled[rows, cols].cpu()
         self.confidence[rows_cpu, gen_cpu] = kw["sampled_probs"][rows, cols].double().cpu()
         self.step[rows_cpu, gen_cpu] = step
-        if self.observer.draws is None:
+        if self.observer.draws is None and self.estimator is None:
             return
         features = self.observer.features
         if features is None or features.dim() != 3 or features.shape[:2] != block_x.shape[:2]:
@@ -214,6 +217,13 @@ class _Recorder:
                 f"the head's input {None if features is None else tuple(features.shape)} does not "
                 f"line up with the model's input {tuple(block_x.shape)}: genunc needs the head "
                 "applied once per forward to (B, L, hidden) features")
+        if self.estimator is not None:  # draw-free: the MAP head's input at the commits
+            phi = features[:, -length:][rows, cols]
+            head = self.observer.head
+            raw = F.linear(phi.to(head.weight.dtype), head.weight, head.bias).float()
+            self.mi[rows_cpu, gen_cpu] = self.estimator(
+                phi.float(), raw, _logit_map(self.sampling)).mi.cpu()
+            return
         # committed positions only, in the draws' precision (float32 for bf16 models)
         outputs = self.observer.latest().draw_outputs(rows, cols, last=length)
         logits = sampling_logits(outputs, **self.sampling)  # (M, K, V)
@@ -384,10 +394,13 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
     def _fit_defaults(self, fit_kwargs: dict[str, Any]) -> None:
         """Family defaults of the head fit (e.g. the likelihood on softcapped logits)."""
 
+    def _check_estimator(self) -> None:
+        """Refuse a draw-free MI estimator where the family does not read it."""
+
     def _record(self, call: dict[str, Any], draws: HeadDraws | TailDraws | None, sampling: dict[str, Any],
-                mask_id: int | None, user_callback: Any,
-                user_inputs: list[str]) -> tuple[Any, Tensor, list[str] | None, Tensor, Tensor,
-                                                 Tensor]:
+                mask_id: int | None, user_callback: Any, user_inputs: list[str],
+                estimator: TokenMI | None = None) -> tuple[Any, Tensor, list[str] | None, Tensor,
+                                                           Tensor, Tensor]:
         """Run the pipeline once with the recording hooks: ``(result, sequences, texts,
         mutual information, confidence, commit step)`` per generated position."""
         raise NotImplementedError
@@ -514,6 +527,7 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
                  scores: Sequence[str] = ("mutual_information",), seed: int = 0,
                  draws: HeadDraws | TailDraws | None = None,
                  feature_extractor: TextFeatureExtractor | None = None,
+                 mi_estimator: str = "sampled", mi_top_k: int = DEFAULT_TOP_K,
                  check_only: bool = False, **kwargs: Any) -> WrappedTextOutput | None:
         """Run ``pipe(*args, **kwargs)`` and score every sequence (see the module docstring).
 
@@ -524,6 +538,11 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
                 randomness comes from its ``generator`` argument, as in a plain call.
             draws: M head draws to use instead of drawing them (e.g. shared across calls).
             feature_extractor: overrides the wrapper's for this call.
+            mi_estimator, mi_top_k: how ``mutual_information`` is estimated (``sampled`` from
+                the M draws; ``linearised`` / ``bridge`` in closed form and ``pruned`` from
+                draws of the top-``mi_top_k`` rows, none of which builds M full heads; see
+                docs/concepts/scores.md).  Greedy or temperature sampling only for those three
+                (the scheduler's top-k / top-p act on the whole vocabulary).
             check_only: check genunc's arguments and return None without generating.
             kwargs: the pipeline's own arguments, passed through unchanged.
         """
@@ -536,16 +555,27 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
         feature_extractor = feature_extractor or self.feature_extractor
         needed = self._check(scores, num_draws, draws, feature_extractor,
                              call.get("output_type", "text"), check_only)
+        check_mi_estimator(mi_estimator, mi_top_k)
+        mi_wanted = any(s.startswith("mutual_information") for s in scores)
+        sampling = {k: call[k] for k in _SAMPLING_ARGS if k in call}
+        estimator = None
+        if mi_wanted and mi_estimator != "sampled":
+            if draws is not None:
+                raise GenuncError("draws= are materialised head draws: use them with "
+                                  "mi_estimator='sampled'")
+            _logit_map(sampling)  # refuses top-k / top-p sampling
+            self._check_estimator()
+            if not check_only:
+                estimator = token_mi(self.posterior, mi_estimator, num_draws=num_draws,
+                                     top_k=mi_top_k, seed=int(seed))
         if check_only:
             return None
-        if needed is not None and draws is None:
+        if needed is not None and draws is None and (estimator is None or "semantic" in scores):
             generator = streams.torch_generator(int(seed), "head_draws",
                                                 device=self.posterior.mean.device)
             draws = self.posterior.sample(num_draws, seed=generator)
         if draws is not None:  # moved once, not at every step (a vocabulary head's draws are large)
             draws = draws.to(device=next(self.head.parameters()).device)
-        mi_wanted = any(s.startswith("mutual_information") for s in scores)
-        sampling = {k: call[k] for k in _SAMPLING_ARGS if k in call}
         user_callback = call.pop("callback_on_step_end", None)
         user_inputs = call.pop("callback_on_step_end_tensor_inputs", None)
         user_inputs = getattr(user_callback, "tensor_inputs", None) or user_inputs or \
@@ -561,7 +591,8 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
         start = snapshot(call["generator"]) if semantic else None
 
         result, sequences, texts, mi, confidence, step = self._record(
-            call, draws if mi_wanted else None, sampling, mask_id, user_callback, user_inputs)
+            call, draws if mi_wanted and estimator is None else None, sampling, mask_id,
+            user_callback, user_inputs, estimator)
         committed = step >= 0
         seq_cpu = sequences.cpu()
         scored = committed & _through_first_eos(seq_cpu, eos_id)
@@ -580,7 +611,9 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
         output = WrappedTextOutput(sequences=sequences, texts=texts, pipeline_output=result,
                                    scores=out_scores, token_scores=token_scores,
                                    committed_at=step, scored=scored,
-                                   num_draws=0 if draws is None else len(draws), seed=int(seed))
+                                   num_draws=len(draws) if draws is not None else
+                                   (estimator.num_draws or 0) if estimator is not None else 0,
+                                   seed=int(seed))
         if semantic:
             draw_seqs, draw_texts = [], []
             for m in range(len(draws)):
@@ -635,12 +668,12 @@ class LLaDA2TextPipeline(WrappedTextPipeline):
         return MaskedAnswerLMAdapter(self.model, self.head_name, mask_id), batches
 
     def _record(self, call: dict[str, Any], draws: HeadDraws | TailDraws | None, sampling: dict[str, Any],
-                mask_id: int | None, user_callback: Any,
-                user_inputs: list[str]) -> tuple[Any, Tensor, list[str] | None, Tensor, Tensor,
-                                                 Tensor]:
+                mask_id: int | None, user_callback: Any, user_inputs: list[str],
+                estimator: TokenMI | None = None) -> tuple[Any, Tensor, list[str] | None, Tensor,
+                                                           Tensor, Tensor]:
         observer = DrawObserver(self.model, self.head, draws)
         recorder = _Recorder(observer, sampling, mask_id,
-                             int(call["gen_length"]), user_callback, user_inputs)
+                             int(call["gen_length"]), user_callback, user_inputs, estimator)
         inputs = sorted(set(_CALLBACK_INPUTS) | set(user_inputs))
         with ExitStack() as stack:
             stack.enter_context(observer.watching())
@@ -675,6 +708,10 @@ class DiffusionGemmaTextPipeline(WrappedTextPipeline):
                               "pipe.scheduler and a model with config.canvas_length")
         scheduler_kind(pipe.scheduler)
         check_compatible("DiffusionGemmaPipeline")
+
+    def _check_estimator(self) -> None:
+        raise GenuncError("DiffusionGemmaPipeline's mutual information is sampled only "
+                          "(mi_estimator='sampled'): its schedulers' logit maps are not wired yet")
 
     def _fit_defaults(self, fit_kwargs: dict[str, Any]) -> None:
         fit_kwargs.setdefault("output_softcap", getattr(self.model, "final_logit_softcapping", None))
@@ -748,9 +785,9 @@ class DiffusionGemmaTextPipeline(WrappedTextPipeline):
         return adapter, adapter.encoded(batches)
 
     def _record(self, call: dict[str, Any], draws: HeadDraws | TailDraws | None, sampling: dict[str, Any],
-                mask_id: int | None, user_callback: Any,
-                user_inputs: list[str]) -> tuple[Any, Tensor, list[str] | None, Tensor, Tensor,
-                                                 Tensor]:
+                mask_id: int | None, user_callback: Any, user_inputs: list[str],
+                estimator: TokenMI | None = None) -> tuple[Any, Tensor, list[str] | None, Tensor,
+                                                           Tensor, Tensor]:
         observer = DrawObserver(self.model, self.head, draws)
         recorder = CanvasRecorder(observer, self.pipe.scheduler,
                                   cap=getattr(self.model, "final_logit_softcapping", None),
@@ -817,6 +854,23 @@ def _through_first_eos(sequences: Tensor, eos_token_id: int | None) -> Tensor:
     is_eos = (sequences == eos_token_id).long()
     before = is_eos.cumsum(1) - is_eos  # EOS tokens strictly before each position
     return before == 0
+
+
+def _logit_map(sampling: Mapping[str, Any]) -> LogitMap:
+    """The scheduler's map from raw logits to its sampling distribution (what
+    :func:`~genunc.sampling.masked.sampling_logits` does) as an elementwise :class:`LogitMap`;
+    refuses top-k / top-p filtering, which acts on the whole vocabulary."""
+    temperature = float(sampling.get("temperature") or 0.0)
+    method = sampling.get("sampling_method", "auto")
+    multinomial = method == "multinomial" or (method == "auto" and temperature != 0)
+    if temperature == 0 or not multinomial:
+        return LogitMap()
+    top_k, top_p = sampling.get("top_k"), sampling.get("top_p")
+    if (top_k is not None and top_k > 0) or (top_p is not None and top_p < 1):
+        raise GenuncError("mi_estimator 'linearised', 'bridge' and 'pruned' take greedy or "
+                          "temperature sampling; top_k / top_p filter the whole vocabulary: use "
+                          "mi_estimator='sampled'")
+    return LogitMap(scale=1.0 / temperature)
 
 
 def _per_sequence(values: Tensor, mask: Tensor, how: Aggregate) -> np.ndarray:

@@ -71,6 +71,7 @@ from genunc.scores.tokens import (
 
 if TYPE_CHECKING:
     from genunc.posterior.draws import HeadDraws, TailDraws
+    from genunc.posterior.token_mi import TokenMI
     from genunc.sampling.policy import PolicyStep, UnmaskingPolicy
 
 Strategy = Literal["random", "low_confidence", "threshold", "remask", "policy"]
@@ -207,6 +208,7 @@ def unmask(
     config: UnmaskingConfig | None = None,
     *,
     mi_draws: HeadDraws | TailDraws | None = None,
+    mi_estimator: TokenMI | None = None,
     trajectory_draws: HeadDraws | TailDraws | None = None,
     seed: int = 0,
     indices: Sequence[int] | None = None,
@@ -217,12 +219,25 @@ def unmask(
     ``trajectory_draws`` must hold the MAP first (:meth:`HeadPosterior.sample` with
     ``with_map=True``): its sequences are the output ``tokens``.  ``seed`` and ``indices``
     (the rows' global sample indices, default ``0 .. B-1``) key the sampling noise.
+
+    ``mi_estimator`` (instead of ``mi_draws``): a draw-free estimator of the mutual information
+    (:mod:`genunc.posterior.token_mi`: closed form or pruned vocabulary), evaluated only at the
+    positions each step commits, on the MAP head's input there; no head draws are built.
     """
     config = config or UnmaskingConfig()
     if trajectory_draws is not None and not trajectory_draws.with_map:
         raise GenuncError("trajectory draws must hold the MAP first (sample(..., with_map=True))")
     if mi_draws is not None and len(mi_draws) < 2:
         raise GenuncError("mutual information compares draws: it needs num_draws >= 2")
+    if mi_estimator is not None:
+        if mi_draws is not None:
+            raise GenuncError("pass mi_draws (sampled MI) or mi_estimator, not both")
+        if trajectory_draws is not None and getattr(trajectory_draws, "tail", None) is not None:
+            raise GenuncError("a draw-free MI estimator reads the head's input: it runs beside "
+                              "head trajectory draws, not tail draws")
+        if config is not None and config.strategy == "policy" and config.policy.uses_mi:
+            raise GenuncError("a policy that reads mutual information needs mi_draws (it reads "
+                              "every position's MI at every step)")
     device = adapter.device
     x = x.to(device).long()
     b, length = x.shape
@@ -279,8 +294,9 @@ def unmask(
     predictable[adapter.mask_id] = False
     xs = x.repeat(groups, 1)
     stats = {name: torch.zeros(b, length, dtype=torch.float64, device=device) for name in TOKEN_STATS}
-    loo = None if mi_draws is None or len(mi_draws) < 3 else \
-        torch.zeros(len(mi_draws), b, length, dtype=torch.float64, device=device)
+    n_mi = len(mi_draws) if mi_draws is not None else \
+        (mi_estimator.num_draws or 0) if mi_estimator is not None else 0
+    loo = None if n_mi < 3 else torch.zeros(n_mi, b, length, dtype=torch.float64, device=device)
     commit_step = torch.full((b, length), -1, dtype=torch.long, device=device)
     filled_by_sampler = torch.zeros_like(xs, dtype=torch.bool)
     nfe = rows = 0
@@ -371,6 +387,10 @@ def unmask(
                     # average): unlike MI it depends on *which* token was taken
                     values["posterior_confidence"] = confidence(
                         draws_logits, tokens[:b].expand(len(mi_draws), -1, -1)).mean(0)
+                if mi_estimator is not None:
+                    values.update(_estimated_mi(adapter, mi_estimator, state["phi"], map_logits,
+                                                tokens[:b], map_commit, loo))
+                    loo = values.pop("leave_one_out", loo)
                 for name, value in values.items():
                     stats[name] = torch.where(map_commit, value.to(torch.float64), stats[name])
                 commit_step = torch.where(map_commit, torch.full_like(commit_step, step), commit_step)
@@ -400,12 +420,33 @@ def unmask(
     grouped = xs.reshape(groups, b, length)
     return UnmaskingOutput(
         tokens=grouped[0], generated=generate_mask, nfe=nfe, backbone_rows=rows,
-        token_stats=stats if mi_draws is not None else
+        token_stats=stats if mi_draws is not None or mi_estimator is not None else
         {k: v for k, v in stats.items() if k not in POSTERIOR_STATS},
         draw_tokens=grouped[1:] if groups > 1 else None, commit_step=commit_step,
         mi_leave_one_out=loo,
         row_nfe=row_nfe,
     )
+
+
+def _estimated_mi(adapter: MaskedDiffusionLMAdapter, estimator: TokenMI, phi: Tensor,
+                  logits: Tensor, tokens: Tensor, commit: Tensor,
+                  loo: Tensor | None) -> dict[str, Tensor]:
+    """A draw-free estimator's ``mutual_information`` and ``posterior_confidence`` ``(B, L)``
+    at the committed positions (zero elsewhere), and the updated leave-one-out values."""
+    if getattr(adapter, "logit_shift", False):  # position i's logits come from features i - 1
+        phi = torch.cat([phi[:, :1], phi[:, :-1]], 1)
+    rows, cols = torch.nonzero(commit, as_tuple=True)
+    out = estimator(phi[rows, cols], logits[rows, cols], tokens=tokens[rows, cols])
+    mi = torch.zeros(commit.shape, dtype=torch.float64, device=logits.device)
+    mi[rows, cols] = out.mi.to(mi.device)
+    prob = torch.zeros_like(mi)
+    prob[rows, cols] = out.token_probability.to(mi.device)
+    values = {"mutual_information": mi, "posterior_confidence": prob}
+    if loo is not None and out.leave_one_out is not None:
+        loo = loo.clone()
+        loo[:, rows, cols] = out.leave_one_out.to(loo.device)
+        values["leave_one_out"] = loo
+    return values
 
 
 def sampling_logits(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None,
