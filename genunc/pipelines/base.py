@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +61,17 @@ from genunc.scores import (
 #: score name -> the fewest head draws it needs (None: no posterior at all; 0: the posterior
 #: but no draws)
 ScoreCatalogue = Mapping[str, int | None]
+
+#: where ``semantic_x0`` is measured by default, as fractions of the trajectory (step index
+#: ``round(f * (steps - 1))``); chosen on the validation seed (docs/results.md, images)
+X0_FRACTIONS: tuple[float, ...] = (0.6, 0.8, 1.0)
+
+
+def default_x0_steps(num_steps: int) -> list[int]:
+    """The step indices ``semantic_x0`` is measured at by default in a trajectory of
+    `num_steps` denoiser evaluations (:data:`X0_FRACTIONS`)."""
+    return sorted({round(f * (num_steps - 1)) for f in X0_FRACTIONS})
+
 
 #: how the variability score estimates the head-output variance
 VarianceEstimate = Literal["exact", "monte_carlo"]
@@ -440,6 +451,18 @@ class UncertaintyPipeline:
         if bad:
             raise GenuncError(f"variability_steps {bad} lie outside the {num_inference_steps} "
                               f"steps (indices 0 to {num_inference_steps - 1})")
+
+    @staticmethod
+    def resolve_x0_steps(x0_steps: Sequence[int] | None, num_steps: int) -> list[int]:
+        """The step indices ``semantic_x0`` reads (default :func:`default_x0_steps`), checked."""
+        if x0_steps is None:
+            return default_x0_steps(num_steps)
+        steps = sorted({int(i) for i in x0_steps})
+        bad = [i for i in steps if not 0 <= i < num_steps]
+        if not steps or bad:
+            raise GenuncError(f"x0_steps must name steps of the trajectory (indices 0 to "
+                              f"{num_steps - 1}); got {list(x0_steps)}")
+        return steps
 
     def set_feature_scale(self, real_features: Tensor | np.ndarray | None) -> np.ndarray | None:
         """Measure the semantic score's spread in units of real data's per-dimension SD

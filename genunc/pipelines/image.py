@@ -201,7 +201,7 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
             variability_target: the variance of the predicted ``noise`` or of the ``clean``
                 sample it implies.
             x0_steps: the step indices ``semantic_x0`` is measured at (default:
-                :func:`~genunc.pipelines.image_scores.default_x0_steps`).
+                :func:`~genunc.pipelines.base.default_x0_steps`).
             encoder_hidden_states: per-sample ``(N, L, D)`` conditioning for
                 ``UNet2DConditionModel`` (e.g. text-encoder outputs).
             seed: the run's seed; with ``first_sample`` it fixes every random stream.

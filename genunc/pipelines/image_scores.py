@@ -14,7 +14,7 @@ draws (M >= 2).  No extra generation runs: its cost is the head, the decoder and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,21 +23,14 @@ from torch import Tensor
 
 from genunc.errors import GenuncError
 from genunc.features import FeatureExtractor, extract_in_batches
-from genunc.pipelines.base import Request, ScoreCollector
+from genunc.pipelines.base import X0_FRACTIONS, Request, ScoreCollector, default_x0_steps
 from genunc.scores import pixel_variance
 from genunc.scores.semantic import mean_step_entropy
 
-#: where ``semantic_x0`` is measured by default, as fractions of the trajectory (step index
-#: ``round(f * (steps - 1))``); chosen on the validation seed (docs/results.md)
-X0_FRACTIONS: tuple[float, ...] = (0.6, 0.8, 1.0)
+__all__ = ["X0_FRACTIONS", "ImageScoring", "default_x0_steps"]
+
 #: the collector's name for semantic_x0's per-step entropies (not a score)
 PER_STEP = "semantic_x0_per_step"
-
-
-def default_x0_steps(num_steps: int) -> list[int]:
-    """The step indices ``semantic_x0`` is measured at by default in a trajectory of
-    `num_steps` denoiser evaluations (:data:`X0_FRACTIONS`)."""
-    return sorted({round(f * (num_steps - 1)) for f in X0_FRACTIONS})
 
 
 class ImageScoring:
@@ -66,18 +59,6 @@ class ImageScoring:
     def check_feature_extractor(self, request: Request) -> None:
         if request.wants("semantic", "semantic_x0") and self.feature_extractor is None:
             raise GenuncError("the semantic score needs a feature_extractor")
-
-    @staticmethod
-    def resolve_x0_steps(x0_steps: Sequence[int] | None, num_steps: int) -> list[int]:
-        """The step indices ``semantic_x0`` reads (default :func:`default_x0_steps`), checked."""
-        if x0_steps is None:
-            return default_x0_steps(num_steps)
-        steps = sorted({int(i) for i in x0_steps})
-        bad = [i for i in steps if not 0 <= i < num_steps]
-        if not steps or bad:
-            raise GenuncError(f"x0_steps must name steps of the trajectory (indices 0 to "
-                              f"{num_steps - 1}); got {list(x0_steps)}")
-        return steps
 
     def add_clean_scores(self, collected: ScoreCollector, clean: Tensor,
                          decode: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -118,5 +99,6 @@ class ImageScoring:
             collected.add("pixel_variance", pixel_variance(generations))
 
     # provided by UncertaintyPipeline
+    resolve_x0_steps: Any
     set_feature_scale: Any
     semantic_entropy: Any

@@ -57,6 +57,7 @@ from genunc.pipelines.base import (
 from genunc.posterior import HeadPosterior
 from genunc.sampling.diffusers_loop import run_trajectory
 from genunc.scores import VariabilityTarget
+from genunc.scores.semantic import mean_step_entropy
 from genunc.streams import randn_rows
 from genunc.zoo import edm_args
 from genunc.zoo.edm import load_edm
@@ -77,9 +78,10 @@ class MoleculeUncertaintyOutput(UncertaintyOutput):
 class MoleculeUncertaintyPipeline(UncertaintyPipeline):
     """An equivariant denoiser + atom-count distribution + head posterior."""
 
-    SCORES = {"variability": 0, "semantic": 1, "denoising_loss": None, "random": None}
+    SCORES = {"variability": 0, "semantic": 1, "semantic_x0": 1, "denoising_loss": None,
+              "random": None}
     EXTRA_SCORE_COLUMNS = ("variability_pos", "variability_type", "variability_se",
-                           "variability_pos_se", "variability_type_se")
+                           "variability_pos_se", "variability_type_se", "semantic_x0_se")
     FIT_REPEATS = 2
 
     def __init__(self, model: EquivariantDenoiser, atom_histogram: Mapping[int, int],
@@ -173,6 +175,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
         return dict(num_samples=len(indices), num_draws=g["num_draws"],
                     num_inference_steps=g["steps"], scores=tuple(g["scores"]),
                     sampler=g["sampler"], variability_steps=g["variability_steps"],
+                    x0_steps=g["x0_steps"],
                     variance=g["variance"], variability_target=g["variability_target"],
                     nll_levels=g["nll_levels"], seed=g["seed"], first_sample=indices.start,
                     chunk_size=len(indices), precision=g["precision"], progress=False)
@@ -181,7 +184,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
     def __call__(self, num_samples: int = 64, *, num_draws: int = 5,
                  num_inference_steps: int = 1000, scores: tuple[str, ...] = ("variability",),
                  sampler: str | None = None, variability_steps: list[int] | None = None,
-                 variance: VarianceEstimate = "exact",
+                 x0_steps: list[int] | None = None, variance: VarianceEstimate = "exact",
                  variability_target: VariabilityTarget = "noise",
                  n_atoms: np.ndarray | None = None, nll_levels: int = 10, seed: int = 0,
                  first_sample: int = 0, chunk_size: int = 64, precision: str = "float32",
@@ -195,6 +198,11 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                 also ``edm`` (EDM's own step, their default).  None: the adapter's default.
             variability_steps: indices of the steps at which variability is measured
                 (default: all).
+            x0_steps: indices of the steps at which ``semantic_x0`` is measured (default:
+                :func:`~genunc.pipelines.base.default_x0_steps`): the molecules the MAP
+                head and the M draws predict from the MAP's own features there (the
+                scheduler's clean-sample rule), by the invariant descriptors of ``semantic``,
+                the mean of the per-step entropies; ``semantic_x0_se`` its jackknife error.
             variance: ``exact`` (closed form, no draws) or ``monte_carlo`` (over the M draws).
             variability_target: the variance of the predicted ``noise`` or of the ``clean``
                 sample it implies.
@@ -217,6 +225,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
             raise GenuncError(f"n_atoms has {len(n_atoms)} entries for {num_samples} molecules")
         scheduler = self.adapter.make_scheduler(sampler or self.adapter.default_sampler)
         self.check_steps(num_inference_steps, variability_steps=variability_steps)
+        clean_steps = self.resolve_x0_steps(x0_steps, num_inference_steps)
         if check_only:
             return None
         masks = self._masks(request, n_atoms)
@@ -238,7 +247,9 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                     num_inference_steps=num_inference_steps,
                     trajectory_draws=request.draws if semantic else None,
                     variability=head_variance, variability_steps=variability_steps,
-                    generator=request.generators("sampler_noise", sl), precision=precision)
+                    generator=request.generators("sampler_noise", sl), precision=precision,
+                    clean_draws=request.draws if request.wants("semantic_x0") else None,
+                    clean_steps=clean_steps)
             collected.backbone_rows += out.backbone_rows
             chunk_molecules = layout.decode(out.samples, mask)
             molecules += chunk_molecules
@@ -252,6 +263,16 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                     draw_molecules[m] += generation
                 feats = np.stack([features_of(gen) for gen in generations])
                 collected.add("semantic", self.semantic_entropy(feats))
+            if out.clean_per_step is not None:
+                with collected.timer("features"):
+                    feats = np.stack([np.stack([
+                        features_of(layout.decode(self.adapter.project(x0.to(device),
+                                                                       {"node_mask": mask}), mask))
+                        for x0 in step]) for step in out.clean_per_step])  # (S, M+1, B, D)
+                    score, se = mean_step_entropy(feats, self.semantic_entropy)
+                collected.add("semantic_x0", score)
+                if se is not None:
+                    collected.add("semantic_x0_se", se)
             if request.wants("denoising_loss"):
                 with collected.timer("denoising_loss"):
                     collected.add("denoising_loss", self.denoising_loss(

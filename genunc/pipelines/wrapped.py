@@ -193,7 +193,7 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
                 (``clean``; :meth:`DiffusersPipelineAdapter.clean_factors`).
             x0_steps: the denoiser evaluations (indices, one per call of the denoiser) at which
                 ``semantic_x0`` is measured (default:
-                :func:`~genunc.pipelines.image_scores.default_x0_steps` of the scheduler's
+                :func:`~genunc.pipelines.base.default_x0_steps` of the scheduler's
                 number of timesteps).
             first_sample: the global index of the first image (keys the random baseline; pass
                 per-image generators from :func:`genunc.streams.sample_generators` for noise

@@ -148,3 +148,35 @@ def test_the_e3nn_model_refuses_autocast_clearly(qm9_slice, tiny_pipeline):
     with pytest.raises(GenuncError, match="cannot run under autocast"):
         sampler(2, num_inference_steps=2, scores=("random",), num_draws=0, precision="bfloat16",
                 progress=False)
+
+
+def test_semantic_x0_keeps_the_molecules_and_collapses_to_the_floor(qm9_slice, tiny_pipeline,
+                                                                    monkeypatch):
+    """The one-trajectory score: the molecules the M+1 heads predict along the MAP trajectory,
+    by the invariant descriptors: no extra backbone rows, the same molecules as a plain call,
+    and with every draw at the posterior mean exactly the floor (zero variance + 1e-3)."""
+    import math
+    from dataclasses import replace
+
+    sampler = tiny_pipeline()
+    sampler.fit_posterior([sampler.adapter.encode(qm9_slice, np.arange(0, 30))], progress=False)
+    kwargs = dict(num_inference_steps=4, sampler="ddim", chunk_size=4, progress=False, seed=3)
+    plain = sampler(5, num_draws=0, scores=("random",), **kwargs)
+    out = sampler(5, num_draws=4, scores=("semantic_x0",), x0_steps=[1, 3], **kwargs)
+    assert out.backbone_rows == plain.backbone_rows
+    for (pa, ta), (pb, tb) in zip(out.molecules, plain.molecules):
+        np.testing.assert_array_equal(pa, pb)
+        np.testing.assert_array_equal(ta, tb)
+    assert np.isfinite(out.scores["semantic_x0"]).all() and (out.scores["semantic_x0_se"] > 0).all()
+    sample = sampler.posterior.sample
+    monkeypatch.setattr(sampler.posterior, "sample", lambda n, seed=None, with_map=False: replace(
+        d := sample(n, seed=seed, with_map=with_map),
+        params={k: v[:1].expand_as(v).clone() for k, v in d.params.items()}))
+    collapsed = sampler(5, num_draws=4, scores=("semantic_x0", "semantic"), x0_steps=[1, 3],
+                        **kwargs)
+    from genunc.features.molecule import features_of
+
+    dims = features_of(out.molecules[:1]).shape[1]
+    floor = 0.5 * dims * math.log(2 * math.pi * math.e * 1e-3)
+    np.testing.assert_allclose(collapsed.scores["semantic_x0"], floor, rtol=1e-14)  # rounding
+    np.testing.assert_allclose(collapsed.scores["semantic"], floor, rtol=1e-12)
