@@ -263,3 +263,18 @@ def test_per_step_entropies_come_back_and_average_to_the_score(pair):
                                    rtol=1e-12)
     assert own(2, num_draws=0, num_inference_steps=3, scores=("random",),
                progress=False).semantic_x0_per_step is None
+
+
+def test_a_tail_posterior_gives_the_same_score_in_both_loops(pair):
+    """A posterior over the last up-block and the head: the draws re-run that block on the MAP's
+    recorded inputs (no extra backbone pass), in the own loop and through the wrapped pipeline."""
+    own, wrapped = pair
+    tail_own = ImageUncertaintyPipeline(own.unet, own.adapter.scheduler,
+                                        feature_extractor=flatten_pixels)
+    tail_own.fit_posterior(torch.rand(12, 1, 8, 8) * 2 - 1, progress=False, tail=1)
+    tail_wrapped = ImageUncertaintyPipeline.from_pipe(wrapped.pipe, posterior=tail_own.posterior,
+                                                      feature_extractor=flatten_pixels)
+    a, b = _calls(tail_own, tail_wrapped, num_draws=3, seed=1, scores=("semantic_x0",))
+    assert (a.scores["semantic_x0_se"] > 0).all()
+    for name in ("semantic_x0", "semantic_x0_se"):
+        np.testing.assert_allclose(b.scores[name], a.scores[name], rtol=1e-5, err_msg=name)
