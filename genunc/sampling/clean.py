@@ -43,7 +43,10 @@ def predicted_clean(scheduler: Any, output: Tensor, sample: Tensor, timestep: An
     dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
     output, sample = output.to(dtype), sample.to(output.device, dtype)
     t = torch.as_tensor(timestep).reshape(-1)[0].to(torch.float64).cpu()
-    config = scheduler.config
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        raise GenuncError(f"{type(scheduler).__name__} is not a diffusers scheduler (no config): "
+                          "genunc cannot express its clean-sample prediction")
     if "FlowMatch" in type(scheduler).__name__:
         sigma = float(t) / float(config.num_train_timesteps)
         return sample - sigma * output

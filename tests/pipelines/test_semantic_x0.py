@@ -278,3 +278,13 @@ def test_a_tail_posterior_gives_the_same_score_in_both_loops(pair):
     assert (a.scores["semantic_x0_se"] > 0).all()
     for name in ("semantic_x0", "semantic_x0_se"):
         np.testing.assert_allclose(b.scores[name], a.scores[name], rtol=1e-5, err_msg=name)
+
+
+def test_a_scheduler_without_a_clean_sample_rule_is_refused():
+    from genunc.errors import GenuncError
+
+    class Bare:
+        pass
+
+    with pytest.raises(GenuncError, match="not a diffusers scheduler"):
+        predicted_clean(Bare(), torch.zeros(1, 2), torch.zeros(1, 2), 10)
