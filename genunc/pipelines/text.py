@@ -40,7 +40,7 @@ from genunc.pipelines.base import (
     load_diffusers_folder,
 )
 from genunc.posterior import HeadPosterior
-from genunc.posterior.token_mi import DEFAULT_TOP_K, check_mi_estimator, token_mi
+from genunc.posterior.token_mi import check_mi_estimator, token_mi
 from genunc.sampling.masked import POSTERIOR_STATS, UnmaskingConfig, unmask
 from genunc.scores import Aggregate, aggregate
 from genunc.scores.tokens import jackknife_standard_error
@@ -226,7 +226,7 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
                  scores: tuple[str, ...] = ("mutual_information",), span: Tensor | None = None,
                  seed: int = 0, first_sample: int = 0, chunk_size: int = 512,
                  precision: str = "float32", progress: bool = True,
-                 mi_estimator: str = "sampled", mi_top_k: int = DEFAULT_TOP_K,
+                 mi_estimator: str = "sampled", mi_top_k: int | None = None,
                  check_only: bool = False) -> TextUncertaintyOutput | None:
         """Fill the masked positions of ``prompts`` ``(B, L)`` and score every sequence.
 
@@ -244,7 +244,9 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
             mi_estimator: how ``mutual_information`` (and ``low_posterior_confidence``) are
                 estimated: ``sampled`` (M materialised head draws), ``linearised`` / ``bridge``
                 (closed forms from the logits' Gaussian, no draws) or ``pruned`` (M draws of
-                the MAP's ``mi_top_k`` vocabulary rows only); see docs/concepts/scores.md.
+                the MAP's ``mi_top_k`` vocabulary rows only, default 64); ``linearised`` with
+                ``mi_top_k`` computes the variances of those rows only (cheaper, exact at K = V);
+                see docs/concepts/scores.md.
             check_only: check the arguments and return None, generating nothing.
         """
         if prompts.dim() != 2:

@@ -85,7 +85,7 @@ from genunc.pipelines.text_canvas import (
 from genunc.posterior import HeadDraws, HeadPosterior, Posterior, TailDraws, TailPosterior
 from genunc.posterior.capture import collect_head_data
 from genunc.posterior.observe import DrawObserver, under_draw
-from genunc.posterior.token_mi import DEFAULT_TOP_K, LogitMap, TokenMI, check_mi_estimator, token_mi
+from genunc.posterior.token_mi import LogitMap, TokenMI, check_mi_estimator, token_mi
 from genunc.sampling.masked import sampling_logits
 from genunc.scores import gaussian_entropy, random_scores
 from genunc.scores.aggregate import Aggregate, aggregate
@@ -527,7 +527,7 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
                  scores: Sequence[str] = ("mutual_information",), seed: int = 0,
                  draws: HeadDraws | TailDraws | None = None,
                  feature_extractor: TextFeatureExtractor | None = None,
-                 mi_estimator: str = "sampled", mi_top_k: int = DEFAULT_TOP_K,
+                 mi_estimator: str = "sampled", mi_top_k: int | None = None,
                  check_only: bool = False, **kwargs: Any) -> WrappedTextOutput | None:
         """Run ``pipe(*args, **kwargs)`` and score every sequence (see the module docstring).
 
@@ -540,7 +540,8 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
             feature_extractor: overrides the wrapper's for this call.
             mi_estimator, mi_top_k: how ``mutual_information`` is estimated (``sampled`` from
                 the M draws; ``linearised`` / ``bridge`` in closed form and ``pruned`` from
-                draws of the top-``mi_top_k`` rows, none of which builds M full heads; see
+                draws of the top-``mi_top_k`` rows, default 64, none of which builds M full
+                heads; ``linearised`` with ``mi_top_k``: the variances of those rows only; see
                 docs/concepts/scores.md).  Greedy or temperature sampling only for those three
                 (the scheduler's top-k / top-p act on the whole vocabulary).
             check_only: check genunc's arguments and return None without generating.

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -134,18 +134,29 @@ class TokenMI:
 
 class ClosedFormMI(TokenMI):
     """``linearised`` or ``bridge`` mutual information from the logits' Gaussian (see the module
-    docstring); ``variances``: the head's parameter name -> posterior variance of each weight."""
+    docstring); ``variances``: the head's parameter name -> posterior variance of each weight.
+
+    ``top_k`` (``linearised`` only): the variance pass over each position's top-K rows of the
+    MAP instead of the whole vocabulary (a gather of K rows, not a second head pass); the other
+    rows' terms ``0.5 var_k p_k (1 - p_k)`` are dropped, at most ``0.5 * (their MAP mass) *
+    max var``.  Exact at K = V.
+    """
 
     def __init__(self, ops: HeadOps, variances: Mapping[str, Tensor], estimator: str = "linearised",
-                 *, max_bytes: int = 2 ** 28) -> None:
+                 *, top_k: int | None = None, max_bytes: int = 2 ** 28) -> None:
         if estimator not in ("linearised", "bridge"):
             raise GenuncError(f"closed-form token MI is 'linearised' or 'bridge', got {estimator!r}")
+        if top_k is not None:
+            if estimator != "linearised":
+                raise GenuncError("the bridge's Dirichlet needs every class's variance: mi_top_k "
+                                  "applies to 'linearised' and 'pruned'")
+            pruned_vocabulary(torch.zeros(1, 1), top_k)  # checks top_k
         self.ops, self.variances, self.estimator = ops, dict(variances), estimator
-        self.max_bytes = max_bytes
+        self.top_k, self.max_bytes = top_k, max_bytes
 
     @classmethod
     def from_posterior(cls, posterior: HeadPosterior, estimator: str = "linearised",
-                       **kwargs: int) -> "ClosedFormMI":
+                       **kwargs: Any) -> "ClosedFormMI":
         """The posterior's weight variances, computed once (one head-sized tensor)."""
         ops = _linear_ops(posterior, estimator)
         return cls(ops, _params(posterior.posterior_variance.detach(), ops), estimator, **kwargs)
@@ -155,10 +166,12 @@ class ClosedFormMI(TokenMI):
         features, logits = _check_inputs(self.ops, features, logits)
         logit_map = logit_map or LogitMap()
         n, v = logits.shape
+        if self.top_k is not None and self.top_k < v:
+            return self._top_rows(features, logits, logit_map, tokens)
         # the variance pass in large chunks (a BLAS matmul streams var(W) once per chunk), the
-        # float64 closed form in smaller ones: at most ~max_bytes each
-        outer = max(1, self.max_bytes // (v * 4))
-        inner = max(1, self.max_bytes // (v * 8 * 8))
+        # float64 closed form in smaller ones: at most ~max_bytes together
+        outer = max(1, self.max_bytes // (v * 4 * 2))
+        inner = max(1, self.max_bytes // (v * 8 * 32))  # the bridge keeps ~16 (., V) float64s
         mi, prob = [], []
         for start in range(0, n, outer):
             part = slice(start, start + outer)
@@ -171,6 +184,34 @@ class ClosedFormMI(TokenMI):
                 if p_i is not None:
                     prob.append(p_i)
             del var_part
+        return TokenMIOutput(torch.cat(mi), None, torch.cat(prob) if prob else None)
+
+    def _top_rows(self, features: Tensor, logits: Tensor, logit_map: LogitMap,
+                  tokens: Tensor | None) -> TokenMIOutput:
+        """``linearised`` over each position's top-K rows (see the class docstring)."""
+        n, f = features.shape
+        k = self.top_k
+        chunk = max(1, self.max_bytes // (4 * k * f + 8 * 8 * logits.shape[1]))
+        var_w = self.variances["weight"].to(features)
+        var_b = self.variances["bias"].to(features) if "bias" in self.variances else None
+        mi, prob = [], []
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            raw, phi2 = logits[rows].double(), features[rows].square()
+            index, _ = pruned_vocabulary(raw, k)
+            var = torch.einsum("nkf,nf->nk", var_w[index], phi2)
+            if var_b is not None:
+                var = var + var_b[index]
+            mean_all, _ = logit_map.gaussian(raw, torch.zeros_like(raw))
+            mean_all = torch.where(raw > -1e30, mean_all, raw)
+            _, var = logit_map.gaussian(raw.gather(-1, index), var.double())
+            p_all = torch.softmax(mean_all, -1)
+            p = p_all.gather(-1, index)
+            mi.append(0.5 * (var * p * (1 - p)).sum(-1))
+            if tokens is not None:  # probit on the top rows, the MAP's softmax elsewhere
+                kappa = torch.ones_like(mean_all).scatter(-1, index, (1 + math.pi / 8 * var).rsqrt())
+                q = torch.softmax(torch.where(mean_all > -1e30, mean_all * kappa, mean_all), -1)
+                prob.append(q.gather(-1, tokens[rows].long().unsqueeze(-1)).squeeze(-1))
         return TokenMIOutput(torch.cat(mi), None, torch.cat(prob) if prob else None)
 
     def _closed_form(self, logits: Tensor, var: Tensor, logit_map: LogitMap,
@@ -224,11 +265,13 @@ class PrunedMI(TokenMI):
                    top_k, seed, means=_params(posterior.mean.detach(), ops), **kwargs)
 
     def row_noise(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """Standard normals of rows `rows` ``(R,)``: weight ``(M, R, F)`` and bias ``(M, R)``,
-        row r from its own stream (the same numbers wherever row r is drawn)."""
+        """Standard normals of rows `rows` ``(R,)``: weight ``(R, M, F)`` and bias ``(R, M)``,
+        row r from its own stream (the same numbers wherever row r is drawn); views of one
+        ``(R, M, F + 1)`` tensor, filled in place."""
         f = self.ops.module.in_features
-        z = torch.stack([torch.randn(self.num_draws, f + 1, generator=g) for g in
-                         streams.sample_generators(self.seed, "head_draws", rows.tolist())], 1)
+        z = torch.empty(len(rows), self.num_draws, f + 1)
+        for j, g in enumerate(streams.sample_generators(self.seed, "head_draws", rows.tolist())):
+            torch.randn(self.num_draws, f + 1, generator=g, out=z[j])
         return z[..., :f], z[..., f]
 
     def materialise(self) -> HeadDraws:
@@ -237,9 +280,9 @@ class PrunedMI(TokenMI):
         if self.means is None:
             raise GenuncError("materialise() needs the posterior mean (build with from_posterior)")
         zw, zb = self.row_noise(torch.arange(self.ops.module.out_features))
-        params = {"weight": self.means["weight"] + self.stds["weight"] * zw}
+        params = {"weight": self.means["weight"] + self.stds["weight"] * zw.transpose(0, 1)}
         if "bias" in self.stds:
-            params["bias"] = self.means["bias"] + self.stds["bias"] * zb
+            params["bias"] = self.means["bias"] + self.stds["bias"] * zb.T
         return HeadDraws(params, self.ops)
 
     def __call__(self, features: Tensor, logits: Tensor, logit_map: LogitMap | None = None,
@@ -249,7 +292,8 @@ class PrunedMI(TokenMI):
         n, f = features.shape
         k = min(self.top_k, logits.shape[1])
         m = self.num_draws
-        chunk = max(1, self.max_bytes // (4 * k * f * (m + 1)))
+        # per position at most K new rows: their (M, F + 1) noise and one (K, F) gather
+        chunk = max(1, self.max_bytes // (4 * k * (f + 1) * (m + 2)))
         std_w = self.stds["weight"].to(features)
         std_b = self.stds["bias"].to(features) if "bias" in self.stds else None
         mi, loo, prob = [], [], []
@@ -262,11 +306,12 @@ class PrunedMI(TokenMI):
                 torch.logsumexp(mapped.scatter(-1, index, -torch.inf), -1)
             unique, inverse = torch.unique(index, return_inverse=True)
             zw, zb = self.row_noise(unique.cpu())
-            scaled = std_w[unique] * zw.to(features)  # (M, U, F): the rows' weight deviations
-            delta = torch.stack([torch.einsum("nkf,nf->nk", scaled[d][inverse], phi)
+            zw, zb = zw.to(features), zb.to(features)
+            zw.mul_(std_w[unique].unsqueeze(1))  # (U, M, F): the rows' weight deviations
+            delta = torch.stack([torch.einsum("nkf,nf->nk", zw[:, d][inverse], phi)
                                  for d in range(m)])  # (M, n, K)
             if std_b is not None:
-                delta = delta + (std_b[unique] * zb.to(features))[:, inverse]
+                delta = delta + (zb * std_b[unique].unsqueeze(1)).T[:, inverse]
             top = raw.double().gather(-1, index)
             drawn = with_remainder(torch.where(top > -1e30, logit_map(top + delta.double()), top),
                                    remainder)  # (M, n, K [+ 1])
@@ -280,15 +325,17 @@ class PrunedMI(TokenMI):
                 in_top = (mean_p * where).sum(-1)
                 map_p = torch.softmax(mapped, -1).gather(-1, token).squeeze(-1)
                 prob.append(torch.where(where.any(-1), in_top, map_p))
-            del scaled, delta, drawn
+            del zw, zb, delta, drawn
         return TokenMIOutput(torch.cat(mi), torch.cat(loo, 1) if loo else None,
                              torch.cat(prob) if prob else None)
 
 
 def token_mi(posterior: HeadPosterior, estimator: str, *, num_draws: int,
-             top_k: int = DEFAULT_TOP_K, seed: int = 0) -> TokenMI:
+             top_k: int | None = None, seed: int = 0) -> TokenMI:
     """The draw-free estimator named `estimator` (one of ``MI_ESTIMATORS`` but ``sampled``,
-    which reads materialised draws) for `posterior`; refuses in one line what it cannot do."""
+    which reads materialised draws) for `posterior`; refuses in one line what it cannot do.
+    ``top_k``: the pruned vocabulary (``pruned``: default :data:`DEFAULT_TOP_K`;
+    ``linearised``: default None, the whole vocabulary)."""
     if estimator not in MI_ESTIMATORS:
         raise GenuncError(f"mi_estimator must be one of {MI_ESTIMATORS}, got {estimator!r}")
     if estimator == "sampled":
@@ -296,15 +343,22 @@ def token_mi(posterior: HeadPosterior, estimator: str, *, num_draws: int,
     if posterior is None:
         raise GenuncError("no posterior: call fit_posterior(...) or load one first")
     if estimator == "pruned":
-        return PrunedMI.from_posterior(posterior, num_draws, top_k, seed)
-    return ClosedFormMI.from_posterior(posterior, estimator)
+        return PrunedMI.from_posterior(posterior, num_draws,
+                                       DEFAULT_TOP_K if top_k is None else top_k, seed)
+    if estimator == "bridge" and top_k is not None:
+        raise GenuncError("the bridge's Dirichlet needs every class's variance: mi_top_k "
+                          "applies to 'linearised' and 'pruned'")
+    return ClosedFormMI.from_posterior(posterior, estimator, top_k=top_k)
 
 
-def check_mi_estimator(estimator: str, top_k: int) -> None:
+def check_mi_estimator(estimator: str, top_k: int | None) -> None:
     """Refuse an unknown estimator or a bad ``mi_top_k`` before anything runs."""
     if estimator not in MI_ESTIMATORS:
         raise GenuncError(f"mi_estimator must be one of {MI_ESTIMATORS}, got {estimator!r}")
-    pruned_vocabulary(torch.zeros(1, 1), top_k)
+    if top_k is not None:
+        pruned_vocabulary(torch.zeros(1, 1), top_k)
+        if estimator in ("sampled", "bridge"):
+            raise GenuncError(f"mi_top_k applies to 'linearised' and 'pruned', not {estimator!r}")
 
 
 __all__ = ["DEFAULT_TOP_K", "ClosedFormMI", "LogitMap", "PrunedMI", "TokenMI", "TokenMIOutput",

@@ -42,7 +42,7 @@ def test_every_estimator_scores_the_same_candidates(sampler):
     ref = sampler(prompts, config, num_draws=4, scores=names, seed=3, progress=False)
     for estimator in ESTIMATORS:
         out = sampler(prompts, config, num_draws=4, scores=names, seed=3, progress=False,
-                      mi_estimator=estimator, mi_top_k=3)
+                      mi_estimator=estimator, mi_top_k=None if estimator == "bridge" else 3)
         assert torch.equal(out.tokens, ref.tokens)  # MI does not steer the sampler
         for name in names:
             assert out.scores[name].shape == (6,) and np.isfinite(out.scores[name]).all()
@@ -84,6 +84,8 @@ def test_bad_estimator_arguments_are_refused(sampler):
         sampler(prompts, mi_estimator="probit", check_only=True)
     with pytest.raises(GenuncError, match="mi_top_k must be an integer >= 1"):
         sampler(prompts, mi_estimator="pruned", mi_top_k=0, check_only=True)
+    with pytest.raises(GenuncError, match="mi_top_k applies to 'linearised' and 'pruned'"):
+        sampler(prompts, mi_estimator="bridge", mi_top_k=3, check_only=True)
     with pytest.raises(GenuncError, match="num_draws must be >= 2"):
         sampler(prompts, num_draws=1, mi_estimator="pruned", progress=False)
     kron_free = TextUncertaintyPipeline(sampler.adapter, None)
@@ -102,7 +104,7 @@ def test_wrapped_llada2_estimators():
     for estimator in ESTIMATORS:
         out = upipe(prompt=PROMPTS, generator=gen(2), num_draws=4, **SAMPLED,
                     scores=("mutual_information", "mutual_information_max"),
-                    mi_estimator=estimator, mi_top_k=5)
+                    mi_estimator=estimator, mi_top_k=None if estimator == "bridge" else 5)
         assert torch.equal(out.sequences, plain.sequences)
         mi = out.token_scores["mutual_information"]
         assert torch.isfinite(mi[committed]).all() and (mi[committed] > 0).any()

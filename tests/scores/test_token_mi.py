@@ -99,10 +99,31 @@ def test_pruned_equals_full_mi_at_k_equal_v_with_the_same_random_numbers():
     variances = {k: v.square() for k, v in stds.items()}
     for kind in ("linearised", "bridge"):  # closed forms: chunks of 2 and 1 positions, uneven
         whole = ClosedFormMI(ops, variances, kind)(phi, logits, tokens=logits.argmax(-1))
-        parts = ClosedFormMI(ops, variances, kind, max_bytes=2 * 7 * 4)(
+        parts = ClosedFormMI(ops, variances, kind, max_bytes=2 * 7 * 4 * 2)(
             phi, logits, tokens=logits.argmax(-1))
         torch.testing.assert_close(parts.mi, whole.mi)
         torch.testing.assert_close(parts.token_probability, whole.token_probability)
+
+
+def test_linearised_over_the_top_rows_is_exact_at_k_equal_v_and_bounded_below():
+    """``top_k``: the variance pass over the MAP's top-K rows only; the dropped rows' terms are
+    at most 0.5 * (their MAP mass) * max variance."""
+    head, ops, phi, logits, means = small_head(v=9, n=6)
+    torch.manual_seed(2)
+    variances = {k: torch.rand_like(v) * 1e-2 for k, v in means.items()}
+    full = ClosedFormMI(ops, variances, "linearised")(phi, logits, tokens=logits.argmax(-1))
+    at_v = ClosedFormMI(ops, variances, "linearised", top_k=9)(phi, logits, tokens=logits.argmax(-1))
+    torch.testing.assert_close(at_v.mi, full.mi)
+    torch.testing.assert_close(at_v.token_probability, full.token_probability)
+    var = ops.output_variance(phi, variances).double()
+    p = torch.softmax(logits.double(), -1)
+    for k in (1, 4):
+        top = ClosedFormMI(ops, variances, "linearised", top_k=k, max_bytes=1)(phi, logits).mi
+        rest = 1 - p.topk(k, -1).values.sum(-1)
+        assert (top <= full.mi + 1e-12).all()
+        assert (full.mi - top <= 0.5 * rest * var.max(-1).values + 1e-12).all()
+    with pytest.raises(GenuncError, match="mi_top_k applies to 'linearised' and 'pruned'"):
+        ClosedFormMI(ops, variances, "bridge", top_k=4)
 
 
 def test_collapsed_posterior_gives_zero_mi_for_every_estimator():
