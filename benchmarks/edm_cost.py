@@ -1,20 +1,27 @@
 """What uncertainty costs on EDM's full-size QM9 network: seconds per molecule on the CPU.
 
     python benchmarks/edm_cost.py --n 8 --steps 5 --draws 5
+    python benchmarks/edm_cost.py --n 8 --steps 5 --draws 5 --tail 1
 
 Builds EDM's QM9 architecture (n_layers 9, nf 256, attention, tanh; random weights, since the
 published ones are not shipped) as an EDM output folder in a temporary directory, loads it with
 ``MoleculeUncertaintyPipeline.from_pretrained``, fits the head posterior on a few random
 molecules, then times one generation of ``--n`` molecules (padded to EDM's 29 atoms) for each
 setting: plain, variability (closed form), variability over M head draws, and the semantic score
-(M + 1 trajectories).  Random weights make the molecules meaningless, not the cost: every
-setting runs the same network on the same shapes.  Timings are of one run each.
+(M + 1 trajectories).  ``--tail k`` then fits the block posterior over the last k EGNN blocks
+and ``embedding_out`` (``tail=k``, the posterior that covers the position noise) on the same
+molecules and times its Monte-Carlo variability (M block draws re-run on the MAP trajectory,
+with the jackknife error) and its semantic score (M + 1 trajectories, the block re-run per
+trajectory group).  Random weights make the molecules meaningless, not the cost: every setting
+runs the same network on the same shapes.  Timings are the median of ``--repeats`` runs each
+(one by default).
 """
 
 from __future__ import annotations
 
 import argparse
 import pickle
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +67,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="sampler steps (EDM: 1000)")
     parser.add_argument("--draws", type=int, default=5, help="head draws M")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per setting (median)")
+    parser.add_argument("--tail", type=int, default=0,
+                        help="also time a block posterior over the last TAIL EGNN blocks (0: no)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -73,24 +83,43 @@ def main() -> None:
     print(f"EDM QM9 architecture: {n_params:,} parameters, head {pipe.adapter.head_name} "
           f"({head:,} parameters); posterior fit on 32 noised random molecules: {fit:.1f} s")
     print(f"CPU, {args.threads} thread(s); {args.n} molecules padded to 29 atoms, {args.steps} steps, "
-          f"M = {args.draws}, sampler {pipe.adapter.default_sampler}")
+          f"M = {args.draws}, sampler {pipe.adapter.default_sampler}; median of {args.repeats} run(s)")
 
     settings = [("plain", dict(scores=())),
                 ("variability (closed form)", dict(scores=("variability",))),
                 (f"variability ({args.draws} draws)", dict(scores=("variability",), variance="monte_carlo")),
                 (f"semantic ({args.draws} + 1 trajectories)", dict(scores=("semantic",)))]
     pipe(args.n, num_inference_steps=1, progress=False, chunk_size=args.n, scores=())  # warm-up
-    base = None
-    print(f"{'setting':<34} {'s/molecule':>10} {'s/molecule/step':>16} {'vs plain':>9}")
-    for name, kwargs in settings:
+    print(f"{'setting':<40} {'s/molecule':>10} {'s/molecule/step':>16} {'vs plain':>9}")
+    base = run_settings(pipe, settings, args)
+    if args.tail:
         start = time.perf_counter()
-        pipe(args.n, num_draws=args.draws, num_inference_steps=args.steps, progress=False,
-             chunk_size=args.n, **kwargs)
-        per_molecule = (time.perf_counter() - start) / args.n
-        base = base or per_molecule
-        print(f"{name:<34} {per_molecule:10.3f} {per_molecule / args.steps:16.4f} "
-              f"{per_molecule / base:8.2f}x")
+        posterior = pipe.fit_posterior(random_batches(pipe, 2, 8), tail=args.tail, progress=False)
+        fit = time.perf_counter() - start
+        print(f"block posterior over {posterior.names} ({posterior.n_params:,} parameters, "
+              f"curvature {posterior.info['curvature']}): fit on the same 32 molecules {fit:.1f} s")
+        block = [(f"block variability ({args.draws} draws)",
+                  dict(scores=("variability",), variance="monte_carlo")),
+                 (f"block semantic ({args.draws} + 1 trajectories)", dict(scores=("semantic",)))]
+        run_settings(pipe, block, args, base)
     print("(EDM samples with 1000 steps: multiply the per-step figure by 1000 for one molecule)")
+
+
+def run_settings(pipe: MoleculeUncertaintyPipeline, settings: list, args: argparse.Namespace,
+                 base: float | None = None) -> float:
+    """Time one generation per setting; print s/molecule and the ratio to the first (plain)."""
+    for name, kwargs in settings:
+        seconds = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            pipe(args.n, num_draws=args.draws, num_inference_steps=args.steps, progress=False,
+                 chunk_size=args.n, **kwargs)
+            seconds.append(time.perf_counter() - start)
+        per_molecule = statistics.median(seconds) / args.n
+        base = base or per_molecule
+        print(f"{name:<40} {per_molecule:10.3f} {per_molecule / args.steps:16.4f} "
+              f"{per_molecule / base:8.2f}x")
+    return base
 
 
 if __name__ == "__main__":

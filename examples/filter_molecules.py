@@ -2,11 +2,14 @@
 
     python examples/filter_molecules.py --n 128 --keep 0.8
     python examples/filter_molecules.py --edm path/to/edm_qm9 --n 128 --keep 0.8
+    python examples/filter_molecules.py --edm path/to/edm_qm9 --tail 1 --n 128 --keep 0.8
     python examples/filter_molecules.py --sdf outputs/filter_molecules/export/samples.sdf --keep 0.5
 
 The first form loads the shipped QM9 denoiser (``--edm``: an EDM output folder with
-``args.pickle`` and ``generative_model_ema.npy`` instead; its posterior covers the atom-type
-noise, so its variability is the atom-type part), fits (or reloads) its head posterior, generates
+``args.pickle`` and ``generative_model_ema.npy`` instead; its head posterior covers the atom-type
+noise, so its variability is the atom-type part), fits (or reloads) its head posterior (``--tail
+k``: a block posterior over the last k blocks and the head instead, which for EDM covers the
+position noise too; its variability is Monte Carlo over the draws), generates
 ``--n`` molecules scored by noise-prediction variability (and the likelihood baseline), writes an
 export whose SDF records carry every score and EDM's quality flags, then writes
 ``kept.sdf`` with the ``--keep`` least uncertain molecules and prints quality before and after.
@@ -64,6 +67,8 @@ def main() -> None:
     parser.add_argument("--n-fit", type=int, default=2000)
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--tail", type=int, help="a block posterior over the last TAIL blocks and "
+                        "the head (EDM: positions too) instead of the head alone")
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--score", default="variability")
     parser.add_argument("--keep", type=float, default=0.8, help="fraction to keep")
@@ -79,18 +84,20 @@ def main() -> None:
     else:
         pipe = MoleculeUncertaintyPipeline.from_pretrained(args.model)
         # a posterior cached here for other weights (a retrained model) is simply refitted
+        # (a cached posterior of the other scope, head or block, is refitted too)
         pipe.load_or_fit_posterior(out / "posterior",
                                    training_batches(pipe, args.posterior_data, args.n_fit),
-                                   stale="refit")
+                                   stale="refit", **({"tail": args.tail} if args.tail else {}))
         identity = {"model": str(args.model), "n": args.n, "draws": args.draws,
-                    "steps": args.steps, "seed": args.seed,
+                    "steps": args.steps, "seed": args.seed, "tail": args.tail,
                     "posterior_sha256": pipe.posterior.digest()}
         metadata = {"modality": "molecule", "model": args.model, "identity": identity,
                     "posterior_fingerprint": pipe.posterior.fingerprint}
         # opened before generating: an export made with other settings is refused up front
         with ExportWriter(out / "export", "sdf", metadata=metadata) as writer:
             result = pipe(args.n, num_draws=args.draws, num_inference_steps=args.steps,
-                          seed=args.seed, scores=("variability", "denoising_loss", "random"))
+                          seed=args.seed, scores=("variability", "denoising_loss", "random"),
+                          variance="monte_carlo" if args.tail else "exact")
             report = evaluate_molecules(result.molecules)
             for i, (positions, types) in enumerate(result.molecules):
                 record = {"seed": args.seed, "n_atoms": len(types),

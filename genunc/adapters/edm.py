@@ -29,6 +29,10 @@ Two posterior scopes, one posterior type:
   Carlo over block draws re-run on the MAP trajectory's recorded block inputs, with a jackknife
   standard error (``variance="monte_carlo"``).  Every draw keeps the model E(3)-equivariant:
   EDM's layers are equivariant for any weights.
+  :meth:`TailPosterior.linearised_output_variance <genunc.posterior.TailPosterior.linearised_output_variance>`
+  is the first-order closed form of that variance under a diagonal block posterior (exact for
+  the linearised block; one vector-Jacobian product per output element, so not yet what the
+  pipeline's variability uses).
 
 :class:`EDMAncestralScheduler` is EDM's ``p(z_s | z_t)`` step computed from EDM's float32
 ``gamma`` exactly as EDM computes it, behind the small part of diffusers' scheduler interface
