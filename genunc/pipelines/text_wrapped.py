@@ -538,12 +538,13 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
                 randomness comes from its ``generator`` argument, as in a plain call.
             draws: M head draws to use instead of drawing them (e.g. shared across calls).
             feature_extractor: overrides the wrapper's for this call.
-            mi_estimator, mi_top_k: how ``mutual_information`` is estimated (``sampled`` from
-                the M draws; ``linearised`` / ``bridge`` in closed form and ``pruned`` from
-                draws of the top-``mi_top_k`` rows, default 64, none of which builds M full
-                heads; ``linearised`` with ``mi_top_k``: the variances of those rows only; see
+            mi_estimator: how ``mutual_information`` is estimated: ``sampled`` from the M
+                draws; ``linearised`` / ``bridge`` in closed form and ``pruned`` from draws of
+                the top-``mi_top_k`` rows, none of which builds M full heads (see
                 docs/concepts/scores.md).  Greedy or temperature sampling only for those three
                 (the scheduler's top-k / top-p act on the whole vocabulary).
+            mi_top_k: the pruned vocabulary (``pruned``: default 64; ``linearised``: the
+                variances of those rows only, default the whole vocabulary).
             check_only: check genunc's arguments and return None without generating.
             kwargs: the pipeline's own arguments, passed through unchanged.
         """
