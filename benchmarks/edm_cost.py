@@ -1,7 +1,8 @@
 """What uncertainty costs on EDM's full-size QM9 network: seconds per molecule on the CPU.
 
     python benchmarks/edm_cost.py --n 8 --steps 5 --draws 5
-    python benchmarks/edm_cost.py --n 8 --steps 5 --draws 5 --tail 1
+    python benchmarks/edm_cost.py --n 8 --steps 5 --draws 5 --tail 1 --repeats 3
+    python benchmarks/edm_cost.py --n 2 --steps 5 --draws 5 --tail 1 --linearised
 
 Builds EDM's QM9 architecture (n_layers 9, nf 256, attention, tanh; random weights, since the
 published ones are not shipped) as an EDM output folder in a temporary directory, loads it with
@@ -12,7 +13,8 @@ setting: plain, variability (closed form), variability over M head draws, and th
 and ``embedding_out`` (``tail=k``, the posterior that covers the position noise) on the same
 molecules and times its Monte-Carlo variability (M block draws re-run on the MAP trajectory,
 with the jackknife error) and its semantic score (M + 1 trajectories, the block re-run per
-trajectory group).  Random weights make the molecules meaningless, not the cost: every setting
+trajectory group); ``--linearised`` also times the block's first-order closed-form variance
+at one step.  Random weights make the molecules meaningless, not the cost: every setting
 runs the same network on the same shapes.  Each setting is timed ``--repeats`` times (median),
 the settings taking turns so that a load that comes and goes hits all of them alike; the
 ratios are of CPU seconds of this process (``time.process_time``, one thread), which a busy
@@ -72,6 +74,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per setting (median)")
     parser.add_argument("--tail", type=int, default=0,
                         help="also time a block posterior over the last TAIL EGNN blocks (0: no)")
+    parser.add_argument("--linearised", action="store_true",
+                        help="with --tail: also time the block's linearised closed-form variance "
+                        "(TailPosterior.linearised_output_variance) at one step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -105,7 +110,27 @@ def main() -> None:
                   dict(scores=("variability",), variance="monte_carlo")),
                  (f"block semantic ({args.draws} + 1 trajectories)", dict(scores=("semantic",)))]
         run_settings(pipe, block, args, base)
+        if args.linearised:
+            time_linearised(pipe, args, base)
     print("(EDM samples with 1000 steps: multiply the per-step figure by 1000 for one molecule)")
+
+
+def time_linearised(pipe: MoleculeUncertaintyPipeline, args: argparse.Namespace, base: float) -> None:
+    """CPU seconds of the block's first-order closed-form variance at one step (the MAP's
+    recorded block inputs of ``--n`` molecules at a middle noise level), against one plain step."""
+    tail = pipe.posterior.tail
+    mask = torch.arange(29)[None] < torch.tensor([29, 25, 19, 23, 27, 21, 17, 29] * args.n)[: args.n, None]
+    g = torch.Generator().manual_seed(0)
+    x = pipe.adapter.project(torch.randn(args.n, 29, pipe.adapter.layout.width, generator=g),
+                             {"node_mask": mask})
+    with torch.no_grad(), tail.capture() as record:
+        pipe.adapter.denoise(x, torch.full((args.n,), 500), mask)
+        inputs = tail.inputs_of(record, args.n)
+    start = time.process_time()
+    pipe.posterior.linearised_output_variance(inputs)
+    per_molecule = (time.process_time() - start) / args.n
+    print(f"{'block linearised closed form, one step':<40} {per_molecule:10.3f} {per_molecule:16.4f} "
+          f"{per_molecule / (base / args.steps):8.2f}x of a plain step (one run)")
 
 
 def run_settings(pipe: MoleculeUncertaintyPipeline, settings: list, args: argparse.Namespace,
