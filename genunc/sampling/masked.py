@@ -51,7 +51,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -71,8 +71,19 @@ from genunc.scores.tokens import (
 
 if TYPE_CHECKING:
     from genunc.posterior.draws import HeadDraws, TailDraws
-    from genunc.posterior.token_mi import TokenMI
     from genunc.sampling.policy import PolicyStep, UnmaskingPolicy
+
+class TokenMI(Protocol):
+    """What the sampler needs of a draw-free MI estimator (:mod:`genunc.posterior.token_mi`,
+    built from the posterior outside the loop): per position ``(N, F)`` head features and
+    ``(N, V)`` MAP logits -> an output with ``mi`` ``(N,)``, ``token_probability`` and, with
+    draws, ``leave_one_out``."""
+
+    num_draws: int | None
+
+    def __call__(self, features: Tensor, logits: Tensor, logit_map: Any = None,
+                 tokens: Tensor | None = None) -> Any: ...
+
 
 Strategy = Literal["random", "low_confidence", "threshold", "remask", "policy"]
 STRATEGIES = ("random", "low_confidence", "threshold", "remask", "policy")
