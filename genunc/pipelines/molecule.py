@@ -26,7 +26,9 @@ EDM's own checkpoints load too: ``from_pretrained`` recognises an EDM output fol
 (``args.pickle`` + ``generative_model_ema.npy``) and runs EDM's network
 (:mod:`genunc.zoo.edm`) through :class:`~genunc.adapters.edm.EDMAdapter`, with EDM's
 normalisation, EDM's QM9 atom-count histogram (or the folder's ``atom_histogram.json``) and EDM's
-ancestral step as the default sampler.
+ancestral step as the default sampler.  GeoLDM's (:mod:`genunc.zoo.geoldm`; its ``args.pickle``
+has ``latent_nf``) load the same way: latents sampled by the latent dynamics and decoded by its
+VAE (:class:`~genunc.adapters.geoldm.GeoLDMAdapter`), the posterior in the latent dynamics.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from torch import Tensor
 
 from genunc import streams
 from genunc.adapters.edm import EDMAdapter
+from genunc.adapters.geoldm import GeoLDMAdapter, LatentLayout
 from genunc.adapters.molecule import Molecule, MoleculeAdapter, PointCloudLayout
 from genunc.data.qm9 import ATOM_TYPES, ATOMIC_NUMBERS, EDM_QM9_ATOM_HISTOGRAM
 from genunc.errors import GenuncError, MissingFileError
@@ -59,7 +62,7 @@ from genunc.sampling.diffusers_loop import run_trajectory
 from genunc.scores import VariabilityTarget
 from genunc.scores.semantic import mean_step_entropy
 from genunc.streams import randn_rows
-from genunc.zoo import edm_args
+from genunc.zoo import edm_args, geoldm
 from genunc.zoo.edm import load_edm
 from genunc.zoo.molecule_model import EquivariantDenoiser
 from genunc.zoo.pretrained import read_config
@@ -98,11 +101,18 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
     def _load(cls, path: Path, *, device: str) -> "MoleculeUncertaintyPipeline":
         """A folder written by ``genunc zoo train qm9-edm`` (model, schedule, atom counts), or an
         EDM output folder (:meth:`from_edm`)."""
-        if edm_args.is_edm_folder(path):
+        if (path / edm_args.ARGS_FILE).is_file():  # an EDM or GeoLDM output folder
+            args = edm_args.read_args(path / edm_args.ARGS_FILE)
+            if geoldm.is_geoldm_args(args):
+                return cls.from_geoldm(path, device=device)
+            if not {"n_layers", "nf", "diffusion_steps"} <= set(vars(args)):
+                raise GenuncError(f"{path}/args.pickle is neither an EDM nor a GeoLDM training run's "
+                                  "options (no n_layers / nf / diffusion_steps / latent_nf)")
             return cls.from_edm(path, device=device)
         histogram = path / ATOM_HISTOGRAM_FILE
         if not histogram.exists():
-            raise MissingFileError(f"{path} holds no {ATOM_HISTOGRAM_FILE}")
+            raise MissingFileError(f"{path} is neither a genunc model folder (no {ATOM_HISTOGRAM_FILE}) "
+                                   "nor an EDM or GeoLDM output folder (no args.pickle)")
         return cls(EquivariantDenoiser.from_pretrained(path, device=device),
                    json.loads(histogram.read_text()), timesteps=read_config(path)["timesteps"])
 
@@ -127,6 +137,35 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                                   charges=config.include_charges)
         adapter = EDMAdapter(model, layout, timesteps=config.diffusion_steps,
                              power=config.schedule_power, precision=config.diffusion_noise_precision)
+        histogram_file = path / ATOM_HISTOGRAM_FILE
+        histogram = json.loads(histogram_file.read_text()) if histogram_file.exists() \
+            else EDM_QM9_ATOM_HISTOGRAM
+        return cls(model, histogram, timesteps=config.diffusion_steps, adapter=adapter)
+
+    @classmethod
+    def from_geoldm(cls, path: str | Path, *, device: str = "cpu") -> "MoleculeUncertaintyPipeline":
+        """A GeoLDM output folder (``args.pickle`` + ``generative_model_ema.npy``) as a pipeline:
+        latents sampled by the latent dynamics (EDM's ancestral step), decoded by the VAE; the
+        posterior lives in the latent dynamics (:class:`~genunc.adapters.geoldm.GeoLDMAdapter`).
+
+        Unconditional QM9 checkpoints with hydrogens; molecule sizes as for :meth:`from_edm`.
+        """
+        path = Path(path)
+        config, vae_config = geoldm.read_geoldm_configs(path)
+        if config.context_node_nf:
+            raise GenuncError(f"{path} is a conditional GeoLDM checkpoint ({list(config.conditioning)}); "
+                              "load_geoldm() loads its networks, but the pipeline samples "
+                              "unconditional models only")
+        if vae_config.atom_types != ATOM_TYPES:
+            raise GenuncError(f"{path}: atom types {vae_config.atom_types}; the pipeline decodes QM9 "
+                              f"with hydrogens {ATOM_TYPES}")
+        model = geoldm.load_geoldm(path, device=device)
+        # GeoLDM's VAE reads and writes molecules unscaled (it ignores normalize_factors)
+        molecule = PointCloudLayout(len(ATOM_TYPES), ATOMIC_NUMBERS, scales=(1.0, 1.0, 1.0),
+                                    charges=vae_config.include_charges)
+        adapter = GeoLDMAdapter(model, LatentLayout(model.vae, config.latent_nf, molecule),
+                                timesteps=config.diffusion_steps, power=config.schedule_power,
+                                precision=config.diffusion_noise_precision)
         histogram_file = path / ATOM_HISTOGRAM_FILE
         histogram = json.loads(histogram_file.read_text()) if histogram_file.exists() \
             else EDM_QM9_ATOM_HISTOGRAM

@@ -346,7 +346,8 @@ def load_state(model: EDMModel, state: Any, source: str = "state dict") -> None:
                  for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
     if problems:
         shown = "\n  - ".join(problems[:10])
-        raise ConfigError(f"{source} does not fit the EDM configuration in args.pickle "
+        kind = getattr(model, "KIND", "EDM")
+        raise ConfigError(f"{source} does not fit the {kind} configuration in args.pickle "
                           f"({len(problems)} problems):\n  - {shown}")
     model.load_state_dict(state)
     schedule = EDMSchedule(model.config.diffusion_steps, model.config.schedule_power,
