@@ -3,16 +3,19 @@
     python examples/filter_molecules.py --n 128 --keep 0.8
     python examples/filter_molecules.py --edm path/to/edm_qm9 --n 128 --keep 0.8
     python examples/filter_molecules.py --edm path/to/edm_qm9 --tail 1 --n 128 --keep 0.8
+    python examples/filter_molecules.py --geoldm path/to/geoldm_qm9 --n 128 --keep 0.8
     python examples/filter_molecules.py --sdf outputs/filter_molecules/export/samples.sdf --keep 0.5
 
 The first form loads the shipped QM9 denoiser (``--edm``: an EDM output folder with
 ``args.pickle`` and ``generative_model_ema.npy`` instead; its head posterior covers the atom-type
-noise, so its variability is the atom-type part), fits (or reloads) its head posterior (``--tail
-k``: a block posterior over the last k blocks and the head instead, which for EDM covers the
-position noise too; its variability is Monte Carlo over the draws), generates
-``--n`` molecules scored by noise-prediction variability (and the likelihood baseline), writes an
-export whose SDF records carry every score and EDM's quality flags, then writes
-``kept.sdf`` with the ``--keep`` least uncertain molecules and prints quality before and after.
+noise, so its variability is the atom-type part; ``--geoldm``: a GeoLDM output folder, whose
+latents are sampled, decoded by its VAE and scored, the posterior in its latent dynamics), fits
+(or reloads) its head posterior (``--tail k``: a block posterior over the last k blocks and the
+head instead, which for EDM covers the position noise too; its variability is Monte Carlo over
+the draws), generates ``--n`` molecules scored by noise-prediction variability (and the
+likelihood baseline), writes an export whose SDF records carry every score and EDM's quality
+flags, then writes ``kept.sdf`` with the ``--keep`` least uncertain molecules and prints quality
+before and after.
 The second form only filters an existing scored SDF file.
 """
 
@@ -62,6 +65,8 @@ def main() -> None:
     parser.add_argument("--model", default=str(QM9_DIR), help="model folder (default: shipped)")
     parser.add_argument("--edm", help="an EDM output folder (args.pickle + generative_model_ema.npy); "
                         "replaces --model")
+    parser.add_argument("--geoldm", help="a GeoLDM output folder (args.pickle + generative_model_ema.npy); "
+                        "replaces --model")
     parser.add_argument("--posterior-data", help="molecule cache .npz for the posterior fit "
                         "(default: QM9's training split)")
     parser.add_argument("--n-fit", type=int, default=2000)
@@ -76,8 +81,10 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/filter_molecules")
     args = parser.parse_args()
     out = Path(args.out)
-    if args.edm:
-        args.model = args.edm
+    if args.edm and args.geoldm:
+        parser.error("--edm and --geoldm name one model folder each: pass one")
+    if args.edm or args.geoldm:
+        args.model = args.edm or args.geoldm
 
     if args.sdf:
         source = Path(args.sdf)
