@@ -24,11 +24,13 @@ Every figure has a percentile bootstrap 95% interval over the test molecules (``
 resamples; paired: every score and label of a molecule move together).
 
 Scores.  ``variability``: the variance of the predicted noise (positions + atom types) across
-the head (or, with ``--tail k``, the last-k-blocks) posterior, per step normalised over atoms,
-averaged over the steps: "the paper's" row uses every step and the noise target (the paper
-aggregates noise-prediction variance over its steps; genunc's eval_molecules.py reads it so);
-its parts ``variability_pos`` / ``variability_type``.  The one free choice, the step window and
-target (:func:`protocol.windows` x noise/clean), is made on the validation seed
+the head (or, with ``--tail k``, the last-k-blocks) posterior, averaged over atoms and feature
+dimensions at each step, then over the steps.  The paper aggregates the elementwise variance
+of the noise prediction over timesteps, atoms and dimensions and says a small subset of
+timesteps suffices, without a subset genunc could copy; so "the paper's" row uses every step
+and the noise target (as benchmarks/eval_molecules.py does), with its parts
+``variability_pos`` / ``variability_type``, and the subset is the one free choice: the step
+window and target (:func:`protocol.windows` x noise/clean), made on the validation seed
 (``protocol.VAL_SEED``), by the size-controlled (partial) Spearman with molecule stability, or
 with the atom-stable fraction where the validation molecules' molecule stability does not vary;
 everything reported is on the test seed (``--seed``, default ``protocol.TEST_SEED``).  The
