@@ -234,6 +234,10 @@ def test_pipeline_loads_a_geoldm_folder_samples_and_scores(tmp_path):
     out = pipe(3, num_draws=2, num_inference_steps=4, progress=False,
                scores=("variability", "semantic", "denoising_loss"))
     assert len(out.molecules) == 3 and all(np.isfinite(v).all() for v in out.scores.values())
+    # semantic_x0 decodes the draws' clean latents (with diffusers' DDPM: it refuses EDM's step)
+    x0 = pipe(2, num_draws=2, num_inference_steps=4, progress=False, sampler="ddpm",
+              scores=("semantic_x0",))
+    assert np.isfinite(x0.scores["semantic_x0"]).all()
     assert all(len(p) == len(t) and p.shape[1] == 3 for p, t in out.molecules)
     assert (out.scores["variability_pos"] == 0).all() and (out.scores["variability_type"] > 0).all()
     assert len(out.draw_molecules) == 2
@@ -243,6 +247,28 @@ def test_pipeline_loads_a_geoldm_folder_samples_and_scores(tmp_path):
     out = pipe(2, num_draws=3, num_inference_steps=3, progress=False, scores=("variability",),
                variance="monte_carlo")
     assert (out.scores["variability_pos"] > 0).all() and np.isfinite(out.scores["variability"]).all()
+
+
+def test_posterior_pairs_are_geoldm_latents_of_the_molecules(tmp_path):
+    """Fits see GeoLDM's training latents: encoder means + sigma_0 noise (centre-of-mass-free
+    positions), then EDM's noising, with the whole noise as the block's target."""
+    from genunc.pipelines import MoleculeUncertaintyPipeline
+
+    pipe = MoleculeUncertaintyPipeline.from_pretrained(_geoldm_folder(tmp_path / "geoldm"))
+    adapter, batch = pipe.adapter, _batch(pipe)
+    mask = batch["node_mask"]
+    sigma_0 = torch.sqrt(torch.sigmoid(adapter.model.gamma.gamma[0].double())).item()
+    assert adapter.sigma_0 == pytest.approx(sigma_0, rel=1e-6) and 1e-3 < sigma_0 < 1e-2
+    latent = adapter.to_latent(batch, torch.Generator().manual_seed(0))["x"]
+    mean = adapter.layout.latent_mean(batch["x"], mask)
+    noise = adapter.sample_noise(mean.shape, mask, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(latent, mean + adapter.sigma_0 * noise)
+    assert latent[..., :3].masked_fill(~mask[..., None], 0).sum(1).abs().max() < 1e-4
+    pairs = adapter.tail_training_pairs(batch, torch.Generator().manual_seed(0))
+    assert pairs.inputs["x"].shape == pairs.target.shape == (4, 9, 4)
+    assert adapter.training_pairs(batch, torch.Generator().manual_seed(0)).target.shape == (4, 9, 1)
+    with pytest.raises(GenuncError, match="molecules"):
+        adapter.training_pairs({"x": latent, "node_mask": mask}, torch.Generator())
 
 
 def test_folders_that_are_neither_edm_nor_geoldm_fail_in_one_line(tmp_path):
