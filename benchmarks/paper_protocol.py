@@ -252,6 +252,10 @@ def run(args: argparse.Namespace) -> dict:
               "random": res.scores["random"]}
     labels = labels_of(report)
     sizes = res.n_atoms.astype(float)
+    # a Monte-Carlo variability's draw noise beside the spread it ranks: jackknife SE
+    mc = None if "variability_se" not in res.scores else {
+        "median_se": float(np.median(res.scores["variability_se"])),
+        "sd_across_molecules": float(np.std(res.scores["variability"]))}
     results = {
         "protocol": {
             "model": str(args.model), "model_path": str(model), "n": args.n, "n_val": n_val,
@@ -267,6 +271,7 @@ def run(args: argparse.Namespace) -> dict:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
             "seconds": {"validation": seconds_val, "test": seconds_test},
+            "monte_carlo_error": mc,
         },
         "paper": PAPER,
         "validation_choice": choice,
@@ -336,8 +341,12 @@ def render(results: dict) -> str:
              + (f" over {p['draws']} draws" if p["variance"] == "monte_carlo" else "")
              + f", prior precision {p['posterior'].get('prior_precision', float('nan')):.4g}, "
              f"relative perturbation {p['posterior'].get('relative_perturbation', float('nan')):.3%}; "
-             f"bootstrap 95% intervals ({p['boot']} resamples).", "",
-             f"Likelihood baseline: {p['likelihood_baseline']}.", "",
+             f"bootstrap 95% intervals ({p['boot']} resamples).", ""]
+    mc = p.get("monte_carlo_error")
+    if mc:
+        lines += [f"Monte-Carlo error of the variability: median jackknife SE {mc['median_se']:.4g} "
+                  f"against an SD of {mc['sd_across_molecules']:.4g} across molecules.", ""]
+    lines += [f"Likelihood baseline: {p['likelihood_baseline']}.", "",
              f"Paper (QM9, rho with molecule stability): EDM variability {PAPER['EDM']['variability']}, "
              f"likelihood {PAPER['EDM']['likelihood']}; GeoLDM {PAPER['GeoLDM']['variability']} / "
              f"{PAPER['GeoLDM']['likelihood']}.", "",

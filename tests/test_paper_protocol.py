@@ -97,3 +97,26 @@ def test_the_json_has_no_nan(run):
     assert "NaN" not in text and "Infinity" not in text
     assert not any(isinstance(v, float) and not math.isfinite(v)
                    for _, t in _intervals(json.loads(text)) for v in t if v is not None)
+
+
+def test_protocol_with_a_block_posterior_reports_its_monte_carlo_error(tmp_path, qm9_slice):
+    """``--tail 1``: EDM's last block + head, Monte-Carlo variability over the draws, which
+    covers the position noise (non-zero variability_pos) and reports its draw noise."""
+    import paper_protocol
+
+    from genunc.data.qm9 import save_cache
+
+    save_cache(qm9_slice.subset(range(20)), tmp_path / "molecules.npz")
+    out = tmp_path / "results.json"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert paper_protocol.main([
+            "--model", str(_edm_folder(tmp_path / "edm")), "--data", str(tmp_path / "molecules.npz"),
+            "--n", "12", "--n-val", "8", "--steps", "3", "--n-fit", "12", "--n-real", "8",
+            "--boot", "20", "--min-bin", "3", "--tail", "1", "--draws", "3", "--nll-levels", "2",
+            "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    p = results["protocol"]
+    assert p["tail"] == 1 and p["variance"] == "monte_carlo"
+    assert p["monte_carlo_error"]["median_se"] > 0
+    assert "Monte-Carlo error" in printed.getvalue()
+    assert results["correlations"]["variability_pos"]["size"][0] is not None  # positions vary
