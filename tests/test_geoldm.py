@@ -211,6 +211,30 @@ def test_executable_geoldm_args_are_refused_unexecuted(tmp_path):
     assert not marker.exists()
 
 
+def test_a_run_on_a_separate_autoencoder_takes_its_architecture_from_beside(tmp_path):
+    """``--ae_path``: the VAE's options are the autoencoder run's (GeoLDM's get_latent_diffusion),
+    read from its args.pickle (safely) at the recorded path or beside the folder."""
+    ae_args = _args(train_diffusion=False, nf=12, n_layers=2, latent_nf=1)
+    (tmp_path / "qm9_ae").mkdir()
+    (tmp_path / "qm9_ae" / "args.pickle").write_bytes(pickle.dumps(ae_args))
+    folder = tmp_path / "ldm"
+    folder.mkdir()
+    args = _args(ae_path="outputs/qm9_ae", nf=8, n_layers=1, latent_nf=1)
+    (folder / "args.pickle").write_bytes(pickle.dumps(args))
+    vae_config = GeoLDMConfig.from_namespace(argparse.Namespace(**{**vars(ae_args), "train_diffusion": True}))
+    torch.manual_seed(0)
+    state = GeoLDMModel(GeoLDMConfig.from_namespace(args), vae_config).state_dict()
+    torch.save(state, folder / "generative_model_ema.npy")
+    model = load_geoldm(folder)
+    assert model.vae.config.nf == 12 and model.config.nf == 8 and model.vae.decoder.egnn.n_layers == 2
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    marker = tmp_path / "executed"
+    (tmp_path / "qm9_ae" / "args.pickle").write_bytes(pickle.dumps(_args(nf=_Exploit(marker))))
+    with pytest.raises(UnsafePickleError):
+        load_geoldm(folder)
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------ pipeline
 def _batch(pipe, seed=0):
     g = torch.Generator().manual_seed(seed)
