@@ -344,3 +344,29 @@ def test_filter_molecules_example_runs_on_a_geoldm_folder(qm9_slice, tmp_path, r
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode != 0 and run.stderr.strip().count("\n") == 0
     assert "neither" in run.stderr
+
+
+def test_the_molecule_job_runs_on_a_geoldm_folder(qm9_slice, tmp_path):
+    """``genunc fit`` / ``genunc generate`` with a GeoLDM folder as the model (block posterior)."""
+    import yaml
+
+    from genunc.cli import main
+    from genunc.data.qm9 import save_cache
+    from genunc.export import Export
+
+    save_cache(qm9_slice.subset(range(12)), tmp_path / "molecules.npz")
+    config = {"modality": "molecule", "model": str(_geoldm_folder(tmp_path / "geoldm")),
+              "features": "descriptors",
+              "posterior": {"data": str(tmp_path / "molecules.npz"), "max_samples": 12,
+                            "repeats": 1, "batch_size": 6, "tail": 1, "dir": str(tmp_path / "post")},
+              "generate": {"n_samples": 3, "num_draws": 3, "steps": 3, "chunk_size": 2,
+                           "variance": "monte_carlo", "scores": ["variability", "semantic"],
+                           "out": str(tmp_path / "export")}}
+    path = tmp_path / "geoldm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["fit", "-c", str(path)]) == 0
+    assert main(["generate", "-c", str(path)]) == 0
+    export = Export(tmp_path / "export")
+    assert len(export) == 3
+    assert (np.asarray(export.column("variability_pos")) > 0).all()
+    assert np.isfinite(np.asarray(export.column("semantic"))).all()
