@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from genunc.errors import ConfigError, MissingFileError
-from genunc.zoo.edm import EDMConfig, EDMModel, EquivariantBlock, _pair_diff, load_state
+from genunc.zoo.edm import EDMConfig, EDMModel, EquivariantBlock, load_state
 from genunc.zoo.edm_args import ARGS_FILE, read_args, weights_file
 
 #: GeoLDM's ``encode`` replaces the encoder's standard deviations by this constant
@@ -98,7 +98,7 @@ class _EGNN(nn.Module):
             self.add_module(f"e_block_{i}", EquivariantBlock(config))
 
     def forward(self, h: Tensor, x: Tensor, node_mask: Tensor, edge_mask: Tensor) -> tuple[Tensor, Tensor]:
-        radial0, _ = _pair_diff(x, 1.0)
+        radial0 = (x.unsqueeze(2) - x.unsqueeze(1)).square().sum(-1, keepdim=True)  # input distances^2
         h = self.embedding(h)
         for i in range(self.n_layers):
             h, x = getattr(self, f"e_block_{i}")(h, x, radial0, node_mask, edge_mask)
