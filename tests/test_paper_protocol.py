@@ -1,5 +1,5 @@
-"""benchmarks/paper_protocol.py end to end on a tiny random EDM folder (seconds): the output's
-structure, one JSON for the printed table, and intervals around their estimates."""
+"""benchmarks/paper_protocol.py end to end on tiny random EDM and GeoLDM folders (seconds): the
+output's structure, one JSON for the printed table, and intervals around their estimates."""
 
 import contextlib
 import io
@@ -120,3 +120,27 @@ def test_protocol_with_a_block_posterior_reports_its_monte_carlo_error(tmp_path,
     assert p["monte_carlo_error"]["median_se"] > 0
     assert "Monte-Carlo error" in printed.getvalue()
     assert results["correlations"]["variability_pos"]["size"][0] is not None  # positions vary
+
+
+def test_protocol_runs_on_a_tiny_geoldm_folder(tmp_path, qm9_slice):
+    """The same command and output on a GeoLDM folder (posterior in the latent dynamics, scores
+    on the decoded molecules)."""
+    import paper_protocol
+    from test_geoldm import _geoldm_folder
+
+    from genunc.data.qm9 import save_cache
+
+    save_cache(qm9_slice.subset(range(20)), tmp_path / "molecules.npz")
+    out = tmp_path / "results.json"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert paper_protocol.main([
+            "--model", str(_geoldm_folder(tmp_path / "geoldm")),
+            "--data", str(tmp_path / "molecules.npz"), "--n", "12", "--n-val", "8", "--steps", "3",
+            "--n-fit", "12", "--n-real", "8", "--boot", "20", "--min-bin", "3", "--draws", "2",
+            "--nll-levels", "2", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["protocol"]["n"] == 12 and printed.getvalue().startswith("# Paper protocol")
+    assert set(results["correlations"]) == set(results["selection"])
+    for where, (est, low, high) in _intervals(results["correlations"]):
+        if est is not None and low is not None:
+            assert low - 1e-9 <= est <= high + 1e-9, where
