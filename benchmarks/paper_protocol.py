@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/paper_protocol.py --model qm9_edm --n 1000
     python benchmarks/paper_protocol.py --model path/to/edm_folder --tail 1 --n 10000 --steps 1000
 
-``--model``: a genunc molecule folder, an EDM output folder (``args.pickle`` +
+``--model``: a genunc molecule folder, an EDM or GeoLDM output folder (``args.pickle`` +
 ``generative_model_ema.npy``), or the name of a shipped model (``qm9_edm``).  The paper reports
 Spearman rho(uncertainty, molecule stability) on QM9 of -0.284 (EDM) and -0.333 (GeoLDM), against
 -0.150 / -0.171 for the model's own likelihood.  This script measures the same quantities with
