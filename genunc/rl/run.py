@@ -191,7 +191,8 @@ def format_differences(rows: list[dict[str, Any]]) -> str:
 
 #: the comparisons DUAL's question asks for, on each environment
 QUESTIONS = [(f"uncertainty{s}", f"{b}{s}") for s in ("", "-shift")
-             for b in ("none", "noise", "iql", "calql")]
+             for b in ("none", "noise", "iql", "calql")] + \
+    [(f"noise{s}", f"none{s}") for s in ("", "-shift")]  # is it just more exploration?
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
