@@ -78,6 +78,20 @@ class MoleculeUncertaintyOutput(UncertaintyOutput):
     draw_molecules: list[list[Molecule]] | None = None
 
 
+def _check_qm9_types(path: Path, atom_types: Any) -> None:
+    """EDM-style checkpoints decode QM9 with hydrogens; anything else is refused in one line."""
+    if atom_types != ATOM_TYPES:
+        raise GenuncError(f"{path}: atom types {atom_types}; the pipeline decodes QM9 "
+                          f"with hydrogens {ATOM_TYPES}")
+
+
+def _atom_histogram(path: Path) -> Any:
+    """Molecule sizes of an EDM-style folder: its ``atom_histogram.json``, else EDM's QM9 one."""
+    histogram_file = path / ATOM_HISTOGRAM_FILE
+    return json.loads(histogram_file.read_text()) if histogram_file.exists() \
+        else EDM_QM9_ATOM_HISTOGRAM
+
+
 class MoleculeUncertaintyPipeline(UncertaintyPipeline):
     """An equivariant denoiser + atom-count distribution + head posterior."""
 
@@ -129,18 +143,13 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
             raise GenuncError(f"{path} is a conditional EDM checkpoint ({list(config.conditioning)}); "
                               "load_edm() loads its network, but the pipeline samples unconditional "
                               "models only (it has no property distribution to draw contexts from)")
-        if config.atom_types != ATOM_TYPES:
-            raise GenuncError(f"{path}: atom types {config.atom_types}; the pipeline decodes QM9 "
-                              f"with hydrogens {ATOM_TYPES}")
+        _check_qm9_types(path, config.atom_types)
         model = load_edm(path, device=device)
         layout = PointCloudLayout(len(ATOM_TYPES), ATOMIC_NUMBERS, scales=config.normalize_factors,
                                   charges=config.include_charges)
         adapter = EDMAdapter(model, layout, timesteps=config.diffusion_steps,
                              power=config.schedule_power, precision=config.diffusion_noise_precision)
-        histogram_file = path / ATOM_HISTOGRAM_FILE
-        histogram = json.loads(histogram_file.read_text()) if histogram_file.exists() \
-            else EDM_QM9_ATOM_HISTOGRAM
-        return cls(model, histogram, timesteps=config.diffusion_steps, adapter=adapter)
+        return cls(model, _atom_histogram(path), timesteps=config.diffusion_steps, adapter=adapter)
 
     @classmethod
     def from_geoldm(cls, path: str | Path, *, device: str = "cpu") -> "MoleculeUncertaintyPipeline":
@@ -156,9 +165,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
             raise GenuncError(f"{path} is a conditional GeoLDM checkpoint ({list(config.conditioning)}); "
                               "load_geoldm() loads its networks, but the pipeline samples "
                               "unconditional models only")
-        if vae_config.atom_types != ATOM_TYPES:
-            raise GenuncError(f"{path}: atom types {vae_config.atom_types}; the pipeline decodes QM9 "
-                              f"with hydrogens {ATOM_TYPES}")
+        _check_qm9_types(path, vae_config.atom_types)
         model = geoldm.load_geoldm(path, device=device)
         # GeoLDM's VAE reads and writes molecules unscaled (it ignores normalize_factors)
         molecule = PointCloudLayout(len(ATOM_TYPES), ATOMIC_NUMBERS, scales=(1.0, 1.0, 1.0),
@@ -166,10 +173,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
         adapter = GeoLDMAdapter(model, LatentLayout(model.vae, config.latent_nf, molecule),
                                 timesteps=config.diffusion_steps, power=config.schedule_power,
                                 precision=config.diffusion_noise_precision)
-        histogram_file = path / ATOM_HISTOGRAM_FILE
-        histogram = json.loads(histogram_file.read_text()) if histogram_file.exists() \
-            else EDM_QM9_ATOM_HISTOGRAM
-        return cls(model, histogram, timesteps=config.diffusion_steps, adapter=adapter)
+        return cls(model, _atom_histogram(path), timesteps=config.diffusion_steps, adapter=adapter)
 
     def _masks(self, request: Request, n_atoms: np.ndarray | None) -> Tensor:
         """Atom masks ``(N, W)``; each molecule's size comes from its own stream.
