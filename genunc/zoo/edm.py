@@ -322,16 +322,22 @@ def load_edm(folder: str | Path, device: str | torch.device = "cpu") -> EDMModel
     mode.  The weights file is read with ``torch.load(weights_only=True)``: tensors only."""
     folder = Path(folder)
     config = read_config(folder)
-    path = weights_file(folder)
-    if path is None:
-        raise MissingFileError(f"{folder} holds no generative_model_ema.npy (EDM's weights)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"{path} is not a torch state dict: {type(err).__name__}: {err}") from None
+    path, state = read_weights(folder, "EDM")
     model = EDMModel(config)
     load_state(model, state, str(path))
     return model.to(device).eval()
+
+
+def read_weights(folder: Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """An EDM-style folder's weights file and its state dict, read tensors-only
+    (``torch.load(weights_only=True)``); `kind` names the model in the errors."""
+    path = weights_file(folder)
+    if path is None:
+        raise MissingFileError(f"{folder} holds no generative_model_ema.npy ({kind}'s weights)")
+    try:
+        return path, torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"{path} is not a torch state dict: {type(err).__name__}: {err}") from None
 
 
 def load_state(model: EDMModel, state: Any, source: str = "state dict") -> None:

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from genunc.errors import ConfigError, MissingFileError
-from genunc.zoo.edm import EDMConfig, EDMModel, EquivariantBlock, load_state
-from genunc.zoo.edm_args import ARGS_FILE, read_args, weights_file
+from genunc.zoo.edm import EDMConfig, EDMModel, EquivariantBlock, load_state, read_weights
+from genunc.zoo.edm_args import ARGS_FILE, read_args
 
 #: GeoLDM's ``encode`` replaces the encoder's standard deviations by this constant
 ENCODER_SIGMA = 0.0032
@@ -245,13 +245,7 @@ def load_geoldm(folder: str | Path, device: str | torch.device = "cpu") -> GeoLD
     mode.  The weights file is read with ``torch.load(weights_only=True)``: tensors only."""
     folder = Path(folder)
     config, vae_config = read_geoldm_configs(folder)
-    path = weights_file(folder)
-    if path is None:
-        raise MissingFileError(f"{folder} holds no generative_model_ema.npy (GeoLDM's weights)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"{path} is not a torch state dict: {type(err).__name__}: {err}") from None
+    path, state = read_weights(folder, "GeoLDM")
     model = GeoLDMModel(config, vae_config)
     load_state(model, state, str(path))
     return model.to(device).eval()
