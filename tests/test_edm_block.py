@@ -20,11 +20,10 @@ from genunc.posterior import TailPosterior
 from genunc.posterior.variance import MonteCarloTailVariance
 from genunc.sampling.diffusers_loop import run_trajectory
 from genunc.streams import randn_rows
-from genunc.zoo.edm import EDMModel, load_edm
-from genunc.zoo.edm_args import EDMConfig
+from genunc.zoo.edm import load_edm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_edm import FIXTURE, SMALL, _edm_folder, _rotation  # noqa: E402  (its fixture helpers)
+from test_edm import FIXTURE, _edm_folder, _rotation, _small  # noqa: E402  (its fixture helpers)
 
 BLOCK = ["dynamics.egnn.e_block_1", "dynamics.egnn.embedding_out", "dynamics.readout"]
 
@@ -32,12 +31,6 @@ BLOCK = ["dynamics.egnn.e_block_1", "dynamics.egnn.embedding_out", "dynamics.rea
 @pytest.fixture(scope="module")
 def ref():
     return torch.load(FIXTURE, weights_only=True)
-
-
-def _small(ref, dtype=torch.float32):
-    model = EDMModel(EDMConfig(**SMALL))
-    model.load_state_dict(ref["small"]["state_dict"])
-    return model.to(dtype).eval()
 
 
 def _batch(adapter, n=4, width=7, seed=0):
