@@ -7,6 +7,9 @@ seeds or sizes.
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,57 @@ def _seed_everything():
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+class PythonServer:
+    """``run(argv, cwd=None, env=None, timeout=300)``: ``subprocess.run([sys.executable, *argv],
+    capture_output=True, text=True)``, but forked from tests/python_server.py, which has the heavy
+    imports done (see there for what is the same as a fresh interpreter and what is not)."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+
+    def _server(self) -> subprocess.Popen:
+        if self._process is None or self._process.poll() is not None:
+            self._process = subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "python_server.py")], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, text=True, bufsize=1)
+            assert json.loads(self._process.stdout.readline()) == {"ready": True}
+        return self._process
+
+    def run(self, argv: list[str], cwd: Path | str | None = None, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+        server = self._server()
+        with tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            request = {"argv": [str(a) for a in argv], "cwd": str(cwd or os.getcwd()),
+                       "env": dict(os.environ if env is None else env), "stdout": str(out),
+                       "stderr": str(err)}
+            server.stdin.write(json.dumps(request) + "\n")
+            pid = json.loads(server.stdout.readline())["pid"]
+            timer = __import__("threading").Timer(timeout, os.kill, (pid, 9))
+            timer.start()
+            try:
+                code = json.loads(server.stdout.readline())["returncode"]
+            finally:
+                timer.cancel()
+            if code == -9:
+                raise subprocess.TimeoutExpired(argv, timeout)
+            return subprocess.CompletedProcess(argv, code, out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._process.stdin.close()
+            self._process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def python_run():
+    """``python_run(argv, cwd=None, env=None, timeout=300)``: run ``python *argv`` as a fresh
+    process with the heavy imports already done (a CompletedProcess with text stdout/stderr)."""
+    server = PythonServer()
+    yield server.run
+    server.close()
 
 
 # ----------------------------------------------------------------------------------- images

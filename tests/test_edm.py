@@ -21,8 +21,6 @@ fce07d701a2d2340f3522df588832c2c0f7e044a: egnn/, equivariant_diffusion/) outside
 import argparse
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -267,16 +265,16 @@ def test_pipeline_loads_an_edm_folder_and_scores(tmp_path):
 
 
 @pytest.mark.slow
-def test_filter_molecules_example_runs_on_an_edm_folder(qm9_slice, tmp_path, repo):
+def test_filter_molecules_example_runs_on_an_edm_folder(qm9_slice, tmp_path, repo, python_run):
     from genunc.data.qm9 import save_cache
 
     folder = _edm_folder(tmp_path / "edm")
     save_cache(qm9_slice.subset(range(20)), tmp_path / "molecules.npz")
-    run = subprocess.run(
-        [sys.executable, str(repo / "examples" / "filter_molecules.py"), "--edm", str(folder),
-         "--posterior-data", str(tmp_path / "molecules.npz"), "--n-fit", "20", "--n", "4",
-         "--draws", "2", "--steps", "3", "--keep", "0.5", "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = python_run(
+        [repo / "examples" / "filter_molecules.py", "--edm", folder,
+         "--posterior-data", tmp_path / "molecules.npz", "--n-fit", "20", "--n", "4",
+         "--draws", "2", "--steps", "3", "--keep", "0.5", "--out", tmp_path / "out"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr
     assert "(2 of 4 records)" in run.stdout
 

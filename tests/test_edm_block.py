@@ -292,19 +292,17 @@ def test_the_molecule_job_fits_and_uses_a_block_posterior_on_an_edm_folder(qm9_s
 
 
 @pytest.mark.slow
-def test_filter_molecules_example_takes_a_block_posterior(qm9_slice, tmp_path, repo):
+def test_filter_molecules_example_takes_a_block_posterior(qm9_slice, tmp_path, repo, python_run):
     import os
-    import subprocess
 
     from genunc.data.qm9 import save_cache
 
     save_cache(qm9_slice.subset(range(20)), tmp_path / "molecules.npz")
-    run = subprocess.run(
-        [sys.executable, str(repo / "examples" / "filter_molecules.py"), "--edm",
-         str(_edm_folder(tmp_path / "edm")), "--tail", "1",
-         "--posterior-data", str(tmp_path / "molecules.npz"), "--n-fit", "20", "--n", "4",
-         "--draws", "3", "--steps", "3", "--keep", "0.5", "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = python_run(
+        [repo / "examples" / "filter_molecules.py", "--edm", _edm_folder(tmp_path / "edm"),
+         "--tail", "1", "--posterior-data", tmp_path / "molecules.npz", "--n-fit", "20",
+         "--n", "4", "--draws", "3", "--steps", "3", "--keep", "0.5", "--out", tmp_path / "out"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr
     assert "(2 of 4 records)" in run.stdout
     from genunc.posterior import Posterior

@@ -149,14 +149,14 @@ def test_exports_and_posteriors_follow_the_umask(unfitted_digits_config, tmp_pat
 # 7 ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_the_molecule_example_refuses_to_report_an_old_export(tiny_molecule_folder, tmp_path,
-                                                              repo):
+                                                              repo, python_run):
     model = tiny_molecule_folder(tmp_path / "model")
-    base = [sys.executable, str(repo / "examples" / "filter_molecules.py"), "--model", str(model),
+    base = [str(repo / "examples" / "filter_molecules.py"), "--model", str(model),
             "--posterior-data", str(tmp_path / "molecules.npz"), "--n-fit", "10", "--n", "3",
             "--draws", "2", "--steps", "2", "--out", str(tmp_path / "out")]
-    first = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    first = python_run(base)
     assert first.returncode == 0, first.stderr
-    again = subprocess.run(base + ["--seed", "5"], capture_output=True, text=True, timeout=300)
+    again = python_run(base + ["--seed", "5"])
     assert again.returncode != 0 and "seed: 0 -> 5" in again.stderr
     assert "Traceback" not in again.stderr
 

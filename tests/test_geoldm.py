@@ -321,27 +321,22 @@ def test_folders_that_are_neither_edm_nor_geoldm_fail_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_filter_molecules_example_runs_on_a_geoldm_folder(qm9_slice, tmp_path, repo):
-    import subprocess
-    import sys
-
+def test_filter_molecules_example_runs_on_a_geoldm_folder(qm9_slice, tmp_path, repo, python_run):
     from genunc.data.qm9 import save_cache
 
     folder = _geoldm_folder(tmp_path / "geoldm")
     save_cache(qm9_slice.subset(range(20)), tmp_path / "molecules.npz")
-    run = subprocess.run(
-        [sys.executable, str(repo / "examples" / "filter_molecules.py"), "--geoldm", str(folder),
-         "--posterior-data", str(tmp_path / "molecules.npz"), "--n-fit", "20", "--n", "4",
-         "--draws", "2", "--steps", "3", "--keep", "0.5", "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = python_run(
+        [repo / "examples" / "filter_molecules.py", "--geoldm", folder,
+         "--posterior-data", tmp_path / "molecules.npz", "--n-fit", "20", "--n", "4",
+         "--draws", "2", "--steps", "3", "--keep", "0.5", "--out", tmp_path / "out"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr
     assert "(2 of 4 records)" in run.stdout
     neither = tmp_path / "neither"
     neither.mkdir()
-    run = subprocess.run(
-        [sys.executable, str(repo / "examples" / "filter_molecules.py"), "--geoldm", str(neither),
-         "--n", "2", "--out", str(tmp_path / "out2")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = python_run([repo / "examples" / "filter_molecules.py", "--geoldm", neither,
+                      "--n", "2", "--out", tmp_path / "out2"])
     assert run.returncode != 0 and run.stderr.strip().count("\n") == 0
     assert "neither" in run.stderr
 

@@ -4,8 +4,6 @@ that appears on several pages runs once."""
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -55,9 +53,8 @@ def test_the_cli_reference_page_is_what_the_parsers_print():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("code", list(BLOCKS.values()), ids=list(BLOCKS))
-def test_documentation_block_runs(code, tmp_path, tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "genunc_cache"  # QM9 converted once per session
-    env = {**os.environ, "GENUNC_CACHE": str(cache), "TQDM_DISABLE": "1"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+def test_documentation_block_runs(code, tmp_path, python_run):
+    """As ``python -c code`` in an empty folder (forked with the imports done: conftest's
+    python_run); QM9 comes from the user's cache, as it would for a reader."""
+    run = python_run(["-c", code], cwd=tmp_path, env={**os.environ, "TQDM_DISABLE": "1"}, timeout=600)
     assert run.returncode == 0, f"{code}\n--- stderr ---\n{run.stderr[-3000:]}"

@@ -105,17 +105,14 @@ def test_molecule_cli_fit_generate_filter(tiny_molecule_folder, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_filter_molecules_example_runs_on_a_tiny_model(tiny_molecule_folder, tmp_path, repo):
-    import subprocess
-    import sys
-
+def test_filter_molecules_example_runs_on_a_tiny_model(tiny_molecule_folder, tmp_path, repo,
+                                                       python_run):
     model_dir = tiny_molecule_folder(tmp_path / "model")
     example = repo / "examples" / "filter_molecules.py"
-    run = subprocess.run(
-        [sys.executable, str(example), "--model", str(model_dir), "--posterior-data",
-         str(tmp_path / "molecules.npz"), "--n-fit", "20", "--n", "6", "--draws", "2",
-         "--steps", "3", "--keep", "0.5", "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300)
+    run = python_run(
+        [example, "--model", model_dir, "--posterior-data", tmp_path / "molecules.npz",
+         "--n-fit", "20", "--n", "6", "--draws", "2", "--steps", "3", "--keep", "0.5",
+         "--out", tmp_path / "out"])
     assert run.returncode == 0, run.stderr
     assert "(3 of 6 records)" in run.stdout and "kept     3 molecules" in run.stdout
     _, kept = read_sdf_scores(tmp_path / "out" / "kept.sdf", "variability")

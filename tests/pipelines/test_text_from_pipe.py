@@ -271,14 +271,11 @@ def test_the_shipped_arithmetic_model_runs_through_llada2_pipeline():
 
 
 @pytest.mark.slow
-def test_the_llada2_example_runs(repo):
+def test_the_llada2_example_runs(repo, python_run):
     import os
-    import subprocess
-    import sys
 
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(repo / "examples" / "llada2.py"), "--num-draws", "3"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = python_run([repo / "examples" / "llada2.py", "--num-draws", "3"], env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if " MI " in line]
     assert len(rows) == 8 and all("correct" in r or "wrong" in r for r in rows)
