@@ -101,10 +101,12 @@ def _train_rl_dataset(args: argparse.Namespace) -> int:
 
     if args.batch_size or args.epochs or args.vae_steps or args.max_minutes:
         raise GenuncError("rl-dataset takes --env, --steps, --eval-every, --eval-episodes, "
-                          "--transitions, --learning-starts, --seed, --out, --ship and --device")
+                          "--transitions, --learning-starts, --sac-width, --sac-lr, --seed, --out, "
+                          "--ship and --device")
     given = {"env": args.env, "steps": args.steps, "eval_every": args.eval_every,
              "eval_episodes": args.eval_episodes, "transitions": args.transitions,
-             "learning_starts": args.learning_starts, "seed": args.seed}
+             "learning_starts": args.learning_starts, "seed": args.seed,
+             "width": args.sac_width, "learning_rate": args.sac_lr}
     recipe = rl_dataset.RLDatasetRecipe(**{k: v for k, v in given.items() if v is not None})
     out = Path(args.out or Path("outputs") / "zoo" / f"rl-dataset-{recipe.env}")
     if out.resolve() == shipped_dir(recipe.env).resolve():
@@ -193,6 +195,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     rl.add_argument("--transitions", type=int, help="medium dataset size (default 100000)")
     rl.add_argument("--learning-starts", type=int,
                     help="uniform-random steps before SAC updates (default 10000)")
+    rl.add_argument("--sac-width", type=int, help="SAC's hidden width, two layers (default 256)")
+    rl.add_argument("--sac-lr", type=float, help="SAC's learning rate (default 3e-4)")
     rl.add_argument("--ship", action="store_true",
                     help="copy the finished datasets into genunc/zoo/weights/rl_<env>")
     train.set_defaults(func=_zoo_train)

@@ -200,14 +200,15 @@ def test_every_shipped_dataset_says_how_it_was_made(name):
 @pytest.mark.slow
 def test_the_recipe_end_to_end_on_pendulum(tmp_path, capsys):
     """SAC -> checkpoints -> random return -> medium checkpoint -> both datasets; a run stopped
-    at 1500 steps continues from its checkpoint, and a rerun does no stage twice."""
+    at 1500 steps continues from its checkpoint, and a rerun does no stage twice.  A 64-wide SAC
+    (lr 1e-3) learns Pendulum in 3000 steps at a third of the default one's cost."""
     pytest.importorskip("stable_baselines3")
     from genunc.cli import main
 
     out = tmp_path / "run"
     args = ["zoo", "train", "rl-dataset", "--env", "Pendulum-v1", "--eval-every", "500",
             "--eval-episodes", "2", "--transitions", "500", "--learning-starts", "500",
-            "--out", str(out)]
+            "--sac-width", "64", "--sac-lr", "1e-3", "--out", str(out)]
     # 1500 steps may not beat the random policy yet (then no dataset, exit 2): checkpoints stay
     assert main([*args, "--steps", "1500"]) in (0, 2)
     assert (out / "sac" / "step_00001500.zip").is_file()
@@ -216,6 +217,8 @@ def test_the_recipe_end_to_end_on_pendulum(tmp_path, capsys):
     assert [e["step"] for e in report["evaluations"]] == list(range(500, 3001, 500))
     assert report["resumed_at"] == [1500]
     assert report["best_return"] > report["random_return"]
+    assert report["sac"]["net_arch"] == [64, 64] and report["sac"]["learning_rate"] == 1e-3
+    assert report["command"].endswith("--seed 0 --sac-width 64 --sac-lr 0.001")
     medium = OfflineDataset.load(out / "medium.npz")
     replay = OfflineDataset.load(out / "medium-replay.npz")
     assert len(medium) == 500 and medium.timeouts[-1]

@@ -73,12 +73,18 @@ class RLDatasetRecipe:
     #: uniform-random steps before SAC updates (rl-baselines3-zoo's MuJoCo value; SB3's is 100)
     learning_starts: int = 10_000
     seed: int = 0
+    #: SAC's hidden width (two layers, actor and critics) and learning rate: SB3's defaults; a
+    #: smaller, faster policy is enough for a small task such as Pendulum
+    width: int = 256
+    learning_rate: float = 3e-4
 
     def command(self) -> str:
+        sac = "".join(f" --sac-{flag} {value}" for flag, value, default in (
+            ("width", self.width, 256), ("lr", self.learning_rate, 3e-4)) if value != default)
         return (f"genunc zoo train rl-dataset --env {self.env} --steps {self.steps} "
                 f"--eval-every {self.eval_every} --eval-episodes {self.eval_episodes} "
                 f"--transitions {self.transitions} --learning-starts {self.learning_starts} "
-                f"--seed {self.seed}")
+                f"--seed {self.seed}{sac}")
 
 
 #: recipe fields a continuing run may change (the later stages are redone as needed)
@@ -131,15 +137,19 @@ def _sac(recipe: RLDatasetRecipe, env, device: str):
     from stable_baselines3 import SAC
 
     # SB3's defaults (MlpPolicy 256x256, lr 3e-4, batch 256, tau 0.005, gamma 0.99, automatic
-    # entropy); the buffer holds every step (as SB3's 1e6 when steps <= 1e6: nothing is
-    # evicted, and sampling is the same), grown when a continuing run asks for more steps
+    # entropy) unless the recipe sets width / learning_rate; the buffer holds every step (as
+    # SB3's 1e6 when steps <= 1e6: nothing is evicted, and sampling is the same), grown when a
+    # continuing run asks for more steps
     return SAC("MlpPolicy", env, learning_starts=recipe.learning_starts,
-               buffer_size=recipe.steps, seed=recipe.seed, device=device, verbose=0)
+               buffer_size=recipe.steps, seed=recipe.seed, device=device, verbose=0,
+               learning_rate=recipe.learning_rate,
+               policy_kwargs={"net_arch": [recipe.width, recipe.width]})
 
 
 def _sac_hyperparameters(model) -> dict[str, Any]:
     return {"algorithm": "stable-baselines3 SAC", "policy": "MlpPolicy",
-            "net_arch": [256, 256], "learning_rate": 3e-4, "batch_size": model.batch_size,
+            "net_arch": list(model.policy.net_arch), "learning_rate": model.learning_rate,
+            "batch_size": model.batch_size,
             "tau": model.tau, "gamma": model.gamma, "train_freq": 1, "gradient_steps": 1,
             "ent_coef": "auto", "learning_starts": model.learning_starts,
             "buffer_size": model.buffer_size}
@@ -346,7 +356,8 @@ def train_rl_dataset(recipe: RLDatasetRecipe, out_dir: str | Path, device: str |
     progress_path = out / "progress.json"
     if progress_path.is_file():
         progress = json.loads(progress_path.read_text())
-        if progress["fixed"] != fixed:
+        defaults = asdict(RLDatasetRecipe())  # a run from before a field existed had its default
+        if {k: progress["fixed"].get(k, defaults[k]) for k in fixed} != fixed:
             raise GenuncError(f"{out} holds a run of another recipe ({progress['fixed']}); "
                               f"this one is {fixed}: use another --out")
         _log(f"continuing {out}: {len(progress['evaluations'])} checkpoints done")
