@@ -6,6 +6,7 @@ final-logit softcapping 30, LM head tied to the embeddings) built from a config,
 tokenizer with a one-line chat template: no hub, seconds.
 """
 
+import copy
 import functools
 import warnings
 
@@ -53,6 +54,12 @@ def tokenizer():
 
 
 def tiny_model(seed=0):
+    """A fresh copy of the tiny model for `seed` (building one takes ~2 s: Gemma 4's constructor)."""
+    return copy.deepcopy(_built_model(seed))
+
+
+@functools.cache
+def _built_model(seed):
     text = dict(vocab_size=len(WORDS), hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
                 num_attention_heads=2, num_key_value_heads=1, head_dim=8, global_head_dim=8,
                 sliding_window=8, max_position_embeddings=128,
