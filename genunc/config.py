@@ -79,6 +79,10 @@ DEFAULTS: dict[str, Any] = {
         "block_length": None,  # text: semi-autoregressive block length (default: one block)
         "gen_length": None,  # text, diffusers pipeline folders: tokens to generate (null: its default)
         "threshold": 0.9,  # text: confidence threshold of the threshold / remask samplers
+        # text: how mutual_information is estimated: sampled (from the M draws), linearised
+        # or bridge (draw-free closed forms), pruned (draws over the MAP's top mi_top_k tokens)
+        "mi_estimator": "sampled",
+        "mi_top_k": None,  # text: pruned's vocabulary (null: its default); linearised: null = all
         "variability_steps": None,  # image/molecule: step indices where variability is measured (all)
         "x0_steps": None,  # image: step indices semantic_x0 is measured at (default: its own)
         "nll_levels": 10,  # molecule: noise levels of the denoising_loss baseline
@@ -182,6 +186,9 @@ RULES: dict[str, Rule] = {
     "generate.block_length": Rule(int, minimum=1, nullable=True),
     "generate.gen_length": Rule(int, minimum=1, nullable=True),
     "generate.threshold": Rule(float, minimum=0, maximum=1),
+    # genunc.scores.tokens.MI_ESTIMATORS (not imported: the config loads without torch)
+    "generate.mi_estimator": Rule(str, choices=("sampled", "linearised", "bridge", "pruned")),
+    "generate.mi_top_k": Rule(int, minimum=1, nullable=True),
     "generate.variability_steps": Rule(list, item=int, nullable=True),
     "generate.x0_steps": Rule(list, item=int, nullable=True),
     "generate.precision": Rule(str, choices=("float32", "bfloat16", "float16")),

@@ -189,7 +189,8 @@ class TextUncertaintyPipeline(UncertaintyPipeline):
                                  temperature=g["temperature"])
         return dict(prompts=task.prompts(pairs), config=config, num_draws=g["num_draws"],
                     scores=tuple(g["scores"]), seed=g["seed"], first_sample=indices.start,
-                    precision=g["precision"], progress=False)
+                    precision=g["precision"], mi_estimator=g["mi_estimator"],
+                    mi_top_k=g["mi_top_k"], progress=False)
 
     def chunk_texts(self, out: "TextUncertaintyOutput", generate: Mapping[str, Any],
                     indices: range, check: bool) -> TextChunk:

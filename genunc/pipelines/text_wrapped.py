@@ -347,6 +347,7 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
         call: dict[str, Any] = dict(
             prompt=[_prompt_of(g, i)], num_draws=g["num_draws"],
             scores=tuple(g["scores"]), seed=g["seed"], temperature=g["temperature"],
+            mi_estimator=g["mi_estimator"], mi_top_k=g["mi_top_k"],
             generator=streams.torch_generator(g["seed"], "initial_noise", i,
                                               device=next(self.model.parameters()).device))
         for name, key in (("num_inference_steps", "steps"), ("block_length", "block_length"),

@@ -150,3 +150,58 @@ def test_the_own_text_loop_takes_a_tail_posterior_through_the_cli(tmp_path):
     assert export.metadata["posterior_summary"]["tail"][0] == "blocks.layers.3"
     mi = export.column("mutual_information")
     assert len(mi) == 4 and (mi > 0).all() and "correct" in export.records[0]
+
+
+def _arith_config(tmp_path, **generate):
+    config = {"modality": "text", "model": "zoo:arith_mdlm", "features": "answer",
+              "quality": "checker",
+              "posterior": {"dir": str(tmp_path / "posterior"), "data": "zoo:arith_train",
+                            "max_samples": 64, "repeats": 1},
+              "generate": {"n_samples": 4, "candidates": 1, "num_draws": 3, "steps": None,
+                           "temperature": 1.0, "chunk_size": 2, "sampler": "low_confidence",
+                           "scores": ["mutual_information", "random"],
+                           "out": str(tmp_path / "export"), **generate}}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("estimator", ["linearised", "pruned"])
+def test_generate_mi_estimator_reaches_the_own_loop(tmp_path, estimator):
+    """``generate.mi_estimator`` / ``mi_top_k``: the export's MI is what the pipeline computes
+    with that estimator on the same chunks, and the completions are the sampled run's."""
+    sampled = _arith_config(tmp_path / "sampled")
+    assert main(["generate", "-c", str(sampled)]) == 0
+    path = _arith_config(tmp_path / estimator, mi_estimator=estimator, mi_top_k=4)
+    assert main(["generate", "-c", str(path)]) == 0
+    export, reference = Export(tmp_path / estimator / "export"), Export(tmp_path / "sampled" / "export")
+    assert [r["completion"] for r in export.records] == [r["completion"] for r in reference.records]
+    assert export.metadata["config"]["generate"]["mi_estimator"] == estimator
+    config = load_config(path)
+    pipe = job_for("text").build_pipeline(config)
+    expected = [float(v) for start in (0, 2) for v in
+                pipe(**pipe.chunk_call(config["generate"], range(start, start + 2))
+                     ).scores["mutual_information"]]
+    assert export.column("mutual_information").tolist() == pytest.approx(expected, rel=1e-6)
+    assert export.column("mutual_information").tolist() != \
+        pytest.approx(reference.column("mutual_information").tolist(), rel=1e-3)
+
+
+def test_generate_mi_estimator_reaches_a_wrapped_llada2(tmp_path, llada_folder):
+    config = _config(tmp_path, llada_folder, n_samples=2)
+    assert main(["fit", "-c", str(config)]) == 0
+    assert main(["generate", "-c", str(config), "--set", "generate.mi_estimator=linearised",
+                 "--set", f"generate.out={tmp_path / 'linearised'}"]) == 0
+    assert main(["generate", "-c", str(config)]) == 0
+    linearised, sampled = Export(tmp_path / "linearised"), Export(tmp_path / "export")
+    assert [r["completion"] for r in linearised.records] == [r["completion"] for r in sampled.records]
+    mi = linearised.column("mutual_information")
+    assert (mi > 0).all() and mi.tolist() != pytest.approx(sampled.column("mutual_information").tolist())
+
+
+@pytest.mark.parametrize("override", ["generate.mi_estimator=probit", "generate.mi_top_k=0"])
+def test_a_bad_mi_estimator_is_a_config_error_naming_the_key(tmp_path, override, capsys):
+    assert main(["generate", "-c", str(_arith_config(tmp_path)), "--set", override]) == 2
+    assert f"  {override.split('=')[0]}: " in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
