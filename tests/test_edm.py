@@ -18,9 +18,8 @@ fce07d701a2d2340f3522df588832c2c0f7e044a: egnn/, equivariant_diffusion/) outside
   configuration (n_layers 9, nf 256).
 """
 
-import argparse
-import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,39 +32,27 @@ from genunc.errors import ConfigError, GenuncError
 from genunc.zoo.edm import EDMModel, load_edm
 from genunc.zoo.edm_args import EDMConfig, UnsafePickleError, read_args, read_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from molecule_folders import (  # noqa: E402  (the EDM / GeoLDM folder helpers)
+    Exploit,
+    edm_args,
+    edm_folder,
+    molecule_batch,
+    random_state,
+    reference_fixture,
+    run_filter_example,
+    small_model,
+    write_folder,
+)
+
 FIXTURE = Path(__file__).parent / "fixtures" / "edm_reference.pt"
 SMALL = dict(n_layers=2, nf=16)
 
-
-@pytest.fixture(scope="module")
-def ref():
-    return torch.load(FIXTURE, weights_only=True)
+ref = reference_fixture(FIXTURE)
 
 
 def _small(ref, dtype=torch.float32):
-    model = EDMModel(EDMConfig(**SMALL))
-    model.load_state_dict(ref["small"]["state_dict"])
-    return model.to(dtype).eval()
-
-
-def _args(**overrides):
-    values = dict(model="egnn_dynamics", probabilistic_model="diffusion", n_layers=1, nf=8,
-                  inv_sublayers=1, attention=True, tanh=True, norm_constant=1, sin_embedding=False,
-                  condition_time=True, normalization_factor=1, diffusion_steps=1000,
-                  diffusion_noise_schedule="polynomial_2", diffusion_noise_precision=1e-5,
-                  normalize_factors=[1, 4, 10], include_charges=True, context_node_nf=0,
-                  conditioning=[], dataset="qm9", remove_h=False, exp_name="tiny")
-    values.update(overrides)
-    return argparse.Namespace(**values)
-
-
-def _edm_folder(path: Path, seed: int = 0, **overrides) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    args = _args(**overrides)
-    (path / "args.pickle").write_bytes(pickle.dumps(args))
-    torch.manual_seed(seed)
-    torch.save(EDMModel(EDMConfig.from_namespace(args)).state_dict(), path / "generative_model_ema.npy")
-    return path
+    return small_model(EDMModel(EDMConfig(**SMALL)), ref, dtype)
 
 
 # ------------------------------------------------------------------ conformance
@@ -138,15 +125,10 @@ def test_full_size_state_dict_has_edm_keys_and_shapes(ref, tmp_path):
     assert len(state) == 141
     assert sorted((k, tuple(v.shape)) for k, v in state.items()) == sorted(ref["full_keys"])
     # a random full-size state dict under EDM's names loads from an EDM folder
-    g = torch.Generator().manual_seed(0)
-    random_state = {k: (v if k in ("gamma.gamma", "buffer") else torch.randn(v.shape, generator=g) * 0.02)
-                    for k, v in state.items()}
-    folder = tmp_path / "edm_qm9"
-    folder.mkdir()
-    (folder / "args.pickle").write_bytes(pickle.dumps(_args(n_layers=9, nf=256)))
-    torch.save(random_state, folder / "generative_model_ema.npy")
+    random = random_state(state, keep=("gamma.gamma", "buffer"))
+    folder = write_folder(tmp_path / "edm_qm9", edm_args(n_layers=9, nf=256), random)
     loaded = load_edm(folder)
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in random_state.items())
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in random.items())
     # a state dict of another configuration is refused with the keys that do not fit
     torch.save(EDMModel(EDMConfig(n_layers=2, nf=16)).state_dict(), folder / "generative_model_ema.npy")
     with pytest.raises(ConfigError, match="does not fit"):
@@ -207,27 +189,19 @@ def test_map_and_posterior_draws_are_e3_equivariant(ref):
 # ------------------------------------------------------------------ the args reader
 def test_args_pickle_of_a_namespace_loads_in_every_protocol(tmp_path):
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-        (tmp_path / "args.pickle").write_bytes(pickle.dumps(_args(n_layers=3), protocol=protocol))
+        (tmp_path / "args.pickle").write_bytes(pickle.dumps(edm_args(n_layers=3), protocol=protocol))
         config = read_config(tmp_path)
         assert config.n_layers == 3 and config.normalize_factors == (1.0, 4.0, 10.0)
-
-
-class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_foreign_or_malicious_pickles_are_refused_unexecuted(tmp_path):
     marker = tmp_path / "executed"
     path = tmp_path / "args.pickle"
-    path.write_bytes(pickle.dumps(_args(n_layers=_Exploit(marker))))
+    path.write_bytes(pickle.dumps(edm_args(n_layers=Exploit(marker))))
     with pytest.raises(UnsafePickleError, match="refusing to load .*system"):
         read_args(path)
     assert not marker.exists()
-    path.write_bytes(pickle.dumps(_Exploit(marker), protocol=0))
+    path.write_bytes(pickle.dumps(Exploit(marker), protocol=0))
     with pytest.raises(UnsafePickleError):
         read_args(path)
     # the protocol-0 reconstructor is admitted for Namespaces only
@@ -247,34 +221,21 @@ def test_foreign_or_malicious_pickles_are_refused_unexecuted(tmp_path):
 def test_pipeline_loads_an_edm_folder_and_scores(tmp_path):
     from genunc.pipelines import MoleculeUncertaintyPipeline
 
-    pipe = MoleculeUncertaintyPipeline.from_pretrained(_edm_folder(tmp_path / "edm"))
+    pipe = MoleculeUncertaintyPipeline.from_pretrained(edm_folder(tmp_path / "edm"))
     assert isinstance(pipe.adapter, EDMAdapter) and pipe.adapter.head_name == "dynamics.egnn.embedding_out"
-    g = torch.Generator().manual_seed(0)
-    mask = torch.arange(9)[None] < torch.tensor([9, 7, 5, 8])[:, None]
-    batch = {"x": pipe.adapter.layout.encode((torch.randn(4, 9, 3, generator=g) * 1.5).numpy(),
-                                             torch.randint(0, 5, (4, 9), generator=g).numpy(), mask.numpy()),
-             "node_mask": mask}
-    pipe.fit_posterior([batch], progress=False)
+    pipe.fit_posterior([molecule_batch(pipe)], progress=False)
     out = pipe(3, num_draws=2, num_inference_steps=4, progress=False,
                scores=("variability", "semantic", "denoising_loss"))
     assert len(out.molecules) == 3 and all(np.isfinite(v).all() for v in out.scores.values())
     assert (out.scores["variability_pos"] == 0).all() and (out.scores["variability_type"] > 0).all()
-    conditional = _edm_folder(tmp_path / "cond", context_node_nf=1, conditioning=["alpha"])
+    conditional = edm_folder(tmp_path / "cond", context_node_nf=1, conditioning=["alpha"])
     with pytest.raises(GenuncError, match="conditional"):
         MoleculeUncertaintyPipeline.from_pretrained(conditional)
 
 
 @pytest.mark.slow
 def test_filter_molecules_example_runs_on_an_edm_folder(qm9_slice, tmp_path, repo, python_run):
-    from genunc.data.qm9 import save_cache
-
-    folder = _edm_folder(tmp_path / "edm")
-    save_cache(qm9_slice.subset(range(20)), tmp_path / "molecules.npz")
-    run = python_run(
-        [repo / "examples" / "filter_molecules.py", "--edm", folder,
-         "--posterior-data", tmp_path / "molecules.npz", "--n-fit", "20", "--n", "4",
-         "--draws", "2", "--steps", "3", "--keep", "0.5", "--out", tmp_path / "out"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = run_filter_example(python_run, repo, "--edm", edm_folder(tmp_path / "edm"), qm9_slice, tmp_path)
     assert run.returncode == 0, run.stderr
     assert "(2 of 4 records)" in run.stdout
 

@@ -23,14 +23,17 @@ from genunc.streams import randn_rows
 from genunc.zoo.edm import load_edm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_edm import FIXTURE, _edm_folder, _rotation, _small  # noqa: E402  (its fixture helpers)
+from molecule_folders import (  # noqa: E402  (the EDM folder helpers)
+    edm_folder,
+    reference_fixture,
+    run_filter_example,
+    run_molecule_job,
+)
+from test_edm import FIXTURE, _rotation, _small  # noqa: E402  (its fixture helpers)
 
 BLOCK = ["dynamics.egnn.e_block_1", "dynamics.egnn.embedding_out", "dynamics.readout"]
 
-
-@pytest.fixture(scope="module")
-def ref():
-    return torch.load(FIXTURE, weights_only=True)
+ref = reference_fixture(FIXTURE)
 
 
 def _batch(adapter, n=4, width=7, seed=0):
@@ -196,7 +199,7 @@ def test_linearised_position_variance_is_exact_for_the_linear_part_and_is_monte_
 def _folder_pipe(tmp_path):
     from genunc.pipelines import MoleculeUncertaintyPipeline
 
-    pipe = MoleculeUncertaintyPipeline.from_pretrained(_edm_folder(tmp_path / "edm", n_layers=2))
+    pipe = MoleculeUncertaintyPipeline.from_pretrained(edm_folder(tmp_path / "edm", n_layers=2))
     g = torch.Generator().manual_seed(0)
     mask = torch.arange(9)[None] < torch.tensor([9, 7, 5, 8])[:, None]
     batch = {"x": pipe.adapter.layout.encode((torch.randn(4, 9, 3, generator=g) * 1.5).numpy(),
@@ -267,25 +270,7 @@ def test_bad_block_requests_fail_in_one_line(tmp_path, ref):
 
 def test_the_molecule_job_fits_and_uses_a_block_posterior_on_an_edm_folder(qm9_slice, tmp_path):
     """``posterior.tail`` in a molecule job config, as for images and text."""
-    import yaml
-
-    from genunc.cli import main
-    from genunc.data.qm9 import save_cache
-    from genunc.export import Export
-
-    save_cache(qm9_slice.subset(range(12)), tmp_path / "molecules.npz")
-    config = {"modality": "molecule", "model": str(_edm_folder(tmp_path / "edm")),
-              "features": "descriptors",
-              "posterior": {"data": str(tmp_path / "molecules.npz"), "max_samples": 12,
-                            "repeats": 1, "batch_size": 6, "tail": 1, "dir": str(tmp_path / "post")},
-              "generate": {"n_samples": 3, "num_draws": 3, "steps": 3, "chunk_size": 2,
-                           "variance": "monte_carlo", "scores": ["variability", "semantic"],
-                           "out": str(tmp_path / "export")}}
-    path = tmp_path / "edm.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["fit", "-c", str(path)]) == 0
-    assert main(["generate", "-c", str(path)]) == 0
-    export = Export(tmp_path / "export")
+    export = run_molecule_job(edm_folder(tmp_path / "edm"), qm9_slice, tmp_path)
     assert len(export) == 3
     assert (np.asarray(export.column("variability_pos")) > 0).all()
     assert np.isfinite(np.asarray(export.column("variability_pos_se"))).all()
@@ -293,16 +278,8 @@ def test_the_molecule_job_fits_and_uses_a_block_posterior_on_an_edm_folder(qm9_s
 
 @pytest.mark.slow
 def test_filter_molecules_example_takes_a_block_posterior(qm9_slice, tmp_path, repo, python_run):
-    import os
-
-    from genunc.data.qm9 import save_cache
-
-    save_cache(qm9_slice.subset(range(20)), tmp_path / "molecules.npz")
-    run = python_run(
-        [repo / "examples" / "filter_molecules.py", "--edm", _edm_folder(tmp_path / "edm"),
-         "--tail", "1", "--posterior-data", tmp_path / "molecules.npz", "--n-fit", "20",
-         "--n", "4", "--draws", "3", "--steps", "3", "--keep", "0.5", "--out", tmp_path / "out"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = run_filter_example(python_run, repo, "--edm", edm_folder(tmp_path / "edm"), qm9_slice, tmp_path,
+                             "--tail", "1", "--draws", "3")
     assert run.returncode == 0, run.stderr
     assert "(2 of 4 records)" in run.stdout
     from genunc.posterior import Posterior

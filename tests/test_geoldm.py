@@ -19,8 +19,8 @@
 """
 
 import argparse
-import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,47 +32,28 @@ from genunc.errors import ConfigError, GenuncError, MissingFileError
 from genunc.zoo.edm_args import UnsafePickleError
 from genunc.zoo.geoldm import GeoLDMConfig, GeoLDMModel, load_geoldm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from molecule_folders import (  # noqa: E402  (the EDM / GeoLDM folder helpers)
+    Exploit,
+    geoldm_args,
+    geoldm_folder,
+    molecule_batch,
+    random_state,
+    reference_fixture,
+    run_filter_example,
+    run_molecule_job,
+    small_model,
+    write_folder,
+)
+
 FIXTURE = Path(__file__).parent / "fixtures" / "geoldm_reference.pt"
 SMALL = dict(n_layers=2, nf=16, latent_nf=2)
 
-
-@pytest.fixture(scope="module")
-def ref():
-    return torch.load(FIXTURE, weights_only=True)
+ref = reference_fixture(FIXTURE)
 
 
 def _small(ref, dtype=torch.float32):
-    model = GeoLDMModel(GeoLDMConfig(**SMALL))
-    model.load_state_dict(ref["small"]["state_dict"])
-    return model.to(dtype).eval()
-
-
-def _args(**overrides):
-    values = dict(model="egnn_dynamics", probabilistic_model="diffusion", train_diffusion=True,
-                  ae_path=None, trainable_ae=True, latent_nf=1, kl_weight=0.01, n_layers=1, nf=8,
-                  inv_sublayers=1, attention=True, tanh=True, norm_constant=1, sin_embedding=False,
-                  condition_time=True, normalization_factor=1, aggregation_method="sum",
-                  diffusion_steps=1000, diffusion_noise_schedule="polynomial_2",
-                  diffusion_noise_precision=1e-5, diffusion_loss_type="l2",
-                  normalize_factors=[1, 4, 10], include_charges=True, context_node_nf=0,
-                  conditioning=[], dataset="qm9", remove_h=False, cuda=False, ema_decay=0.9999,
-                  exp_name="tiny_geoldm")
-    values.update(overrides)
-    return argparse.Namespace(**values)
-
-
-def _geoldm_folder(path: Path, seed: int = 0, **overrides) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    args = _args(**overrides)
-    (path / "args.pickle").write_bytes(pickle.dumps(args))
-    torch.manual_seed(seed)
-    model = GeoLDMModel(GeoLDMConfig.from_namespace(args))
-    with torch.no_grad():  # random weights large enough that the decoder's outputs vary
-        for name, p in model.named_parameters():
-            if name != "gamma.gamma":
-                p.add_(torch.randn(p.shape) * 0.05)
-    torch.save(model.state_dict(), path / "generative_model_ema.npy")
-    return path
+    return small_model(GeoLDMModel(GeoLDMConfig(**SMALL)), ref, dtype)
 
 
 def _cast(s, dtype):
@@ -155,15 +136,10 @@ def test_full_size_state_dict_has_geoldm_keys_and_shapes(ref, tmp_path):
     state = model.state_dict()
     assert len(state) == 304
     assert sorted((k, tuple(v.shape)) for k, v in state.items()) == sorted(ref["full_keys"])
-    g = torch.Generator().manual_seed(0)
-    random_state = {k: (v if k in ("gamma.gamma", "buffer", "vae.buffer")
-                        else torch.randn(v.shape, generator=g) * 0.02) for k, v in state.items()}
-    folder = tmp_path / "geoldm_qm9"
-    folder.mkdir()
-    (folder / "args.pickle").write_bytes(pickle.dumps(_args(n_layers=9, nf=256, latent_nf=2)))
-    torch.save(random_state, folder / "generative_model_ema.npy")
+    random = random_state(state, keep=("gamma.gamma", "buffer", "vae.buffer"))
+    folder = write_folder(tmp_path / "geoldm_qm9", geoldm_args(n_layers=9, nf=256, latent_nf=2), random)
     loaded = load_geoldm(folder)
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in random_state.items())
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in random.items())
     # another configuration's state dict is refused with what does not fit
     torch.save(GeoLDMModel(GeoLDMConfig(**SMALL)).state_dict(), folder / "generative_model_ema.npy")
     with pytest.raises(ConfigError, match="does not fit the GeoLDM configuration"):
@@ -187,25 +163,17 @@ def test_decoder_and_latent_dynamics_are_e3_equivariant(ref):
 
 
 # ------------------------------------------------------------------ the args reader
-class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_executable_geoldm_args_are_refused_unexecuted(tmp_path):
     from genunc.pipelines import MoleculeUncertaintyPipeline
 
     marker = tmp_path / "executed"
-    folder = _geoldm_folder(tmp_path / "geoldm")
-    (folder / "args.pickle").write_bytes(pickle.dumps(_args(latent_nf=_Exploit(marker))))
+    folder = geoldm_folder(tmp_path / "geoldm")
+    (folder / "args.pickle").write_bytes(pickle.dumps(geoldm_args(latent_nf=Exploit(marker))))
     with pytest.raises(UnsafePickleError, match="refusing to load .*system"):
         MoleculeUncertaintyPipeline.from_pretrained(folder)
     with pytest.raises(UnsafePickleError):
         load_geoldm(folder)
-    (folder / "args.pickle").write_bytes(pickle.dumps(_args(ae_path=_Exploit(marker)), protocol=0))
+    (folder / "args.pickle").write_bytes(pickle.dumps(geoldm_args(ae_path=Exploit(marker)), protocol=0))
     with pytest.raises(UnsafePickleError):
         load_geoldm(folder)
     assert not marker.exists()
@@ -214,45 +182,34 @@ def test_executable_geoldm_args_are_refused_unexecuted(tmp_path):
 def test_a_run_on_a_separate_autoencoder_takes_its_architecture_from_beside(tmp_path):
     """``--ae_path``: the VAE's options are the autoencoder run's (GeoLDM's get_latent_diffusion),
     read from its args.pickle (safely) at the recorded path or beside the folder."""
-    ae_args = _args(train_diffusion=False, nf=12, n_layers=2, latent_nf=1)
+    ae_args = geoldm_args(train_diffusion=False, nf=12, n_layers=2, latent_nf=1)
     (tmp_path / "qm9_ae").mkdir()
     (tmp_path / "qm9_ae" / "args.pickle").write_bytes(pickle.dumps(ae_args))
-    folder = tmp_path / "ldm"
-    folder.mkdir()
-    args = _args(ae_path="outputs/qm9_ae", nf=8, n_layers=1, latent_nf=1)
-    (folder / "args.pickle").write_bytes(pickle.dumps(args))
+    args = geoldm_args(ae_path="outputs/qm9_ae", nf=8, n_layers=1, latent_nf=1)
     vae_config = GeoLDMConfig.from_namespace(argparse.Namespace(**{**vars(ae_args), "train_diffusion": True}))
     torch.manual_seed(0)
     state = GeoLDMModel(GeoLDMConfig.from_namespace(args), vae_config).state_dict()
-    torch.save(state, folder / "generative_model_ema.npy")
+    folder = write_folder(tmp_path / "ldm", args, state)
     model = load_geoldm(folder)
     assert model.vae.config.nf == 12 and model.config.nf == 8 and model.vae.decoder.egnn.n_layers == 2
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     marker = tmp_path / "executed"
-    (tmp_path / "qm9_ae" / "args.pickle").write_bytes(pickle.dumps(_args(nf=_Exploit(marker))))
+    (tmp_path / "qm9_ae" / "args.pickle").write_bytes(pickle.dumps(geoldm_args(nf=Exploit(marker))))
     with pytest.raises(UnsafePickleError):
         load_geoldm(folder)
     assert not marker.exists()
 
 
 # ------------------------------------------------------------------ pipeline
-def _batch(pipe, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.arange(9)[None] < torch.tensor([9, 7, 5, 8])[:, None]
-    return {"x": pipe.adapter.layout.encode((torch.randn(4, 9, 3, generator=g) * 1.5).numpy(),
-                                            torch.randint(0, 5, (4, 9), generator=g).numpy(), mask.numpy()),
-            "node_mask": mask}
-
-
 def test_pipeline_loads_a_geoldm_folder_samples_and_scores(tmp_path):
     from genunc.pipelines import MoleculeUncertaintyPipeline
     from genunc.posterior import TailPosterior
 
-    pipe = MoleculeUncertaintyPipeline.from_pretrained(_geoldm_folder(tmp_path / "geoldm"))
+    pipe = MoleculeUncertaintyPipeline.from_pretrained(geoldm_folder(tmp_path / "geoldm"))
     assert isinstance(pipe.adapter, GeoLDMAdapter)
     assert pipe.adapter.head_name == "dynamics.egnn.embedding_out"
     assert pipe.adapter.layout.width == 4  # positions + latent_nf 1
-    batch = _batch(pipe)
+    batch = molecule_batch(pipe)
     assert batch["x"].shape == (4, 9, 9)  # molecules in GeoLDM's raw encoding
     pipe.fit_posterior([batch], progress=False)
     out = pipe(3, num_draws=2, num_inference_steps=4, progress=False,
@@ -278,8 +235,8 @@ def test_posterior_pairs_are_geoldm_latents_of_the_molecules(tmp_path):
     positions), then EDM's noising, with the whole noise as the block's target."""
     from genunc.pipelines import MoleculeUncertaintyPipeline
 
-    pipe = MoleculeUncertaintyPipeline.from_pretrained(_geoldm_folder(tmp_path / "geoldm"))
-    adapter, batch = pipe.adapter, _batch(pipe)
+    pipe = MoleculeUncertaintyPipeline.from_pretrained(geoldm_folder(tmp_path / "geoldm"))
+    adapter, batch = pipe.adapter, molecule_batch(pipe)
     mask = batch["node_mask"]
     sigma_0 = torch.sqrt(torch.sigmoid(adapter.model.gamma.gamma[0].double())).item()
     assert adapter.sigma_0 == pytest.approx(sigma_0, rel=1e-6) and 1e-3 < sigma_0 < 1e-2
@@ -311,26 +268,19 @@ def test_folders_that_are_neither_edm_nor_geoldm_fail_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
     # a GeoLDM autoencoder run, and a conditional model, are refused with the reason
     with pytest.raises(ConfigError, match="autoencoder run"):
-        MoleculeUncertaintyPipeline.from_pretrained(_geoldm_folder(tmp_path / "ae", train_diffusion=False))
-    conditional = _geoldm_folder(tmp_path / "cond", context_node_nf=1, conditioning=["alpha"])
+        MoleculeUncertaintyPipeline.from_pretrained(geoldm_folder(tmp_path / "ae", train_diffusion=False))
+    conditional = geoldm_folder(tmp_path / "cond", context_node_nf=1, conditioning=["alpha"])
     with pytest.raises(GenuncError, match="conditional"):
         MoleculeUncertaintyPipeline.from_pretrained(conditional)
-    missing_ae = _geoldm_folder(tmp_path / "on_ae", ae_path="outputs/qm9_ae")
+    missing_ae = geoldm_folder(tmp_path / "on_ae", ae_path="outputs/qm9_ae")
     with pytest.raises(MissingFileError, match="autoencoder at outputs/qm9_ae"):
         MoleculeUncertaintyPipeline.from_pretrained(missing_ae)
 
 
 @pytest.mark.slow
 def test_filter_molecules_example_runs_on_a_geoldm_folder(qm9_slice, tmp_path, repo, python_run):
-    from genunc.data.qm9 import save_cache
-
-    folder = _geoldm_folder(tmp_path / "geoldm")
-    save_cache(qm9_slice.subset(range(20)), tmp_path / "molecules.npz")
-    run = python_run(
-        [repo / "examples" / "filter_molecules.py", "--geoldm", folder,
-         "--posterior-data", tmp_path / "molecules.npz", "--n-fit", "20", "--n", "4",
-         "--draws", "2", "--steps", "3", "--keep", "0.5", "--out", tmp_path / "out"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = run_filter_example(python_run, repo, "--geoldm", geoldm_folder(tmp_path / "geoldm"), qm9_slice,
+                             tmp_path)
     assert run.returncode == 0, run.stderr
     assert "(2 of 4 records)" in run.stdout
     neither = tmp_path / "neither"
@@ -343,25 +293,7 @@ def test_filter_molecules_example_runs_on_a_geoldm_folder(qm9_slice, tmp_path, r
 
 def test_the_molecule_job_runs_on_a_geoldm_folder(qm9_slice, tmp_path):
     """``genunc fit`` / ``genunc generate`` with a GeoLDM folder as the model (block posterior)."""
-    import yaml
-
-    from genunc.cli import main
-    from genunc.data.qm9 import save_cache
-    from genunc.export import Export
-
-    save_cache(qm9_slice.subset(range(12)), tmp_path / "molecules.npz")
-    config = {"modality": "molecule", "model": str(_geoldm_folder(tmp_path / "geoldm")),
-              "features": "descriptors",
-              "posterior": {"data": str(tmp_path / "molecules.npz"), "max_samples": 12,
-                            "repeats": 1, "batch_size": 6, "tail": 1, "dir": str(tmp_path / "post")},
-              "generate": {"n_samples": 3, "num_draws": 3, "steps": 3, "chunk_size": 2,
-                           "variance": "monte_carlo", "scores": ["variability", "semantic"],
-                           "out": str(tmp_path / "export")}}
-    path = tmp_path / "geoldm.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["fit", "-c", str(path)]) == 0
-    assert main(["generate", "-c", str(path)]) == 0
-    export = Export(tmp_path / "export")
+    export = run_molecule_job(geoldm_folder(tmp_path / "geoldm"), qm9_slice, tmp_path)
     assert len(export) == 3
     assert (np.asarray(export.column("variability_pos")) > 0).all()
     assert np.isfinite(np.asarray(export.column("semantic"))).all()

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from test_edm import _edm_folder  # noqa: E402  (the tiny EDM folder builder)
+from molecule_folders import edm_folder, geoldm_folder  # noqa: E402  (the tiny EDM / GeoLDM folders)
 
 
 def _intervals(node, path=""):
@@ -33,7 +33,7 @@ def run(tmp_path_factory, qm9_slice):
 
     tmp = tmp_path_factory.mktemp("paper_protocol")
     save_cache(qm9_slice.subset(range(40)), tmp / "molecules.npz")
-    folder = _edm_folder(tmp / "edm")
+    folder = edm_folder(tmp / "edm")
     out = tmp / "results.json"
     argv = ["--model", str(folder), "--data", str(tmp / "molecules.npz"), "--n", "24",
             "--n-val", "12", "--steps", "4", "--n-fit", "16", "--n-real", "20", "--boot", "50",
@@ -110,7 +110,7 @@ def test_protocol_with_a_block_posterior_reports_its_monte_carlo_error(tmp_path,
     out = tmp_path / "results.json"
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         assert paper_protocol.main([
-            "--model", str(_edm_folder(tmp_path / "edm")), "--data", str(tmp_path / "molecules.npz"),
+            "--model", str(edm_folder(tmp_path / "edm")), "--data", str(tmp_path / "molecules.npz"),
             "--n", "12", "--n-val", "8", "--steps", "3", "--n-fit", "12", "--n-real", "8",
             "--boot", "20", "--min-bin", "3", "--tail", "1", "--draws", "3", "--nll-levels", "2",
             "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
@@ -126,7 +126,6 @@ def test_protocol_runs_on_a_tiny_geoldm_folder(tmp_path, qm9_slice):
     """The same command and output on a GeoLDM folder (posterior in the latent dynamics, scores
     on the decoded molecules)."""
     import paper_protocol
-    from test_geoldm import _geoldm_folder
 
     from genunc.data.qm9 import save_cache
 
@@ -134,7 +133,7 @@ def test_protocol_runs_on_a_tiny_geoldm_folder(tmp_path, qm9_slice):
     out = tmp_path / "results.json"
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         assert paper_protocol.main([
-            "--model", str(_geoldm_folder(tmp_path / "geoldm")),
+            "--model", str(geoldm_folder(tmp_path / "geoldm")),
             "--data", str(tmp_path / "molecules.npz"), "--n", "12", "--n-val", "8", "--steps", "3",
             "--n-fit", "12", "--n-real", "8", "--boot", "20", "--min-bin", "3", "--draws", "2",
             "--nll-levels", "2", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
