@@ -44,11 +44,14 @@ QM9_ARGS = dict(model="egnn_dynamics", probabilistic_model="diffusion", n_layers
                 context_node_nf=0, conditioning=[], dataset="qm9", remove_h=False)
 
 
-def write_folder(path: Path, seed: int = 0) -> Path:
-    args = argparse.Namespace(**QM9_ARGS)
+def write_folder(path: Path, seed: int = 0, values: dict = QM9_ARGS, build=None) -> Path:
+    """An EDM-style output folder in ``path``: ``values`` as args.pickle, the random weights
+    (under ``seed``) of ``build(args)`` (by default EDM's model) as generative_model_ema.npy."""
+    args = argparse.Namespace(**values)
     (path / "args.pickle").write_bytes(pickle.dumps(args))
     torch.manual_seed(seed)
-    torch.save(EDMModel(EDMConfig.from_namespace(args)).state_dict(), path / "generative_model_ema.npy")
+    model = build(args) if build else EDMModel(EDMConfig.from_namespace(args))
+    torch.save(model.state_dict(), path / "generative_model_ema.npy")
     return path
 
 
@@ -65,15 +68,53 @@ def random_batches(pipe: MoleculeUncertaintyPipeline, n_batches: int, size: int)
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--n", type=int, default=8, help="molecules per generation")
-    parser.add_argument("--steps", type=int, default=5, help="sampler steps (EDM: 1000)")
-    parser.add_argument("--draws", type=int, default=5, help="head draws M")
+def cost_parser(description: str, model: str, n: int, blocks: str = "EGNN blocks") -> argparse.ArgumentParser:
+    """The options of a molecule cost benchmark (``model``: whose sampler steps, ``n``: the
+    default molecules per generation, ``blocks``: what ``--tail`` counts)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--n", type=int, default=n, help="molecules per generation")
+    parser.add_argument("--steps", type=int, default=5, help=f"sampler steps ({model}: 1000)")
+    parser.add_argument("--draws", type=int, default=5, help="posterior draws M")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="runs per setting (median)")
     parser.add_argument("--tail", type=int, default=0,
-                        help="also time a block posterior over the last TAIL EGNN blocks (0: no)")
+                        help=f"also time a block posterior over the last TAIL {blocks} (0: no)")
+    return parser
+
+
+def timed_fit(pipe: MoleculeUncertaintyPipeline, **kwargs):
+    """``pipe.fit_posterior`` on 2 batches of 8 random molecules: (the posterior, wall seconds)."""
+    start = time.perf_counter()
+    posterior = pipe.fit_posterior(random_batches(pipe, 2, 8), progress=False, **kwargs)
+    return posterior, time.perf_counter() - start
+
+
+def time_head_settings(pipe: MoleculeUncertaintyPipeline, args: argparse.Namespace) -> float:
+    """Warm up, print the run's sizes and the table's header, and time plain generation,
+    variability (closed form and over M draws) and the semantic score; returns the base (CPU
+    s/molecule of plain)."""
+    print(f"CPU, {args.threads} thread(s); {args.n} molecules padded to 29 atoms, {args.steps} steps, "
+          f"M = {args.draws}, sampler {pipe.adapter.default_sampler}; median of {args.repeats} run(s)")
+    settings = [("plain", dict(scores=())),
+                ("variability (closed form)", dict(scores=("variability",))),
+                (f"variability ({args.draws} draws)", dict(scores=("variability",), variance="monte_carlo")),
+                (f"semantic ({args.draws} + 1 trajectories)", dict(scores=("semantic",)))]
+    pipe(args.n, num_inference_steps=1, progress=False, chunk_size=args.n, scores=())  # warm-up
+    print(f"{'setting':<40} {'CPU s/mol':>10} {'CPU s/mol/step':>16} {'vs plain':>9} "
+          f"{'wall s/mol':>9}")
+    return run_settings(pipe, settings, args)
+
+
+def time_block_settings(pipe: MoleculeUncertaintyPipeline, args: argparse.Namespace, base: float) -> None:
+    """The fitted block posterior's Monte-Carlo variability and semantic score, against ``base``."""
+    block = [(f"block variability ({args.draws} draws)",
+              dict(scores=("variability",), variance="monte_carlo")),
+             (f"block semantic ({args.draws} + 1 trajectories)", dict(scores=("semantic",)))]
+    run_settings(pipe, block, args, base)
+
+
+def main() -> None:
+    parser = cost_parser(__doc__, "EDM", 8)
     parser.add_argument("--linearised", action="store_true",
                         help="with --tail: also time the block's linearised closed-form variance "
                         "(TailPosterior.linearised_output_variance) at one step")
@@ -84,32 +125,15 @@ def main() -> None:
         pipe = MoleculeUncertaintyPipeline.from_pretrained(write_folder(Path(tmp)))
     n_params = sum(p.numel() for p in pipe.model.parameters())
     head = sum(p.numel() for p in pipe.adapter.head.parameters())
-    start = time.perf_counter()
-    pipe.fit_posterior(random_batches(pipe, 2, 8), progress=False)
-    fit = time.perf_counter() - start
+    _, fit = timed_fit(pipe)
     print(f"EDM QM9 architecture: {n_params:,} parameters, head {pipe.adapter.head_name} "
           f"({head:,} parameters); posterior fit on 32 noised random molecules: {fit:.1f} s")
-    print(f"CPU, {args.threads} thread(s); {args.n} molecules padded to 29 atoms, {args.steps} steps, "
-          f"M = {args.draws}, sampler {pipe.adapter.default_sampler}; median of {args.repeats} run(s)")
-
-    settings = [("plain", dict(scores=())),
-                ("variability (closed form)", dict(scores=("variability",))),
-                (f"variability ({args.draws} draws)", dict(scores=("variability",), variance="monte_carlo")),
-                (f"semantic ({args.draws} + 1 trajectories)", dict(scores=("semantic",)))]
-    pipe(args.n, num_inference_steps=1, progress=False, chunk_size=args.n, scores=())  # warm-up
-    print(f"{'setting':<40} {'CPU s/mol':>10} {'CPU s/mol/step':>16} {'vs plain':>9} "
-          f"{'wall s/mol':>9}")
-    base = run_settings(pipe, settings, args)
+    base = time_head_settings(pipe, args)
     if args.tail:
-        start = time.perf_counter()
-        posterior = pipe.fit_posterior(random_batches(pipe, 2, 8), tail=args.tail, progress=False)
-        fit = time.perf_counter() - start
+        posterior, fit = timed_fit(pipe, tail=args.tail)
         print(f"block posterior over {posterior.names} ({posterior.n_params:,} parameters, "
               f"curvature {posterior.info['curvature']}): fit on the same 32 molecules {fit:.1f} s")
-        block = [(f"block variability ({args.draws} draws)",
-                  dict(scores=("variability",), variance="monte_carlo")),
-                 (f"block semantic ({args.draws} + 1 trajectories)", dict(scores=("semantic",)))]
-        run_settings(pipe, block, args, base)
+        time_block_settings(pipe, args, base)
         if args.linearised:
             time_linearised(pipe, args, base)
     print("(EDM samples with 1000 steps: multiply the per-step figure by 1000 for one molecule)")
