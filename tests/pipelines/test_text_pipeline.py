@@ -9,23 +9,8 @@ from genunc.pipelines.text import TextUncertaintyPipeline, one_hot_answer
 from genunc.sampling.masked import UnmaskingConfig
 from genunc.scores import gaussian_entropy
 from genunc.tasks import ArithmeticTask
-from genunc.zoo.text_model import save_model
 
 TASK = ArithmeticTask("*", 2)
-
-
-@pytest.fixture(scope="module")
-def sampler(tmp_path_factory, tiny_text_model):
-    model = tiny_text_model(TASK.vocab_size, TASK.length)
-    directory = tmp_path_factory.mktemp("arith")
-    save_model(model, TASK, directory)
-    sampler = TextUncertaintyPipeline.from_pretrained(directory)
-    pairs = TASK.split()["train"][:60]
-    batches = [{"x": TASK.sequences(pairs[i : i + 30]), "prompt_mask": TASK.prompt_mask(30)}
-               for i in (0, 30)]
-    sampler.fit_posterior(batches, progress=False)
-    sampler.posterior.save(directory / "genunc_posterior")
-    return sampler, directory
 
 
 def test_scores_shapes_determinism_and_reload(sampler):

@@ -14,7 +14,6 @@ from genunc.pipelines.text import TextUncertaintyPipeline
 from genunc.posterior.token_mi import token_mi
 from genunc.sampling.masked import UnmaskingConfig, unmask
 from genunc.tasks import ArithmeticTask
-from genunc.zoo.text_model import save_model
 
 sys.path.insert(0, str(Path(__file__).parent))  # test_text_from_pipe's tiny LLaDA2 pipeline
 
@@ -22,27 +21,15 @@ TASK = ArithmeticTask("*", 2)
 ESTIMATORS = ("linearised", "bridge", "pruned")
 
 
-@pytest.fixture(scope="module")
-def sampler(tmp_path_factory, tiny_text_model):
-    model = tiny_text_model(TASK.vocab_size, TASK.length)
-    directory = tmp_path_factory.mktemp("arith_mi")
-    save_model(model, TASK, directory)
-    sampler = TextUncertaintyPipeline.from_pretrained(directory)
-    pairs = TASK.split()["train"][:60]
-    batches = [{"x": TASK.sequences(pairs[i : i + 30]), "prompt_mask": TASK.prompt_mask(30)}
-               for i in (0, 30)]
-    sampler.fit_posterior(batches, progress=False)
-    return sampler
-
-
 def test_every_estimator_scores_the_same_candidates(sampler):
+    s, _ = sampler
     prompts = TASK.prompts(TASK.split()["test"][:6])
     config = UnmaskingConfig("low_confidence", temperature=1.0, block_length=2)
     names = ("mutual_information", "mutual_information_max", "low_posterior_confidence")
-    ref = sampler(prompts, config, num_draws=4, scores=names, seed=3, progress=False)
+    ref = s(prompts, config, num_draws=4, scores=names, seed=3, progress=False)
     for estimator in ESTIMATORS:
-        out = sampler(prompts, config, num_draws=4, scores=names, seed=3, progress=False,
-                      mi_estimator=estimator, mi_top_k=None if estimator == "bridge" else 3)
+        out = s(prompts, config, num_draws=4, scores=names, seed=3, progress=False,
+                mi_estimator=estimator, mi_top_k=None if estimator == "bridge" else 3)
         assert torch.equal(out.tokens, ref.tokens)  # MI does not steer the sampler
         for name in names:
             assert out.scores[name].shape == (6,) and np.isfinite(out.scores[name]).all()
@@ -56,12 +43,12 @@ def test_every_estimator_scores_the_same_candidates(sampler):
 def test_pruned_at_k_equal_v_equals_sampled_mi_over_the_same_numbers(sampler):
     """unmask with the pruned estimator (K = V) and with the M full heads it draws rows from
     (materialise): the same commit-time MI and posterior confidence at every position."""
+    s, _ = sampler
     prompts = TASK.prompts(TASK.split()["test"][:4])
     config = UnmaskingConfig("low_confidence", temperature=1.0)
-    pruned = token_mi(sampler.posterior, "pruned", num_draws=4, top_k=sampler.adapter.vocab_size,
-                      seed=5)
-    a = unmask(sampler.adapter, prompts, config, mi_estimator=pruned, seed=1)
-    b = unmask(sampler.adapter, prompts, config, mi_draws=pruned.materialise(), seed=1)
+    pruned = token_mi(s.posterior, "pruned", num_draws=4, top_k=s.adapter.vocab_size, seed=5)
+    a = unmask(s.adapter, prompts, config, mi_estimator=pruned, seed=1)
+    b = unmask(s.adapter, prompts, config, mi_draws=pruned.materialise(), seed=1)
     assert torch.equal(a.tokens, b.tokens)
     for name in ("mutual_information", "posterior_confidence"):
         torch.testing.assert_close(a.token_stats[name], b.token_stats[name], rtol=1e-5, atol=1e-9)
@@ -69,8 +56,9 @@ def test_pruned_at_k_equal_v_equals_sampled_mi_over_the_same_numbers(sampler):
 
 
 def test_collapsed_posterior_gives_near_zero_mi_for_every_estimator(sampler):
-    tight = sampler.posterior.with_prior_precision(1e12)
-    pipe = TextUncertaintyPipeline(sampler.adapter, tight)
+    s, _ = sampler
+    tight = s.posterior.with_prior_precision(1e12)
+    pipe = TextUncertaintyPipeline(s.adapter, tight)
     prompts = TASK.prompts(TASK.split()["test"][:3])
     for estimator in ("sampled", *ESTIMATORS):
         out = pipe(prompts, num_draws=3, scores=("mutual_information",), progress=False,
@@ -79,16 +67,17 @@ def test_collapsed_posterior_gives_near_zero_mi_for_every_estimator(sampler):
 
 
 def test_bad_estimator_arguments_are_refused(sampler):
+    s, _ = sampler
     prompts = TASK.prompts(TASK.split()["test"][:2])
     with pytest.raises(GenuncError, match="mi_estimator must be one of"):
-        sampler(prompts, mi_estimator="probit", check_only=True)
+        s(prompts, mi_estimator="probit", check_only=True)
     with pytest.raises(GenuncError, match="mi_top_k must be an integer >= 1"):
-        sampler(prompts, mi_estimator="pruned", mi_top_k=0, check_only=True)
+        s(prompts, mi_estimator="pruned", mi_top_k=0, check_only=True)
     with pytest.raises(GenuncError, match="mi_top_k applies to 'linearised' and 'pruned'"):
-        sampler(prompts, mi_estimator="bridge", mi_top_k=3, check_only=True)
+        s(prompts, mi_estimator="bridge", mi_top_k=3, check_only=True)
     with pytest.raises(GenuncError, match="num_draws must be >= 2"):
-        sampler(prompts, num_draws=1, mi_estimator="pruned", progress=False)
-    kron_free = TextUncertaintyPipeline(sampler.adapter, None)
+        s(prompts, num_draws=1, mi_estimator="pruned", progress=False)
+    kron_free = TextUncertaintyPipeline(s.adapter, None)
     with pytest.raises(GenuncError, match="no posterior"):
         kron_free(prompts, mi_estimator="bridge", progress=False)
 
