@@ -51,10 +51,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from genunc.errors import GenuncError, HeadNotCalledError, ShapeMismatchError
 from genunc.posterior.observe import DrawObserver, ObservedPass
+from genunc.posterior.token_mi import LogitMap, TokenMI
 from genunc.sampling.masked import sampling_logits
 from genunc.scores.tokens import mutual_information
 
@@ -112,12 +114,16 @@ def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: s
 
 class CanvasRecorder:
     """Per-call state for ``DiffusionGemmaPipeline``: head input, mirrored adaptive stop, and the
-    record (mutual information, confidence, step) of each canvas position's last commit."""
+    record (mutual information, confidence, step) of each canvas position's last commit.
+    ``estimator``: a draw-free MI estimator, given the MAP head's input and logits at the commits
+    and the step's elementwise logit map (softcap, then 1 / temperature), instead of M draws."""
 
     def __init__(self, observer: DrawObserver, scheduler: Any, *, cap: float | None,
                  stability_threshold: int, confidence_threshold: float | None,
-                 user_callback: Any, user_inputs: Sequence[str]) -> None:
+                 user_callback: Any, user_inputs: Sequence[str],
+                 estimator: TokenMI | None = None) -> None:
         self.observer = observer
+        self.estimator = estimator
         self.scheduler = scheduler
         self.kind = scheduler_kind(scheduler)
         self.cap = cap
@@ -148,6 +154,9 @@ class CanvasRecorder:
         if self.kind == "BlockRefinementScheduler":
             written = out.transfer_index | out.editing_transfer_index
             sampling = _block_refinement_sampling(kwargs)
+            logit_map = self._logit_map(LogitMap.for_sampling, **{
+                k: kwargs.get(k, d) for k, d in (("temperature", 0.0), ("sampling_method", "auto"),
+                                                 ("top_k", None), ("top_p", None))})
             scale = None
         elif self.kind == "EntropyBoundScheduler":
             written = out.accepted_index
@@ -155,15 +164,17 @@ class CanvasRecorder:
             n = self.scheduler.num_inference_steps
             scale = config.t_min + (config.t_max - config.t_min) * (n - timestep) / n
             sampling = functools.partial(torch.div, other=scale)
+            logit_map = self._logit_map(LogitMap, scale=1.0 / scale)
         else:
             written = out.prev_sample == out.sampled_tokens
             temperature = float(kwargs.get("temperature", 0.0))
             scale = None
             sampling = (lambda z: z) if temperature == 0 else functools.partial(torch.div, other=temperature)
+            logit_map = self._logit_map(LogitMap, scale=1.0 if temperature == 0 else 1.0 / temperature)
         written = written & live
         noise = (out.prev_sample != sample) & ~written & live
         self._clear(canvas, noise)
-        self._commit(canvas, written, out.sampled_probs.double(), observed, sampling)
+        self._commit(canvas, written, out.sampled_probs.double(), observed, sampling, logit_map)
         canvas["expected"] = out.prev_sample  # what the callback sees (frozen rows: until the stop)
         self._pred = (observed, out.pred_logits, scale)
 
@@ -245,14 +256,23 @@ class CanvasRecorder:
         canvas["confidence"][where] = math.nan
         canvas["step"][where] = -1
 
+    def _logit_map(self, make: Any, **kwargs: Any) -> LogitMap | None:
+        """The step's elementwise logit map with the model's softcap (only for an estimator)."""
+        return None if self.estimator is None else make(softcap=self.cap, **kwargs)
+
     def _commit(self, canvas: dict[str, Tensor], where: Tensor, confidence: Tensor,
-                observed: ObservedPass, sampling: Any) -> None:
+                observed: ObservedPass, sampling: Any, logit_map: LogitMap | None) -> None:
         rows, cols = torch.nonzero(where, as_tuple=True)
         if not len(rows):
             return
         rows_cpu, cols_cpu = rows.cpu(), cols.cpu()
         canvas["confidence"][rows_cpu, cols_cpu] = confidence[rows, cols].cpu()
         canvas["step"][rows_cpu, cols_cpu] = self.global_step
+        if self.estimator is not None:  # draw-free: the MAP head's input at the commits
+            phi, head = observed.features[rows, cols], self.observer.head
+            raw = F.linear(phi.to(head.weight.dtype), head.weight, head.bias).float()
+            canvas["mi"][rows_cpu, cols_cpu] = self.estimator(phi.float(), raw, logit_map).mi.cpu()
+            return
         if observed.draws is None:
             return
         logits = sampling(softcap(observed.draw_outputs(rows, cols), self.cap))  # (M, K, V)
@@ -278,7 +298,8 @@ class CanvasRecorder:
             where = frozen[:, None] & ((following != canvas["expected"]) | uncommitted)
             confidence = torch.softmax(pred.float(), -1).gather(-1, following[..., None])[..., 0]
             sampling = (lambda z: z) if scale is None else functools.partial(torch.div, other=scale)
-            self._commit(canvas, where, confidence.double(), observed, sampling)
+            logit_map = self._logit_map(LogitMap, scale=1.0 if scale is None else 1.0 / scale)
+            self._commit(canvas, where, confidence.double(), observed, sampling, logit_map)
         canvas["expected"] = torch.where(now[:, None], following, canvas["expected"])
 
 

@@ -395,9 +395,6 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
     def _fit_defaults(self, fit_kwargs: dict[str, Any]) -> None:
         """Family defaults of the head fit (e.g. the likelihood on softcapped logits)."""
 
-    def _check_estimator(self) -> None:
-        """Refuse a draw-free MI estimator where the family does not read it."""
-
     def _record(self, call: dict[str, Any], draws: HeadDraws | TailDraws | None, sampling: dict[str, Any],
                 mask_id: int | None, user_callback: Any, user_inputs: list[str],
                 estimator: TokenMI | None = None) -> tuple[Any, Tensor, list[str] | None, Tensor,
@@ -567,7 +564,6 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
                 raise GenuncError("draws= are materialised head draws: use them with "
                                   "mi_estimator='sampled'")
             _logit_map(sampling)  # refuses top-k / top-p sampling
-            self._check_estimator()
             if not check_only:
                 estimator = token_mi(self.posterior, mi_estimator, num_draws=num_draws,
                                      top_k=mi_top_k, seed=int(seed))
@@ -712,10 +708,6 @@ class DiffusionGemmaTextPipeline(WrappedTextPipeline):
         scheduler_kind(pipe.scheduler)
         check_compatible("DiffusionGemmaPipeline")
 
-    def _check_estimator(self) -> None:
-        raise GenuncError("DiffusionGemmaPipeline's mutual information is sampled only "
-                          "(mi_estimator='sampled'): its schedulers' logit maps are not wired yet")
-
     def _fit_defaults(self, fit_kwargs: dict[str, Any]) -> None:
         fit_kwargs.setdefault("output_softcap", getattr(self.model, "final_logit_softcapping", None))
 
@@ -796,7 +788,8 @@ class DiffusionGemmaTextPipeline(WrappedTextPipeline):
                                   cap=getattr(self.model, "final_logit_softcapping", None),
                                   stability_threshold=call.get("stability_threshold", 1),
                                   confidence_threshold=call.get("confidence_threshold"),
-                                  user_callback=user_callback, user_inputs=user_inputs)
+                                  user_callback=user_callback, user_inputs=user_inputs,
+                                  estimator=estimator)
         inputs = sorted({"canvas"} | set(user_inputs))
         with ExitStack() as stack:
             stack.enter_context(observer.watching())
@@ -860,20 +853,9 @@ def _through_first_eos(sequences: Tensor, eos_token_id: int | None) -> Tensor:
 
 
 def _logit_map(sampling: Mapping[str, Any]) -> LogitMap:
-    """The scheduler's map from raw logits to its sampling distribution (what
-    :func:`~genunc.sampling.masked.sampling_logits` does) as an elementwise :class:`LogitMap`;
-    refuses top-k / top-p filtering, which acts on the whole vocabulary."""
-    temperature = float(sampling.get("temperature") or 0.0)
-    method = sampling.get("sampling_method", "auto")
-    multinomial = method == "multinomial" or (method == "auto" and temperature != 0)
-    if temperature == 0 or not multinomial:
-        return LogitMap()
-    top_k, top_p = sampling.get("top_k"), sampling.get("top_p")
-    if (top_k is not None and top_k > 0) or (top_p is not None and top_p < 1):
-        raise GenuncError("mi_estimator 'linearised', 'bridge' and 'pruned' take greedy or "
-                          "temperature sampling; top_k / top_p filter the whole vocabulary: use "
-                          "mi_estimator='sampled'")
-    return LogitMap(scale=1.0 / temperature)
+    """The scheduler's map from raw logits to its sampling distribution, from the call's
+    sampling arguments (:meth:`LogitMap.for_sampling`; refuses top-k / top-p)."""
+    return LogitMap.for_sampling(**sampling)
 
 
 def _per_sequence(values: Tensor, mask: Tensor, how: Aggregate) -> np.ndarray:

@@ -62,6 +62,24 @@ class LogitMap:
     softcap: float | None = None
     scale: float = 1.0
 
+    @classmethod
+    def for_sampling(cls, temperature: float | None = 0.0, sampling_method: str = "auto",
+                     top_k: int | None = None, top_p: float | None = None,
+                     softcap: float | None = None) -> "LogitMap":
+        """The map a diffusers text scheduler's sampling arguments apply (what
+        :func:`~genunc.sampling.masked.sampling_logits` does): 1 / temperature when it samples
+        multinomially, nothing when greedy; refuses top-k / top-p filtering, which acts on the
+        whole vocabulary and so is not elementwise."""
+        temperature = float(temperature or 0.0)
+        multinomial = sampling_method == "multinomial" or (sampling_method == "auto" and temperature != 0)
+        if temperature == 0 or not multinomial:
+            return cls(softcap=softcap)
+        if (top_k is not None and top_k > 0) or (top_p is not None and top_p < 1):
+            raise GenuncError("mi_estimator 'linearised', 'bridge' and 'pruned' take greedy or "
+                              "temperature sampling; top_k / top_p filter the whole vocabulary: use "
+                              "mi_estimator='sampled'")
+        return cls(softcap=softcap, scale=1.0 / temperature)
+
     def __call__(self, logits: Tensor) -> Tensor:
         out = logits
         if self.softcap is not None:
