@@ -47,6 +47,7 @@ prediction at level 1.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genunc.adapters import edm_likelihood
 from genunc.adapters.base import DenoiserAdapter, TrainingPairs
 from genunc.adapters.molecule import MoleculeAdapter, PointCloudLayout, polynomial_alphas2
 from genunc.errors import GenuncError
@@ -147,6 +149,7 @@ class EDMAdapter(MoleculeAdapter):
     """
 
     default_sampler = "edm"
+    nll_unavailable = None
 
     def __init__(self, model: nn.Module, layout: PointCloudLayout, *, timesteps: int = 1000,
                  power: float = 2.0, precision: float = 1e-5, head_name: str = EDM_HEAD) -> None:
@@ -169,13 +172,91 @@ class EDMAdapter(MoleculeAdapter):
 
     def denoise(self, x: Tensor, t: Tensor, node_mask: Tensor,  # type: ignore[override]
                 context: Tensor | None = None) -> Tensor:
-        b, n, _ = x.shape
+        b = x.shape[0]
         t = t.expand(b) if t.dim() == 0 else t
+        return self.at_levels(x, t.reshape(b) + 1, node_mask, context)
+
+    def at_levels(self, x: Tensor, levels: Tensor, node_mask: Tensor,
+                  context: Tensor | None = None) -> Tensor:
+        """The network at EDM's integer levels ``(B,)`` in 0..T (level 0: the data's own, which
+        EDM's likelihood uses and the sampler never reaches)."""
+        b, n, _ = x.shape
         mask = node_mask.bool()
-        level = (t.reshape(b, 1) + 1).to(torch.float32) / self.timesteps  # EDM: float32 level / T
+        level = levels.reshape(b, 1).to(torch.float32) / self.timesteps  # EDM: float32 level / T
         pair = mask.unsqueeze(1) & mask.unsqueeze(2) & ~torch.eye(n, dtype=torch.bool, device=x.device)
         return self.model(level.to(x.dtype), x, mask.unsqueeze(-1).to(x.dtype),
                           pair.reshape(-1, 1).to(x.dtype), context)
+
+    @torch.no_grad()
+    def likelihood_terms(self, x0: Tensor, node_mask: Tensor, levels: Tensor, noise: Tensor,
+                         weights: Tensor | None = None, context: Tensor | None = None,
+                         max_rows: int = 512) -> dict[str, Tensor]:
+        """EDM's bound on ``-log p(x, h | N)`` of molecules ``x0`` and its terms, per molecule
+        (float64, nats; :mod:`genunc.adapters.edm_likelihood`).
+
+        ``x0`` ``(B, N, F)`` in this layout's normalised units (positions are centred here);
+        ``levels`` ``(B, L)`` EDM levels in 1..T at which the step terms are evaluated;
+        ``noise`` ``(B, L + 1, N, F)``: each level's ``eps``, then the level-0 term's (made
+        centre-of-mass free and masked here); ``weights`` ``(B, L)``: the coefficient of each
+        level's ``||eps - eps_hat||^2 / 2`` (default EDM's estimator, ``T / L`` times the step
+        weight: with one uniform level, EDM's own; see
+        :func:`~genunc.adapters.edm_likelihood.stratified_weights`).  Returns
+        ``position_constants``, ``prior_kl``, ``diffusion`` (the estimate of the steps' sum),
+        ``reconstruction`` (``-log p(x, h | z_0)`` without the constants), ``log_det``
+        (``(N - 1) * 3 * log s_x``) and their sum ``nll_xh``.  The network runs in ``x0``'s
+        precision, ``max_rows`` noisy molecules per call; everything else in float64.
+        """
+        b, n_levels = levels.shape
+        if noise.shape[:2] != (b, n_levels + 1):
+            raise GenuncError(f"noise must be (B, L + 1, N, F) = ({b}, {n_levels + 1}, ...), "
+                              f"got {tuple(noise.shape)}")
+        if int(levels.min()) < 1 or int(levels.max()) > self.timesteps:
+            raise GenuncError(f"the step term's levels lie in 1..{self.timesteps}")
+        mask = node_mask.bool()
+        lay = self.layout
+        dtype = x0.dtype
+        x0 = self._centre(x0, mask).to(torch.float64)
+        noise = self._centre(noise.to(x0.device, torch.float64),
+                             mask.unsqueeze(1).expand(-1, n_levels + 1, -1))
+        gamma = self.gamma.to(x0.device, torch.float64)
+        fmask = mask.to(torch.float64)
+
+        # the step terms: sum over the levels of weight * ||eps - eps_hat||^2 / 2
+        levels = levels.to(x0.device)
+        if weights is None:
+            weights = self.timesteps / n_levels * edm_likelihood.step_weight(gamma[levels - 1], gamma[levels])
+        flat_levels = levels.reshape(-1)
+        flat_noise = noise[:, :n_levels].reshape(b * n_levels, *x0.shape[1:])
+        rows = torch.arange(b, device=x0.device).repeat_interleave(n_levels)
+        losses = []
+        for start in range(0, b * n_levels, max_rows):
+            part = slice(start, start + max_rows)
+            t, eps, i = flat_levels[part], flat_noise[part], rows[part]
+            alpha, sigma = (v.view(-1, 1, 1) for v in edm_likelihood.alpha_sigma(gamma[t]))
+            z_t = alpha * x0[i] + sigma * eps
+            eps_hat = self.at_levels(z_t.to(dtype), t, mask[i], None if context is None else context[i])
+            error = ((eps - eps_hat.to(torch.float64)) ** 2 * fmask[i].unsqueeze(-1)).sum((1, 2))
+            losses.append(0.5 * error)
+        diffusion = (weights.to(x0.device, torch.float64) * torch.cat(losses).view(b, n_levels)).sum(1)
+
+        # the level-0 term: positions' noise error, atom features' discretised likelihoods
+        zero = torch.zeros(b, dtype=torch.long, device=x0.device)
+        gamma_0 = gamma[zero]
+        alpha_0, sigma_0 = edm_likelihood.alpha_sigma(gamma_0)
+        eps_0 = noise[:, n_levels]
+        z_0 = alpha_0.view(-1, 1, 1) * x0 + sigma_0.view(-1, 1, 1) * eps_0
+        eps_hat_0 = self.at_levels(z_0.to(dtype), zero, mask, context).to(torch.float64)
+        position_error = ((eps_0 - eps_hat_0)[..., lay.positions] ** 2
+                          * fmask.unsqueeze(-1)).sum((1, 2))
+        reconstruction = 0.5 * position_error - edm_likelihood.feature_log_likelihood(
+            x0, z_0, sigma_0, mask, lay)
+
+        terms = {"position_constants": edm_likelihood.position_constants(mask, gamma_0),
+                 "prior_kl": edm_likelihood.prior_kl(x0, mask, gamma[zero + self.timesteps], lay),
+                 "diffusion": diffusion, "reconstruction": reconstruction,
+                 "log_det": edm_likelihood.position_dimension(mask) * math.log(lay.scales[0])}
+        terms["nll_xh"] = sum(terms.values())
+        return terms
 
     def post_head(self, head_output: Tensor, inputs: Mapping[str, Any]) -> Tensor:
         """Head output ``(..., B, N, K)`` -> the model output it makes: no position part, the

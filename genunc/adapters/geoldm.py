@@ -31,7 +31,7 @@ from torch import Tensor
 from genunc.adapters.base import TrainingPairs
 from genunc.adapters.edm import EDMAdapter
 from genunc.adapters.molecule import Molecule, PointCloudLayout, remove_mean
-from genunc.errors import NonFiniteError, ShapeMismatchError
+from genunc.errors import GenuncError, NonFiniteError, ShapeMismatchError
 
 
 def pair_mask(node_mask: Tensor) -> Tensor:
@@ -100,6 +100,13 @@ class GeoLDMAdapter(EDMAdapter):
     denoiser: EDM's adapter on latents, with molecules in and out (see the module docstring)."""
 
     layout: LatentLayout  # type: ignore[assignment]
+    nll_unavailable = (
+        "nll is not implemented for GeoLDM: its bound on -log p(x, h) is EDM's bound on the VAE's "
+        "latents plus the encoder's entropy and the decoder's likelihood log p(x, h | z), which "
+        "genunc does not compute; use denoising_loss")
+
+    def likelihood_terms(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        raise GenuncError(self.nll_unavailable)
 
     def __init__(self, model: torch.nn.Module, layout: LatentLayout, **kwargs: Any) -> None:
         super().__init__(model, layout, **kwargs)  # type: ignore[arg-type]

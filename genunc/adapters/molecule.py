@@ -137,6 +137,12 @@ class MoleculeAdapter(DenoiserAdapter):
     likelihood = "regression"
     #: the sampler a pipeline uses when none is named
     default_sampler = "ddpm"
+    #: why the ``nll`` score (EDM's variational bound) is not available for this model; None
+    #: where the adapter computes it (``likelihood_terms``)
+    nll_unavailable: str | None = (
+        "nll is EDM's variational bound and needs an EDM checkpoint (EDM's gamma schedule, "
+        "normalize_factors and a network trained down to level 0); this denoiser is not one: "
+        "use denoising_loss")
 
     def __init__(self, model: nn.Module, head_name: str = "head", timesteps: int = 1000,
                  layout: PointCloudLayout | None = None) -> None:

@@ -13,9 +13,15 @@ Scores (lower = more certain):
   (:mod:`genunc.features.molecule`) of the MAP and M perturbed generations from the same noise;
   costs M+1 generations.  With either sampler the generations differ only by their heads (the
   trajectories share the ancestral sampler's noise).
-* ``denoising_loss``: the model-likelihood baseline.  The diffusion training loss of the decoded
+* ``denoising_loss``: the model-likelihood proxy.  The diffusion training loss of the decoded
   molecule, averaged over ``nll_levels`` evenly spaced noise levels with fixed noise: a
   Monte-Carlo estimate of the (unweighted) variational bound on -log p, up to constants.
+* ``nll`` (EDM checkpoints): the model's own likelihood, EDM's variational bound on
+  ``-log p(x, h, N)`` of the decoded molecule in nats, exactly as EDM's evaluation computes it
+  (:meth:`EDMAdapter.likelihood_terms <genunc.adapters.edm.EDMAdapter.likelihood_terms>`, plus
+  ``-log p(N)`` from the atom-count histogram), its sum over the T steps estimated at (at most)
+  ``nll_levels`` stratified levels, one per run of equal summed step weight, carrying that
+  weight (exact over the steps when ``nll_levels >= T``), with fixed noise.
 * ``random``.
 
 The sampler is the shared diffusers loop (:func:`genunc.sampling.run_trajectory`) on the
@@ -44,6 +50,7 @@ import torch
 from torch import Tensor
 
 from genunc import streams
+from genunc.adapters import edm_likelihood
 from genunc.adapters.edm import EDMAdapter
 from genunc.adapters.geoldm import GeoLDMAdapter, LatentLayout
 from genunc.adapters.molecule import Molecule, MoleculeAdapter, PointCloudLayout
@@ -96,7 +103,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
     """An equivariant denoiser + atom-count distribution + head posterior."""
 
     SCORES = {"variability": 0, "semantic": 1, "semantic_x0": 1, "denoising_loss": None,
-              "random": None}
+              "nll": None, "random": None}
     EXTRA_SCORE_COLUMNS = ("variability_pos", "variability_type", "variability_se",
                            "variability_pos_se", "variability_type_se", "semantic_x0_se")
     FIT_REPEATS = 2
@@ -211,6 +218,39 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
         per_molecule = err.sum(-1) / mask.sum(-1).clamp_min(1)
         return per_molecule.reshape(levels, b).mean(0).double().cpu().numpy()
 
+    def log_p_atoms(self, n_atoms: Tensor | np.ndarray) -> np.ndarray:
+        """``log p(N)`` under the atom-count histogram (EDM's ``DistributionNodes``: a size it
+        never saw gets ``log 1e-30``)."""
+        probs = dict(zip(self.atom_counts.tolist(), self.atom_probs.tolist()))
+        return np.log(np.array([probs.get(int(n), 0.0) for n in np.asarray(n_atoms)]) + 1e-30)
+
+    @torch.no_grad()
+    def nll_terms(self, x0: Tensor, node_mask: Tensor, levels: int = 10,
+                  generators: list[torch.Generator] | None = None) -> dict[str, np.ndarray]:
+        """EDM's negative log-likelihood ``-log p(x, h, N)`` of clean molecules ``x0`` (nats per
+        molecule, ``nll``) and its terms (see :mod:`genunc.adapters.edm_likelihood`; ``atom_count``
+        is ``-log p(N)``).
+
+        The sum over the T steps is estimated at (at most) ``levels`` stratified levels, one per
+        run of equal summed step weight, carrying its run's weight
+        (:func:`~genunc.adapters.edm_likelihood.stratified_weights`; exact over the steps with
+        all T when ``levels >= T``), the same levels for every molecule; molecule i's noise
+        (each level's, then the level-0 term's) comes from ``generators[i]``.
+        """
+        if self.adapter.nll_unavailable:
+            raise GenuncError(self.adapter.nll_unavailable)
+        b = x0.shape[0]
+        if generators is None:
+            generators = streams.sample_generators(0, "likelihood_noise", range(b))
+        t, weights = edm_likelihood.stratified_weights(levels, self.adapter.gamma)
+        noise = randn_rows((len(t) + 1, *x0.shape[1:]), generators).to(x0.device)
+        terms = self.adapter.likelihood_terms(x0, node_mask, t.expand(b, -1), noise,
+                                              weights.expand(b, -1))
+        out = {k: v.cpu().numpy() for k, v in terms.items()}
+        out["atom_count"] = -self.log_p_atoms(node_mask.sum(1).cpu().numpy())
+        out["nll"] = out["nll_xh"] + out["atom_count"]
+        return out
+
     # ------------------------------------------------------------------ runs of a job
     def chunk_call(self, generate: Mapping[str, Any], indices: range) -> dict[str, Any]:
         """The call that makes molecules `indices` of a run (``generate`` of a config)."""
@@ -250,7 +290,8 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
             variability_target: the variance of the predicted ``noise`` or of the ``clean``
                 sample it implies.
             n_atoms: atom count per molecule (default: drawn from the training histogram).
-            nll_levels: noise levels averaged by the ``denoising_loss`` baseline.
+            nll_levels: noise levels averaged by ``denoising_loss`` and by ``nll`` (whose
+                stratified levels cover every level when ``nll_levels >= T``).
             seed: the run's seed (every stream of the call is keyed by it).
             first_sample: the global index of the first molecule (molecule ``i`` draws from
                 the streams of index ``first_sample + i``).
@@ -264,6 +305,8 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                                 variability_target=variability_target, precision=precision,
                                 num_inference_steps=num_inference_steps, chunk_size=chunk_size,
                                 nll_levels=nll_levels)
+        if request.wants("nll") and self.adapter.nll_unavailable:
+            raise GenuncError(self.adapter.nll_unavailable)
         if n_atoms is not None and len(n_atoms) != num_samples:
             raise GenuncError(f"n_atoms has {len(n_atoms)} entries for {num_samples} molecules")
         scheduler = self.adapter.make_scheduler(sampler or self.adapter.default_sampler)
@@ -321,6 +364,11 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                     collected.add("denoising_loss", self.denoising_loss(
                         layout.clean(out.samples, mask), mask, nll_levels,
                         request.generators("likelihood_noise", sl)))
+            if request.wants("nll"):
+                with collected.timer("nll"):
+                    collected.add("nll", self.nll_terms(
+                        layout.clean(out.samples, mask), mask, nll_levels,
+                        request.generators("likelihood_noise", sl))["nll"])
         return MoleculeUncertaintyOutput(
-            **collected.output_fields(request, "generation", "denoising_loss"),
+            **collected.output_fields(request, "generation", "denoising_loss", "nll"),
             molecules=molecules, n_atoms=masks.sum(1).numpy(), draw_molecules=draw_molecules)
