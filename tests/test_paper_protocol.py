@@ -52,10 +52,11 @@ def test_protocol_runs_on_a_tiny_edm_folder(run):
                             "selection", "semantic"}
     p = results["protocol"]
     assert p["n"] == 24 and p["test_seed"] == module.TEST_SEED and p["val_seed"] == module.VAL_SEED
-    assert "denoising_loss" in p["likelihood_baseline"]
+    assert "nll" in p["likelihood_baseline"] and "denoising_loss" in p["likelihood_baseline"]
     scores = list(results["correlations"])
-    assert module.PAPER_ROW in scores and "random" in scores and len(scores) == 6
-    assert any("likelihood baseline" in s for s in scores)
+    assert module.PAPER_ROW in scores and "random" in scores and len(scores) == 7
+    # an EDM folder's likelihood baseline is its own bound, with the proxy beside it
+    assert "nll (likelihood baseline)" in scores and "denoising_loss (likelihood proxy)" in scores
     assert any("chosen on validation" in s for s in scores)
     for row in results["correlations"].values():
         assert set(row) == {"size", "molecule_stable", "atom_stable", "valid"}
@@ -139,6 +140,9 @@ def test_protocol_runs_on_a_tiny_geoldm_folder(tmp_path, qm9_slice):
             "--nll-levels", "2", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["protocol"]["n"] == 12 and printed.getvalue().startswith("# Paper protocol")
+    # GeoLDM has no nll in genunc: the proxy is the baseline, and the text says why
+    assert "denoising_loss (likelihood baseline)" in results["correlations"]
+    assert "GeoLDM" in results["protocol"]["likelihood_baseline"]
     assert set(results["correlations"]) == set(results["selection"])
     for where, (est, low, high) in _intervals(results["correlations"]):
         if est is not None and low is not None:
