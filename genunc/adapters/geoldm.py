@@ -101,9 +101,10 @@ class GeoLDMAdapter(EDMAdapter):
 
     layout: LatentLayout  # type: ignore[assignment]
     nll_unavailable = (
-        "nll is not implemented for GeoLDM: its bound on -log p(x, h) is EDM's bound on the VAE's "
-        "latents plus the encoder's entropy and the decoder's likelihood log p(x, h | z), which "
-        "genunc does not compute; use denoising_loss")
+        "nll is not implemented for GeoLDM: its bound is EDM's bound on the molecule's VAE "
+        "latents (encoded with sigma_0 noise, a Gaussian level-0 term on the latent features) plus "
+        "the decoder's reconstruction error and its constants, which genunc does not compute; "
+        "use denoising_loss")
 
     def likelihood_terms(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         raise GenuncError(self.nll_unavailable)
