@@ -238,6 +238,24 @@ def test_wrapped_images_and_denoiser_calls_are_a_plain_calls(kind, tmp_path):
     assert out.scores["semantic_x0"].shape == (2,) and (out.scores["semantic_x0_se"] > 0).all()
 
 
+def test_the_vae_decodes_no_more_latents_at_once_than_the_pipelines_own_call(tmp_path):
+    """The M+1 clean predictions are decoded a batch at a time: SD's VAE decoder takes 0.96 GB
+    for one 512 px image, 1.62 GB for two, so all (M+1) B latents at once take ~11 GB at M = 16."""
+    pipe, call, fit = build("dit", folder=tmp_path)
+    upipe = ImageUncertaintyPipeline.from_pipe(pipe, feature_extractor=flatten_pixels)
+    upipe.fit_posterior(fit.pop("images"), progress=False, **fit)
+    sizes = []
+    handle = pipe.vae.decoder.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    try:
+        pipe(generator=torch.Generator().manual_seed(7), output_type="np", **call)
+        plain = list(sizes)
+        upipe(generator=torch.Generator().manual_seed(7), output_type="np", num_draws=16,
+              scores=("semantic_x0",), x0_steps=[1], **call)
+    finally:
+        handle.remove()
+    assert plain == [2] and max(sizes) == 2 and sum(sizes) == 2 + 2 + 17 * 2  # plain, MAP, x0
+
+
 def test_default_steps_and_bad_steps(pair):
     own, wrapped = pair
     assert default_x0_steps(50) == sorted(set(default_x0_steps(50)))
