@@ -181,10 +181,18 @@ def paired_differences(out: str | Path, pairs: Iterable[tuple[str, str]]) -> lis
     return rows
 
 
+def _cell(value: tuple[float, float, float], sign: str = "") -> str:
+    """``mean [lo, hi]``; the mean alone where one seed gives no interval."""
+    mean, low, high = value
+    if np.isnan(low):
+        return f"{mean:{sign}.1f} (1 seed)"
+    return f"{mean:{sign}.1f} [{low:{sign}.1f}, {high:{sign}.1f}]"
+
+
 def format_differences(rows: list[dict[str, Any]]) -> str:
     lines = ["| paired difference | seeds | AUC | final normalised return |", "|---|---|---|---|"]
     for r in rows:
-        cells = [f"{r[k][0]:+.1f} [{r[k][1]:+.1f}, {r[k][2]:+.1f}]" for k in ("auc", "final")]
+        cells = [_cell(r[k], "+") for k in ("auc", "final")]
         lines.append(f"| {r['pair']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -204,7 +212,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             "min/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r[k][0]:.1f} [{r[k][1]:.1f}, {r[k][2]:.1f}]" if k in r else "–" for k in keys]
+        cells = [_cell(r[k]) if k in r else "–" for k in keys]
         lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cells)
                      + f" | {r['shift_detected']}/{r['seeds']} | {r['minutes_per_run']:.1f} |")
     return "\n".join(lines)

@@ -210,3 +210,14 @@ def test_the_shipped_hopper_agent_loads_with_its_posterior_and_proposes_scored_a
     assert (out.scores["action_variance"] > 0).all()
     assert torch.isfinite(agent.critic.min_q(states.repeat_interleave(10, 0),
                                              out.samples.reshape(20, 3))).all()
+
+
+def test_tables_print_one_seed_without_an_interval():
+    from genunc.rl.run import format_differences, format_table
+
+    one, two = (5.0, float("nan"), float("nan")), (5.0, 4.0, 6.0)
+    table = format_table([{"variant": "calql", "seeds": 1, "step_0": one, "auc": one, "dip": one,
+                           "shift_detected": 0, "minutes_per_run": 1.0}])
+    assert "nan" not in table and "5.0 (1 seed)" in table
+    differences = format_differences([{"pair": "a - b", "seeds": 2, "auc": two, "final": one}])
+    assert "+5.0 [+4.0, +6.0]" in differences and "+5.0 (1 seed)" in differences
