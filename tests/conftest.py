@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ class PythonServer:
                        "stderr": str(err)}
             server.stdin.write(json.dumps(request) + "\n")
             pid = json.loads(server.stdout.readline())["pid"]
-            timer = __import__("threading").Timer(timeout, os.kill, (pid, 9))
+            timer = threading.Timer(timeout, os.kill, (pid, 9))
             timer.start()
             try:
                 code = json.loads(server.stdout.readline())["returncode"]
