@@ -46,7 +46,6 @@ from bench_large_heads import DIT_XL2, SD15  # noqa: E402
 
 ROWS = ("fit", "plain", "variability", "semantic_x0", "semantic")
 PROMPT = "a cat"
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 #: Stable Diffusion's AutoencoderKL (SD 1.x and 2.x, and the VAE DiT-XL/2 was trained with)
 SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -82,17 +81,11 @@ def folder_of(args: argparse.Namespace, model: str) -> Path:
 
 
 def _tokenizer(folder: Path) -> Any:
-    """A CLIPTokenizer over letters (no merges): SD's 77-token prompts, no download."""
-    from transformers import CLIPTokenizer
+    """The tests' letters-only CLIPTokenizer (tests/test_from_pipe.py) at SD's 77-token prompts."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_from_pipe import _clip_tokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in LETTERS:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return _clip_tokenizer(folder, max_length=77)
 
 
 def build(model: str, tiny: bool, folder: Path) -> dict[str, Any]:

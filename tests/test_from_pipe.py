@@ -50,7 +50,9 @@ PROMPTS = ["a cat", "dog"]
 
 
 # ----------------------------------------------------------------------------- tiny pipelines
-def _clip_tokenizer(folder: Path) -> CLIPTokenizer:
+def _clip_tokenizer(folder: Path, max_length: int = 8) -> CLIPTokenizer:
+    """A CLIPTokenizer over letters (no merges), written to `folder`: no download (also
+    benchmarks/bench_real_size.py's, at SD's 77 tokens)."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in LETTERS:
         vocab[c] = len(vocab)
@@ -58,7 +60,8 @@ def _clip_tokenizer(folder: Path) -> CLIPTokenizer:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                         model_max_length=max_length)
 
 
 def _clip_text(projection: bool = False) -> CLIPTextModel:
