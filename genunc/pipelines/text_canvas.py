@@ -153,10 +153,9 @@ class CanvasRecorder:
         live = ~canvas["finished"][:, None]  # rows the adaptive stop froze ignore this step
         if self.kind == "BlockRefinementScheduler":
             written = out.transfer_index | out.editing_transfer_index
-            sampling = _block_refinement_sampling(kwargs)
-            logit_map = self._logit_map(LogitMap.for_sampling, **{
-                k: kwargs.get(k, d) for k, d in (("temperature", 0.0), ("sampling_method", "auto"),
-                                                 ("top_k", None), ("top_p", None))})
+            arguments = _block_refinement_arguments(kwargs)
+            sampling = functools.partial(sampling_logits, **arguments)
+            logit_map = self._logit_map(LogitMap.for_sampling, **arguments)
             scale = None
         elif self.kind == "EntropyBoundScheduler":
             written = out.accepted_index
@@ -303,11 +302,10 @@ class CanvasRecorder:
         canvas["expected"] = torch.where(now[:, None], following, canvas["expected"])
 
 
-def _block_refinement_sampling(kwargs: dict[str, Any]) -> Any:
-
-    return functools.partial(sampling_logits, temperature=float(kwargs.get("temperature", 0.0)),
-                             top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
-                             sampling_method=kwargs.get("sampling_method", "auto"))
+def _block_refinement_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The sampling arguments BlockRefinementScheduler.step was given (its defaults otherwise)."""
+    return dict(temperature=float(kwargs.get("temperature", 0.0)), top_k=kwargs.get("top_k"),
+                top_p=kwargs.get("top_p"), sampling_method=kwargs.get("sampling_method", "auto"))
 
 
 # ---------------------------------------------------------------------- fitting data

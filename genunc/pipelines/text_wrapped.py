@@ -222,7 +222,7 @@ class _Recorder:
             head = self.observer.head
             raw = F.linear(phi.to(head.weight.dtype), head.weight, head.bias).float()
             self.mi[rows_cpu, gen_cpu] = self.estimator(
-                phi.float(), raw, _logit_map(self.sampling)).mi.cpu()
+                phi.float(), raw, LogitMap.for_sampling(**self.sampling)).mi.cpu()
             return
         # committed positions only, in the draws' precision (float32 for bf16 models)
         outputs = self.observer.latest().draw_outputs(rows, cols, last=length)
@@ -563,7 +563,7 @@ class WrappedTextPipeline(TextUncertaintyPipeline):
             if draws is not None:
                 raise GenuncError("draws= are materialised head draws: use them with "
                                   "mi_estimator='sampled'")
-            _logit_map(sampling)  # refuses top-k / top-p sampling
+            LogitMap.for_sampling(**sampling)  # refuses top-k / top-p sampling
             if not check_only:
                 estimator = token_mi(self.posterior, mi_estimator, num_draws=num_draws,
                                      top_k=mi_top_k, seed=int(seed))
@@ -851,11 +851,6 @@ def _through_first_eos(sequences: Tensor, eos_token_id: int | None) -> Tensor:
     before = is_eos.cumsum(1) - is_eos  # EOS tokens strictly before each position
     return before == 0
 
-
-def _logit_map(sampling: Mapping[str, Any]) -> LogitMap:
-    """The scheduler's map from raw logits to its sampling distribution, from the call's
-    sampling arguments (:meth:`LogitMap.for_sampling`; refuses top-k / top-p)."""
-    return LogitMap.for_sampling(**sampling)
 
 
 def _per_sequence(values: Tensor, mask: Tensor, how: Aggregate) -> np.ndarray:
