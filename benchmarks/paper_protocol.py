@@ -34,13 +34,15 @@ window and target (:func:`protocol.windows` x noise/clean), made on the validati
 (``protocol.VAL_SEED``), by the size-controlled (partial) Spearman with molecule stability, or
 with the atom-stable fraction where the validation molecules' molecule stability does not vary;
 everything reported is on the test seed (``--seed``, default ``protocol.TEST_SEED``).  The
-likelihood baseline, the paper's "model's own likelihood", is ``nll`` for EDM checkpoints: EDM's
-variational bound on -log p(x, h, N) of each generated molecule in nats, as EDM's evaluation
-computes it (prior KL, the weighted step terms, the level-0 term with the discretised atom-type
-and charge likelihoods, the normalisation constants, -log p(N)), its sum over the T steps
-estimated at ``--nll-levels`` stratified levels with fixed noise (``--nll-levels 1000``: every
-level).  ``denoising_loss`` is reported beside it (for models without ``nll``, GeoLDM and
-genunc's own denoiser, it is the baseline): the unweighted diffusion loss over ``--nll-levels``
+likelihood baseline, the paper's "model's own likelihood", is ``nll`` for EDM and GeoLDM
+checkpoints: -log p(x, h, N) of each generated molecule in nats as the model's evaluation
+computes it (EDM: its variational bound, prior KL, the weighted step terms, the level-0 term
+with the discretised atom-type and charge likelihoods, the normalisation constants; GeoLDM: that
+bound on the molecule's encoded latent plus its decoder's reconstruction error and constants;
+both with -log p(N)), its sum over the T steps estimated at ``--nll-levels`` stratified levels
+with fixed noise (``--nll-levels 1000``: every level).  ``denoising_loss`` is reported beside it
+(for genunc's own denoiser, which has no ``nll``, it is the baseline): the unweighted diffusion
+loss over ``--nll-levels``
 evenly spaced noise levels, a Monte-Carlo proxy of the bound up to constants and weights.
 ``random``: its own stream.  Lower score = more certain, so a useful score has a negative rho
 with stability and validity.
@@ -78,8 +80,9 @@ PAPER = {"EDM": {"variability": -0.284, "likelihood": -0.150},
          "GeoLDM": {"variability": -0.333, "likelihood": -0.171}}
 LABELS = {"molecule_stable": "molecule stable", "atom_stable": "atom-stable fraction",
           "valid": "valid"}
-LIKELIHOOD = ("nll: EDM's variational bound on -log p(x, h, N) of each generated molecule (nats, "
-              "as EDM's evaluation computes it, -log p(N) included), its sum over the T steps "
+LIKELIHOOD = ("nll: the model's own -log p(x, h, N) of each generated molecule (nats, as its "
+              "evaluation computes it: EDM's variational bound, for GeoLDM on the encoded latent "
+              "plus the decoder's terms; -log p(N) included), its sum over the T steps "
               "estimated at {levels} stratified noise levels with fixed noise; beside it "
               "denoising_loss, the unweighted diffusion loss over {levels} fixed noise levels "
               "(a proxy of the bound up to constants and weights)")

@@ -140,8 +140,9 @@ def test_protocol_runs_on_a_tiny_geoldm_folder(tmp_path, qm9_slice):
             "--nll-levels", "2", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["protocol"]["n"] == 12 and printed.getvalue().startswith("# Paper protocol")
-    # GeoLDM has no nll in genunc: the proxy is the baseline, and the text says why
-    assert "denoising_loss (likelihood baseline)" in results["correlations"]
+    # GeoLDM's own likelihood is the baseline, the proxy beside it
+    assert "nll (likelihood baseline)" in results["correlations"]
+    assert "denoising_loss (likelihood proxy)" in results["correlations"]
     assert "GeoLDM" in results["protocol"]["likelihood_baseline"]
     assert set(results["correlations"]) == set(results["selection"])
     for where, (est, low, high) in _intervals(results["correlations"]):

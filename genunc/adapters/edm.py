@@ -70,6 +70,20 @@ class EDMStepOutput:
     prev_sample: Tensor
 
 
+@dataclass
+class LevelZero:
+    """Level 0 of EDM's bound, float64: the centred data ``x0``, ``z_0 = alpha_0 x0 + sigma_0
+    eps``, the noise and the network's prediction of it (masked), ``sigma_0`` and ``gamma_0``
+    per molecule."""
+
+    x0: Tensor
+    z: Tensor
+    eps: Tensor
+    eps_hat: Tensor
+    sigma: Tensor
+    gamma: Tensor
+
+
 class EDMAncestralScheduler:
     """EDM's ancestral sampler, ``z_s ~ p(z_s | z_t)``, with diffusers' ``step`` interface.
 
@@ -206,6 +220,23 @@ class EDMAdapter(MoleculeAdapter):
         (``(N - 1) * 3 * log s_x``) and their sum ``nll_xh``.  The network runs in ``x0``'s
         precision, ``max_rows`` noisy molecules per call; everything else in float64.
         """
+        terms, level_0 = self.diffusion_bound(x0, node_mask, levels, noise, weights, context, max_rows)
+        lay, mask = self.layout, node_mask.bool()
+        position_error = ((level_0.eps - level_0.eps_hat)[..., lay.positions] ** 2
+                          * mask.to(torch.float64).unsqueeze(-1)).sum((1, 2))
+        terms["reconstruction"] = 0.5 * position_error - edm_likelihood.feature_log_likelihood(
+            level_0.x0, level_0.z, level_0.sigma, mask, lay)
+        terms["log_det"] = edm_likelihood.position_dimension(mask) * math.log(lay.scales[0])
+        terms["nll_xh"] = sum(terms.values())
+        return terms
+
+    def diffusion_bound(self, x0: Tensor, node_mask: Tensor, levels: Tensor, noise: Tensor,
+                        weights: Tensor | None, context: Tensor | None,
+                        max_rows: int) -> tuple[dict[str, Tensor], "LevelZero"]:
+        """The terms of EDM's bound that do not depend on what the diffusion's state encodes:
+        ``position_constants``, ``prior_kl`` and ``diffusion`` (arguments as for
+        :meth:`likelihood_terms`), and the level-0 quantities the reconstruction term is made
+        of (EDM's discretised atom features; GeoLDM's Gaussian latents)."""
         b, n_levels = levels.shape
         if noise.shape[:2] != (b, n_levels + 1):
             raise GenuncError(f"noise must be (B, L + 1, N, F) = ({b}, {n_levels + 1}, ...), "
@@ -213,7 +244,6 @@ class EDMAdapter(MoleculeAdapter):
         if int(levels.min()) < 1 or int(levels.max()) > self.timesteps:
             raise GenuncError(f"the step term's levels lie in 1..{self.timesteps}")
         mask = node_mask.bool()
-        lay = self.layout
         dtype = x0.dtype
         x0 = self._centre(x0, mask).to(torch.float64)
         noise = self._centre(noise.to(x0.device, torch.float64),
@@ -239,24 +269,17 @@ class EDMAdapter(MoleculeAdapter):
             losses.append(0.5 * error)
         diffusion = (weights.to(x0.device, torch.float64) * torch.cat(losses).view(b, n_levels)).sum(1)
 
-        # the level-0 term: positions' noise error, atom features' discretised likelihoods
+        # level 0: the network's noise prediction at z_0
         zero = torch.zeros(b, dtype=torch.long, device=x0.device)
         gamma_0 = gamma[zero]
         alpha_0, sigma_0 = edm_likelihood.alpha_sigma(gamma_0)
         eps_0 = noise[:, n_levels]
         z_0 = alpha_0.view(-1, 1, 1) * x0 + sigma_0.view(-1, 1, 1) * eps_0
         eps_hat_0 = self.at_levels(z_0.to(dtype), zero, mask, context).to(torch.float64)
-        position_error = ((eps_0 - eps_hat_0)[..., lay.positions] ** 2
-                          * fmask.unsqueeze(-1)).sum((1, 2))
-        reconstruction = 0.5 * position_error - edm_likelihood.feature_log_likelihood(
-            x0, z_0, sigma_0, mask, lay)
-
         terms = {"position_constants": edm_likelihood.position_constants(mask, gamma_0),
-                 "prior_kl": edm_likelihood.prior_kl(x0, mask, gamma[zero + self.timesteps], lay),
-                 "diffusion": diffusion, "reconstruction": reconstruction,
-                 "log_det": edm_likelihood.position_dimension(mask) * math.log(lay.scales[0])}
-        terms["nll_xh"] = sum(terms.values())
-        return terms
+                 "prior_kl": edm_likelihood.prior_kl(x0, mask, gamma[zero + self.timesteps], self.layout),
+                 "diffusion": diffusion}
+        return terms, LevelZero(x0, z_0, eps_0, eps_hat_0 * fmask.unsqueeze(-1), sigma_0, gamma_0)
 
     def post_head(self, head_output: Tensor, inputs: Mapping[str, Any]) -> Tensor:
         """Head output ``(..., B, N, K)`` -> the model output it makes: no position part, the

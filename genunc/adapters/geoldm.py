@@ -17,6 +17,9 @@ and the latent dynamics is EDM's EGNN.  So :class:`GeoLDMAdapter` is
   part; the semantic scores featurise the decoded molecules).
 * the sampler stops at ``z_0`` and decodes it, as for EDM: GeoLDM's final ``p(z | z_0)`` (a
   shift of order ``sigma_0 = 3e-3``) is not taken.
+* the ``nll`` score is GeoLDM's own likelihood as its evaluation computes it
+  (:meth:`GeoLDMAdapter.likelihood_terms`): EDM's bound on the molecule's encoded latent plus
+  the decoder's reconstruction error and GeoLDM's constants.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import Tensor
 
 from genunc.adapters.base import TrainingPairs
 from genunc.adapters.edm import EDMAdapter
+from genunc.adapters.edm_likelihood import LOG_2PI
 from genunc.adapters.molecule import Molecule, PointCloudLayout, remove_mean
 from genunc.errors import GenuncError, NonFiniteError, ShapeMismatchError
 
@@ -100,17 +104,83 @@ class GeoLDMAdapter(EDMAdapter):
     denoiser: EDM's adapter on latents, with molecules in and out (see the module docstring)."""
 
     layout: LatentLayout  # type: ignore[assignment]
-    nll_unavailable = (
-        "nll is not implemented for GeoLDM: its bound is EDM's bound on the molecule's VAE "
-        "latents (encoded with sigma_0 noise, a Gaussian level-0 term on the latent features) plus "
-        "the decoder's reconstruction error and its constants, which genunc does not compute; "
-        "use denoising_loss")
+    #: the likelihood's noise per molecule: EDM's (each level's, level 0's), then the encoder's
+    likelihood_extra_noise = 1
 
-    def likelihood_terms(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        raise GenuncError(self.nll_unavailable)
+    def likelihood_data(self, x: Tensor, node_mask: Tensor) -> Tensor:
+        """The molecules latents `x` decode to (types one-hot, charges theirs): what GeoLDM's
+        likelihood scores."""
+        return self.layout.molecule.clean(self.layout.decode_tensor(x, node_mask),
+                                          node_mask.to(x.device))
 
-    def __init__(self, model: torch.nn.Module, layout: LatentLayout, **kwargs: Any) -> None:
+    @torch.no_grad()
+    def likelihood_terms(self, x0: Tensor, node_mask: Tensor, levels: Tensor, noise: Tensor,
+                         weights: Tensor | None = None, context: Tensor | None = None,
+                         max_rows: int = 512) -> dict[str, Tensor]:
+        """GeoLDM's negative log-likelihood of molecules ``x0`` ``(B, N, 3 + K)`` (its raw
+        encoding) as its evaluation computes it (``EnLatentDiffusion.forward``), and its terms,
+        per molecule (float64, nats).
+
+        The molecule is encoded to ``z = mu + sigma_0 eps_enc`` (``noise``'s last entry; the
+        others as for EDM: each level's, then level 0's, all latent-shaped ``(B, L + 2, N, 3 +
+        latent_nf)``); EDM's bound on ``z`` gives ``position_constants``, ``prior_kl``,
+        ``diffusion`` and ``reconstruction`` (level 0: half the whole latent's noise error, a
+        Gaussian on every latent coordinate); then GeoLDM adds
+
+        * ``feature_constants``: ``N * 3 * (gamma_0 / 2 + log(2 pi) / 2)``, GeoLDM's normaliser of
+          the latent features' Gaussian, which counts ``N * 3`` coordinates (``n_dims``), not the
+          ``N * latent_nf`` the features have: reproduced as GeoLDM computes it;
+        * ``decoder_error`` (runs trained with ``trainable_ae``, as GeoLDM's QM9 command; else 0):
+          the VAE's reconstruction error of the decoded ``z``: squared position error, the
+          types' cross-entropy, squared charge error, over the real atoms (GeoLDM's code also
+          counts ``log(n_types)`` for each padding row of its batch, which depends on the batch,
+          not the molecule; genunc leaves it out).
+
+        GeoLDM's reports add ``-log p(N)``, as the pipeline's ``nll`` does.  GeoLDM's estimator
+        is one uniform level per molecule (``weights=None`` and ``L = 1``).
+        """
+        b, n_levels = levels.shape
+        if noise.shape[:2] != (b, n_levels + 2):
+            raise GenuncError(f"noise must be (B, L + 2, N, F) = ({b}, {n_levels + 2}, ...), "
+                              f"got {tuple(noise.shape)}")
+        mask = node_mask.bool().to(x0.device)
+        mu = self.layout.latent_mean(x0, mask).to(x0.device, x0.dtype)
+        eps = self._centre(noise[:, -1].to(x0.device, torch.float64), mask)
+        sigma_0 = torch.sigmoid(self.gamma[0].to(torch.float64)).sqrt()  # as the bound's level 0
+        z = (mu.to(torch.float64) + sigma_0 * eps).to(x0.dtype)
+        terms, level_0 = self.diffusion_bound(z, mask, levels, noise[:, :-1], weights, context,
+                                              max_rows)
+        fmask = mask.to(torch.float64)
+        terms["reconstruction"] = 0.5 * ((level_0.eps - level_0.eps_hat) ** 2
+                                         * fmask.unsqueeze(-1)).sum((1, 2))
+        terms["feature_constants"] = fmask.sum(1) * 3 * (0.5 * level_0.gamma + 0.5 * LOG_2PI)
+        terms["decoder_error"] = self.decoder_error(x0, z, mask) if self.trainable_ae \
+            else torch.zeros_like(terms["diffusion"])
+        terms["nll_xh"] = sum(terms.values())
+        return terms
+
+    def decoder_error(self, molecules: Tensor, z: Tensor, mask: Tensor) -> Tensor:
+        """GeoLDM's ``compute_reconstruction_error`` of the decoded latents ``z`` against the
+        molecules, over the real atoms (float64)."""
+        lay = self.layout.molecule
+        fmask = mask.to(torch.float64)
+        target = molecules.to(torch.float64)
+        positions = remove_mean(target[..., lay.positions], mask)
+        decoded = self.layout.decode_tensor(z, mask).to(torch.float64)
+        error = ((decoded[..., lay.positions] - positions) ** 2).sum(-1)
+        logits, types = decoded[..., lay.types], target[..., lay.types].argmax(-1)
+        error = error + torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), types.reshape(-1), reduction="none").view(types.shape)
+        if lay.charges:
+            error = error + (decoded[..., -1] - target[..., -1]) ** 2
+        return (error * fmask).sum(1)
+
+    def __init__(self, model: torch.nn.Module, layout: LatentLayout, *, trainable_ae: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(model, layout, **kwargs)  # type: ignore[arg-type]
+        #: whether the run trained its autoencoder with the diffusion (GeoLDM's ``trainable_ae``:
+        #: then its likelihood includes the decoder's reconstruction error)
+        self.trainable_ae = trainable_ae
         self.sigma_0 = float(torch.sqrt(torch.sigmoid(self.gamma[0])))
 
     def to_latent(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Any]:

@@ -137,12 +137,19 @@ class MoleculeAdapter(DenoiserAdapter):
     likelihood = "regression"
     #: the sampler a pipeline uses when none is named
     default_sampler = "ddpm"
-    #: why the ``nll`` score (EDM's variational bound) is not available for this model; None
+    #: why the ``nll`` score (the model's own likelihood) is not available for this model; None
     #: where the adapter computes it (``likelihood_terms``)
     nll_unavailable: str | None = (
-        "nll is EDM's variational bound and needs an EDM checkpoint (EDM's gamma schedule, "
-        "normalize_factors and a network trained down to level 0); this denoiser is not one: "
-        "use denoising_loss")
+        "nll is the model's own likelihood and needs an EDM or GeoLDM checkpoint (EDM's gamma "
+        "schedule, normalize_factors and a network trained down to level 0); this denoiser is "
+        "not one: use denoising_loss")
+    #: noise entries per molecule the likelihood takes beyond EDM's (each level's, level 0's)
+    likelihood_extra_noise = 0
+
+    def likelihood_data(self, x: Tensor, node_mask: Tensor) -> Tensor:
+        """What the likelihood scores for generated states `x`: the molecule as it will be
+        decoded (:meth:`clean`)."""
+        return self.clean(x, node_mask)
 
     def __init__(self, model: nn.Module, head_name: str = "head", timesteps: int = 1000,
                  layout: PointCloudLayout | None = None) -> None:

@@ -16,10 +16,12 @@ Scores (lower = more certain):
 * ``denoising_loss``: the model-likelihood proxy.  The diffusion training loss of the decoded
   molecule, averaged over ``nll_levels`` evenly spaced noise levels with fixed noise: a
   Monte-Carlo estimate of the (unweighted) variational bound on -log p, up to constants.
-* ``nll`` (EDM checkpoints): the model's own likelihood, EDM's variational bound on
-  ``-log p(x, h, N)`` of the decoded molecule in nats, exactly as EDM's evaluation computes it
-  (:meth:`EDMAdapter.likelihood_terms <genunc.adapters.edm.EDMAdapter.likelihood_terms>`, plus
-  ``-log p(N)`` from the atom-count histogram), its sum over the T steps estimated at (at most)
+* ``nll`` (EDM and GeoLDM checkpoints): the model's own likelihood of the decoded molecule in
+  nats, ``-log p(x, h, N)`` exactly as the model's evaluation computes it (EDM's variational
+  bound, :meth:`EDMAdapter.likelihood_terms <genunc.adapters.edm.EDMAdapter.likelihood_terms>`;
+  GeoLDM's on the encoded latent plus its decoder terms,
+  :meth:`GeoLDMAdapter.likelihood_terms <genunc.adapters.geoldm.GeoLDMAdapter.likelihood_terms>`;
+  plus ``-log p(N)`` from the atom-count histogram), its sum over the T steps estimated at (at most)
   ``nll_levels`` stratified levels, one per run of equal summed step weight, carrying that
   weight (exact over the steps when ``nll_levels >= T``), with fixed noise.
 * ``random``.
@@ -178,7 +180,8 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
         molecule = PointCloudLayout(len(ATOM_TYPES), ATOMIC_NUMBERS, scales=(1.0, 1.0, 1.0),
                                     charges=vae_config.include_charges)
         adapter = GeoLDMAdapter(model, LatentLayout(model.vae, config.latent_nf, molecule),
-                                timesteps=config.diffusion_steps, power=config.schedule_power,
+                                trainable_ae=config.trainable_ae, timesteps=config.diffusion_steps,
+                                power=config.schedule_power,
                                 precision=config.diffusion_noise_precision)
         return cls(model, _atom_histogram(path), timesteps=config.diffusion_steps, adapter=adapter)
 
@@ -227,15 +230,18 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
     @torch.no_grad()
     def nll_terms(self, x0: Tensor, node_mask: Tensor, levels: int = 10,
                   generators: list[torch.Generator] | None = None) -> dict[str, np.ndarray]:
-        """EDM's negative log-likelihood ``-log p(x, h, N)`` of clean molecules ``x0`` (nats per
-        molecule, ``nll``) and its terms (see :mod:`genunc.adapters.edm_likelihood`; ``atom_count``
-        is ``-log p(N)``).
+        """The model's own negative log-likelihood ``-log p(x, h, N)`` of clean molecules ``x0``
+        (nats per molecule, ``nll``) and its terms (``atom_count`` is ``-log p(N)``): EDM's
+        variational bound (:mod:`genunc.adapters.edm_likelihood`) for EDM checkpoints, GeoLDM's
+        (:meth:`GeoLDMAdapter.likelihood_terms <genunc.adapters.geoldm.GeoLDMAdapter.likelihood_terms>`)
+        for GeoLDM ones; ``x0`` is what the adapter's ``likelihood_data`` makes of samples.
 
         The sum over the T steps is estimated at (at most) ``levels`` stratified levels, one per
         run of equal summed step weight, carrying its run's weight
         (:func:`~genunc.adapters.edm_likelihood.stratified_weights`; exact over the steps with
         all T when ``levels >= T``), the same levels for every molecule; molecule i's noise
-        (each level's, then the level-0 term's) comes from ``generators[i]``.
+        (each level's, then the level-0 term's, then any the adapter adds) comes from
+        ``generators[i]``.
         """
         if self.adapter.nll_unavailable:
             raise GenuncError(self.adapter.nll_unavailable)
@@ -243,7 +249,8 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
         if generators is None:
             generators = streams.sample_generators(0, "likelihood_noise", range(b))
         t, weights = edm_likelihood.stratified_weights(levels, self.adapter.gamma)
-        noise = randn_rows((len(t) + 1, *x0.shape[1:]), generators).to(x0.device)
+        rows = len(t) + 1 + self.adapter.likelihood_extra_noise
+        noise = randn_rows((rows, x0.shape[1], self.adapter.layout.width), generators).to(x0.device)
         terms = self.adapter.likelihood_terms(x0, node_mask, t.expand(b, -1), noise,
                                               weights.expand(b, -1))
         out = {k: v.cpu().numpy() for k, v in terms.items()}
@@ -367,7 +374,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
             if request.wants("nll"):
                 with collected.timer("nll"):
                     collected.add("nll", self.nll_terms(
-                        layout.clean(out.samples, mask), mask, nll_levels,
+                        self.adapter.likelihood_data(out.samples, mask), mask, nll_levels,
                         request.generators("likelihood_noise", sl))["nll"])
         return MoleculeUncertaintyOutput(
             **collected.output_fields(request, "generation", "denoising_loss", "nll"),

@@ -57,6 +57,9 @@ class GeoLDMConfig(EDMConfig):
 
     latent_nf: int = 1
     train_diffusion: bool = True
+    #: the autoencoder was trained with the diffusion (its likelihood then adds the decoder's
+    #: reconstruction error); GeoLDM's default is False, its QM9 command sets it
+    trainable_ae: bool = False
 
     @property
     def n_features(self) -> int:  # type: ignore[override]
