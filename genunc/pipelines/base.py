@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,7 @@ from genunc.scores import (
     random_scores,
     variability_score,
 )
+from genunc.scores.semantic import mean_step_entropy
 
 #: score name -> the fewest head draws it needs (None: no posterior at all; 0: the posterior
 #: but no draws)
@@ -93,6 +94,9 @@ class UncertaintyOutput:
     #: row, so that other step windows and targets can be evaluated without generating again
     variability_per_step: dict[str, np.ndarray] | None = None
     variability_timesteps: np.ndarray | None = None
+    #: with semantic_x0: ``(S, N)`` its entropy at each of the ``x0_steps`` (the score is the
+    #: mean), so that other steps can be evaluated without generating again
+    semantic_x0_per_step: np.ndarray | None = None
 
 
 @dataclass
@@ -131,6 +135,7 @@ class ScoreCollector:
     def __init__(self) -> None:
         self.parts: dict[str, list[np.ndarray]] = {}
         self.per_step: dict[str, list[np.ndarray]] = {}
+        self.x0_per_step: list[np.ndarray] = []
         self.timesteps: np.ndarray | None = None
         self.timings: dict[str, float] = {}
         self.backbone_rows = 0
@@ -162,6 +167,20 @@ class ScoreCollector:
                                               clean_factors=clean_factors) for i in range(m)])
             self.add(f"{name}_se", np.sqrt((m - 1) / m * ((loo - loo.mean(0)) ** 2).sum(0)))
 
+    def add_semantic_x0(self, features: np.ndarray | Tensor,
+                        entropy: Callable[[np.ndarray], np.ndarray]) -> None:
+        """One chunk's ``semantic_x0`` from the ``(S, M+1, B, D)`` features of the clean samples
+        the MAP (first) and the M draws predict at each of S steps: the score, its jackknife
+        error (M >= 2; :func:`~genunc.scores.semantic.mean_step_entropy`) and the per-step
+        entropies (the output's ``semantic_x0_per_step``)."""
+        score, se = mean_step_entropy(features, entropy)
+        self.add("semantic_x0", score)
+        if se is not None:
+            self.add("semantic_x0_se", se)
+        feats = features.detach().cpu().double().numpy() if isinstance(features, Tensor) \
+            else np.asarray(features, dtype=np.float64)
+        self.x0_per_step.append(np.stack([entropy(step) for step in feats]))
+
     def variability(self) -> dict[str, np.ndarray] | None:
         return {k: np.concatenate(v, axis=1) for k, v in self.per_step.items()} or None
 
@@ -171,7 +190,9 @@ class ScoreCollector:
         return dict(scores=self.scores(request), seed=request.seed, num_draws=request.num_draws,
                     backbone_rows=self.backbone_rows,
                     timings={**dict.fromkeys(timing_names, 0.0), **self.timings},
-                    variability_per_step=self.variability(), variability_timesteps=self.timesteps)
+                    variability_per_step=self.variability(), variability_timesteps=self.timesteps,
+                    semantic_x0_per_step=np.concatenate(self.x0_per_step, axis=1)
+                    if self.x0_per_step else None)
 
     @contextmanager
     def timer(self, name: str) -> Iterator[None]:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -49,8 +48,6 @@ class ImageUncertaintyOutput(UncertaintyOutput):
     images: Tensor | None = None  # (N, C, H, W) in the model's range
     class_labels: Tensor | None = None
     draw_images: Tensor | None = None  # (M, N, C, H, W) when kept
-    #: with semantic_x0: ``(S, N)`` its entropy at each of the ``x0_steps`` (the score is the mean)
-    semantic_x0_per_step: np.ndarray | None = None
 
 
 class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
@@ -283,7 +280,7 @@ class ImageUncertaintyPipeline(ImageScoring, UncertaintyPipeline):
             # (M+1, N, ...), MAP first
             self.add_generation_scores(collected, request, torch.cat([scored_map[None], draws_t]))
         return ImageUncertaintyOutput(
-            **self.take_x0_per_step(collected.output_fields(request, "generation", "features")),
+            **collected.output_fields(request, "generation", "features"),
             images=images_t, class_labels=labels,
             draw_images=draws_t if keep_draw_images else None,
         )

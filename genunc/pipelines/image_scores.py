@@ -25,13 +25,8 @@ from genunc.errors import GenuncError
 from genunc.features import FeatureExtractor, extract_in_batches
 from genunc.pipelines.base import X0_FRACTIONS, Request, ScoreCollector, default_x0_steps
 from genunc.scores import pixel_variance
-from genunc.scores.semantic import mean_step_entropy
 
 __all__ = ["X0_FRACTIONS", "ImageScoring", "default_x0_steps"]
-
-#: the collector's name for semantic_x0's per-step entropies (not a score)
-PER_STEP = "semantic_x0_per_step"
-
 
 class ImageScoring:
     """Mixin for :class:`~genunc.pipelines.base.UncertaintyPipeline` subclasses that generate
@@ -77,20 +72,7 @@ class ImageScoring:
                 flat = torch.cat([decode(flat[i : i + b]) for i in range(0, len(flat), b)])
             images = flat.float().clamp(-1, 1)
             feats = extract_in_batches(self.feature_extractor, images)
-            feats = feats.reshape(s, k, b, -1)
-            score, se = mean_step_entropy(feats, self.semantic_entropy)
-        collected.add("semantic_x0", score)
-        if se is not None:
-            collected.add("semantic_x0_se", se)
-        # (B, S): the per-step entropies, so that other steps and aggregations can be evaluated
-        collected.add(PER_STEP, np.stack([self.semantic_entropy(f) for f in feats], axis=1))
-
-    @staticmethod
-    def take_x0_per_step(fields: dict[str, Any]) -> dict[str, Any]:
-        """An output's fields with ``semantic_x0``'s per-step entropies moved out of the scores
-        into ``semantic_x0_per_step`` ``(S, N)``."""
-        per_step = fields["scores"].pop(PER_STEP, None)
-        return {**fields, "semantic_x0_per_step": None if per_step is None else per_step.T}
+            collected.add_semantic_x0(feats.reshape(s, k, b, -1), self.semantic_entropy)
 
     def add_generation_scores(self, collected: ScoreCollector, request: Request,
                               generations: Tensor) -> None:

@@ -69,7 +69,6 @@ from genunc.pipelines.base import (
 from genunc.posterior import HeadPosterior
 from genunc.sampling.diffusers_loop import run_trajectory
 from genunc.scores import VariabilityTarget
-from genunc.scores.semantic import mean_step_entropy
 from genunc.streams import randn_rows
 from genunc.zoo import edm_args, geoldm
 from genunc.zoo.edm import load_edm
@@ -362,10 +361,7 @@ class MoleculeUncertaintyPipeline(UncertaintyPipeline):
                         features_of(layout.decode(self.adapter.project(x0.to(device),
                                                                        {"node_mask": mask}), mask))
                         for x0 in step]) for step in out.clean_per_step])  # (S, M+1, B, D)
-                    score, se = mean_step_entropy(feats, self.semantic_entropy)
-                collected.add("semantic_x0", score)
-                if se is not None:
-                    collected.add("semantic_x0_se", se)
+                    collected.add_semantic_x0(feats, self.semantic_entropy)
             if request.wants("denoising_loss"):
                 with collected.timer("denoising_loss"):
                     collected.add("denoising_loss", self.denoising_loss(

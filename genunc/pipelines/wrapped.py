@@ -251,8 +251,7 @@ class WrappedImagePipeline(ImageUncertaintyPipeline):
         if len(as_tensors) > 1:
             self.add_generation_scores(collected, request, torch.stack(as_tensors))
         return PipelineUncertaintyOutput(
-            **self.take_x0_per_step(collected.output_fields(request, "generation", "draws",
-                                                            "features")),
+            **collected.output_fields(request, "generation", "draws", "features"),
             images=images, pipeline_output=output,
             draw_images=generations[1:] if keep_draw_images else None)
 

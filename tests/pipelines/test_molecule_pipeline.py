@@ -168,6 +168,11 @@ def test_semantic_x0_keeps_the_molecules_and_collapses_to_the_floor(qm9_slice, t
         np.testing.assert_array_equal(pa, pb)
         np.testing.assert_array_equal(ta, tb)
     assert np.isfinite(out.scores["semantic_x0"]).all() and (out.scores["semantic_x0_se"] > 0).all()
+    # each step's entropy comes back (for choosing steps without generating again)
+    assert out.semantic_x0_per_step.shape == (2, 5) and plain.semantic_x0_per_step is None
+    np.testing.assert_allclose(out.semantic_x0_per_step.mean(0), out.scores["semantic_x0"], rtol=1e-12)
+    one = sampler(5, num_draws=4, scores=("semantic_x0",), x0_steps=[3], **kwargs)
+    np.testing.assert_allclose(one.scores["semantic_x0"], out.semantic_x0_per_step[1], rtol=1e-12)
     sample = sampler.posterior.sample
     monkeypatch.setattr(sampler.posterior, "sample", lambda n, seed=None, with_map=False: replace(
         d := sample(n, seed=seed, with_map=with_map),
