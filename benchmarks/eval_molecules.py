@@ -16,10 +16,17 @@ molecules).  Tables:
 4. the semantic score (``--semantic-n``) on the first test molecules, whose MAP generations are
    those molecules;
 5. cost (``--cost-n``): plain generation, exact and Monte-Carlo variability on the same
-   molecules, and the Monte-Carlo score's rank agreement with the exact one.
+   molecules, and the Monte-Carlo score's rank agreement with the exact one;
+6. the one-trajectory semantic score ``semantic_x0`` (``--x0-draws``, default 16; 0 skips it):
+   its steps (a contiguous window of every 5th step and the last, mean of the per-step
+   entropies) chosen on the validation molecules by the partial (size-controlled) Spearman
+   with the atom-stable fraction; on the test molecules of table 4, paired against the full
+   semantic score (differences of partial rho and AUROC(invalid), bootstrap intervals), its
+   Spearman with it and its Monte-Carlo error; its cost against plain generation on
+   ``--x0-cost-n`` molecules (one run each).
 
 Usage:  OMP_NUM_THREADS=1 python benchmarks/eval_molecules.py [--n-val 300] [--n-test 700]
-        [--steps 250] [--cost-n 32]
+        [--steps 250] [--cost-n 32] [--semantic-n 150] [--x0-draws 16] [--x0-cost-n 32]
 """
 
 from __future__ import annotations
@@ -29,7 +36,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from protocol import TEST_SEED, VAL_SEED, windowed_variability, windows  # benchmarks/protocol.py
+from protocol import (  # benchmarks/protocol.py
+    TEST_SEED,
+    VAL_SEED,
+    choose_x0_steps,
+    windowed_variability,
+    windows,
+    x0_grid,
+)
 
 from genunc import filtering
 from genunc.data.qm9 import edm_split, load_qm9
@@ -92,6 +106,10 @@ def main() -> None:
                         "variability over --draws draws); use another --out")
     parser.add_argument("--semantic-n", type=int, default=150,
                         help="first test molecules also scored by the semantic score (0: skip)")
+    parser.add_argument("--x0-draws", type=int, default=16,
+                        help="M of semantic_x0 (0: skip it; needs --semantic-n)")
+    parser.add_argument("--x0-cost-n", type=int, default=32,
+                        help="molecules of semantic_x0's cost table (0: none)")
     parser.add_argument("--out", default="outputs/eval_molecules")
     args = parser.parse_args()
     out = Path(args.out)
@@ -132,6 +150,8 @@ def main() -> None:
         print(f"  {wname:14s} {tname:5s} {value:+.3f}")
     window, target = min(table, key=lambda k: np.nan_to_num(table[k], nan=np.inf))
     print(f"chosen: {window}, target {target}")
+    x0_steps = choose_molecule_x0_steps(sampler, val, val_q, args) \
+        if args.x0_draws and args.semantic_n else None
 
     res, report = runs["test"]
     quality = quality_of(report)
@@ -178,6 +198,9 @@ def main() -> None:
     saved = {f"score/{k}": np.asarray(v) for k, v in scores.items()}
     if args.semantic_n > 0:
         saved["score/semantic"] = semantic_table(sampler, res, scores, quality, train, args)
+        if x0_steps is not None:
+            saved["score/semantic_x0"] = x0_table(sampler, res, saved["score/semantic"], quality,
+                                                  x0_steps, args)
     # per-molecule test scores and labels, for a paired head-vs-block comparison
     # (benchmarks/compare_scopes_molecules.py)
     np.savez(out / f"test_s{TEST_SEED}_n{args.n_test}_t{args.steps}.npz", n_atoms=res.n_atoms,
@@ -217,6 +240,70 @@ def semantic_table(sampler: MoleculeUncertaintyPipeline, res, scores: dict[str, 
               f"| {ci(partial_spearman, values, atom_st, sizes, boot=args.boot)} "
               f"| {ci(filtering.auroc, values, invalid, boot=args.boot)} |")
     return np.asarray(sem.scores["semantic"])
+
+
+def x0_call(sampler: MoleculeUncertaintyPipeline, n: int, seed: int, steps: list[int], args,
+            like=None):
+    """semantic_x0 alone on molecules 0..n-1 of `seed` (the MAP trajectory's own molecules:
+    checked against `like`, a run's molecules, when given)."""
+    start = time.perf_counter()
+    out = sampler(n, num_inference_steps=args.steps, sampler=args.sampler, seed=seed,
+                  num_draws=args.x0_draws, scores=("semantic_x0",), x0_steps=steps, progress=False)
+    out.seconds = time.perf_counter() - start
+    if like is not None and not all(np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0], atol=1e-4)
+                                    for a, b in zip(out.molecules, like[:n])):
+        raise SystemExit("the semantic_x0 run's molecules differ from the run it scores")
+    return out
+
+
+def choose_molecule_x0_steps(sampler: MoleculeUncertaintyPipeline, val, val_q, args) -> list[int]:
+    """semantic_x0's steps from the validation molecules (see the module docstring)."""
+    grid = x0_grid(args.steps)
+    sizes = val.n_atoms.astype(float)
+    out = x0_call(sampler, len(val.molecules), VAL_SEED, grid, args, like=val.molecules)
+    atom_st = val_q["atom_stable_fraction"]
+    return choose_x0_steps(out.semantic_x0_per_step, None, grid, args.x0_draws,
+                           criterion=lambda v: -partial_spearman(v, atom_st, sizes),
+                           label="-partial rho(atom stable)")
+
+
+def x0_table(sampler: MoleculeUncertaintyPipeline, res, semantic: np.ndarray,
+             quality: dict[str, np.ndarray], steps: list[int], args) -> np.ndarray:
+    """semantic_x0 against the full semantic score on the same first test molecules, paired;
+    then its cost.  Returns the semantic_x0 scores."""
+    n = len(semantic)
+    x0 = x0_call(sampler, n, TEST_SEED, steps, args, like=res.molecules)
+    values, se = x0.scores["semantic_x0"], x0.scores["semantic_x0_se"]
+    sizes = res.n_atoms[:n].astype(float)
+    atom_st, invalid = quality["atom_stable_fraction"][:n], quality["valid"][:n] < 0.5
+    d_rho = bootstrap_interval(lambda a, b, q, z: partial_spearman(a, q, z) - partial_spearman(b, q, z),
+                               values, semantic, atom_st, sizes, n_boot=args.boot)
+    d_auroc = bootstrap_interval(lambda a, b, w: filtering.auroc(a, w) - filtering.auroc(b, w),
+                                 values, semantic, invalid, n_boot=args.boot)
+    fmt = lambda e, lo, hi: f"{e:+.3f} [{lo:+.3f}, {hi:+.3f}]"  # noqa: E731
+    print(f"\nsemantic_x0 (M = {args.x0_draws}, steps {steps}, chosen on validation) on the same "
+          f"{n} test molecules ({x0.seconds:.0f} s), bootstrap 95% intervals")
+    print("| score | rho(size) | rho(atom st) raw | rho(atom st) partial | AUROC(invalid) |")
+    print("|---|---|---|---|---|")
+    print(f"| semantic_x0 | {ci(spearman, values, sizes, boot=args.boot)} "
+          f"| {ci(spearman, values, atom_st, boot=args.boot)} "
+          f"| {ci(partial_spearman, values, atom_st, sizes, boot=args.boot)} "
+          f"| {ci(filtering.auroc, values, invalid, boot=args.boot)} |")
+    print("\n| semantic_x0 - semantic: Delta partial rho(atom st) | Delta AUROC(invalid) | Spearman "
+          "with semantic | median jackknife SE | SD across molecules |")
+    print("|---|---|---:|---:|---:|")
+    print(f"| {fmt(*d_rho)} | {fmt(*d_auroc)} | {spearman(values, semantic):.3f} "
+          f"| {np.median(se):.4f} | {values.std():.4f} |")
+    if args.x0_cost_n > 0:
+        m = args.x0_cost_n
+        start = time.perf_counter()
+        sampler(m, num_inference_steps=args.steps, sampler=args.sampler, seed=TEST_SEED + 1,
+                num_draws=0, scores=("random",), progress=False)
+        plain = time.perf_counter() - start
+        scored = x0_call(sampler, m, TEST_SEED + 1, steps, args).seconds
+        print(f"cost on {m} molecules, one run each: plain {plain:.1f} s, semantic_x0 {scored:.1f} s "
+              f"({scored / plain:.2f}x)")
+    return np.asarray(values)
 
 
 def cost_table(sampler: MoleculeUncertaintyPipeline, args: argparse.Namespace) -> None:

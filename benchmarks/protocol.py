@@ -102,20 +102,23 @@ def x0_grid(steps: int) -> list[int]:
     return sorted(set(range(0, steps, 5)) | {steps - 1})
 
 
-def choose_x0_steps(per_step: np.ndarray, wrong: np.ndarray, grid: list[int], draws: int
-                    ) -> list[int]:
+def choose_x0_steps(per_step: np.ndarray, wrong: np.ndarray | None, grid: list[int], draws: int,
+                    criterion=None, label: str = "AUROC(judge disagrees)") -> list[int]:
     """semantic_x0's steps, chosen on the validation seed: the contiguous window of the grid
-    whose mean per-step entropy ``(S, N)`` has the best AUROC for "judge disagrees"."""
+    whose mean per-step entropy ``(S, N)`` scores best by `criterion` (values -> higher is
+    better; default the AUROC for "judge disagrees", ``wrong``)."""
     from genunc import filtering
 
-    table = {(a, b): filtering.auroc(per_step[a : b + 1].mean(0), wrong)
+    if criterion is None:
+        criterion = lambda values: filtering.auroc(values, wrong)  # noqa: E731
+    table = {(a, b): criterion(per_step[a : b + 1].mean(0))
              for a in range(len(grid)) for b in range(a, len(grid))}
-    print(f"\nsemantic_x0 on the validation seed (M = {draws}), AUROC(judge disagrees) of "
+    print(f"\nsemantic_x0 on the validation seed (M = {draws}), {label} of "
           f"single grid steps: " + ", ".join(f"{grid[a]}: {table[a, a]:.3f}"
                                              for a in range(len(grid))))
     print(f"  all grid steps {grid}: {table[0, len(grid) - 1]:.3f}")
-    a, b = max(table, key=table.get)
-    print(f"chosen: steps {grid[a : b + 1]} (mean of their entropies), validation AUROC "
+    a, b = max(table, key=lambda k: np.nan_to_num(table[k], nan=-np.inf))
+    print(f"chosen: steps {grid[a : b + 1]} (mean of their entropies), validation {label} "
           f"{table[a, b]:.3f}")
     return grid[a : b + 1]
 
