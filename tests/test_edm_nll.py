@@ -34,7 +34,7 @@ from genunc.zoo.edm import EDMModel
 from genunc.zoo.edm_args import EDMConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from molecule_folders import edm_folder, molecule_batch, reference_fixture  # noqa: E402
+from molecule_folders import edm_folder, geoldm_folder, molecule_batch, reference_fixture  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ref = reference_fixture(FIXTURES / "edm_nll_reference.pt")
@@ -210,10 +210,13 @@ def test_stratified_estimate_agrees_with_every_level(tmp_path):
     assert np.isfinite(every["nll"]).all() and every["nll"].shape == (4,)
 
 
-def test_pipeline_scores_nll_per_molecule_and_chunk_free(tmp_path):
+@pytest.mark.parametrize("folder", [edm_folder, geoldm_folder], ids=["edm", "geoldm"])
+def test_pipeline_scores_nll_per_molecule_and_chunk_free(tmp_path, folder):
+    """EDM's and GeoLDM's own likelihood of each generated molecule: finite, the same for any
+    chunk size, and ``nll_terms`` of the decoded molecules with the call's likelihood stream."""
     from genunc.pipelines import MoleculeUncertaintyPipeline
 
-    pipe = MoleculeUncertaintyPipeline.from_pretrained(edm_folder(tmp_path / "edm"))
+    pipe = MoleculeUncertaintyPipeline.from_pretrained(folder(tmp_path / "model"))
     kwargs = dict(num_inference_steps=3, scores=("nll", "denoising_loss"), nll_levels=3,
                   progress=False, seed=4)
     a = pipe(5, chunk_size=5, **kwargs)
