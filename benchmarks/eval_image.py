@@ -32,13 +32,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from protocol import (  # benchmarks/protocol.py
     TEST_SEED,
     VAL_SEED,
+    cached,
     choose_x0_steps,
     compare_x0,
     fmt,
@@ -67,17 +67,15 @@ def cached_run(pipe, out_dir: Path, n: int, seed: int, args, scores=SCORES, **ex
     scores and per-step variability, keyed by everything that decides them."""
     key = f"{pipe.posterior.digest()[:12]}_n{n}_s{seed}_m{args.draws}_t{args.steps}"
     key += "".join(f"_{k}{v}" for k, v in sorted(extra.items()))
-    path = out_dir / f"run_{key}.pt"
-    if path.exists():
-        return SimpleNamespace(**torch.load(path, weights_only=False))
-    out = pipe(n, num_draws=args.draws, num_inference_steps=args.steps, seed=seed, scores=scores,
-               progress=False, **extra)
-    keep = {k: getattr(out, k) for k in ("images", "class_labels", "scores",
-                                         "variability_per_step", "variability_timesteps",
-                                         "draw_images")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(keep, path)
-    return SimpleNamespace(**keep)
+
+    def make() -> dict:
+        out = pipe(n, num_draws=args.draws, num_inference_steps=args.steps, seed=seed,
+                   scores=scores, progress=False, **extra)
+        return {k: getattr(out, k) for k in ("images", "class_labels", "scores",
+                                             "variability_per_step", "variability_timesteps",
+                                             "draw_images")}
+
+    return cached(out_dir, key, make)
 
 
 def choose_variability(pipe, val, wrong: np.ndarray, steps: int) -> tuple[str, str, dict]:
@@ -183,18 +181,15 @@ def x0_run(pipe, out_dir: Path, n: int, seed: int, args, x0_steps: list[int], ta
     cached like :func:`cached_run`; the per-step entropies come back too."""
     key = (f"x0_{pipe.posterior.digest()[:12]}_n{n}_s{seed}_m{args.x0_draws}_t{args.steps}_"
            + "-".join(map(str, x0_steps)))
-    path = out_dir / f"run_{key}.pt"
-    if path.exists():
-        return SimpleNamespace(**torch.load(path, weights_only=False))
-    start = time.perf_counter()
-    out = pipe(n, num_draws=args.x0_draws, num_inference_steps=args.steps, seed=seed,
-               scores=("semantic_x0",), x0_steps=x0_steps, progress=False,
-               **{k: v for k, v in tail_extra.items() if k == "variance"})
-    keep = {"images": out.images, "scores": out.scores, "per_step": out.semantic_x0_per_step,
-            "steps": list(x0_steps), "seconds": time.perf_counter() - start}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(keep, path)
-    return SimpleNamespace(**keep)
+
+    def make() -> dict:
+        out = pipe(n, num_draws=args.x0_draws, num_inference_steps=args.steps, seed=seed,
+                   scores=("semantic_x0",), x0_steps=x0_steps, progress=False,
+                   **{k: v for k, v in tail_extra.items() if k == "variance"})
+        return {"images": out.images, "scores": out.scores, "per_step": out.semantic_x0_per_step,
+                "steps": list(x0_steps)}
+
+    return cached(out_dir, key, make)
 
 
 def semantic_x0_rows(pipe, args, runs, judge, tail_extra):

@@ -47,6 +47,7 @@ import torch
 from protocol import (  # benchmarks/protocol.py
     TEST_SEED,
     VAL_SEED,
+    cached,
     choose_x0_steps,
     compare_x0,
     image_selection_table,
@@ -86,9 +87,10 @@ def run(upipe, out_dir: Path, n: int, seed: int, args) -> SimpleNamespace:
     that decides the result."""
     key = (f"{upipe.posterior.digest()[:12]}_n{n}_s{seed}_m{args.draws}_t{args.steps}"
            f"_g{args.guidance:g}")
-    path = out_dir / f"run_{key}.pt"
-    if path.exists():
-        return SimpleNamespace(**torch.load(path, weights_only=False))
+    return cached(out_dir, key, lambda: _run(upipe, n, seed, args))
+
+
+def _run(upipe, n: int, seed: int, args) -> dict:
     labels = [i % N_CLASSES for i in range(n)]
     images, scores, per_step = [], {s: [] for s in SCORES}, []
     timesteps = None
@@ -107,20 +109,18 @@ def run(upipe, out_dir: Path, n: int, seed: int, args) -> SimpleNamespace:
               "scores": {s: np.concatenate(v) for s, v in scores.items()},
               "per_step": np.concatenate(per_step, axis=1), "timesteps": timesteps}
     result["scores"]["random"] = random_scores(seed, range(n))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(result, path)
-    return SimpleNamespace(**result)
+    return result
 
 
 def x0_run(upipe, out_dir: Path, n: int, seed: int, args, x0_steps: list[int]) -> SimpleNamespace:
     """semantic_x0 alone (one pipeline call per batch, the MAP's) at `x0_steps`, cached."""
     key = (f"x0_{upipe.posterior.digest()[:12]}_n{n}_s{seed}_m{args.x0_draws}_t{args.steps}"
            f"_g{args.guidance:g}_" + "-".join(map(str, x0_steps)))
-    path = out_dir / f"run_{key}.pt"
-    if path.exists():
-        return SimpleNamespace(**torch.load(path, weights_only=False))
+    return cached(out_dir, key, lambda: _x0_run(upipe, n, seed, args, x0_steps))
+
+
+def _x0_run(upipe, n: int, seed: int, args, x0_steps: list[int]) -> dict:
     labels = [i % N_CLASSES for i in range(n)]
-    begin = time.perf_counter()
     images, scores, per_step = [], {"semantic_x0": [], "semantic_x0_se": []}, []
     for start in range(0, n, args.batch):
         rows = range(start, min(n, start + args.batch))
@@ -133,12 +133,8 @@ def x0_run(upipe, out_dir: Path, n: int, seed: int, args, x0_steps: list[int]) -
         for s in scores:
             scores[s].append(np.asarray(out.scores[s]))
         per_step.append(out.semantic_x0_per_step)
-    result = {"images": torch.cat(images), "scores": {s: np.concatenate(v) for s, v in scores.items()},
-              "per_step": np.concatenate(per_step, axis=1), "steps": list(x0_steps),
-              "seconds": time.perf_counter() - begin}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(result, path)
-    return SimpleNamespace(**result)
+    return {"images": torch.cat(images), "scores": {s: np.concatenate(v) for s, v in scores.items()},
+            "per_step": np.concatenate(per_step, axis=1), "steps": list(x0_steps)}
 
 
 def x0_cost(pipe, upipe, args, x0_steps: list[int]) -> None:

@@ -34,11 +34,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from protocol import (  # benchmarks/protocol.py
     TEST_SEED,
     VAL_SEED,
+    cached,
     choose_x0_steps,
     windowed_variability,
     windows,
@@ -108,6 +110,9 @@ def main() -> None:
                         help="first test molecules also scored by the semantic score (0: skip)")
     parser.add_argument("--x0-draws", type=int, default=16,
                         help="M of semantic_x0 (0: skip it; needs --semantic-n)")
+    parser.add_argument("--x0-steps", default=None,
+                        help="comma-separated steps of semantic_x0 instead of the validation "
+                        "choice (e.g. the choice of an earlier run, to try more draws)")
     parser.add_argument("--x0-cost-n", type=int, default=32,
                         help="molecules of semantic_x0's cost table (0: none)")
     parser.add_argument("--out", default="outputs/eval_molecules")
@@ -127,13 +132,16 @@ def main() -> None:
 
     runs, runs_seconds = {}, {}
     for name, seed, n in (("validation", VAL_SEED, args.n_val), ("test", TEST_SEED, args.n_test)):
-        start = time.perf_counter()
-        res = sampler(n, num_inference_steps=args.steps, sampler=args.sampler, seed=seed,
-                      scores=("variability", "denoising_loss", "random"), progress=False,
-                      **tail_extra)
-        report = evaluate_molecules(res.molecules, train_smiles)
-        runs[name] = (res, report)
-        runs_seconds[name] = time.perf_counter() - start
+        def make(n=n, seed=seed) -> dict:
+            out = sampler(n, num_inference_steps=args.steps, sampler=args.sampler, seed=seed,
+                          scores=("variability", "denoising_loss", "random"), progress=False,
+                          **tail_extra)
+            return {k: getattr(out, k) for k in ("molecules", "n_atoms", "scores",
+                                                 "variability_per_step", "variability_timesteps")}
+
+        res = cached(out, f"{run_key(sampler, n, seed, args)}_scores", make)
+        runs[name] = (res, evaluate_molecules(res.molecules, train_smiles))
+        runs_seconds[name] = res.seconds
         print(f"{name}: seed {seed}, {n} molecules ({runs_seconds[name]:.0f} s)")
 
     val, val_report = runs["validation"]
@@ -150,8 +158,10 @@ def main() -> None:
         print(f"  {wname:14s} {tname:5s} {value:+.3f}")
     window, target = min(table, key=lambda k: np.nan_to_num(table[k], nan=np.inf))
     print(f"chosen: {window}, target {target}")
-    x0_steps = choose_molecule_x0_steps(sampler, val, val_q, args) \
-        if args.x0_draws and args.semantic_n else None
+    x0_steps = None
+    if args.x0_draws and args.semantic_n:
+        x0_steps = [int(v) for v in args.x0_steps.split(",")] if args.x0_steps else \
+            choose_molecule_x0_steps(sampler, val, val_q, args)
 
     res, report = runs["test"]
     quality = quality_of(report)
@@ -219,10 +229,13 @@ def semantic_table(sampler: MoleculeUncertaintyPipeline, res, scores: dict[str, 
 
     n = min(args.semantic_n, args.n_test)
     sampler.set_feature_scale(features_of([train.molecule(i) for i in range(args.n_fit)]))
-    start = time.perf_counter()
-    sem = sampler(n, num_inference_steps=args.steps, sampler=args.sampler, seed=TEST_SEED,
-                  num_draws=args.draws, scores=("semantic",), progress=False)
-    seconds = time.perf_counter() - start
+    def make() -> dict:
+        out = sampler(n, num_inference_steps=args.steps, sampler=args.sampler, seed=TEST_SEED,
+                      num_draws=args.draws, scores=("semantic",), progress=False)
+        return {"molecules": out.molecules, "scores": out.scores}
+
+    sem = cached(Path(args.out), f"{run_key(sampler, n, TEST_SEED, args)}_semanticm{args.draws}", make)
+    seconds = sem.seconds
     same = all(np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0], atol=1e-4)
                for a, b in zip(sem.molecules, res.molecules[:n]))
     if not same:
@@ -242,14 +255,24 @@ def semantic_table(sampler: MoleculeUncertaintyPipeline, res, scores: dict[str, 
     return np.asarray(sem.scores["semantic"])
 
 
+def run_key(sampler: MoleculeUncertaintyPipeline, n: int, seed: int, args) -> str:
+    """What decides a run of this script's: the posterior, sizes, seed, steps, sampler."""
+    tail = f"_tail{args.tail}m{args.draws}" if args.tail else ""
+    return f"{sampler.posterior.digest()[:12]}_n{n}_s{seed}_t{args.steps}_{args.sampler}{tail}"
+
+
 def x0_call(sampler: MoleculeUncertaintyPipeline, n: int, seed: int, steps: list[int], args,
-            like=None):
+            like=None, cache: bool = True):
     """semantic_x0 alone on molecules 0..n-1 of `seed` (the MAP trajectory's own molecules:
-    checked against `like`, a run's molecules, when given)."""
-    start = time.perf_counter()
-    out = sampler(n, num_inference_steps=args.steps, sampler=args.sampler, seed=seed,
-                  num_draws=args.x0_draws, scores=("semantic_x0",), x0_steps=steps, progress=False)
-    out.seconds = time.perf_counter() - start
+    checked against `like`, a run's molecules, when given); cached unless timed."""
+    def make() -> dict:
+        out = sampler(n, num_inference_steps=args.steps, sampler=args.sampler, seed=seed,
+                      num_draws=args.x0_draws, scores=("semantic_x0",), x0_steps=steps,
+                      progress=False)
+        return {k: getattr(out, k) for k in ("molecules", "scores", "semantic_x0_per_step")}
+
+    key = f"{run_key(sampler, n, seed, args)}_x0m{args.x0_draws}_" + "-".join(map(str, steps))
+    out = cached(Path(args.out), key, make) if cache else SimpleNamespace(**make())
     if like is not None and not all(np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0], atol=1e-4)
                                     for a, b in zip(out.molecules, like[:n])):
         raise SystemExit("the semantic_x0 run's molecules differ from the run it scores")
@@ -300,7 +323,9 @@ def x0_table(sampler: MoleculeUncertaintyPipeline, res, semantic: np.ndarray,
         sampler(m, num_inference_steps=args.steps, sampler=args.sampler, seed=TEST_SEED + 1,
                 num_draws=0, scores=("random",), progress=False)
         plain = time.perf_counter() - start
-        scored = x0_call(sampler, m, TEST_SEED + 1, steps, args).seconds
+        start = time.perf_counter()
+        x0_call(sampler, m, TEST_SEED + 1, steps, args, cache=False)
+        scored = time.perf_counter() - start
         print(f"cost on {m} molecules, one run each: plain {plain:.1f} s, semantic_x0 {scored:.1f} s "
               f"({scored / plain:.2f}x)")
     return np.asarray(values)

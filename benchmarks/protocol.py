@@ -7,13 +7,31 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 from genunc.scores import variability_score
 
 #: anything chosen is chosen on the validation seed; every reported figure is on the test seed
 VAL_SEED, TEST_SEED = 1000, 2000
+
+
+def cached(out_dir: str | Path, key: str, make: Callable[[], dict]) -> SimpleNamespace:
+    """A run's results: what ``make()`` returns (a dict, plus ``seconds``, how long it took), or
+    what an identical earlier run saved under `key` (``out_dir/run_<key>.pt``).  The key must
+    name everything that decides the result (the posterior's digest, sizes, seeds, settings)."""
+    path = Path(out_dir) / f"run_{key}.pt"
+    if path.exists():
+        return SimpleNamespace(**torch.load(path, weights_only=False))
+    start = time.perf_counter()
+    result = make()
+    result["seconds"] = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(result, path)
+    return SimpleNamespace(**result)
 
 
 def windows(steps: int) -> dict[str, np.ndarray]:
