@@ -8,13 +8,24 @@ of several interleaved repeats of
   plain    num_draws=0, scores=()                       (the cost baseline)
   scored   num_draws=M, scores=(action_variance, variability)
   av       action_variance alone (M+1 chains per candidate)
+  x0       action_variance_x0 alone (the MAP chain only; M+1 heads' clean predictions per step)
   var      variability alone (exact: no draws)
 
 and the ratios to plain (median of the repeats' paired ratios).  The scored call's samples are
 checked equal to plain generation's.
 
+``--agreement``: does the one-chain ``action_variance_x0`` rank candidates as ``action_variance``
+does?  On the shipped Hopper DUAL agent (genunc/zoo/weights/rl_hopper/dual_agent, its fitted head
+posterior) and states of the held-out episodes of ``zoo:rl/hopper-medium`` (the ones DUAL
+calibrates its detector on, never trained on), N candidates per state and M draws as DUAL's
+online phase uses them: ``action_variance_x0`` at each single step and at all steps, its
+Spearman with ``action_variance`` pooled over all candidates and within each state (the ranking
+DUAL's ``Q + beta*u`` uses), the steps chosen by the within-state Spearman on validation states,
+then reported on disjoint test states with bootstrap 95% intervals over states.
+
 Usage:  python benchmarks/bench_action_scores.py [--contexts 1,64] [--candidates 16] [--draws 8]
             [--steps 5] [--repeats 7] [--device cpu|cuda] [--threads 2]
+        python benchmarks/bench_action_scores.py --agreement [--states 200] [--threads 1]
 """
 
 from __future__ import annotations
@@ -27,8 +38,11 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
+from genunc.metrics.stats import bootstrap_interval, spearman
 from genunc.pipelines import VectorUncertaintyPipeline
 from genunc.zoo.toy import ToyVectorDenoiser
+
+VAL_SEED, TEST_SEED = 1000, 2000
 
 
 def vp_betas(steps: int, beta_min: float = 0.1, beta_max: float = 10.0) -> list[float]:
@@ -56,6 +70,63 @@ def timed(calls: dict, repeats: int, device: str) -> dict[str, list[float]]:
     return times
 
 
+def within_state_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(B, N)`` scores -> ``(B,)`` Spearman of the N candidates' ranks in each state."""
+    return np.array([spearman(x, y) for x, y in zip(a, b)])
+
+
+def agreement(args: argparse.Namespace) -> None:
+    """action_variance_x0 against action_variance on the shipped Hopper agent (see the module
+    docstring)."""
+    from genunc.posterior import HeadPosterior
+    from genunc.rl.agent import DUALAgent
+    from genunc.rl.config import load_rl_config
+    from genunc.rl.offline import actor_pipeline
+    from genunc.rl.run import load_dataset
+    from genunc.zoo.shipped import WEIGHTS_DIR
+
+    folder = WEIGHTS_DIR / "rl_hopper" / "dual_agent"
+    agent, _ = DUALAgent.load(folder)
+    pipe = actor_pipeline(agent)
+    pipe.posterior = HeadPosterior.load(folder / "posterior", agent.actor)
+    config = load_rl_config("configs/hopper.yaml", [])
+    n, m = config["online"]["candidates"], config["online"]["num_draws"]
+    steps = len(agent.actor_scheduler.alphas_cumprod)
+    _, held_out = load_dataset(config).split(config["data"]["held_out"], config["seed"])
+    rows = np.random.default_rng(0).permutation(len(held_out))[: 2 * args.states]
+    print(f"shipped Hopper agent, {steps}-step actor, N = {n} candidates, M = {m} draws; "
+          f"{args.states} validation and {args.states} test states of the held-out episodes")
+    results = {}
+    for name, seed, part in (("validation", VAL_SEED, rows[: args.states]),
+                             ("test", TEST_SEED, rows[args.states :])):
+        states = agent.scales.state(held_out.observations[part])
+        t0 = time.perf_counter()
+        out = pipe(states, num_candidates=n, num_draws=m, seed=seed,
+                   scores=("action_variance", "action_variance_x0"), x0_steps=list(range(steps)))
+        per_step = out.semantic_x0_per_step  # (S, B, N)
+        windows = {f"step {k}": [k] for k in range(steps)} | {"all steps": list(range(steps))}
+        results[name] = {w: per_step[ks].mean(0) for w, ks in windows.items()}
+        results[name]["_av"] = out.scores["action_variance"]
+        print(f"{name} (seed {seed}, {time.perf_counter() - t0:.1f} s):")
+        for w, x0 in results[name].items():
+            if w != "_av":
+                within = within_state_spearman(x0, out.scores["action_variance"])
+                pooled = spearman(x0.ravel(), out.scores["action_variance"].ravel())
+                print(f"  {w:>10}: within-state Spearman {np.nanmean(within):+.3f}, pooled "
+                      f"{pooled:+.3f}")
+    val = results["validation"]
+    chosen = max((w for w in val if w != "_av"),
+                 key=lambda w: np.nanmean(within_state_spearman(val[w], val["_av"])))
+    test = results["test"]
+    within = within_state_spearman(test[chosen], test["_av"])
+    _, lo, hi = bootstrap_interval(np.nanmean, within)
+    pooled = spearman(test[chosen].ravel(), test["_av"].ravel())
+    chosen_argmin = (test[chosen].argmin(1) == test["_av"].argmin(1)).mean()
+    print(f"chosen on validation: {chosen}; test: within-state Spearman {np.nanmean(within):+.3f} "
+          f"[{lo:+.3f}, {hi:+.3f}], pooled {pooled:+.3f}; the same least-uncertain candidate in "
+          f"{chosen_argmin:.1%} of states (chance {1 / n:.1%})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--contexts", default="1,64", help="comma-separated numbers of contexts B")
@@ -69,9 +140,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--agreement", action="store_true",
+                        help="rank agreement of action_variance_x0 with action_variance on the "
+                        "shipped Hopper agent instead of the timings")
+    parser.add_argument("--states", type=int, default=200,
+                        help="with --agreement: validation states, and as many test states")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.agreement:
+        agreement(args)
+        return
     torch.manual_seed(0)
     model = ToyVectorDenoiser(args.action_dim, args.state_dim, args.width, args.depth)
     scheduler = DDPMScheduler(num_train_timesteps=args.steps, trained_betas=vp_betas(args.steps),
@@ -83,12 +162,13 @@ def main() -> None:
     calls = {"plain": dict(num_draws=0, scores=()),
              "scored": dict(num_draws=args.draws, scores=("action_variance", "variability")),
              "av": dict(num_draws=args.draws, scores=("action_variance",)),
+             "x0": dict(num_draws=args.draws, scores=("action_variance_x0",)),
              "var": dict(num_draws=0, scores=("variability",))}
     print(f"device {args.device}, {torch.get_num_threads()} threads; {args.width}x{args.depth} MLP, "
           f"state {args.state_dim}, action {args.action_dim}, N={args.candidates}, "
           f"M={args.draws}, K={args.steps}; median of {args.repeats}")
     print(f"{'B':>4} {'plain ms':>9} {'scored ms':>10} {'scored/plain':>13} {'av/plain':>9} "
-          f"{'var/plain':>10}")
+          f"{'x0/plain':>9} {'var/plain':>10}")
     for b in (int(v) for v in args.contexts.split(",")):
         cond = torch.randn(b, args.state_dim, generator=torch.Generator().manual_seed(b))
         plain = pipe(cond, num_candidates=args.candidates, num_inference_steps=args.steps,
@@ -106,7 +186,8 @@ def main() -> None:
         ratio = {name: statistics.median(a / p for a, p in zip(t, times["plain"]))
                  for name, t in times.items()}  # the median of the repeats' paired ratios
         print(f"{b:>4} {1e3 * median['plain']:>9.2f} {1e3 * median['scored']:>10.2f} "
-              f"{ratio['scored']:>13.2f} {ratio['av']:>9.2f} {ratio['var']:>10.2f}"
+              f"{ratio['scored']:>13.2f} {ratio['av']:>9.2f} {ratio['x0']:>9.2f} "
+              f"{ratio['var']:>10.2f}"
               + ("" if gap == 0 else f"   (scored samples differ from plain by {gap:.1e})"))
 
 

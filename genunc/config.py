@@ -84,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
         "mi_estimator": "sampled",
         "mi_top_k": None,  # text: pruned's vocabulary (null: its default); linearised: null = all
         "variability_steps": None,  # image/molecule: step indices where variability is measured (all)
-        "x0_steps": None,  # image: step indices semantic_x0 is measured at (default: its own)
+        "x0_steps": None,  # image, vector: step indices semantic_x0 / action_variance_x0 read
         "nll_levels": 10,  # molecule: noise levels of denoising_loss and nll (>= T: every level)
         # the backbone's precision: float32, or bfloat16 / float16 autocast (GPUs); head draws,
         # variances and scores stay in full precision

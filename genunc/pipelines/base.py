@@ -94,8 +94,9 @@ class UncertaintyOutput:
     #: row, so that other step windows and targets can be evaluated without generating again
     variability_per_step: dict[str, np.ndarray] | None = None
     variability_timesteps: np.ndarray | None = None
-    #: with semantic_x0: ``(S, N)`` its entropy at each of the ``x0_steps`` (the score is the
-    #: mean), so that other steps can be evaluated without generating again
+    #: with semantic_x0 (vectors: action_variance_x0): ``(S, N)`` its value at each of the
+    #: ``x0_steps`` (the score is the mean), so that other steps can be evaluated without
+    #: generating again
     semantic_x0_per_step: np.ndarray | None = None
 
 
@@ -168,15 +169,17 @@ class ScoreCollector:
             self.add(f"{name}_se", np.sqrt((m - 1) / m * ((loo - loo.mean(0)) ** 2).sum(0)))
 
     def add_semantic_x0(self, features: np.ndarray | Tensor,
-                        entropy: Callable[[np.ndarray], np.ndarray]) -> None:
+                        entropy: Callable[[np.ndarray], np.ndarray],
+                        name: str = "semantic_x0") -> None:
         """One chunk's ``semantic_x0`` from the ``(S, M+1, B, D)`` features of the clean samples
         the MAP (first) and the M draws predict at each of S steps: the score, its jackknife
         error (M >= 2; :func:`~genunc.scores.semantic.mean_step_entropy`) and the per-step
-        entropies (the output's ``semantic_x0_per_step``)."""
+        entropies (the output's ``semantic_x0_per_step``).  `name`: the score's name (vectors'
+        spread of the predicted vectors is ``action_variance_x0``)."""
         score, se = mean_step_entropy(features, entropy)
-        self.add("semantic_x0", score)
+        self.add(name, score)
         if se is not None:
-            self.add("semantic_x0_se", se)
+            self.add(f"{name}_se", se)
         feats = features.detach().cpu().double().numpy() if isinstance(features, Tensor) \
             else np.asarray(features, dtype=np.float64)
         self.x0_per_step.append(np.stack([entropy(step) for step in feats]))

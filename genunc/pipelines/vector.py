@@ -19,6 +19,14 @@ Scores, one per candidate, ``(B, N)`` arrays (lower = more certain):
   vectors; the score is their total variance, the trace of their sample covariance (the sum
   over the D dimensions of the unbiased variance across the M+1 vectors).  A posterior collapsed
   to its mean gives M+1 identical chains and 0.
+* ``action_variance_x0``: the same spread at the cost of one chain: along the MAP chain only, at
+  each of the ``x0_steps`` (default: the last step), the clean vector each of the M+1 heads
+  predicts from the MAP chain's recorded head input (one batched head op; the scheduler's own
+  ``pred_original_sample`` rule), its total variance across them, mean over the steps; with
+  ``action_variance_x0_se`` its jackknife error over the draws.  It sees the head's uncertainty
+  where the MAP chain goes, not how a draw's chain would depart from it: ``action_variance``
+  runs M+1 backbones per step, this none (benchmarks/bench_action_scores.py measures both and
+  their rank agreement).
 * ``variability``: the exact (closed-form, :meth:`HeadPosterior.output_variance`) variance of
   the predicted noise under the head posterior given the MAP chain's features, summed over the D
   dimensions (the trace, as above) and averaged over the chain's steps; no draws.
@@ -90,8 +98,8 @@ class VectorUncertaintyPipeline(UncertaintyPipeline):
         cond_dim: the context width C, when the model has no ``cond_dim`` attribute.
     """
 
-    SCORES = {"action_variance": 1, "variability": 0, "random": None}
-    EXTRA_SCORE_COLUMNS = ("variability_se",)
+    SCORES = {"action_variance": 1, "action_variance_x0": 1, "variability": 0, "random": None}
+    EXTRA_SCORE_COLUMNS = ("variability_se", "action_variance_x0_se")
 
     def __init__(self, model: nn.Module, scheduler: Any, head_name: str = "head",
                  posterior: HeadPosterior | None = None, *, cond_dim: int | None = None) -> None:
@@ -195,7 +203,8 @@ class VectorUncertaintyPipeline(UncertaintyPipeline):
         rows = self.run_contexts[context_of(indices, g["candidates"], len(self.run_contexts))]
         return dict(cond=rows, num_candidates=1, num_draws=g["num_draws"],
                     num_inference_steps=g["steps"], scores=tuple(g["scores"]),
-                    variance=g["variance"], seed=g["seed"], first_sample=indices.start,
+                    variance=g["variance"], x0_steps=g.get("x0_steps"), seed=g["seed"],
+                    first_sample=indices.start,
                     chunk_size=len(indices), progress=False)
 
     # ------------------------------------------------------------------ generation
@@ -211,6 +220,7 @@ class VectorUncertaintyPipeline(UncertaintyPipeline):
         seed: int = 0,
         first_sample: int = 0,
         chunk_size: int = 4096,
+        x0_steps: list[int] | None = None,
         keep_draw_samples: bool = False,
         progress: bool = False,
         check_only: bool = False,
@@ -221,14 +231,17 @@ class VectorUncertaintyPipeline(UncertaintyPipeline):
             num_draws: posterior head draws M (``action_variance`` runs M+1 chains per
                 candidate; exact ``variability`` needs none).
             num_inference_steps: the scheduler's steps (default: all its train timesteps).
-            scores: any of ``action_variance``, ``variability``, ``random``; ``()`` with
-                ``num_draws=0`` is plain generation.
+            scores: any of ``action_variance``, ``action_variance_x0``, ``variability``,
+                ``random``; ``()`` with ``num_draws=0`` is plain generation.
             variance: ``exact`` (closed form) or ``monte_carlo`` (over the M draws, M >= 2).
             seed: the run's seed; with ``first_sample`` it fixes every random stream.
             first_sample: the global index of the call's first candidate (candidate n of
                 context b is sample ``first_sample + b*num_candidates + n``).
             chunk_size: candidates per backbone batch (each with its M+1 chains); the result
                 does not depend on it.
+            x0_steps: the step indices ``action_variance_x0`` reads (default: the last one,
+                chosen on validation states of the shipped Hopper agent, where it ranks a
+                state's candidates as ``action_variance`` does best; docs/results.md).
             keep_draw_samples: also return the draws' chains' vectors ``(M, B, N, D)``.
             check_only: check the arguments and return None, generating nothing.
         """
@@ -245,11 +258,13 @@ class VectorUncertaintyPipeline(UncertaintyPipeline):
         request = self._request(scores, num_draws, seed, check_only, num_samples=n,
                                 first_sample=first_sample, variance=variance,
                                 num_inference_steps=steps, chunk_size=chunk_size, contexts=b)
+        clean_steps = self.resolve_x0_steps([steps - 1] if x0_steps is None else x0_steps, steps)
         if check_only:
             return None
         rows_cond = cond.repeat_interleave(num_candidates, dim=0)  # row b*N + n: context b
         x_T = randn_rows((self.dim,), request.generators("initial_noise")).to(cond)
         chains = request.draws if request.wants("action_variance") else None
+        clean_draws = request.draws if request.wants("action_variance_x0") else None
         head_variance = self._head_variance(request, variance)
         collected = ScoreCollector()
         samples, draw_samples = [], []
@@ -258,13 +273,17 @@ class VectorUncertaintyPipeline(UncertaintyPipeline):
                 out = run_trajectory(
                     self.adapter, self.scheduler, x_T[sl], {"cond": rows_cond[sl]},
                     num_inference_steps=steps, trajectory_draws=chains,
-                    variability=head_variance, generator=request.generators("sampler_noise", sl))
+                    variability=head_variance, generator=request.generators("sampler_noise", sl),
+                    clean_draws=clean_draws, clean_steps=clean_steps)
             collected.backbone_rows += out.backbone_rows
             samples.append(out.samples)
             if out.draw_samples is not None:
                 draw_samples.append(out.draw_samples)
-                finals = torch.cat([out.samples[None], out.draw_samples]).double()  # (M+1, n, D)
-                collected.add("action_variance", finals.var(0).sum(-1))
+                finals = torch.cat([out.samples[None], out.draw_samples])  # (M+1, n, D)
+                collected.add("action_variance", total_variance(finals.cpu().double().numpy()))
+            if out.clean_per_step is not None:
+                collected.add_semantic_x0(out.clean_per_step, total_variance,
+                                          name="action_variance_x0")
             if out.variability_per_step is not None:
                 collected.add_variability(out.variability_per_step, out.variability_timesteps,
                                           self.adapter.alphas_cumprod, "noise",
@@ -275,11 +294,20 @@ class VectorUncertaintyPipeline(UncertaintyPipeline):
             fields["variability_per_step"] = {
                 k: v.reshape(len(v), b, num_candidates)
                 for k, v in fields["variability_per_step"].items()}
+        if fields["semantic_x0_per_step"] is not None:
+            per_step = fields["semantic_x0_per_step"]
+            fields["semantic_x0_per_step"] = per_step.reshape(len(per_step), b, num_candidates)
         kept = torch.cat(draw_samples, dim=1) if keep_draw_samples and draw_samples else None
         return VectorUncertaintyOutput(
             **fields, samples=torch.cat(samples).reshape(b, num_candidates, self.dim), cond=cond,
             draw_samples=None if kept is None else kept.reshape(len(kept), b, num_candidates,
                                                                 self.dim))
+
+
+def total_variance(vectors: np.ndarray) -> np.ndarray:
+    """``(K, B, D) -> (B,)``: the trace of the sample covariance of K vectors (the sum over D
+    of the unbiased variance across K), the spread ``action_variance`` also measures."""
+    return np.asarray(vectors, dtype=np.float64).var(axis=0, ddof=1).sum(-1)
 
 
 def context_of(indices: range, candidates: int, contexts: int) -> Tensor:

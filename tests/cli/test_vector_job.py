@@ -34,7 +34,8 @@ def config_file(tmp_path):
         "posterior": {"data": str(tmp_path / "pairs.npz"), "repeats": 2, "batch_size": 32},
         "generate": {"n_samples": CONTEXTS * CANDIDATES, "candidates": CANDIDATES,
                      "num_draws": 3, "steps": None, "contexts": str(tmp_path / "contexts.npz"),
-                     "scores": ["action_variance", "variability", "random"], "chunk_size": 5,
+                     "scores": ["action_variance", "action_variance_x0", "variability", "random"],
+                     "chunk_size": 5,
                      "out": str(tmp_path / "export")},
     }
     path = tmp_path / "vector.yaml"
@@ -61,8 +62,9 @@ def test_fit_generate_evaluate_filter(config_file, tmp_path, capsys):
     # the export's candidates are the pipeline's (B, N) call: sample b*N + n, whatever the chunks
     pipe = VectorUncertaintyPipeline.from_pretrained(tmp_path / "model")
     out = pipe(torch.from_numpy(contexts["cond"]), num_candidates=CANDIDATES, num_draws=3,
-               scores=("action_variance", "variability", "random"), seed=0)
-    for name in ("action_variance", "variability", "random"):
+               scores=("action_variance", "action_variance_x0", "variability", "random"), seed=0)
+    for name in ("action_variance", "action_variance_x0", "action_variance_x0_se", "variability",
+                 "random"):
         np.testing.assert_allclose(export.column(name).astype(float),
                                    out.scores[name].reshape(-1), rtol=1e-5, atol=1e-10)
     np.testing.assert_allclose(sample["x"], out.samples[1, 1].numpy(), rtol=1e-5, atol=1e-6)
@@ -81,6 +83,20 @@ def test_without_a_quality_there_is_no_quality_column(config_file, tmp_path):
                  "--set", "generate.scores=[variability]", "--set", "generate.num_draws=0"]) == 0
     records = Export(tmp_path / "export").records
     assert len(records) == 12 and "reference_error" not in records[0]
+
+
+def test_the_jobs_x0_steps_reach_action_variance_x0(config_file, tmp_path):
+    assert main(["generate", "-c", str(config_file), "--set", "quality=null", "--set",
+                 "generate.scores=[action_variance_x0]", "--set", "generate.x0_steps=[0, 2]"]) == 0
+    pipe = VectorUncertaintyPipeline.from_pretrained(tmp_path / "model")
+    contexts = torch.from_numpy(np.load(tmp_path / "contexts.npz")["cond"])
+    out = pipe(contexts, num_candidates=CANDIDATES, num_draws=3, scores=("action_variance_x0",),
+               x0_steps=[0, 2], seed=0)
+    default = pipe(contexts, num_candidates=CANDIDATES, num_draws=3,
+                   scores=("action_variance_x0",), seed=0)
+    column = Export(tmp_path / "export").column("action_variance_x0").astype(float)
+    np.testing.assert_allclose(column, out.scores["action_variance_x0"].reshape(-1), rtol=1e-5)
+    assert not np.allclose(column, default.scores["action_variance_x0"].reshape(-1))
 
 
 @pytest.mark.parametrize("override, message", [

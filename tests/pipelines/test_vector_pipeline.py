@@ -16,7 +16,7 @@ from genunc.posterior import POSTERIOR_DIR
 from genunc.zoo.toy import ToyVectorDenoiser
 
 D, C, STEPS = 3, 4, 5
-SCORES = ("action_variance", "variability", "random")
+SCORES = ("action_variance", "action_variance_x0", "variability", "random")
 
 
 def _scheduler():
@@ -61,6 +61,8 @@ def test_shapes(pipe, cond):
     for name in SCORES:
         assert out.scores[name].shape == (3, 4) and np.isfinite(out.scores[name]).all()
     assert out.variability_per_step["variability"].shape == (STEPS, 3, 4)
+    assert out.semantic_x0_per_step.shape == (1, 3, 4)  # action_variance_x0 at the last step
+    assert out.scores["action_variance_x0_se"].shape == (3, 4)
     assert out.backbone_rows == STEPS * 12 * 4  # the MAP and 3 draws' chains, one batch
     assert (out.scores["action_variance"] > 0).all() and (out.scores["variability"] > 0).all()
 
@@ -119,6 +121,7 @@ def test_a_collapsed_posterior_gives_identical_chains_and_no_action_variance(pip
     for draw in out.draw_samples:  # bit for bit here (the same rows of one batched op)
         torch.testing.assert_close(draw, out.samples, rtol=0, atol=1e-6)
     assert out.scores["action_variance"].max() <= 1e-12  # exactly 0 here
+    assert out.scores["action_variance_x0"].max() <= 1e-12
     assert out.scores["variability"].max() < 1e-20
 
 
@@ -204,3 +207,40 @@ def test_bad_arguments_are_refused_before_anything_runs(pipe, cond):
     with pytest.raises(GenuncError, match="no posterior"):
         VectorUncertaintyPipeline(pipe.model, pipe.scheduler)(cond)
     assert pipe(cond, check_only=True) is None
+
+
+def test_action_variance_x0_is_the_spread_of_the_heads_clean_predictions_along_the_map_chain(
+        pipe, cond):
+    """At each step of the MAP chain, every head (MAP first, then the M draws) predicts the clean
+    vector from the MAP chain's x_t (the scheduler's own pred_original_sample, clipped as the
+    scheduler clips): the score is their total variance, mean over the steps; no backbone rows
+    beyond the MAP chain's, and the vectors are the plain call's."""
+    out = _call(pipe, cond, scores=("action_variance_x0",), x0_steps=[1, 3])
+    plain = pipe(cond, num_candidates=4, num_draws=0, scores=(), seed=1)
+    assert out.backbone_rows == plain.backbone_rows
+    torch.testing.assert_close(out.samples, plain.samples, rtol=0, atol=1e-6)
+
+    draws = pipe.posterior.sample(3, seed=streams.torch_generator(1, "head_draws"), with_map=True)
+    heads = [{f"head.{k}": v[m] for k, v in draws.params.items()} for m in range(4)]
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(STEPS)
+    rows = cond.repeat_interleave(4, 0)
+    indices = range(len(rows))
+    x = streams.randn_rows((D,), streams.sample_generators(1, "initial_noise", indices))
+    gens = streams.sample_generators(1, "sampler_noise", indices)
+    per_step = []
+    for i, t in enumerate(scheduler.timesteps):
+        with torch.no_grad():
+            eps = [functional_call(pipe.model, h, (x, t.expand(len(x)), rows)) for h in heads]
+        if i in (1, 3):
+            clean = torch.stack([copy.deepcopy(scheduler).step(e, t, x).pred_original_sample
+                                 for e in eps]).double()
+            per_step.append(clean.var(0).sum(-1).numpy())
+        x = scheduler.step(eps[0], t, x, generator=gens).prev_sample
+    np.testing.assert_allclose(out.semantic_x0_per_step.reshape(2, -1), np.stack(per_step),
+                               rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(out.scores["action_variance_x0"].ravel(), np.mean(per_step, 0),
+                               rtol=1e-4, atol=1e-12)
+    assert (out.scores["action_variance_x0"] > 0).all()
+    with pytest.raises(GenuncError, match="x0_steps"):
+        _call(pipe, cond, scores=("action_variance_x0",), x0_steps=[STEPS])
