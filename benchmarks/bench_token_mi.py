@@ -22,12 +22,17 @@ K = V (sampled MI from other random numbers) shows how far two M = 64 estimates 
 Spearman with the reference over candidates and AUROC(answer wrong) of the per-sequence mean MI,
 with percentile bootstrap intervals over prompts.
 
+Part 3 (``--part agreement-llada2``): part 2's comparison through the wrapped path, diffusers'
+``LLaDA2Pipeline`` over the shipped arith model, wrapped by ``TextUncertaintyPipeline.from_pipe``
+(block refinement at token temperature 1); the same estimators, reference and intervals.
+
 Memory figures need glibc to return freed memory at once: run with ``MALLOC_MMAP_THRESHOLD_=65536``.
 
 Usage:  python benchmarks/bench_token_mi.py [--part cost|agreement|both] [--vocab 126464]
             [--hidden 4096] [--batch 4] [--length 256] [--draws 8] [--top-k 64 256]
             [--rows closed pruned sampled]
             [--tasks arith sudoku4] [--prompts 100] [--n 4] [--ref-draws 64] [--pruned-k 4]
+        python benchmarks/bench_token_mi.py --part agreement-llada2 [--prompts 100] [--n 4]
 """
 
 from __future__ import annotations
@@ -150,17 +155,7 @@ def agreement(args: argparse.Namespace) -> None:
         prompts = task.prompts(problems).repeat_interleave(n, 0)
         config = UnmaskingConfig("low_confidence", temperature=1.0)
         runs, seconds = {}, {}
-        k = args.pruned_k
-        plans = [(f"sampled M={args.ref_draws}", "sampled", args.ref_draws, None),
-                 (f"sampled M={args.draws}", "sampled", args.draws, None),
-                 ("linearised", "linearised", args.draws, None),
-                 (f"linearised, top-{k} rows", "linearised", args.draws, k),
-                 ("bridge", "bridge", args.draws, None),
-                 (f"pruned K={k} M={args.ref_draws}", "pruned", args.ref_draws, k),
-                 (f"pruned K={k} M={args.draws}", "pruned", args.draws, k),
-                 # K = V: sampled MI with other random numbers, the Monte-Carlo noise ceiling
-                 (f"pruned K=V M={args.ref_draws} (= sampled, other draws)", "pruned",
-                  args.ref_draws, pipe.adapter.vocab_size)]
+        plans = estimator_plans(args, pipe.adapter.vocab_size)
         for label, estimator, draws, top_k in plans:
             tic = time.perf_counter()
             runs[label] = pipe(prompts, config, num_draws=draws, seed=args.seed,
@@ -172,34 +167,108 @@ def agreement(args: argparse.Namespace) -> None:
         if not all(torch.equal(r.tokens, tokens) for r in runs.values()):
             raise SystemExit("the estimators' runs produced different candidates")
         correct = task.check(tokens).reshape(p, n)
-        ref = runs[ref_label].scores["mutual_information"].reshape(p, n)
         print(f"\n{name}: {p} held-out prompts x {n} candidates (test seed {args.seed}, "
               f"low_confidence, token temperature 1), vocabulary {pipe.adapter.vocab_size}; "
               f"accuracy {correct.mean():.1%}; {args.boot} resamples of prompts")
-        print(f"| estimator | Spearman with {ref_label} | AUROC(wrong) | s for the run |")
-        print("|---|---|---|---|")
-        ids = np.arange(p)
+        agreement_table({k: r.scores["mutual_information"].reshape(p, n) for k, r in runs.items()},
+                        ref_label, correct, seconds, args.boot)
 
-        def spearman(a, b):
-            ra, rb = (np.argsort(np.argsort(x.ravel())) for x in (a, b))
-            return float(np.corrcoef(ra, rb)[0, 1])
 
-        for label, run in runs.items():
-            values = run.scores["mutual_information"].reshape(p, n)
-            rho = bootstrap_interval(lambda i, v=values, r=ref: spearman(v[i], r[i]), ids,
-                                     n_boot=args.boot)
-            auc = bootstrap_interval(
-                lambda i, v=values, c=correct: filtering.auroc(v[i].ravel(), ~c[i].ravel()), ids,
-                n_boot=args.boot)
-            rho_cell = "1 (itself)" if label == ref_label else \
-                f"{rho[0]:.3f} [{rho[1]:.3f}, {rho[2]:.3f}]"
-            print(f"| {label} | {rho_cell} | {auc[0]:.3f} [{auc[1]:.3f}, {auc[2]:.3f}] | "
-                  f"{seconds[label]:.1f} |")
+def estimator_plans(args: argparse.Namespace, vocab: int) -> list[tuple[str, str, int, int | None]]:
+    """``(label, mi_estimator, num_draws, mi_top_k)`` of every estimator compared, the
+    reference (sampled at ``--ref-draws``) first."""
+    k = args.pruned_k
+    return [(f"sampled M={args.ref_draws}", "sampled", args.ref_draws, None),
+            (f"sampled M={args.draws}", "sampled", args.draws, None),
+            ("linearised", "linearised", args.draws, None),
+            (f"linearised, top-{k} rows", "linearised", args.draws, k),
+            ("bridge", "bridge", args.draws, None),
+            (f"pruned K={k} M={args.ref_draws}", "pruned", args.ref_draws, k),
+            (f"pruned K={k} M={args.draws}", "pruned", args.draws, k),
+            # K = V: sampled MI with other random numbers, the Monte-Carlo noise ceiling
+            (f"pruned K=V M={args.ref_draws} (= sampled, other draws)", "pruned",
+             args.ref_draws, vocab)]
+
+
+def agreement_table(values: dict[str, np.ndarray], ref_label: str, correct: np.ndarray,
+                    seconds: dict[str, float], boot: int) -> None:
+    """Per estimator ``(P, N)`` MI: Spearman with the reference and AUROC(wrong), with
+    bootstrap intervals over the P prompts."""
+    ref = values[ref_label]
+    ids = np.arange(len(ref))
+
+    def spearman(a, b):
+        ra, rb = (np.argsort(np.argsort(x.ravel())) for x in (a, b))
+        return float(np.corrcoef(ra, rb)[0, 1])
+
+    print(f"| estimator | Spearman with {ref_label} | AUROC(wrong) | s for the run |")
+    print("|---|---|---|---|")
+    for label, v in values.items():
+        rho = bootstrap_interval(lambda i, v=v: spearman(v[i], ref[i]), ids, n_boot=boot)
+        auc = bootstrap_interval(lambda i, v=v: filtering.auroc(v[i].ravel(), ~correct[i].ravel()),
+                                 ids, n_boot=boot)
+        rho_cell = "1 (itself)" if label == ref_label else \
+            f"{rho[0]:.3f} [{rho[1]:.3f}, {rho[2]:.3f}]"
+        print(f"| {label} | {rho_cell} | {auc[0]:.3f} [{auc[1]:.3f}, {auc[2]:.3f}] | "
+              f"{seconds[label]:.1f} |")
+
+
+def agreement_llada2(args: argparse.Namespace) -> None:
+    """The same comparison through the wrapped path: diffusers' ``LLaDA2Pipeline`` over the
+    shipped arith model (:func:`~genunc.zoo.arith_llada2.arith_llada2_pipeline`), wrapped by
+    ``TextUncertaintyPipeline.from_pipe``; its block-refinement scheduler at token temperature
+    1 (multinomial), block length 5, one call per prompt for its ``--n`` candidates with the
+    prompt's own generator, so every estimator scores the same sequences (checked)."""
+    from genunc.pipelines import TextUncertaintyPipeline
+    from genunc.tasks import ArithmeticTask
+    from genunc.zoo.arith_llada2 import arith_llada2_pipeline
+    from genunc.zoo.pretrained import read_config
+    from genunc.zoo.shipped import ARITH_DIR
+
+    torch.set_num_threads(1)
+    config = read_config(ARITH_DIR)
+    task = ArithmeticTask(config["task"]["op"], config["task"]["digits"])
+    pipe = arith_llada2_pipeline()
+    upipe = TextUncertaintyPipeline.from_pipe(pipe)
+    split = task.split()
+    upipe.fit_posterior([(task.problem_text(a, b), task.answer_text(task.solve(a, b)))
+                         for a, b in split["train"][: args.n_fit]], repeats=2, seed=args.seed)
+    pairs = split["test"]
+    pairs = pairs[streams.numpy_generator(args.seed, "prompt_order").permutation(len(pairs))
+                  [: args.prompts]]
+    p, n = len(pairs), args.n
+    texts = [task.problem_text(a, b) for a, b in pairs]
+    call = dict(gen_length=task.answer_digits, block_length=5,
+                num_inference_steps=task.answer_digits, temperature=1.0, threshold=1.01,
+                editing_threshold=None, use_chat_template=False)
+    values, seconds, sequences = {}, {}, {}
+    plans = estimator_plans(args, upipe.head.weight.shape[0])
+    for label, estimator, draws, top_k in plans:
+        tic = time.perf_counter()
+        outs = [upipe(prompt=[t] * n, num_draws=draws, seed=args.seed,
+                      scores=("mutual_information",), mi_estimator=estimator, mi_top_k=top_k,
+                      generator=streams.torch_generator(args.seed, "sampler_noise", i), **call)
+                for i, t in enumerate(texts)]
+        seconds[label] = time.perf_counter() - tic
+        values[label] = np.concatenate([o.scores["mutual_information"] for o in outs]).reshape(p, n)
+        sequences[label] = torch.cat([o.sequences for o in outs])
+    ref_label = plans[0][0]
+    if not all(torch.equal(v, sequences[ref_label]) for v in sequences.values()):
+        raise SystemExit("the estimators' runs produced different sequences")
+    full = torch.cat([torch.cat([task.prompts(pairs[i : i + 1]).repeat(n, 1)[:, : task.prompt_length],
+                                 sequences[ref_label][i * n : (i + 1) * n]], 1) for i in range(p)])
+    correct = task.check(full).reshape(p, n)
+    print(f"\narith through LLaDA2Pipeline (from_pipe): {p} held-out prompts x {n} candidates "
+          f"(test seed {args.seed}, block refinement, token temperature 1), vocabulary "
+          f"{upipe.head.weight.shape[0]}; accuracy {correct.mean():.1%}; {args.boot} "
+          "resamples of prompts")
+    agreement_table(values, ref_label, correct, seconds, args.boot)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--part", choices=["cost", "agreement", "both"], default="both")
+    parser.add_argument("--part", choices=["cost", "agreement", "agreement-llada2", "both"],
+                        default="both")
     parser.add_argument("--vocab", type=int, default=126464)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)
@@ -224,6 +293,8 @@ def main() -> None:
         cost(args)
     if args.part in ("agreement", "both"):
         agreement(args)
+    if args.part == "agreement-llada2":
+        agreement_llada2(args)
 
 
 if __name__ == "__main__":
