@@ -58,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
         "num_draws": 8,  # M head draws for the epistemic score
         # uncertainty (Q + beta u), none (beta = 0), noise (a random bonus of u's scale)
         "bonus": "uncertainty",
+        # u: action_variance (the M+1 draws' chains) or action_variance_x0 (the MAP chain's
+        # last-step clean predictions under the M heads: one chain, 1.0-1.4x plain generation)
+        "score": "action_variance",
         "beta": 1.0, "beta_final": 0.0,
         "anneal_steps": 25000,  # beta goes linearly from beta to beta_final over these steps
         "offline_fraction": 0.5,  # of each minibatch while no shift is detected
@@ -100,6 +103,7 @@ RULES: dict[str, Rule] = {
     "posterior.max_samples": _COUNT, "posterior.refresh_every": _SEED,
     "online.steps": _SEED, "online.candidates": _COUNT, "online.num_draws": Rule(int, minimum=2),
     "online.bonus": Rule(str, choices=("uncertainty", "none", "noise")),
+    "online.score": Rule(str, choices=("action_variance", "action_variance_x0")),
     "online.beta": Rule(float, minimum=0), "online.beta_final": Rule(float, minimum=0),
     "online.anneal_steps": _COUNT, "online.offline_fraction": _FRACTION,
     "online.update_every": _COUNT, "online.updates_per_step": _COUNT,

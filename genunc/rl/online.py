@@ -3,7 +3,9 @@ keep learning.
 
 At each step the actor proposes ``N`` candidate actions for the current state with their
 epistemic score ``u`` (the spread of each candidate's final action across the ``M`` head draws
-of the Laplace posterior; genunc's vector pipeline, one batched call).  The agent takes
+of the Laplace posterior, ``online.score``: ``action_variance`` over the draws' own chains, or
+``action_variance_x0`` from the MAP chain alone; genunc's vector pipeline, one batched call).
+The agent takes
 
     argmax_n  Q(s, a_n) + beta_t * sd_n(Q) * u_n / mean_n(u)
 
@@ -59,18 +61,20 @@ class OnlineResult:
 class CandidatePolicy:
     """Candidates from the actor pipeline, chosen by Q and an exploration bonus."""
 
-    def __init__(self, agent: DUALAgent, pipe: Any, candidates: int, num_draws: int, seed: int) -> None:
+    def __init__(self, agent: DUALAgent, pipe: Any, candidates: int, num_draws: int, seed: int,
+                 score: str = "action_variance") -> None:
         self.agent, self.pipe, self.n, self.m, self.seed = agent, pipe, candidates, num_draws, seed
+        self.score = score  # the vector pipeline's score that is u
 
     def propose(self, state: torch.Tensor, index: int, with_scores: bool, seed: int | None = None
                 ) -> tuple[torch.Tensor, np.ndarray | None]:
         """``(B, N, A)`` candidates (unit actions) and their ``(B, N)`` epistemic scores."""
         out = self.pipe(state, num_candidates=self.n, num_draws=self.m if with_scores else 0,
                         num_inference_steps=len(self.agent.actor_scheduler.alphas_cumprod),
-                        scores=("action_variance",) if with_scores else (),
+                        scores=(self.score,) if with_scores else (),
                         seed=self.seed if seed is None else seed,
                         first_sample=index * self.n * state.shape[0], progress=False)
-        return out.samples, (out.scores["action_variance"] if with_scores else None)
+        return out.samples, (out.scores[self.score] if with_scores else None)
 
     def q_values(self, state: torch.Tensor, actions: torch.Tensor) -> np.ndarray:
         b, n, _ = actions.shape
@@ -115,7 +119,7 @@ def run_online(agent: DUALAgent, pipe: Any, detector: ShiftDetector | None,
     seed, on, det, post = config["seed"], config["online"], config["detector"], config["posterior"]
     off = config["offline"]
     result = OnlineResult()
-    policy = CandidatePolicy(agent, pipe, on["candidates"], on["num_draws"], seed)
+    policy = CandidatePolicy(agent, pipe, on["candidates"], on["num_draws"], seed, on["score"])
     learner = ActorCritic(agent, LearnerSettings(off["lr"], off["gamma"], off["tau"], off["eta"]),
                           seed, ONLINE)
     online_buffer = ReplayBuffer(agent.state_dim, agent.action_dim, max(on["steps"], 1))

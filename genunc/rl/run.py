@@ -44,8 +44,12 @@ def run_dir(config: dict[str, Any]) -> Path:
 
 
 def variant(config: dict[str, Any]) -> str:
+    """The run's name: the bonus (``none`` when beta is 0), ``-x0`` when u is the one-chain
+    ``action_variance_x0``, ``-shift`` in the dynamics-shifted world."""
     on = config["online"]
     name = "none" if on["bonus"] == "none" or on["beta"] == 0 else on["bonus"]
+    if name != "none" and on["score"] == "action_variance_x0":
+        name += "-x0"
     return name + ("-shift" if config["env"]["shift"] else "")
 
 
@@ -200,7 +204,9 @@ def format_differences(rows: list[dict[str, Any]]) -> str:
 #: the comparisons DUAL's question asks for, on each environment
 QUESTIONS = [(f"uncertainty{s}", f"{b}{s}") for s in ("", "-shift")
              for b in ("none", "noise", "iql", "calql")] + \
-    [(f"noise{s}", f"none{s}") for s in ("", "-shift")]  # is it just more exploration?
+    [(f"noise{s}", f"none{s}") for s in ("", "-shift")] + \
+    [(f"uncertainty-x0{s}", b) for s in ("", "-shift")  # the one-chain u against both
+     for b in (f"uncertainty{s}", f"none{s}")]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -79,3 +79,20 @@ def test_the_control_without_uncertainty_and_the_cli(tiny, capsys):
     assert main(["rl", "evaluate", "-c", "configs/pendulum.yaml", "--out", str(root / "runs")]) == 0
     printed = capsys.readouterr().out
     assert "| none | 1 |" in printed and "| uncertainty - none | 1 |" in printed  # paired per seed
+
+
+def test_the_one_chain_score_as_u_is_its_own_variant(tiny, capsys):
+    """online.score=action_variance_x0: the same offline agent, u from the MAP chain alone; the
+    run is named uncertainty-x0, computes its bonus, and is paired with the chained u."""
+    root, sets = tiny
+    config = load_rl_config("configs/pendulum.yaml", [*sets, "online.score=action_variance_x0"])
+    assert run.variant(config) == "uncertainty-x0"
+    record = json.loads(run.online(config, progress=False).read_text())
+    assert record["variant"] == "uncertainty-x0" and record["bonus_stats"][0]["u_mean"] > 0
+    chained = json.loads(run.online(load_rl_config("configs/pendulum.yaml", sets),
+                                    progress=False).read_text())
+    assert record["bonus_stats"][0]["u_mean"] != chained["bonus_stats"][0]["u_mean"]
+    assert main(["rl", "evaluate", "-c", "configs/pendulum.yaml", "--out", str(root / "runs")]) == 0
+    assert "| uncertainty-x0 - uncertainty | 1 |" in capsys.readouterr().out
+    with pytest.raises(Exception, match="online.score"):
+        load_rl_config("configs/pendulum.yaml", ["online.score=semantic"])
