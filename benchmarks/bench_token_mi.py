@@ -219,28 +219,19 @@ def agreement_llada2(args: argparse.Namespace) -> None:
     ``TextUncertaintyPipeline.from_pipe``; its block-refinement scheduler at token temperature
     1 (multinomial), block length 5, one call per prompt for its ``--n`` candidates with the
     prompt's own generator, so every estimator scores the same sequences (checked)."""
-    from genunc.pipelines import TextUncertaintyPipeline
-    from genunc.tasks import ArithmeticTask
-    from genunc.zoo.arith_llada2 import arith_llada2_pipeline
-    from genunc.zoo.pretrained import read_config
-    from genunc.zoo.shipped import ARITH_DIR
+    from bestofn_llada2 import (  # benchmarks/bestofn_llada2.py
+        fitted_wrapped_arith,
+        held_out_pairs,
+        pipeline_call,
+        with_prompts,
+    )
 
     torch.set_num_threads(1)
-    config = read_config(ARITH_DIR)
-    task = ArithmeticTask(config["task"]["op"], config["task"]["digits"])
-    pipe = arith_llada2_pipeline()
-    upipe = TextUncertaintyPipeline.from_pipe(pipe)
-    split = task.split()
-    upipe.fit_posterior([(task.problem_text(a, b), task.answer_text(task.solve(a, b)))
-                         for a, b in split["train"][: args.n_fit]], repeats=2, seed=args.seed)
-    pairs = split["test"]
-    pairs = pairs[streams.numpy_generator(args.seed, "prompt_order").permutation(len(pairs))
-                  [: args.prompts]]
+    task, _, upipe = fitted_wrapped_arith(args.n_fit, args.seed)
+    pairs = held_out_pairs(task, args.seed, args.prompts)
     p, n = len(pairs), args.n
     texts = [task.problem_text(a, b) for a, b in pairs]
-    call = dict(gen_length=task.answer_digits, block_length=5,
-                num_inference_steps=task.answer_digits, temperature=1.0, threshold=1.01,
-                editing_threshold=None, use_chat_template=False)
+    call = pipeline_call(task, block_length=5, temperature=1.0)
     values, seconds, sequences = {}, {}, {}
     plans = estimator_plans(args, upipe.head.weight.shape[0])
     for label, estimator, draws, top_k in plans:
@@ -251,13 +242,12 @@ def agreement_llada2(args: argparse.Namespace) -> None:
                 for i, t in enumerate(texts)]
         seconds[label] = time.perf_counter() - tic
         values[label] = np.concatenate([o.scores["mutual_information"] for o in outs]).reshape(p, n)
-        sequences[label] = torch.cat([o.sequences for o in outs])
+        sequences[label] = [o.sequences for o in outs]
     ref_label = plans[0][0]
-    if not all(torch.equal(v, sequences[ref_label]) for v in sequences.values()):
+    if not all(torch.equal(torch.cat(v), torch.cat(sequences[ref_label]))
+               for v in sequences.values()):
         raise SystemExit("the estimators' runs produced different sequences")
-    full = torch.cat([torch.cat([task.prompts(pairs[i : i + 1]).repeat(n, 1)[:, : task.prompt_length],
-                                 sequences[ref_label][i * n : (i + 1) * n]], 1) for i in range(p)])
-    correct = task.check(full).reshape(p, n)
+    correct = task.check(with_prompts(task, pairs, sequences[ref_label])).reshape(p, n)
     print(f"\narith through LLaDA2Pipeline (from_pipe): {p} held-out prompts x {n} candidates "
           f"(test seed {args.seed}, block refinement, token temperature 1), vocabulary "
           f"{upipe.head.weight.shape[0]}; accuracy {correct.mean():.1%}; {args.boot} "

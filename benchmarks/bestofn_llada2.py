@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,40 @@ OWN_SAMPLER = {"mutual_information": ("0.673 [0.628, 0.715]", "0.452 [0.419, 0.4
                "random": ("0.501 [0.486, 0.516]", "0.523 [0.494, 0.551]")}
 
 
+def fitted_wrapped_arith(n_fit: int, seed: int) -> tuple[ArithmeticTask, Any, TextUncertaintyPipeline]:
+    """The shipped arith model's task, its ``LLaDA2Pipeline`` and the ``from_pipe`` wrapper with
+    its head posterior fitted on the first `n_fit` training (prompt, answer) pairs."""
+    config = read_config(ARITH_DIR)
+    task = ArithmeticTask(config["task"]["op"], config["task"]["digits"])
+    pipe = arith_llada2_pipeline()
+    upipe = TextUncertaintyPipeline.from_pipe(pipe)
+    upipe.fit_posterior([(task.problem_text(a, b), task.answer_text(task.solve(a, b)))
+                         for a, b in task.split()["train"][:n_fit]], repeats=2, seed=seed)
+    return task, pipe, upipe
+
+
+def held_out_pairs(task: ArithmeticTask, seed: int, prompts: int) -> np.ndarray:
+    """The first `prompts` test problems in the order of the seed's prompt-order stream (the
+    prompts ``bestofn_text.py`` uses)."""
+    pairs = task.split()["test"]
+    return pairs[streams.numpy_generator(seed, "prompt_order").permutation(len(pairs))[:prompts]]
+
+
+def pipeline_call(task: ArithmeticTask, block_length: int, temperature: float) -> dict[str, Any]:
+    """``LLaDA2Pipeline``'s arguments for one answer: every step commits the scheduler's quota of
+    sampled tokens (``threshold`` above 1, no editing)."""
+    return dict(gen_length=task.answer_digits, block_length=block_length,
+                num_inference_steps=task.answer_digits, temperature=temperature,
+                threshold=1.01, editing_threshold=None, use_chat_template=False)
+
+
+def with_prompts(task: ArithmeticTask, pairs: np.ndarray, answers: list[torch.Tensor]) -> torch.Tensor:
+    """Full token sequences (prompt, then answer) for ``task.check``: ``answers[i]`` holds the
+    generated answers of prompt ``i``'s candidates."""
+    return torch.cat([torch.cat([task.prompts(pairs[i : i + 1]).repeat(len(a), 1)
+                                 [:, : task.prompt_length], a], 1) for i, a in enumerate(answers)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--prompts", type=int, default=400)
@@ -63,24 +98,15 @@ def main() -> None:
     parser.add_argument("--boot", type=int, default=1000)
     args = parser.parse_args()
 
-    config = read_config(ARITH_DIR)
-    task = ArithmeticTask(config["task"]["op"], config["task"]["digits"])
-    pipe = arith_llada2_pipeline()
-    upipe = TextUncertaintyPipeline.from_pipe(pipe)
-    split = task.split()
     tic = time.perf_counter()
-    upipe.fit_posterior([(task.problem_text(a, b), task.answer_text(task.solve(a, b)))
-                         for a, b in split["train"][: args.n_fit]], repeats=2, seed=args.seed)
+    task, pipe, upipe = fitted_wrapped_arith(args.n_fit, args.seed)
     print(f"posterior ({time.perf_counter() - tic:.0f} s): {upipe.posterior.summary()}")
     draws = upipe.posterior.sample(args.draws, seed=streams.torch_generator(args.seed, "head_draws"))
 
-    pairs = split["test"]
-    pairs = pairs[streams.numpy_generator(args.seed, "prompt_order").permutation(len(pairs))[: args.prompts]]
+    pairs = held_out_pairs(task, args.seed, args.prompts)
     p, n = len(pairs), args.n
     texts = [task.problem_text(a, b) for a, b in pairs]
-    call = dict(gen_length=task.answer_digits, block_length=args.block_length,
-                num_inference_steps=task.answer_digits, temperature=args.temperature,
-                threshold=1.01, editing_threshold=None, use_chat_template=False)
+    call = pipeline_call(task, args.block_length, args.temperature)
 
     calls = [0]
     counter = pipe.model.register_forward_pre_hook(lambda module, inputs: calls.__setitem__(0, calls[0] + 1))
@@ -98,8 +124,7 @@ def main() -> None:
         counter.remove()
     same = all(torch.equal(a, o.sequences) for a, o in zip(plain, outs))
 
-    full = torch.cat([torch.cat([task.prompts(pairs[i : i + 1]).repeat(n, 1)[:, : task.prompt_length],
-                                 o.sequences], 1) for i, o in enumerate(outs)])
+    full = with_prompts(task, pairs, [o.sequences for o in outs])
     correct = task.check(full).reshape(p, n)
     answers = np.array([task.decode(t[task.prompt_length :]) for t in full]).reshape(p, n)
     scores = {k: np.concatenate([o.scores[k] for o in outs]).reshape(p, n) for k in SCORES[:-1]}
