@@ -96,7 +96,8 @@ def agreement(args: argparse.Namespace) -> None:
     rows = np.random.default_rng(0).permutation(len(held_out))[: 2 * args.states]
     print(f"shipped Hopper agent, {steps}-step actor, N = {n} candidates, M = {m} draws; "
           f"{args.states} validation and {args.states} test states of the held-out episodes")
-    results = {}
+    x0, av = {}, {}  # per part: window -> (B, N) action_variance_x0; the (B, N) action_variance
+    windows = {f"step {k}": [k] for k in range(steps)} | {"all steps": list(range(steps))}
     for name, seed, part in (("validation", VAL_SEED, rows[: args.states]),
                              ("test", TEST_SEED, rows[args.states :])):
         states = agent.scales.state(held_out.observations[part])
@@ -104,24 +105,21 @@ def agreement(args: argparse.Namespace) -> None:
         out = pipe(states, num_candidates=n, num_draws=m, seed=seed,
                    scores=("action_variance", "action_variance_x0"), x0_steps=list(range(steps)))
         per_step = out.semantic_x0_per_step  # (S, B, N)
-        windows = {f"step {k}": [k] for k in range(steps)} | {"all steps": list(range(steps))}
-        results[name] = {w: per_step[ks].mean(0) for w, ks in windows.items()}
-        results[name]["_av"] = out.scores["action_variance"]
+        x0[name] = {w: per_step[ks].mean(0) for w, ks in windows.items()}
+        av[name] = out.scores["action_variance"]
         print(f"{name} (seed {seed}, {time.perf_counter() - t0:.1f} s):")
-        for w, x0 in results[name].items():
-            if w != "_av":
-                within = within_state_spearman(x0, out.scores["action_variance"])
-                pooled = spearman(x0.ravel(), out.scores["action_variance"].ravel())
-                print(f"  {w:>10}: within-state Spearman {np.nanmean(within):+.3f}, pooled "
-                      f"{pooled:+.3f}")
-    val = results["validation"]
-    chosen = max((w for w in val if w != "_av"),
-                 key=lambda w: np.nanmean(within_state_spearman(val[w], val["_av"])))
-    test = results["test"]
-    within = within_state_spearman(test[chosen], test["_av"])
+        for w, score in x0[name].items():
+            within = within_state_spearman(score, av[name])
+            pooled = spearman(score.ravel(), av[name].ravel())
+            print(f"  {w:>10}: within-state Spearman {np.nanmean(within):+.3f}, pooled "
+                  f"{pooled:+.3f}")
+    chosen = max(windows, key=lambda w: np.nanmean(within_state_spearman(x0["validation"][w],
+                                                                          av["validation"])))
+    test, test_av = x0["test"][chosen], av["test"]
+    within = within_state_spearman(test, test_av)
     _, lo, hi = bootstrap_interval(np.nanmean, within)
-    pooled = spearman(test[chosen].ravel(), test["_av"].ravel())
-    chosen_argmin = (test[chosen].argmin(1) == test["_av"].argmin(1)).mean()
+    pooled = spearman(test.ravel(), test_av.ravel())
+    chosen_argmin = (test.argmin(1) == test_av.argmin(1)).mean()
     print(f"chosen on validation: {chosen}; test: within-state Spearman {np.nanmean(within):+.3f} "
           f"[{lo:+.3f}, {hi:+.3f}], pooled {pooled:+.3f}; the same least-uncertain candidate in "
           f"{chosen_argmin:.1%} of states (chance {1 / n:.1%})")
